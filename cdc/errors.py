@@ -1,0 +1,82 @@
+"""The one exception root of the project, with terminal and transient markers, and the exit codes they map to."""
+
+from __future__ import annotations
+
+
+class CdcError(Exception):
+    """Root of every error this project raises on purpose.
+
+    `exit_code` follows the command-line contract: 1 when an operation failed, 2 for bad usage or configuration.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class Terminal:
+    """Marker: retrying will not help (bad input, a constraint violated, a missing artifact)."""
+
+
+class Transient:
+    """Marker: the same call may succeed later (a service restarting, a rebalance)."""
+
+
+class ConfigError(CdcError, Terminal):
+    """The pipeline file or the command line is wrong; the message names the file, the field and the problem."""
+
+    exit_code = 2
+
+
+class StackError(CdcError, Terminal):
+    """A component of the local stack could not be prepared, started, checked or stopped."""
+
+    def __init__(self, component: str, message: str, *, log_tail: str | None = None, hint: str | None = None):
+        super().__init__(f"{component}: {message}", hint=hint)
+        self.component = component
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.log_tail:
+            text += f"\n--- last lines of the {self.component} log ---\n{self.log_tail.rstrip()}"
+        return text
+
+
+class ServiceUnavailable(CdcError, Transient):
+    """A service (Kafka, the registry, Kafka Connect, a database) did not answer."""
+
+
+class ConnectError(CdcError):
+    """Kafka Connect refused or failed a REST call; carries the connector, the endpoint and Connect's message."""
+
+    def __init__(self, message: str, *, connector: str | None, endpoint: str, status: int | None):
+        super().__init__(message)
+        self.connector = connector
+        self.endpoint = endpoint
+        self.status = status
+
+
+class RegistryError(CdcError):
+    """The schema registry refused or failed a call; carries the HTTP status and the registry's error code."""
+
+    def __init__(self, message: str, *, status: int | None = None, error_code: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+
+
+class DecodeError(CdcError, Terminal):
+    """A Kafka message could not be decoded; carries where it came from."""
+
+    def __init__(self, message: str, *, topic: str, partition: int, offset: int):
+        super().__init__(f"{topic}[{partition}]@{offset}: {message}")
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset

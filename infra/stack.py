@@ -1,0 +1,642 @@
+"""The local stack launcher: PostgreSQL, Kafka (KRaft), Apicurio Registry and a Kafka Connect worker, run from packages.
+
+Layout of the state directory (`$CDC_HOME`, default `./.cdc`):
+
+    stack.json            ports and artifact directory of the running stack (read by `status` and `down`)
+    logs/<component>.log  everything each process prints
+    postgres/             the private PostgreSQL cluster (run as the `postgres` system user when we are root)
+    kafka/                server.properties, cluster id and the KRaft log directories
+    registry/             Apicurio's working directory (its schemas live in the `registry` database)
+    connect/              worker.properties of the Kafka Connect distributed worker
+
+The Java artifacts are laid out by Maven (`infra/pom.xml`) under `infra/target/stack` (or `$CDC_STACK_ARTIFACTS`);
+they are not state, and several state directories can share them.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from cdc.errors import StackError
+
+INFRA_DIR = Path(__file__).resolve().parent
+TEMPLATES = INFRA_DIR / "templates"
+
+# The local stack's database superuser. The stack listens on 127.0.0.1 only; this is a development stack.
+PG_USER = "cdc"
+PG_PASSWORD = "cdc"
+
+DEFAULT_PORTS = {
+    "postgres": 5432,
+    "kafka": 9092,
+    "kafka_controller": 9093,
+    "schema_registry": 8081,
+    "schema_registry_management": 8091,
+    "connect": 8083,
+}
+PORT_ENV = {name: f"CDC_{name.upper()}_PORT" for name in DEFAULT_PORTS}
+COMPONENTS = ("postgres", "kafka", "schema_registry", "connect")
+# Which ports each component binds; all are checked before anything starts.
+COMPONENT_PORTS = {
+    "postgres": ("postgres",),
+    "kafka": ("kafka", "kafka_controller"),
+    "schema_registry": ("schema_registry", "schema_registry_management"),
+    "connect": ("connect",),
+}
+START_TIMEOUT = {"postgres": 60.0, "kafka": 90.0, "schema_registry": 120.0, "connect": 150.0}
+MIN_FREE_DISK = 1 << 30
+
+
+def state_home() -> Path:
+    return Path(os.environ.get("CDC_HOME") or Path.cwd() / ".cdc").resolve()
+
+
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("CDC_STACK_ARTIFACTS") or INFRA_DIR / "target" / "stack").resolve()
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """Where a stack keeps its state, where its Java parts are, and which ports it binds."""
+
+    home: Path
+    artifacts: Path
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+
+    @classmethod
+    def resolve(cls) -> "StackLayout":
+        """The recorded layout of a stack that was started here, else one built from the environment."""
+        home = state_home()
+        recorded = home / "stack.json"
+        if recorded.exists():
+            data = json.loads(recorded.read_text())
+            layout = cls(home, Path(data["artifacts"]), {**DEFAULT_PORTS, **data["ports"]})
+            if any(_component_pid(layout, name) for name in COMPONENTS):
+                return layout
+        ports = dict(DEFAULT_PORTS)
+        for name, var in PORT_ENV.items():
+            if os.environ.get(var):
+                try:
+                    ports[name] = int(os.environ[var])
+                except ValueError:
+                    raise StackError(name, f"{var}={os.environ[var]!r} is not a port number") from None
+        return cls(home, artifacts_dir(), ports)
+
+    def log(self, component: str) -> Path:
+        return self.home / "logs" / f"{component}.log"
+
+    def pidfile(self, component: str) -> Path:
+        return self.home / "run" / f"{component}.pid"
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ports['kafka']}"
+
+    def urls(self) -> dict[str, str]:
+        p = self.ports
+        return {
+            "postgres": f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{p['postgres']}/postgres",
+            "kafka": f"kafka://127.0.0.1:{p['kafka']}",
+            "schema_registry": f"http://127.0.0.1:{p['schema_registry']}/apis/ccompat/v7",
+            "connect": f"http://127.0.0.1:{p['connect']}",
+        }
+
+    def postgres_url(self, database: str = "postgres", driver: str = "") -> str:
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{self.ports['postgres']}/{database}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# process bookkeeping
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours is not running any more.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _component_pid(layout: StackLayout, component: str) -> int | None:
+    """The pid of this stack's process for a component, or None; a pid reused by another program is not ours."""
+    if component == "postgres":
+        pidfile = _pg_data(layout) / "postmaster.pid"
+        marker = str(_pg_data(layout))
+    else:
+        pidfile = layout.pidfile(component)
+        marker = str(layout.home)
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if _alive(pid) and marker in _cmdline(pid):
+        return pid
+    return None
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return "(no log written)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait(component: str, layout: StackLayout, check: Callable[[], bool], pid: int | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if pid is not None and not _alive(pid):
+            raise StackError(component, "the process exited during start-up", log_tail=_log_tail(layout.log(component)))
+        time.sleep(0.5)
+    raise StackError(
+        component, f"not healthy after {timeout:.0f} s", log_tail=_log_tail(layout.log(component))
+    )
+
+
+def _spawn(layout: StackLayout, component: str, argv: list[str], cwd: Path) -> int:
+    layout.log(component).parent.mkdir(parents=True, exist_ok=True)
+    layout.pidfile(component).parent.mkdir(parents=True, exist_ok=True)
+    with open(layout.log(component), "ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    layout.pidfile(component).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _stop_pid(pid: int, timeout: float = 30.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prerequisites
+
+
+def find_java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    candidate = Path(java_home) / "bin" / "java" if java_home else None
+    java = str(candidate) if candidate and candidate.exists() else shutil.which("java")
+    if not java:
+        raise StackError(
+            "kafka",
+            "Java was not found (no `java` on PATH and no JAVA_HOME); Kafka, Kafka Connect and the schema "
+            "registry need OpenJDK 17 or newer",
+            hint="Install it (apt-get install openjdk-17-jre-headless) or put it on PATH.",
+        )
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    try:
+        major = int(out.split('"')[1].split(".")[0])
+    except (IndexError, ValueError):
+        major = 0
+    if major < 17:
+        raise StackError("kafka", f"{java} is Java {major or 'of unknown version'}; Kafka 4 needs Java 17 or newer")
+    return java
+
+
+def pg_bindir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    pg_ctl = shutil.which("pg_ctl")
+    if pg_ctl:
+        return Path(pg_ctl).resolve().parent
+    raise StackError(
+        "postgres",
+        "the PostgreSQL server is not installed",
+        hint="Run `make setup` (it installs Debian's `postgresql` package).",
+    )
+
+
+def ensure_artifacts(layout: StackLayout, echo: Callable[[str], None]) -> None:
+    """Lay out the Java parts with Maven unless the same pom files already produced them."""
+    poms = sorted(INFRA_DIR.glob("pom.xml")) + sorted(INFRA_DIR.glob("maven/*/pom.xml"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in poms)).hexdigest()
+    stamp = layout.artifacts / ".built"
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        return
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise StackError("artifacts", "Maven (mvn) was not found on PATH; it resolves Kafka, Debezium and Apicurio")
+    echo(f"artifacts: resolving Kafka, Debezium and Apicurio with Maven into {layout.artifacts} (first run: minutes)")
+    layout.artifacts.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [mvn, "-B", "-q", "-f", str(INFRA_DIR / "pom.xml"), f"-Dstack.dir={layout.artifacts}", "package"],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        raise StackError("artifacts", "Maven could not resolve the stack's Java artifacts", log_tail=tail)
+    stamp.write_text(digest + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root, so root runs its programs as the `postgres` system user."""
+    if os.geteuid() != 0:
+        return argv
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    return [runuser, "-u", "postgres", "--", *argv]
+
+
+def _pg_root(layout: StackLayout) -> Path:
+    """The directory holding the cluster: inside the state directory when the `postgres` user can reach it.
+
+    A state directory below a private directory (a home directory with mode 700, say) is out of that user's
+    reach; the cluster then lives in /var/tmp, and the state directory keeps a symbolic link to it.
+    """
+    link = layout.home / "postgres"
+    if link.is_symlink():
+        return link.resolve()
+    return link
+
+
+def _pg_data(layout: StackLayout) -> Path:
+    return _pg_root(layout) / "data"
+
+
+def _postgres_can_reach(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    return subprocess.run(_as_postgres(["test", "-w", str(path)]), capture_output=True).returncode == 0
+
+
+def _prepare_postgres(layout: StackLayout, bindir: Path) -> None:
+    root = _pg_root(layout)
+    if not root.exists():
+        root.mkdir(parents=True)
+        if os.geteuid() == 0:
+            shutil.chown(root, "postgres", "postgres")
+            if not _postgres_can_reach(root):
+                root.rmdir()
+                outside = Path("/var/tmp") / f"cdc-postgres-{hashlib.sha1(str(layout.home).encode()).hexdigest()[:12]}"
+                outside.mkdir(parents=True, exist_ok=True)
+                shutil.chown(outside, "postgres", "postgres")
+                (layout.home / "postgres").symlink_to(outside)
+                root = outside
+    data = root / "data"
+    log = root / "postgres.log"
+    layout.log("postgres").parent.mkdir(parents=True, exist_ok=True)
+    if not layout.log("postgres").exists() and not layout.log("postgres").is_symlink():
+        layout.log("postgres").symlink_to(log)
+    if (data / "PG_VERSION").exists():
+        return
+    pwfile = root / "pwfile"
+    pwfile.write_text(PG_PASSWORD + "\n")
+    if os.geteuid() == 0:
+        shutil.chown(pwfile, "postgres", "postgres")
+    proc = subprocess.run(
+        _as_postgres([
+            str(bindir / "initdb"), "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}", "-E", "UTF8",
+            "--locale=C", "--auth-host=scram-sha-256", "--auth-local=peer",
+        ]),
+        capture_output=True,
+        text=True,
+    )
+    pwfile.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise StackError("postgres", "initdb failed", log_tail=proc.stdout + proc.stderr)
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(
+            "\n# written by cdc stack up\n"
+            "listen_addresses = '127.0.0.1'\n"
+            "unix_socket_directories = ''\n"
+            "wal_level = logical\n"
+            "max_wal_senders = 20\n"
+            "max_replication_slots = 20\n"
+            "max_connections = 300\n"
+            "shared_buffers = 256MB\n"
+            "synchronous_commit = on\n"
+            "logging_collector = off\n"
+        )
+
+
+def _start_postgres(layout: StackLayout, bindir: Path) -> None:
+    _prepare_postgres(layout, bindir)
+    data = _pg_data(layout)
+    proc = subprocess.run(
+        _as_postgres([
+            str(bindir / "pg_ctl"), "-D", str(data), "-l", str(_pg_root(layout) / "postgres.log"),
+            "-o", f"-p {layout.ports['postgres']}", "-w", "-t", str(int(START_TIMEOUT["postgres"])), "start",
+        ]),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise StackError(
+            "postgres", "pg_ctl could not start the server", log_tail=_log_tail(_pg_root(layout) / "postgres.log")
+        )
+    _wait("postgres", layout, lambda: _postgres_healthy(layout), None, START_TIMEOUT["postgres"])
+    _ensure_database(layout, "registry")
+
+
+def _postgres_healthy(layout: StackLayout) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(layout.postgres_url(), connect_timeout=2) as conn:
+            conn.execute("select 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def _ensure_database(layout: StackLayout, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
+        if not conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone():
+            conn.execute(f'create database "{name}"')
+
+
+def _stop_postgres(layout: StackLayout) -> None:
+    data = _pg_data(layout)
+    if _component_pid(layout, "postgres") is None:
+        return
+    subprocess.run(
+        _as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"]),
+        capture_output=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kafka, the schema registry and Kafka Connect
+
+
+def _render(template: str, target: Path, values: dict[str, object]) -> None:
+    text = (TEMPLATES / template).read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", str(value))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+
+
+def _java_opts(heap_mb: int) -> list[str]:
+    return [
+        f"-Xms{min(heap_mb, 256)}m", f"-Xmx{heap_mb}m", "-XX:+UseG1GC", "-XX:MaxMetaspaceSize=256m",
+        "-Djava.awt.headless=true", "-Djava.net.preferIPv4Stack=true",
+        f"-Dlog4j2.configurationFile={TEMPLATES / 'log4j2.xml'}",
+    ]
+
+
+def _start_kafka(layout: StackLayout, java: str) -> int:
+    home = layout.home / "kafka"
+    config = home / "server.properties"
+    _render("kafka-server.properties", config, {
+        "port": layout.ports["kafka"], "controller_port": layout.ports["kafka_controller"], "data": home / "data",
+    })
+    libs = f"{layout.artifacts / 'kafka' / 'libs'}/*"
+    if not (home / "data" / "meta.properties").exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        proc = subprocess.run(
+            [java, *_java_opts(256), "-cp", libs, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+             "-c", str(config)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise StackError("kafka", "formatting the KRaft log directory failed", log_tail=proc.stdout + proc.stderr)
+    return _spawn(layout, "kafka", [java, *_java_opts(512), "-cp", libs, "kafka.Kafka", str(config)], home)
+
+
+def _kafka_healthy(layout: StackLayout) -> bool:
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka import KafkaException
+
+    if _port_free(layout.ports["kafka"]):
+        return False
+    admin = AdminClient({"bootstrap.servers": layout.kafka_bootstrap, "log_level": 0})
+    try:
+        metadata = admin.list_topics(timeout=3)
+    except KafkaException:
+        return False
+    return bool(metadata.brokers)
+
+
+def _start_registry(layout: StackLayout, java: str) -> int:
+    home = layout.home / "registry"
+    home.mkdir(parents=True, exist_ok=True)
+    p = layout.ports
+    props = {
+        "quarkus.http.host": "127.0.0.1",
+        "quarkus.http.port": p["schema_registry"],
+        "quarkus.management.host": "127.0.0.1",
+        "quarkus.management.port": p["schema_registry_management"],
+        "quarkus.http.access-log.enabled": "false",
+        "apicurio.storage.kind": "sql",
+        "apicurio.storage.sql.kind": "postgresql",
+        "apicurio.datasource.url": f"jdbc:postgresql://127.0.0.1:{p['postgres']}/registry",
+        "apicurio.datasource.username": PG_USER,
+        "apicurio.datasource.password": PG_PASSWORD,
+        "apicurio.datasource.jdbc.initial-size": 2,
+        "apicurio.datasource.jdbc.min-size": 2,
+        "apicurio.datasource.jdbc.max-size": 20,
+        "apicurio.storage.snapshot.location": home,
+        "apicurio.rest.deletion.artifact.enabled": "true",
+        "apicurio.rest.deletion.artifact-version.enabled": "true",
+        "apicurio.rest.deletion.group.enabled": "true",
+    }
+    jars = sorted((layout.artifacts / "registry").glob("*-runner.jar"))
+    if not jars:
+        raise StackError("schema_registry", f"no Apicurio runner jar under {layout.artifacts / 'registry'}")
+    argv = [java, *_java_opts(384), *(f"-D{k}={v}" for k, v in props.items()), "-jar", str(jars[-1])]
+    return _spawn(layout, "schema_registry", argv, home)
+
+
+def _registry_healthy(layout: StackLayout) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(layout.urls()["schema_registry"] + "/subjects", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _start_connect(layout: StackLayout, java: str) -> int:
+    home = layout.home / "connect"
+    config = home / "worker.properties"
+    _render("connect-worker.properties", config, {
+        "bootstrap": layout.kafka_bootstrap, "port": layout.ports["connect"],
+        "plugins": layout.artifacts / "plugins", "home": home,
+    })
+    libs = f"{layout.artifacts / 'kafka' / 'libs'}/*"
+    argv = [java, *_java_opts(768), "-cp", libs, "org.apache.kafka.connect.cli.ConnectDistributed", str(config)]
+    return _spawn(layout, "connect", argv, home)
+
+
+def _connect_healthy(layout: StackLayout) -> bool:
+    import httpx
+
+    try:
+        resp = httpx.get(layout.urls()["connect"] + "/connector-plugins", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 200 and any("PostgresConnector" in p.get("class", "") for p in resp.json())
+
+
+HEALTH: dict[str, Callable[[StackLayout], bool]] = {
+    "postgres": _postgres_healthy,
+    "kafka": _kafka_healthy,
+    "schema_registry": _registry_healthy,
+    "connect": _connect_healthy,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the three commands
+
+
+def up(echo: Callable[[str], None] = print) -> StackLayout:
+    """Start every component that is not already running and wait until all pass their health checks.
+
+    Everything that can be checked up front (Java, PostgreSQL, disk, every port) is checked before any process
+    starts, so a failed `up` leaves nothing half-started behind it.
+    """
+    layout = StackLayout.resolve()
+    layout.home.mkdir(parents=True, exist_ok=True)
+    running = {name: _component_pid(layout, name) for name in COMPONENTS}
+    if all(running.values()):
+        echo(f"stack: already running under {layout.home}")
+    to_start = [name for name in COMPONENTS if not running[name]]
+    if to_start:
+        java = find_java()
+        bindir = pg_bindir() if "postgres" in to_start else None
+        if shutil.disk_usage(layout.home).free < MIN_FREE_DISK:
+            raise StackError("stack", f"less than 1 GiB of free disk under {layout.home}")
+        for name in to_start:
+            for port_name in COMPONENT_PORTS[name]:
+                port = layout.ports[port_name]
+                if not _port_free(port):
+                    raise StackError(
+                        name,
+                        f"port {port} on 127.0.0.1 is already in use by another process",
+                        log_tail=_log_tail(layout.log(name)) if layout.log(name).exists() else None,
+                        hint=f"Stop that process, or choose another port with {PORT_ENV[port_name]}=...",
+                    )
+        ensure_artifacts(layout, echo)
+        (layout.home / "stack.json").write_text(
+            json.dumps({"ports": layout.ports, "artifacts": str(layout.artifacts)}, indent=2) + "\n"
+        )
+        started: dict[str, int | None] = {}
+        t0 = time.monotonic()
+        # Staged so that independent components boot at the same time: the registry needs PostgreSQL,
+        # the Connect worker needs Kafka.
+        if "postgres" in to_start:
+            assert bindir is not None
+            _start_postgres(layout, bindir)
+            echo(f"postgres: started ({time.monotonic() - t0:.1f} s)")
+        if "kafka" in to_start:
+            started["kafka"] = _start_kafka(layout, java)
+        if "schema_registry" in to_start:
+            started["schema_registry"] = _start_registry(layout, java)
+        if "kafka" in to_start:
+            _wait("kafka", layout, lambda: _kafka_healthy(layout), started["kafka"], START_TIMEOUT["kafka"])
+            echo(f"kafka: started ({time.monotonic() - t0:.1f} s)")
+        if "connect" in to_start:
+            started["connect"] = _start_connect(layout, java)
+        for name in ("schema_registry", "connect"):
+            if name in started:
+                _wait(name, layout, lambda n=name: HEALTH[n](layout), started[name], START_TIMEOUT[name])
+                echo(f"{name}: started ({time.monotonic() - t0:.1f} s)")
+    for name in COMPONENTS:
+        if running[name]:
+            if not HEALTH[name](layout):
+                raise StackError(name, "running but failing its health check", log_tail=_log_tail(layout.log(name)))
+            echo(f"{name}: already running (pid {running[name]})")
+    return layout
+
+
+def status() -> dict[str, object]:
+    layout = StackLayout.resolve()
+    components = {}
+    for name in COMPONENTS:
+        pid = _component_pid(layout, name)
+        healthy = bool(pid) and HEALTH[name](layout)
+        components[name] = {
+            "state": "healthy" if healthy else ("unhealthy" if pid else "stopped"),
+            "pid": pid,
+            "url": layout.urls()[name],
+            "log": str(layout.log(name)),
+        }
+    return {
+        **layout.urls(),
+        "kafka_bootstrap_servers": layout.kafka_bootstrap,
+        "home": str(layout.home),
+        "healthy": all(c["state"] == "healthy" for c in components.values()),
+        "components": components,
+    }
+
+
+def down(echo: Callable[[str], None] = print) -> None:
+    """Stop the processes this stack started, newest first; anything else on the machine is left alone."""
+    layout = StackLayout.resolve()
+    for name in reversed(COMPONENTS):
+        pid = _component_pid(layout, name)
+        if pid is None:
+            echo(f"{name}: not running")
+            continue
+        if name == "postgres":
+            _stop_postgres(layout)
+        else:
+            _stop_pid(pid)
+            layout.pidfile(name).unlink(missing_ok=True)
+        echo(f"{name}: stopped")
