@@ -1,0 +1,1 @@
+"""Apply: event decoding, transaction assembly, the replica applier, the analytics replica, replay, lag, verify."""

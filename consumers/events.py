@@ -1,0 +1,69 @@
+"""The `ChangeEvent` model and its construction from a decoded Debezium envelope (pure: no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+OPS = {"c": "create", "u": "update", "d": "delete", "r": "read", "t": "truncate"}
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One row change as Debezium captured it, with where it sits in Kafka and in the source's history."""
+
+    topic: str
+    partition: int
+    offset: int
+    table: str  # schema-qualified source table
+    op: str  # c, u, d, r (snapshot read) or t (truncate)
+    key: Mapping[str, Any] | None
+    before: Mapping[str, Any] | None
+    after: Mapping[str, Any] | None
+    lsn: int | None
+    tx_id: str | None  # Debezium's transaction id ("txId:lsn" on PostgreSQL); None for snapshot reads
+    tx_order: int | None  # position of this event in its transaction (total_order, from 1)
+    commit_ts_ms: int | None  # source commit time
+    snapshot: bool
+
+    @property
+    def commit_time(self) -> datetime | None:
+        if self.commit_ts_ms is None:
+            return None
+        return datetime.fromtimestamp(self.commit_ts_ms / 1000, tz=timezone.utc)
+
+    @property
+    def row(self) -> Mapping[str, Any] | None:
+        """The row image that describes the row after the change (the before image for a delete)."""
+        return self.before if self.op == "d" else self.after
+
+
+def from_envelope(
+    value: Mapping[str, Any], key: Mapping[str, Any] | None, *, topic: str, partition: int, offset: int
+) -> ChangeEvent:
+    """Build a ChangeEvent from a decoded Debezium value envelope; raises ValueError naming what is missing."""
+    try:
+        op = value["op"]
+        source = value["source"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a Debezium change envelope (missing {exc})") from None
+    if op not in OPS:
+        raise ValueError(f"unknown Debezium op {op!r}")
+    tx = value.get("transaction") or {}
+    snapshot = source.get("snapshot")
+    return ChangeEvent(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        table=f"{source.get('schema')}.{source.get('table')}",
+        op=op,
+        key=key,
+        before=value.get("before"),
+        after=value.get("after"),
+        lsn=source.get("lsn"),
+        tx_id=tx.get("id"),
+        tx_order=tx.get("total_order"),
+        commit_ts_ms=source.get("ts_ms"),
+        snapshot=snapshot not in (None, "false"),
+    )

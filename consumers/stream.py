@@ -1,0 +1,65 @@
+"""Reading change events from Kafka in batches: confluent-kafka consumer plus the cached Avro decoder."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+from confluent_kafka import Consumer, KafkaError, KafkaException
+
+from cdc.errors import DecodeError, ServiceUnavailable
+from consumers.events import ChangeEvent, from_envelope
+from schemas.codec import AvroDecoder
+
+
+class ChangeStream:
+    """A batch reader over change topics from their start; tombstones are skipped (the delete before them counts)."""
+
+    def __init__(self, bootstrap: str, decoder: AvroDecoder, topics: list[str], *, group: str,
+                 batch_size: int = 500) -> None:
+        self._decoder = decoder
+        self._batch = batch_size
+        self._consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            "log_level": 3,
+        })
+        self._consumer.subscribe(topics)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def batches(self, timeout: float = 1.0) -> Iterator[list[ChangeEvent]]:
+        while True:
+            messages = self._consumer.consume(self._batch, timeout)
+            events = []
+            for msg in messages:
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        continue  # the connector has not created it yet
+                    raise ServiceUnavailable(f"Kafka consumer error: {err}")
+                if msg.value() is None:
+                    continue
+                try:
+                    value = self._decoder.decode(msg.value())
+                    key = self._decoder.decode(msg.key()) if msg.key() is not None else None
+                    events.append(from_envelope(value, key, topic=msg.topic(), partition=msg.partition(),
+                                                offset=msg.offset()))
+                except (ValueError, KafkaException) as exc:
+                    raise DecodeError(str(exc), topic=msg.topic(), partition=msg.partition(),
+                                      offset=msg.offset()) from exc
+            yield events
+
+    def collect(self, done: Callable[[list[ChangeEvent]], bool], timeout: float) -> list[ChangeEvent]:
+        """Read until `done(all events so far)` is true or `timeout` seconds pass; returns what was read."""
+        seen: list[ChangeEvent] = []
+        deadline = time.monotonic() + timeout
+        for batch in self.batches():
+            seen.extend(batch)
+            if done(seen) or time.monotonic() > deadline:
+                return seen
+        return seen
