@@ -14,6 +14,7 @@ from consumers.events import ChangeEvent
 from consumers.stream import ChangeStream
 from infra import stack
 from producers.connect import ConnectClient
+from producers.source_admin import drop_slot
 from producers.debezium import CaptureSpec, connector_name, slot_name, source_connector_config
 from schemas.codec import AvroDecoder, RegistryClient
 
@@ -40,14 +41,7 @@ def reset_source(admin_url: str, database: str, pipeline: str, connect: ConnectC
     """Remove what an earlier run left: its connector, slot, topics and database."""
     connect.delete(connector_name(pipeline))
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        deadline = time.monotonic() + 30
-        while conn.execute("select 1 from pg_replication_slots where slot_name = %s and active",
-                           (slot_name(pipeline),)).fetchone():
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s",
-                     (slot_name(pipeline),))
+        drop_slot(conn, slot_name(pipeline))
         conn.execute(f'drop database if exists "{database}" with (force)')
         conn.execute(f'create database "{database}"')
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
