@@ -15,6 +15,25 @@ app = typer.Typer(help="Change-data-capture pipeline: Debezium on Kafka Connect 
 stack_app = typer.Typer(help="Start, inspect and stop the local stack (PostgreSQL, Kafka, registry, Connect).",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+connectors_app = typer.Typer(help="Manage the pipeline's Debezium connector over the Kafka Connect REST API.",
+                             no_args_is_help=True)
+app.add_typer(connectors_app, name="connectors")
+
+_state: dict[str, Optional[str]] = {"config": None}
+
+
+@app.callback()
+def _options(
+    config: Optional[str] = typer.Option(None, "-c", "--config", envvar="CDC_CONFIG",
+                                         help="The pipeline file (default: pipeline.yaml)."),
+) -> None:
+    _state["config"] = config
+
+
+def _pipeline():
+    from cdc import config
+
+    return config.load(_state["config"])
 
 
 def _echo(line: str) -> None:
@@ -76,6 +95,107 @@ def stack_down() -> None:
     _run(lambda: stack.down(_echo))
 
 
+@connectors_app.command("apply")
+def connectors_apply() -> None:
+    """Create or update the connector and the pipeline's topics (idempotent; prints what changed)."""
+    from producers import capture
+
+    _run(lambda: (capture.apply(_pipeline(), _echo), 0)[1])
+
+
+@connectors_app.command("diff")
+def connectors_diff() -> None:
+    """Show what `apply` would change, and change nothing; exit 1 when there are differences."""
+    from producers import capture
+
+    def body() -> int:
+        pipeline = _pipeline()
+        changes = capture.diff(pipeline)
+        if not changes:
+            typer.echo(f"connector {pipeline.connector_name}: no changes")
+            return 0
+        for change in changes:
+            typer.echo(capture.format_change(change))
+        return 1
+
+    _run(body)
+
+
+@connectors_app.command("status")
+def connectors_status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
+    """Connector and task states, with the trace of a failed task; exit 1 unless all are running."""
+    from producers import capture
+
+    def body() -> int:
+        pipeline = _pipeline()
+        st = capture.status(pipeline)
+        if as_json:
+            typer.echo(json.dumps(None if st is None else
+                                  {"name": st.name, "state": st.state, "tasks": st.tasks}, indent=2))
+        elif st is None:
+            typer.echo(f"connector {pipeline.connector_name}: not found (run `cdc connectors apply`)")
+        else:
+            typer.echo(f"connector {st.name}: {st.state}")
+            for task in st.tasks:
+                typer.echo(f"  task {task['id']}: {task['state']} on {task.get('worker_id', '?')}")
+                if task.get("trace"):
+                    typer.echo("    " + task["trace"].rstrip().replace("\n", "\n    "))
+        return 0 if st is not None and st.running else 1
+
+    _run(body)
+
+
+def _lifecycle(action: str, done: str) -> None:
+    from producers import capture
+
+    def body() -> int:
+        pipeline = _pipeline()
+        capture.lifecycle(pipeline, action)
+        typer.echo(f"connector {pipeline.connector_name}: {done}")
+        return 0
+
+    _run(body)
+
+
+@connectors_app.command("pause")
+def connectors_pause() -> None:
+    """Pause the connector (its slot keeps the WAL until it resumes)."""
+    _lifecycle("pause", "paused")
+
+
+@connectors_app.command("resume")
+def connectors_resume() -> None:
+    """Resume a paused or stopped connector."""
+    _lifecycle("resume", "resumed")
+
+
+@connectors_app.command("restart")
+def connectors_restart() -> None:
+    """Restart the connector and its tasks."""
+    _lifecycle("restart", "restarted")
+
+
+@connectors_app.command("stop")
+def connectors_stop() -> None:
+    """Stop the connector (keeps its configuration and offsets)."""
+    _lifecycle("stop", "stopped")
+
+
+@connectors_app.command("delete")
+def connectors_delete(
+    purge: bool = typer.Option(False, "--purge", help="Also drop the replication slot and the publication."),
+) -> None:
+    """Delete the connector; topics are kept (they are the event log)."""
+    from producers import capture
+
+    def body() -> int:
+        for line in capture.delete(_pipeline(), purge=purge):
+            typer.echo(line)
+        return 0
+
+    _run(body)
+
+
 @app.command("demo")
 def demo(
     events: int = typer.Option(12, help="How many change events to print."),
@@ -85,6 +205,35 @@ def demo(
     from cdc import demo as demo_mod
 
     _run(lambda: demo_mod.run(events=events, keep_running=keep_running, echo=_echo))
+
+
+hierarchy_app = typer.Typer(help="Object hierarchies: propose them from the source's foreign keys.",
+                            no_args_is_help=True)
+app.add_typer(hierarchy_app, name="hierarchy")
+
+
+@hierarchy_app.command("suggest")
+def hierarchy_suggest(
+    url: str = typer.Option(..., "--url", help="SQLAlchemy URL of the source database."),
+    tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated schema-qualified tables."),
+    all_tables: bool = typer.Option(False, "--all", help="Every table of the schema given by --schema."),
+    schema: str = typer.Option("public", "--schema", help="The schema that --all reads."),
+) -> None:
+    """Print a proposed `hierarchies` section for the pipeline file, with what cannot join in comments."""
+    from cdc.errors import ConfigError
+    from producers import hierarchy
+
+    def body() -> int:
+        if all_tables == (tables is not None):
+            raise ConfigError("hierarchy suggest: give either --tables or --all")
+        if all_tables:
+            graph = hierarchy.reflect_schema(url, schema)
+        else:
+            graph = hierarchy.reflect_source(url, [t.strip() for t in tables.split(",") if t.strip()])
+        typer.echo(hierarchy.render_yaml(hierarchy.suggest(graph)), nl=False)
+        return 0
+
+    _run(body)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import getpass
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
 import psycopg
-from confluent_kafka.admin import AdminClient
+from psycopg import sql
 
+from cdc import config
+from cdc.config import Pipeline
 from consumers.events import ChangeEvent
 from consumers.stream import ChangeStream
 from infra import stack
-from producers.connect import ConnectClient
-from producers.source_admin import drop_slot
-from producers.debezium import CaptureSpec, connector_name, slot_name, source_connector_config
+from producers import capture, topics
+from producers.source_admin import drop_slot, slots_of_database
 from schemas.codec import AvroDecoder, RegistryClient
 
-SAMPLE_SQL = Path(stack.__file__).resolve().parent / "sample" / "district.sql"
-SAMPLE_TABLES = ("public.school", "public.person", "public.enrollment", "public.attendance")
+SAMPLE_DIR = Path(stack.__file__).resolve().parent / "sample"
+SAMPLE_SQL = SAMPLE_DIR / "district.sql"
+SAMPLE_PIPELINE = SAMPLE_DIR / "pipeline.yaml"
+SAMPLE_ROWS = 103  # rows of the sample database: 3 schools, 20 persons, 20 enrollments, 60 attendance
 
 # A few source transactions that touch every table and every kind of change.
 WORKLOAD = [
@@ -37,19 +41,38 @@ WORKLOAD = [
 ]
 
 
-def reset_source(admin_url: str, database: str, pipeline: str, connect: ConnectClient, bootstrap: str) -> None:
-    """Remove what an earlier run left: its connector, slot, topics and database."""
-    connect.delete(connector_name(pipeline))
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        drop_slot(conn, slot_name(pipeline))
-        conn.execute(f'drop database if exists "{database}" with (force)')
-        conn.execute(f'create database "{database}"')
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
-    stale = [t for t in admin.list_topics(timeout=10).topics if t.startswith(f"{pipeline}.")]
-    if stale:
-        for future in admin.delete_topics(stale, operation_timeout=30).values():
-            future.result()
-        time.sleep(1)  # topic deletion completes asynchronously in the broker
+def sample_pipeline(layout: stack.StackLayout, database: str) -> Pipeline:
+    """The sample pipeline file, pointed at this stack's endpoints."""
+    urls = layout.urls()
+    env = {
+        **os.environ,
+        "CDC_KAFKA_BOOTSTRAP": layout.kafka_bootstrap,
+        "CDC_SCHEMA_REGISTRY_URL": urls["schema_registry"],
+        "CDC_CONNECT_URL": urls["connect"],
+        "CDC_POSTGRES_PORT": str(layout.ports["postgres"]),
+        "CDC_DEMO_DATABASE": database,
+    }
+    return config.load(SAMPLE_PIPELINE, env=env)
+
+
+def reset_source(layout: stack.StackLayout, pipeline: Pipeline) -> None:
+    """Remove what an earlier run left: the connector, slot, publication, topics and the sample database."""
+    capture.delete(pipeline, purge=True)
+    with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
+        # Slots of the sample database (this pipeline's, or one left by an older run) block dropping it.
+        conn.execute("select pg_terminate_backend(active_pid) from pg_replication_slots "
+                     "where database = %s and active_pid is not null", (pipeline.source.sqlalchemy_url.database,))
+        for slot in slots_of_database(conn, pipeline.source.sqlalchemy_url.database):
+            drop_slot(conn, slot, wait=10)
+        conn.execute(sql.SQL("drop database if exists {} with (force)").format(
+            sql.Identifier(pipeline.source.sqlalchemy_url.database)))
+        conn.execute(sql.SQL("create database {}").format(sql.Identifier(pipeline.source.sqlalchemy_url.database)))
+    admin = topics.admin_client(layout.kafka_bootstrap)
+    stale = [t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.pipeline}.")]
+    topics.delete_topics(admin, stale)
+    deadline = time.monotonic() + 30
+    while any(t in topics.existing_topics(admin) for t in stale) and time.monotonic() < deadline:
+        time.sleep(0.5)  # topic deletion completes asynchronously in the broker
 
 
 def describe(event: ChangeEvent) -> str:
@@ -60,40 +83,35 @@ def describe(event: ChangeEvent) -> str:
 
 
 def run(events: int = 12, keep_running: bool = True, echo: Callable[[str], None] = print,
-        pipeline: str = "demo", database: str = "cdc_demo_district") -> int:
+        database: str = "cdc_demo_district") -> int:
     started = time.monotonic()
     layout = stack.up(echo)
-    urls = layout.urls()
-    echo(f"\n== sample source: database {database!r} ({', '.join(SAMPLE_TABLES)})")
-    with ConnectClient(urls["connect"]) as connect:
-        reset_source(layout.postgres_url(), database, pipeline, connect, layout.kafka_bootstrap)
-        with psycopg.connect(layout.postgres_url(database), autocommit=True) as conn:
-            conn.execute(SAMPLE_SQL.read_text())
-        spec = CaptureSpec(pipeline=pipeline, source_url=layout.postgres_url(database),
-                           tables=SAMPLE_TABLES, registry_url=urls["schema_registry"], heartbeat_ms=5000)
-        echo(f"== registering Debezium connector {connector_name(pipeline)!r} over {urls['connect']}")
-        connect.put_config(connector_name(pipeline), source_connector_config(spec))
-        connect.wait_running(connector_name(pipeline), timeout=120)
+    pipeline = sample_pipeline(layout, database)
+    echo(f"\n== sample source: database {database!r} ({', '.join(pipeline.source.tables)})")
+    reset_source(layout, pipeline)
+    with psycopg.connect(layout.postgres_url(database), autocommit=True) as conn:
+        conn.execute(SAMPLE_SQL.read_text())
+    echo(f"== cdc connectors apply ({SAMPLE_PIPELINE.name}: hierarchy person = person, enrollment, attendance)")
+    capture.apply(pipeline, lambda line: echo("   " + line))
 
-        registry = RegistryClient(urls["schema_registry"])
-        decoder = AvroDecoder(registry)
-        topics = [f"{pipeline}.{t}" for t in SAMPLE_TABLES]
-        stream = ChangeStream(layout.kafka_bootstrap, decoder, topics, group=f"cdc-demo-{getpass.getuser()}")
-        try:
-            # Wait for the snapshot before the workload, so the two are easy to tell apart in the output.
-            snapshot = stream.collect(lambda seen: sum(e.snapshot for e in seen) >= 103, timeout=120)
-            echo(f"== snapshot: {sum(e.snapshot for e in snapshot)} rows read from Kafka")
-            echo(f"== workload: {len(WORKLOAD)} source transactions")
-            with psycopg.connect(layout.postgres_url(database)) as conn:
-                for statements in WORKLOAD:
-                    with conn.transaction():
-                        conn.execute(statements)
-            streamed = stream.collect(
-                lambda seen: any(e.table == "public.school" and e.op == "u" for e in seen), timeout=120
-            )
-        finally:
-            stream.close()
-            registry.close()
+    registry = RegistryClient(pipeline.kafka.schema_registry_url)
+    decoder = AvroDecoder(registry)
+    stream = ChangeStream(layout.kafka_bootstrap, decoder, pipeline.data_topics, group=f"cdc-demo-{getpass.getuser()}")
+    try:
+        # Wait for the snapshot before the workload, so the two are easy to tell apart in the output.
+        snapshot = stream.collect(lambda seen: sum(e.snapshot for e in seen) >= SAMPLE_ROWS, timeout=120)
+        echo(f"== snapshot: {sum(e.snapshot for e in snapshot)} rows read from Kafka")
+        echo(f"== workload: {len(WORKLOAD)} source transactions")
+        with psycopg.connect(layout.postgres_url(database)) as conn:
+            for statements in WORKLOAD:
+                with conn.transaction():
+                    conn.execute(statements)
+        streamed = stream.collect(
+            lambda seen: any(e.table == "public.school" and e.op == "u" for e in seen), timeout=120
+        )
+    finally:
+        stream.close()
+        registry.close()
     changes = [e for e in snapshot + streamed if not e.snapshot]
     echo(f"== {len(changes)} change events read from Kafka (Avro, writer schemas from the registry "
          f"by id: {decoder.cached_ids}):")

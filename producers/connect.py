@@ -134,6 +134,16 @@ class ConnectClient:
         self._call("PATCH", self._path(name, "/offsets"), connector=name, json={"offsets": offsets})
 
     # -- waiting
+    def wait_state(self, name: str, state: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = self.status(name)
+            if current is not None and current.state == state:
+                return
+            time.sleep(0.3)
+        raise ConnectError(f"connector {name!r} did not reach {state} within {timeout:.0f} s",
+                           connector=name, endpoint=self._path(name, "/status"), status=None)
+
     def wait_running(self, name: str, timeout: float = 60.0) -> ConnectorStatus:
         deadline = time.monotonic() + timeout
         last: ConnectorStatus | None = None

@@ -1,13 +1,34 @@
-"""The Debezium PostgreSQL connector configuration we generate: pgoutput, a filtered publication, Avro via the registry."""
+"""The Debezium PostgreSQL connector configuration generated from the pipeline file (pure: no I/O).
+
+Routing of a hierarchy into one topic keyed by the root id uses only Debezium's and Kafka Connect's own
+settings and transforms, applied in this order to each record:
+
+1. `message.key.columns` makes a member's key its root-id column (the root keeps its primary key).
+2. `ReplaceField$Key` renames a member's key field to the root's primary-key column name.
+3. `Cast$Key` widens the key to int64 when the root and a member hold the id in integers of different widths.
+4. `SetSchemaMetadata$Key` gives every key of the hierarchy one schema name, so that the root's and the members'
+   keys have one Avro schema, one registry id, and therefore identical bytes: the default partitioner hashes
+   those bytes, and only identical bytes put one root's changes in one partition.
+5. `RegexRouter` renames the tables' topics to `<pipeline>.<hierarchy>`.
+
+Steps 2-4 carry a `TopicNameMatches` predicate on the table's original topic. Records of the signalling table
+are dropped with `Filter`: Debezium reads its signals from the WAL itself and nobody consumes them from Kafka.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-from sqlalchemy.engine import make_url
+from cdc.config import Pipeline, topic_safe
+from cdc.errors import ConfigError
+from producers.source_admin import TableInfo
 
 AVRO_CONVERTER = "io.apicurio.registry.utils.converter.AvroConverter"
+RECORD_ID_STRATEGY = "io.apicurio.registry.serde.avro.strategy.RecordIdStrategy"
+TOPIC_NAME_MATCHES = "org.apache.kafka.connect.transforms.predicates.TopicNameMatches"
+INTEGER_TYPES = {"smallint": 16, "integer": 32, "bigint": 64}
+# Settings whose values are secrets: masked whenever a configuration is printed.
+SECRET_KEYS = ("database.password",)
 
 
 def registry_native_url(ccompat_url: str) -> str:
@@ -16,32 +37,10 @@ def registry_native_url(ccompat_url: str) -> str:
     return f"{base}/apis/registry/v2"
 
 
-def slot_name(pipeline: str) -> str:
-    """Replication slot names allow lower-case letters, digits and underscores only."""
-    return re.sub(r"[^a-z0-9_]", "_", pipeline.lower()) + "_slot"
-
-
-def publication_name(pipeline: str) -> str:
-    return re.sub(r"[^a-z0-9_]", "_", pipeline.lower()) + "_pub"
-
-
-def connector_name(pipeline: str) -> str:
-    return f"{pipeline}-source"
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    pipeline: str
-    source_url: str  # SQLAlchemy URL of the source database
-    tables: tuple[str, ...]  # schema-qualified
-    registry_url: str  # the Confluent-compatible endpoint
-    heartbeat_ms: int = 10_000
-
-
-def _avro_converter(prefix: str, registry: str) -> dict[str, str]:
+def _avro_converter(prefix: str, registry: str, *, per_record: bool) -> dict[str, str]:
     # Confluent framing (magic byte + 4-byte content id in the payload, no headers), so that any
     # Confluent-compatible consumer, ours included, decodes by fetching /schemas/ids/{id}.
-    return {
+    config = {
         prefix: AVRO_CONVERTER,
         f"{prefix}.apicurio.registry.url": registry,
         f"{prefix}.apicurio.registry.auto-register": "true",
@@ -50,35 +49,148 @@ def _avro_converter(prefix: str, registry: str) -> dict[str, str]:
         f"{prefix}.apicurio.registry.as-confluent": "true",
         f"{prefix}.apicurio.registry.use-id": "contentId",
     }
+    if per_record:
+        # Several tables share a hierarchy topic: one subject per record type, not one per topic.
+        config[f"{prefix}.apicurio.registry.artifact-resolver-strategy"] = RECORD_ID_STRATEGY
+    return config
 
 
-def source_connector_config(spec: CaptureSpec) -> dict[str, str]:
-    url = make_url(spec.source_url)
-    registry = registry_native_url(spec.registry_url)
-    config = {
+def _topic_pattern(prefix: str, tables: list[str]) -> str:
+    names = "|".join(re.escape(topic_safe(t)) for t in tables)
+    return f"{re.escape(prefix)}\\.({names})"
+
+
+def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str, tuple[str, str | None]]:
+    """For each hierarchy: the root's key column, and the Connect type to cast keys to (None: no cast needed).
+
+    Raises ConfigError, naming the field, for anything that would break "one key schema per hierarchy".
+    """
+    keys: dict[str, tuple[str, str | None]] = {}
+    for name, h in pipeline.hierarchies.items():
+        root = tables[h.root]
+        if len(root.primary_key) != 1:
+            what = "has no primary key" if not root.primary_key else f"has a composite primary key {root.primary_key}"
+            raise ConfigError(f"hierarchies.{name}.root: {h.root!r} {what}; a hierarchy root needs a "
+                              "single-column primary key (its root id)")
+        root_col = root.columns[root.primary_key[0]]
+        types = {root_col.type}
+        for member, column in h.members.items():
+            where = f"hierarchies.{name}.members[{member!r}]"
+            info = tables[member]
+            col = info.columns.get(column)
+            if col is None:
+                raise ConfigError(f"{where}: {member!r} has no column {column!r} "
+                                  f"(its columns: {', '.join(info.columns)})")
+            if col.nullable:
+                raise ConfigError(f"{where}: column {column!r} is nullable; a member's root-id column must be "
+                                  "NOT NULL (a row without a root belongs to no hierarchy)")
+            if not info.primary_key:
+                raise ConfigError(f"{where}: {member!r} has no primary key; the applier needs one to identify rows")
+            types.add(col.type)
+        cast = None
+        if len(types) > 1:
+            if all(t in INTEGER_TYPES for t in types):
+                cast = "int64"
+            else:
+                raise ConfigError(f"hierarchies.{name}: the root id is {root_col.type} in {h.root!r} but the "
+                                  f"members hold it as {', '.join(sorted(types - {root_col.type}))}; "
+                                  "they must have one type")
+        keys[name] = (root_col.name, cast)
+    for table in pipeline.standalone_tables:
+        if not tables[table].primary_key:
+            raise ConfigError(f"source.tables: {table!r} has no primary key; the applier needs one to identify rows")
+    return keys
+
+
+def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str, str]:
+    """The complete connector configuration, as Kafka Connect stores it (every value a string)."""
+    keys = hierarchy_keys(pipeline, tables)
+    url = pipeline.source.sqlalchemy_url
+    prefix = pipeline.pipeline
+    registry = registry_native_url(pipeline.kafka.schema_registry_url)
+    captured = [*pipeline.source.tables, pipeline.source.signal_table]
+    config: dict[str, str] = {
         "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
         "tasks.max": "1",
-        "database.hostname": url.host or "127.0.0.1",
+        "database.hostname": url.host or "localhost",
         "database.port": str(url.port or 5432),
         "database.user": url.username or "",
         "database.password": url.password or "",
         "database.dbname": url.database or "",
-        "topic.prefix": spec.pipeline,
+        "topic.prefix": prefix,
         "plugin.name": "pgoutput",
-        "slot.name": slot_name(spec.pipeline),
-        "publication.name": publication_name(spec.pipeline),
-        # A publication FOR ALL TABLES needs a superuser; a filtered one names exactly the captured tables.
+        "slot.name": pipeline.slot_name,
+        "publication.name": pipeline.publication_name,
+        # A publication FOR ALL TABLES needs a superuser; a filtered one names exactly the captured tables,
+        # and Debezium brings it up to date with table.include.list when the connector starts.
         "publication.autocreate.mode": "filtered",
-        "table.include.list": ",".join(re.escape(t) for t in spec.tables),
-        "snapshot.mode": "initial",
+        "table.include.list": ",".join(re.escape(t) for t in captured),
+        "snapshot.mode": pipeline.source.snapshot_mode,
         "provide.transaction.metadata": "true",
-        "heartbeat.interval.ms": str(spec.heartbeat_ms),
-        "tombstones.on.delete": "true",
+        "heartbeat.interval.ms": str(pipeline.source.heartbeat_ms),
+        # Hierarchy topics are keyed by root id, not by row: a tombstone would mean nothing there.
+        "tombstones.on.delete": "false",
         "decimal.handling.mode": "precise",
         "time.precision.mode": "adaptive_time_microseconds",
-        "topic.creation.default.replication.factor": "1",
+        "signal.enabled.channels": "source,kafka",
+        "signal.data.collection": pipeline.source.signal_table,
+        "signal.kafka.topic": pipeline.signal_topic,
+        "signal.kafka.bootstrap.servers": pipeline.kafka.bootstrap_servers,
+        "signal.kafka.groupId": f"{prefix}-signal",
+        "topic.creation.default.replication.factor": str(pipeline.topics.replication_factor),
         "topic.creation.default.partitions": "1",
-        **_avro_converter("key.converter", registry),
-        **_avro_converter("value.converter", registry),
+        **_avro_converter("key.converter", registry, per_record=False),
+        **_avro_converter("value.converter", registry, per_record=True),
     }
+    members = [(m, col) for h in pipeline.hierarchies.values() for m, col in h.members.items()]
+    key_columns = [f"{re.escape(h.root)}:{tables[h.root].primary_key[0]}" for h in pipeline.hierarchies.values()]
+    key_columns += [f"{re.escape(m)}:{col}" for m, col in members]
+    if key_columns:
+        config["message.key.columns"] = ";".join(key_columns)
+    if members:
+        # Without the root id in a delete's before image, a member's delete would have no key.
+        config["replica.identity.autoset.values"] = ",".join(f"{re.escape(m)}:FULL" for m, _ in members)
+
+    transforms: list[str] = ["dropsignals"]
+    config["transforms.dropsignals.type"] = "org.apache.kafka.connect.transforms.Filter"
+    config["transforms.dropsignals.predicate"] = "signals"
+    config["predicates.signals.type"] = TOPIC_NAME_MATCHES
+    config["predicates.signals.pattern"] = _topic_pattern(prefix, [pipeline.source.signal_table])
+    predicates = ["signals"]
+    for i, (name, h) in enumerate(pipeline.hierarchies.items()):
+        key_col, cast = keys[name]
+        for j, (member, column) in enumerate(h.members.items()):
+            if column == key_col:
+                continue
+            t, p = f"h{i}rename{j}", f"h{i}m{j}"
+            transforms.append(t)
+            predicates.append(p)
+            config[f"transforms.{t}.type"] = "org.apache.kafka.connect.transforms.ReplaceField$Key"
+            config[f"transforms.{t}.renames"] = f"{column}:{key_col}"
+            config[f"transforms.{t}.predicate"] = p
+            config[f"predicates.{p}.type"] = TOPIC_NAME_MATCHES
+            config[f"predicates.{p}.pattern"] = _topic_pattern(prefix, [member])
+        pattern = _topic_pattern(prefix, list(h.tables))
+        config[f"predicates.h{i}.type"] = TOPIC_NAME_MATCHES
+        config[f"predicates.h{i}.pattern"] = pattern
+        predicates.append(f"h{i}")
+        if cast:
+            transforms.append(f"h{i}cast")
+            config[f"transforms.h{i}cast.type"] = "org.apache.kafka.connect.transforms.Cast$Key"
+            config[f"transforms.h{i}cast.spec"] = f"{key_col}:{cast}"
+            config[f"transforms.h{i}cast.predicate"] = f"h{i}"
+        transforms.append(f"h{i}key")
+        config[f"transforms.h{i}key.type"] = "org.apache.kafka.connect.transforms.SetSchemaMetadata$Key"
+        config[f"transforms.h{i}key.schema.name"] = f"{topic_safe(prefix)}.{name}.Key"
+        config[f"transforms.h{i}key.predicate"] = f"h{i}"
+        transforms.append(f"h{i}route")
+        config[f"transforms.h{i}route.type"] = "org.apache.kafka.connect.transforms.RegexRouter"
+        config[f"transforms.h{i}route.regex"] = pattern
+        config[f"transforms.h{i}route.replacement"] = f"{prefix}.{name}"
+    config["transforms"] = ",".join(transforms)
+    config["predicates"] = ",".join(predicates)
     return config
+
+
+def masked(config: dict[str, str]) -> dict[str, str]:
+    return {k: ("********" if k in SECRET_KEYS and v else v) for k, v in config.items()}

@@ -1,10 +1,71 @@
-"""Source-side administration over SQL: replication slots and publications that a pipeline owns."""
+"""Source-side administration: what the captured tables look like (SQLAlchemy reflection), slots, publications, signals."""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
+from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import URL
+
+from cdc.errors import ConfigError, ServiceUnavailable
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # the type as the database names it, lower case (e.g. "bigint", "integer", "text")
+    nullable: bool
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str  # schema-qualified
+    primary_key: tuple[str, ...]
+    columns: dict[str, Column]
+
+
+def split_table(table: str) -> tuple[str, str]:
+    schema, _, name = table.partition(".")
+    return schema, name
+
+
+def describe_tables(url: URL, tables: tuple[str, ...] | list[str], source: str = "source.tables") -> dict[str, TableInfo]:
+    """Reflect the captured tables; a table that does not exist is a configuration error naming it."""
+    engine = create_engine(url.set(drivername="postgresql+psycopg"), pool_pre_ping=False)
+    try:
+        insp = inspect(engine)
+        found: dict[str, TableInfo] = {}
+        missing = []
+        for table in tables:
+            schema, name = split_table(table)
+            if not insp.has_table(name, schema=schema):
+                missing.append(table)
+                continue
+            columns = {
+                c["name"]: Column(c["name"], str(c["type"]).lower(), bool(c["nullable"]))
+                for c in insp.get_columns(name, schema=schema)
+            }
+            pk = tuple(insp.get_pk_constraint(name, schema=schema).get("constrained_columns") or ())
+            found[table] = TableInfo(table, pk, columns)
+    except Exception as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ServiceUnavailable(f"cannot read the source database {url.render_as_string()}: {exc}") from exc
+    finally:
+        engine.dispose()
+    if missing:
+        raise ConfigError(f"{source}: {', '.join(repr(t) for t in missing)} "
+                          f"{'does' if len(missing) == 1 else 'do'} not exist at the source ({url.database})")
+    return found
+
+
+def psycopg_conninfo(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def drop_slot(conn: psycopg.Connection, slot: str, *, wait: float = 30.0) -> bool:
@@ -25,5 +86,36 @@ def drop_slot(conn: psycopg.Connection, slot: str, *, wait: float = 30.0) -> boo
     return True
 
 
+def drop_publication(conn: psycopg.Connection, publication: str) -> bool:
+    existed = conn.execute("select 1 from pg_publication where pubname = %s", (publication,)).fetchone()
+    conn.execute(sql.SQL("drop publication if exists {}").format(sql.Identifier(publication)))
+    return existed is not None
+
+
 def slots_of_database(conn: psycopg.Connection, database: str) -> list[str]:
     return [r[0] for r in conn.execute("select slot_name from pg_replication_slots where database = %s", (database,))]
+
+
+def ensure_signal_table(conn: psycopg.Connection, table: str) -> bool:
+    """Create Debezium's signalling table (the source channel for ad-hoc snapshots); True when created."""
+    schema, name = split_table(table)
+    exists = conn.execute("select 1 from information_schema.tables where table_schema = %s and table_name = %s",
+                          (schema, name)).fetchone()
+    if exists:
+        return False
+    conn.execute(sql.SQL("create table {} (id varchar(64) primary key, type varchar(32) not null, "
+                         "data varchar(4096))").format(sql.Identifier(schema, name)))
+    return True
+
+
+def send_incremental_snapshot(conn: psycopg.Connection, signal_table: str, tables: list[str],
+                              conditions: list[dict[str, str]] | None = None) -> str:
+    """Ask the connector for an incremental snapshot of `tables` through the signalling table."""
+    signal_id = f"cdc-{uuid.uuid4()}"
+    data: dict[str, object] = {"data-collections": tables, "type": "incremental"}
+    if conditions:
+        data["additional-conditions"] = conditions
+    schema, name = split_table(signal_table)
+    conn.execute(sql.SQL("insert into {} (id, type, data) values (%s, 'execute-snapshot', %s)").format(
+        sql.Identifier(schema, name)), (signal_id, json.dumps(data)))
+    return signal_id

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
-
 import psycopg
 
 from consumers.stream import ChangeStream
-from producers.debezium import CaptureSpec, connector_name, source_connector_config
+from producers import capture
+from tests.integration.pipelines import pipeline_data, purge, write_pipeline
 
 SCHEMA = """
 create table person (id bigint primary key, name text not null, balance numeric(10, 2) not null);
@@ -18,17 +17,15 @@ insert into enrollment values (10, 1, 9);
 """
 
 
-def test_inserts_updates_and_deletes_arrive_in_kafka_as_avro(stack, connect, decoder, source_db):
-    pipeline = f"t{uuid.uuid4().hex[:8]}"
+def test_inserts_updates_and_deletes_arrive_in_kafka_as_avro(stack, decoder, source_db, tmp_path):
     with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
         conn.execute(SCHEMA)
-    spec = CaptureSpec(pipeline=pipeline, source_url=stack.postgres_url(source_db),
-                       tables=("public.person", "public.enrollment"), registry_url=stack.urls()["schema_registry"])
-    connect.put_config(connector_name(pipeline), source_connector_config(spec))
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml",
+                              pipeline_data(stack, source_db, ["public.person", "public.enrollment"]))
+    capture.apply(pipeline)
     try:
-        connect.wait_running(connector_name(pipeline), timeout=120)
-        stream = ChangeStream(stack.kafka_bootstrap, decoder, [f"{pipeline}.public.person", f"{pipeline}.public.enrollment"],
-                              group=f"test-{pipeline}")
+        assert pipeline.data_topics == [f"{pipeline.pipeline}.public.person", f"{pipeline.pipeline}.public.enrollment"]
+        stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.pipeline}")
         try:
             snapshot = stream.collect(lambda seen: len(seen) >= 3, timeout=120)
             assert sorted((e.table, e.op, e.key["id"]) for e in snapshot) == [
@@ -45,7 +42,7 @@ def test_inserts_updates_and_deletes_arrive_in_kafka_as_avro(stack, connect, dec
         finally:
             stream.close()
     finally:
-        connect.delete(connector_name(pipeline))
+        purge(pipeline)
 
     by_op = {(e.table, e.op): e for e in changes}
     assert len(changes) == 4, [(e.table, e.op) for e in changes]

@@ -1,0 +1,375 @@
+"""The pipeline file: YAML with `${ENV}` interpolation, validated into typed, frozen config objects.
+
+Every mistake is reported as a ConfigError that names the file, the field path and what is wrong, before
+anything is changed anywhere. This is the only module that reads the environment for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from cdc.errors import ConfigError
+
+DEFAULT_FILE = "pipeline.yaml"
+# Kafka topic names allow [a-zA-Z0-9._-]; pipeline and hierarchy names become parts of topic names.
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+TABLE_RE = re.compile(r"^[^.\s]+\.[^.]+$")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+def topic_safe(name: str) -> str:
+    """Kafka topic names allow [a-zA-Z0-9._-] only; Debezium replaces anything else with '_', and so do we."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _http_url(value: str, what: str) -> str:
+    if not re.match(r"^https?://[^/\s:]+(:\d+)?(/\S*)?$", value):
+        raise ValueError(f"{what} must be an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _sqlalchemy_url(value: str) -> URL:
+    try:
+        return make_url(value)
+    except ArgumentError:
+        raise ValueError(f"not a database URL (expected e.g. postgresql://user@host:5432/db), got {value!r}") from None
+
+
+def masked_url(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+class KafkaSettings(_Model):
+    bootstrap_servers: str
+    schema_registry_url: str
+    connect_url: str
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str) -> str:
+        for server in v.split(","):
+            if not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", server.strip()):
+                raise ValueError(f"each server must be host:port, got {server.strip()!r}")
+        return v
+
+    @field_validator("schema_registry_url")
+    @classmethod
+    def _registry(cls, v: str) -> str:
+        return _http_url(v, "schema_registry_url")
+
+    @field_validator("connect_url")
+    @classmethod
+    def _connect(cls, v: str) -> str:
+        return _http_url(v, "connect_url")
+
+
+class TopicSettings(_Model):
+    partitions: int = Field(6, ge=1, le=10_000)
+    # Milliseconds; -1 keeps the history forever (replays need it).
+    retention_ms: int = Field(-1, ge=-1)
+    replication_factor: int = Field(1, ge=1)
+
+
+class SourceSettings(_Model):
+    url: SecretStr
+    tables: tuple[str, ...]
+    heartbeat_ms: int = Field(10_000, ge=100)
+    snapshot_mode: Literal["initial", "no_data", "when_needed", "never"] = "initial"
+    # Debezium's signalling table (ad-hoc snapshots, re-syncs); created by `cdc connectors apply`.
+    signal_table: str = "public.cdc_signal"
+
+    @field_validator("signal_table")
+    @classmethod
+    def _signal_table(cls, v: str) -> str:
+        if not TABLE_RE.match(v):
+            raise ValueError(f"{v!r} is not schema-qualified (write schema.table)")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: SecretStr) -> SecretStr:
+        url = _sqlalchemy_url(v.get_secret_value())
+        if url.get_backend_name() != "postgresql":
+            raise ValueError(f"the source must be PostgreSQL (postgresql://...), got a {url.get_backend_name()!r} URL")
+        if not url.database:
+            raise ValueError("the source URL names no database")
+        return v
+
+    @model_validator(mode="after")
+    def _signal_not_captured(self) -> "SourceSettings":
+        if self.signal_table in self.tables:
+            raise _FieldError("source.tables", f"{self.signal_table!r} is the signalling table (source.signal_table); "
+                              "it cannot also be a captured table")
+        return self
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _tables_list(cls, v: Any) -> Any:
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"must be a list of schema.table names, got {v!r}")
+        if not v:
+            raise ValueError("lists no tables; name at least one schema.table to capture")
+        return v
+
+    @field_validator("tables")
+    @classmethod
+    def _tables(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        seen: set[str] = set()
+        for table in v:
+            if not TABLE_RE.match(table):
+                raise ValueError(f"{table!r} is not schema-qualified (write it as schema.table, e.g. public.{table})")
+            if table in seen:
+                raise ValueError(f"{table!r} is listed twice")
+            seen.add(table)
+        return v
+
+    @property
+    def sqlalchemy_url(self) -> URL:
+        return make_url(self.url.get_secret_value())
+
+
+class Hierarchy(_Model):
+    root: str
+    # member table -> the member's column that holds the root id
+    members: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _members(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("members must be a mapping of member table to its root-id column")
+        for table, column in v.items():
+            if column is None or (isinstance(column, str) and not column.strip()):
+                raise ValueError(f"member {table!r} names no root-id column (write `{table}: <column>`)")
+            if not isinstance(column, str):
+                raise ValueError(f"member {table!r}: the root-id column must be a column name, got {column!r}")
+        return v
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return (self.root, *self.members)
+
+
+class Destination(_Model):
+    kind: Literal["replica", "analytics"]
+    url: SecretStr
+    on_error: Literal["stop", "dead-letter"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: SecretStr) -> SecretStr:
+        _sqlalchemy_url(v.get_secret_value())
+        return v
+
+    @property
+    def sqlalchemy_url(self) -> URL:
+        return make_url(self.url.get_secret_value())
+
+
+class Pipeline(_Model):
+    pipeline: str = Field(pattern=NAME_RE, max_length=100)
+    kafka: KafkaSettings
+    source: SourceSettings
+    hierarchies: dict[str, Hierarchy] = Field(default_factory=dict)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+
+    @field_validator("hierarchies")
+    @classmethod
+    def _hierarchy_names(cls, v: dict[str, Hierarchy]) -> dict[str, Hierarchy]:
+        for name in v:
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"hierarchy name {name!r} may only hold letters, digits, '_' and '-' "
+                                 "(it becomes part of a topic name)")
+        return v
+
+    @model_validator(mode="after")
+    def _hierarchies_cover_captured_tables(self) -> "Pipeline":
+        captured = set(self.source.tables)
+        owner: dict[str, str] = {}
+        for name, h in self.hierarchies.items():
+            for role, table in [("root", h.root), *(("members", m) for m in h.members)]:
+                where = f"hierarchies.{name}.{role}" + (f"[{table!r}]" if role == "members" else "")
+                if not TABLE_RE.match(table):
+                    raise _FieldError(where, f"{table!r} is not schema-qualified (write schema.table)")
+                if table not in captured:
+                    raise _FieldError(where, f"{table!r} is not in source.tables")
+                if table in owner:
+                    other = owner[table]
+                    raise _FieldError(where, f"{table!r} is already in hierarchy {other!r}" if other != name
+                                      else f"{table!r} appears twice in this hierarchy")
+                owner[table] = name
+        return self
+
+    # -- derived names, one place for all of them
+    def hierarchy_of(self, table: str) -> str | None:
+        for name, h in self.hierarchies.items():
+            if table in h.tables:
+                return name
+        return None
+
+    def topic_of(self, table: str) -> str:
+        hierarchy = self.hierarchy_of(table)
+        return f"{self.pipeline}.{hierarchy}" if hierarchy else f"{self.pipeline}.{topic_safe(table)}"
+
+    @property
+    def standalone_tables(self) -> tuple[str, ...]:
+        return tuple(t for t in self.source.tables if self.hierarchy_of(t) is None)
+
+    @property
+    def data_topics(self) -> list[str]:
+        return [f"{self.pipeline}.{h}" for h in self.hierarchies] + [self.topic_of(t) for t in self.standalone_tables]
+
+    @property
+    def transaction_topic(self) -> str:
+        return f"{self.pipeline}.transaction"
+
+    @property
+    def signal_topic(self) -> str:
+        return f"{self.pipeline}.signal"
+
+    @property
+    def connector_name(self) -> str:
+        return f"{self.pipeline}-source"
+
+    @property
+    def slot_name(self) -> str:
+        return re.sub(r"[^a-z0-9_]", "_", self.pipeline.lower()) + "_slot"
+
+    @property
+    def publication_name(self) -> str:
+        return re.sub(r"[^a-z0-9_]", "_", self.pipeline.lower()) + "_pub"
+
+    def masked(self) -> dict[str, Any]:
+        """The configuration as plain data with every secret masked, for printing."""
+        data = self.model_dump(mode="json")
+        data["source"]["url"] = masked_url(self.source.sqlalchemy_url)
+        for name, dest in self.destinations.items():
+            data["destinations"][name]["url"] = masked_url(dest.sqlalchemy_url)
+        return data
+
+
+class _FieldError(ValueError):
+    """A cross-field problem found after the fields parsed, with the path it belongs to."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML silently keeps the last of two equal keys; a pipeline file with one is a mistake to report."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _interpolate(value: Any, path: str, env: dict[str, str], source: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", env, source) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{source}: {path}: environment variable {name} is not set "
+                              f"(write ${{{name}:-default}} for a default)")
+        return _ENV_RE.sub(replace, value)
+    return value
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif "." in str(item):
+            parts.append(f"[{str(item)!r}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a known setting"
+    message = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    if kind not in ("value_error",) and "input" in error and not isinstance(error["input"], (dict, list)):
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def parse(data: Any, source: str = DEFAULT_FILE, env: dict[str, str] | None = None) -> Pipeline:
+    """Validate already-loaded YAML data; `source` names the file in messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the file must be a mapping of settings (pipeline:, kafka:, source:, ...), "
+                          f"not {type(data).__name__}")
+    data = _interpolate(data, "", dict(os.environ) if env is None else env, source)
+    try:
+        return Pipeline.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            ctx_error = error.get("ctx", {}).get("error")
+            if isinstance(ctx_error, _FieldError):
+                lines.append(f"{source}: {ctx_error.path}: {ctx_error.message}")
+            else:
+                lines.append(f"{source}: {_field_path(error['loc'])}: {_describe(error)}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Pipeline:
+    """Read and validate a pipeline file (default: $CDC_CONFIG, else ./pipeline.yaml)."""
+    environ = dict(os.environ) if env is None else env
+    file = Path(path or environ.get("CDC_CONFIG") or DEFAULT_FILE)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: file not found (name one with -c/--config or $CDC_CONFIG)") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}{where}: invalid YAML: {problem}") from None
+    return parse(data, str(file), environ)
