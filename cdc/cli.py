@@ -214,8 +214,10 @@ app.add_typer(hierarchy_app, name="hierarchy")
 
 @hierarchy_app.command("suggest")
 def hierarchy_suggest(
-    url: str = typer.Option(..., "--url", help="SQLAlchemy URL of the source database."),
-    tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated schema-qualified tables."),
+    url: Optional[str] = typer.Option(None, "--url",
+                                      help="SQLAlchemy URL of the source (default: source.url of the pipeline file)."),
+    tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated schema-qualified tables "
+                                         "(default: source.tables of the pipeline file)."),
     all_tables: bool = typer.Option(False, "--all", help="Every table of the schema given by --schema."),
     schema: str = typer.Option("public", "--schema", help="The schema that --all reads."),
 ) -> None:
@@ -224,12 +226,17 @@ def hierarchy_suggest(
     from producers import hierarchy
 
     def body() -> int:
-        if all_tables == (tables is not None):
-            raise ConfigError("hierarchy suggest: give either --tables or --all")
+        if all_tables and tables is not None:
+            raise ConfigError("hierarchy suggest: give either --tables or --all, not both")
+        source_url, names = url, [t.strip() for t in (tables or "").split(",") if t.strip()]
+        if source_url is None or (not names and not all_tables):
+            pipeline = _pipeline()
+            source_url = source_url or pipeline.source.url.get_secret_value()
+            names = names or list(pipeline.source.tables)
         if all_tables:
-            graph = hierarchy.reflect_schema(url, schema)
+            graph = hierarchy.reflect_schema(source_url, schema)
         else:
-            graph = hierarchy.reflect_source(url, [t.strip() for t in tables.split(",") if t.strip()])
+            graph = hierarchy.reflect_source(source_url, names)
         typer.echo(hierarchy.render_yaml(hierarchy.suggest(graph)), nl=False)
         return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from cdc.errors import DecodeError, ServiceUnavailable
 from consumers.events import ChangeEvent, from_envelope
@@ -25,9 +25,20 @@ class ChangeStream:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            # Topics can appear after we subscribe (a table added to the pipeline): notice them within seconds.
+            "topic.metadata.refresh.interval.ms": 5000,
             "log_level": 3,
         })
-        self._consumer.subscribe(topics)
+        # Positions we have read to: a rebalance (a new topic appearing, say) must not send us back to the start.
+        self._positions: dict[tuple[str, int], int] = {}
+        self._consumer.subscribe(topics, on_assign=self._on_assign)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            position = self._positions.get((tp.topic, tp.partition))
+            if position is not None:
+                tp.offset = position
+        consumer.assign(partitions)
 
     def close(self) -> None:
         self._consumer.close()
@@ -38,6 +49,8 @@ class ChangeStream:
             events = []
             for msg in messages:
                 err = msg.error()
+                if err is None:
+                    self._positions[msg.topic(), msg.partition()] = msg.offset() + 1
                 if err is not None:
                     if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                         continue  # the connector has not created it yet

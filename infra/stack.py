@@ -84,7 +84,7 @@ class StackLayout:
         if recorded.exists():
             data = json.loads(recorded.read_text())
             layout = cls(home, Path(data["artifacts"]), {**DEFAULT_PORTS, **data["ports"]})
-            if any(_component_pid(layout, name) for name in COMPONENTS):
+            if any(component_pid(layout, name) for name in COMPONENTS):
                 return layout
         ports = dict(DEFAULT_PORTS)
         for name, var in PORT_ENV.items():
@@ -144,7 +144,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _component_pid(layout: StackLayout, component: str) -> int | None:
+def component_pid(layout: StackLayout, component: str) -> int | None:
     """The pid of this stack's process for a component, or None; a pid reused by another program is not ours."""
     if component == "postgres":
         pidfile = _pg_data(layout) / "postmaster.pid"
@@ -410,7 +410,7 @@ def _ensure_database(layout: StackLayout, name: str) -> None:
 
 def _stop_postgres(layout: StackLayout) -> None:
     data = _pg_data(layout)
-    if _component_pid(layout, "postgres") is None:
+    if component_pid(layout, "postgres") is None:
         return
     subprocess.run(
         _as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"]),
@@ -553,7 +553,7 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
     """
     layout = StackLayout.resolve()
     layout.home.mkdir(parents=True, exist_ok=True)
-    running = {name: _component_pid(layout, name) for name in COMPONENTS}
+    running = {name: component_pid(layout, name) for name in COMPONENTS}
     if all(running.values()):
         echo(f"stack: already running under {layout.home}")
     to_start = [name for name in COMPONENTS if not running[name]]
@@ -609,7 +609,7 @@ def status() -> dict[str, object]:
     layout = StackLayout.resolve()
     components = {}
     for name in COMPONENTS:
-        pid = _component_pid(layout, name)
+        pid = component_pid(layout, name)
         healthy = bool(pid) and HEALTH[name](layout)
         components[name] = {
             "state": "healthy" if healthy else ("unhealthy" if pid else "stopped"),
@@ -630,7 +630,7 @@ def down(echo: Callable[[str], None] = print) -> None:
     """Stop the processes this stack started, newest first; anything else on the machine is left alone."""
     layout = StackLayout.resolve()
     for name in reversed(COMPONENTS):
-        pid = _component_pid(layout, name)
+        pid = component_pid(layout, name)
         if pid is None:
             echo(f"{name}: not running")
             continue

@@ -86,7 +86,14 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
 
         with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
             ensure_signal_table(conn, pipeline.source.signal_table)
-            if changes:
+            if changes and current is not None:
+                # Stop first, so that once the connector runs again it is surely the new configuration that
+                # runs: a signal sent while the old task still streams would be handled by the old task.
+                connect.stop(name)
+                connect.wait_state(name, "STOPPED")
+                connect.put_config(name, desired)
+                connect.resume(name)
+            elif changes:
                 connect.put_config(name, desired)
             connect.wait_running(name, timeout=wait)
             if current is not None:

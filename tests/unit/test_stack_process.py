@@ -41,4 +41,4 @@ def test_a_pid_that_is_not_ours_is_not_ours(tmp_path):
     lay = layout(tmp_path)
     lay.pidfile("kafka").parent.mkdir(parents=True)
     lay.pidfile("kafka").write_text("1\n")  # pid 1 is alive but its command line does not name our state dir
-    assert stack._component_pid(lay, "kafka") is None
+    assert stack.component_pid(lay, "kafka") is None
