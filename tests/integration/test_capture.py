@@ -59,3 +59,16 @@ def test_inserts_updates_and_deletes_arrive_in_kafka_as_avro(stack, decoder, sou
     assert deleted.after is None and deleted.before == {"id": 10, "person_id": 1, "grade": 9}
     assert created.lsn < updated.lsn < deleted.lsn
     assert all(e.commit_time is not None for e in changes)
+
+
+def test_connect_errors_name_the_connector_the_endpoint_and_connects_message(connect):
+    import pytest
+
+    from cdc.errors import ConnectError
+
+    assert connect.status("no-such-connector") is None
+    with pytest.raises(ConnectError) as info:
+        connect.put_config("broken-connector", {"connector.class": "com.example.NoSuchConnector", "tasks.max": "1"})
+    message = str(info.value)
+    assert "connector 'broken-connector'" in message and "/connectors/broken-connector/config" in message
+    assert "NoSuchConnector" in message and info.value.status == 400
