@@ -196,6 +196,20 @@ def connectors_delete(
     _run(body)
 
 
+@app.command("run")
+def run(
+    destinations: Optional[list[str]] = typer.Argument(None, help="Destinations to feed (default: all replicas)."),
+    until_caught_up: bool = typer.Option(False, "--until-caught-up",
+                                         help="Exit 0 once every change committed before the call is applied."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
+) -> None:
+    """Run the consumers of the named destinations (all by default)."""
+    from consumers import runner
+
+    _run(lambda: runner.run(_pipeline(), destinations or [], until_caught_up=until_caught_up, timeout=timeout,
+                            echo=_echo))
+
+
 @app.command("demo")
 def demo(
     events: int = typer.Option(12, help="How many change events to print."),

@@ -26,6 +26,12 @@ class ChangeEvent:
     tx_order: int | None  # position of this event in its transaction (total_order, from 1)
     commit_ts_ms: int | None  # source commit time
     snapshot: bool
+    schema_id: int | None = None  # the registry id of the value's writer schema (selects the row converter)
+
+    @property
+    def xid(self) -> str | None:
+        """The source transaction's id: Debezium's id is "txId:lsn", and only the txId part is stable."""
+        return self.tx_id.split(":", 1)[0] if self.tx_id else None
 
     @property
     def commit_time(self) -> datetime | None:
@@ -40,7 +46,8 @@ class ChangeEvent:
 
 
 def from_envelope(
-    value: Mapping[str, Any], key: Mapping[str, Any] | None, *, topic: str, partition: int, offset: int
+    value: Mapping[str, Any], key: Mapping[str, Any] | None, *, topic: str, partition: int, offset: int,
+    schema_id: int | None = None,
 ) -> ChangeEvent:
     """Build a ChangeEvent from a decoded Debezium value envelope; raises ValueError naming what is missing."""
     try:
@@ -66,4 +73,25 @@ def from_envelope(
         tx_order=tx.get("total_order"),
         commit_ts_ms=source.get("ts_ms"),
         snapshot=snapshot not in (None, "false"),
+        schema_id=schema_id,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionMarker:
+    """A record of Debezium's transaction topic: BEGIN, or END with the event count per table."""
+
+    status: str  # BEGIN or END
+    xid: str
+    event_counts: Mapping[str, int]  # schema-qualified table -> events of this transaction (END only)
+    commit_ts_ms: int | None
+    offset: int
+
+
+def marker_from_record(value: Mapping[str, Any], offset: int) -> TransactionMarker:
+    try:
+        status, tx_id = value["status"], value["id"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a Debezium transaction record (missing {exc})") from None
+    counts = {c["data_collection"]: c["event_count"] for c in value.get("data_collections") or ()}
+    return TransactionMarker(status, str(tx_id).split(":", 1)[0], counts, value.get("ts_ms"), offset)

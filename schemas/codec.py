@@ -51,6 +51,18 @@ class RegistryClient:
     def subjects(self) -> list[str]:
         return self._get("/subjects")
 
+    def register(self, subject: str, schema: dict[str, Any]) -> int:
+        """Register (or find) a schema under a subject; returns its id."""
+        try:
+            resp = self._http.post(f"/subjects/{subject}/versions", json={"schema": json.dumps(schema)},
+                                   headers={"Content-Type": "application/vnd.schemaregistry.v1+json"})
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"schema registry at {self.url} did not answer: {exc}") from exc
+        if resp.is_error:
+            raise RegistryError(f"registering a schema under {subject!r} failed with HTTP {resp.status_code}: "
+                                f"{resp.text}", status=resp.status_code)
+        return int(resp.json()["id"])
+
 
 class AvroDecoder:
     """Decodes Confluent-framed Avro (magic byte 0, 4-byte schema id, Avro binary).
@@ -92,3 +104,24 @@ class AvroDecoder:
     @property
     def cached_ids(self) -> list[int]:
         return sorted(self._schemas)
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """One of the project's own schemas (schemas/<name>.avsc), as data."""
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parent / f"{name}.avsc").read_text())
+
+
+class AvroEncoder:
+    """Confluent-framed Avro for one of our own record types; the schema is registered once."""
+
+    def __init__(self, registry: RegistryClient, subject: str, schema: dict[str, Any]) -> None:
+        self._parsed = fastavro.parse_schema(schema)
+        self._id = registry.register(subject, schema)
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        buf.write(_HEADER.pack(MAGIC, self._id))
+        fastavro.schemaless_writer(buf, self._parsed, record)
+        return buf.getvalue()

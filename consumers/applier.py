@@ -1,0 +1,442 @@
+"""The replica applier: whole source transactions, in commit order, foreign-key safe, exactly once, per batch.
+
+Commit protocol (this order is the correctness argument):
+
+1. On start, read the destination's offset table (`_cdc_offsets`, keyed by pipeline, topic and partition) and
+   assign every partition of the data topics and of the transaction topic at those offsets (the beginning when
+   none is stored). Kafka's group offsets are never read.
+2. Poll a batch of messages; decode each (writer schemas by registry id, parsed once) into change events and
+   transaction END markers, and hand them to the TransactionAssembler.
+3. Take the steps that are complete: whole source transactions in source commit order (and snapshot reads), never
+   a part of one. Many source transactions go into one destination transaction (group commit).
+4. In ONE destination transaction: defer constraint checks where the destination can; collapse the steps into
+   each row's last change; upsert parents first, delete children first, each table in one bulk statement guarded
+   by `_cdc_lsn`; store the next offset of every partition the steps consumed, and of the transaction topic.
+5. Commit the destination transaction. A crash before this point loses nothing (it rolls back, and the offsets
+   it would have stored were not); a crash after it repeats nothing (the offsets were stored with the rows).
+6. Only then commit the same offsets as the consumer group's, asynchronously, for lag tools.
+
+SIGINT and SIGTERM stop the loop between batches: the batch in flight commits whole, or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from cdc.config import Destination, Pipeline
+from cdc.errors import CdcError, DecodeError, ServiceUnavailable, Terminal
+from consumers import values
+from consumers.dialects import Dialect, dialect_for
+from consumers.events import ChangeEvent, from_envelope, marker_from_record
+from consumers.plan import dependency_order, net_changes, self_referencing_order
+from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
+from consumers.transactions import Step, TransactionAssembler, positions_after
+from schemas.codec import AvroDecoder, AvroEncoder, RegistryClient, load_schema
+
+
+class ApplyError(CdcError, Terminal):
+    """A batch could not be applied; carries the table and where in Kafka its events came from."""
+
+
+@dataclass
+class ApplierStats:
+    rows: int = 0
+    transactions: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+    last_commit_ts_ms: int | None = None
+
+    @property
+    def rows_per_second(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.rows / elapsed if elapsed > 0 else 0.0
+
+
+class ReplicaApplier:
+    def __init__(self, pipeline: Pipeline, destination_name: str, *, batch_events: int = 20_000,
+                 poll_messages: int = 5_000, echo: Callable[[str], None] | None = None) -> None:
+        self.pipeline = pipeline
+        self.name = destination_name
+        self.destination: Destination = pipeline.destinations[destination_name]
+        self.policy = self.destination.on_error or "stop"
+        self.batch_events = batch_events
+        self.poll_messages = poll_messages
+        self.echo = echo or (lambda line: None)
+        self.stats = ApplierStats()
+        self._stop = threading.Event()
+        self.registry = RegistryClient(pipeline.kafka.schema_registry_url)
+        self.decoder = AvroDecoder(self.registry)
+        self._converters: dict[int, values.RowConverter] = {}
+        self.engine: Engine = create_engine(_driver_url(self.destination), pool_size=2, pool_pre_ping=True)
+        self.dialect: Dialect = dialect_for(self.engine)
+        self.shapes: dict[str, TableShape] = {}
+        self.order: list[str] = []
+        self.assembler = TransactionAssembler(frozenset(pipeline.source.tables))
+        self.consumer: Consumer | None = None
+        self.read_positions: dict[tuple[str, int], int] = {}
+        self.applied_positions: dict[tuple[str, int], int] = {}
+        self._producer: Producer | None = None
+        self._dead_letters: AvroEncoder | None = None
+        self._retry: list[Step] = []
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    @property
+    def group_id(self) -> str:
+        return f"cdc-{self.pipeline.pipeline}-{self.name}"
+
+    @property
+    def topics(self) -> list[str]:
+        return [*self.pipeline.data_topics, self.pipeline.transaction_topic]
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self.pipeline.pipeline}.{self.name}.dead-letter"
+
+    def prepare(self) -> None:
+        """Create the offsets table and the replicated tables as needed, then position the consumer."""
+        self.shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, self.pipeline.source.tables)
+        with self.engine.begin() as conn:
+            self.dialect.ensure_offsets_table(conn)
+            for name in dependency_order(self.shapes):
+                for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
+                    self.echo(f"{self.name}: {action}")
+            stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
+        self.order = self._dependency_order()
+        self.consumer = Consumer({
+            "bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 52_428_800,
+            "queued.max.messages.kbytes": 131_072,
+            "log_level": 3,
+        })
+        assignment = []
+        metadata = self.consumer.list_topics(timeout=15)
+        for topic in self.topics:
+            info = metadata.topics.get(topic)
+            if info is None or info.error is not None:
+                raise ServiceUnavailable(f"topic {topic} does not exist (run `cdc connectors apply` first)")
+            for partition in info.partitions:
+                offset = stored.get((topic, partition), OFFSET_BEGINNING)
+                assignment.append(TopicPartition(topic, partition, offset))
+                if offset != OFFSET_BEGINNING:
+                    self.read_positions[topic, partition] = offset
+                    self.applied_positions[topic, partition] = offset
+        self.consumer.assign(assignment)
+
+    def _dependency_order(self) -> list[str]:
+        """Parents first, from the destination's foreign keys, and the source's for tables that declare none."""
+        edges: dict[str, set[str]] = {}
+        by_destination = {self.dialect.table(s).fullname: n for n, s in self.shapes.items()}
+        insp = inspect(self.engine)
+        for name, shape in self.shapes.items():
+            table = self.dialect.table(shape)
+            declared = insp.get_foreign_keys(table.name, schema=table.schema)
+            targets = set()
+            for fk in declared:
+                schema = fk.get("referred_schema") or table.schema
+                referred = f"{schema}.{fk['referred_table']}" if schema else fk["referred_table"]
+                if referred in by_destination:
+                    targets.add(by_destination[referred])
+            edges[name] = targets or {fk.referred_table for fk in shape.foreign_keys}
+        return dependency_order(self.shapes, edges)
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+    def _converter(self, schema_id: int) -> values.RowConverter:
+        converter = self._converters.get(schema_id)
+        if converter is None:
+            converter = values.converters_for_envelope(self.decoder.writer_schema(schema_id))
+            self._converters[schema_id] = converter
+        return converter
+
+    def convert(self, event: ChangeEvent, image: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        if image is None:
+            return None
+        return self._converter(event.schema_id).convert(image) if event.schema_id is not None else dict(image)
+
+    def _feed(self, msg: Any) -> None:
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        self.read_positions[topic, partition] = offset + 1
+        raw = msg.value()
+        if raw is None:
+            return  # a tombstone: the delete before it carries the change
+        try:
+            schema_id = self.decoder.schema_id(raw)
+            value = self.decoder.decode(raw)
+            if topic == self.pipeline.transaction_topic:
+                self.assembler.add_marker(marker_from_record(value, offset))
+                return
+            key = self.decoder.decode(msg.key()) if msg.key() is not None else None
+            event = from_envelope(value, key, topic=topic, partition=partition, offset=offset, schema_id=schema_id)
+            self._converter(schema_id)
+        except (ValueError, TypeError, KeyError, EOFError, IndexError) as exc:
+            error = DecodeError(f"cannot decode: {exc}", topic=topic, partition=partition, offset=offset)
+            if self.policy != "dead-letter" or topic == self.pipeline.transaction_topic:
+                raise error from exc
+            self._dead_letter(str(error), topic, partition, offset, msg.key(), raw, None)
+            self.assembler.add_hole(topic, partition, offset)
+            return
+        self.assembler.add_event(event)
+
+    # -- applying -------------------------------------------------------------------------------------------------
+    def _write(self, conn: Any, steps: list[Step]) -> int:
+        events = [e for step in steps for e in step.events]
+        self._check_columns(conn, events)
+        phases = net_changes(events, self.shapes, self.convert)
+        rows = 0
+        for phase in phases:
+            for table in phase.truncate_first:
+                self.dialect.truncate(conn, self.shapes[table])
+            for table in self.order:
+                changes = phase.changes.get(table)
+                if changes and changes.upserts:
+                    rows += self._upsert(conn, self.shapes[table], list(changes.upserts.values()))
+            for table in reversed(self.order):
+                changes = phase.changes.get(table)
+                if changes and changes.deletes:
+                    keys = list(changes.deletes.values())
+                    if not self.dialect.supports_deferred_constraints:
+                        keys = list(reversed(self_referencing_order(self.shapes[table], keys)))
+                    rows += self.dialect.delete(conn, self.shapes[table], keys)
+        offsets = positions_after(steps)
+        markers = [s.marker_offset for s in steps if s.marker_offset is not None]
+        if markers:
+            offsets[self.pipeline.transaction_topic, 0] = max(markers) + 1
+        self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
+        return len(events)
+
+    def _upsert(self, conn: Any, shape: TableShape, rows: list[dict[str, Any]]) -> int:
+        if not self.dialect.supports_deferred_constraints:
+            rows = self_referencing_order(shape, rows)
+        # Rows missing unchanged TOASTed values are written without those columns, so the stored ones stay.
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            missing = tuple(c for c, v in row.items() if v is values.UNAVAILABLE)
+            groups.setdefault(missing, []).append(row)
+        written = 0
+        for missing, group in groups.items():
+            columns = [c for c in shape.column_names if c not in missing]
+            written += self.dialect.upsert(conn, shape, group, columns)
+        return written
+
+    def _check_columns(self, conn: Any, events: list[ChangeEvent]) -> None:
+        """A writer schema with columns the shape lacks means the source gained columns: follow it."""
+        for schema_id in {e.schema_id for e in events if e.schema_id is not None}:
+            converter = self._converters[schema_id]
+            table = next(e.table for e in events if e.schema_id == schema_id)
+            shape = self.shapes.get(table)
+            if shape is not None and set(converter.columns) - set(shape.column_names):
+                fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
+                self.shapes[table] = fresh
+                self.dialect._tables.pop(table, None)
+                for action in self.dialect.ensure_table(conn, fresh, self.shapes):
+                    self.echo(f"{self.name}: {action}")
+
+    def apply(self, steps: list[Step]) -> None:
+        """Apply steps in one destination transaction, then acknowledge them to Kafka's group offsets."""
+        try:
+            with self.engine.begin() as conn:
+                self.dialect.begin_batch(conn, snapshot=any(s.xid is None for s in steps))
+                count = self._write(conn, steps)
+        except OperationalError as exc:
+            raise ServiceUnavailable(f"destination {self.name} failed: {_first_line(exc)}") from exc
+        except DBAPIError as exc:
+            raise ApplyError(f"destination {self.name}: applying {_where(steps)} failed: {_first_line(exc)}") from exc
+        self._acknowledge(steps)
+        self.stats.rows += count
+        self.stats.transactions += sum(1 for s in steps if s.xid is not None)
+        self.stats.batches += 1
+        commit_times = [s.commit_ts_ms for s in steps if s.commit_ts_ms]
+        if commit_times:
+            self.stats.last_commit_ts_ms = max(commit_times)
+
+    def _acknowledge(self, steps: list[Step]) -> None:
+        offsets = positions_after(steps)
+        markers = [s.marker_offset for s in steps if s.marker_offset is not None]
+        if markers:
+            offsets[self.pipeline.transaction_topic, 0] = max(markers) + 1
+        self.applied_positions.update(offsets)
+        if offsets and self.consumer is not None:
+            try:
+                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                     asynchronous=True)
+            except KafkaException:
+                pass  # group offsets are only for lag tools; the destination holds the truth
+
+    def _apply_with_policy(self, steps: list[Step]) -> None:
+        try:
+            self.apply(steps)
+            self._retry = []
+        except ApplyError as exc:
+            if isinstance(exc.__cause__, IntegrityError) and any(s.xid is None for s in steps):
+                # Snapshot rows of a child may arrive before their parent's, from another partition: wait for
+                # more, and try again with what has arrived since.
+                self._retry = steps
+                return
+            if self.policy != "dead-letter":
+                raise
+            # One step at a time, so that only the source transactions that fail are set aside.
+            for step in steps:
+                try:
+                    self.apply([step])
+                except ApplyError as step_error:
+                    for event in step.events:
+                        self._dead_letter(str(step_error), event.topic, event.partition, event.offset, None, None,
+                                          _event_json(event))
+                    self._skip(step)
+            self._retry = []
+
+    def _skip(self, step: Step) -> None:
+        """Record a dead-lettered step's offsets as applied, so that the stream goes on past it."""
+        with self.engine.begin() as conn:
+            offsets = positions_after([step])
+            if step.marker_offset is not None:
+                offsets[self.pipeline.transaction_topic, 0] = step.marker_offset + 1
+            self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
+        self._acknowledge([step])
+
+    def _dead_letter(self, error: str, topic: str, partition: int, offset: int, key: bytes | None,
+                     value: bytes | None, event_json: str | None) -> None:
+        if self._producer is None:
+            self._producer = Producer({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
+                                       "enable.idempotence": True, "log_level": 3})
+            self._dead_letters = AvroEncoder(self.registry, f"{self.dead_letter_topic}-value",
+                                             load_schema("dead_letter"))
+        assert self._dead_letters is not None
+        record = {"pipeline": self.pipeline.pipeline, "destination": self.name, "error": error, "topic": topic,
+                  "partition": partition, "offset": offset, "key": key, "value": value, "event_json": event_json,
+                  "failed_at_ms": int(time.time() * 1000)}
+        self._producer.produce(self.dead_letter_topic, value=self._dead_letters.encode(record), key=key,
+                               headers={"cdc.error": error[:1000], "cdc.topic": topic,
+                                        "cdc.partition": str(partition), "cdc.offset": str(offset)})
+        self._producer.flush(30)
+        self.echo(f"{self.name}: dead-lettered {topic}[{partition}]@{offset}: {error.splitlines()[0]}")
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def end_offsets(self) -> dict[tuple[str, int], int]:
+        assert self.consumer is not None
+        ends = {}
+        for tp in self.consumer.assignment():
+            _, high = self.consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            ends[tp.topic, tp.partition] = high
+        return ends
+
+    def _read_to_end(self) -> bool:
+        return all(self.read_positions.get(tp, 0) >= end for tp, end in self.end_offsets().items() if end > 0)
+
+    def caught_up(self, targets: Mapping[tuple[str, int], int]) -> bool:
+        if self.assembler.buffered or self.assembler.waiting_for or self._retry:
+            return False
+        return all(self.read_positions.get(tp, 0) >= end for tp, end in targets.items() if end > 0)
+
+    def run(self, *, until_caught_up: bool = False, timeout: float | None = None,
+            progress: Callable[["ReplicaApplier"], None] | None = None) -> None:
+        if self.consumer is None:
+            self.prepare()
+        assert self.consumer is not None
+        targets = self.end_offsets() if until_caught_up else {}
+        deadline = time.monotonic() + timeout if timeout else None
+        last_progress = 0.0
+        while not self._stop.is_set():
+            messages = self.consumer.consume(self.poll_messages, 0.2)
+            for msg in messages:
+                if msg.error() is not None:
+                    if msg.error().fatal():
+                        raise ServiceUnavailable(f"Kafka consumer failed: {msg.error()}")
+                    continue
+                self._feed(msg)
+            steps = self._retry + self.assembler.ready(self.batch_events)
+            if not steps and not messages and self.assembler.holes and self.assembler.waiting_for \
+                    and self._read_to_end():
+                # A transaction lost an undecodable (dead-lettered) event and nothing more is coming for it.
+                steps = self.assembler.force_next()
+            if steps and (not self._retry or messages):
+                self._apply_with_policy(steps)
+            elif self._retry and not messages and self.caught_up(self.end_offsets()):
+                self._retry = []
+                self.apply(steps)  # nothing more will come: the failure is real, raise it
+            if progress and time.monotonic() - last_progress >= 1:
+                progress(self)
+                last_progress = time.monotonic()
+            if until_caught_up and self.caught_up(targets):
+                break
+            if deadline and time.monotonic() > deadline:
+                raise CdcError(f"{self.name}: not caught up after {timeout:.0f} s "
+                               f"(waiting for source transaction {self.assembler.waiting_for or '-'})")
+        if progress:
+            progress(self)
+
+    def lag_seconds(self) -> float:
+        """Now minus the commit time of the oldest change not applied yet; 0 when none is waiting."""
+        oldest = self.assembler.oldest_commit_ts()
+        return max(0.0, time.time() - oldest / 1000) if oldest else 0.0
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+        if self._producer is not None:
+            self._producer.flush(10)
+        self.registry.close()
+        self.engine.dispose()
+
+
+def _driver_url(destination: Destination) -> Any:
+    url = destination.sqlalchemy_url
+    if url.drivername == "postgresql":
+        return url.set(drivername="postgresql+psycopg")
+    if url.drivername in ("mysql", "mariadb"):
+        return url.set(drivername=f"{url.drivername}+pymysql")
+    return url
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return " ".join(str(orig).split())[:500]
+
+
+def _where(steps: list[Step]) -> str:
+    events = [e for s in steps for e in s.events]
+    if not events:
+        return "an empty batch"
+    tables = sorted({e.table for e in events})
+    spans: dict[tuple[str, int], list[int]] = {}
+    for e in events:
+        spans.setdefault((e.topic, e.partition), []).append(e.offset)
+    where = ", ".join(f"{t}[{p}]@{min(o)}-{max(o)}" for (t, p), o in sorted(spans.items())[:4])
+    return f"{len(events)} changes of {', '.join(tables)} ({where})"
+
+
+def _event_json(event: ChangeEvent) -> str:
+    return json.dumps({"table": event.table, "op": event.op, "key": event.key, "before": event.before,
+                       "after": event.after, "lsn": event.lsn, "tx_id": event.tx_id}, default=str)
+
+
+def install_signal_handlers(applier: ReplicaApplier) -> None:
+    """SIGINT/SIGTERM finish the batch in flight and stop; a second signal interrupts at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if applier._stop.is_set():
+            raise KeyboardInterrupt
+        applier.stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+__all__ = ["ReplicaApplier", "ApplyError", "install_signal_handlers", "LSN_COLUMN"]

@@ -1,0 +1,150 @@
+"""The shape every destination dialect has: schema management, bulk upsert and delete, and the offsets table.
+
+A dialect works on a SQLAlchemy Connection inside a transaction the applier opened; it never commits. Rows are
+dicts of column name to converted value, always holding the primary key and `_cdc_lsn`. Upserts and deletes are
+conditional on `_cdc_lsn`: a change older than what the row holds never wins, so replays are harmless.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger, Column, DateTime, ForeignKeyConstraint, Integer, MetaData, PrimaryKeyConstraint, String, Table,
+    inspect,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.types import TypeEngine
+
+from cdc.errors import CdcError, Terminal
+from consumers.shapes import LSN_COLUMN, OFFSETS_TABLE, TableShape
+
+
+class SchemaChangeError(CdcError, Terminal):
+    """The source table changed in a way the applier does not follow on its own (anything but a new column)."""
+
+
+class Dialect(ABC):
+    """One destination database kind. Subclasses live in their own module with this same shape."""
+
+    name = "base"
+    # Whether foreign keys can be checked at commit (PostgreSQL's DEFERRABLE); MariaDB checks each row at once.
+    supports_deferred_constraints = False
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.metadata = MetaData()
+        self.offsets = Table(
+            OFFSETS_TABLE, self.metadata,
+            Column("pipeline", String(200), primary_key=True),
+            Column("topic", String(255), primary_key=True),
+            Column("kafka_partition", Integer, primary_key=True, autoincrement=False),
+            Column("next_offset", BigInteger, nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+        )
+        self._tables: dict[str, Table] = {}
+
+    # -- naming -------------------------------------------------------------------------------------------------
+    def destination_name(self, shape: TableShape) -> tuple[str | None, str]:
+        """(schema, table) at the destination for a source table; the same names by default."""
+        return shape.schema, shape.table
+
+    def adapt_type(self, type_: TypeEngine) -> TypeEngine:
+        """The destination column type for a source column type."""
+        return type_
+
+    # -- schema ---------------------------------------------------------------------------------------------------
+    def ensure_offsets_table(self, conn: Connection) -> None:
+        self.offsets.create(conn, checkfirst=True)
+
+    def table(self, shape: TableShape) -> Table:
+        """The SQLAlchemy Table of a shape at the destination (with `_cdc_lsn`), built once."""
+        table = self._tables.get(shape.name)
+        if table is None:
+            schema, name = self.destination_name(shape)
+            columns = [Column(c.name, self.adapt_type(c.type), nullable=c.nullable or c.name not in shape.primary_key)
+                       for c in shape.columns]
+            table = Table(name, self.metadata, *columns, Column(LSN_COLUMN, BigInteger, nullable=False),
+                          PrimaryKeyConstraint(*shape.primary_key), schema=schema)
+            self._tables[shape.name] = table
+        return table
+
+    def ensure_table(self, conn: Connection, shape: TableShape, shapes: dict[str, TableShape]) -> list[str]:
+        """Create the table when absent (mirroring the source's foreign keys to tables that exist); add columns the
+        source gained. Any other difference raises SchemaChangeError naming the table and the change."""
+        table = self.table(shape)
+        insp = inspect(conn)
+        if not insp.has_table(table.name, schema=table.schema):
+            for fk in shape.foreign_keys:
+                target = shapes.get(fk.referred_table)
+                if target is None:
+                    continue
+                ref = self.table(target)
+                if ref is not table and not insp.has_table(ref.name, schema=ref.schema):
+                    continue  # created later: its own creation cannot point back, so this FK is skipped
+                table.append_constraint(self.foreign_key(fk.columns, ref, fk.referred_columns))
+            table.create(conn)
+            return [f"created table {table.fullname}"]
+        existing = {c["name"]: c for c in insp.get_columns(table.name, schema=table.schema)}
+        actions = []
+        for column in table.columns:
+            if column.name not in existing:
+                if column.name == LSN_COLUMN:
+                    raise SchemaChangeError(
+                        f"{table.fullname}: the destination table exists but has no {LSN_COLUMN} column; "
+                        "it was not made by this applier (drop it, or add the column)")
+                self.add_column(conn, table, column)
+                actions.append(f"added column {table.fullname}.{column.name}")
+        source_columns = set(shape.column_names) | {LSN_COLUMN}
+        dropped = sorted(set(existing) - source_columns)
+        if dropped:
+            raise SchemaChangeError(
+                f"{table.fullname}: the destination has column(s) {', '.join(dropped)} that the source table "
+                f"{shape.name} no longer has; dropping or renaming columns is not followed automatically")
+        return actions
+
+    def foreign_key(self, columns: tuple[str, ...], ref: Table, ref_columns: tuple[str, ...]) -> ForeignKeyConstraint:
+        return ForeignKeyConstraint(list(columns), [ref.c[c] for c in ref_columns])
+
+    @abstractmethod
+    def add_column(self, conn: Connection, table: Table, column: Column) -> None: ...
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def begin_batch(self, conn: Connection, *, snapshot: bool) -> None:
+        """Called first in every destination transaction."""
+
+    @abstractmethod
+    def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
+        """Insert or update `rows` (which hold at least `columns`, the primary key and `_cdc_lsn`); a row whose
+        stored `_cdc_lsn` is not older than the change's is left alone. Only `columns` are written."""
+
+    @abstractmethod
+    def delete(self, conn: Connection, shape: TableShape, keys: list[dict[str, Any]]) -> int:
+        """Delete rows by primary key, unless the stored `_cdc_lsn` is newer than the delete's."""
+
+    @abstractmethod
+    def truncate(self, conn: Connection, shape: TableShape) -> None: ...
+
+    # -- offsets --------------------------------------------------------------------------------------------------
+    def load_offsets(self, conn: Connection, pipeline: str) -> dict[tuple[str, int], int]:
+        rows = conn.execute(self.offsets.select().where(self.offsets.c.pipeline == pipeline))
+        return {(r.topic, r.kafka_partition): r.next_offset for r in rows}
+
+    def store_offsets(self, conn: Connection, pipeline: str, offsets: dict[tuple[str, int], int]) -> None:
+        if not offsets:
+            return
+        now = datetime.now(timezone.utc)
+        rows = [{"pipeline": pipeline, "topic": t, "kafka_partition": p, "next_offset": o, "updated_at": now}
+                for (t, p), o in offsets.items()]
+        conn.execute(self.upsert_offsets_statement(), rows)
+
+    @abstractmethod
+    def upsert_offsets_statement(self) -> Any: ...
+
+    def reset_offsets(self, conn: Connection, pipeline: str, topics: list[str] | None = None) -> None:
+        stmt = self.offsets.delete().where(self.offsets.c.pipeline == pipeline)
+        if topics is not None:
+            stmt = stmt.where(self.offsets.c.topic.in_(topics))
+        conn.execute(stmt)

@@ -1,0 +1,173 @@
+"""Turning a run of source transactions into per-table bulk work in foreign-key order (pure: no I/O).
+
+A destination transaction may hold many source transactions (group commit) because it ends only between them:
+nobody sees the states in between, so each row's last change within the batch is all that needs writing (its
+net change). The final state satisfied the source's foreign keys, so writing upserts parents first and then
+deletes children first never needs a row that is not there:
+- an upserted child references a parent that exists at the end, so it is either already there or upserted before;
+- a deleted parent has, at the end, no children: they were deleted (children first) or re-pointed (upserted before).
+Truncates split the batch into phases, because they must happen between the changes before and after them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from consumers.events import ChangeEvent
+from consumers.shapes import LSN_COLUMN, TableShape
+from consumers.values import UNAVAILABLE
+
+Row = dict[str, Any]
+Converter = Callable[[ChangeEvent, Mapping[str, Any] | None], Row | None]
+
+
+@dataclass
+class TableChanges:
+    upserts: dict[tuple, Row] = field(default_factory=dict)
+    deletes: dict[tuple, Row] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.deletes)
+
+
+@dataclass
+class Phase:
+    """Net changes per table; `truncate_first` tables are emptied before the phase's changes."""
+
+    changes: dict[str, TableChanges] = field(default_factory=dict)
+    truncate_first: list[str] = field(default_factory=list)
+
+
+def _key(shape: TableShape, row: Mapping[str, Any]) -> tuple:
+    return tuple(row[c] for c in shape.primary_key)
+
+
+def net_changes(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape], convert: Converter) -> list[Phase]:
+    """Collapse events (in source commit order) into the last change per row, in phases split by truncates.
+
+    An unchanged TOASTed column (Debezium did not send it) takes the value from an earlier change of the same row
+    in this batch, or from the before image (REPLICA IDENTITY FULL); otherwise it stays UNAVAILABLE and the
+    dialect leaves the stored value alone.
+    """
+    phases = [Phase()]
+    for event in events:
+        shape = shapes.get(event.table)
+        if shape is None:
+            continue
+        if event.op == "t":
+            phases.append(Phase(truncate_first=[event.table]))
+            continue
+        changes = phases[-1].changes.setdefault(event.table, TableChanges())
+        if event.op == "d":
+            before = convert(event, event.before)
+            if before is None:
+                continue
+            key = _key(shape, before)
+            changes.upserts.pop(key, None)
+            changes.deletes[key] = {**{c: before[c] for c in shape.primary_key}, LSN_COLUMN: event.lsn}
+            continue
+        row = convert(event, event.after)
+        if row is None:
+            continue
+        key = _key(shape, row)
+        if any(v is UNAVAILABLE for v in row.values()):
+            earlier = changes.upserts.get(key)
+            before = convert(event, event.before) if event.before else None
+            for column, value in row.items():
+                if value is UNAVAILABLE:
+                    if earlier is not None and earlier.get(column, UNAVAILABLE) is not UNAVAILABLE:
+                        row[column] = earlier[column]
+                    elif before is not None and before.get(column, UNAVAILABLE) is not UNAVAILABLE:
+                        row[column] = before[column]
+        row[LSN_COLUMN] = event.lsn
+        changes.deletes.pop(key, None)
+        changes.upserts[key] = row
+    return [p for p in phases if p.changes or p.truncate_first]
+
+
+def dependency_order(shapes: Mapping[str, TableShape], edges: Mapping[str, set[str]] | None = None) -> list[str]:
+    """Tables parents first: `edges[child]` holds the tables it references (default: the shapes' foreign keys).
+
+    Self-references are left out (one statement writes such a table, and the dialect orders rows inside it).
+    Cycles between tables are condensed (Tarjan's strongly connected components): the tables of one cycle keep
+    name order among themselves, and only constraints the destination can check at commit make that safe.
+    """
+    names = sorted(shapes)
+    if edges is None:
+        edges = {n: {fk.referred_table for fk in shapes[n].foreign_keys} for n in names}
+    graph = {n: sorted(t for t in edges.get(n, ()) if t in shapes and t != n) for n in names}
+
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []  # emitted in reverse topological order of the "references" relation
+
+    def visit(node: str) -> None:
+        # Iterative Tarjan: a recursive one would hit Python's recursion limit on long reference chains.
+        work = [(node, iter(graph[node]))]
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        while work:
+            current, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(graph[child])))
+                elif child in on_stack:
+                    low[current] = min(low[current], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[current])
+            if low[current] == index[current]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == current:
+                        break
+                components.append(sorted(component))
+
+    for name in names:
+        if name not in index:
+            visit(name)
+    # Tarjan emits a component after everything it references: that already is parents first.
+    return [table for component in components for table in component]
+
+
+def self_referencing_order(shape: TableShape, rows: list[Row]) -> list[Row]:
+    """Rows of a self-referencing table with each row after the row of this batch it references.
+
+    Needed where foreign keys are checked row by row (MariaDB); rows referencing rows outside the batch, or
+    caught in a cycle of references, keep their place at the end.
+    """
+    self_fks = [fk for fk in shape.foreign_keys if fk.referred_table == shape.name]
+    if not self_fks or len(rows) < 2:
+        return rows
+    by_key = {tuple(r[c] for c in shape.primary_key): r for r in rows}
+    placed: set[tuple] = set()
+    ordered: list[Row] = []
+    for start in by_key:
+        # Walk up to the first ancestor that is placed, outside the batch, or already on this walk (a cycle),
+        # then place the walk from the top down. Iterative: reference chains can be long.
+        trail: list[tuple] = []
+        on_trail: set[tuple] = set()
+        key: tuple | None = start
+        while key is not None and key not in placed and key not in on_trail:
+            trail.append(key)
+            on_trail.add(key)
+            row = by_key[key]
+            key = next((parent for fk in self_fks
+                        if (parent := tuple(row.get(c) for c in fk.columns)) in by_key and parent != trail[-1]),
+                       None)
+        for key in reversed(trail):
+            placed.add(key)
+            ordered.append(by_key[key])
+    return ordered

@@ -1,0 +1,83 @@
+"""`cdc run`: one applier per destination, each in its own thread, with a progress line and clean shutdown."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Callable
+
+from cdc.config import Pipeline
+from cdc.errors import CdcError, ConfigError
+from consumers.applier import ReplicaApplier
+
+
+def _progress_printer(echo: Callable[[str], None]) -> Callable[[ReplicaApplier], None]:
+    tty = sys.stdout.isatty()
+    last = {"line": 0.0}
+
+    def show(applier: ReplicaApplier) -> None:
+        s = applier.stats
+        line = (f"{applier.name}: {s.rows} rows, {s.transactions} source transactions, "
+                f"{s.rows_per_second:,.0f} rows/s, lag {applier.lag_seconds():.1f} s")
+        if tty:
+            sys.stdout.write("\r" + line.ljust(100))
+            sys.stdout.flush()
+        elif time.monotonic() - last["line"] >= 10:
+            echo(line)
+            last["line"] = time.monotonic()
+
+    return show
+
+
+def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout: float | None,
+        echo: Callable[[str], None]) -> int:
+    chosen = names or [n for n, d in pipeline.destinations.items() if d.kind == "replica"]
+    if not chosen:
+        raise ConfigError("destinations: the pipeline file has no replica destination to run")
+    for name in chosen:
+        if name not in pipeline.destinations:
+            raise ConfigError(f"destinations: no destination named {name!r} (known: "
+                              f"{', '.join(pipeline.destinations) or 'none'})")
+        if pipeline.destinations[name].kind != "replica":
+            raise ConfigError(f"destinations.{name}: kind {pipeline.destinations[name].kind!r} has no applier yet")
+    appliers = [ReplicaApplier(pipeline, name, echo=echo) for name in chosen]
+    errors: list[BaseException] = []
+
+    def work(applier: ReplicaApplier) -> None:
+        try:
+            applier.run(until_caught_up=until_caught_up, timeout=timeout, progress=_progress_printer(echo))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            for other in appliers:
+                other.stop()
+
+    threads = [threading.Thread(target=work, args=(a,), name=f"applier-{a.name}") for a in appliers]
+    from consumers.applier import install_signal_handlers
+
+    if len(appliers) == 1:
+        install_signal_handlers(appliers[0])
+    else:
+        import signal
+
+        def stop_all(signum, frame):  # noqa: ANN001
+            for a in appliers:
+                a.stop()
+
+        signal.signal(signal.SIGINT, stop_all)
+        signal.signal(signal.SIGTERM, stop_all)
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(timeout=0.5)
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    for a in appliers:
+        echo(f"{a.name}: applied {a.stats.rows} rows in {a.stats.transactions} source transactions")
+        a.close()
+    if errors:
+        if isinstance(errors[0], CdcError):
+            raise errors[0]
+        raise CdcError(f"applier failed: {errors[0]!r}") from errors[0]
+    return 0

@@ -1,0 +1,85 @@
+"""What a replicated table looks like at the destination: columns, primary key and foreign keys, from the source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import MetaData, Table, create_engine, inspect
+from sqlalchemy.engine import URL
+from sqlalchemy.types import TypeEngine
+
+# Each replicated row remembers the source position (LSN) of the change that wrote it, in this column:
+# a conditional upsert in one statement can then refuse to let an older change overwrite a newer one.
+LSN_COLUMN = "_cdc_lsn"
+OFFSETS_TABLE = "_cdc_offsets"
+
+
+@dataclass(frozen=True)
+class ColumnShape:
+    name: str
+    type: TypeEngine  # the source's SQLAlchemy type; each dialect adapts it
+    nullable: bool
+
+
+@dataclass(frozen=True)
+class ForeignKeyShape:
+    columns: tuple[str, ...]
+    referred_table: str  # schema-qualified source name
+    referred_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TableShape:
+    """A source table as the applier sees it; `name` is schema-qualified (`public.person`)."""
+
+    name: str
+    columns: tuple[ColumnShape, ...]
+    primary_key: tuple[str, ...]
+    foreign_keys: tuple[ForeignKeyShape, ...] = field(default=())
+
+    @property
+    def schema(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def table(self) -> str:
+        return self.name.split(".", 1)[1]
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> ColumnShape:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, TableShape]:
+    """The shapes of the captured tables, read from the source with SQLAlchemy reflection."""
+    engine = create_engine(url.set(drivername="postgresql+psycopg"))
+    shapes: dict[str, TableShape] = {}
+    try:
+        insp = inspect(engine)
+        metadata = MetaData()
+        for qualified in tables:
+            schema, name = qualified.split(".", 1)
+            table = Table(name, metadata, schema=schema, autoload_with=engine)
+            fks = tuple(
+                ForeignKeyShape(
+                    tuple(fk["constrained_columns"]),
+                    f"{fk.get('referred_schema') or insp.default_schema_name}.{fk['referred_table']}",
+                    tuple(fk["referred_columns"]),
+                )
+                for fk in insp.get_foreign_keys(name, schema=schema)
+            )
+            shapes[qualified] = TableShape(
+                qualified,
+                tuple(ColumnShape(c.name, c.type, bool(c.nullable)) for c in table.columns),
+                tuple(c.name for c in table.primary_key.columns),
+                fks,
+            )
+    finally:
+        engine.dispose()
+    return shapes

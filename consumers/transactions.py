@@ -1,0 +1,177 @@
+"""Reassembling whole source transactions, in source commit order, from the data topics and the transaction topic.
+
+Pure logic, no I/O. Why this order is sound:
+- The transaction topic has one partition, so its END records arrive in source commit order.
+- Within a data partition, events are in source commit order too (one Debezium task produces them in WAL commit
+  order, and a partition keeps the order of its writes). So when the next transaction to apply is T, every event
+  before T's events in any partition belongs to a transaction committed before T, already applied, or is an event
+  outside transactions (a snapshot read), which is taken first.
+- Consequently the events taken from each partition always form a prefix of it, and "last taken offset + 1" per
+  partition is a correct resume point: it is what the applier stores with the rows.
+
+A transaction is complete when its END record is known and the events it counts for the captured tables have all
+arrived (Debezium also counts the signalling table's rows, which the connector filters out of Kafka).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from cdc.errors import CdcError, Terminal
+from consumers.events import ChangeEvent, TransactionMarker
+
+
+class AssemblyError(CdcError, Terminal):
+    """The streams contradict the ordering argument above (a bug, or topics written by something else)."""
+
+
+@dataclass
+class Step:
+    """What one apply step consumes: a whole source transaction, or snapshot rows (no transaction)."""
+
+    events: list[ChangeEvent]
+    xid: str | None = None  # None for snapshot rows
+    commit_ts_ms: int | None = None
+    marker_offset: int | None = None  # the END record's offset in the transaction topic
+
+
+@dataclass
+class _Hole:
+    """A message that could not be decoded and was dead-lettered: it stands in for the event it was."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass
+class TransactionAssembler:
+    tables: frozenset[str]  # the captured tables whose events this applier receives
+    _partitions: dict[tuple[str, int], deque] = field(default_factory=dict)
+    _pending_by_xid: dict[str, int] = field(default_factory=dict)
+    _ends: deque = field(default_factory=deque)
+    _holes: int = 0
+
+    # -- input
+    def add_event(self, event: ChangeEvent) -> None:
+        self._partitions.setdefault((event.topic, event.partition), deque()).append(event)
+        if event.xid is not None:
+            self._pending_by_xid[event.xid] = self._pending_by_xid.get(event.xid, 0) + 1
+
+    def add_hole(self, topic: str, partition: int, offset: int) -> None:
+        self._partitions.setdefault((topic, partition), deque()).append(_Hole(topic, partition, offset))
+        self._holes += 1
+
+    def add_marker(self, marker: TransactionMarker) -> None:
+        if marker.status == "END":
+            self._ends.append(marker)
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(q) for q in self._partitions.values())
+
+    @property
+    def waiting_for(self) -> str | None:
+        """The transaction at the head of the commit order that is still missing events, if any."""
+        if self._ends and not self._complete(self._ends[0]):
+            return self._ends[0].xid
+        return None
+
+    def _needed(self, marker: TransactionMarker) -> int:
+        return sum(n for table, n in marker.event_counts.items() if table in self.tables)
+
+    def _complete(self, marker: TransactionMarker) -> bool:
+        return self._pending_by_xid.get(marker.xid, 0) >= self._needed(marker)
+
+    @property
+    def holes(self) -> int:
+        return self._holes
+
+    def force_next(self) -> list[Step]:
+        """Take the transaction at the head of the commit order with the events it has: used only when messages
+        of it were dead-lettered (undecodable), so that the rest of the stream goes on without them."""
+        if not self._ends:
+            return []
+        marker = self._ends.popleft()
+        before, events = self._take_transaction(marker, forced=True)
+        return ([Step(before)] if before else []) + [Step(events, marker.xid, marker.commit_ts_ms, marker.offset)]
+
+    # -- output
+    def _take_snapshot_heads(self) -> list[ChangeEvent]:
+        taken = []
+        for queue in self._partitions.values():
+            while queue and (isinstance(queue[0], _Hole) or queue[0].xid is None):
+                item = queue.popleft()
+                if isinstance(item, _Hole):
+                    self._holes -= 1
+                else:
+                    taken.append(item)
+        return taken
+
+    def _take_transaction(self, marker: TransactionMarker,
+                          forced: bool = False) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
+        """The snapshot reads that come before the transaction in its partitions, and the transaction's events."""
+        needed = self._needed(marker)
+        before: list[ChangeEvent] = []
+        events: list[ChangeEvent] = []
+        for key, queue in self._partitions.items():
+            while queue:
+                head = queue[0]
+                if isinstance(head, _Hole):
+                    queue.popleft()
+                    self._holes -= 1
+                elif head.xid == marker.xid:
+                    events.append(queue.popleft())
+                elif head.xid is None:
+                    before.append(queue.popleft())  # read before the transaction was written: applied first
+                else:
+                    break
+        if len(events) < needed and not forced:
+            later = [(k, q[0]) for k, q in self._partitions.items() if q and not isinstance(q[0], _Hole)]
+            raise AssemblyError(
+                f"source transaction {marker.xid} has {self._pending_by_xid.get(marker.xid, 0)} events buffered "
+                f"but only {len(events)} are at the front of their partitions; other transactions come first in "
+                f"{', '.join(f'{k[0]}[{k[1]}]@{e.offset} (tx {e.xid})' for k, e in later[:3])}")
+        self._pending_by_xid.pop(marker.xid, None)
+        events.sort(key=lambda e: (e.tx_order or 0, e.lsn or 0))
+        return before, events
+
+    def ready(self, max_events: int | None = None) -> list[Step]:
+        """The steps that can be applied now, in order; at least one whole transaction even past `max_events`."""
+        steps: list[Step] = []
+        count = 0
+        while max_events is None or count < max_events:
+            # Snapshot reads go first only once every known transaction is applied: they carry no commit
+            # position, so that is the only place we can be sure they do not jump ahead of anything.
+            if not self._ends:
+                snapshot = self._take_snapshot_heads()
+                if snapshot:
+                    steps.append(Step(snapshot))
+                    count += len(snapshot)
+                break
+            marker = self._ends[0]
+            if not self._complete(marker):
+                break
+            self._ends.popleft()
+            before, events = self._take_transaction(marker)
+            if before:
+                steps.append(Step(before))
+            steps.append(Step(events, marker.xid, marker.commit_ts_ms, marker.offset))
+            count += len(before) + len(events)
+        return steps
+
+    def oldest_commit_ts(self) -> int | None:
+        """Commit time of the oldest transaction known but not yet taken (for lag in seconds)."""
+        return self._ends[0].commit_ts_ms if self._ends else None
+
+
+def positions_after(steps: Iterable[Step]) -> dict[tuple[str, int], int]:
+    """The next offset to read per data partition after these steps (they took a prefix of each partition)."""
+    positions: dict[tuple[str, int], int] = {}
+    for step in steps:
+        for event in step.events:
+            key = (event.topic, event.partition)
+            positions[key] = max(positions.get(key, 0), event.offset + 1)
+    return positions
