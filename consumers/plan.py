@@ -71,9 +71,16 @@ def net_changes(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape],
         if row is None:
             continue
         key = _key(shape, row)
+        before = convert(event, event.before) if event.before else None
+        if before is not None and event.op == "u":
+            old_key = _key(shape, before)
+            if old_key != key:
+                # A primary-key update: Debezium sends it as one update when the record key (a member's root
+                # id) did not change; the row under the old key is gone.
+                changes.upserts.pop(old_key, None)
+                changes.deletes[old_key] = {**{c: before[c] for c in shape.primary_key}, LSN_COLUMN: event.lsn}
         if any(v is UNAVAILABLE for v in row.values()):
             earlier = changes.upserts.get(key)
-            before = convert(event, event.before) if event.before else None
             for column, value in row.items():
                 if value is UNAVAILABLE:
                     if earlier is not None and earlier.get(column, UNAVAILABLE) is not UNAVAILABLE:

@@ -74,3 +74,10 @@ def test_self_referencing_rows_follow_their_parent():
                       (ForeignKeyShape(("parent",), "public.node", ("id",)),))
     rows = [{"id": 3, "parent": 2}, {"id": 2, "parent": 1}, {"id": 1, "parent": None}, {"id": 4, "parent": 99}]
     assert [r["id"] for r in self_referencing_order(tree, rows)] == [1, 2, 3, 4]
+
+
+def test_a_primary_key_update_sent_as_one_update_deletes_the_old_key():
+    [phase] = net_changes([ev("u", 5, before={"id": 1, "name": "a", "bio": None},
+                              after={"id": 9, "name": "a", "bio": None})], SHAPES, identity)
+    person = phase.changes["public.person"]
+    assert list(person.upserts) == [(9,)] and person.deletes == {(1,): {"id": 1, "_cdc_lsn": 5}}
