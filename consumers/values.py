@@ -39,6 +39,8 @@ Decisions:
   str): 'infinity' / '-infinity' timestamps and dates, years before 1 or after 9999 ('0044-03-15 12:00:00 BC'),
   and time '24:00:00'. psycopg sends a str untyped, so PostgreSQL (and DuckDB, for infinity) parses it into the
   column's type; MariaDB cannot store such values and rejects them, which is better than a silent substitute.
+  Debezium encodes a date's infinity differently in a snapshot (JDBC) and when streaming (pgoutput); both
+  encodings are recognised.
 - MicroDuration is what Debezium made of the interval: it counts a month as 30.4375 days and a year as
   365.25 days, so an interval with months or years is already approximated on the wire (psycopg, reading the
   source, counts 30 days a month). Intervals made of days, hours, minutes and seconds are exact.
@@ -113,17 +115,25 @@ _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _MIN_DAYS = date.min.toordinal() - _EPOCH_ORDINAL
 _MAX_DAYS = date.max.toordinal() - _EPOCH_ORDINAL
 _DAY_US = 86_400_000_000
-_MIN_US = (_MIN_DAYS) * _DAY_US
+_MIN_US = _MIN_DAYS * _DAY_US
 _MAX_US = (_MAX_DAYS + 1) * _DAY_US - 1
 _UTC = timezone.utc
 
-# How Debezium 3.6 sends PostgreSQL's +/-infinity (observed; they derive from PGStatement.DATE_POSITIVE_INFINITY):
-# timestamps as these micro- (or milli-) second counts; dates as the same millisecond count divided into days and
-# wrapped to 32 bits.
+# How Debezium 3.6 sends PostgreSQL's +/-infinity (observed on both of its paths; see the module docstring).
+# Timestamps: these micro- (or milli-) second counts, from PGStatement.DATE_POSITIVE_INFINITY.
 _TS_INFINITY_US = 9_223_372_036_825_200_000
 _TS_NEG_INFINITY_US = -9_223_372_036_832_400_000
-_DATE_INFINITY = -622_191_234
-_DATE_NEG_INFINITY = -625_821_272
+# Dates: a snapshot (JDBC) sends the millisecond count above in days, wrapped to 32 bits; streaming (pgoutput)
+# sends the epoch days of its sentinel dates -5877611-06-21 (+infinity, sic) and -5877611-06-22 (-infinity).
+_DATE_INFINITY = frozenset({-622_191_234, -2_147_472_692})
+_DATE_NEG_INFINITY = frozenset({-625_821_272, -2_147_472_691})
+# The range of PostgreSQL's date: 4714-11-24 BC .. 5874897-12-31. A later count can only be a sentinel for
+# +infinity (Debezium means to move it to +5877611-06-21); an earlier unknown one is an error.
+_PG_MIN_DAYS = -2_440_588
+_PG_MAX_DAYS = 2_145_042_905
+# Debezium clamps a timestamp whose microseconds overflow a long (years near 294276) to the long's bounds.
+_LONG_BOUNDS = frozenset({2**63 - 1, -(2**63)})
+_CLAMPED = "Debezium clamped an out-of-range timestamp to the bounds of a long: the value is lost"
 
 
 def _civil(days: int) -> tuple[int, int, int]:
@@ -149,10 +159,12 @@ def _pg_date(year: int, month: int, day: int) -> tuple[str, str]:
 def _days_to_date(days: int) -> date | str:
     if _MIN_DAYS <= days <= _MAX_DAYS:
         return date.fromordinal(days + _EPOCH_ORDINAL)
-    if days == _DATE_INFINITY:
+    if days in _DATE_INFINITY or days > _PG_MAX_DAYS:
         return INFINITY
-    if days == _DATE_NEG_INFINITY:
+    if days in _DATE_NEG_INFINITY:
         return NEG_INFINITY
+    if days < _PG_MIN_DAYS:
+        raise ValueError("before PostgreSQL's first date, and not a known encoding of -infinity")
     text, era = _pg_date(*_civil(days))
     return text + era
 
@@ -164,6 +176,8 @@ def _micros_to_timestamp(micros: int) -> datetime | str:
         return INFINITY
     if micros == _TS_NEG_INFINITY_US:
         return NEG_INFINITY
+    if micros in _LONG_BOUNDS:
+        raise ValueError(_CLAMPED)
     days, rest = divmod(micros, _DAY_US)
     text, era = _pg_date(*_civil(days))
     return f"{text} {_clock(rest)}{era}"
@@ -175,6 +189,8 @@ def _millis_to_timestamp(millis: int) -> datetime | str:
         return INFINITY
     if millis * 1000 == _TS_NEG_INFINITY_US:
         return NEG_INFINITY
+    if millis in _LONG_BOUNDS:
+        raise ValueError(_CLAMPED)
     return _micros_to_timestamp(millis * 1000)
 
 
@@ -344,6 +360,14 @@ def _non_null(schema: Any) -> Any:
     return branches[0] if len(branches) == 1 else None
 
 
+def _describe(schema: Any, names: Mapping[str, dict], namespace: str | None) -> str:
+    """A column's type as error messages and callers name it: the Connect name, else the Avro type."""
+    base, props = _shape(schema, names, namespace)
+    if base == "array":
+        return f"array<{_describe(props.get('items'), names, namespace)}>"
+    return _logical_name(props or base or "union")
+
+
 def _logical_name(schema: Any) -> str:
     if isinstance(schema, str):
         return schema
@@ -354,8 +378,6 @@ def _logical_name(schema: Any) -> str:
         kind = schema.get("type")
         if kind in _NAMED and isinstance(schema.get("name"), str):
             return _full_name(schema["name"], schema.get("namespace"))
-        if kind == "array":
-            return "array"
         return kind if isinstance(kind, str) else "unknown"
     return "union"
 
@@ -376,15 +398,18 @@ _VARIABLE_SCALE_DECIMAL = "io.debezium.data.VariableScaleDecimal"
 _DECIMAL = "org.apache.kafka.connect.data.Decimal"
 
 
-def _guarded(placeholder: Any, convert: Converter | None) -> Converter:
-    """`convert`, with the placeholder turned into UNAVAILABLE first (None: no conversion besides that)."""
+def _guarded(placeholder: Any, convert: Converter | None) -> Converter | None:
+    """`convert`, with the placeholder turned into UNAVAILABLE first (convert None: no conversion besides that;
+    placeholder None: no placeholder to look for)."""
+    if placeholder is None:
+        return convert
     if convert is None:
         return lambda v: UNAVAILABLE if v == placeholder else v
     return lambda v: UNAVAILABLE if v == placeholder else convert(v)
 
 
 def _array(items: Converter | None, placeholder: Any) -> Converter:
-    if items is None:
+    if items is None and placeholder is not None:
         return lambda v: UNAVAILABLE if v == placeholder else v
     if placeholder is None:
         return lambda v: [None if x is None else items(x) for x in v]
@@ -419,14 +444,18 @@ def _array_placeholder(items: Any, names: Mapping[str, dict], namespace: str | N
 
 
 def _value_converter(schema: Any, names: Mapping[str, dict], namespace: str | None,
-                     ph: _Placeholders) -> Converter | None:
-    """The converter of one non-null value of `schema`; None when the value is used as it is."""
+                     ph: _Placeholders | None) -> Converter | None:
+    """The converter of one non-null value of `schema`; None when the value is used as it is.
+
+    `ph` is None for the elements of an array or map: Debezium replaces a whole column, never an element.
+    """
     base, props = _shape(schema, names, namespace)
+    text = ph.text if ph else None
     name = props.get("connect.name")
     if name in _TIME_CONVERTERS:
         convert = _TIME_CONVERTERS[name]
         # Text-typed temporal values could carry the placeholder; numbers cannot.
-        return _guarded(ph.text, convert) if base == "string" else convert
+        return _guarded(text, convert) if base == "string" else convert
     if name == _DECIMAL or props.get("logicalType") == "decimal":
         scale = props.get("scale")
         if scale is None:
@@ -438,23 +467,27 @@ def _value_converter(schema: Any, names: Mapping[str, dict], namespace: str | No
             return _variable_decimal
         return None  # geometry and other structs: as fastavro gives them
     if name == "io.debezium.data.Uuid":
-        return _guarded(ph.text, uuid.UUID)
+        return _guarded(text, uuid.UUID)
     if name == "io.debezium.data.Json":
-        text, hstore = ph.text, ph.hstore_json  # hstore, in its default json mode, is a Json field too
+        if ph is None:
+            return None
+        hstore = ph.hstore_json  # hstore, in its default json mode, is a Json field too
         return lambda v: UNAVAILABLE if v == text or v == hstore else v
     if base == "string":
-        return _guarded(ph.text, None)
+        return _guarded(text, None)
     if base == "bytes":
-        return _guarded(ph.raw, None)
+        return _guarded(ph.raw if ph else None, None)
     if base == "array":
-        items = _value_converter(props.get("items"), names, namespace, ph)
-        placeholder = _array_placeholder(props.get("items"), names, namespace, ph)
+        items = _value_converter(props.get("items"), names, namespace, None)
+        placeholder = _array_placeholder(props.get("items"), names, namespace, ph) if ph else None
         if items is None and placeholder is None:
             return None
         return _array(items, placeholder)
     if base == "map":
-        values = _value_converter(props.get("values"), names, namespace, ph)
-        hstore = ph.hstore_map  # hstore.handling.mode=map
+        values = _value_converter(props.get("values"), names, namespace, None)
+        hstore = ph.hstore_map if ph else None  # hstore.handling.mode=map
+        if hstore is None:
+            return None if values is None else lambda v: {k: None if x is None else values(x) for k, x in v.items()}
         if values is None:
             return lambda v: UNAVAILABLE if v == hstore else v
         return lambda v: UNAVAILABLE if v == hstore else {k: None if x is None else values(x) for k, x in v.items()}
@@ -485,8 +518,7 @@ class RowConverter:
         for field in value_schema.get("fields", ()):
             column = field["name"]
             self.columns.append(column)
-            base, props = _shape(field["type"], names, namespace)
-            self.logical_types[column] = _logical_name(props or base or "union")
+            self.logical_types[column] = _describe(field["type"], names, namespace)
             convert = _value_converter(field["type"], names, namespace, ph)
             if convert is not None:
                 converters.append((column, convert))
