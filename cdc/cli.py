@@ -12,7 +12,7 @@ from cdc.errors import CdcError
 
 app = typer.Typer(help="Change-data-capture pipeline: Debezium on Kafka Connect into destination databases.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-stack_app = typer.Typer(help="Start, inspect and stop the local stack (PostgreSQL, Kafka, registry, Connect).",
+stack_app = typer.Typer(help="Start, inspect and stop the local stack (PostgreSQL, MariaDB, Kafka, registry, Connect).",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 connectors_app = typer.Typer(help="Manage the pipeline's Debezium connector over the Kafka Connect REST API.",

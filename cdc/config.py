@@ -21,7 +21,7 @@ from cdc.errors import ConfigError
 DEFAULT_FILE = "pipeline.yaml"
 # Kafka topic names allow [a-zA-Z0-9._-]; pipeline and hierarchy names become parts of topic names.
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
-TABLE_RE = re.compile(r"^[^.\s]+\.[^.]+$")
+TABLE_RE = re.compile(r"^[^.]+\.[^.]+$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -132,6 +132,9 @@ class SourceSettings(_Model):
                 raise ValueError(f"{table!r} is not schema-qualified (write it as schema.table, e.g. public.{table})")
             if table in seen:
                 raise ValueError(f"{table!r} is listed twice")
+            if '"' in table:
+                # Debezium 3.6 loses such names when it re-reads a table's columns while streaming.
+                raise ValueError(f"{table!r}: table names holding a double quote cannot be captured by Debezium")
             seen.add(table)
         return v
 

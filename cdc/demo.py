@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -13,6 +15,7 @@ from psycopg import sql
 
 from cdc import config
 from cdc.config import Pipeline
+from consumers.applier import ReplicaApplier
 from consumers.events import ChangeEvent
 from consumers.stream import ChangeStream
 from infra import stack
@@ -51,6 +54,7 @@ def sample_pipeline(layout: stack.StackLayout, database: str) -> Pipeline:
         "CDC_CONNECT_URL": urls["connect"],
         "CDC_POSTGRES_PORT": str(layout.ports["postgres"]),
         "CDC_DEMO_DATABASE": database,
+        "CDC_DEMO_REPLICA": f"{database}_replica",
     }
     return config.load(SAMPLE_PIPELINE, env=env)
 
@@ -67,6 +71,10 @@ def reset_source(layout: stack.StackLayout, pipeline: Pipeline) -> None:
         conn.execute(sql.SQL("drop database if exists {} with (force)").format(
             sql.Identifier(pipeline.source.sqlalchemy_url.database)))
         conn.execute(sql.SQL("create database {}").format(sql.Identifier(pipeline.source.sqlalchemy_url.database)))
+        for dest in pipeline.destinations.values():
+            name = dest.sqlalchemy_url.database
+            conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
     admin = topics.admin_client(layout.kafka_bootstrap)
     stale = [t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.pipeline}.")]
     topics.delete_topics(admin, stale)
@@ -80,6 +88,59 @@ def describe(event: ChangeEvent) -> str:
     shown = ", ".join(f"{k}={v!r}" for k, v in list(row.items())[:4])
     return (f"{event.topic}[{event.partition}]@{event.offset:<4} {event.op} {event.table:18} "
             f"key={dict(event.key or {})} lsn={event.lsn} tx={event.tx_id} #{event.tx_order}  {shown}")
+
+
+def live_workload(url: str, transactions: int, seed: int = 11) -> None:
+    """Source transactions while the applier runs: transfers (the total balance never changes), new persons with
+    their rows, persons leaving with theirs, and grade changes."""
+    rng = random.Random(seed)
+    with psycopg.connect(url, autocommit=True) as conn:
+        next_id = conn.execute("select coalesce(max(id), 0) + 1000 from person").fetchone()[0]
+        for _ in range(transactions):
+            ids = [r[0] for r in conn.execute("select id from person order by random() limit 2")]
+            with conn.transaction():
+                kind = rng.choice(["transfer", "transfer", "transfer", "join", "leave", "grade"])
+                if kind == "transfer" and len(ids) == 2:
+                    amount = rng.randint(1, 20)
+                    conn.execute("update person set balance = balance - %s, updated_at = now() where id = %s",
+                                 (amount, ids[0]))
+                    conn.execute("update person set balance = balance + %s, updated_at = now() where id = %s",
+                                 (amount, ids[1]))
+                elif kind == "join":
+                    next_id += 1
+                    conn.execute("insert into person (id, first_name, last_name) values (%s, 'New', %s)",
+                                 (next_id, f"Person {next_id}"))
+                    conn.execute("insert into enrollment (id, person_id, school_id, grade, start_date) "
+                                 "values (%s, %s, %s, 1, current_date)", (next_id, next_id, rng.randint(1, 3)))
+                    conn.execute("insert into attendance (id, person_id, enrollment_id, day, status) "
+                                 "values (%s, %s, %s, current_date, 'present')", (next_id, next_id, next_id))
+                elif kind == "leave" and len(ids) == 2:
+                    conn.execute("update person set balance = balance + (select balance from person where id = %s) "
+                                 "where id = %s", (ids[0], ids[1]))
+                    conn.execute("delete from attendance where person_id = %s", (ids[0],))
+                    conn.execute("delete from enrollment where person_id = %s", (ids[0],))
+                    conn.execute("delete from person where id = %s", (ids[0],))
+                elif ids:
+                    conn.execute("update enrollment set grade = grade %% 12 + 1 where person_id = %s", (ids[0],))
+
+
+def compare(source_url: str, replica_url: str, tables: tuple[str, ...]) -> list[tuple[str, int, int, bool]]:
+    """Rows and a checksum of every table on both sides, read with plain SQL (our `_cdc_lsn` left out)."""
+    results = []
+    for qualified in tables:
+        schema, table = qualified.split(".", 1)
+        sums = []
+        for url in (source_url, replica_url):
+            with psycopg.connect(url) as conn:
+                columns = [r[0] for r in conn.execute(
+                    "select column_name from information_schema.columns where table_schema = %s and table_name = %s "
+                    "and column_name <> '_cdc_lsn' order by column_name", (schema, table))]
+                query = sql.SQL("select count(*), coalesce(md5(string_agg(r::text, '|' order by r::text)), '') "
+                                "from (select {} from {}) r").format(
+                    sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(schema, table))
+                sums.append(conn.execute(query).fetchone())
+        results.append((qualified, sums[0][0], sums[1][0], sums[0] == sums[1]))
+    return results
 
 
 def run(events: int = 12, keep_running: bool = True, echo: Callable[[str], None] = print,
@@ -119,7 +180,43 @@ def run(events: int = 12, keep_running: bool = True, echo: Callable[[str], None]
         echo("  " + describe(event))
     if len(changes) > events > 0:
         echo(f"  ... and {len(changes) - events} more")
+    code = 0 if changes else 1
+    code = max(code, replicate(layout, pipeline, database, echo))
     if not keep_running:
         stack.down(echo)
     echo(f"== demo finished in {time.monotonic() - started:.1f} s")
-    return 0 if changes else 1
+    return code
+
+
+def replicate(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo: Callable[[str], None]) -> int:
+    """The replica applier feeding destination `state` while a live workload runs, then both sides compared."""
+    replica_url = pipeline.destinations["state"].sqlalchemy_url.render_as_string(hide_password=False)
+    echo(f"\n== cdc run state: replicating into {pipeline.destinations['state'].sqlalchemy_url.database!r} "
+         "while 300 more source transactions run")
+    applier = ReplicaApplier(pipeline, "state", echo=lambda line: echo("   " + line))
+    failure: list[BaseException] = []
+
+    def apply_forever() -> None:
+        try:
+            applier.run()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+
+    worker = threading.Thread(target=apply_forever)
+    worker.start()
+    live_workload(layout.postgres_url(database), 300)
+    applier.stop()
+    worker.join()
+    if failure:
+        raise failure[0]
+    applier._stop.clear()
+    applier.run(until_caught_up=True, timeout=120)
+    s = applier.stats
+    echo(f"   applied {s.rows} rows from {s.transactions} source transactions in {s.batches} destination "
+         f"transactions")
+    applier.close()
+    echo("== source and replica compared (rows and checksum of every table, read with plain SQL):")
+    results = compare(layout.postgres_url(database), replica_url, pipeline.source.tables)
+    for table, source_rows, replica_rows, equal in results:
+        echo(f"   {table:20} source {source_rows:5}  replica {replica_rows:5}  {'equal' if equal else 'DIFFERENT'}")
+    return 0 if all(r[3] for r in results) else 1

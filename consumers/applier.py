@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine
@@ -41,6 +42,8 @@ from consumers.events import ChangeEvent, from_envelope, marker_from_record
 from consumers.plan import dependency_order, net_changes, self_referencing_order
 from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
 from consumers.transactions import Step, TransactionAssembler, positions_after
+from producers.debezium import avro_name
+from producers.source_admin import insert_watermark, psycopg_conninfo
 from schemas.codec import AvroDecoder, AvroEncoder, RegistryClient, load_schema
 
 
@@ -88,6 +91,8 @@ class ReplicaApplier:
         self._producer: Producer | None = None
         self._dead_letters: AvroEncoder | None = None
         self._retry: list[Step] = []
+        self._watermark: str | None = None
+        self._watermark_applied = False
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     @property
@@ -105,12 +110,17 @@ class ReplicaApplier:
     def prepare(self) -> None:
         """Create the offsets table and the replicated tables as needed, then position the consumer."""
         self.shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, self.pipeline.source.tables)
-        with self.engine.begin() as conn:
-            self.dialect.ensure_offsets_table(conn)
-            for name in dependency_order(self.shapes):
-                for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
-                    self.echo(f"{self.name}: {action}")
-            stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
+        try:
+            with self.engine.begin() as conn:
+                self.dialect.ensure_offsets_table(conn)
+                for name in dependency_order(self.shapes):
+                    for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
+                        self.echo(f"{self.name}: {action}")
+                stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
+        except OperationalError as exc:
+            raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
+        except DBAPIError as exc:
+            raise ApplyError(f"destination {self.name}: preparing its tables failed: {_first_line(exc)}") from exc
         self.order = self._dependency_order()
         self.consumer = Consumer({
             "bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
@@ -154,17 +164,22 @@ class ReplicaApplier:
         return dependency_order(self.shapes, edges)
 
     # -- decoding -------------------------------------------------------------------------------------------------
-    def _converter(self, schema_id: int) -> values.RowConverter:
+    def _converter(self, schema_id: int, table: str) -> values.RowConverter:
         converter = self._converters.get(schema_id)
         if converter is None:
             converter = values.converters_for_envelope(self.decoder.writer_schema(schema_id))
+            shape = self.shapes.get(table)
+            if shape is not None:
+                converter.rename({avro_name(c): c for c in shape.column_names})
             self._converters[schema_id] = converter
         return converter
 
     def convert(self, event: ChangeEvent, image: Mapping[str, Any] | None) -> dict[str, Any] | None:
         if image is None:
             return None
-        return self._converter(event.schema_id).convert(image) if event.schema_id is not None else dict(image)
+        if event.schema_id is None:
+            return dict(image)
+        return self._converter(event.schema_id, event.table).convert(image)
 
     def _feed(self, msg: Any) -> None:
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
@@ -180,7 +195,7 @@ class ReplicaApplier:
                 return
             key = self.decoder.decode(msg.key()) if msg.key() is not None else None
             event = from_envelope(value, key, topic=topic, partition=partition, offset=offset, schema_id=schema_id)
-            self._converter(schema_id)
+            self._converter(schema_id, event.table)
         except (ValueError, TypeError, KeyError, EOFError, IndexError) as exc:
             error = DecodeError(f"cannot decode: {exc}", topic=topic, partition=partition, offset=offset)
             if self.policy != "dead-letter" or topic == self.pipeline.transaction_topic:
@@ -240,6 +255,7 @@ class ReplicaApplier:
             if shape is not None and set(converter.columns) - set(shape.column_names):
                 fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
                 self.shapes[table] = fresh
+                converter.rename({avro_name(c): c for c in fresh.column_names})
                 self.dialect._tables.pop(table, None)
                 for action in self.dialect.ensure_table(conn, fresh, self.shapes):
                     self.echo(f"{self.name}: {action}")
@@ -268,6 +284,8 @@ class ReplicaApplier:
         if markers:
             offsets[self.pipeline.transaction_topic, 0] = max(markers) + 1
         self.applied_positions.update(offsets)
+        if self._watermark is not None and any(s.xid == self._watermark for s in steps):
+            self._watermark_applied = True
         if offsets and self.consumer is not None:
             try:
                 self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
@@ -344,12 +362,18 @@ class ReplicaApplier:
             return False
         return all(self.read_positions.get(tp, 0) >= end for tp, end in targets.items() if end > 0)
 
+    def _caught_up_to_watermark(self) -> bool:
+        """The watermark transaction is applied, and everything written to Kafka before it has been read."""
+        return self._watermark_applied and self.caught_up(self.end_offsets())
+
     def run(self, *, until_caught_up: bool = False, timeout: float | None = None,
             progress: Callable[["ReplicaApplier"], None] | None = None) -> None:
         if self.consumer is None:
             self.prepare()
         assert self.consumer is not None
-        targets = self.end_offsets() if until_caught_up else {}
+        if until_caught_up:
+            with psycopg.connect(psycopg_conninfo(self.pipeline.source.sqlalchemy_url), autocommit=True) as conn:
+                self._watermark = insert_watermark(conn, self.pipeline.source.signal_table)
         deadline = time.monotonic() + timeout if timeout else None
         last_progress = 0.0
         while not self._stop.is_set():
@@ -373,7 +397,7 @@ class ReplicaApplier:
             if progress and time.monotonic() - last_progress >= 1:
                 progress(self)
                 last_progress = time.monotonic()
-            if until_caught_up and self.caught_up(targets):
+            if until_caught_up and self._watermark_applied and self._caught_up_to_watermark():
                 break
             if deadline and time.monotonic() > deadline:
                 raise CdcError(f"{self.name}: not caught up after {timeout:.0f} s "

@@ -502,7 +502,7 @@ class RowConverter:
     envelope's). `placeholder` is the connector's `unavailable.value.placeholder`.
     """
 
-    __slots__ = ("columns", "logical_types", "_converters")
+    __slots__ = ("columns", "logical_types", "_converters", "_renames")
 
     def __init__(self, value_schema: Mapping[str, Any], *, named: Mapping[str, dict] | None = None,
                  placeholder: str = PLACEHOLDER) -> None:
@@ -523,6 +523,16 @@ class RowConverter:
             if convert is not None:
                 converters.append((column, convert))
         self._converters = tuple(converters)
+        self._renames: tuple[tuple[str, str], ...] = ()
+
+    def rename(self, real_names: Mapping[str, str]) -> "RowConverter":
+        """Key rows by real column names: Debezium writes a character Avro forbids in a name as "_", and the
+        caller, which knows the table's real columns, says which field is which ({avro name: real name})."""
+        self._renames = tuple((a, r) for a, r in real_names.items() if a != r and a in self.columns)
+        lookup = dict(self._renames)
+        self.columns = [lookup.get(c, c) for c in self.columns]
+        self.logical_types = {lookup.get(c, c): t for c, t in self.logical_types.items()}
+        return self
 
     def convert(self, row: Mapping[str, Any] | None) -> dict[str, Any] | None:
         """A new dict of every column converted (None for None); raises ValueConversionError naming the column."""
@@ -535,9 +545,14 @@ class RowConverter:
                 try:
                     out[column] = convert(value)
                 except (ValueError, TypeError, OverflowError, ArithmeticError, KeyError, AttributeError) as exc:
-                    raise ValueConversionError(column, self.logical_types[column], value, str(exc) or
-                                               type(exc).__name__) from exc
+                    raise ValueConversionError(column, value=value, logical_type=self._logical(column),
+                                               reason=str(exc) or type(exc).__name__) from exc
+        for avro_name, column in self._renames:
+            out[column] = out.pop(avro_name, None)
         return out
+
+    def _logical(self, avro_column: str) -> str:
+        return self.logical_types.get(dict(self._renames).get(avro_column, avro_column), "?")
 
     def __repr__(self) -> str:
         return f"RowConverter({len(self.columns)} columns, {len(self._converters)} converted)"

@@ -1,10 +1,11 @@
-"""The local stack launcher: PostgreSQL, Kafka (KRaft), Apicurio Registry and a Kafka Connect worker, run from packages.
+"""The local stack launcher: PostgreSQL, MariaDB, Kafka (KRaft), Apicurio Registry and Kafka Connect, run from packages.
 
 Layout of the state directory (`$CDC_HOME`, default `./.cdc`):
 
     stack.json            ports and artifact directory of the running stack (read by `status` and `down`)
     logs/<component>.log  everything each process prints
     postgres/             the private PostgreSQL cluster (run as the `postgres` system user when we are root)
+    mariadb/              the private MariaDB server: data/, its pid file and socket (run as `mysql` when we are root)
     kafka/                server.properties, cluster id and the KRaft log directories
     registry/             Apicurio's working directory (its schemas live in the `registry` database)
     connect/              worker.properties of the Kafka Connect distributed worker
@@ -38,9 +39,14 @@ TEMPLATES = INFRA_DIR / "templates"
 # The local stack's database superuser. The stack listens on 127.0.0.1 only; this is a development stack.
 PG_USER = "cdc"
 PG_PASSWORD = "cdc"
+# The second destination dialect's server gets the same kind of account, with every privilege (databases included).
+MARIADB_USER = "cdc"
+MARIADB_PASSWORD = "cdc"
 
 DEFAULT_PORTS = {
     "postgres": 5432,
+    # 3307, not MariaDB's usual 3306, so that a system MariaDB on the machine is no obstacle.
+    "mariadb": 3307,
     "kafka": 9092,
     "kafka_controller": 9093,
     "schema_registry": 8081,
@@ -48,15 +54,17 @@ DEFAULT_PORTS = {
     "connect": 8083,
 }
 PORT_ENV = {name: f"CDC_{name.upper()}_PORT" for name in DEFAULT_PORTS}
-COMPONENTS = ("postgres", "kafka", "schema_registry", "connect")
+COMPONENTS = ("postgres", "mariadb", "kafka", "schema_registry", "connect")
+JAVA_COMPONENTS = ("kafka", "schema_registry", "connect")
 # Which ports each component binds; all are checked before anything starts.
 COMPONENT_PORTS = {
     "postgres": ("postgres",),
+    "mariadb": ("mariadb",),
     "kafka": ("kafka", "kafka_controller"),
     "schema_registry": ("schema_registry", "schema_registry_management"),
     "connect": ("connect",),
 }
-START_TIMEOUT = {"postgres": 60.0, "kafka": 90.0, "schema_registry": 120.0, "connect": 150.0}
+START_TIMEOUT = {"postgres": 60.0, "mariadb": 60.0, "kafka": 90.0, "schema_registry": 120.0, "connect": 150.0}
 MIN_FREE_DISK = 1 << 30
 
 
@@ -83,17 +91,12 @@ class StackLayout:
         recorded = home / "stack.json"
         if recorded.exists():
             data = json.loads(recorded.read_text())
-            layout = cls(home, Path(data["artifacts"]), {**DEFAULT_PORTS, **data["ports"]})
+            # A component added to the launcher after this stack was started takes its port from the environment.
+            added = [name for name in DEFAULT_PORTS if name not in data["ports"]]
+            layout = cls(home, Path(data["artifacts"]), {**DEFAULT_PORTS, **_env_ports(added), **data["ports"]})
             if any(component_pid(layout, name) for name in COMPONENTS):
                 return layout
-        ports = dict(DEFAULT_PORTS)
-        for name, var in PORT_ENV.items():
-            if os.environ.get(var):
-                try:
-                    ports[name] = int(os.environ[var])
-                except ValueError:
-                    raise StackError(name, f"{var}={os.environ[var]!r} is not a port number") from None
-        return cls(home, artifacts_dir(), ports)
+        return cls(home, artifacts_dir(), {**DEFAULT_PORTS, **_env_ports(list(DEFAULT_PORTS))})
 
     def log(self, component: str) -> Path:
         return self.home / "logs" / f"{component}.log"
@@ -109,6 +112,7 @@ class StackLayout:
         p = self.ports
         return {
             "postgres": f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{p['postgres']}/postgres",
+            "mariadb": self.mariadb_url(),
             "kafka": f"kafka://127.0.0.1:{p['kafka']}",
             "schema_registry": f"http://127.0.0.1:{p['schema_registry']}/apis/ccompat/v7",
             "connect": f"http://127.0.0.1:{p['connect']}",
@@ -117,6 +121,22 @@ class StackLayout:
     def postgres_url(self, database: str = "postgres", driver: str = "") -> str:
         scheme = f"postgresql+{driver}" if driver else "postgresql"
         return f"{scheme}://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{self.ports['postgres']}/{database}"
+
+    def mariadb_url(self, database: str = "") -> str:
+        """A SQLAlchemy URL of the stack's MariaDB; without a database, the connection has no default database."""
+        return f"mysql+pymysql://{MARIADB_USER}:{MARIADB_PASSWORD}@127.0.0.1:{self.ports['mariadb']}/{database}"
+
+
+def _env_ports(names: list[str]) -> dict[str, int]:
+    ports = {}
+    for name in names:
+        var = PORT_ENV[name]
+        if os.environ.get(var):
+            try:
+                ports[name] = int(os.environ[var])
+            except ValueError:
+                raise StackError(name, f"{var}={os.environ[var]!r} is not a port number") from None
+    return ports
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,6 +169,10 @@ def component_pid(layout: StackLayout, component: str) -> int | None:
     if component == "postgres":
         pidfile = _pg_data(layout) / "postmaster.pid"
         marker = str(_pg_data(layout))
+    elif component == "mariadb":
+        # The server's own pid file: the launcher's pid file names the runuser wrapper, which must not be signalled.
+        pidfile = _mariadb_root(layout) / "mariadbd.pid"
+        marker = str(_mariadb_data(layout))
     else:
         pidfile = layout.pidfile(component)
         marker = str(layout.home)
@@ -290,49 +314,59 @@ def ensure_artifacts(layout: StackLayout, echo: Callable[[str], None]) -> None:
 # PostgreSQL
 
 
-def _as_postgres(argv: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root, so root runs its programs as the `postgres` system user."""
+def _as_user(user: str, argv: list[str]) -> list[str]:
+    """Database servers refuse to run as root (or should not), so root runs their programs as their system user."""
     if os.geteuid() != 0:
         return argv
     runuser = shutil.which("runuser") or "/usr/sbin/runuser"
-    return [runuser, "-u", "postgres", "--", *argv]
+    return [runuser, "-u", user, "--", *argv]
 
 
-def _pg_root(layout: StackLayout) -> Path:
-    """The directory holding the cluster: inside the state directory when the `postgres` user can reach it.
+def _server_root(layout: StackLayout, component: str) -> Path:
+    """The directory holding a database server's files: inside the state directory when its user can reach it.
 
     A state directory below a private directory (a home directory with mode 700, say) is out of that user's
-    reach; the cluster then lives in /var/tmp, and the state directory keeps a symbolic link to it.
+    reach; the files then live in /var/tmp, and the state directory keeps a symbolic link to them.
     """
-    link = layout.home / "postgres"
+    link = layout.home / component
     if link.is_symlink():
         return link.resolve()
     return link
+
+
+def _user_can_reach(user: str, path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    return subprocess.run(_as_user(user, ["test", "-w", str(path)]), capture_output=True).returncode == 0
+
+
+def _prepare_server_root(layout: StackLayout, component: str, user: str) -> Path:
+    root = _server_root(layout, component)
+    if not root.exists():
+        root.mkdir(parents=True)
+        if os.geteuid() == 0:
+            shutil.chown(root, user, user)
+            if not _user_can_reach(user, root):
+                root.rmdir()
+                digest = hashlib.sha1(str(layout.home).encode()).hexdigest()[:12]
+                outside = Path("/var/tmp") / f"cdc-{component}-{digest}"
+                outside.mkdir(parents=True, exist_ok=True)
+                shutil.chown(outside, user, user)
+                (layout.home / component).symlink_to(outside)
+                root = outside
+    return root
+
+
+def _pg_root(layout: StackLayout) -> Path:
+    return _server_root(layout, "postgres")
 
 
 def _pg_data(layout: StackLayout) -> Path:
     return _pg_root(layout) / "data"
 
 
-def _postgres_can_reach(path: Path) -> bool:
-    if os.geteuid() != 0:
-        return True
-    return subprocess.run(_as_postgres(["test", "-w", str(path)]), capture_output=True).returncode == 0
-
-
 def _prepare_postgres(layout: StackLayout, bindir: Path) -> None:
-    root = _pg_root(layout)
-    if not root.exists():
-        root.mkdir(parents=True)
-        if os.geteuid() == 0:
-            shutil.chown(root, "postgres", "postgres")
-            if not _postgres_can_reach(root):
-                root.rmdir()
-                outside = Path("/var/tmp") / f"cdc-postgres-{hashlib.sha1(str(layout.home).encode()).hexdigest()[:12]}"
-                outside.mkdir(parents=True, exist_ok=True)
-                shutil.chown(outside, "postgres", "postgres")
-                (layout.home / "postgres").symlink_to(outside)
-                root = outside
+    root = _prepare_server_root(layout, "postgres", "postgres")
     data = root / "data"
     log = root / "postgres.log"
     layout.log("postgres").parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +379,7 @@ def _prepare_postgres(layout: StackLayout, bindir: Path) -> None:
     if os.geteuid() == 0:
         shutil.chown(pwfile, "postgres", "postgres")
     proc = subprocess.run(
-        _as_postgres([
+        _as_user("postgres", [
             str(bindir / "initdb"), "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}", "-E", "UTF8",
             "--locale=C", "--auth-host=scram-sha-256", "--auth-local=peer",
         ]),
@@ -374,7 +408,7 @@ def _start_postgres(layout: StackLayout, bindir: Path) -> None:
     _prepare_postgres(layout, bindir)
     data = _pg_data(layout)
     proc = subprocess.run(
-        _as_postgres([
+        _as_user("postgres", [
             str(bindir / "pg_ctl"), "-D", str(data), "-l", str(_pg_root(layout) / "postgres.log"),
             "-o", f"-p {layout.ports['postgres']}", "-w", "-t", str(int(START_TIMEOUT["postgres"])), "start",
         ]),
@@ -413,9 +447,135 @@ def _stop_postgres(layout: StackLayout) -> None:
     if component_pid(layout, "postgres") is None:
         return
     subprocess.run(
-        _as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"]),
+        _as_user("postgres", [str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop"]),
         capture_output=True,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MariaDB
+
+
+def mariadb_programs() -> tuple[str, str]:
+    """The server and the data-directory initialiser of Debian's `mariadb-server` package."""
+    server = shutil.which("mariadbd") or next(
+        (p for p in ("/usr/sbin/mariadbd", "/usr/sbin/mysqld") if os.access(p, os.X_OK)), None)
+    install_db = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db") or next(
+        (p for p in ("/usr/bin/mariadb-install-db", "/usr/bin/mysql_install_db") if os.access(p, os.X_OK)), None)
+    if not server or not install_db:
+        raise StackError(
+            "mariadb",
+            "the MariaDB server is not installed",
+            hint="Run `make setup` (it installs Debian's `mariadb-server` package).",
+        )
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("mysql")
+        except KeyError:
+            raise StackError("mariadb", "there is no `mysql` system user to run the server as",
+                             hint="Reinstall Debian's `mariadb-server` package; it creates that user.") from None
+    return server, install_db
+
+
+def _mariadb_root(layout: StackLayout) -> Path:
+    return _server_root(layout, "mariadb")
+
+
+def _mariadb_data(layout: StackLayout) -> Path:
+    return _mariadb_root(layout) / "data"
+
+
+def _mariadb_socket(root: Path) -> Path:
+    # A Unix socket path may not exceed 107 bytes and mariadbd will not start without one; a deep state
+    # directory gets its socket in /tmp instead.
+    socket_path = root / "mariadbd.sock"
+    if len(str(socket_path)) <= 100:
+        return socket_path
+    return Path("/tmp") / f"cdc-mariadb-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}.sock"
+
+
+def _prepare_mariadb(layout: StackLayout, install_db: str) -> Path:
+    root = _prepare_server_root(layout, "mariadb", "mysql")
+    data = root / "data"
+    # Written after mariadb-install-db succeeded: a data directory without it is a half-made one.
+    initialised = root / ".initialised"
+    if not initialised.exists():
+        if data.exists():
+            shutil.rmtree(data)
+        argv = [install_db, "--no-defaults", f"--datadir={data}", "--auth-root-authentication-method=socket",
+                "--skip-test-db"]
+        if os.geteuid() == 0:
+            argv.insert(2, "--user=mysql")
+        proc = subprocess.run(_as_user("mysql", argv), capture_output=True, text=True, cwd=root)
+        if proc.returncode != 0:
+            raise StackError("mariadb", "mariadb-install-db failed", log_tail=proc.stdout + proc.stderr)
+        initialised.write_text("")
+    # Run by the server at every start, before it accepts connections; idempotent, so a dropped account comes back.
+    init = root / "init.sql"
+    account = [f"'{MARIADB_USER}'@'{host}'" for host in ("127.0.0.1", "localhost")]
+    init.write_text("".join(
+        f"CREATE USER IF NOT EXISTS {a} IDENTIFIED BY '{MARIADB_PASSWORD}';\n"
+        f"GRANT ALL PRIVILEGES ON *.* TO {a} WITH GRANT OPTION;\n" for a in account))
+    init.chmod(0o600)
+    if os.geteuid() == 0:
+        shutil.chown(init, "mysql", "mysql")
+    return root
+
+
+def _start_mariadb(layout: StackLayout, programs: tuple[str, str]) -> int:
+    server, install_db = programs
+    root = _prepare_mariadb(layout, install_db)
+    argv = [
+        # --no-defaults first: Debian's /etc/mysql configuration belongs to the system service, not to us.
+        server, "--no-defaults", f"--datadir={root / 'data'}", f"--socket={_mariadb_socket(root)}",
+        f"--pid-file={root / 'mariadbd.pid'}", f"--port={layout.ports['mariadb']}", "--bind-address=127.0.0.1",
+        # Accounts are matched on the address 127.0.0.1, never on a name a resolver may or may not give it.
+        "--skip-name-resolve",
+        # Byte-wise comparison without trailing-space padding, like the stack's PostgreSQL (locale C).
+        "--character-set-server=utf8mb4", "--collation-server=utf8mb4_nopad_bin",
+        "--default-time-zone=+00:00", "--max-connections=300", f"--init-file={root / 'init.sql'}",
+    ]
+    return _spawn(layout, "mariadb", _as_user("mysql", argv), root)
+
+
+def _mariadb_healthy(layout: StackLayout) -> bool:
+    import pymysql
+
+    try:
+        conn = pymysql.connect(host="127.0.0.1", port=layout.ports["mariadb"], user=MARIADB_USER,
+                               password=MARIADB_PASSWORD, connect_timeout=2)
+    except (pymysql.MySQLError, OSError):
+        return False
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("select 1")
+            return cursor.fetchone() == (1,)
+    except (pymysql.MySQLError, OSError):
+        return False
+    finally:
+        conn.close()
+
+
+def _stop_mariadb(layout: StackLayout, timeout: float = 60.0) -> None:
+    pid = component_pid(layout, "mariadb")
+    if pid is not None:
+        # Only the server itself: runuser, its parent, answers a signal by killing the server two seconds later,
+        # which could cut a clean shutdown short. It exits on its own once the server has.
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    layout.pidfile("mariadb").unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -535,6 +695,7 @@ def _connect_healthy(layout: StackLayout) -> bool:
 
 HEALTH: dict[str, Callable[[StackLayout], bool]] = {
     "postgres": _postgres_healthy,
+    "mariadb": _mariadb_healthy,
     "kafka": _kafka_healthy,
     "schema_registry": _registry_healthy,
     "connect": _connect_healthy,
@@ -548,8 +709,8 @@ HEALTH: dict[str, Callable[[StackLayout], bool]] = {
 def up(echo: Callable[[str], None] = print) -> StackLayout:
     """Start every component that is not already running and wait until all pass their health checks.
 
-    Everything that can be checked up front (Java, PostgreSQL, disk, every port) is checked before any process
-    starts, so a failed `up` leaves nothing half-started behind it.
+    Everything that can be checked up front (Java, PostgreSQL, MariaDB, disk, every port) is checked before any
+    process starts, so a failed `up` leaves nothing half-started behind it.
     """
     layout = StackLayout.resolve()
     layout.home.mkdir(parents=True, exist_ok=True)
@@ -558,8 +719,10 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
         echo(f"stack: already running under {layout.home}")
     to_start = [name for name in COMPONENTS if not running[name]]
     if to_start:
-        java = find_java()
+        needs_java = any(name in JAVA_COMPONENTS for name in to_start)
+        java = find_java() if needs_java else ""
         bindir = pg_bindir() if "postgres" in to_start else None
+        mariadb = mariadb_programs() if "mariadb" in to_start else None
         if shutil.disk_usage(layout.home).free < MIN_FREE_DISK:
             raise StackError("stack", f"less than 1 GiB of free disk under {layout.home}")
         for name in to_start:
@@ -572,14 +735,18 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
                         log_tail=_log_tail(layout.log(name)) if layout.log(name).exists() else None,
                         hint=f"Stop that process, or choose another port with {PORT_ENV[port_name]}=...",
                     )
-        ensure_artifacts(layout, echo)
+        if needs_java:
+            ensure_artifacts(layout, echo)
         (layout.home / "stack.json").write_text(
             json.dumps({"ports": layout.ports, "artifacts": str(layout.artifacts)}, indent=2) + "\n"
         )
         started: dict[str, int | None] = {}
         t0 = time.monotonic()
         # Staged so that independent components boot at the same time: the registry needs PostgreSQL,
-        # the Connect worker needs Kafka.
+        # the Connect worker needs Kafka; MariaDB needs nothing and boots first.
+        if "mariadb" in to_start:
+            assert mariadb is not None
+            started["mariadb"] = _start_mariadb(layout, mariadb)
         if "postgres" in to_start:
             assert bindir is not None
             _start_postgres(layout, bindir)
@@ -593,7 +760,7 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
             echo(f"kafka: started ({time.monotonic() - t0:.1f} s)")
         if "connect" in to_start:
             started["connect"] = _start_connect(layout, java)
-        for name in ("schema_registry", "connect"):
+        for name in ("mariadb", "schema_registry", "connect"):
             if name in started:
                 _wait(name, layout, lambda n=name: HEALTH[n](layout), started[name], START_TIMEOUT[name])
                 echo(f"{name}: started ({time.monotonic() - t0:.1f} s)")
@@ -636,6 +803,8 @@ def down(echo: Callable[[str], None] = print) -> None:
             continue
         if name == "postgres":
             _stop_postgres(layout)
+        elif name == "mariadb":
+            _stop_mariadb(layout)
         else:
             _stop_pid(pid)
             layout.pidfile(name).unlink(missing_ok=True)

@@ -12,7 +12,8 @@ from cdc.config import Pipeline
 from producers import debezium, topics
 from producers.connect import ConnectClient, ConnectorStatus
 from producers.source_admin import (
-    describe_tables, drop_publication, drop_slot, ensure_signal_table, psycopg_conninfo, send_incremental_snapshot,
+    describe_tables, drop_publication, drop_slot, ensure_publication, ensure_signal_table, psycopg_conninfo,
+    send_incremental_snapshot,
 )
 
 
@@ -86,6 +87,8 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
 
         with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
             ensure_signal_table(conn, pipeline.source.signal_table)
+            ensure_publication(conn, pipeline.publication_name,
+                               [*pipeline.source.tables, pipeline.source.signal_table])
             if changes and current is not None:
                 # Stop first, so that once the connector runs again it is surely the new configuration that
                 # runs: a signal sent while the old task still streams would be handled by the old task.

@@ -31,6 +31,21 @@ INTEGER_TYPES = {"smallint": 16, "integer": 32, "bigint": 64}
 SECRET_KEYS = ("database.password",)
 
 
+def avro_name(name: str) -> str:
+    """A column name as Debezium's `avro` name adjustment writes it into Connect and Avro schemas."""
+    out = []
+    for i, ch in enumerate(name):
+        valid = ch == "_" or ("a" <= ch <= "z") or ("A" <= ch <= "Z") or (i > 0 and "0" <= ch <= "9")
+        out.append(ch if valid else "_")
+    return "".join(out)
+
+
+def table_regex(table: str) -> str:
+    """A table name as a Java regex matching only itself. Some Debezium lists refuse white space even escaped,
+    so a space is written as \\x20."""
+    return re.escape(table).replace("\\ ", "\\x20")
+
+
 def registry_native_url(ccompat_url: str) -> str:
     """Apicurio's converter speaks the registry's own v2 API; consumers use the Confluent-compatible one."""
     base = re.sub(r"/apis/ccompat/v\d+/?$", "", ccompat_url.rstrip("/"))
@@ -96,6 +111,13 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
                                   f"members hold it as {', '.join(sorted(types - {root_col.type}))}; "
                                   "they must have one type")
         keys[name] = (root_col.name, cast)
+    for table, info in tables.items():
+        adjusted: dict[str, str] = {}
+        for column in info.columns:
+            other = adjusted.setdefault(avro_name(column), column)
+            if other != column:
+                raise ConfigError(f"source.tables: {table!r}: columns {other!r} and {column!r} both become "
+                                  f"{avro_name(column)!r} in Avro, which allows only letters, digits and '_'")
     for table in pipeline.standalone_tables:
         if not tables[table].primary_key:
             raise ConfigError(f"source.tables: {table!r} has no primary key; the applier needs one to identify rows")
@@ -121,16 +143,20 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         "plugin.name": "pgoutput",
         "slot.name": pipeline.slot_name,
         "publication.name": pipeline.publication_name,
-        # A publication FOR ALL TABLES needs a superuser; a filtered one names exactly the captured tables,
-        # and Debezium brings it up to date with table.include.list when the connector starts.
-        "publication.autocreate.mode": "filtered",
-        "table.include.list": ",".join(re.escape(t) for t in captured),
+        # `cdc connectors apply` keeps the publication naming exactly the captured tables (a publication FOR ALL
+        # TABLES needs a superuser); Debezium only uses it.
+        "publication.autocreate.mode": "disabled",
+        "table.include.list": ",".join(table_regex(t) for t in captured),
         "snapshot.mode": pipeline.source.snapshot_mode,
         "provide.transaction.metadata": "true",
         "heartbeat.interval.ms": str(pipeline.source.heartbeat_ms),
         # Hierarchy topics are keyed by root id, not by row: a tombstone would mean nothing there.
         "tombstones.on.delete": "false",
         "decimal.handling.mode": "precise",
+        # Avro names allow [A-Za-z0-9_] only: Debezium writes any other character as "_", and the applier maps
+        # the names back to the real columns it reflected (`cdc connectors apply` refuses names that collide).
+        "field.name.adjustment.mode": "avro",
+        "schema.name.adjustment.mode": "avro",
         "time.precision.mode": "adaptive_time_microseconds",
         "signal.enabled.channels": "source,kafka",
         "signal.data.collection": pipeline.source.signal_table,
@@ -143,13 +169,13 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         **_avro_converter("value.converter", registry, per_record=True),
     }
     members = [(m, col) for h in pipeline.hierarchies.values() for m, col in h.members.items()]
-    key_columns = [f"{re.escape(h.root)}:{tables[h.root].primary_key[0]}" for h in pipeline.hierarchies.values()]
-    key_columns += [f"{re.escape(m)}:{col}" for m, col in members]
+    key_columns = [f"{table_regex(h.root)}:{tables[h.root].primary_key[0]}" for h in pipeline.hierarchies.values()]
+    key_columns += [f"{table_regex(m)}:{col}" for m, col in members]
     if key_columns:
         config["message.key.columns"] = ";".join(key_columns)
     if members:
         # Without the root id in a delete's before image, a member's delete would have no key.
-        config["replica.identity.autoset.values"] = ",".join(f"{re.escape(m)}:FULL" for m, _ in members)
+        config["replica.identity.autoset.values"] = ",".join(f"{table_regex(m)}:FULL" for m, _ in members)
 
     transforms: list[str] = ["dropsignals"]
     config["transforms.dropsignals.type"] = "org.apache.kafka.connect.transforms.Filter"
@@ -166,7 +192,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
             transforms.append(t)
             predicates.append(p)
             config[f"transforms.{t}.type"] = "org.apache.kafka.connect.transforms.ReplaceField$Key"
-            config[f"transforms.{t}.renames"] = f"{column}:{key_col}"
+            config[f"transforms.{t}.renames"] = f"{avro_name(column)}:{avro_name(key_col)}"
             config[f"transforms.{t}.predicate"] = p
             config[f"predicates.{p}.type"] = TOPIC_NAME_MATCHES
             config[f"predicates.{p}.pattern"] = _topic_pattern(prefix, [member])
@@ -177,7 +203,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         if cast:
             transforms.append(f"h{i}cast")
             config[f"transforms.h{i}cast.type"] = "org.apache.kafka.connect.transforms.Cast$Key"
-            config[f"transforms.h{i}cast.spec"] = f"{key_col}:{cast}"
+            config[f"transforms.h{i}cast.spec"] = f"{avro_name(key_col)}:{cast}"
             config[f"transforms.h{i}cast.predicate"] = f"h{i}"
         transforms.append(f"h{i}key")
         config[f"transforms.h{i}key.type"] = "org.apache.kafka.connect.transforms.SetSchemaMetadata$Key"

@@ -119,3 +119,37 @@ def send_incremental_snapshot(conn: psycopg.Connection, signal_table: str, table
     conn.execute(sql.SQL("insert into {} (id, type, data) values (%s, 'execute-snapshot', %s)").format(
         sql.Identifier(schema, name)), (signal_id, json.dumps(data)))
     return signal_id
+
+
+def ensure_publication(conn: psycopg.Connection, publication: str, tables: list[str]) -> bool:
+    """Create the pipeline's filtered publication, or set its tables; True when something changed.
+
+    We manage it rather than Debezium: its own CREATE PUBLICATION does not quote a table name holding a
+    double quote, and a filtered publication (not FOR ALL TABLES) needs no superuser.
+    """
+    wanted = sql.SQL(", ").join(sql.Identifier(*split_table(t)) for t in tables)
+    current = conn.execute(
+        "select schemaname, tablename from pg_publication_tables where pubname = %s", (publication,)).fetchall()
+    exists = conn.execute("select 1 from pg_publication where pubname = %s", (publication,)).fetchone()
+    if not exists:
+        conn.execute(sql.SQL("create publication {} for table {}").format(sql.Identifier(publication), wanted))
+        return True
+    if {f"{s}.{t}" for s, t in current} != set(tables):
+        conn.execute(sql.SQL("alter publication {} set table {}").format(sql.Identifier(publication), wanted))
+        return True
+    return False
+
+
+def insert_watermark(conn: psycopg.Connection, signal_table: str) -> str:
+    """Commit a tiny source transaction (a `log` signal, which Debezium just logs) and return its id.
+
+    Its END record in the transaction topic comes after every change committed before it: an applier that has
+    applied it has applied all of them. That is what `cdc run --until-caught-up` waits for.
+    """
+    schema, name = split_table(signal_table)
+    with conn.transaction():
+        xid = conn.execute("select txid_current() % 4294967296").fetchone()[0]
+        conn.execute(sql.SQL("insert into {} (id, type, data) values (%s, 'log', %s)").format(
+            sql.Identifier(schema, name)),
+            (f"cdc-watermark-{uuid.uuid4()}", json.dumps({"message": f"cdc watermark {xid}"})))
+    return str(xid)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import CreateSchema
 from sqlalchemy.types import TypeEngine
 
 from cdc.errors import CdcError, Terminal
@@ -64,7 +65,9 @@ class Dialect(ABC):
         table = self._tables.get(shape.name)
         if table is None:
             schema, name = self.destination_name(shape)
-            columns = [Column(c.name, self.adapt_type(c.type), nullable=c.nullable or c.name not in shape.primary_key)
+            # autoincrement=False: the source assigns every key; a SERIAL here would be a lie.
+            columns = [Column(c.name, self.adapt_type(c.type), nullable=c.nullable or c.name not in shape.primary_key,
+                              autoincrement=False)
                        for c in shape.columns]
             table = Table(name, self.metadata, *columns, Column(LSN_COLUMN, BigInteger, nullable=False),
                           PrimaryKeyConstraint(*shape.primary_key), schema=schema)
@@ -77,6 +80,8 @@ class Dialect(ABC):
         table = self.table(shape)
         insp = inspect(conn)
         if not insp.has_table(table.name, schema=table.schema):
+            if table.schema and table.schema not in insp.get_schema_names():
+                conn.execute(CreateSchema(table.schema, if_not_exists=True))
             for fk in shape.foreign_keys:
                 target = shapes.get(fk.referred_table)
                 if target is None:

@@ -132,6 +132,8 @@ MALFORMED = [
      f"{F}:"),
     ("a list instead of a mapping", "- pipeline: district\n",
      f"{F}: the file must be a mapping of settings (pipeline:, kafka:, source:, ...), not list"),
+    ("table name with a double quote", edit("[public.school,", '[\'public.my"table\', public.school,'),
+     f"{F}: source.tables: 'public.my\"table': table names holding a double quote cannot be captured by Debezium"),
     ("signal table captured", edit("tables: [public.school,", "signal_table: public.school\n  tables: [public.school,"),
      f"{F}: source.tables: 'public.school' is the signalling table (source.signal_table)"),
 ]

@@ -40,7 +40,7 @@ def test_connection_and_capture_settings_come_from_the_pipeline():
     c = config()
     assert (c["database.hostname"], c["database.port"], c["database.dbname"]) == ("db.local", "5433", "district")
     assert (c["slot.name"], c["publication.name"], c["topic.prefix"]) == ("district_slot", "district_pub", "district")
-    assert c["plugin.name"] == "pgoutput" and c["publication.autocreate.mode"] == "filtered"
+    assert c["plugin.name"] == "pgoutput" and c["publication.autocreate.mode"] == "disabled"
     assert c["provide.transaction.metadata"] == "true"
     assert c["table.include.list"].split(",")[-1] == r"public\.cdc_signal"
     assert masked(c)["database.password"] == "********"

@@ -42,3 +42,23 @@ def test_a_pid_that_is_not_ours_is_not_ours(tmp_path):
     lay.pidfile("kafka").parent.mkdir(parents=True)
     lay.pidfile("kafka").write_text("1\n")  # pid 1 is alive but its command line does not name our state dir
     assert stack.component_pid(lay, "kafka") is None
+
+
+def test_a_mariadb_pid_that_is_not_ours_is_not_ours(tmp_path):
+    lay = layout(tmp_path)
+    (tmp_path / "mariadb").mkdir()
+    (tmp_path / "mariadb" / "mariadbd.pid").write_text("1\n")  # alive, but not a server of this data directory
+    assert stack.component_pid(lay, "mariadb") is None
+
+
+def test_the_mariadb_socket_leaves_a_state_directory_too_deep_for_a_unix_socket(tmp_path):
+    assert stack._mariadb_socket(tmp_path) == tmp_path / "mariadbd.sock"
+    deep = tmp_path / ("d" * 120)
+    socket_path = stack._mariadb_socket(deep)
+    assert socket_path.parent == Path("/tmp") and len(str(socket_path)) < 100
+
+
+def test_the_mariadb_url_names_the_pymysql_driver_and_the_database(tmp_path):
+    lay = stack.StackLayout(home=tmp_path, artifacts=tmp_path, ports={**stack.DEFAULT_PORTS, "mariadb": 3399})
+    assert lay.urls()["mariadb"] == "mysql+pymysql://cdc:cdc@127.0.0.1:3399/"
+    assert lay.mariadb_url("state") == "mysql+pymysql://cdc:cdc@127.0.0.1:3399/state"
