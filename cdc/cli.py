@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import typer
 
-from cdc.errors import CdcError
+from cdc.errors import CdcError, ConfigError
 
 app = typer.Typer(help="Change-data-capture pipeline: Debezium on Kafka Connect into destination databases.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -208,6 +208,33 @@ def run(
 
     _run(lambda: runner.run(_pipeline(), destinations or [], until_caught_up=until_caught_up, timeout=timeout,
                             echo=_echo))
+
+
+@app.command("verify")
+def verify_command(
+    destination: Optional[str] = typer.Argument(None, help="The destination (default: the first replica)."),
+    tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated tables (default: all captured)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, with the differing keys."),
+    settle: float = typer.Option(2.0, "--settle", help="Seconds to wait before re-checking differing keys, so that "
+                                 "changes still in flight are not reported."),
+) -> None:
+    """Compare source and destination table by table; exit 1 when anything differs."""
+    from consumers import verify as verify_mod
+
+    def body() -> int:
+        pipeline = _pipeline()
+        name = destination or next((n for n, d in pipeline.destinations.items() if d.kind == "replica"), None)
+        if name is None:
+            raise ConfigError("destinations: the pipeline file has no replica destination to verify")
+        report = verify_mod.verify(pipeline, name, [t.strip() for t in tables.split(",")] if tables else None,
+                                   settle=settle)
+        if as_json:
+            typer.echo(json.dumps(report.as_json(), indent=2, default=str))
+        else:
+            typer.echo(verify_mod.render(report))
+        return 0 if report.equal else 1
+
+    _run(body)
 
 
 @app.command("demo")
