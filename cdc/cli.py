@@ -217,6 +217,8 @@ def verify_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, with the differing keys."),
     settle: float = typer.Option(2.0, "--settle", help="Seconds to wait before re-checking differing keys, so that "
                                  "changes still in flight are not reported."),
+    fix: bool = typer.Option(False, "--fix", help="Re-sync every differing key and delete rows found only at the "
+                             "destination (needs `cdc run` running), then verify again."),
 ) -> None:
     """Compare source and destination table by table; exit 1 when anything differs."""
     from consumers import verify as verify_mod
@@ -226,13 +228,123 @@ def verify_command(
         name = destination or next((n for n, d in pipeline.destinations.items() if d.kind == "replica"), None)
         if name is None:
             raise ConfigError("destinations: the pipeline file has no replica destination to verify")
-        report = verify_mod.verify(pipeline, name, [t.strip() for t in tables.split(",")] if tables else None,
-                                   settle=settle)
+        chosen = [t.strip() for t in tables.split(",")] if tables else None
+        report = verify_mod.verify(pipeline, name, chosen, settle=settle)
+        if fix and not report.equal:
+            typer.echo(verify_mod.render(report))
+            verify_mod.fix(pipeline, report, echo=_echo)
+            report = verify_mod.verify(pipeline, name, chosen, settle=settle)
         if as_json:
             typer.echo(json.dumps(report.as_json(), indent=2, default=str))
         else:
             typer.echo(verify_mod.render(report))
         return 0 if report.equal else 1
+
+    _run(body)
+
+
+@app.command("resync")
+def resync_command(
+    table: str = typer.Argument(..., help="The schema-qualified table, e.g. public.person."),
+    ids: str = typer.Option(..., "--ids", help="Comma-separated primary-key values."),
+    destination: Optional[str] = typer.Option(None, "--dest", help="The destination to check (default: first replica)."),
+    with_members: bool = typer.Option(False, "--with-members", help="Also the member rows of these roots."),
+    with_parents: bool = typer.Option(False, "--with-parents", help="Re-sync the parents of these rows first."),
+    requested_by: Optional[str] = typer.Option(None, "--as", help="Who asks (default: the OS user)."),
+    wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the rows to reach the destination."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Re-send the current source rows of these keys through Debezium; exit 1 unless every key arrived."""
+    from consumers import resync as resync_mod
+
+    def body() -> int:
+        request = resync_mod.resync(_pipeline(), table, [i.strip() for i in ids.split(",") if i.strip()],
+                                    destination=destination, with_members=with_members, with_parents=with_parents,
+                                    requested_by=requested_by, wait=wait, echo=_echo)
+        if as_json:
+            typer.echo(json.dumps(request.as_json(), indent=2, default=str))
+        else:
+            _print_request(request)
+        return 0 if request.state == "complete" else 1
+
+    _run(body)
+
+
+def _print_request(request) -> None:  # noqa: ANN001
+    ok = sum(r.ok for r in request.results)
+    typer.echo(f"request {request.id}: {request.table} {request.state}, {ok}/{len(request.results)} keys synced "
+               f"(requested {request.requested_at:%Y-%m-%d %H:%M:%S} by {request.requested_by})")
+    for r in request.results:
+        if not r.ok:
+            typer.echo(f"  key {r.key}: {r.reason}")
+
+
+history_app = typer.Typer(help="The history of re-sync requests.", invoke_without_command=True)
+app.add_typer(history_app, name="history")
+
+
+@history_app.callback()
+def history_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+    """List re-sync requests, newest first."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from consumers import resync as resync_mod
+
+    def body() -> int:
+        requests = resync_mod.history(_pipeline())
+        if as_json:
+            typer.echo(json.dumps([r.as_json() for r in requests], indent=2, default=str))
+        else:
+            for request in requests:
+                ok = sum(r.ok for r in request.results)
+                typer.echo(f"{request.id:5}  {request.requested_at:%Y-%m-%d %H:%M:%S}  {request.requested_by:12} "
+                           f"{request.table:24} {request.state:11} {ok}/{len(request.results)} keys")
+        return 0
+
+    _run(body)
+
+
+@history_app.command("show")
+def history_show(
+    request_id: int = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json"),
+    csv_file: Optional[str] = typer.Option(None, "--csv", help="Write the per-key report as CSV to this file."),
+    html_file: Optional[str] = typer.Option(None, "--html", help="Write a one-page HTML report to this file."),
+) -> None:
+    """One request with its per-key results."""
+    from pathlib import Path
+
+    from consumers import resync as resync_mod
+
+    def body() -> int:
+        [request] = resync_mod.history(_pipeline(), request_id)
+        if csv_file:
+            Path(csv_file).write_text(resync_mod.report_csv(request))
+        if html_file:
+            Path(html_file).write_text(resync_mod.report_html(request))
+        if as_json:
+            typer.echo(json.dumps(request.as_json(), indent=2, default=str))
+        else:
+            _print_request(request)
+        return 0
+
+    _run(body)
+
+
+@history_app.command("clear")
+def history_clear(before: Optional[str] = typer.Option(None, "--before", help="Only requests before this date.")) -> None:
+    """Delete the history (or the part of it before a date)."""
+    from datetime import datetime
+
+    from consumers import resync as resync_mod
+
+    def body() -> int:
+        try:
+            cutoff = datetime.fromisoformat(before) if before else None
+        except ValueError:
+            raise ConfigError(f"--before: {before!r} is not an ISO-8601 date") from None
+        typer.echo(f"{resync_mod.clear_history(_pipeline(), cutoff)} requests deleted")
+        return 0
 
     _run(body)
 
@@ -282,6 +394,10 @@ def hierarchy_suggest(
         return 0
 
     _run(body)
+
+
+from cdc.lag_cli import lag_app
+app.add_typer(lag_app, name="lag")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

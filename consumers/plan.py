@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from consumers.events import ChangeEvent
-from consumers.shapes import LSN_COLUMN, TableShape
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 from consumers.values import UNAVAILABLE
 
 Row = dict[str, Any]
@@ -87,7 +87,7 @@ def net_changes(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape],
                         row[column] = earlier[column]
                     elif before is not None and before.get(column, UNAVAILABLE) is not UNAVAILABLE:
                         row[column] = before[column]
-        row[LSN_COLUMN] = event.lsn
+        row[LSN_COLUMN] = event.lsn if event.lsn is not None else SNAPSHOT_LSN
         changes.deletes.pop(key, None)
         changes.upserts[key] = row
     return [p for p in phases if p.changes or p.truncate_first]

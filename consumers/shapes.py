@@ -11,6 +11,9 @@ from sqlalchemy.types import TypeEngine
 # Each replicated row remembers the source position (LSN) of the change that wrote it, in this column:
 # a conditional upsert in one statement can then refuse to let an older change overwrite a newer one.
 LSN_COLUMN = "_cdc_lsn"
+# Incremental snapshot reads (ad-hoc snapshots, re-syncs) carry no LSN. They hold the row as it is now, and
+# what changes it later comes later in the same partition, so they always win, and keep the stored LSN.
+SNAPSHOT_LSN = -1
 OFFSETS_TABLE = "_cdc_offsets"
 
 

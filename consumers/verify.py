@@ -260,3 +260,30 @@ def render(report: Report) -> str:
     overall = 1.0 if distinct == 0 else matching / distinct
     lines.append(f"overall accuracy {overall:.2%}: {'equal' if report.equal else 'DIFFERENT'}")
     return "\n".join(lines)
+
+
+def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda line: None) -> None:  # noqa: ANN001
+    """Make the destination agree: re-sync every missing or different key from the source (through Debezium and
+    the running applier), and delete the rows that exist only at the destination."""
+    from consumers import resync
+
+    engine = create_engine(_driver_url(pipeline.destinations[report.destination]))
+    dialect = dialect_for(engine)
+    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, [t.table for t in report.tables])
+    try:
+        for table in report.tables:
+            if table.extra:
+                target = dialect.table(shapes[table.table])
+                key = target.c[shapes[table.table].primary_key[0]]
+                with engine.begin() as conn:
+                    conn.execute(target.delete().where(key.in_([k[0] for k in table.extra])))
+                echo(f"{table.table}: deleted {len(table.extra)} rows that exist only at the destination")
+            keys = [k[0] for k in table.missing + table.different]
+            if keys:
+                request = resync.resync(pipeline, table.table, [str(k) for k in keys],
+                                        destination=report.destination, requested_by="cdc verify --fix",
+                                        wait=wait, echo=echo)
+                echo(f"{table.table}: re-sync request {request.id} {request.state}, "
+                     f"{sum(r.ok for r in request.results)}/{len(request.results)} keys synced")
+    finally:
+        engine.dispose()

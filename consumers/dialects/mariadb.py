@@ -23,7 +23,7 @@ from sqlalchemy.types import TypeEngine
 
 from cdc.errors import ConfigError
 from consumers.dialects.base import Dialect
-from consumers.shapes import LSN_COLUMN, ForeignKeyShape, TableShape
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ForeignKeyShape, TableShape
 
 # Byte-wise comparison without trailing-space padding: two keys PostgreSQL tells apart ('a' and 'A', 'a' and
 # 'a ') must not collide in a MariaDB primary key, which the default case-insensitive PAD SPACE collations would do.
@@ -134,9 +134,10 @@ class MariaDBDialect(Dialect):
         # MariaDB evaluates the assignments left to right, and a column named on the right-hand side already holds
         # the value assigned to it earlier in the list. `_cdc_lsn` is therefore assigned last: assigned first, it
         # would make every later comparison see the incoming LSN and keep the stored (older) values.
-        sets = [f"{q(c)} = IF({lsn} < VALUES({lsn}), VALUES({q(c)}), {q(c)})"
+        newer = f"({lsn} < VALUES({lsn}) OR VALUES({lsn}) = {SNAPSHOT_LSN})"
+        sets = [f"{q(c)} = IF({newer}, VALUES({q(c)}), {q(c)})"
                 for c in cols if c not in shape.primary_key and c != LSN_COLUMN]
-        sets.append(f"{lsn} = IF({lsn} < VALUES({lsn}), VALUES({lsn}), {lsn})")
+        sets.append(f"{lsn} = GREATEST({lsn}, VALUES({lsn}))")
         head = f"INSERT INTO {prep.format_table(table)} ({', '.join(map(q, cols))}) VALUES "
         tail = " ON DUPLICATE KEY UPDATE " + ", ".join(sets)
         literal = _Literals(conn)

@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
 from consumers.dialects.base import Dialect
-from consumers.shapes import LSN_COLUMN, TableShape
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 
 
 class PostgresDialect(Dialect):
@@ -57,15 +57,18 @@ class PostgresDialect(Dialect):
         stage = self._staging(conn, table, cols, "upsert")
         self._copy(conn, stage, cols, rows)
         target = sql.Identifier(*([table.schema] if table.schema else []), table.name)
-        updates = [c for c in cols if c not in shape.primary_key]
+        updates = [c for c in cols if c not in shape.primary_key and c != LSN_COLUMN]
         statement = sql.SQL(
             "INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {stage} "
-            "ON CONFLICT ({pk}) DO UPDATE SET {sets} WHERE t.{lsn} < EXCLUDED.{lsn}"
+            "ON CONFLICT ({pk}) DO UPDATE SET {sets} "
+            "WHERE t.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {snapshot}"
         ).format(
             target=target, stage=stage, cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
             pk=sql.SQL(", ").join(map(sql.Identifier, shape.primary_key)),
-            sets=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates),
-            lsn=sql.Identifier(LSN_COLUMN),
+            sets=sql.SQL(", ").join([
+                *(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates),
+                sql.SQL("{0} = GREATEST(t.{0}, EXCLUDED.{0})").format(sql.Identifier(LSN_COLUMN))]),
+            lsn=sql.Identifier(LSN_COLUMN), snapshot=sql.Literal(SNAPSHOT_LSN),
         )
         raw = conn.connection.driver_connection
         count = raw.execute(statement).rowcount
