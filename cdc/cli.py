@@ -231,8 +231,10 @@ def verify_command(
         chosen = [t.strip() for t in tables.split(",")] if tables else None
         report = verify_mod.verify(pipeline, name, chosen, settle=settle)
         if fix and not report.equal:
-            typer.echo(verify_mod.render(report))
-            verify_mod.fix(pipeline, report, echo=_echo)
+            # With --json, stdout carries the final report only.
+            say = (lambda line: typer.echo(line, err=True)) if as_json else _echo
+            say(verify_mod.render(report))
+            verify_mod.fix(pipeline, report, echo=say)
             report = verify_mod.verify(pipeline, name, chosen, settle=settle)
         if as_json:
             typer.echo(json.dumps(report.as_json(), indent=2, default=str))
@@ -260,7 +262,8 @@ def resync_command(
     def body() -> int:
         request = resync_mod.resync(_pipeline(), table, [i.strip() for i in ids.split(",") if i.strip()],
                                     destination=destination, with_members=with_members, with_parents=with_parents,
-                                    requested_by=requested_by, wait=wait, echo=_echo)
+                                    requested_by=requested_by, wait=wait,
+                                    echo=(lambda line: typer.echo(line, err=True)) if as_json else _echo)
         if as_json:
             typer.echo(json.dumps(request.as_json(), indent=2, default=str))
         else:

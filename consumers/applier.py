@@ -293,12 +293,12 @@ class ReplicaApplier:
             except KafkaException:
                 pass  # group offsets are only for lag tools; the destination holds the truth
 
-    def _apply_with_policy(self, steps: list[Step]) -> None:
+    def _apply_with_policy(self, steps: list[Step], *, may_wait: bool = True) -> None:
         try:
             self.apply(steps)
             self._retry = []
         except ApplyError as exc:
-            if isinstance(exc.__cause__, IntegrityError) and any(s.xid is None for s in steps):
+            if may_wait and isinstance(exc.__cause__, IntegrityError) and any(s.xid is None for s in steps):
                 # Snapshot rows of a child may arrive before their parent's, from another partition: wait for
                 # more, and try again with what has arrived since.
                 self._retry = steps
@@ -393,7 +393,7 @@ class ReplicaApplier:
                 self._apply_with_policy(steps)
             elif self._retry and not messages and self.caught_up(self.end_offsets()):
                 self._retry = []
-                self.apply(steps)  # nothing more will come: the failure is real, raise it
+                self._apply_with_policy(steps, may_wait=False)  # nothing more will come: the failure is real
             if progress and time.monotonic() - last_progress >= 1:
                 progress(self)
                 last_progress = time.monotonic()

@@ -19,11 +19,11 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Iterator
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from cdc.config import Pipeline
-from cdc.errors import ConfigError
+from cdc.errors import CdcError, ConfigError
 from consumers.applier import _driver_url
 from consumers.dialects import dialect_for
 from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
@@ -232,7 +232,12 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
             if in_db_hash:
                 dst.exec_driver_sql("set transaction isolation level repeatable read")
             quoted = {}
+            insp = inspect(dst)
             for name in chosen:
+                target = dialect.table(shapes[name])
+                if not insp.has_table(target.name, schema=target.schema):
+                    raise CdcError(f"verify: the destination {destination} has no table {target.fullname} yet "
+                                   "(`cdc run` creates it when it applies the first changes)")
                 quoted[name] = dst.dialect.identifier_preparer.format_table(dialect.table(shapes[name]))
                 reports.append(verify_table(src, dst, shapes[name], quoted[name], in_db_hash=in_db_hash))
         if any(not r.equal for r in reports) and settle > 0:

@@ -76,3 +76,75 @@ def test_verify_reports_exactly_the_corrupted_keys(stack, source_db, tmp_path, k
     assert sorted(table["extra"]) == [[-1], [20001], [50000]]
     assert table["different"] == [[7], [8000], [12345], [19999]]
     assert table["accuracy"] == pytest.approx((ROWS - 5 - 4) / (ROWS + 3))
+
+
+SCHEMA = """
+create table person (id bigint primary key, name text not null);
+create table enrollment (id bigint primary key, person_id bigint not null references person (id), grade int);
+insert into person select g, 'p' || g from generate_series(1, 50) g;
+insert into enrollment select g, g, g % 12 from generate_series(1, 50) g;
+"""
+
+
+def test_fix_resync_and_history(stack, source_db, tmp_path):
+    source = stack.postgres_url(source_db)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    name = f"dst_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    url = stack.postgres_url(name)
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(
+        stack, source_db, ["public.person", "public.enrollment"],
+        hierarchies={"person": {"root": "public.person", "members": {"public.enrollment": "person_id"}}},
+        # dead-letter: a re-synced child whose parent is missing must not stop the replica.
+        destinations={"copy": {"kind": "replica", "url": url, "on_error": "dead-letter"}}))
+    capture.apply(pipeline)
+    cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+    assert cdc("run", "--until-caught-up", "--timeout", "240").returncode == 0
+    applier = subprocess.Popen([CDC, "-c", str(path), "run"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute("insert into person values (51, 'late')")
+        assert cdc("verify", "--settle", "3").returncode == 0
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("set session_replication_role = replica")  # corrupt past the foreign keys
+            conn.execute("delete from person where id in (5, 6)")
+            conn.execute("delete from enrollment where id in (5, 7)")
+            conn.execute("update enrollment set grade = 99 where id = 8")
+            conn.execute("insert into enrollment (id, person_id, grade, _cdc_lsn) values (900, 1, 1, 0)")
+
+        # A child whose parent is missing at the destination cannot arrive: the history says why and what to do.
+        child = cdc("resync", "public.enrollment", "--ids", "5", "--wait", "15", "--json")
+        assert child.returncode == 1
+        [result] = json.loads(child.stdout)["results"]
+        assert result["ok"] is False and "--with-parents" in result["reason"] and "public.person" in result["reason"]
+
+        parents = cdc("resync", "public.enrollment", "--ids", "5,424242", "--with-parents", "--json", "--as", "alice")
+        request = json.loads(parents.stdout)
+        assert [(r["key"], r["ok"], r["reason"]) for r in request["results"]] == [
+            ([5], True, ""), ([424242], False, "not at the source")]
+        with psycopg.connect(url) as conn:
+            assert conn.execute("select name from person where id = 5").fetchone() == ("p5",)
+
+        fixed = cdc("verify", "--fix", "--json", "--settle", "3")
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        assert json.loads(fixed.stdout)["equal"] is True
+
+        history = json.loads(cdc("history", "--json").stdout)
+        assert [h["state"] for h in history][-2:] == ["failed", "failed"]
+        latest_alice = next(h for h in history if h["requested_by"] == "alice")
+        assert latest_alice["table"] == "public.enrollment" and latest_alice["keys"] == [[5], [424242]]
+        shown = cdc("history", "show", str(latest_alice["id"]), "--csv", str(tmp_path / "r.csv"),
+                    "--html", str(tmp_path / "r.html"))
+        assert shown.returncode == 0
+        assert "424242" in (tmp_path / "r.csv").read_text() and "not at the source" in (tmp_path / "r.html").read_text()
+        assert cdc("history", "clear").returncode == 0
+        assert json.loads(cdc("history", "--json").stdout) == []
+    finally:
+        applier.terminate()
+        applier.wait(30)
+        purge(pipeline)
+        with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')
