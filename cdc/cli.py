@@ -217,6 +217,7 @@ def verify_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, with the differing keys."),
     settle: float = typer.Option(2.0, "--settle", help="Seconds to wait before re-checking differing keys, so that "
                                  "changes still in flight are not reported."),
+    html_file: Optional[str] = typer.Option(None, "--html", help="Also write the summary as an HTML page."),
     fix: bool = typer.Option(False, "--fix", help="Re-sync every differing key and delete rows found only at the "
                              "destination (needs `cdc run` running), then verify again."),
 ) -> None:
@@ -236,6 +237,10 @@ def verify_command(
             say(verify_mod.render(report))
             verify_mod.fix(pipeline, report, echo=say)
             report = verify_mod.verify(pipeline, name, chosen, settle=settle)
+        if html_file:
+            from pathlib import Path
+
+            Path(html_file).write_text(verify_mod.render_html(report))
         if as_json:
             typer.echo(json.dumps(report.as_json(), indent=2, default=str))
         else:

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from cdc import config
 from cdc.config import Pipeline
+from consumers import verify
 from consumers.applier import ReplicaApplier
 from consumers.events import ChangeEvent
 from consumers.stream import ChangeStream
@@ -219,4 +220,10 @@ def replicate(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo
     results = compare(layout.postgres_url(database), replica_url, pipeline.source.tables)
     for table, source_rows, replica_rows, equal in results:
         echo(f"   {table:20} source {source_rows:5}  replica {replica_rows:5}  {'equal' if equal else 'DIFFERENT'}")
+    echo("\n== cdc verify state")
+    report = verify.verify(pipeline, "state", settle=0)
+    for line in verify.render(report).splitlines():
+        echo("   " + line)
+    if not report.equal:
+        return 1
     return 0 if all(r[3] for r in results) else 1

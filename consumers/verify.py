@@ -292,3 +292,25 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
                      f"{sum(r.ok for r in request.results)}/{len(request.results)} keys synced")
     finally:
         engine.dispose()
+
+
+def render_html(report: Report) -> str:
+    """The verification summary as a one-page HTML report."""
+    import html as _html
+
+    rows = "".join(
+        f"<tr><td>{_html.escape(t.table)}</td><td>{t.source_rows}</td><td>{t.destination_rows}</td>"
+        f"<td>{len(t.missing)}</td><td>{len(t.extra)}</td><td>{len(t.different)}</td><td>{t.accuracy:.2%}</td></tr>"
+        for t in report.tables)
+    keys = "".join(
+        f"<h3>{_html.escape(t.table)}</h3><p>missing: {_html.escape(str([k[0] for k in t.missing][:200]))}<br>"
+        f"extra: {_html.escape(str([k[0] for k in t.extra][:200]))}<br>"
+        f"different: {_html.escape(str([k[0] for k in t.different][:200]))}</p>"
+        for t in report.tables if not t.equal)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Verification summary</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #999;
+padding:.2em .6em;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
+<h1>Verification summary: {_html.escape(report.destination)}</h1>
+<p>{'Source and destination agree.' if report.equal else 'Source and destination differ.'}</p>
+<table><tr><th>table</th><th>source</th><th>destination</th><th>missing</th><th>extra</th><th>different</th>
+<th>accuracy</th></tr>{rows}</table>{keys}</body></html>"""
