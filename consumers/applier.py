@@ -128,8 +128,9 @@ class ReplicaApplier:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            "fetch.max.bytes": 52_428_800,
-            "queued.max.messages.kbytes": 131_072,
+            # Bounded prefetch: the applier's memory must not grow with the backlog.
+            "fetch.max.bytes": 16_777_216,
+            "queued.max.messages.kbytes": 32_768,
             "log_level": 3,
         })
         assignment = []
