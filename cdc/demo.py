@@ -5,6 +5,9 @@ from __future__ import annotations
 import getpass
 import os
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -45,11 +48,10 @@ WORKLOAD = [
 ]
 
 
-def sample_pipeline(layout: stack.StackLayout, database: str) -> Pipeline:
-    """The sample pipeline file, pointed at this stack's endpoints."""
+def demo_env(layout: stack.StackLayout, database: str) -> dict[str, str]:
+    """The environment that points the sample pipeline file at this stack."""
     urls = layout.urls()
-    env = {
-        **os.environ,
+    return {
         "CDC_KAFKA_BOOTSTRAP": layout.kafka_bootstrap,
         "CDC_SCHEMA_REGISTRY_URL": urls["schema_registry"],
         "CDC_CONNECT_URL": urls["connect"],
@@ -57,7 +59,11 @@ def sample_pipeline(layout: stack.StackLayout, database: str) -> Pipeline:
         "CDC_DEMO_DATABASE": database,
         "CDC_DEMO_REPLICA": f"{database}_replica",
     }
-    return config.load(SAMPLE_PIPELINE, env=env)
+
+
+def sample_pipeline(layout: stack.StackLayout, database: str) -> Pipeline:
+    """The sample pipeline file, pointed at this stack's endpoints."""
+    return config.load(SAMPLE_PIPELINE, env={**os.environ, **demo_env(layout, database)})
 
 
 def reset_source(layout: stack.StackLayout, pipeline: Pipeline) -> None:
@@ -183,10 +189,47 @@ def run(events: int = 12, keep_running: bool = True, echo: Callable[[str], None]
         echo(f"  ... and {len(changes) - events} more")
     code = 0 if changes else 1
     code = max(code, replicate(layout, pipeline, database, echo))
+    show_lag(layout, pipeline, database, echo)
     if not keep_running:
         stack.down(echo)
     echo(f"== demo finished in {time.monotonic() - started:.1f} s")
     return code
+
+
+def show_lag(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo: Callable[[str], None]) -> None:
+    """`cdc lag` once, and `cdc lag serve` left running in the background with its page's address."""
+    from rich.console import Console
+
+    from cdc.lag_cli import render
+    from consumers.lag import History, report
+    from consumers.lag_probe import LagProbe
+
+    echo("\n== cdc lag")
+    probe = LagProbe(pipeline, None)
+    try:
+        history = History(window_seconds=2, keep_seconds=2)
+        for _ in range(2):
+            samples, source = probe.sample()
+            for sample in samples.values():
+                history.add(sample)
+            time.sleep(1)
+        Console().print(render(report(history.windows(), source, pipeline=pipeline.pipeline, stop_after=30)))
+    finally:
+        probe.close()
+    port = 9108
+    url = f"http://127.0.0.1:{port}/"
+    with socket.socket() as s:
+        taken = s.connect_ex(("127.0.0.1", port)) == 0
+    if not taken:
+        env = {**os.environ, **demo_env(layout, database), "CDC_CONFIG": str(SAMPLE_PIPELINE)}
+        log = open(layout.home / "logs" / "lag-serve.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "cdc.cli", "lag", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        # `cdc stack down` stops it with the stack.
+        (layout.home / "run").mkdir(parents=True, exist_ok=True)
+        (layout.home / "run" / "lag-serve.pid").write_text(f"{proc.pid}\n")
+    echo(f"== live lag page and Prometheus metrics: {url} (and {url}metrics); `cdc lag serve` runs in the "
+         f"background, log in {layout.home / 'logs' / 'lag-serve.log'}")
 
 
 def replicate(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo: Callable[[str], None]) -> int:

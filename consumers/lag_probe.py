@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from cdc.config import Destination, Pipeline
-from cdc.errors import CdcError, ServiceUnavailable
+from cdc.errors import CdcError, ConfigError, ServiceUnavailable
 from consumers.lag import DestinationSample, PartitionLag, SourceState, applied_offset
 from consumers.shapes import OFFSETS_TABLE
 from producers.connect import ConnectClient
@@ -47,8 +47,6 @@ class LagProbe:
         self.names = destinations or list(pipeline.destinations)
         unknown = [n for n in self.names if n not in pipeline.destinations]
         if unknown:
-            from cdc.errors import ConfigError
-
             raise ConfigError(f"destinations: no destination named {unknown[0]!r} "
                               f"(known: {', '.join(pipeline.destinations) or 'none'})")
         self.timeout = timeout

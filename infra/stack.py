@@ -796,6 +796,18 @@ def status() -> dict[str, object]:
 def down(echo: Callable[[str], None] = print) -> None:
     """Stop the processes this stack started, newest first; anything else on the machine is left alone."""
     layout = StackLayout.resolve()
+    # Helpers started beside the stack (the demo's `cdc lag serve`) go first.
+    for pidfile in sorted((layout.home / "run").glob("*.pid")):
+        if pidfile.stem in COMPONENTS:
+            continue
+        try:
+            pid = int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if _alive(pid) and "cdc" in _cmdline(pid):
+            _stop_pid(pid, timeout=10)
+            echo(f"{pidfile.stem}: stopped")
+        pidfile.unlink(missing_ok=True)
     for name in reversed(COMPONENTS):
         pid = component_pid(layout, name)
         if pid is None:
