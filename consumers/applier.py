@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -89,6 +90,7 @@ class ReplicaApplier:
         self.read_positions: dict[tuple[str, int], int] = {}
         self.applied_positions: dict[tuple[str, int], int] = {}
         self._producer: Producer | None = None
+        self._admin: AdminClient | None = None
         self._dead_letters: AvroEncoder | None = None
         self._retry: list[Step] = []
         self._watermark: str | None = None
@@ -348,11 +350,15 @@ class ReplicaApplier:
         self._stop.set()
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
+        """Log-end offsets of every assigned partition, in one request (asking the consumer partition by partition
+        costs half a second each: it waits for a fetch round)."""
         assert self.consumer is not None
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "log_level": 3})
+        request = {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in self.consumer.assignment()}
         ends = {}
-        for tp in self.consumer.assignment():
-            _, high = self.consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-            ends[tp.topic, tp.partition] = high
+        for tp, future in self._admin.list_offsets(request, request_timeout=10).items():
+            ends[tp.topic, tp.partition] = future.result().offset
         return ends
 
     def _read_to_end(self) -> bool:
@@ -378,7 +384,9 @@ class ReplicaApplier:
         deadline = time.monotonic() + timeout if timeout else None
         last_progress = 0.0
         while not self._stop.is_set():
-            messages = self.consumer.consume(self.poll_messages, 0.2)
+            # Short waits: at a modest rate a long one would hold each batch back (latency); at a high rate the
+            # batch fills first anyway.
+            messages = self.consumer.consume(self.poll_messages, 0.05)
             for msg in messages:
                 if msg.error() is not None:
                     if msg.error().fatal():
