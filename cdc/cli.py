@@ -202,12 +202,14 @@ def run(
     until_caught_up: bool = typer.Option(False, "--until-caught-up",
                                          help="Exit 0 once every change committed before the call is applied."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port",
+                                               help="Serve this process's Prometheus metrics on 127.0.0.1:PORT."),
 ) -> None:
     """Run the consumers of the named destinations (all by default)."""
     from consumers import runner
 
     _run(lambda: runner.run(_pipeline(), destinations or [], until_caught_up=until_caught_up, timeout=timeout,
-                            echo=_echo))
+                            echo=_echo, metrics_port=metrics_port))
 
 
 @app.command("verify")

@@ -59,6 +59,7 @@ class ApplierStats:
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
     last_commit_ts_ms: int | None = None
+    last_applied_at: float | None = None  # wall-clock time of the last committed batch
 
     @property
     def rows_per_second(self) -> float:
@@ -277,6 +278,7 @@ class ReplicaApplier:
         self.stats.rows += count
         self.stats.transactions += sum(1 for s in steps if s.xid is not None)
         self.stats.batches += 1
+        self.stats.last_applied_at = time.time()
         commit_times = [s.commit_ts_ms for s in steps if s.commit_ts_ms]
         if commit_times:
             self.stats.last_commit_ts_ms = max(commit_times)

@@ -31,7 +31,7 @@ def _progress_printer(echo: Callable[[str], None]) -> Callable[[ReplicaApplier],
 
 
 def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout: float | None,
-        echo: Callable[[str], None]) -> int:
+        echo: Callable[[str], None], metrics_port: int | None = None) -> int:
     chosen = names or [n for n, d in pipeline.destinations.items() if d.kind == "replica"]
     if not chosen:
         raise ConfigError("destinations: the pipeline file has no replica destination to run")
@@ -43,6 +43,11 @@ def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout:
             raise ConfigError(f"destinations.{name}: kind {pipeline.destinations[name].kind!r} has no applier yet")
     appliers = [ReplicaApplier(pipeline, name, echo=echo) for name in chosen]
     errors: list[BaseException] = []
+    if metrics_port is not None:
+        from consumers.applier_metrics import serve
+
+        serve(appliers, metrics_port)
+        echo(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
 
     def work(applier: ReplicaApplier) -> None:
         try:

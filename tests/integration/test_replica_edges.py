@@ -145,3 +145,42 @@ def test_a_poison_message_stops_or_goes_to_the_dead_letter_topic(stack, source_d
     record = AvroDecoder(RegistryClient(stack.urls()["schema_registry"])).decode(messages[0].value())
     assert (record["topic"], record["partition"], record["offset"]) == (topic, 0, offset)
     assert record["value"] == b"not avro at all" and "cannot decode" in record["error"]
+
+
+def test_cdc_run_serves_its_own_prometheus_metrics(stack, source_db, destination, tmp_path):
+    import socket
+    import time
+
+    import httpx
+
+    source = stack.postgres_url(source_db)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("create table item (id bigint primary key, name text); "
+                     "insert into item select g, 'i' || g from generate_series(1, 25) g")
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"],
+                                                  destinations={"copy": {"kind": "replica", "url": destination}}))
+    capture.apply(pipeline)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([CDC, "-c", str(path), "run", "--metrics-port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        labels = f'{{destination="copy",pipeline="{pipeline.pipeline}"}}'
+        deadline = time.monotonic() + 120
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except httpx.HTTPError:
+                text = ""
+            if f"cdc_applier_rows_total{labels} 25.0" in text:
+                break
+            time.sleep(0.5)
+        assert f"cdc_applier_rows_total{labels} 25.0" in text, text[-2000:]
+        assert f"cdc_applier_lag_seconds{labels} 0.0" in text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        purge(pipeline)
