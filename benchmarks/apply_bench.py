@@ -128,6 +128,7 @@ class Report:
     jdbc: list[JdbcResult] = field(default_factory=list)
     latency: LatencyResult | None = None
     profile: str | None = None
+    source_poll_ms: str = "?"  # Debezium's poll.interval.ms as the run's connector had it
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -161,7 +162,24 @@ def machine_info() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "load": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        "code": code_version(),
     }
+
+
+def code_version() -> str:
+    """The commit measured, and whether the working tree differed from it where the measured code lives."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "consumers", "schemas", "producers", "cdc")
+    except OSError:
+        return "unknown (no git)"
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + (" with uncommitted changes in " + ", ".join(sorted({line[3:].split("/")[0] for line in
+                                                                          dirty.splitlines()})) if dirty else "")
 
 
 def percentile(ordered: list[float], p: float) -> float:
@@ -246,11 +264,11 @@ class Watcher(threading.Thread):
         self.first_row: float | None = None
         self.matched: float | None = None
         self.last: tuple[int, int, Decimal] | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         conn = None
-        while not self._stop.is_set() and self.matched is None:
+        while not self._halt.is_set() and self.matched is None:
             try:
                 if conn is None:
                     conn = psycopg.connect(self.url, autocommit=True)
@@ -265,12 +283,12 @@ class Watcher(threading.Thread):
                 pass  # not created yet
             except psycopg.OperationalError:
                 conn = None  # the database is being set up or dropped; try again
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
         if conn is not None:
             conn.close()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=10)
 
 
@@ -289,14 +307,38 @@ def pipeline_data(layout: Any, name: str, source_url: str, destinations: dict[st
     }
 
 
+def set_source_poll_interval(pipeline: Any, milliseconds: int) -> None:
+    """Override Debezium's poll.interval.ms (500 by default) on this run's connector only, to show its share of the
+    latency; the product's configuration (producers/debezium.py) is not touched."""
+    from producers.connect import ConnectClient
+
+    name = pipeline.connector_name
+    with ConnectClient(pipeline.kafka.connect_url) as connect:
+        current = {k: v for k, v in (connect.config(name) or {}).items() if k != "name"}
+        # Stopped first, as `cdc connectors apply` does, so that what runs afterwards is surely the new config.
+        connect.stop(name)
+        connect.wait_state(name, "STOPPED")
+        connect.put_config(name, {**current, "poll.interval.ms": str(milliseconds)})
+        connect.resume(name)
+        connect.wait_running(name, timeout=120)
+
+
+def source_poll_interval(pipeline: Any) -> str:
+    from producers.connect import ConnectClient
+
+    with ConnectClient(pipeline.kafka.connect_url) as connect:
+        config = connect.config(pipeline.connector_name) or {}
+    return config.get("poll.interval.ms", "500 (Debezium's default)")
+
+
 def load_source(url: str, rows: int) -> tuple[int, int]:
     """N changes in transactions of TRANSACTION_ROWS rows: inserts first, then updates of the first rows."""
     inserts = max(1, math.ceil(rows * (1 - UPDATE_SHARE)))
     updates = rows - inserts
     with psycopg.connect(url, autocommit=True) as conn:  # each statement is one source transaction
         for start in range(1, inserts + 1, TRANSACTION_ROWS):
-            conn.execute("insert into bench_item (id, name, qty, price) select g, 'item ' || g, g % 100, "
-                         "(g % 10000) / 100.0 from generate_series(%s::bigint, %s::bigint) g",
+            conn.execute("insert into bench_item (id, name, qty, price) select g, 'item ' || g, g %% 100, "
+                         "(g %% 10000) / 100.0 from generate_series(%s::bigint, %s::bigint) g",
                          (start, min(start + TRANSACTION_ROWS - 1, inserts)))
         for start in range(1, updates + 1, TRANSACTION_ROWS):
             conn.execute("update bench_item set qty = qty + 1, price = price + 1, updated_at = now() "
@@ -399,13 +441,16 @@ def profile_ours(data: dict[str, Any], dbs: Databases, run_id: str, rows: int, o
               f"({applier.stats.rows / elapsed:,.0f} rows/s), {applier.stats.batches} batches, "
               f"{applier.stats.transactions} source transactions\n")
     tree = profiler.output(ConsoleRenderer(unicode=False, color=False, show_all=False))
-    flat = profiler.output(ConsoleRenderer(unicode=False, color=False, flat=True, flat_time="self"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"profile-{run_id}.txt").write_text(header + "\n" + tree + "\n\nself time by function\n" + flat)
+    (out_dir / f"profile-{run_id}.txt").write_text(header + "\n" + tree)
     (out_dir / f"profile-{run_id}.html").write_text(profiler.output_html())
     log(f"profile: {header.strip()}; written to {out_dir}/profile-{run_id}.txt and .html")
     dbs.drop(f"bench_prof_{run_id}")
-    return header + "\nself time by function (top 25)\n" + "\n".join(flat.splitlines()[:40])
+    # The call tree, without pyinstrument's banner (everything up to its "Profile at" line). Its flat view is
+    # not used: it lumps every function's "[self]" time of one file together.
+    lines = tree.splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("Profile at")), 0)
+    return header + "\n".join(line for line in lines[start:] if line.strip())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,9 +509,9 @@ def bench_jdbc(layout: Any, dbs: Databases, run_id: str, topic: str, rows: int, 
                 status = connect.status(name)
                 if status is not None and (status.state == "FAILED" or status.failed_traces):
                     trace = (status.failed_traces or [status.state])[0]
-                    result.error = next((line for line in trace.splitlines() if "Exception" in line),
-                                        trace.splitlines()[0] if trace else "FAILED")[:300]
-                    log(f"jdbc {label}: failed: {trace[:2000]}")
+                    causes = [line for line in trace.splitlines() if line.startswith("Caused by:")]
+                    result.error = (causes[-1] if causes else trace.splitlines()[0] if trace else "FAILED")[:300]
+                    log(f"jdbc {label}: failed: {result.error}")
                     break
                 if time.monotonic() - started > timeout:
                     result.error = f"not caught up after {timeout:.0f} s ({watcher.last})"
@@ -481,9 +526,10 @@ def bench_jdbc(layout: Any, dbs: Databases, run_id: str, topic: str, rows: int, 
                 log(f"jdbc {label}: {rows:,} changes in {result.seconds:.2f} s = {result.rows_per_s:,.0f} rows/s "
                     f"(first row after {result.first_row_s or 0:.1f} s)")
         finally:
-            watcher.stop()
+            # The connector goes first: a sink still running would re-create a deleted topic by subscribing to it.
             connect.delete(name)
             _wait_gone(connect, name)
+            watcher.stop()
     dbs.drop(database)
     _delete_groups(layout.kafka_bootstrap, [f"connect-{name}"])
     return result
@@ -498,10 +544,11 @@ def _wait_gone(connect: Any, name: str, timeout: float = 30.0) -> None:
 def _delete_groups(bootstrap: str, groups: list[str]) -> None:
     from producers.topics import admin_client
 
+    admin = admin_client(bootstrap)  # kept referenced: the futures never complete once the client is collected
     try:
-        for future in admin_client(bootstrap).delete_consumer_groups(groups, request_timeout=15).values():
+        for future in admin.delete_consumer_groups(groups, request_timeout=15).values():
             try:
-                future.result()
+                future.result(timeout=30)
             except Exception:  # noqa: BLE001 - a group that never committed does not exist
                 pass
     except Exception as exc:  # noqa: BLE001 - hygiene only
@@ -531,16 +578,16 @@ class KafkaStamps(threading.Thread):
             assignment.append(TopicPartition(topic, p, high))
         self.consumer.assign(assignment)
         self.stamps: dict[int, float] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for msg in self.consumer.consume(1000, 0.1):
                 if msg.error() is None and msg.key() is not None:
                     self.stamps[int(self.decoder.decode(msg.key())["id"])] = msg.timestamp()[1] / 1000
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=10)
         self.consumer.close()
         self.registry.close()
@@ -693,6 +740,8 @@ def table_row(r: Report) -> str:
         ok = lat.p99_ms < TARGET_P99_MS if lat.rate >= TARGET_LATENCY_RATE else None
         latency = (f"{_n(lat.p50_ms)} / {_n(lat.p99_ms)} / {_n(lat.max_ms)} ms at {lat.rate:,.0f} rows/s"
                    f"{_mark(ok)}")
+        if r.args.source_poll_ms:
+            latency += f" (Debezium poll.interval.ms overridden: {r.args.source_poll_ms})"
     date = r.started.strftime("%Y-%m-%d %H:%M")
     return f"| {date} | {machine} | {n} | {ours} | {jdbc} | {ratio} | {rss} | {latency} |\n"
 
@@ -702,7 +751,7 @@ def details(r: Report) -> str:
     lines = [f"### {r.started.strftime('%Y-%m-%d %H:%M')} UTC, N = {r.rows:,}{' (quick)' if r.args.quick else ''}", ""]
     lines.append(f"- machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, Python {m['python']}; "
                  f"load average at start {m['load']} (the stack, and anything else running, share these CPUs)")
-    lines.append(f"- command: `{' '.join(['python -m benchmarks.apply_bench', *sys.argv[1:]])}`")
+    lines.append(f"- command: `{' '.join(['python -m benchmarks.apply_bench', *sys.argv[1:]])}`; code: {m['code']}")
     if r.capture_s is not None:
         lines.append(f"- capture (load + Debezium into Kafka, not part of any figure): {r.rows:,} changes in "
                      f"{r.capture_s:.1f} s ({r.rows / r.capture_s:,.0f} rows/s); "
@@ -731,7 +780,8 @@ def details(r: Report) -> str:
                      f"of which commit to Kafka (Debezium + Connect producer) p50 {_n(lat.capture_p50_ms)} / "
                      f"p99 {_n(lat.capture_p99_ms)} ms and Kafka to visible (our applier) p50 {_n(lat.apply_p50_ms)} / "
                      f"p99 {_n(lat.apply_p99_ms)} ms; applier peak RSS {lat.applier_rss_mb:.0f} MB, exit "
-                     f"{lat.applier_exit} on SIGTERM")
+                     f"{lat.applier_exit} on SIGTERM; the connector's poll.interval.ms: {r.source_poll_ms}"
+                     f"{' (overridden by --source-poll-ms)' if r.args.source_poll_ms else ''}")
     for error in r.errors:
         lines.append(f"- error: {error}")
     if r.profile:
@@ -786,11 +836,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "latency phase (default 10)")
     p.add_argument("--quick", action="store_true", help="a short run to check that everything works")
     p.add_argument("--batch-sizes", default="500,5000", help="JDBC sink batch.size values to try (comma-separated)")
-    p.add_argument("--jdbc-unnest", action=argparse.BooleanOptionalAction, default=True,
+    # Off by default: in Debezium 3.6 the unnest writer fails on a batch holding two changes of one key ("ON
+    # CONFLICT DO UPDATE command cannot affect row a second time"), which this workload's updates produce.
+    p.add_argument("--jdbc-unnest", action=argparse.BooleanOptionalAction, default=False,
                    help="also try the largest batch size with dialect.postgres.unnest.insert.enabled")
     p.add_argument("--jdbc-tasks", type=int, default=1, help="tasks.max of the JDBC sink (default 1, like our one "
                    "applier process)")
     p.add_argument("--skip-jdbc", action="store_true", help="measure our applier only")
+    p.add_argument("--source-poll-ms", type=int, help="override Debezium's poll.interval.ms on this run's connector "
+                   "(the pipeline's own value otherwise), to see how much of the latency is the capture side's")
     p.add_argument("--profile", action="store_true", help="also run the throughput phase in-process under "
                    "pyinstrument and report where the time goes")
     p.add_argument("--no-write", action="store_true", help="print the results without touching RESULTS.md")
@@ -836,6 +890,10 @@ def main(argv: list[str] | None = None) -> int:
         topic = pipeline.topic_of(TABLE)
         log(f"pipeline {pipeline.pipeline}: creating topics and the Debezium connector")
         capture.apply(pipeline)
+        if args.source_poll_ms:
+            log(f"pipeline {pipeline.pipeline}: Debezium poll.interval.ms set to {args.source_poll_ms} for this run")
+            set_source_poll_interval(pipeline, args.source_poll_ms)
+        report.source_poll_ms = source_poll_interval(pipeline)
 
         started = time.monotonic()
         inserts, updates = load_source(source_url, args.rows)
