@@ -149,6 +149,8 @@ class ReplicaApplier:
                     self.read_positions[topic, partition] = offset
                     self.applied_positions[topic, partition] = offset
         self.consumer.assign(assignment)
+        # Created now: its first request costs about a second of connection set-up.
+        self._admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "log_level": 3})
 
     def _dependency_order(self) -> list[str]:
         """Parents first, from the destination's foreign keys, and the source's for tables that declare none."""
@@ -197,8 +199,9 @@ class ReplicaApplier:
             if topic == self.pipeline.transaction_topic:
                 self.assembler.add_marker(marker_from_record(value, offset))
                 return
-            key = self.decoder.decode(msg.key()) if msg.key() is not None else None
-            event = from_envelope(value, key, topic=topic, partition=partition, offset=offset, schema_id=schema_id)
+            # The record key (the root id) is not needed to apply: rows carry their keys. Not decoding it saves
+            # a second Avro read per message.
+            event = from_envelope(value, None, topic=topic, partition=partition, offset=offset, schema_id=schema_id)
             self._converter(schema_id, event.table)
         except (ValueError, TypeError, KeyError, EOFError, IndexError) as exc:
             error = DecodeError(f"cannot decode: {exc}", topic=topic, partition=partition, offset=offset)
@@ -210,7 +213,7 @@ class ReplicaApplier:
         self.assembler.add_event(event)
 
     # -- applying -------------------------------------------------------------------------------------------------
-    def _write(self, conn: Any, steps: list[Step]) -> int:
+    def _write(self, conn: Any, steps: list[Step], offsets: dict[tuple[str, int], int]) -> int:
         events = [e for step in steps for e in step.events]
         self._check_columns(conn, events)
         phases = net_changes(events, self.shapes, self.convert)
@@ -229,12 +232,16 @@ class ReplicaApplier:
                     if not self.dialect.supports_deferred_constraints:
                         keys = list(reversed(self_referencing_order(self.shapes[table], keys)))
                     rows += self.dialect.delete(conn, self.shapes[table], keys)
+        self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
+        return len(events)
+
+    def _offsets_after(self, steps: list[Step]) -> dict[tuple[str, int], int]:
+        """Next offsets after these steps (data partitions and the transaction topic), computed once per batch."""
         offsets = positions_after(steps)
         markers = [s.marker_offset for s in steps if s.marker_offset is not None]
         if markers:
             offsets[self.pipeline.transaction_topic, 0] = max(markers) + 1
-        self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
-        return len(events)
+        return offsets
 
     def _upsert(self, conn: Any, shape: TableShape, rows: list[dict[str, Any]]) -> int:
         if not self.dialect.supports_deferred_constraints:
@@ -266,15 +273,16 @@ class ReplicaApplier:
 
     def apply(self, steps: list[Step]) -> None:
         """Apply steps in one destination transaction, then acknowledge them to Kafka's group offsets."""
+        offsets = self._offsets_after(steps)
         try:
             with self.engine.begin() as conn:
                 self.dialect.begin_batch(conn, snapshot=any(s.xid is None for s in steps))
-                count = self._write(conn, steps)
+                count = self._write(conn, steps, offsets)
         except OperationalError as exc:
             raise ServiceUnavailable(f"destination {self.name} failed: {_first_line(exc)}") from exc
         except DBAPIError as exc:
             raise ApplyError(f"destination {self.name}: applying {_where(steps)} failed: {_first_line(exc)}") from exc
-        self._acknowledge(steps)
+        self._acknowledge(steps, offsets)
         self.stats.rows += count
         self.stats.transactions += sum(1 for s in steps if s.xid is not None)
         self.stats.batches += 1
@@ -283,11 +291,7 @@ class ReplicaApplier:
         if commit_times:
             self.stats.last_commit_ts_ms = max(commit_times)
 
-    def _acknowledge(self, steps: list[Step]) -> None:
-        offsets = positions_after(steps)
-        markers = [s.marker_offset for s in steps if s.marker_offset is not None]
-        if markers:
-            offsets[self.pipeline.transaction_topic, 0] = max(markers) + 1
+    def _acknowledge(self, steps: list[Step], offsets: dict[tuple[str, int], int]) -> None:
         self.applied_positions.update(offsets)
         if self._watermark is not None and any(s.xid == self._watermark for s in steps):
             self._watermark_applied = True
@@ -323,12 +327,10 @@ class ReplicaApplier:
 
     def _skip(self, step: Step) -> None:
         """Record a dead-lettered step's offsets as applied, so that the stream goes on past it."""
+        offsets = self._offsets_after([step])
         with self.engine.begin() as conn:
-            offsets = positions_after([step])
-            if step.marker_offset is not None:
-                offsets[self.pipeline.transaction_topic, 0] = step.marker_offset + 1
             self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
-        self._acknowledge([step])
+        self._acknowledge([step], offsets)
 
     def _dead_letter(self, error: str, topic: str, partition: int, offset: int, key: bytes | None,
                      value: bytes | None, event_json: str | None) -> None:

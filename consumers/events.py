@@ -27,11 +27,13 @@ class ChangeEvent:
     commit_ts_ms: int | None  # source commit time
     snapshot: bool
     schema_id: int | None = None  # the registry id of the value's writer schema (selects the row converter)
+    # The source transaction's id: Debezium's id is "txId:lsn", and only the txId part is stable. A field, not a
+    # property: the assembler asks for it several times per event.
+    xid: str | None = None
 
-    @property
-    def xid(self) -> str | None:
-        """The source transaction's id: Debezium's id is "txId:lsn", and only the txId part is stable."""
-        return self.tx_id.split(":", 1)[0] if self.tx_id else None
+    def __post_init__(self) -> None:
+        if self.xid is None and self.tx_id:
+            object.__setattr__(self, "xid", self.tx_id.split(":", 1)[0])
 
     @property
     def commit_time(self) -> datetime | None:
