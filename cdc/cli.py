@@ -47,6 +47,14 @@ def _run(action: Callable[[], int | None]) -> None:
     except CdcError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except Exception as exc:  # noqa: BLE001 - only library errors are turned into messages; the rest re-raised
+        # Errors of the libraries we talk through (psycopg, SQLAlchemy, confluent-kafka, httpx) that reached here
+        # without being named by our code: still a message and exit 1, not a traceback.
+        if type(exc).__module__.split(".")[0] not in ("psycopg", "sqlalchemy", "confluent_kafka", "cimpl", "httpx",
+                                                       "httpcore", "pymysql"):
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None

@@ -143,7 +143,14 @@ def delete(pipeline: Pipeline, *, purge: bool) -> list[str]:
         else:
             done.append(f"connector {pipeline.connector_name}: not found")
     if purge:
-        with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
+        try:
+            conn = psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True)
+        except psycopg.OperationalError as exc:
+            # A source database that is gone (or not made yet) holds no publication; its slot, if any, is
+            # dropped by whoever drops the database.
+            done.append(f"source database not reachable, slot and publication left alone: {str(exc).strip()}")
+            return done
+        with conn:
             if drop_slot(conn, pipeline.slot_name):
                 done.append(f"replication slot {pipeline.slot_name}: dropped")
             if drop_publication(conn, pipeline.publication_name):
