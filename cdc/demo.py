@@ -213,7 +213,7 @@ def show_lag(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo:
             for sample in samples.values():
                 history.add(sample)
             time.sleep(1)
-        Console().print(render(report(history.windows(), source, pipeline=pipeline.pipeline, stop_after=30)))
+        Console(width=120).print(render(report(history.windows(), source, pipeline=pipeline.pipeline, stop_after=30)))
     finally:
         probe.close()
     port = 9108
