@@ -367,6 +367,79 @@ def history_clear(before: Optional[str] = typer.Option(None, "--before", help="O
     _run(body)
 
 
+@app.command("replay")
+def replay_command(
+    destination: str = typer.Argument(..., help="The replica destination to rebuild."),
+    tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated tables (default: all captured)."),
+    from_: str = typer.Option("earliest", "--from", help="Where to start: `earliest` (the only choice so far)."),
+    make_backup: bool = typer.Option(True, "--backup/--no-backup", help="Back up the tables first (default)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
+) -> None:
+    """Rebuild a destination from the topics: back up, empty the scope, apply from the start until caught up."""
+    from consumers import replay as replay_mod
+    from consumers.runner import _progress_printer
+
+    def body() -> int:
+        if from_ != "earliest":
+            raise ConfigError(f"--from: {from_!r}: only `earliest` is supported so far")
+        saved, applier = replay_mod.replay(
+            _pipeline(), destination, tables=[t.strip() for t in tables.split(",")] if tables else None,
+            make_backup=make_backup, timeout=timeout, echo=_echo, progress=_progress_printer(_echo))
+        typer.echo(f"replay: applied {applier.stats.rows} rows from {applier.stats.transactions} source transactions"
+                   + (f"; backup {saved.id} ({saved.schema}) can be restored with `cdc backups restore {destination} "
+                      f"{saved.id}`" if saved else ""))
+        applier.close()
+        return 0
+
+    _run(body)
+
+
+backups_app = typer.Typer(help="Backups taken by `cdc replay`.", no_args_is_help=True)
+app.add_typer(backups_app, name="backups")
+
+
+@backups_app.command("list")
+def backups_list(destination: str = typer.Argument(...)) -> None:
+    """The backups of a destination, newest first."""
+    from consumers import replay as replay_mod
+
+    def body() -> int:
+        for b in replay_mod.list_backups(_pipeline(), destination):
+            typer.echo(f"{b.id:5}  {b.created_at:%Y-%m-%d %H:%M:%S}  {b.schema}  {', '.join(b.tables)}")
+        return 0
+
+    _run(body)
+
+
+@backups_app.command("restore")
+def backups_restore(destination: str = typer.Argument(...), backup_id: int = typer.Argument(...)) -> None:
+    """Put back a backup's tables and stored offsets exactly (stop `cdc run` for the destination first)."""
+    from consumers import replay as replay_mod
+
+    def body() -> int:
+        b = replay_mod.restore(_pipeline(), destination, backup_id)
+        typer.echo(f"backup {b.id} restored: {', '.join(b.tables)}")
+        return 0
+
+    _run(body)
+
+
+@backups_app.command("prune")
+def backups_prune(destination: str = typer.Argument(...),
+                  days: float = typer.Option(30.0, "--days", help="Drop backups older than this.")) -> None:
+    """Drop backups older than the retention period (default 30 days)."""
+    from datetime import timedelta
+
+    from consumers import replay as replay_mod
+
+    def body() -> int:
+        dropped = replay_mod.prune(_pipeline(), destination, timedelta(days=days))
+        typer.echo(f"{len(dropped)} backups dropped")
+        return 0
+
+    _run(body)
+
+
 @app.command("demo")
 def demo(
     events: int = typer.Option(12, help="How many change events to print."),

@@ -94,6 +94,9 @@ class ReplicaApplier:
         self._admin: AdminClient | None = None
         self._dead_letters: AvroEncoder | None = None
         self._retry: list[Step] = []
+        # Set by a partial replay: (tables replayed, offsets the destination had applied before). Events before
+        # those offsets are applied only to the replayed tables.
+        self.replay_scope: tuple[frozenset[str], dict[tuple[str, int], int]] | None = None
         self._watermark: str | None = None
         self._watermark_applied = False
 
@@ -215,6 +218,10 @@ class ReplicaApplier:
     # -- applying -------------------------------------------------------------------------------------------------
     def _write(self, conn: Any, steps: list[Step], offsets: dict[tuple[str, int], int]) -> int:
         events = [e for step in steps for e in step.events]
+        if self.replay_scope is not None:
+            scope, applied_before = self.replay_scope
+            events = [e for e in events
+                      if e.table in scope or e.offset >= applied_before.get((e.topic, e.partition), 0)]
         self._check_columns(conn, events)
         phases = net_changes(events, self.shapes, self.convert)
         rows = 0
