@@ -440,6 +440,50 @@ def backups_prune(destination: str = typer.Argument(...),
     _run(body)
 
 
+@app.command("query")
+def query_command(
+    sql_text: str = typer.Argument(..., metavar="SQL", help="The query to run on the analytics replica."),
+    destination: Optional[str] = typer.Option(None, "--dest", help="The analytics destination (default: the first)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as a JSON list of objects."),
+) -> None:
+    """Query the analytics replica, read-only: a statement that writes is refused."""
+    import duckdb
+
+    def body() -> int:
+        pipeline = _pipeline()
+        name = destination or next((n for n, d in pipeline.destinations.items() if d.kind == "analytics"), None)
+        if name is None or pipeline.destinations.get(name) is None or pipeline.destinations[name].kind != "analytics":
+            raise ConfigError("destinations: no analytics destination to query")
+        url = pipeline.destinations[name].sqlalchemy_url
+        if url.get_backend_name() != "duckdb":
+            raise ConfigError(f"destinations.{name}: `cdc query` reads DuckDB replicas; connect to "
+                              f"{url.render_as_string(hide_password=True)} with its read-only role instead")
+        try:
+            conn = duckdb.connect(url.database or ":memory:", read_only=True)
+        except duckdb.Error as exc:
+            raise CdcError(f"cannot open the analytics replica {url.database}: {exc}") from None
+        try:
+            result = conn.execute(sql_text)
+            columns = [d[0] for d in result.description or []]
+            rows = result.fetchall() if columns else []
+        except duckdb.Error as exc:
+            message = str(exc).splitlines()[0]
+            if "read-only" in message:
+                raise CdcError(f"the analytics replica is read-only: {message}") from None
+            raise CdcError(f"query failed: {message}") from None
+        finally:
+            conn.close()
+        if as_json:
+            typer.echo(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=2))
+        else:
+            typer.echo("\t".join(columns))
+            for r in rows:
+                typer.echo("\t".join("" if v is None else str(v) for v in r))
+        return 0
+
+    _run(body)
+
+
 @app.command("demo")
 def demo(
     events: int = typer.Option(12, help="How many change events to print."),

@@ -32,6 +32,7 @@ import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from sqlalchemy import create_engine, inspect
+from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -82,7 +83,13 @@ class ReplicaApplier:
         self.registry = RegistryClient(pipeline.kafka.schema_registry_url)
         self.decoder = AvroDecoder(self.registry)
         self._converters: dict[int, values.RowConverter] = {}
-        self.engine: Engine = create_engine(_driver_url(self.destination), pool_size=2, pool_pre_ping=True)
+        url = _driver_url(self.destination)
+        if url.get_backend_name() == "duckdb":
+            # No pool: each batch opens and closes the file, so that readers can open it between batches
+            # (DuckDB lets one process write, or several read).
+            self.engine: Engine = create_engine(url, poolclass=NullPool)
+        else:
+            self.engine = create_engine(url, pool_size=2, pool_pre_ping=True)
         self.dialect: Dialect = dialect_for(self.engine)
         self.shapes: dict[str, TableShape] = {}
         self.order: list[str] = []
@@ -158,6 +165,8 @@ class ReplicaApplier:
     def _dependency_order(self) -> list[str]:
         """Parents first, from the destination's foreign keys, and the source's for tables that declare none."""
         edges: dict[str, set[str]] = {}
+        if not self.dialect.reflects_foreign_keys:
+            return dependency_order(self.shapes)
         by_destination = {self.dialect.table(s).fullname: n for n, s in self.shapes.items()}
         insp = inspect(self.engine)
         for name, shape in self.shapes.items():
@@ -224,6 +233,14 @@ class ReplicaApplier:
                       if e.table in scope or e.offset >= applied_before.get((e.topic, e.partition), 0)]
         self._check_columns(conn, events)
         phases = net_changes(events, self.shapes, self.convert)
+        if self.dialect.keeps_history:
+            history: dict[str, list] = {}
+            for event in events:
+                row = self.convert(event, event.before if event.op == "d" else event.after)
+                if row is not None and event.table in self.shapes:
+                    history.setdefault(event.table, []).append((event, row))
+            for table, changes in history.items():
+                self.dialect.append_history(conn, self.shapes[table], changes)
         rows = 0
         for phase in phases:
             for table in phase.truncate_first:

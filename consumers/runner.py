@@ -32,15 +32,13 @@ def _progress_printer(echo: Callable[[str], None]) -> Callable[[ReplicaApplier],
 
 def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout: float | None,
         echo: Callable[[str], None], metrics_port: int | None = None) -> int:
-    chosen = names or [n for n, d in pipeline.destinations.items() if d.kind == "replica"]
+    chosen = names or list(pipeline.destinations)
     if not chosen:
-        raise ConfigError("destinations: the pipeline file has no replica destination to run")
+        raise ConfigError("destinations: the pipeline file has no destination to run")
     for name in chosen:
         if name not in pipeline.destinations:
             raise ConfigError(f"destinations: no destination named {name!r} (known: "
                               f"{', '.join(pipeline.destinations) or 'none'})")
-        if pipeline.destinations[name].kind != "replica":
-            raise ConfigError(f"destinations.{name}: kind {pipeline.destinations[name].kind!r} has no applier yet")
     appliers = [ReplicaApplier(pipeline, name, echo=echo) for name in chosen]
     errors: list[BaseException] = []
     if metrics_port is not None:

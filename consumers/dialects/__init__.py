@@ -18,7 +18,11 @@ def dialect_for(engine: Engine) -> Dialect:
         from consumers.dialects.mariadb import MariaDBDialect
 
         return MariaDBDialect(engine)
-    raise ConfigError(f"no replica dialect for {backend!r} destinations (supported: postgresql, mariadb)")
+    if backend == "duckdb":
+        from consumers.dialects.duckdb import DuckDBDialect
+
+        return DuckDBDialect(engine)
+    raise ConfigError(f"no dialect for {backend!r} destinations (supported: postgresql, mariadb, duckdb)")
 
 
 __all__ = ["Dialect", "SchemaChangeError", "dialect_for"]

@@ -33,6 +33,10 @@ class Dialect(ABC):
     name = "base"
     # Whether foreign keys can be checked at commit (PostgreSQL's DEFERRABLE); MariaDB checks each row at once.
     supports_deferred_constraints = False
+    # Whether every change is also appended to a history table (the analytics replica).
+    keeps_history = False
+    # Whether SQLAlchemy can reflect the destination's foreign keys (the PostgreSQL-flavoured DuckDB driver cannot).
+    reflects_foreign_keys = True
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -89,7 +93,9 @@ class Dialect(ABC):
                 ref = self.table(target)
                 if ref is not table and not insp.has_table(ref.name, schema=ref.schema):
                     continue  # created later: its own creation cannot point back, so this FK is skipped
-                table.append_constraint(self.foreign_key(fk.columns, ref, fk.referred_columns))
+                constraint = self.foreign_key(fk.columns, ref, fk.referred_columns)
+                if constraint is not None:
+                    table.append_constraint(constraint)
             table.create(conn)
             return [f"created table {table.fullname}"]
         existing = {c["name"]: c for c in insp.get_columns(table.name, schema=table.schema)}

@@ -1,0 +1,195 @@
+"""DuckDB destination (the analytics replica): current-state tables plus a change history per table, via Arrow.
+
+Each replicated table `t` gets a history table `t__history` with the same columns and `_cdc_op` (c, u, d, r),
+`_cdc_lsn`, `_cdc_tx_id` and `_cdc_commit_ts` (source commit time, UTC). Every change is appended there (for a
+delete, the row as it was), so the value of row X as of time T is its newest history row committed at or before
+T, unless that row is a delete:
+
+    select * from "public.person__history" where id = 42 and _cdc_commit_ts <= TIMESTAMPTZ '2026-01-01 12:00:00+00'
+    order by _cdc_commit_ts desc, _cdc_lsn desc limit 1;
+
+Analytics tables have no foreign keys: nobody writes them but the applier, and DuckDB refuses updates of rows that
+foreign keys reference. Rows arrive as Arrow tables registered with DuckDB, then one INSERT ... SELECT per table.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+from sqlalchemy import BigInteger, Column, DateTime, ForeignKeyConstraint, String, Table
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection
+from sqlalchemy.types import JSON, LargeBinary, Text, TypeEngine
+
+from consumers.dialects.base import Dialect, SchemaChangeError
+from consumers.events import ChangeEvent
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+
+HISTORY_SUFFIX = "__history"
+HISTORY_COLUMNS = ("_cdc_op", "_cdc_lsn", "_cdc_tx_id", "_cdc_commit_ts")
+
+
+class DuckDBDialect(Dialect):
+    name = "duckdb"
+    supports_deferred_constraints = True  # no foreign keys at all: order never matters
+    keeps_history = True
+    reflects_foreign_keys = False
+
+    def destination_name(self, shape: TableShape) -> tuple[str | None, str]:
+        # One flat namespace in the file: "public.person" is the table's name (quoted), as analysts know it.
+        return None, shape.name
+
+    def adapt_type(self, type_: TypeEngine) -> TypeEngine:
+        if isinstance(type_, (postgresql.JSON, postgresql.JSONB, JSON, postgresql.ARRAY)):
+            return Text()  # JSON text, as the applier carries it
+        if isinstance(type_, (postgresql.BYTEA, LargeBinary)):
+            return LargeBinary()
+        if isinstance(type_, postgresql.ENUM):
+            return Text()
+        if isinstance(type_, postgresql.TIMESTAMP):
+            return DateTime(timezone=type_.timezone)
+        if isinstance(type_, postgresql.INTERVAL):
+            return Text()
+        return type_
+
+    def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint | None:  # noqa: ANN001
+        return None
+
+    def add_column(self, conn: Connection, table: Table, column: Column) -> None:
+        prep = conn.dialect.identifier_preparer
+        for name in (table.name, table.name + HISTORY_SUFFIX):
+            conn.exec_driver_sql(f"ALTER TABLE {prep.quote(name)} ADD COLUMN {prep.quote(column.name)} "
+                                 f"{column.type.compile(dialect=conn.dialect)}")
+
+    def ensure_table(self, conn: Connection, shape: TableShape, shapes: dict[str, TableShape]) -> list[str]:
+        # DuckDB's information schema, not SQLAlchemy reflection: the driver's reflection speaks PostgreSQL's
+        # catalog, which DuckDB only partly has.
+        table = self.table(shape)
+        prep = conn.dialect.identifier_preparer
+        existing = {r[0] for r in conn.exec_driver_sql(
+            "select column_name from information_schema.columns where table_name = ?", (table.name,))}
+        actions = []
+        if not existing:
+            table.create(conn)
+            actions.append(f"created table {table.name}")
+        else:
+            for column in table.columns:
+                if column.name not in existing:
+                    self.add_column(conn, table, column)
+                    actions.append(f"added column {table.name}.{column.name}")
+            dropped = sorted(existing - {c.name for c in table.columns})
+            if dropped:
+                raise SchemaChangeError(f"{table.name}: the destination has column(s) {', '.join(dropped)} that the "
+                                        f"source table {shape.name} no longer has")
+        history = prep.quote(table.name + HISTORY_SUFFIX)
+        conn.exec_driver_sql(
+            f"CREATE TABLE IF NOT EXISTS {history} AS SELECT * EXCLUDE ({prep.quote(LSN_COLUMN)}), "
+            f"''::VARCHAR AS _cdc_op, 0::BIGINT AS _cdc_lsn, ''::VARCHAR AS _cdc_tx_id, "
+            f"NULL::TIMESTAMPTZ AS _cdc_commit_ts FROM {prep.quote(table.name)} WITH NO DATA")
+        return actions
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def _arrow(self, rows: list[dict[str, Any]], columns: list[str]) -> pa.Table:
+        return pa.Table.from_pydict({c: [_plain(r.get(c)) for r in rows] for c in columns})
+
+    def _register(self, conn: Connection, rows: list[dict[str, Any]], columns: list[str]) -> str:
+        name = f"_cdc_stage_{uuid.uuid4().hex[:12]}"
+        conn.connection.driver_connection.register(name, self._arrow(rows, columns))
+        return name
+
+    def _unregister(self, conn: Connection, name: str) -> None:
+        conn.connection.driver_connection.unregister(name)
+
+    def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
+        if not rows:
+            return 0
+        table = self.table(shape)
+        prep = conn.dialect.identifier_preparer
+        cols = [*columns, LSN_COLUMN]
+        stage = self._register(conn, rows, cols)
+        try:
+            quoted = ", ".join(prep.quote(c) for c in cols)
+            casts = ", ".join(f"CAST({prep.quote(c)} AS {table.c[c].type.compile(dialect=conn.dialect)}) AS "
+                              f"{prep.quote(c)}" for c in cols)
+            sets = ", ".join(f"{prep.quote(c)} = EXCLUDED.{prep.quote(c)}" for c in columns
+                             if c not in shape.primary_key)
+            lsn = prep.quote(LSN_COLUMN)
+            sets = (sets + ", " if sets else "") + f"{lsn} = GREATEST({prep.quote(table.name)}.{lsn}, EXCLUDED.{lsn})"
+            conn.exec_driver_sql(
+                f"INSERT INTO {prep.quote(table.name)} ({quoted}) SELECT {casts} FROM {stage} "
+                f"ON CONFLICT ({', '.join(prep.quote(c) for c in shape.primary_key)}) DO UPDATE SET {sets} "
+                f"WHERE {prep.quote(table.name)}.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {SNAPSHOT_LSN}")
+        finally:
+            self._unregister(conn, stage)
+        return len(rows)
+
+    def delete(self, conn: Connection, shape: TableShape, keys: list[dict[str, Any]]) -> int:
+        if not keys:
+            return 0
+        table = self.table(shape)
+        prep = conn.dialect.identifier_preparer
+        cols = [*shape.primary_key, LSN_COLUMN]
+        stage = self._register(conn, keys, cols)
+        try:
+            match = " AND ".join(f"t.{prep.quote(c)} = s.{prep.quote(c)}" for c in shape.primary_key)
+            lsn = prep.quote(LSN_COLUMN)
+            conn.exec_driver_sql(f"DELETE FROM {prep.quote(table.name)} t USING {stage} s WHERE {match} "
+                                 f"AND t.{lsn} < s.{lsn}")
+        finally:
+            self._unregister(conn, stage)
+        return len(keys)
+
+    def truncate(self, conn: Connection, shape: TableShape) -> None:
+        conn.exec_driver_sql(f"DELETE FROM {conn.dialect.identifier_preparer.quote(self.table(shape).name)}")
+
+    def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
+        """Every change of the batch, in order: the row after it (before it, for a delete)."""
+        if not events:
+            return
+        columns = list(shape.column_names)
+        rows = []
+        for event, row in events:
+            record = {c: row.get(c) for c in columns}
+            record.update(_cdc_op=event.op, _cdc_lsn=event.lsn if event.lsn is not None else SNAPSHOT_LSN,
+                          _cdc_tx_id=event.xid or "",
+                          _cdc_commit_ts=datetime.fromtimestamp(event.commit_ts_ms / 1000, tz=timezone.utc)
+                          if event.commit_ts_ms else None)
+            rows.append(record)
+        table = self.table(shape)
+        prep = conn.dialect.identifier_preparer
+        all_columns = [*columns, *HISTORY_COLUMNS]
+        stage = self._register(conn, rows, all_columns)
+        try:
+            history = prep.quote(table.name + HISTORY_SUFFIX)
+            casts = ", ".join(
+                f"CAST({prep.quote(c)} AS {table.c[c].type.compile(dialect=conn.dialect)}) AS {prep.quote(c)}"
+                for c in columns)
+            conn.exec_driver_sql(f"INSERT INTO {history} ({', '.join(prep.quote(c) for c in all_columns)}) "
+                                 f"SELECT {casts}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts FROM {stage}")
+        finally:
+            self._unregister(conn, stage)
+
+    def upsert_offsets_statement(self) -> Any:
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = pg_insert(self.offsets)  # DuckDB speaks PostgreSQL's ON CONFLICT
+        return stmt.on_conflict_do_update(
+            index_elements=[self.offsets.c.pipeline, self.offsets.c.topic, self.offsets.c.kafka_partition],
+            set_={"next_offset": stmt.excluded.next_offset, "updated_at": stmt.excluded.updated_at},
+        )
+
+
+def _plain(value: Any) -> Any:
+    """Values Arrow cannot type on its own: lists and dicts as JSON text, UUIDs and intervals as text."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+__all__ = ["DuckDBDialect", "HISTORY_SUFFIX", "String", "BigInteger"]
