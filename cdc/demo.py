@@ -58,6 +58,7 @@ def demo_env(layout: stack.StackLayout, database: str) -> dict[str, str]:
         "CDC_POSTGRES_PORT": str(layout.ports["postgres"]),
         "CDC_DEMO_DATABASE": database,
         "CDC_DEMO_REPLICA": f"{database}_replica",
+        "CDC_DEMO_ANALYTICS": str(layout.home / f"{database}_analytics.duckdb"),
     }
 
 
@@ -67,7 +68,17 @@ def sample_pipeline(layout: stack.StackLayout, database: str) -> Pipeline:
 
 
 def reset_source(layout: stack.StackLayout, pipeline: Pipeline) -> None:
-    """Remove what an earlier run left: the connector, slot, publication, topics and the sample database."""
+    """Remove what an earlier run left: its background consumers, the connector, slot, publication, topics and
+    the sample databases."""
+    pidfile = layout.home / "run" / "demo-run.pid"
+    if pidfile.exists():
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            if "cdc" in stack._cmdline(pid):
+                stack._stop_pid(pid, timeout=15)
+        except (OSError, ValueError, IndexError):
+            pass
+        pidfile.unlink(missing_ok=True)
     capture.delete(pipeline, purge=True)
     with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
         # Slots of the sample database (this pipeline's, or one left by an older run) block dropping it.
@@ -79,6 +90,9 @@ def reset_source(layout: stack.StackLayout, pipeline: Pipeline) -> None:
             sql.Identifier(pipeline.source.sqlalchemy_url.database)))
         conn.execute(sql.SQL("create database {}").format(sql.Identifier(pipeline.source.sqlalchemy_url.database)))
         for dest in pipeline.destinations.values():
+            if dest.kind == "analytics":
+                Path(dest.sqlalchemy_url.database).unlink(missing_ok=True)
+                continue
             name = dest.sqlalchemy_url.database
             conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
@@ -189,11 +203,33 @@ def run(events: int = 12, keep_running: bool = True, echo: Callable[[str], None]
         echo(f"  ... and {len(changes) - events} more")
     code = 0 if changes else 1
     code = max(code, replicate(layout, pipeline, database, echo))
+    analyse(pipeline, echo)
     show_lag(layout, pipeline, database, echo)
     if not keep_running:
         stack.down(echo)
     echo(f"== demo finished in {time.monotonic() - started:.1f} s")
     return code
+
+
+def analyse(pipeline: Pipeline, echo: Callable[[str], None]) -> None:
+    """Fill the analytics replica (DuckDB) and run one query on it, read-only."""
+    import duckdb
+
+    echo("\n== cdc run lake: the analytics replica (DuckDB, with a change history per table)")
+    applier = ReplicaApplier(pipeline, "lake", echo=lambda line: echo("   " + line))
+    applier.run(until_caught_up=True, timeout=120)
+    applier.close()
+    path = pipeline.destinations["lake"].sqlalchemy_url.database
+    query = ('select s.name as school, count(*) as pupils, sum(p.balance) as balance from "public.enrollment" e '
+             'join "public.person" p on p.id = e.person_id join "public.school" s on s.id = e.school_id '
+             'group by s.name order by s.name')
+    echo(f"== cdc query (read-only): {query}")
+    with duckdb.connect(path, read_only=True) as conn:
+        for school, pupils, balance in conn.execute(query).fetchall():
+            echo(f"   {school:30} {pupils:4} pupils  balance {balance}")
+        changes = conn.execute('select count(*) from "public.person__history"').fetchone()[0]
+    echo(f"   ({changes} changes of public.person in its history table, for point-in-time questions)")
+
 
 
 def show_lag(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo: Callable[[str], None]) -> None:
@@ -204,7 +240,17 @@ def show_lag(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo:
     from consumers.lag import History, report
     from consumers.lag_probe import LagProbe
 
-    echo("\n== cdc lag")
+    env = {**os.environ, **demo_env(layout, database), "CDC_CONFIG": str(SAMPLE_PIPELINE)}
+    (layout.home / "run").mkdir(parents=True, exist_ok=True)
+    # `cdc run` for every destination keeps going in the background (`cdc stack down` stops it with the stack),
+    # like a deployed pipeline: the lag below is that of running consumers.
+    if not (layout.home / "run" / "demo-run.pid").exists():
+        log = open(layout.home / "logs" / "demo-run.log", "ab")
+        runner = subprocess.Popen([sys.executable, "-m", "cdc.cli", "run"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        (layout.home / "run" / "demo-run.pid").write_text(f"{runner.pid}\n")
+        time.sleep(5)
+    echo("\n== cdc lag (with `cdc run` running in the background)")
     probe = LagProbe(pipeline, None)
     try:
         history = History(window_seconds=2, keep_seconds=2)
@@ -221,12 +267,10 @@ def show_lag(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo:
     with socket.socket() as s:
         taken = s.connect_ex(("127.0.0.1", port)) == 0
     if not taken:
-        env = {**os.environ, **demo_env(layout, database), "CDC_CONFIG": str(SAMPLE_PIPELINE)}
         log = open(layout.home / "logs" / "lag-serve.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "cdc.cli", "lag", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         # `cdc stack down` stops it with the stack.
-        (layout.home / "run").mkdir(parents=True, exist_ok=True)
         (layout.home / "run" / "lag-serve.pid").write_text(f"{proc.pid}\n")
     echo(f"== live lag page and Prometheus metrics: {url} (and {url}metrics); `cdc lag serve` runs in the "
          f"background, log in {layout.home / 'logs' / 'lag-serve.log'}")

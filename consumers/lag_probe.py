@@ -21,6 +21,7 @@ import psycopg
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from sqlalchemy import column, create_engine, inspect, select, table
+from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -203,8 +204,12 @@ class LagProbe:
     def _engine(self, name: str) -> Engine:
         engine = self._engines.get(name)
         if engine is None:
-            engine = create_engine(_driver_url(self.pipeline.destinations[name]), pool_size=1, max_overflow=1,
-                                   pool_pre_ping=True)
+            url = _driver_url(self.pipeline.destinations[name])
+            if url.get_backend_name() == "duckdb":
+                # Read-only and never kept open: DuckDB lets one process write (the applier) or several read.
+                engine = create_engine(url, poolclass=NullPool, connect_args={"read_only": True})
+            else:
+                engine = create_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
             self._engines[name] = engine
         return engine
 
