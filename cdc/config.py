@@ -182,6 +182,16 @@ class Destination(_Model):
     def sqlalchemy_url(self) -> URL:
         return make_url(self.url.get_secret_value())
 
+    @property
+    def driver_url(self) -> URL:
+        """The URL with the driver this project installs for the database (psycopg 3, PyMySQL)."""
+        url = self.sqlalchemy_url
+        if url.drivername == "postgresql":
+            return url.set(drivername="postgresql+psycopg")
+        if url.drivername in ("mysql", "mariadb"):
+            return url.set(drivername=f"{url.drivername}+pymysql")
+        return url
+
 
 class Pipeline(_Model):
     pipeline: str = Field(pattern=NAME_RE, max_length=100)

@@ -83,7 +83,7 @@ class ReplicaApplier:
         self.registry = RegistryClient(pipeline.kafka.schema_registry_url)
         self.decoder = AvroDecoder(self.registry)
         self._converters: dict[int, values.RowConverter] = {}
-        url = _driver_url(self.destination)
+        url = self.destination.driver_url
         if url.get_backend_name() == "duckdb":
             # No pool: each batch opens and closes the file, so that readers can open it between batches
             # (DuckDB lets one process write, or several read).
@@ -456,14 +456,6 @@ class ReplicaApplier:
         self.registry.close()
         self.engine.dispose()
 
-
-def _driver_url(destination: Destination) -> Any:
-    url = destination.sqlalchemy_url
-    if url.drivername == "postgresql":
-        return url.set(drivername="postgresql+psycopg")
-    if url.drivername in ("mysql", "mariadb"):
-        return url.set(drivername=f"{url.drivername}+pymysql")
-    return url
 
 
 def _first_line(exc: BaseException) -> str:

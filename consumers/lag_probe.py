@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from cdc.config import Destination, Pipeline
+from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable
 from consumers.lag import DestinationSample, PartitionLag, SourceState, applied_offset
 from consumers.shapes import OFFSETS_TABLE
@@ -204,7 +204,7 @@ class LagProbe:
     def _engine(self, name: str) -> Engine:
         engine = self._engines.get(name)
         if engine is None:
-            url = _driver_url(self.pipeline.destinations[name])
+            url = self.pipeline.destinations[name].driver_url
             if url.get_backend_name() == "duckdb":
                 # Read-only and never kept open: DuckDB lets one process write (the applier) or several read.
                 engine = create_engine(url, poolclass=NullPool, connect_args={"read_only": True})
@@ -263,14 +263,6 @@ class LagProbe:
         for engine in self._engines.values():
             engine.dispose()
 
-
-def _driver_url(destination: Destination) -> Any:
-    url = destination.sqlalchemy_url
-    if url.drivername == "postgresql":
-        return url.set(drivername="postgresql+psycopg")
-    if url.drivername in ("mysql", "mariadb"):
-        return url.set(drivername=f"{url.drivername}+pymysql")
-    return url
 
 
 def _epoch(value: Any) -> float:

@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
-from consumers.applier import ReplicaApplier, _driver_url
+from consumers.applier import ReplicaApplier
 from consumers.dialects import dialect_for
 from consumers.plan import dependency_order
 from consumers.shapes import OFFSETS_TABLE, reflect_shapes
@@ -45,7 +45,7 @@ class Backup:
 def _engine(pipeline: Pipeline, destination: str) -> Any:
     if destination not in pipeline.destinations or pipeline.destinations[destination].kind != "replica":
         raise ConfigError(f"destinations: no replica destination named {destination!r}")
-    engine = create_engine(_driver_url(pipeline.destinations[destination]))
+    engine = create_engine(pipeline.destinations[destination].driver_url)
     if engine.url.get_backend_name() != "postgresql":
         raise ConfigError(f"destinations.{destination}: backups and replays are implemented for PostgreSQL "
                           "destinations only so far")

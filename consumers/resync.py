@@ -26,7 +26,6 @@ from sqlalchemy import bindparam, create_engine, text
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
-from consumers.applier import _driver_url
 from consumers.dialects import dialect_for
 from consumers.shapes import TableShape, reflect_shapes
 from consumers.verify import _normal
@@ -163,7 +162,7 @@ def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape
     """Wait until every key present at the source holds the source's row at the destination, or `wait` runs out;
     record per-key results (a key absent at the source is reported, never skipped)."""
     shape = shapes[request.table]
-    engine = create_engine(_driver_url(pipeline.destinations[request.destination]))
+    engine = create_engine(pipeline.destinations[request.destination].driver_url)
     dialect = dialect_for(engine)
     target = dialect.table(shape)
     columns = list(shape.column_names)

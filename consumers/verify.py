@@ -24,7 +24,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
-from consumers.applier import _driver_url
 from consumers.dialects import dialect_for
 from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
 
@@ -221,7 +220,7 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
         raise ConfigError(f"--tables: {', '.join(unknown)} not in source.tables")
     shapes = reflect_shapes(pipeline.source.sqlalchemy_url, chosen)
     src_engine: Engine = create_engine(pipeline.source.sqlalchemy_url.set(drivername="postgresql+psycopg"))
-    dst_engine: Engine = create_engine(_driver_url(pipeline.destinations[destination]))
+    dst_engine: Engine = create_engine(pipeline.destinations[destination].driver_url)
     dialect = dialect_for(dst_engine)
     in_db_hash = dst_engine.url.get_backend_name() == "postgresql"
     reports = []
@@ -272,7 +271,7 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
     the running applier), and delete the rows that exist only at the destination."""
     from consumers import resync
 
-    engine = create_engine(_driver_url(pipeline.destinations[report.destination]))
+    engine = create_engine(pipeline.destinations[report.destination].driver_url)
     dialect = dialect_for(engine)
     shapes = reflect_shapes(pipeline.source.sqlalchemy_url, [t.table for t in report.tables])
     try:
