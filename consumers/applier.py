@@ -449,6 +449,13 @@ class ReplicaApplier:
 
     def close(self) -> None:
         if self.consumer is not None:
+            if self.applied_positions:
+                # The asynchronous commits may still be in flight: lag tools should see where we stopped.
+                try:
+                    self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in
+                                                  self.applied_positions.items()], asynchronous=False)
+                except KafkaException:
+                    pass
             self.consumer.close()
             self.consumer = None
         if self._producer is not None:

@@ -147,14 +147,9 @@ def insert_watermark(conn: psycopg.Connection, signal_table: str) -> str:
     applied it has applied all of them. That is what `cdc run --until-caught-up` waits for.
     """
     schema, name = split_table(signal_table)
-    xids = []
-    # Two transactions: Debezium writes a transaction's END record when it sees what follows it, so the second
-    # one brings the first one's END out at once instead of at the next heartbeat or source change.
-    for _ in range(2):
-        with conn.transaction():
-            xid = conn.execute("select txid_current() % 4294967296").fetchone()[0]
-            conn.execute(sql.SQL("insert into {} (id, type, data) values (%s, 'log', %s)").format(
-                sql.Identifier(schema, name)),
-                (f"cdc-watermark-{uuid.uuid4()}", json.dumps({"message": f"cdc watermark {xid}"})))
-            xids.append(str(xid))
-    return xids[0]
+    with conn.transaction():
+        xid = conn.execute("select txid_current() % 4294967296").fetchone()[0]
+        conn.execute(sql.SQL("insert into {} (id, type, data) values (%s, 'log', %s)").format(
+            sql.Identifier(schema, name)),
+            (f"cdc-watermark-{uuid.uuid4()}", json.dumps({"message": f"cdc watermark {xid}"})))
+    return str(xid)
