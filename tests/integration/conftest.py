@@ -51,3 +51,18 @@ def source_db(stack):
         for slot in slots_of_database(conn, name):
             drop_slot(conn, slot)
         conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def mariadb_database(stack):
+    """A fresh, uniquely named database on the stack's MariaDB; yields its URL and drops it afterwards."""
+    from sqlalchemy import create_engine
+
+    name = f"dst_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(stack.mariadb_url())
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
+    yield stack.mariadb_url(name)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+    admin.dispose()

@@ -242,18 +242,13 @@ def test_the_page_renders_in_chromium_with_the_numbers_of_lag_json(lagging, tmp_
     assert "cdc_slot_retained_bytes" in metrics and "cdc_lag_seconds" in metrics
 
 
-def test_a_mariadb_destination_reports_its_lag_too(stack, source_db, tmp_path):
+def test_a_mariadb_destination_reports_its_lag_too(stack, source_db, mariadb_database, tmp_path):
     """The offsets are read through SQLAlchemy from any dialect; MariaDB's naive DATETIME is UTC."""
-    from sqlalchemy import create_engine
 
     with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
         conn.execute(SCHEMA)
-    name = f"dst_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.mariadb_url())
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
     data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
-                         destinations={"mirror": {"kind": "replica", "url": stack.mariadb_url(name)}})
+                         destinations={"mirror": {"kind": "replica", "url": mariadb_database}})
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
@@ -272,6 +267,3 @@ def test_a_mariadb_destination_reports_its_lag_too(stack, source_db, tmp_path):
         assert dest["status"] == "STOP" and dest["lag_messages"] > 0 and dest["lag_seconds"] > 0, dest
     finally:
         purge(pipeline)
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.dispose()

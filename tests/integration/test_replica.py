@@ -210,18 +210,14 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_cleanly(replica):
     assert_equal(source, destination)
 
 
-def test_a_mariadb_destination_follows_the_same_workload(stack, source_db, tmp_path):
+def test_a_mariadb_destination_follows_the_same_workload(stack, source_db, mariadb_database, tmp_path):
     """The second dialect, end to end: the design is not PostgreSQL-only."""
     from sqlalchemy import create_engine
 
     with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
         conn.execute(SCHEMA)
-    name = f"dst_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.mariadb_url())
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
     data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
-                         destinations={"mirror": {"kind": "replica", "url": stack.mariadb_url(name)}})
+                         destinations={"mirror": {"kind": "replica", "url": mariadb_database}})
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
@@ -230,7 +226,7 @@ def test_a_mariadb_destination_follows_the_same_workload(stack, source_db, tmp_p
         workload(source, 1000, seed=5)
         run = cdc(path, "run", "--until-caught-up", "--timeout", "300")
         assert run.returncode == 0, run.stdout + run.stderr
-        destination = create_engine(stack.mariadb_url(name))
+        destination = create_engine(mariadb_database)
         with destination.connect() as conn:
             for table, columns in [("school", "id, name"), ("person", "id, name, balance, mentor_id"),
                                    ("enrollment", "id, person_id, school_id, grade, started"),
@@ -244,6 +240,3 @@ def test_a_mariadb_destination_follows_the_same_workload(stack, source_db, tmp_p
         assert total == TOTAL
     finally:
         purge(pipeline)
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-        admin.dispose()
