@@ -85,6 +85,7 @@ class OursResult:
     matched_s: float | None  # when the destination's checksum first equalled the source's
     overhead_s: float | None  # wall time of a second run with nothing to apply (start-up, watermark, close)
     applied_line: str
+    sustained: float | None = None  # rows/s of the insert phase at the destination (Watcher.sustained)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class JdbcResult:
     rows_per_s: float | None = None
     first_row_s: float | None = None
     error: str | None = None
+    sustained: float | None = None
 
 
 @dataclass
@@ -264,6 +266,7 @@ class Watcher(threading.Thread):
         self.first_row: float | None = None
         self.matched: float | None = None
         self.last: tuple[int, int, Decimal] | None = None
+        self.samples: list[tuple[float, int]] = []  # (when, row count)
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -275,6 +278,7 @@ class Watcher(threading.Thread):
                 now = time.monotonic()
                 count, qty, price = conn.execute(CHECKSUM).fetchone()
                 self.last = (int(count), int(qty), Decimal(price))
+                self.samples.append((now, int(count)))
                 if count and self.first_row is None:
                     self.first_row = now
                 if self.last == self.expected:
@@ -290,6 +294,15 @@ class Watcher(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=10)
+
+    def sustained(self, rows: int, low: float = 0.1, high: float = 0.9) -> float | None:
+        """Rows/s while the destination's row count went from `low` to `high` of `rows` (the inserts): the steady
+        rate, without start-up or the last batch's tail. Measured the same way for every consumer."""
+        start = next(((t, c) for t, c in self.samples if c >= rows * low), None)
+        end = next(((t, c) for t, c in self.samples if c >= rows * high), None)
+        if start is None or end is None or end[0] <= start[0]:
+            return None
+        return (end[1] - start[1]) / (end[0] - start[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -331,9 +344,13 @@ def source_poll_interval(pipeline: Any) -> str:
     return config.get("poll.interval.ms", "500 (Debezium's default)")
 
 
+def inserted_rows(rows: int) -> int:
+    return max(1, math.ceil(rows * (1 - UPDATE_SHARE)))
+
+
 def load_source(url: str, rows: int) -> tuple[int, int]:
     """N changes in transactions of TRANSACTION_ROWS rows: inserts first, then updates of the first rows."""
-    inserts = max(1, math.ceil(rows * (1 - UPDATE_SHARE)))
+    inserts = inserted_rows(rows)
     updates = rows - inserts
     with psycopg.connect(url, autocommit=True) as conn:  # each statement is one source transaction
         for start in range(1, inserts + 1, TRANSACTION_ROWS):
@@ -412,7 +429,7 @@ def bench_ours(config_path: Path, url: str, rows: int, expected: tuple[int, int,
         wall_s=result.wall_s, rows_per_s=rows / result.wall_s, peak_rss_mb=result.max_rss_kib / 1024,
         first_row_s=watcher.first_row - t0 if watcher.first_row else None,
         matched_s=watcher.matched - t0 if watcher.matched else None,
-        overhead_s=overhead, applied_line=applied.strip())
+        overhead_s=overhead, applied_line=applied.strip(), sustained=watcher.sustained(inserted_rows(rows)))
 
 
 def profile_ours(data: dict[str, Any], dbs: Databases, run_id: str, rows: int, out_dir: Path) -> str:
@@ -523,6 +540,7 @@ def bench_jdbc(layout: Any, dbs: Databases, run_id: str, topic: str, rows: int, 
                 result.seconds = watcher.matched - started
                 result.rows_per_s = rows / result.seconds
                 result.first_row_s = watcher.first_row - started if watcher.first_row else None
+                result.sustained = watcher.sustained(inserted_rows(rows))
                 log(f"jdbc {label}: {rows:,} changes in {result.seconds:.2f} s = {result.rows_per_s:,.0f} rows/s "
                     f"(first row after {result.first_row_s or 0:.1f} s)")
         finally:
@@ -589,6 +607,7 @@ class KafkaStamps(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=10)
+
         self.consumer.close()
         self.registry.close()
 
@@ -712,10 +731,11 @@ def _mark(ok: bool | None) -> str:
 
 
 TABLE_HEADER = (
-    "| date (UTC) | machine | N | ours rows/s | JDBC sink rows/s, best (each tried) | ours / JDBC | our peak RSS | "
-    "latency p50 / p99 / max |\n"
-    "|---|---|---|---|---|---|---|---|\n"
-    f"| **target** | | | ≥ {TARGET_ROWS_PER_S:,} | | ≥ {TARGET_RATIO:.0f}x | < {TARGET_RSS_MB:.0f} MB | "
+    "| date (UTC) | machine | N | ours rows/s | JDBC sink rows/s, best (each tried) | ours / JDBC | "
+    "sustained: ours / JDBC (ratio) | our peak RSS | latency p50 / p99 / max |\n"
+    "|---|---|---|---|---|---|---|---|---|\n"
+    f"| **target** | | | ≥ {TARGET_ROWS_PER_S:,} | | ≥ {TARGET_RATIO:.0f}x | ≥ {TARGET_ROWS_PER_S:,} | "
+    f"< {TARGET_RSS_MB:.0f} MB | "
     f"p99 < {TARGET_P99_MS:.0f} ms at {TARGET_LATENCY_RATE:,} rows/s |\n"
 )
 
@@ -733,6 +753,11 @@ def table_row(r: Report) -> str:
     else:
         ratio = "-"
     rss = "-" if r.ours is None else f"{r.ours.peak_rss_mb:.0f} MB{_mark(r.ours.peak_rss_mb < TARGET_RSS_MB)}"
+    ours_steady = r.ours.sustained if r.ours else None
+    jdbc_steady = max((j.sustained for j in r.jdbc if j.sustained), default=None)
+    steady = f"{_n(ours_steady)}{_mark(ours_steady >= TARGET_ROWS_PER_S) if ours_steady else ''} / {_n(jdbc_steady)}"
+    if ours_steady and jdbc_steady:
+        steady += f" ({ours_steady / jdbc_steady:.1f}x)"
     if r.latency is None:
         latency = "not run" if r.args.latency_seconds <= 0 else "failed"
     else:
@@ -743,7 +768,7 @@ def table_row(r: Report) -> str:
         if r.args.source_poll_ms:
             latency += f" (Debezium poll.interval.ms overridden: {r.args.source_poll_ms})"
     date = r.started.strftime("%Y-%m-%d %H:%M")
-    return f"| {date} | {machine} | {n} | {ours} | {jdbc} | {ratio} | {rss} | {latency} |\n"
+    return f"| {date} | {machine} | {n} | {ours} | {jdbc} | {ratio} | {steady} | {rss} | {latency} |\n"
 
 
 def details(r: Report) -> str:
@@ -764,12 +789,15 @@ def details(r: Report) -> str:
                      f"= {o.rows_per_s:,.0f} rows/s; destination first showed rows after {_n(o.first_row_s, 1)} s and "
                      f"matched the source after {_n(o.matched_s, 1)} s; a second run with nothing to apply took "
                      f"{_n(o.overhead_s, 2)} s, so net of that fixed cost {_n(net)} rows/s; "
-                     f"peak RSS {o.peak_rss_mb:.0f} MB (wait4 ru_maxrss); it said: \"{o.applied_line}\"")
+                     f"sustained {_n(o.sustained)} rows/s (the destination's row count from 10 % to 90 % of the "
+                     f"inserts, sampled every 250 ms); peak RSS {o.peak_rss_mb:.0f} MB (wait4 ru_maxrss); "
+                     f"it said: \"{o.applied_line}\"")
     for j in r.jdbc:
         if j.rows_per_s:
             lines.append(f"- JDBC sink {j.label}: {j.seconds:.2f} s from registering the connector until the "
                          f"destination matched the source = {j.rows_per_s:,.0f} rows/s (first row after "
-                         f"{_n(j.first_row_s, 1)} s); tasks.max={r.args.jdbc_tasks}, insert.mode=upsert")
+                         f"{_n(j.first_row_s, 1)} s), sustained {_n(j.sustained)} rows/s; "
+                         f"tasks.max={r.args.jdbc_tasks}, insert.mode=upsert")
         else:
             lines.append(f"- JDBC sink {j.label}: failed: {j.error}")
     if r.latency:
@@ -798,6 +826,14 @@ second of wall time, start-up included.
 """
 
 
+def _widen(row: str) -> str:
+    """A row written before the sustained column existed gets "-" there."""
+    cells = row.split("|")
+    if len(cells) == 10:  # 8 columns
+        cells.insert(7, " - ")
+    return "|".join(cells)
+
+
 def write_results(report: Report, path: Path = RESULTS) -> None:
     """Rewrite the preamble and the table header, put the new row and details first, keep older runs below."""
     old_rows: list[str] = []
@@ -808,7 +844,7 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
             raise RuntimeError(f"{path} lacks its markers; move it away and run again")
         table = text.split(MARK_ROWS, 1)[1].split(MARK_DETAILS, 1)[0]
         lines = [line for line in table.splitlines() if line.startswith("|")]
-        old_rows = [line + "\n" for line in lines[3:]]  # after the header, separator and target rows
+        old_rows = [_widen(line) + "\n" for line in lines[3:]]  # after the header, separator and target rows
         old_details = text.split(MARK_DETAILS, 1)[1].lstrip("\n")
     text = (RESULTS_PREAMBLE + "\n" + MARK_ROWS + "\n" + TABLE_HEADER + table_row(report) + "".join(old_rows)
             + "\n## Details\n\n" + MARK_DETAILS + "\n\n" + details(report) + old_details)

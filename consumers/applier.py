@@ -40,12 +40,13 @@ from cdc.config import Destination, Pipeline
 from cdc.errors import CdcError, DecodeError, ServiceUnavailable, Terminal
 from consumers import values
 from consumers.dialects import Dialect, dialect_for
-from consumers.events import ChangeEvent, from_envelope, marker_from_record
+from consumers.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
 from consumers.plan import dependency_order, net_changes, self_referencing_order
 from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
 from consumers.transactions import Step, TransactionAssembler, positions_after
 from producers.debezium import avro_name
 from producers.source_admin import insert_watermark, psycopg_conninfo
+from schemas.batch import BatchDecoder
 from schemas.codec import AvroDecoder, AvroEncoder, RegistryClient, load_schema
 
 
@@ -82,6 +83,7 @@ class ReplicaApplier:
         self._stop = threading.Event()
         self.registry = RegistryClient(pipeline.kafka.schema_registry_url)
         self.decoder = AvroDecoder(self.registry)
+        self.batch_decoder = BatchDecoder(self.decoder)
         self._converters: dict[int, values.RowConverter] = {}
         url = self.destination.driver_url
         if url.get_backend_name() == "duckdb":
@@ -106,6 +108,8 @@ class ReplicaApplier:
         self.replay_scope: tuple[frozenset[str], dict[tuple[str, int], int]] | None = None
         self._watermark: str | None = None
         self._watermark_applied = False
+        self._group_offsets: dict[tuple[str, int], int] = {}
+        self._group_lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     @property
@@ -199,6 +203,43 @@ class ReplicaApplier:
             return dict(image)
         return self._converter(event.schema_id, event.table).convert(image)
 
+    def _feed_batch(self, messages: list[Any]) -> None:
+        """Decode the data messages of a poll a writer schema at a time (columnar, schemas.batch), then feed every
+        message to the assembler in poll order; what the fast path cannot take goes through `_feed` one by one."""
+        groups: dict[int, list[int]] = {}
+        transaction_topic = self.pipeline.transaction_topic
+        for i, msg in enumerate(messages):
+            raw = msg.value()
+            if raw is None or len(raw) < 5 or raw[0] != 0 or msg.topic() == transaction_topic:
+                continue
+            groups.setdefault(int.from_bytes(raw[1:5], "big"), []).append(i)
+        decoded: list[ChangeEvent | None] = [None] * len(messages)
+        for schema_id, indexes in groups.items():
+            batch = [messages[i] for i in indexes]
+            try:
+                columns = self.batch_decoder.columns(schema_id, [m.value() for m in batch], ENVELOPE_PATHS)
+            except CdcError:
+                columns = None  # the registry: `_feed` meets the same failure and reports it
+            if columns is None:
+                continue
+            events = from_columns(columns, topics=[m.topic() for m in batch], partitions=[m.partition() for m in batch],
+                                  offsets=[m.offset() for m in batch], schema_id=schema_id)
+            try:
+                for table in {e.table for e in events or ()}:
+                    self._converter(schema_id, table)
+            except (ValueError, TypeError, KeyError):
+                events = None  # `_feed` meets the same failure, and dead-letters or stops as the policy says
+            if events is None:
+                continue
+            for i, event in zip(indexes, events):
+                decoded[i] = event
+        for msg, event in zip(messages, decoded):
+            if event is None:
+                self._feed(msg)
+            else:
+                self.read_positions[event.topic, event.partition] = event.offset + 1
+                self.assembler.add_event(event)
+
     def _feed(self, msg: Any) -> None:
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         self.read_positions[topic, partition] = offset + 1
@@ -272,8 +313,10 @@ class ReplicaApplier:
             rows = self_referencing_order(shape, rows)
         # Rows missing unchanged TOASTed values are written without those columns, so the stored ones stay.
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        unavailable = values.UNAVAILABLE
         for row in rows:
-            missing = tuple(c for c, v in row.items() if v is values.UNAVAILABLE)
+            # `in` on the values scans in C (identity first): the common row, with nothing missing, costs little.
+            missing = tuple(c for c, v in row.items() if v is unavailable) if unavailable in row.values() else ()
             groups.setdefault(missing, []).append(row)
         written = 0
         for missing, group in groups.items():
@@ -319,6 +362,14 @@ class ReplicaApplier:
         self.applied_positions.update(offsets)
         if self._watermark is not None and any(s.xid == self._watermark for s in steps):
             self._watermark_applied = True
+        with self._group_lock:
+            self._group_offsets.update(offsets)
+
+    def _commit_group_offsets(self) -> None:
+        """Hand the applied offsets to Kafka's consumer group, for lag tools. Only from the thread that consumes:
+        a commit from another thread while this one waits in consume() was seen to hang both."""
+        with self._group_lock:
+            offsets, self._group_offsets = self._group_offsets, {}
         if offsets and self.consumer is not None:
             try:
                 self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
@@ -401,6 +452,22 @@ class ReplicaApplier:
         """The watermark transaction is applied, and everything written to Kafka before it has been read."""
         return self._watermark_applied and self.caught_up(self.end_offsets())
 
+    def _poll(self) -> bool:
+        """Read and decode what Kafka has (waiting at most 50 ms); True when something arrived."""
+        assert self.consumer is not None
+        # Short waits: at a modest rate a long one would hold each batch back (latency); at a high rate the
+        # batch fills first anyway.
+        messages = self.consumer.consume(self.poll_messages, 0.05)
+        good = []
+        for msg in messages:
+            if msg.error() is not None:
+                if msg.error().fatal():
+                    raise ServiceUnavailable(f"Kafka consumer failed: {msg.error()}")
+                continue
+            good.append(msg)
+        self._feed_batch(good)
+        return bool(messages)
+
     def run(self, *, until_caught_up: bool = False, timeout: float | None = None,
             progress: Callable[["ReplicaApplier"], None] | None = None) -> None:
         if self.consumer is None:
@@ -411,26 +478,22 @@ class ReplicaApplier:
                 self._watermark = insert_watermark(conn, self.pipeline.source.signal_table)
         deadline = time.monotonic() + timeout if timeout else None
         last_progress = 0.0
+        # One thread reads and writes. Writing a batch in a second thread while this one decodes the next was
+        # tried and measured: no faster (the GIL serialises the Python work of both), and more states to reason
+        # about.
         while not self._stop.is_set():
-            # Short waits: at a modest rate a long one would hold each batch back (latency); at a high rate the
-            # batch fills first anyway.
-            messages = self.consumer.consume(self.poll_messages, 0.05)
-            for msg in messages:
-                if msg.error() is not None:
-                    if msg.error().fatal():
-                        raise ServiceUnavailable(f"Kafka consumer failed: {msg.error()}")
-                    continue
-                self._feed(msg)
+            arrived = self._poll()
             steps = self._retry + self.assembler.ready(self.batch_events)
-            if not steps and not messages and self.assembler.holes and self.assembler.waiting_for \
+            if not steps and not arrived and self.assembler.holes and self.assembler.waiting_for \
                     and self._read_to_end():
                 # A transaction lost an undecodable (dead-lettered) event and nothing more is coming for it.
                 steps = self.assembler.force_next()
-            if steps and (not self._retry or messages):
+            if steps and (not self._retry or arrived):
                 self._apply_with_policy(steps)
-            elif self._retry and not messages and self.caught_up(self.end_offsets()):
+            elif self._retry and not arrived and self.caught_up(self.end_offsets()):
                 self._retry = []
                 self._apply_with_policy(steps, may_wait=False)  # nothing more will come: the failure is real
+            self._commit_group_offsets()
             if progress and time.monotonic() - last_progress >= 1:
                 progress(self)
                 last_progress = time.monotonic()
@@ -439,6 +502,7 @@ class ReplicaApplier:
             if deadline and time.monotonic() > deadline:
                 raise CdcError(f"{self.name}: not caught up after {timeout:.0f} s "
                                f"(waiting for source transaction {self.assembler.waiting_for or '-'})")
+        self._commit_group_offsets()
         if progress:
             progress(self)
 

@@ -79,7 +79,7 @@ def net_changes(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape],
                 # id) did not change; the row under the old key is gone.
                 changes.upserts.pop(old_key, None)
                 changes.deletes[old_key] = {**{c: before[c] for c in shape.primary_key}, LSN_COLUMN: event.lsn}
-        if any(v is UNAVAILABLE for v in row.values()):
+        if UNAVAILABLE in row.values():  # a C-speed scan; identity is tried first
             earlier = changes.upserts.get(key)
             for column, value in row.items():
                 if value is UNAVAILABLE:

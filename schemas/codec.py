@@ -73,6 +73,7 @@ class AvroDecoder:
     def __init__(self, registry: RegistryClient) -> None:
         self._registry = registry
         self._schemas: dict[int, Any] = {}
+        self._raw: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def writer_schema(self, schema_id: int) -> Any:
@@ -81,9 +82,16 @@ class AvroDecoder:
             with self._lock:
                 parsed = self._schemas.get(schema_id)
                 if parsed is None:
-                    parsed = fastavro.parse_schema(self._registry.schema_by_id(schema_id))
+                    raw = self._registry.schema_by_id(schema_id)
+                    parsed = fastavro.parse_schema(raw)
+                    self._raw[schema_id] = raw
                     self._schemas[schema_id] = parsed
         return parsed
+
+    def raw_schema(self, schema_id: int) -> dict[str, Any]:
+        """The writer schema as the registry holds it (JSON data, named types referenced by name)."""
+        self.writer_schema(schema_id)
+        return self._raw[schema_id]
 
     @staticmethod
     def schema_id(data: bytes) -> int:

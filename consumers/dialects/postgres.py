@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 from typing import Any
 
 from psycopg import sql
@@ -46,8 +47,9 @@ class PostgresDialect(Dialect):
         raw = conn.connection.driver_connection
         with raw.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(
                 stage, sql.SQL(", ").join(map(sql.Identifier, columns)))) as copy:
+            pick = operator.itemgetter(*columns)  # a tuple (columns always hold the key and _cdc_lsn), built in C
             for row in rows:
-                copy.write_row([row[c] for c in columns])
+                copy.write_row(pick(row))
 
     def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
         if not rows:
