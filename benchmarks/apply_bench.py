@@ -171,17 +171,18 @@ def machine_info() -> dict[str, str]:
 def code_version() -> str:
     """The commit measured, and whether the working tree differed from it where the measured code lives."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+        # Not stripped: porcelain lines start with a two-letter status that may begin with a space.
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout
 
     try:
-        commit = git("rev-parse", "--short", "HEAD")
+        commit = git("rev-parse", "--short", "HEAD").strip()
         dirty = git("status", "--porcelain", "--", "consumers", "schemas", "producers", "cdc")
     except OSError:
         return "unknown (no git)"
     if not commit:
         return "unknown (not a git checkout)"
     return commit + (" with uncommitted changes in " + ", ".join(sorted({line[3:].split("/")[0] for line in
-                                                                          dirty.splitlines()})) if dirty else "")
+                                                                          dirty.splitlines() if line})) if dirty.strip() else "")
 
 
 def percentile(ordered: list[float], p: float) -> float:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Callable, Optional
+from datetime import datetime
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -352,7 +353,6 @@ def history_show(
 @history_app.command("clear")
 def history_clear(before: Optional[str] = typer.Option(None, "--before", help="Only requests before this date.")) -> None:
     """Delete the history (or the part of it before a date)."""
-    from datetime import datetime
 
     from consumers import resync as resync_mod
 
@@ -367,24 +367,75 @@ def history_clear(before: Optional[str] = typer.Option(None, "--before", help="O
     _run(body)
 
 
+class _ReplayProgress:
+    """A progress bar for a replay: messages read of those in the topics when it started (and since), rows/s, and
+    an ETA from the remaining lag. Updated by the applier's progress callback, about once a second."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TextColumn("messages"),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+        self.task = None
+        self.start: dict[tuple[str, int], int] = {}
+
+    def __call__(self, applier: Any) -> None:
+        try:
+            ends = applier.end_offsets()
+        except Exception:  # noqa: BLE001 - a progress bar must never stop a replay
+            return
+        if self.task is None:
+            self.start = {tp: applier.applied_positions.get(tp, 0) for tp in ends}
+            self.bar.start()
+            self.task = self.bar.add_task("replay", total=1, rate="")
+        total = sum(max(0, end - self.start.get(tp, 0)) for tp, end in ends.items())
+        done = sum(max(0, min(applier.read_positions.get(tp, 0), end) - self.start.get(tp, 0))
+                   for tp, end in ends.items())
+        self.bar.update(self.task, total=max(total, 1), completed=done,
+                        rate=f"{applier.stats.rows_per_second:,.0f} rows/s")
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
 @app.command("replay")
 def replay_command(
     destination: str = typer.Argument(..., help="The replica destination to rebuild."),
     tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated tables (default: all captured)."),
-    from_: str = typer.Option("earliest", "--from", help="Where to start: `earliest` (the only choice so far)."),
+    from_: str = typer.Option("earliest", "--from", help="`earliest` (empty the scope, apply the whole history), "
+                              "or an ISO-8601 time: keep the tables and re-apply every change committed since."),
+    shadow: bool = typer.Option(False, "--shadow", help="Rebuild into a new schema while the live tables keep "
+                                "serving, then swap them in atomically (PostgreSQL)."),
+    from_snapshot: bool = typer.Option(False, "--from-snapshot", help="When retention deleted the start of the "
+                                       "history: empty the scope and take a fresh Debezium snapshot of it."),
     make_backup: bool = typer.Option(True, "--backup/--no-backup", help="Back up the tables first (default)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
 ) -> None:
     """Rebuild a destination from the topics: back up, empty the scope, apply from the start until caught up."""
     from consumers import replay as replay_mod
-    from consumers.runner import _progress_printer
 
     def body() -> int:
+        start = None
         if from_ != "earliest":
-            raise ConfigError(f"--from: {from_!r}: only `earliest` is supported so far")
-        saved, applier = replay_mod.replay(
-            _pipeline(), destination, tables=[t.strip() for t in tables.split(",")] if tables else None,
-            make_backup=make_backup, timeout=timeout, echo=_echo, progress=_progress_printer(_echo))
+            try:
+                start = datetime.fromisoformat(from_)
+            except ValueError:
+                raise ConfigError(f"--from: {from_!r} is neither `earliest` nor an ISO-8601 time "
+                                  "(2026-11-23T12:00:00+00:00)") from None
+            if start.tzinfo is None:
+                raise ConfigError(f"--from: {from_!r} has no time zone; add one (+00:00 or Z)")
+        bar = _ReplayProgress()
+        try:
+            saved, applier = replay_mod.replay(
+                _pipeline(), destination, tables=[t.strip() for t in tables.split(",")] if tables else None,
+                make_backup=make_backup, start=start, shadow=shadow, from_snapshot=from_snapshot, timeout=timeout,
+                echo=_echo, progress=bar)
+        finally:
+            bar.close()
         typer.echo(f"replay: applied {applier.stats.rows} rows from {applier.stats.transactions} source transactions"
                    + (f"; backup {saved.id} ({saved.schema}) can be restored with `cdc backups restore {destination} "
                       f"{saved.id}`" if saved else ""))
@@ -446,33 +497,15 @@ def query_command(
     destination: Optional[str] = typer.Option(None, "--dest", help="The analytics destination (default: the first)."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as a JSON list of objects."),
 ) -> None:
-    """Query the analytics replica, read-only: a statement that writes is refused."""
-    import duckdb
+    """Run one statement on the analytics replica (DuckDB or PostgreSQL), read-only: a write is refused."""
+    from consumers import query as query_mod
 
     def body() -> int:
         pipeline = _pipeline()
         name = destination or next((n for n, d in pipeline.destinations.items() if d.kind == "analytics"), None)
-        if name is None or pipeline.destinations.get(name) is None or pipeline.destinations[name].kind != "analytics":
+        if name is None or name not in pipeline.destinations:
             raise ConfigError("destinations: no analytics destination to query")
-        url = pipeline.destinations[name].sqlalchemy_url
-        if url.get_backend_name() != "duckdb":
-            raise ConfigError(f"destinations.{name}: `cdc query` reads DuckDB replicas; connect to "
-                              f"{url.render_as_string(hide_password=True)} with its read-only role instead")
-        try:
-            conn = duckdb.connect(url.database or ":memory:", read_only=True)
-        except duckdb.Error as exc:
-            raise CdcError(f"cannot open the analytics replica {url.database}: {exc}") from None
-        try:
-            result = conn.execute(sql_text)
-            columns = [d[0] for d in result.description or []]
-            rows = result.fetchall() if columns else []
-        except duckdb.Error as exc:
-            message = str(exc).splitlines()[0]
-            if "read-only" in message:
-                raise CdcError(f"the analytics replica is read-only: {message}") from None
-            raise CdcError(f"query failed: {message}") from None
-        finally:
-            conn.close()
+        columns, rows = query_mod.run(name, pipeline.destinations[name], sql_text)
         if as_json:
             typer.echo(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=2))
         else:

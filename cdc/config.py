@@ -22,6 +22,10 @@ DEFAULT_FILE = "pipeline.yaml"
 # Kafka topic names allow [a-zA-Z0-9._-]; pipeline and hierarchy names become parts of topic names.
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 TABLE_RE = re.compile(r"^[^.]+\.[^.]+$")
+# Role names are written unquoted in SQL by the people who use them, so: lower case, digits and '_', at most
+# PostgreSQL's 63 bytes, not starting with `pg_` (reserved by PostgreSQL).
+ROLE_RE = re.compile(r"^(?!pg_)[a-z_][a-z0-9_]{0,62}$")
+_RESERVED_ROLES = {"public", "none", "current_role", "current_user", "session_user", "all"}
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -167,16 +171,42 @@ class Hierarchy(_Model):
         return (self.root, *self.members)
 
 
+def default_read_only_role(destination: str) -> str:
+    """`cdc_reader_<destination>`, made a valid unquoted PostgreSQL role name."""
+    return ("cdc_reader_" + re.sub(r"[^a-z0-9_]", "_", destination.lower()))[:63]
+
+
 class Destination(_Model):
     kind: Literal["replica", "analytics"]
     url: SecretStr
     on_error: Literal["stop", "dead-letter"] | None = None
+    # PostgreSQL analytics destinations only: the role their users read with (`cdc query` takes it with SET ROLE).
+    # Filled with `default_read_only_role(<destination name>)` when absent; a password makes it a LOGIN role.
+    read_only_role: str | None = None
+    read_only_password: SecretStr | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: SecretStr) -> SecretStr:
         _sqlalchemy_url(v.get_secret_value())
         return v
+
+    @field_validator("read_only_role")
+    @classmethod
+    def _role(cls, v: str | None) -> str | None:
+        if v is not None and (not ROLE_RE.match(v) or v in _RESERVED_ROLES):
+            raise ValueError(f"{v!r} is not a usable role name (lower-case letters, digits and '_', starting with a "
+                             "letter or '_', at most 63 characters, not `pg_...` nor a reserved word)")
+        return v
+
+    @field_validator("read_only_password", mode="before")
+    @classmethod
+    def _password(cls, v: Any) -> Any:
+        return None if v == "" else v  # `${READER_PASSWORD:-}` unset: no password, a NOLOGIN role
+
+    @property
+    def is_postgres_analytics(self) -> bool:
+        return self.kind == "analytics" and self.sqlalchemy_url.get_backend_name() == "postgresql"
 
     @property
     def sqlalchemy_url(self) -> URL:
@@ -209,6 +239,30 @@ class Pipeline(_Model):
                 raise ValueError(f"hierarchy name {name!r} may only hold letters, digits, '_' and '-' "
                                  "(it becomes part of a topic name)")
         return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _analytics_destinations(cls, v: dict[str, Destination]) -> dict[str, Destination]:
+        checked = {}
+        for name, dest in v.items():
+            where = f"destinations.{name}"
+            backend = dest.sqlalchemy_url.get_backend_name()
+            if dest.kind == "analytics" and backend not in ("duckdb", "postgresql"):
+                raise _FieldError(f"{where}.url", f"an analytics destination is DuckDB or PostgreSQL, not {backend!r}")
+            if not dest.is_postgres_analytics:
+                for field in ("read_only_role", "read_only_password"):
+                    if getattr(dest, field) is not None:
+                        raise _FieldError(f"{where}.{field}", "only a PostgreSQL destination of kind analytics has a "
+                                          "read-only role")
+                checked[name] = dest
+                continue
+            role = dest.read_only_role or default_read_only_role(name)
+            if role == dest.sqlalchemy_url.username:
+                # The role is made read-only by default: the applier itself would lose the right to write.
+                raise _FieldError(f"{where}.read_only_role", f"{role!r} is the user of destinations.{name}.url; the "
+                                  "read-only role must be another role")
+            checked[name] = dest.model_copy(update={"read_only_role": role})
+        return checked
 
     @model_validator(mode="after")
     def _hierarchies_cover_captured_tables(self) -> "Pipeline":
@@ -254,6 +308,11 @@ class Pipeline(_Model):
     @property
     def signal_topic(self) -> str:
         return f"{self.pipeline}.signal"
+
+    @property
+    def notification_topic(self) -> str:
+        """Debezium's notifications (snapshot started, completed ...), which `cdc replay --from-snapshot` waits on."""
+        return f"{self.pipeline}.notification"
 
     @property
     def connector_name(self) -> str:

@@ -92,7 +92,7 @@ class ReplicaApplier:
             self.engine: Engine = create_engine(url, poolclass=NullPool)
         else:
             self.engine = create_engine(url, pool_size=2, pool_pre_ping=True)
-        self.dialect: Dialect = dialect_for(self.engine)
+        self.dialect: Dialect = dialect_for(self.engine, self.destination.kind)
         self.shapes: dict[str, TableShape] = {}
         self.order: list[str] = []
         self.assembler = TransactionAssembler(frozenset(pipeline.source.tables))
@@ -106,6 +106,12 @@ class ReplicaApplier:
         # Set by a partial replay: (tables replayed, offsets the destination had applied before). Events before
         # those offsets are applied only to the replayed tables.
         self.replay_scope: tuple[frozenset[str], dict[tuple[str, int], int]] | None = None
+        # Set by a shadow replay of some tables: the other tables' events are not this applier's to write.
+        self.only_tables: frozenset[str] | None = None
+        # Set by `cdc replay --from TIME`: changes committed before it (epoch ms) are read past, not applied. All
+        # the events of a source transaction, and its END record, carry its commit time, so a transaction is kept
+        # or skipped whole, wherever the per-partition start offsets fell inside it.
+        self.skip_before_ms: int | None = None
         self._watermark: str | None = None
         self._watermark_applied = False
         self._group_offsets: dict[tuple[str, int], int] = {}
@@ -132,6 +138,11 @@ class ReplicaApplier:
                 self.dialect.ensure_offsets_table(conn)
                 for name in dependency_order(self.shapes):
                     for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
+                        self.echo(f"{self.name}: {action}")
+                if self.destination.read_only_role:  # PostgreSQL analytics destinations (cdc.config)
+                    password = self.destination.read_only_password
+                    for action in self.dialect.grant_read_only(conn, self.destination.read_only_role,
+                                                               password.get_secret_value() if password else None):
                         self.echo(f"{self.name}: {action}")
                 stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
         except OperationalError as exc:
@@ -233,12 +244,14 @@ class ReplicaApplier:
                 continue
             for i, event in zip(indexes, events):
                 decoded[i] = event
+        skip_before = self.skip_before_ms
         for msg, event in zip(messages, decoded):
             if event is None:
                 self._feed(msg)
             else:
                 self.read_positions[event.topic, event.partition] = event.offset + 1
-                self.assembler.add_event(event)
+                if skip_before is None or (event.commit_ts_ms or 0) >= skip_before:
+                    self.assembler.add_event(event)
 
     def _feed(self, msg: Any) -> None:
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
@@ -250,7 +263,9 @@ class ReplicaApplier:
             schema_id = self.decoder.schema_id(raw)
             value = self.decoder.decode(raw)
             if topic == self.pipeline.transaction_topic:
-                self.assembler.add_marker(marker_from_record(value, offset))
+                marker = marker_from_record(value, offset)
+                if self.skip_before_ms is None or (marker.commit_ts_ms or 0) >= self.skip_before_ms:
+                    self.assembler.add_marker(marker)
                 return
             # The record key (the root id) is not needed to apply: rows carry their keys. Not decoding it saves
             # a second Avro read per message.
@@ -263,11 +278,14 @@ class ReplicaApplier:
             self._dead_letter(str(error), topic, partition, offset, msg.key(), raw, None)
             self.assembler.add_hole(topic, partition, offset)
             return
-        self.assembler.add_event(event)
+        if self.skip_before_ms is None or (event.commit_ts_ms or 0) >= self.skip_before_ms:
+            self.assembler.add_event(event)
 
     # -- applying -------------------------------------------------------------------------------------------------
     def _write(self, conn: Any, steps: list[Step], offsets: dict[tuple[str, int], int]) -> int:
         events = [e for step in steps for e in step.events]
+        if self.only_tables is not None:
+            events = [e for e in events if e.table in self.only_tables]
         if self.replay_scope is not None:
             scope, applied_before = self.replay_scope
             events = [e for e in events

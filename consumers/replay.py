@@ -15,6 +15,7 @@ Stop `cdc run` for the destination while it replays: two appliers would write th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -67,9 +68,9 @@ def check_history(pipeline: Pipeline) -> None:
                 if low > 0:
                     raise CdcError(
                         f"replay: {topic}[{partition}] starts at offset {low}: retention deleted the start of the "
-                        "history, so a rebuild from the topics would lack rows. Take a fresh snapshot instead: "
-                        "`cdc resync` the tables' keys, or re-create the connector with `cdc connectors delete "
-                        "--purge` and `cdc connectors apply` (a snapshot emits no deletes: empty the tables first)")
+                        "history, so a rebuild from the topics would lack rows. Rebuild from a fresh Debezium "
+                        "snapshot instead: `cdc replay DEST --from-snapshot` (it empties the tables first, since a "
+                        "snapshot emits no deletes)")
     finally:
         consumer.close()
 
@@ -163,41 +164,240 @@ def prune(pipeline: Pipeline, destination: str, older_than: timedelta = DEFAULT_
     return old
 
 
-def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = None, make_backup: bool = True,
-           timeout: float | None = None, echo: Callable[[str], None] = lambda line: None,
-           progress: Callable[[ReplicaApplier], None] | None = None) -> tuple[Backup | None, ReplicaApplier]:
+def _validate_scope(pipeline: Pipeline, tables: list[str] | None, shapes: dict[str, Any]) -> list[str]:
     chosen = tables or list(pipeline.source.tables)
     unknown = [t for t in chosen if t not in pipeline.source.tables]
     if unknown:
         raise ConfigError(f"--tables: {', '.join(unknown)} not in source.tables")
-    engine = _engine(pipeline, destination)
-    engine.dispose()
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, pipeline.source.tables)
     # Emptying a table that other tables reference would break their foreign keys: they join the scope.
     dependents = sorted({name for name, shape in shapes.items() if name not in chosen
                          for fk in shape.foreign_keys if fk.referred_table in chosen})
     if dependents:
         raise ConfigError(f"--tables: {', '.join(dependents)} reference the tables to replay; "
                           "replay them too (add them to --tables)")
-    check_history(pipeline)
+    return chosen
+
+
+def offsets_at(pipeline: Pipeline, when: datetime) -> dict[tuple[str, int], int]:
+    """Per partition (data topics and the transaction topic), the first offset written at or after `when`; the
+    log end where nothing was. Kafka stamps a record when Connect produces it, never before the source commit, so
+    every change committed at or after `when` is at or after these offsets."""
+    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-replay-time",
+                         "log_level": 3})
+    try:
+        metadata = consumer.list_topics(timeout=15)
+        wanted = [TopicPartition(topic, partition, int(when.timestamp() * 1000))
+                  for topic in [*pipeline.data_topics, pipeline.transaction_topic]
+                  if topic in metadata.topics for partition in metadata.topics[topic].partitions]
+        found = consumer.offsets_for_times(wanted, timeout=15)
+        positions = {}
+        for tp in found:
+            offset = tp.offset
+            if offset < 0:  # nothing at or after that time
+                offset = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)[1]
+            positions[tp.topic, tp.partition] = offset
+        return positions
+    finally:
+        consumer.close()
+
+
+def end_positions(pipeline: Pipeline) -> dict[tuple[str, int], int]:
+    """The log-end offset of every data and transaction partition."""
+    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-replay-end",
+                         "log_level": 3})
+    try:
+        metadata = consumer.list_topics(timeout=15)
+        return {(topic, partition): consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
+                for topic in [*pipeline.data_topics, pipeline.transaction_topic] if topic in metadata.topics
+                for partition in metadata.topics[topic].partitions}
+    finally:
+        consumer.close()
+
+
+def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = None, make_backup: bool = True,
+           start: datetime | None = None, shadow: bool = False, from_snapshot: bool = False,
+           timeout: float | None = None, echo: Callable[[str], None] = lambda line: None,
+           progress: Callable[[ReplicaApplier], None] | None = None) -> tuple[Backup | None, ReplicaApplier]:
+    """Rebuild `destination` (see the module's docstring). `start`: re-apply the changes committed since then
+    on top of the tables instead of emptying them. `shadow`: build beside the live tables, then swap.
+    `from_snapshot`: the history is gone from the topics; empty the scope and take a fresh Debezium snapshot."""
+    if sum([start is not None, shadow, from_snapshot]) > 1:
+        raise ConfigError("replay: --from TIME, --shadow and --from-snapshot are different ways to replay; choose one")
+    engine = _engine(pipeline, destination)
+    engine.dispose()
+    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, pipeline.source.tables)
+    chosen = _validate_scope(pipeline, tables, shapes)
+    if start is None and not from_snapshot:
+        check_history(pipeline)
+    if shadow:
+        return _replay_shadow(pipeline, destination, chosen, shapes, make_backup=make_backup, timeout=timeout,
+                              echo=echo, progress=progress)
     saved = backup(pipeline, destination, chosen) if make_backup else None
     if saved:
         echo(f"backup {saved.id}: {len(chosen)} tables copied into schema {saved.schema}")
     applier = ReplicaApplier(pipeline, destination, echo=echo)
     applier.shapes = shapes
+    positions = offsets_at(pipeline, start) if start is not None else end_positions(pipeline) if from_snapshot else {}
     with applier.engine.begin() as conn:
         applier.dialect.ensure_offsets_table(conn)
         stored = applier.dialect.load_offsets(conn, pipeline.pipeline)
         applier.dialect.begin_batch(conn, snapshot=True)
-        prep = conn.dialect.identifier_preparer
-        insp = inspect(conn)
-        for name in reversed(dependency_order({n: applier.shapes[n] for n in chosen})):
-            table = applier.dialect.table(applier.shapes[name])
-            if insp.has_table(table.name, schema=table.schema):
-                conn.execute(text(f"delete from {prep.format_table(table)}"))
+        if start is None:
+            prep = conn.dialect.identifier_preparer
+            insp = inspect(conn)
+            for name in reversed(dependency_order({n: applier.shapes[n] for n in chosen})):
+                table = applier.dialect.table(applier.shapes[name])
+                if insp.has_table(table.name, schema=table.schema):
+                    conn.execute(text(f"delete from {prep.format_table(table)}"))
         applier.dialect.reset_offsets(conn, pipeline.pipeline)
-    echo(f"replay: emptied {', '.join(chosen)}; reading the topics from the beginning")
+        applier.dialect.store_offsets(conn, pipeline.pipeline, positions)
+    if start is not None:
+        applier.skip_before_ms = int(start.timestamp() * 1000)
+        echo(f"replay: re-applying the changes committed since {start.isoformat()} on top of the tables")
+    elif from_snapshot:
+        echo(f"replay: emptied {', '.join(chosen)}; asking Debezium for a fresh snapshot of them")
+        snapshot_and_wait(pipeline, chosen, timeout=timeout, echo=echo)
+    else:
+        echo(f"replay: emptied {', '.join(chosen)}; reading the topics from the beginning")
     if tables:
         applier.replay_scope = (frozenset(chosen), stored)
     applier.run(until_caught_up=True, timeout=timeout, progress=progress)
     return saved, applier
+
+
+def snapshot_and_wait(pipeline: Pipeline, tables: list[str], *, timeout: float | None,
+                      echo: Callable[[str], None]) -> None:
+    """Ask Debezium for a blocking snapshot of `tables` and wait for its notification that the snapshot completed.
+
+    Blocking, not incremental: an incremental snapshot de-duplicates a chunk's rows by record key, and a hierarchy
+    member's key (its root's id) is shared by many rows, so rows would be lost. A blocking snapshot's notifications
+    do not carry the signal's id; the ones read here come after the signal (the topic is read from its end as it
+    was before sending it). Applying starts afterwards, so the watermark that ends the replay follows every
+    snapshot row in Kafka."""
+    import psycopg
+
+    from producers.source_admin import psycopg_conninfo, send_incremental_snapshot
+    from schemas.codec import AvroDecoder, RegistryClient
+
+    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-replay-snapshot",
+                         "enable.auto.commit": False, "log_level": 3})
+    registry = RegistryClient(pipeline.kafka.schema_registry_url)
+    decoder = AvroDecoder(registry)
+    try:
+        metadata = consumer.list_topics(timeout=15)
+        info = metadata.topics.get(pipeline.notification_topic)
+        if info is None or info.error is not None:
+            raise CdcError(f"replay: topic {pipeline.notification_topic} does not exist; run `cdc connectors apply` "
+                           "(it enables Debezium's notifications, which say when a snapshot is complete)")
+        ends = [TopicPartition(pipeline.notification_topic, p,
+                               consumer.get_watermark_offsets(TopicPartition(pipeline.notification_topic, p),
+                                                              timeout=10)[1]) for p in info.partitions]
+        consumer.assign(ends)
+        with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
+            send_incremental_snapshot(conn, pipeline.source.signal_table, tables, kind="blocking")
+        limit = timeout or 3600
+        deadline = time.monotonic() + limit
+        started = False
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(100, 1.0):
+                if msg.error() is not None or msg.value() is None:
+                    continue
+                note = decoder.decode(msg.value())
+                if note.get("aggregate_type") != "Initial Snapshot":
+                    continue
+                kind = note.get("type")
+                extra = note.get("additional_data") or {}
+                started = started or kind == "STARTED"
+                if not started:
+                    continue  # the end of an earlier snapshot
+                if kind == "TABLE_SCAN_COMPLETED":
+                    echo(f"replay: snapshot of {extra.get('scanned_collection')}: "
+                         f"{extra.get('total_rows_scanned')} rows ({str(extra.get('status', '')).lower()})")
+                elif kind == "COMPLETED":
+                    echo("replay: snapshot complete")
+                    return
+                elif kind in ("ABORTED", "SKIPPED"):
+                    raise CdcError(f"replay: Debezium reports the snapshot {kind.lower()} ({extra})")
+        raise CdcError(f"replay: the snapshot did not complete within {limit:.0f} s")
+    finally:
+        consumer.close()
+        registry.close()
+
+
+def _replay_shadow(pipeline: Pipeline, destination: str, chosen: list[str], shapes: dict[str, Any], *,
+                   make_backup: bool, timeout: float | None, echo: Callable[[str], None],
+                   progress: Callable[[ReplicaApplier], None] | None) -> tuple[Backup | None, ReplicaApplier]:
+    """Build the scope's tables in a new schema from the start of the topics while the live ones keep serving,
+    then swap them in one transaction. Readers see the old tables or the new ones, whole: the swap holds each
+    table's exclusive lock only for renames, and PostgreSQL re-resolves a waiting query's table names after it.
+    The old tables move into a backup schema (recorded like any replay's backup) unless --no-backup."""
+    now = datetime.now(timezone.utc)
+    shadow = f"_cdc_shadow_{now:%Y%m%d_%H%M%S_%f}"
+    applier = ReplicaApplier(pipeline, destination, echo=echo)
+    with applier.engine.begin() as conn:
+        conn.execute(text(f'create schema "{shadow}"'))
+    applier.dialect.relocate({name: (shadow, name) for name in chosen}, offsets_schema=shadow)
+    if len(chosen) < len(pipeline.source.tables):
+        applier.only_tables = frozenset(chosen)
+    echo(f"replay: building {', '.join(chosen)} in schema {shadow} while the live tables keep serving")
+    try:
+        applier.run(until_caught_up=True, timeout=timeout, progress=progress)
+        saved = _swap(pipeline, applier, shadow, chosen, shapes, now, keep_old=make_backup)
+    except BaseException:
+        with applier.engine.begin() as conn:
+            conn.execute(text(f'drop schema if exists "{shadow}" cascade'))
+        raise
+    echo("replay: swapped the rebuilt tables in" + (f"; the old ones are backup {saved.id} ({saved.schema})"
+                                                     if saved else ""))
+    return saved, applier
+
+
+def _swap(pipeline: Pipeline, applier: ReplicaApplier, shadow: str, chosen: list[str], shapes: dict[str, Any],
+          now: datetime, *, keep_old: bool) -> Backup | None:
+    import json
+
+    live = dialect_for(applier.engine)
+    backup_schema = f"_cdc_backup_{now:%Y%m%d_%H%M%S_%f}"
+    full = len(chosen) == len(pipeline.source.tables)
+    with applier.engine.begin() as conn:
+        prep = conn.dialect.identifier_preparer
+        q = prep.quote
+        _ensure_backups_table(conn)
+        live.ensure_offsets_table(conn)
+        conn.execute(text(f"create schema {q(backup_schema)}"))
+        insp = inspect(conn)
+        for name in chosen:
+            table = live.table(shapes[name])
+            schema = table.schema or "public"
+            if insp.has_table(table.name, schema=schema):
+                # Renamed first, in place: the backup schema holds every table under its source name.
+                conn.execute(text(f"alter table {q(schema)}.{q(table.name)} rename to {q(name)}"))
+                conn.execute(text(f"alter table {q(schema)}.{q(name)} set schema {q(backup_schema)}"))
+                # The backup must not hold the live tables back: its foreign keys go.
+                for (constraint,) in conn.execute(text(
+                        "select conname from pg_constraint where contype = 'f' and conrelid = "
+                        "cast(:t as regclass)"), {"t": f"{q(backup_schema)}.{q(name)}"}).all():
+                    conn.execute(text(f"alter table {q(backup_schema)}.{q(name)} drop constraint {q(constraint)}"))
+            conn.execute(text(f"create schema if not exists {q(schema)}"))
+            conn.execute(text(f"alter table {q(shadow)}.{q(name)} set schema {q(schema)}"))
+            conn.execute(text(f"alter table {q(schema)}.{q(name)} rename to {q(table.name)}"))
+        conn.execute(text(f"create table {q(backup_schema)}.{q(OFFSETS_TABLE)} as select * from {q(OFFSETS_TABLE)} "
+                          "where pipeline = :p"), {"p": pipeline.pipeline})
+        old = live.load_offsets(conn, pipeline.pipeline)
+        new = applier.dialect.load_offsets(conn, pipeline.pipeline)
+        if not full:
+            # The tables outside the scope are where the old offsets say; the rebuilt ones may take a change
+            # twice (harmless: `_cdc_lsn`), never miss one.
+            new = {tp: min(offset, old[tp]) for tp, offset in new.items() if tp in old}
+        live.reset_offsets(conn, pipeline.pipeline)
+        live.store_offsets(conn, pipeline.pipeline, new)
+        conn.execute(text(f"drop schema {q(shadow)} cascade"))
+        saved = None
+        if keep_old:
+            row = conn.execute(text(f'insert into "{BACKUPS_TABLE}" (schema_name, pipeline, tables) '
+                                    "values (:s, :p, cast(:t as jsonb)) returning id, created_at"),
+                               {"s": backup_schema, "p": pipeline.pipeline, "t": json.dumps(chosen)}).one()
+            saved = Backup(row[0], row[1], backup_schema, pipeline.pipeline, chosen)
+        else:
+            conn.execute(text(f"drop schema {q(backup_schema)} cascade"))
+    return saved

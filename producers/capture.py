@@ -102,7 +102,12 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
             if current is not None:
                 added = sorted(_captured(desired) - _captured(current) - {pipeline.source.signal_table})
                 if added:
-                    send_incremental_snapshot(conn, pipeline.source.signal_table, added)
+                    # An incremental snapshot de-duplicates the rows of a chunk by record key, and a hierarchy
+                    # member's key is its root's id, shared by many rows: all but one would be lost. Such tables
+                    # take a blocking snapshot (streaming pauses while it reads them).
+                    members = {m for h in pipeline.hierarchies.values() for m in h.members}
+                    kind = "blocking" if members & set(added) else "incremental"
+                    send_incremental_snapshot(conn, pipeline.source.signal_table, added, kind=kind)
                     report.snapshot_requested = added
     if echo:
         for line in report.lines():

@@ -166,6 +166,9 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         "signal.kafka.topic": pipeline.signal_topic,
         "signal.kafka.bootstrap.servers": pipeline.kafka.bootstrap_servers,
         "signal.kafka.groupId": f"{prefix}-signal",
+        # Notifications on a topic: how `cdc replay --from-snapshot` learns that the snapshot it asked for is done.
+        "notification.enabled.channels": "sink",
+        "notification.sink.topic.name": pipeline.notification_topic,
         "topic.creation.default.replication.factor": str(pipeline.topics.replication_factor),
         "topic.creation.default.partitions": "1",
         **_avro_converter("key.converter", registry, per_record=False),

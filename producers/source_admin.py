@@ -109,10 +109,11 @@ def ensure_signal_table(conn: psycopg.Connection, table: str) -> bool:
 
 
 def send_incremental_snapshot(conn: psycopg.Connection, signal_table: str, tables: list[str],
-                              conditions: list[dict[str, str]] | None = None) -> str:
-    """Ask the connector for an incremental snapshot of `tables` through the signalling table."""
+                              conditions: list[dict[str, str]] | None = None, *, kind: str = "incremental") -> str:
+    """Ask the connector for a snapshot of `tables` through the signalling table: incremental (interleaved with
+    streaming), or blocking (streaming pauses while it runs)."""
     signal_id = f"cdc-{uuid.uuid4()}"
-    data: dict[str, object] = {"data-collections": tables, "type": "incremental"}
+    data: dict[str, object] = {"data-collections": tables, "type": kind}
     if conditions:
         data["additional-conditions"] = conditions
     schema, name = split_table(signal_table)

@@ -26,6 +26,7 @@ def pipeline_topics(pipeline: Pipeline) -> list[TopicSpec]:
     # One partition: the transaction topic's order is the source commit order the appliers follow.
     specs.append(TopicSpec(pipeline.transaction_topic, 1, log))
     specs.append(TopicSpec(pipeline.signal_topic, 1, {"cleanup.policy": "delete"}))
+    specs.append(TopicSpec(pipeline.notification_topic, 1, {"cleanup.policy": "delete"}))
     return specs
 
 

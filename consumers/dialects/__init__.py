@@ -1,4 +1,4 @@
-"""Destination dialects, one module each with the same shape; `dialect_for` picks one from the engine's URL."""
+"""Destination dialects, one module each with the same shape; `dialect_for` picks one by database and kind."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from cdc.errors import ConfigError
 from consumers.dialects.base import Dialect, SchemaChangeError
 
 
-def dialect_for(engine: Engine) -> Dialect:
+def dialect_for(engine: Engine, kind: str = "replica") -> Dialect:
+    """The dialect of a destination: by its database, and for PostgreSQL by its kind (replica or analytics)."""
     backend = engine.url.get_backend_name()
     if backend == "postgresql":
-        from consumers.dialects.postgres import PostgresDialect
+        from consumers.dialects.postgres import PostgresAnalyticsDialect, PostgresDialect
 
-        return PostgresDialect(engine)
+        return PostgresAnalyticsDialect(engine) if kind == "analytics" else PostgresDialect(engine)
     if backend in ("mysql", "mariadb"):
         from consumers.dialects.mariadb import MariaDBDialect
 

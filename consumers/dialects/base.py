@@ -20,11 +20,32 @@ from sqlalchemy.schema import CreateSchema
 from sqlalchemy.types import TypeEngine
 
 from cdc.errors import CdcError, Terminal
-from consumers.shapes import LSN_COLUMN, OFFSETS_TABLE, TableShape
+from consumers.events import ChangeEvent
+from consumers.shapes import LSN_COLUMN, OFFSETS_TABLE, SNAPSHOT_LSN, TableShape
+from consumers.values import UNAVAILABLE
+
+# The analytics replica's change history: table `t` gets `t__history` with t's columns and these.
+HISTORY_SUFFIX = "__history"
+HISTORY_COLUMNS = ("_cdc_op", "_cdc_lsn", "_cdc_tx_id", "_cdc_commit_ts")
 
 
 class SchemaChangeError(CdcError, Terminal):
     """The source table changed in a way the applier does not follow on its own (anything but a new column)."""
+
+
+def history_rows(shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> list[dict[str, Any]]:
+    """History records of a batch's changes to one table, in order: the row after each change (before it, for a
+    delete), with its op, LSN (snapshot reads get SNAPSHOT_LSN), transaction id and commit time (UTC)."""
+    rows = []
+    for event, row in events:
+        # An unchanged TOASTed value Debezium did not send is unknown here: recorded as NULL, never as the sentinel.
+        record = {c: None if (v := row.get(c)) is UNAVAILABLE else v for c in shape.column_names}
+        record.update(_cdc_op=event.op, _cdc_lsn=event.lsn if event.lsn is not None else SNAPSHOT_LSN,
+                      _cdc_tx_id=event.xid or "",
+                      _cdc_commit_ts=datetime.fromtimestamp(event.commit_ts_ms / 1000, tz=timezone.utc)
+                      if event.commit_ts_ms else None)
+        rows.append(record)
+    return rows
 
 
 class Dialect(ABC):
@@ -50,6 +71,14 @@ class Dialect(ABC):
             Column("updated_at", DateTime(timezone=True), nullable=False),
         )
         self._tables: dict[str, Table] = {}
+        self._relocated: dict[str, tuple[str | None, str]] = {}
+
+    def relocate(self, tables: dict[str, tuple[str | None, str]], offsets_schema: str) -> None:
+        """Write these source tables to other (schema, name)s, and keep the offsets table in `offsets_schema`:
+        how a shadow replay builds its copy beside the live tables without touching them or their offsets."""
+        self._relocated = dict(tables)
+        self._tables.clear()
+        self.offsets = self.offsets.to_metadata(MetaData(), schema=offsets_schema)
 
     # -- naming -------------------------------------------------------------------------------------------------
     def destination_name(self, shape: TableShape) -> tuple[str | None, str]:
@@ -68,7 +97,7 @@ class Dialect(ABC):
         """The SQLAlchemy Table of a shape at the destination (with `_cdc_lsn`), built once."""
         table = self._tables.get(shape.name)
         if table is None:
-            schema, name = self.destination_name(shape)
+            schema, name = self._relocated.get(shape.name) or self.destination_name(shape)
             # autoincrement=False: the source assigns every key; a SERIAL here would be a lie.
             columns = [Column(c.name, self.adapt_type(c.type), nullable=c.nullable or c.name not in shape.primary_key,
                               autoincrement=False)
@@ -137,6 +166,14 @@ class Dialect(ABC):
 
     @abstractmethod
     def truncate(self, conn: Connection, shape: TableShape) -> None: ...
+
+    def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
+        """Append every change of the batch to the table's history (dialects with `keeps_history` only)."""
+        raise NotImplementedError(f"{self.name} destinations keep no history")
+
+    def grant_read_only(self, conn: Connection, role: str, password: str | None) -> list[str]:
+        """Create or update the role the destination's users read with; returns what was done."""
+        raise NotImplementedError(f"{self.name} destinations have no read-only role")
 
     # -- offsets --------------------------------------------------------------------------------------------------
     def load_offsets(self, conn: Connection, pipeline: str) -> dict[tuple[str, int], int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
@@ -25,12 +24,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import JSON, LargeBinary, Text, TypeEngine
 
-from consumers.dialects.base import Dialect, SchemaChangeError
+from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, SchemaChangeError, history_rows
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
-
-HISTORY_SUFFIX = "__history"
-HISTORY_COLUMNS = ("_cdc_op", "_cdc_lsn", "_cdc_tx_id", "_cdc_commit_ts")
 
 
 class DuckDBDialect(Dialect):
@@ -151,14 +147,7 @@ class DuckDBDialect(Dialect):
         if not events:
             return
         columns = list(shape.column_names)
-        rows = []
-        for event, row in events:
-            record = {c: row.get(c) for c in columns}
-            record.update(_cdc_op=event.op, _cdc_lsn=event.lsn if event.lsn is not None else SNAPSHOT_LSN,
-                          _cdc_tx_id=event.xid or "",
-                          _cdc_commit_ts=datetime.fromtimestamp(event.commit_ts_ms / 1000, tz=timezone.utc)
-                          if event.commit_ts_ms else None)
-            rows.append(record)
+        rows = history_rows(shape, events)
         table = self.table(shape)
         prep = conn.dialect.identifier_preparer
         all_columns = [*columns, *HISTORY_COLUMNS]

@@ -1,4 +1,9 @@
-"""PostgreSQL destination: COPY into a session-local staging table, then one upsert and one delete per table per batch."""
+"""PostgreSQL destination: COPY into a session-local staging table, then one upsert and one delete per table per batch.
+
+`PostgresAnalyticsDialect` is the analytics replica on PostgreSQL: the same current-state tables without foreign
+keys, plus a `<table>__history` table beside each (the layout and meaning of the DuckDB replica's), appended with
+one COPY per table per batch, and a read-only role for the people who query it.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,19 @@ import operator
 from typing import Any
 
 from psycopg import sql
-from sqlalchemy import Column, ForeignKeyConstraint, Table
+from sqlalchemy import Column, ForeignKeyConstraint, Table, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
-from consumers.dialects.base import Dialect
+from cdc.errors import ConfigError
+from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, history_rows
+from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+
+# PostgreSQL silently truncates longer identifiers, which could make two history tables one.
+MAX_IDENTIFIER_BYTES = 63
+# The comment on the read-only roles the applier creates: it alters only those, never a role someone else made.
+READ_ONLY_ROLE_COMMENT = "read-only role of cdc analytics replicas, managed by cdc run"
 
 
 class PostgresDialect(Dialect):
@@ -103,3 +115,88 @@ class PostgresDialect(Dialect):
             index_elements=[self.offsets.c.pipeline, self.offsets.c.topic, self.offsets.c.kafka_partition],
             set_={"next_offset": stmt.excluded.next_offset, "updated_at": stmt.excluded.updated_at},
         )
+
+
+class PostgresAnalyticsDialect(PostgresDialect):
+    name = "postgresql analytics"
+    keeps_history = True
+
+    def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint | None:  # noqa: ANN001
+        # Like DuckDB's: only the applier writes here, and it writes whole source transactions.
+        return None
+
+    def _history(self, table: Table) -> sql.Identifier:
+        return _identifier(table, HISTORY_SUFFIX)
+
+    def ensure_table(self, conn: Connection, shape: TableShape, shapes: dict[str, TableShape]) -> list[str]:
+        table = self.table(shape)
+        history = table.name + HISTORY_SUFFIX
+        if len(history.encode()) > MAX_IDENTIFIER_BYTES:
+            raise ConfigError(f"{shape.name}: its history table {history!r} would be longer than PostgreSQL's "
+                              f"{MAX_IDENTIFIER_BYTES}-byte identifiers; it cannot go to a PostgreSQL analytics replica")
+        actions = super().ensure_table(conn, shape, shapes)
+        if inspect(conn).has_table(history, schema=table.schema):
+            return actions
+        # The source's columns, all nullable (a delete's before image may hold only the key), then the change's.
+        raw = conn.connection.driver_connection
+        raw.execute(sql.SQL(
+            "CREATE TABLE {history} AS SELECT {cols}, NULL::text AS _cdc_op, NULL::bigint AS _cdc_lsn, "
+            "NULL::text AS _cdc_tx_id, NULL::timestamptz AS _cdc_commit_ts FROM {target} WITH NO DATA").format(
+            history=self._history(table), target=_identifier(table),
+            cols=sql.SQL(", ").join(sql.Identifier(c) for c in shape.column_names)))
+        # For "row X as of time T": the newest history row of a key at or before T.
+        raw.execute(sql.SQL("CREATE INDEX ON {} ({}, _cdc_commit_ts)").format(
+            self._history(table), sql.SQL(", ").join(map(sql.Identifier, shape.primary_key))))
+        return [*actions, f"created table {'.'.join(filter(None, (table.schema, history)))}"]
+
+    def add_column(self, conn: Connection, table: Table, column: Column) -> None:
+        super().add_column(conn, table, column)
+        conn.connection.driver_connection.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+            self._history(table), sql.Identifier(column.name), sql.SQL(column.type.compile(dialect=conn.dialect))))
+
+    def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
+        if events:
+            self._copy(conn, self._history(self.table(shape)), [*shape.column_names, *HISTORY_COLUMNS],
+                       history_rows(shape, events))
+
+    def grant_read_only(self, conn: Connection, role: str, password: str | None) -> list[str]:
+        """Create the role when absent (LOGIN with the password given, else NOLOGIN), read-only by default, allowed
+        to read the replicated tables and their histories, and the tables created in their schemas later. A role of
+        that name that the applier did not create is refused: changing its login or defaults could lock someone out,
+        and leaving them could leave it able to write."""
+        raw = conn.connection.driver_connection
+        who = sql.Identifier(role)
+        actions = []
+        found = raw.execute("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s",
+                            (role,)).fetchone()
+        if found is None:
+            raw.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(who))
+            raw.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(who, sql.Literal(READ_ONLY_ROLE_COMMENT)))
+            actions.append(f"created read-only role {role}")
+        elif found[0] != READ_ONLY_ROLE_COMMENT:
+            raise ConfigError(f"read_only_role: the role {role} already exists and was not created by cdc; name "
+                              "another role, or drop that one")
+        if password:
+            # Hashed here, so that the password itself never reaches the server (nor its statement log).
+            secret = raw.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+            raw.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(who, sql.Literal(secret)))
+        else:
+            raw.execute(sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(who))
+        # For sessions that log in as the role; `cdc query` takes it with SET ROLE and opens READ ONLY itself.
+        raw.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(who))
+        if not raw.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (role,)).fetchone()[0]:
+            raw.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(who))  # so that `cdc query` may SET ROLE to it
+        tables = list(self._tables.values())
+        for schema in sorted({t.schema for t in tables if t.schema}):
+            raw.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), who))
+            raw.execute(sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
+                sql.Identifier(schema), who))
+        if tables:
+            names = [*map(_identifier, tables), *map(self._history, tables)]
+            raw.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(", ").join(names), who))
+        return actions
+
+
+def _identifier(table: Table, suffix: str = "") -> sql.Identifier:
+    """The table's schema-qualified name, or that of its companion named with `suffix`, for psycopg's sql."""
+    return sql.Identifier(*([table.schema] if table.schema else []), table.name + suffix)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
+from datetime import datetime, timezone
 
 import psycopg
 from confluent_kafka import TopicPartition
@@ -78,3 +81,113 @@ def test_replay_refuses_when_retention_deleted_the_start_of_the_history(replica,
     assert refused.returncode == 1
     assert f"{topic}[{partition}] starts at offset 1: retention deleted the start of the history" in refused.stderr
     assert snapshot(destination) == before  # nothing was removed
+
+
+def table_states(url: str) -> dict[str, tuple]:
+    """Per table: row count and a checksum of every row's text, read in one statement each."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {t: conn.execute(f"select count(*), coalesce(sum(hashtext(x::text)::bigint), 0) from "
+                                f"(select * from {t}) x").fetchone() for t in TABLES}
+
+
+def test_shadow_replay_serves_the_old_tables_whole_until_an_atomic_swap(replica):  # noqa: F811
+    path, source, destination = replica
+    workload(source, 300, seed=11)
+    assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+    with psycopg.connect(destination, autocommit=True) as conn:
+        conn.execute("set session_replication_role = replica")
+        conn.execute("delete from attendance where id in (select id from attendance order by id limit 5)")
+        conn.execute("update person set name = 'damaged' where id in (select id from person order by id limit 3)")
+    old = table_states(destination)
+    seen: list[dict[str, tuple]] = []
+    halt = threading.Event()
+
+    def reader() -> None:
+        while not halt.is_set():
+            seen.append(table_states(destination))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        shadow = cdc(path, "replay", "state", "--shadow")
+    finally:
+        halt.set()
+        thread.join(30)
+    assert shadow.returncode == 0, shadow.stdout + shadow.stderr
+    assert "swapped the rebuilt tables in" in shadow.stdout
+    assert_equal(source, destination)
+    new = table_states(destination)  # the rebuilt tables (their `_cdc_lsn` included, which the source lacks)
+    assert old != new
+    assert len(seen) > 5, "the reader hardly ran during the replay"
+    for state in seen:
+        for table in TABLES:
+            # Each table as it was before, or as rebuilt: never empty, never half-built.
+            assert state[table] in (old[table], new[table]), f"{table}: a reader saw {state[table]}"
+    assert seen[0] == old
+    with psycopg.connect(destination) as conn:
+        leftovers = conn.execute("select nspname from pg_namespace where nspname like '_cdc_shadow%'").fetchall()
+    assert leftovers == []
+    # The old tables became the replay's backup, and restoring it brings back exactly what was served before.
+    backup_id = cdc(path, "backups", "list", "state").stdout.split()[0]
+    assert cdc(path, "backups", "restore", "state", backup_id).returncode == 0
+    assert table_states(destination) == old
+    # After a shadow replay the destination keeps following the source.
+    assert cdc(path, "replay", "state", "--shadow", "--no-backup").returncode == 0
+    workload(source, 50, seed=12)
+    assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+    assert_equal(source, destination)
+
+
+def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):  # noqa: F811
+    path, source, destination = replica
+    workload(source, 50, seed=13)
+    with psycopg.connect(source, autocommit=True) as conn:
+        early = conn.execute("select max(id) from attendance").fetchone()[0]
+    time.sleep(1.5)
+    since = datetime.now(timezone.utc)
+    time.sleep(1.5)
+    with psycopg.connect(source, autocommit=True) as conn:
+        late = 9_000_001
+        person, enrollment = conn.execute("select person_id, id from enrollment order by id limit 1").fetchone()
+        conn.execute("insert into attendance values (%s, %s, %s, current_date, 'late')", (late, person, enrollment))
+    assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+    with psycopg.connect(destination, autocommit=True) as conn:
+        conn.execute("delete from attendance where id in (%s, %s)", (early, late))
+    replay = cdc(path, "replay", "state", "--from", since.isoformat(), "--no-backup")
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    with psycopg.connect(destination) as conn:
+        present = {r[0] for r in conn.execute("select id from attendance")}
+    assert late in present  # changed after the time: re-applied
+    assert early not in present  # changed only before it: left as the destination had it
+    bad = cdc(path, "replay", "state", "--from", "yesterday")
+    assert bad.returncode == 2 and "--from: 'yesterday' is neither `earliest` nor an ISO-8601 time" in bad.stderr
+
+
+def test_replay_from_a_fresh_snapshot_when_retention_deleted_the_history(replica, stack):  # noqa: F811
+    path, source, destination = replica
+    workload(source, 100, seed=14)
+    assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+    from cdc import config
+
+    pipeline = config.load(path, env={})
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    topic = pipeline.topic_of("public.person")
+    from confluent_kafka import Consumer
+
+    probe = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "replay-test"})
+    cut = [TopicPartition(topic, p, probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+           for p in range(6)]
+    probe.close()
+    for future in admin.delete_records([tp for tp in cut if tp.offset > 0]).values():
+        future.result()  # the whole history of person is gone, as if retention had expired it
+    with psycopg.connect(destination, autocommit=True) as conn:
+        conn.execute("set session_replication_role = replica")
+        conn.execute("update person set name = 'damaged' where id in (select id from person order by id limit 3)")
+    assert cdc(path, "replay", "state").returncode == 1  # refused: the history is incomplete
+    rebuilt = cdc(path, "replay", "state", "--from-snapshot", "--timeout", "120")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert "snapshot complete" in rebuilt.stdout
+    assert_equal(source, destination)
+    workload(source, 30, seed=15)
+    assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+    assert_equal(source, destination)

@@ -34,6 +34,8 @@ destinations:
     url: duckdb:///analytics.duckdb
 """
 ENV = {"DB_PASSWORD": "s3cret"}
+# A PostgreSQL analytics destination, appended to VALID's destinations.
+PG_ANALYTICS = "  warehouse:\n    kind: analytics\n    url: postgresql://loader@localhost:5432/warehouse\n"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -62,6 +64,23 @@ def test_a_valid_file_loads_with_secrets_interpolated_and_masked(tmp_path):
 def test_environment_defaults_apply(tmp_path):
     p = config.load(write(tmp_path, edit("${DB_PASSWORD}", "${DB_PASSWORD:-fallback}")), env={})
     assert p.source.sqlalchemy_url.password == "fallback"
+
+
+def test_a_postgres_analytics_destination_gets_a_read_only_role(tmp_path):
+    text = VALID + PG_ANALYTICS + "  Sales Mart:\n    kind: analytics\n    url: postgresql://loader@localhost/mart\n" \
+        "    read_only_role: analysts\n    read_only_password: ${READER_PASSWORD}\n"
+    p = config.load(write(tmp_path, text), env={**ENV, "READER_PASSWORD": "r3ader"})
+    assert p.destinations["warehouse"].read_only_role == "cdc_reader_warehouse"
+    assert p.destinations["warehouse"].read_only_password is None
+    mart = p.destinations["Sales Mart"]
+    assert mart.read_only_role == "analysts" and mart.read_only_password.get_secret_value() == "r3ader"
+    assert "r3ader" not in str(p.masked()) and "r3ader" not in repr(p)
+    assert config.default_read_only_role("Sales Mart-2") == "cdc_reader_sales_mart_2"
+    assert len(config.default_read_only_role("x" * 100)) == 63
+    # Not for DuckDB replicas nor PostgreSQL replicas; an empty password (an unset `${VAR:-}`) means none.
+    assert p.destinations["analytics"].read_only_role is None and p.destinations["state"].read_only_role is None
+    unset = config.load(write(tmp_path, VALID + PG_ANALYTICS + "    read_only_password: ${NOPE:-}\n"), env=ENV)
+    assert unset.destinations["warehouse"].read_only_password is None
 
 
 def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
@@ -136,6 +155,28 @@ MALFORMED = [
      f"{F}: source.tables: 'public.my\"table': table names holding a double quote cannot be captured by Debezium"),
     ("signal table captured", edit("tables: [public.school,", "signal_table: public.school\n  tables: [public.school,"),
      f"{F}: source.tables: 'public.school' is the signalling table (source.signal_table)"),
+    ("read-only role in capitals", VALID + PG_ANALYTICS + "    read_only_role: Analysts\n",
+     f"{F}: destinations.warehouse.read_only_role: 'Analysts' is not a usable role name (lower-case letters"),
+    ("read-only role reserved by PostgreSQL", VALID + PG_ANALYTICS + "    read_only_role: pg_reader\n",
+     f"{F}: destinations.warehouse.read_only_role: 'pg_reader' is not a usable role name"),
+    ("read-only role that is a reserved word", VALID + PG_ANALYTICS + "    read_only_role: public\n",
+     f"{F}: destinations.warehouse.read_only_role: 'public' is not a usable role name"),
+    ("read-only role too long", VALID + PG_ANALYTICS + f"    read_only_role: {'r' * 64}\n",
+     f"{F}: destinations.warehouse.read_only_role: '{'r' * 64}' is not a usable role name"),
+    ("read-only role as a number", VALID + PG_ANALYTICS + "    read_only_role: 7\n",
+     f"{F}: destinations.warehouse.read_only_role: Input should be a valid string (got 7)"),
+    ("read-only role that is the applier's user", VALID + PG_ANALYTICS + "    read_only_role: loader\n",
+     f"{F}: destinations.warehouse.read_only_role: 'loader' is the user of destinations.warehouse.url"),
+    ("read-only role on a DuckDB replica", edit("url: duckdb:///analytics.duckdb",
+                                                "url: duckdb:///analytics.duckdb\n    read_only_role: reader"),
+     f"{F}: destinations.analytics.read_only_role: only a PostgreSQL destination of kind analytics has a "
+     "read-only role"),
+    ("read-only password on a replica", edit("url: postgresql://cdc@localhost:5432/state",
+                                             "url: postgresql://cdc@localhost:5432/state\n    read_only_password: x"),
+     f"{F}: destinations.state.read_only_password: only a PostgreSQL destination of kind analytics has a "
+     "read-only role"),
+    ("analytics on MariaDB", VALID.replace("duckdb:///analytics.duckdb", "mysql://cdc@localhost/analytics"),
+     f"{F}: destinations.analytics.url: an analytics destination is DuckDB or PostgreSQL, not 'mysql'"),
 ]
 
 

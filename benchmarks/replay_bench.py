@@ -1,0 +1,470 @@
+"""Analytics ingestion into DuckDB, and full replays of a destination from the topics, on the real stack.
+
+    .venv/bin/python -m benchmarks.replay_bench [--rows N] [--quick] [--no-write] [--replay-no-backup]
+
+Starts the local stack (idempotent; never stops it), builds a fresh source database with one standalone table, a
+pipeline with two destinations (`lake`: `kind: analytics`, a DuckDB file; `replica`: `kind: replica`, a fresh
+PostgreSQL database) and its Debezium connector, loads N changes and waits until they are all in Kafka, then
+measures (details in benchmarks/README.md):
+
+1. analytics ingestion: `cdc run lake --until-caught-up` as a subprocess (wall time, peak RSS), checked against the
+   source, and once more with nothing to apply (the fixed cost inside the figure);
+2. full replay into PostgreSQL: `cdc run replica --until-caught-up` first (not timed), then `cdc replay replica`
+   as a subprocess, checked against the source;
+3. replay into DuckDB: `cdc replay lake`, recorded as "not supported" when the command says so.
+
+The figures are printed and written into their own section of benchmarks/RESULTS.md (newest run first), after
+apply_bench's sections. Everything the run created (databases, DuckDB file, connector, slot, publication, topics,
+consumer groups) is removed at the end; the stack stays up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import yaml
+
+from benchmarks import apply_bench
+from benchmarks.apply_bench import (
+    CDC, CHECKSUM, REPO, RESULTS, SOURCE_SCHEMA, TABLE, TRANSACTION_ROWS, Databases, _delete_groups, _mark, _n,
+    checksum, inserted_rows, load_source, log, machine_info, pipeline_data, run_measured, wait_for_topic,
+)
+
+# The goals this harness checks (they live here, never in tests: a test must not fail on a slow machine).
+TARGET_DUCKDB_ROWS_PER_S = 200_000
+TARGET_REPLAY_S = 30.0  # for TARGET_REPLAY_ROWS rows; scaled linearly for other N
+TARGET_REPLAY_ROWS = 1_000_000
+
+LAKE = "lake"  # the analytics destination (DuckDB)
+REPLICA = "replica"  # the PostgreSQL replica destination
+DUCKDB_TABLE = '"public.bench_item"'  # the analytics replica names a table as the source does, schema included
+DUCKDB_HISTORY = '"public.bench_item__history"'
+# A replay that the command refuses for this kind of destination (consumers/replay.py's wording, and a few likely
+# future ones): recorded as "not supported" instead of a failure.
+NOT_SUPPORTED = re.compile(r"not supported|not implemented|destinations only|only so far|no replica destination",
+                           re.IGNORECASE)
+
+MARK_ROWS = "<!-- replay runs: written by benchmarks/replay_bench.py, newest first -->"
+MARK_DETAILS = "<!-- replay details: written by benchmarks/replay_bench.py, newest first -->"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class IngestResult:
+    rows: int
+    wall_s: float
+    rows_per_s: float
+    peak_rss_mb: float
+    overhead_s: float | None  # wall time of a second run with nothing to apply
+    history_rows: int
+    said: str
+
+    @property
+    def net_rows_per_s(self) -> float | None:
+        if self.overhead_s is None or self.wall_s <= self.overhead_s:
+            return None
+        return self.rows / (self.wall_s - self.overhead_s)
+
+
+@dataclass
+class ReplayResult:
+    supported: bool = True
+    wall_s: float | None = None
+    rows_per_s: float | None = None
+    peak_rss_mb: float | None = None
+    said: list[str] = field(default_factory=list)  # what the command printed that tells what it did
+    refusal: str | None = None  # the command's message when not supported
+    history_rows: int | None = None  # DuckDB only
+
+
+@dataclass
+class Report:
+    started: datetime
+    args: argparse.Namespace
+    machine: dict[str, str]
+    rows: int
+    capture_s: float | None = None
+    ingest: IngestResult | None = None
+    catch_up_s: float | None = None  # PostgreSQL replica brought up to date before the replay (not a figure)
+    pg_replay: ReplayResult | None = None
+    duck_replay: ReplayResult | None = None
+    replay_flags: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def replay_target_s(self) -> float:
+        return TARGET_REPLAY_S * self.rows / TARGET_REPLAY_ROWS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def duckdb_checksum(path: Path) -> tuple[tuple[int, int, Decimal], int]:
+    """The analytics replica's current state as the source's CHECKSUM sees it, and its history's row count."""
+    import duckdb
+
+    query = CHECKSUM.replace("from bench_item", f"from {DUCKDB_TABLE}")
+    with duckdb.connect(str(path), read_only=True) as conn:
+        count, qty, price = conn.execute(query).fetchone()
+        history = conn.execute(f"select count(*) from {DUCKDB_HISTORY}").fetchone()[0]
+    return (int(count), int(qty), Decimal(price)), int(history)
+
+
+def no_stdin(argv: list[str]) -> list[str]:
+    """The command with its standard input on /dev/null: a confirmation prompt then fails at once instead of
+    waiting for an answer (run_measured lets the child inherit ours)."""
+    return ["sh", "-c", 'exec "$@" </dev/null', "sh", *argv]
+
+
+def replay_flags(no_backup: bool) -> list[str]:
+    """Flags for `cdc replay`: a --yes style flag when the command has one (so it does not ask), --no-backup if
+    asked for."""
+    help_text = subprocess.run([CDC, "replay", "--help"], capture_output=True, text=True,
+                               env={**os.environ, "COLUMNS": "200"}).stdout
+    flags = [flag for flag in ("--yes", "--assume-yes") if re.search(rf"{flag}\b", help_text)][:1]
+    if no_backup:
+        flags.append("--no-backup")
+    return flags
+
+
+def said(output: str, *words: str) -> list[str]:
+    return [line.strip() for line in output.splitlines() if any(w in line for w in words)]
+
+
+def timeout_for(rows: int) -> float:
+    return max(600.0, rows / 200)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the phases
+
+
+def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[int, int, Decimal]) -> IngestResult:
+    timeout = timeout_for(rows)
+    argv = [CDC, "-c", str(config_path), "run", LAKE, "--until-caught-up", "--timeout", f"{timeout:.0f}"]
+    log(f"duckdb ingestion: {' '.join(argv[1:])}")
+    result = run_measured(argv, timeout + 60)
+    if result.returncode != 0:
+        raise RuntimeError(f"`cdc run {LAKE}` exited with {result.returncode}:\n{result.output[-3000:]}")
+    final, history = duckdb_checksum(duck_path)
+    if final != expected:
+        raise RuntimeError(f"the DuckDB replica differs from the source after catching up: {final} != {expected}")
+    applied = " ".join(said(result.output, "applied"))
+    log(f"duckdb ingestion: {rows:,} changes in {result.wall_s:.2f} s = {rows / result.wall_s:,.0f} rows/s, "
+        f"peak RSS {result.max_rss_kib / 1024:.0f} MB ({applied}); history holds {history:,} rows")
+    # The same command with nothing left to apply: the fixed cost inside the figure above (interpreter and
+    # imports, reflection, opening the file, consumer assignment, the watermark's trip through Debezium, close).
+    again = run_measured(argv, 300)
+    overhead = again.wall_s if again.returncode == 0 else None
+    log(f"duckdb ingestion: a second run with nothing to apply took {again.wall_s:.2f} s (exit {again.returncode})")
+    return IngestResult(rows=rows, wall_s=result.wall_s, rows_per_s=rows / result.wall_s, peak_rss_mb=result.max_rss_kib / 1024,
+                        overhead_s=overhead, history_rows=history, said=applied)
+
+
+def catch_up_replica(config_path: Path, url: str, expected: tuple[int, int, Decimal], rows: int) -> float:
+    timeout = timeout_for(rows)
+    argv = [CDC, "-c", str(config_path), "run", REPLICA, "--until-caught-up", "--timeout", f"{timeout:.0f}"]
+    log(f"postgresql replica, catching up (not timed): {' '.join(argv[1:])}")
+    result = run_measured(argv, timeout + 60)
+    if result.returncode != 0:
+        raise RuntimeError(f"`cdc run {REPLICA}` exited with {result.returncode}:\n{result.output[-3000:]}")
+    final = checksum(url)
+    if final != expected:
+        raise RuntimeError(f"the PostgreSQL replica differs from the source after catching up: {final} != {expected}")
+    log(f"postgresql replica: caught up in {result.wall_s:.2f} s")
+    return result.wall_s
+
+
+def bench_replay(config_path: Path, destination: str, flags: list[str], rows: int) -> ReplayResult:
+    """`cdc replay DEST` as a subprocess: wall time and peak RSS, or "not supported" when the command refuses this
+    kind of destination. The caller checks the destination afterwards."""
+    timeout = timeout_for(rows)
+    argv = [CDC, "-c", str(config_path), "replay", destination, *flags, "--timeout", f"{timeout:.0f}"]
+    log(f"replay {destination}: {' '.join(argv[1:])}")
+    result = run_measured(no_stdin(argv), timeout + 60)
+    if result.returncode != 0:
+        refusal = next((line.strip() for line in result.output.splitlines() if line.startswith("error:")), "")
+        if refusal and NOT_SUPPORTED.search(refusal):
+            log(f"replay {destination}: not supported (exit {result.returncode}): {refusal}")
+            return ReplayResult(supported=False, refusal=refusal)
+        hint = " (it asked for a confirmation: give the harness its --yes flag)" if "Abort" in result.output else ""
+        raise RuntimeError(f"`cdc replay {destination}` exited with {result.returncode}{hint}:\n"
+                           f"{result.output[-3000:]}")
+    lines = said(result.output, "backup", "emptied", "applied")
+    out = ReplayResult(wall_s=result.wall_s, rows_per_s=rows / result.wall_s, peak_rss_mb=result.max_rss_kib / 1024,
+                       said=lines)
+    log(f"replay {destination}: {rows:,} changes in {result.wall_s:.2f} s = {out.rows_per_s:,.0f} rows/s, "
+        f"peak RSS {out.peak_rss_mb:.0f} MB ({'; '.join(lines)})")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+
+
+TABLE_HEADER = (
+    "| date (UTC) | machine | N | DuckDB ingestion rows/s | net of fixed cost, rows/s | PostgreSQL full replay | "
+    "DuckDB replay | peak RSS: ingestion / PG replay |\n"
+    "|---|---|---|---|---|---|---|---|\n"
+    f"| **target** | | | ≥ {TARGET_DUCKDB_ROWS_PER_S:,} | | < {TARGET_REPLAY_S:.0f} s for "
+    f"{TARGET_REPLAY_ROWS:,} rows (scaled linearly for other N) | | |\n"
+)
+
+
+def _replay_cell(r: ReplayResult | None, target_s: float | None, rows: int) -> str:
+    if r is None:
+        return "failed"
+    if not r.supported:
+        return "not supported"
+    cell = f"{r.wall_s:.2f} s ({_n(r.rows_per_s)} rows/s)"
+    if target_s is not None:
+        cell += _mark(r.wall_s < target_s)
+        if rows != TARGET_REPLAY_ROWS:
+            cell += f" (target < {target_s:.2f} s for {rows:,})"
+    return cell
+
+
+def table_row(r: Report) -> str:
+    machine = f"{r.machine['cpus']} CPUs, {r.machine['memory']}"
+    n = f"{r.rows:,}" + (" (quick)" if r.args.quick else "")
+    if r.ingest is None:
+        ingest = net = "failed"
+    else:
+        ingest = f"{_n(r.ingest.rows_per_s)}{_mark(r.ingest.rows_per_s >= TARGET_DUCKDB_ROWS_PER_S)}"
+        net = _n(r.ingest.net_rows_per_s)
+    pg = _replay_cell(r.pg_replay, r.replay_target_s, r.rows)
+    if r.pg_replay and r.pg_replay.supported and "--no-backup" in r.replay_flags:
+        pg += " (--no-backup)"
+    duck = _replay_cell(r.duck_replay, None, r.rows)
+    rss_pg = r.pg_replay.peak_rss_mb if r.pg_replay and r.pg_replay.supported else None
+    rss = f"{_n(r.ingest.peak_rss_mb if r.ingest else None)} / {_n(rss_pg)} MB"
+    date = r.started.strftime("%Y-%m-%d %H:%M")
+    return f"| {date} | {machine} | {n} | {ingest} | {net} | {pg} | {duck} | {rss} |\n"
+
+
+def details(r: Report) -> str:
+    m = r.machine
+    lines = [f"#### {r.started.strftime('%Y-%m-%d %H:%M')} UTC, N = {r.rows:,}{' (quick)' if r.args.quick else ''}",
+             ""]
+    lines.append(f"- machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, Python {m['python']}; "
+                 f"load average at start {m['load']} (the stack, and anything else running, share these CPUs)")
+    lines.append(f"- command: `{' '.join(['python -m benchmarks.replay_bench', *sys.argv[1:]])}`; code: {m['code']}")
+    if r.capture_s is not None:
+        lines.append(f"- capture (load + Debezium into Kafka, not part of any figure): {r.rows:,} changes in "
+                     f"{r.capture_s:.1f} s ({r.rows / r.capture_s:,.0f} rows/s); {inserted_rows(r.rows):,} inserts "
+                     f"then the rest as updates, {TRANSACTION_ROWS:,} rows per source transaction")
+    if r.ingest:
+        i = r.ingest
+        history = ("" if i.history_rows == r.rows else
+                   f" (NOTE: {r.rows:,} expected, one per change)")
+        lines.append(f"- DuckDB ingestion: `cdc run {LAKE} --until-caught-up` as a subprocess, {i.wall_s:.2f} s wall "
+                     f"from spawn to exit = {i.rows_per_s:,.0f} rows/s; a second run with nothing to apply took "
+                     f"{_n(i.overhead_s, 2)} s, so net of that fixed cost {_n(i.net_rows_per_s)} rows/s; current "
+                     f"state equal to the source (count, sum(qty), sum(price)); history table {i.history_rows:,} "
+                     f"rows{history}; peak RSS {i.peak_rss_mb:.0f} MB (wait4 ru_maxrss); it said: \"{i.said}\"")
+    if r.catch_up_s is not None:
+        lines.append(f"- PostgreSQL replica brought up to date first (`cdc run {REPLICA} --until-caught-up`, not a "
+                     f"figure): {r.catch_up_s:.2f} s")
+    flags = " ".join(r.replay_flags)
+    for label, dest, res, target in (("PostgreSQL", REPLICA, r.pg_replay, r.replay_target_s),
+                                     ("DuckDB", LAKE, r.duck_replay, None)):
+        command = f"`cdc replay {dest}{' ' + flags if flags else ''}`"
+        if res is None:
+            continue
+        if not res.supported:
+            lines.append(f"- {label} replay: {command} is not supported yet: \"{res.refusal}\"")
+            continue
+        goal = ""
+        if target is not None:
+            goal = (f" (target < {target:.2f} s{_mark(res.wall_s < target)}"
+                    + (f", {TARGET_REPLAY_S:.0f} s for {TARGET_REPLAY_ROWS:,} scaled linearly to N" if
+                       r.rows != TARGET_REPLAY_ROWS else "") + ")")
+        extra = f"; history table {res.history_rows:,} rows" if res.history_rows is not None else ""
+        lines.append(f"- {label} replay: {command} as a subprocess, {res.wall_s:.2f} s wall from spawn to exit "
+                     f"(backup, emptying and re-applying every change from offset 0 included) = "
+                     f"{res.rows_per_s:,.0f} rows/s{goal}; destination equal to the source afterwards{extra}; "
+                     f"peak RSS {res.peak_rss_mb:.0f} MB; it said: \"{' / '.join(res.said)}\"")
+    for error in r.errors:
+        lines.append(f"- error: {' '.join(error.split())[:1500]}")
+    return "\n".join(lines) + "\n\n"
+
+
+SECTION_PREAMBLE = """## Replay and analytics ingestion
+
+Written by `.venv/bin/python -m benchmarks.replay_bench` (what is measured and how: `benchmarks/README.md`).
+Newest run first. Figures marked ✓ meet their target, ✗ miss it. Rows/s count source changes (inserts and
+updates) per second of wall time of the whole command, start-up included; "net" takes out the wall time of the
+same command with nothing to apply. The replay target is 30 s for 1,000,000 changes, scaled linearly for other N
+(so small runs, where the fixed cost dominates, are judged harshly).
+
+"""
+DETAILS_HEADING = "### Replay and analytics ingestion: details\n\n"
+
+
+def write_results(report: Report, path: Path = RESULTS) -> None:
+    """Add the run at the top of this harness's own section, which sits after apply_bench's details.
+
+    apply_bench.write_results rewrites the file from its own two markers and keeps everything after its details
+    marker as the older details (its new details go in front of them), so a section placed after them survives
+    its runs untouched. Here only the text between this harness's own markers is rewritten."""
+    if not path.exists():  # apply_bench's skeleton first, so that its writer finds its markers later
+        path.write_text(apply_bench.RESULTS_PREAMBLE + "\n" + apply_bench.MARK_ROWS + "\n" + apply_bench.TABLE_HEADER
+                        + "\n## Details\n\n" + apply_bench.MARK_DETAILS + "\n")
+    text = path.read_text()
+    if apply_bench.MARK_ROWS not in text or apply_bench.MARK_DETAILS not in text:
+        raise RuntimeError(f"{path} lacks apply_bench's markers; move it away and run again")
+    if MARK_ROWS not in text or MARK_DETAILS not in text:
+        text = (text.rstrip("\n") + "\n\n" + SECTION_PREAMBLE + MARK_ROWS + "\n" + TABLE_HEADER + table_row(report)
+                + "\n" + DETAILS_HEADING + MARK_DETAILS + "\n\n" + details(report))
+    else:
+        before, rest = text.split(MARK_ROWS, 1)
+        table, after = rest.split(MARK_DETAILS, 1)
+        old_rows = [line + "\n" for line in table.splitlines() if line.startswith("|")][3:]  # header, -, target
+        text = (before + MARK_ROWS + "\n" + TABLE_HEADER + table_row(report) + "".join(old_rows) + "\n"
+                + DETAILS_HEADING + MARK_DETAILS + "\n\n" + details(report) + after.lstrip("\n"))
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def print_summary(report: Report) -> None:
+    print()
+    print(TABLE_HEADER + table_row(report), end="")
+    print()
+    print(details(report), end="")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.replay_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, help="changes to load (default 1,000,000; 50,000 with --quick)")
+    p.add_argument("--quick", action="store_true", help="a short run to check that everything works")
+    p.add_argument("--replay-no-backup", action="store_true", help="time `cdc replay --no-backup` (default: the "
+                   "command as it runs by default, backup of the tables included)")
+    p.add_argument("--no-write", action="store_true", help="print the results without touching RESULTS.md")
+    args = p.parse_args(argv)
+    if args.rows is None:
+        args.rows = 50_000 if args.quick else 1_000_000
+    if args.rows < 1:
+        p.error("--rows must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("CDC_HOME", str(REPO / ".cdc"))
+    from cdc import config
+    from infra import stack
+    from producers import capture
+    from producers.topics import admin_client, delete_topics
+
+    report = Report(datetime.now(timezone.utc), args, machine_info(), args.rows)
+    log(f"machine: {report.machine}")
+    layout = stack.up(echo=lambda line: log(f"stack: {line}"))
+    run_id = uuid.uuid4().hex[:8]
+    work = Path(os.environ["CDC_HOME"]) / "bench" / f"replay-{run_id}"
+    work.mkdir(parents=True, exist_ok=True)
+    duck_path = work / "lake.duckdb"
+    dbs = Databases(layout)
+    pipeline = None
+    try:
+        source_url = dbs.create(f"bench_src_{run_id}")
+        replica_url = dbs.create(f"bench_replica_{run_id}")
+        with psycopg.connect(source_url, autocommit=True) as conn:
+            conn.execute(SOURCE_SCHEMA)
+        data = pipeline_data(layout, f"bench{run_id}", source_url, {REPLICA: replica_url})
+        data["destinations"][LAKE] = {"kind": "analytics", "url": f"duckdb:///{duck_path}"}
+        config_path = work / "pipeline.yaml"
+        config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+        pipeline = config.load(config_path, env={})
+        topic = pipeline.topic_of(TABLE)
+        log(f"pipeline {pipeline.pipeline}: creating topics and the Debezium connector")
+        capture.apply(pipeline)
+
+        started = time.monotonic()
+        inserts, updates = load_source(source_url, args.rows)
+        log(f"source: {inserts:,} inserts and {updates:,} updates committed in {time.monotonic() - started:.1f} s")
+        wait_for_topic(layout.kafka_bootstrap, topic, args.rows, timeout=max(600.0, args.rows / 100))
+        report.capture_s = time.monotonic() - started
+        log(f"capture: all {args.rows:,} changes are in {topic} after {report.capture_s:.1f} s")
+        expected = checksum(source_url)
+        report.replay_flags = replay_flags(args.replay_no_backup)
+
+        try:
+            report.ingest = bench_ingest(config_path, duck_path, args.rows, expected)
+        except Exception as exc:  # noqa: BLE001 - the other phases still run and are reported
+            report.errors.append(f"duckdb ingestion: {exc}")
+            log(f"duckdb ingestion: FAILED: {exc}")
+
+        try:
+            report.catch_up_s = catch_up_replica(config_path, replica_url, expected, args.rows)
+            pg = bench_replay(config_path, REPLICA, report.replay_flags, args.rows)
+            if pg.supported:
+                final = checksum(replica_url)
+                if final != expected:
+                    raise RuntimeError(f"the PostgreSQL replica differs from the source after the replay: "
+                                       f"{final} != {expected}")
+            report.pg_replay = pg
+        except Exception as exc:  # noqa: BLE001
+            report.errors.append(f"postgresql replay: {exc}")
+            log(f"postgresql replay: FAILED: {exc}")
+
+        try:
+            duck = bench_replay(config_path, LAKE, report.replay_flags, args.rows)
+            if duck.supported:
+                final, duck.history_rows = duckdb_checksum(duck_path)
+                if final != expected:
+                    raise RuntimeError(f"the DuckDB replica differs from the source after the replay: "
+                                       f"{final} != {expected}")
+            report.duck_replay = duck
+        except Exception as exc:  # noqa: BLE001
+            report.errors.append(f"duckdb replay: {exc}")
+            log(f"duckdb replay: FAILED: {exc}")
+    except Exception as exc:  # noqa: BLE001 - report what was measured before the failure
+        report.errors.append(f"setup: {exc}")
+        log(f"FAILED: {exc}")
+    finally:
+        log("cleanup: connector, slot, publication, topics, consumer groups, databases and DuckDB file of this run")
+        if pipeline is not None:
+            try:
+                capture.delete(pipeline, purge=True)
+            except Exception as exc:  # noqa: BLE001
+                log(f"cleanup: deleting the source connector failed: {exc}")
+            try:
+                delete_topics(admin_client(layout.kafka_bootstrap),
+                              [*pipeline.data_topics, pipeline.transaction_topic, pipeline.signal_topic,
+                               pipeline.notification_topic, f"__debezium-heartbeat.{pipeline.pipeline}",
+                               *(f"{pipeline.pipeline}.{d}.dead-letter" for d in (LAKE, REPLICA))])
+            except Exception as exc:  # noqa: BLE001
+                log(f"cleanup: deleting topics failed: {exc}")
+            _delete_groups(layout.kafka_bootstrap, [f"cdc-{pipeline.pipeline}-{LAKE}",
+                                                    f"cdc-{pipeline.pipeline}-{REPLICA}", f"{pipeline.pipeline}-signal"])
+        dbs.drop_all()
+        shutil.rmtree(work, ignore_errors=True)  # the DuckDB file (and its .wal) and the pipeline file
+
+    print_summary(report)
+    if not args.no_write:
+        write_results(report)
+        log(f"results written to {RESULTS.relative_to(REPO)}")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
