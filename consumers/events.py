@@ -33,6 +33,9 @@ class ChangeEvent:
     # The source transaction's id: Debezium's id is "txId:lsn", and only the txId part is stable. A field, not a
     # property: the assembler asks for it several times per event.
     xid: str | None = None
+    # Where the decoder's Arrow columns hold this change (consumers.columnar), when it was decoded in a batch.
+    source_frame: Any = None
+    frame_row: int = -1
 
     def __post_init__(self) -> None:
         if self.xid is None and self.tx_id:
@@ -90,7 +93,7 @@ ENVELOPE_PATHS: tuple[tuple[str, ...], ...] = (
 
 
 def from_columns(columns: list[list[Any]], *, topics: list[str], partitions: list[int], offsets: list[int],
-                 schema_id: int) -> list[ChangeEvent] | None:
+                 schema_id: int, frame: Any = None) -> list[ChangeEvent] | None:
     """ChangeEvents from the ENVELOPE_PATHS columns of a batch; None when one of them is not a change envelope
     (the caller then builds them one by one with from_envelope, which names what is wrong)."""
     ops, befores, afters, schemas, tables, lsns, commit_ts, snapshots, tx_ids, tx_orders = columns
@@ -108,7 +111,7 @@ def from_columns(columns: list[list[Any]], *, topics: list[str], partitions: lis
         snapshot = snapshots[i]
         append(ChangeEvent(topics[i], partitions[i], offsets[i], table, op, None, befores[i], afters[i], lsns[i],
                            tx_id, tx_orders[i], commit_ts[i], snapshot is not None and snapshot != "false",
-                           schema_id, tx_id.split(":", 1)[0] if tx_id else None))
+                           schema_id, tx_id.split(":", 1)[0] if tx_id else None, frame, i))
     return events
 
 

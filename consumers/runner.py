@@ -77,7 +77,8 @@ def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout:
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     for a in appliers:
-        echo(f"{a.name}: applied {a.stats.rows} rows in {a.stats.transactions} source transactions")
+        echo(f"{a.name}: applied {a.stats.rows} rows in {a.stats.transactions} source transactions"
+             + (f" ({a.stats.columnar_rows} through the columnar path)" if a.stats.columnar_rows else ""))
         a.close()
     if errors:
         if isinstance(errors[0], CdcError):

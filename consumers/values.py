@@ -551,6 +551,11 @@ class RowConverter:
             out[column] = out.pop(avro_name, None)
         return out
 
+    def avro_names(self) -> dict[str, str]:
+        """{real column name: the field's name in the Avro record} for every column."""
+        back = {real: avro for avro, real in self._renames}
+        return {c: back.get(c, c) for c in self.columns}
+
     def _logical(self, avro_column: str) -> str:
         return self.logical_types.get(dict(self._renames).get(avro_column, avro_column), "?")
 

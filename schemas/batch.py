@@ -133,9 +133,10 @@ class BatchDecoder:
                 self._headers[schema_id] = None
         return self._headers[schema_id]
 
-    def columns(self, schema_id: int, payloads: Sequence[bytes],
-                paths: Sequence[tuple[str, ...]]) -> list[list[Any]] | None:
-        """For each path (a top-level field, or a field of a record field), its values in payload order.
+    def columns(self, schema_id: int, payloads: Sequence[bytes], paths: Sequence[tuple[str, ...]],
+                arrow: Sequence[str] = ()) -> tuple[list[list[Any]], Any] | None:
+        """For each path (a top-level field, or a field of a record field), its values in payload order; and the
+        top-level fields named in `arrow` as an Arrow table (None when `arrow` is empty or a field is missing).
 
         A path naming a field the schema lacks gives a column of None. None when the batch cannot be decoded
         here; the caller then decodes message by message, which also finds the message at fault."""
@@ -162,6 +163,7 @@ class BatchDecoder:
                         break
                     series = series.struct.field(name)
                 out.append(series.to_list() if series is not None else [None] * frame.height)
-            return out
+            table = frame.select(list(arrow)).to_arrow() if arrow and set(arrow) <= set(frame.columns) else None
+            return out, table
         except Exception:  # noqa: BLE001 - any failure of the fast path falls back to the exact one
             return None

@@ -58,6 +58,8 @@ class Dialect(ABC):
     keeps_history = False
     # Whether SQLAlchemy can reflect the destination's foreign keys (the PostgreSQL-flavoured DuckDB driver cannot).
     reflects_foreign_keys = True
+    # Whether `apply_columnar` can write a table's batch straight from the decoder's Arrow columns.
+    columnar = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -170,6 +172,10 @@ class Dialect(ABC):
     def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
         """Append every change of the batch to the table's history (dialects with `keeps_history` only)."""
         raise NotImplementedError(f"{self.name} destinations keep no history")
+
+    def apply_columnar(self, conn: Connection, shape: TableShape, converter: Any, batch: Any) -> bool:
+        """Write one table's changes from Arrow (consumers.columnar); False when the general path must."""
+        return False
 
     def grant_read_only(self, conn: Connection, role: str, password: str | None) -> list[str]:
         """Create or update the role the destination's users read with; returns what was done."""

@@ -107,8 +107,11 @@ def test_columns_equal_what_fastavro_reads_message_by_message():
     payloads = [framed(3, envelope(i), ENVELOPE) for i in range(400)]
     paths = [("op",), ("before",), ("after",), ("source", "snapshot"), ("source", "lsn"), ("transaction", "id"),
              ("transaction", "total_order"), ("source", "no_such_field"), ("no_such_field",)]
-    columns = BatchDecoder(decoder).columns(3, payloads, paths)
-    assert columns is not None, "the fast path refused a schema it should take"
+    decoded = BatchDecoder(decoder).columns(3, payloads, paths, arrow=("before", "after"))
+    assert decoded is not None, "the fast path refused a schema it should take"
+    columns, table = decoded
+    assert table.column_names == ["before", "after"] and table.num_rows == len(payloads)
+    assert same(table.column("after").to_pylist(), columns[2])
     for i, payload in enumerate(payloads):
         exact = decoder.decode(payload)
         expected = [exact["op"], exact["before"], exact["after"], exact["source"]["snapshot"], exact["source"]["lsn"],
