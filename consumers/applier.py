@@ -40,7 +40,8 @@ from cdc.config import Destination, Pipeline
 from cdc.errors import CdcError, DecodeError, ServiceUnavailable, Terminal
 from consumers import columnar, values
 from consumers.dialects import Dialect, dialect_for
-from consumers.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
+from consumers.events import (ENVELOPE_PATHS, ENVELOPE_PATHS_NO_IMAGES, ChangeEvent, from_columns, from_envelope,
+                              marker_from_record, materialize)
 from consumers.plan import dependency_order, net_changes, self_referencing_order
 from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
 from consumers.transactions import Step, TransactionAssembler, positions_after
@@ -71,13 +72,13 @@ class ApplierStats:
 
 
 class ReplicaApplier:
-    def __init__(self, pipeline: Pipeline, destination_name: str, *, batch_events: int = 20_000,
+    def __init__(self, pipeline: Pipeline, destination_name: str, *, batch_events: int | None = None,
                  poll_messages: int = 5_000, echo: Callable[[str], None] | None = None) -> None:
         self.pipeline = pipeline
         self.name = destination_name
         self.destination: Destination = pipeline.destinations[destination_name]
         self.policy = self.destination.on_error or "stop"
-        self.batch_events = batch_events
+        self._batch_events = batch_events
         self.poll_messages = poll_messages
         self.echo = echo or (lambda line: None)
         self.stats = ApplierStats()
@@ -86,6 +87,7 @@ class ReplicaApplier:
         self.decoder = AvroDecoder(self.registry)
         self.batch_decoder = BatchDecoder(self.decoder)
         self._converters: dict[int, values.RowConverter] = {}
+        self._columnar_schemas: dict[int, bool] = {}  # writer schema id -> its table goes the columnar path
         url = self.destination.driver_url
         if url.get_backend_name() == "duckdb":
             # No pool: each batch opens and closes the file, so that readers can open it between batches
@@ -119,6 +121,14 @@ class ReplicaApplier:
         self._group_lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
+    @property
+    def batch_events(self) -> int:
+        """Changes per destination transaction at most: larger for the columnar path, whose Python cost per change is
+        small and whose fixed cost per write (DuckDB opens its file for each) is not."""
+        if self._batch_events is not None:
+            return self._batch_events
+        return 50_000 if self.dialect.columnar else 20_000
+
     @property
     def group_id(self) -> str:
         return f"cdc-{self.pipeline.pipeline}-{self.name}"
@@ -228,21 +238,30 @@ class ReplicaApplier:
         decoded: list[ChangeEvent | None] = [None] * len(messages)
         for schema_id, indexes in groups.items():
             batch = [messages[i] for i in indexes]
+            # Images stay in Arrow for a table the columnar path takes (known from the second batch of a schema on).
+            pending = self._columnar_schemas.get(schema_id, False)
             try:
-                decoded_batch = self.batch_decoder.columns(schema_id, [m.value() for m in batch], ENVELOPE_PATHS,
-                                                           arrow=("before", "after") if self.dialect.columnar else ())
+                decoded_batch = self.batch_decoder.columns(
+                    schema_id, [m.value() for m in batch], ENVELOPE_PATHS_NO_IMAGES if pending else ENVELOPE_PATHS,
+                    arrow=("before", "after") if self.dialect.columnar else ())
             except CdcError:
                 decoded_batch = None  # the registry: `_feed` meets the same failure and reports it
-            if decoded_batch is None:
+            if decoded_batch is None or (pending and decoded_batch[1] is None):
                 continue
             columns, frame = decoded_batch
             events = from_columns(columns, topics=[m.topic() for m in batch], partitions=[m.partition() for m in batch],
-                                  offsets=[m.offset() for m in batch], schema_id=schema_id, frame=frame)
+                                  offsets=[m.offset() for m in batch], schema_id=schema_id, frame=frame,
+                                  pending_images=pending)
             try:
-                for table in {e.table for e in events or ()}:
+                tables = {e.table for e in events or ()}
+                for table in tables:
                     self._converter(schema_id, table)
             except (ValueError, TypeError, KeyError):
                 events = None  # `_feed` meets the same failure, and dead-letters or stops as the policy says
+            if events and self.dialect.columnar and schema_id not in self._columnar_schemas and len(tables) == 1:
+                shape = self.shapes.get(next(iter(tables)))
+                self._columnar_schemas[schema_id] = shape is not None and columnar.supports(
+                    shape, self._converters[schema_id])
             if events is None:
                 continue
             for i, event in zip(indexes, events):
@@ -296,7 +315,7 @@ class ReplicaApplier:
         self._check_columns(conn, events)
         count = len(events)
         if self.dialect.columnar:
-            events = self._write_columnar(conn, events)
+            events = [materialize(e) for e in self._write_columnar(conn, events)]
         phases = net_changes(events, self.shapes, self.convert)
         if self.dialect.keeps_history:
             history: dict[str, list] = {}
@@ -495,8 +514,8 @@ class ReplicaApplier:
         """The watermark transaction is applied, and everything written to Kafka before it has been read."""
         return self._watermark_applied and self.caught_up(self.end_offsets())
 
-    def _poll(self) -> bool:
-        """Read and decode what Kafka has (waiting at most 50 ms); True when something arrived."""
+    def _poll(self) -> int:
+        """Read and decode what Kafka has (waiting at most 50 ms); how many messages arrived."""
         assert self.consumer is not None
         # Short waits: at a modest rate a long one would hold each batch back (latency); at a high rate the
         # batch fills first anyway.
@@ -509,7 +528,7 @@ class ReplicaApplier:
                 continue
             good.append(msg)
         self._feed_batch(good)
-        return bool(messages)
+        return len(messages)
 
     def run(self, *, until_caught_up: bool = False, timeout: float | None = None,
             progress: Callable[["ReplicaApplier"], None] | None = None) -> None:
@@ -519,13 +538,17 @@ class ReplicaApplier:
         if until_caught_up:
             with psycopg.connect(psycopg_conninfo(self.pipeline.source.sqlalchemy_url), autocommit=True) as conn:
                 self._watermark = insert_watermark(conn, self.pipeline.source.signal_table)
+            self._watermark_applied = False  # a second run on the same applier waits for its own watermark
         deadline = time.monotonic() + timeout if timeout else None
         last_progress = 0.0
         # One thread reads and writes. Writing a batch in a second thread while this one decodes the next was
         # tried and measured: no faster (the GIL serialises the Python work of both), and more states to reason
         # about.
         while not self._stop.is_set():
-            arrived = self._poll()
+            polled = self._poll()
+            arrived = polled > 0
+            if polled >= self.poll_messages and self.assembler.buffered < self.batch_events and not self._retry:
+                continue  # a backlog: fill the batch before writing (each write has a fixed cost)
             steps = self._retry + self.assembler.ready(self.batch_events)
             if not steps and not arrived and self.assembler.holes and self.assembler.waiting_for \
                     and self._read_to_end():
@@ -590,6 +613,7 @@ def _where(steps: list[Step]) -> str:
 
 
 def _event_json(event: ChangeEvent) -> str:
+    materialize(event)
     return json.dumps({"table": event.table, "op": event.op, "key": event.key, "before": event.before,
                        "after": event.after, "lsn": event.lsn, "tx_id": event.tx_id}, default=str)
 

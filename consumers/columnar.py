@@ -77,16 +77,22 @@ def batch_table(events: list[ChangeEvent]) -> pa.Table | None:
             .append_column("_ts", pa.array([e.commit_ts_ms for e in events], pa.int64())))
 
 
+def supports(shape: TableShape, converter: RowConverter) -> bool:
+    """Whether every column of the table has a SQL twin here (the batch may still be refused for its values)."""
+    avro = converter.avro_names()
+    return all(converter.logical_types.get(c) in _SQL and c in avro for c in shape.column_names)
+
+
 def apply_table(conn: Any, quote: Callable[[str], str], target: str, history: str, shape: TableShape,
                 converter: RowConverter, batch: pa.Table, column_types: dict[str, str]) -> bool:
     """Write one table's batch (see batch_table) to its DuckDB current-state and history tables; False, having
     written nothing, when the batch is one the general path must take. `conn` is the DuckDB connection,
     `target`/`history` quoted table names, `column_types` the destination type of each column (for the casts)."""
+    if not supports(shape, converter):
+        return False
     avro = converter.avro_names()
     types = converter.logical_types
     columns = list(shape.column_names)
-    if any(types.get(c) not in _SQL or c not in avro for c in columns):
-        return False
 
     def value(column: str, image: str = "img") -> str:
         expr = _SQL[types[column]].format(f"{image}.{quote(avro[column])}")

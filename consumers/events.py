@@ -85,6 +85,26 @@ def from_envelope(
     )
 
 
+class _Pending:
+    """The type of PENDING: a row image still in the decoder's Arrow columns (see materialize)."""
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()
+
+
+def materialize(event: ChangeEvent) -> ChangeEvent:
+    """Fill in row images left in Arrow (PENDING) by a decode for the columnar path, which never needs them as
+    Python objects; the general path does, when it takes such a change after all."""
+    if event.before is PENDING:
+        event.before = event.source_frame.column("before")[event.frame_row].as_py()
+    if event.after is PENDING:
+        event.after = event.source_frame.column("after")[event.frame_row].as_py()
+    return event
+
+
 # The envelope fields the applier reads, as paths for a columnar decode (schemas.batch.BatchDecoder.columns).
 ENVELOPE_PATHS: tuple[tuple[str, ...], ...] = (
     ("op",), ("before",), ("after",), ("source", "schema"), ("source", "table"), ("source", "lsn"),
@@ -92,10 +112,18 @@ ENVELOPE_PATHS: tuple[tuple[str, ...], ...] = (
 )
 
 
+# The same without the row images, for a decode whose images stay in Arrow (from_columns with pending_images).
+ENVELOPE_PATHS_NO_IMAGES = tuple(p for p in ENVELOPE_PATHS if p not in (("before",), ("after",)))
+
+
 def from_columns(columns: list[list[Any]], *, topics: list[str], partitions: list[int], offsets: list[int],
-                 schema_id: int, frame: Any = None) -> list[ChangeEvent] | None:
-    """ChangeEvents from the ENVELOPE_PATHS columns of a batch; None when one of them is not a change envelope
-    (the caller then builds them one by one with from_envelope, which names what is wrong)."""
+                 schema_id: int, frame: Any = None, pending_images: bool = False) -> list[ChangeEvent] | None:
+    """ChangeEvents from the ENVELOPE_PATHS columns of a batch (ENVELOPE_PATHS_NO_IMAGES with `pending_images`:
+    the images are PENDING, in `frame`); None when one of them is not a change envelope (the caller then builds
+    them one by one with from_envelope, which names what is wrong)."""
+    if pending_images:
+        pending = [PENDING] * len(columns[0])
+        columns = [columns[0], pending, pending, *columns[1:]]
     ops, befores, afters, schemas, tables, lsns, commit_ts, snapshots, tx_ids, tx_orders = columns
     if not set(ops) <= OPS.keys() or None in schemas or None in tables:
         return None
