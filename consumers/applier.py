@@ -25,6 +25,7 @@ import json
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -344,8 +345,10 @@ class ReplicaApplier:
         return count
 
     def _write_columnar(self, conn: Any, events: list[ChangeEvent]) -> list[ChangeEvent]:
-        """Write what the columnar path takes, table by table (an analytics replica has no foreign keys to order
-        them by); returns the events left for the general path."""
+        """Write what the columnar path takes, table by table (in any order: the dialects with a columnar path
+        have no foreign keys, or check them at commit); returns the events left for the general path."""
+        if any(e.op == "t" for e in events):
+            return events  # a truncate orders the batch into phases: the general path's job, whole
         by_table: dict[str, list[ChangeEvent]] = {}
         for event in events:
             by_table.setdefault(event.table, []).append(event)
@@ -471,11 +474,12 @@ class ReplicaApplier:
 
     def _dead_letter(self, error: str, topic: str, partition: int, offset: int, key: bytes | None,
                      value: bytes | None, event_json: str | None) -> None:
-        if self._producer is None:
-            self._producer = Producer({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
-                                       "enable.idempotence": True, "log_level": 3})
-            self._dead_letters = AvroEncoder(self.registry, f"{self.dead_letter_topic}-value",
-                                             load_schema("dead_letter"))
+        with self._group_lock:  # both threads may dead-letter: one producer
+            if self._producer is None:
+                self._producer = Producer({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
+                                           "enable.idempotence": True, "log_level": 3})
+                self._dead_letters = AvroEncoder(self.registry, f"{self.dead_letter_topic}-value",
+                                                 load_schema("dead_letter"))
         assert self._dead_letters is not None
         record = {"pipeline": self.pipeline.pipeline, "destination": self.name, "error": error, "topic": topic,
                   "partition": partition, "offset": offset, "key": key, "value": value, "event_json": event_json,
@@ -541,33 +545,54 @@ class ReplicaApplier:
             self._watermark_applied = False  # a second run on the same applier waits for its own watermark
         deadline = time.monotonic() + timeout if timeout else None
         last_progress = 0.0
-        # One thread reads and writes. Writing a batch in a second thread while this one decodes the next was
-        # tried and measured: no faster (the GIL serialises the Python work of both), and more states to reason
-        # about.
-        while not self._stop.is_set():
-            polled = self._poll()
-            arrived = polled > 0
-            if polled >= self.poll_messages and self.assembler.buffered < self.batch_events and not self._retry:
-                continue  # a backlog: fill the batch before writing (each write has a fixed cost)
-            steps = self._retry + self.assembler.ready(self.batch_events)
-            if not steps and not arrived and self.assembler.holes and self.assembler.waiting_for \
-                    and self._read_to_end():
-                # A transaction lost an undecodable (dead-lettered) event and nothing more is coming for it.
-                steps = self.assembler.force_next()
-            if steps and (not self._retry or arrived):
-                self._apply_with_policy(steps)
-            elif self._retry and not arrived and self.caught_up(self.end_offsets()):
-                self._retry = []
-                self._apply_with_policy(steps, may_wait=False)  # nothing more will come: the failure is real
-            self._commit_group_offsets()
-            if progress and time.monotonic() - last_progress >= 1:
-                progress(self)
-                last_progress = time.monotonic()
-            if until_caught_up and self._watermark_applied and self._caught_up_to_watermark():
-                break
-            if deadline and time.monotonic() > deadline:
-                raise CdcError(f"{self.name}: not caught up after {timeout:.0f} s "
-                               f"(waiting for source transaction {self.assembler.waiting_for or '-'})")
+        # A batch is written by a worker thread while this one reads and decodes the next: the destination's work
+        # (the columnar path leaves little else to a write) overlaps ours. Only reading overlaps: the next steps are
+        # taken once the batch in flight has committed or failed, so the retry and dead-letter decisions below see
+        # its outcome exactly as if it had run here. Kafka is only touched from this thread.
+        writer = ThreadPoolExecutor(1, thread_name_prefix=f"apply-{self.name}")
+        in_flight: Future | None = None
+        arrived = False  # messages read since the last decision
+        try:
+            while not self._stop.is_set():
+                polled = self._poll()
+                arrived = arrived or polled > 0
+                backlog = polled >= self.poll_messages and self.assembler.buffered < self.batch_events
+                if in_flight is not None:
+                    if not in_flight.done() and polled and self.assembler.buffered < self.batch_events:
+                        continue  # keep reading while the destination writes
+                    future, in_flight = in_flight, None
+                    future.result()
+                    self._commit_group_offsets()
+                if backlog and not self._retry:
+                    continue  # fill the batch before writing (each write has a fixed cost)
+                steps = self._retry + self.assembler.ready(self.batch_events)
+                if not steps and not arrived and self.assembler.holes and self.assembler.waiting_for \
+                        and self._read_to_end():
+                    # A transaction lost an undecodable (dead-lettered) event and nothing more is coming for it.
+                    steps = self.assembler.force_next()
+                if steps and (not self._retry or arrived):
+                    in_flight = writer.submit(self._apply_with_policy, steps)
+                elif self._retry and not arrived and self.caught_up(self.end_offsets()):
+                    self._retry = []
+                    self._apply_with_policy(steps, may_wait=False)  # nothing more will come: the failure is real
+                arrived = False
+                self._commit_group_offsets()
+                if progress and time.monotonic() - last_progress >= 1:
+                    progress(self)
+                    last_progress = time.monotonic()
+                if until_caught_up and in_flight is None and self._watermark_applied \
+                        and self._caught_up_to_watermark():
+                    break
+                if deadline and time.monotonic() > deadline:
+                    raise CdcError(f"{self.name}: not caught up after {timeout:.0f} s "
+                                   f"(waiting for source transaction {self.assembler.waiting_for or '-'})")
+            if in_flight is not None:
+                future, in_flight = in_flight, None
+                future.result()
+        finally:
+            if in_flight is not None:
+                in_flight.exception()  # failing here: the batch in flight still commits or rolls back whole first
+            writer.shutdown(wait=True)
         self._commit_group_offsets()
         if progress:
             progress(self)

@@ -1,11 +1,13 @@
-"""The analytics replica's columnar write path: a batch's row images go from the decoder's Arrow columns into
-DuckDB without becoming Python objects.
+"""The columnar write path: a batch's row images go from the decoder's Arrow columns into the destination without
+becoming Python objects (DuckDB analytics replicas, PostgreSQL replicas).
 
 Why: the general path converts every value in Python (RowConverter), collapses rows in dicts (plan.net_changes)
 and builds Arrow back from them, about 50 µs a change for a DuckDB replica with its history. Here each change keeps
 a reference to the Arrow table its poll was decoded into (schemas.batch) and its row there; a table's changes in a
-batch are gathered with one `take` per decoded poll, registered with DuckDB, and three statements do the rest:
-the history insert, the upsert of each key's last change, the delete of keys whose last change is a delete.
+batch are gathered with one `take` per decoded poll. DuckDB reads that Arrow table itself, and three statements do
+the rest: the history insert, the upsert of each key's last change, the delete of keys whose last change is a
+delete. PostgreSQL gets it through COPY as CSV written by Arrow (`flat_images`: each change's row image, its values
+converted by Arrow the way values.py converts them), then the same upsert and delete.
 
 It produces what the general path produces, for the cases it takes; anything else is left to the general path
 (the caller gets False, nothing written): a column type without a SQL twin of its Python converter below, a
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
@@ -142,3 +145,51 @@ def apply_table(conn: Any, quote: Callable[[str], str], target: str, history: st
     finally:
         conn.unregister(stage)
     return True
+
+
+# Arrow casts that turn Debezium's temporal numbers into what values.py makes of them (in range: see _SPECIAL).
+_ARROW_CASTS = {"io.debezium.time.MicroTimestamp": pa.timestamp("us"), "io.debezium.time.Timestamp": pa.timestamp("ms"),
+                "io.debezium.time.Date": pa.date32()}
+_ARROW_SPECIAL = {"io.debezium.time.MicroTimestamp": (_MIN_US, _MAX_US),
+                  "io.debezium.time.Timestamp": (_MIN_US // 1000, _MAX_US // 1000),
+                  "io.debezium.time.Date": (_MIN_DAYS, _MAX_DAYS)}
+SEQ, OP, CHANGE_LSN = "_cdc_seq", "_cdc_op", "_cdc_change_lsn"  # the extra columns of flat_images
+
+
+def flat_images(batch: pa.Table, shape: TableShape, converter: RowConverter) -> pa.Table | None:
+    """One row per change of `batch` (see batch_table): SEQ, OP, CHANGE_LSN, then each column of its row image
+    (before for a delete, after otherwise) converted as values.py would; None when the batch is the general
+    path's, for the reasons apply_table gives."""
+    if not supports(shape, converter) or {SEQ, OP, CHANGE_LSN} & set(shape.column_names):
+        return None
+    avro = converter.avro_names()
+    types = converter.logical_types
+    op = batch.column("_op")
+    before, after = batch.column("before"), batch.column("after")
+
+    def any_true(mask: Any) -> bool:
+        return bool(pc.any(mask).as_py())
+
+    keyed_update = pc.and_kleene(pc.equal(op, "u"), pc.is_valid(before))
+    for c in shape.primary_key:
+        changed = pc.not_equal(pc.struct_field(before, avro[c]), pc.struct_field(after, avro[c]))
+        if any_true(pc.and_kleene(keyed_update, changed)):
+            return None
+    is_delete = pc.equal(op, "d")
+    columns = {SEQ: batch.column("_seq"), OP: op, CHANGE_LSN: batch.column("_lsn")}
+    for c in shape.column_names:
+        kind = types[c]
+        value = pc.if_else(is_delete, pc.struct_field(before, avro[c]), pc.struct_field(after, avro[c]))
+        if kind in _TEXT:
+            if any_true(pc.match_substring(value, PLACEHOLDER)):
+                return None
+            if kind == "io.debezium.time.ZonedTimestamp" and any_true(pc.invert(pc.match_substring_regex(
+                    value, "^[0-9]{4}-"))):
+                return None
+        if kind in _ARROW_SPECIAL:
+            low, high = _ARROW_SPECIAL[kind]
+            if any_true(pc.or_(pc.less(value, low), pc.greater(value, high))):
+                return None
+            value = value.cast(_ARROW_CASTS[kind])
+        columns[c] = value
+    return pa.table(columns)

@@ -8,15 +8,18 @@ one COPY per table per batch, and a read-only role for the people who query it.
 from __future__ import annotations
 
 import hashlib
+import io
 import operator
 from typing import Any
 
+import pyarrow.csv as pa_csv
 from psycopg import sql
 from sqlalchemy import Column, ForeignKeyConstraint, Table, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
 from cdc.errors import ConfigError
+from consumers import columnar
 from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, history_rows
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
@@ -30,6 +33,7 @@ READ_ONLY_ROLE_COMMENT = "read-only role of cdc analytics replicas, managed by c
 class PostgresDialect(Dialect):
     name = "postgresql"
     supports_deferred_constraints = True
+    columnar = True  # foreign keys are checked at commit (begin_batch): tables may be written in any order
 
     def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint:
         # Deferrable, so that a destination transaction may order rows freely and still be checked at commit.
@@ -104,6 +108,49 @@ class PostgresDialect(Dialect):
         raw.execute(sql.SQL("TRUNCATE {}").format(stage))
         return count
 
+    def apply_columnar(self, conn: Connection, shape: TableShape, converter: Any, batch: Any) -> bool:
+        """A table's changes from Arrow: COPY (CSV written by Arrow) into a staging table, then each key's last
+        change upserted or deleted, guarded by `_cdc_lsn` as `upsert` and `delete` are."""
+        flat = columnar.flat_images(batch, shape, converter)
+        if flat is None:
+            return False
+        table = self.table(shape)
+        target = _identifier(table)
+        cols = list(shape.column_names)
+        digest = hashlib.sha1(f"{table.fullname}|columnar|{'|'.join(cols)}".encode()).hexdigest()[:16]
+        stage = sql.Identifier(f"_cdc_stage_{digest}")
+        raw = conn.connection.driver_connection
+        seq, op, change_lsn = map(sql.Identifier, (columnar.SEQ, columnar.OP, columnar.CHANGE_LSN))
+        names = sql.SQL(", ").join(map(sql.Identifier, cols))
+        raw.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} AS SELECT 0::bigint AS {}, ''::text AS {}, "
+                            "0::bigint AS {}, {} FROM {} WITH NO DATA").format(stage, seq, op, change_lsn, names,
+                                                                                 target))
+        out = io.BytesIO()
+        pa_csv.write_csv(flat, out, pa_csv.WriteOptions(include_header=False))
+        with raw.cursor().copy(sql.SQL("COPY {} ({}, {}, {}, {}) FROM STDIN (FORMAT csv)").format(
+                stage, seq, op, change_lsn, names)) as copy:
+            copy.write(out.getbuffer())
+        pk = sql.SQL(", ").join(map(sql.Identifier, shape.primary_key))
+        last = sql.SQL("(SELECT DISTINCT ON ({pk}) * FROM {stage} ORDER BY {pk}, {seq} DESC)").format(
+            pk=pk, stage=stage, seq=seq)
+        lsn = sql.Identifier(LSN_COLUMN)
+        updates = [c for c in cols if c not in shape.primary_key]
+        raw.execute(sql.SQL(
+            "INSERT INTO {target} AS t ({names}, {lsn}) SELECT {names}, {change_lsn} FROM {last} AS s "
+            "WHERE {op} <> 'd' ON CONFLICT ({pk}) DO UPDATE SET {sets} "
+            "WHERE t.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {snapshot}").format(
+            target=target, names=names, lsn=lsn, change_lsn=change_lsn, last=last, op=op, pk=pk,
+            sets=sql.SQL(", ").join([
+                *(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates),
+                sql.SQL("{0} = GREATEST(t.{0}, EXCLUDED.{0})").format(lsn)]),
+            snapshot=sql.Literal(SNAPSHOT_LSN)))
+        match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(c)) for c in shape.primary_key)
+        raw.execute(sql.SQL("DELETE FROM {target} AS t USING {last} AS s WHERE s.{op} = 'd' AND {match} "
+                            "AND t.{lsn} < s.{change_lsn}").format(target=target, last=last, op=op, match=match,
+                                                                   lsn=lsn, change_lsn=change_lsn))
+        raw.execute(sql.SQL("TRUNCATE {}").format(stage))
+        return True
+
     def truncate(self, conn: Connection, shape: TableShape) -> None:
         table = self.table(shape)
         # The source's TRUNCATE of a referenced table names its referencing tables too; each arrives as an event.
@@ -120,6 +167,7 @@ class PostgresDialect(Dialect):
 class PostgresAnalyticsDialect(PostgresDialect):
     name = "postgresql analytics"
     keeps_history = True
+    columnar = False  # its history is appended by the general path only
 
     def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint | None:  # noqa: ANN001
         # Like DuckDB's: only the applier writes here, and it writes whole source transactions.

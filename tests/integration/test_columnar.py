@@ -86,3 +86,37 @@ def test_the_columnar_path_writes_what_the_general_path_writes(stack, source_db,
         for applier in appliers.values():
             applier.close()
         purge(pipeline)
+
+
+def test_a_postgresql_replica_written_by_the_columnar_path_equals_the_source(stack, source_db, tmp_path):
+    source = stack.postgres_url(source_db)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    destination = f"col_{source_db}"
+    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
+        conn.execute(f'create database "{destination}"')
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml", pipeline_data(
+        stack, source_db, ["public.Mixed Types"],
+        destinations={"state": {"kind": "replica", "url": stack.postgres_url(destination)}}))
+    capture.apply(pipeline)
+    applier = ReplicaApplier(pipeline, "state", poll_messages=40)
+    columns = ('id, i2, i8, n12, r, d, b, t, "select", dt::text, ts::text, tstz, js::text, jb, u, m::text')
+    try:
+        written = []
+        for statements in (WORKLOAD, SPECIAL):
+            with psycopg.connect(source, autocommit=True) as conn:
+                for statement in statements:
+                    conn.execute(statement)
+            applier.run(until_caught_up=True, timeout=300)
+            written.append(applier.stats.columnar_rows)
+        assert written[0] > 500 and written[1] == written[0]
+        read = f'select {columns} from "Mixed Types" order by id'
+        with psycopg.connect(source) as src, psycopg.connect(stack.postgres_url(destination)) as dst:
+            expected, got = src.execute(read).fetchall(), dst.execute(read).fetchall()
+        assert len(got) > 300
+        assert got == expected
+    finally:
+        applier.close()
+        purge(pipeline)
+        with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{destination}" with (force)')
