@@ -404,15 +404,17 @@ class _ReplayProgress:
 
 @app.command("replay")
 def replay_command(
-    destination: str = typer.Argument(..., help="The replica destination to rebuild."),
+    destination: str = typer.Argument(..., help="The destination to rebuild: a PostgreSQL replica or a DuckDB "
+                                      "analytics file."),
     tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated tables (default: all captured)."),
     from_: str = typer.Option("earliest", "--from", help="`earliest` (empty the scope, apply the whole history), "
                               "or an ISO-8601 time: keep the tables and re-apply every change committed since."),
-    shadow: bool = typer.Option(False, "--shadow", help="Rebuild into a new schema while the live tables keep "
-                                "serving, then swap them in atomically (PostgreSQL)."),
+    shadow: bool = typer.Option(False, "--shadow", help="Rebuild into a new schema (PostgreSQL) or file (DuckDB) "
+                                "while the live one keeps serving, then swap it in atomically."),
     from_snapshot: bool = typer.Option(False, "--from-snapshot", help="When retention deleted the start of the "
                                        "history: empty the scope and take a fresh Debezium snapshot of it."),
-    make_backup: bool = typer.Option(True, "--backup/--no-backup", help="Back up the tables first (default)."),
+    make_backup: bool = typer.Option(True, "--backup/--no-backup", help="Back up the tables (PostgreSQL) or the "
+                                     "file (DuckDB) first (default)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
 ) -> None:
     """Rebuild a destination from the topics: back up, empty the scope, apply from the start until caught up."""
@@ -437,7 +439,7 @@ def replay_command(
         finally:
             bar.close()
         typer.echo(f"replay: applied {applier.stats.rows} rows from {applier.stats.transactions} source transactions"
-                   + (f"; backup {saved.id} ({saved.schema}) can be restored with `cdc backups restore {destination} "
+                   + (f"; backup {saved.id} ({saved.location}) can be restored with `cdc backups restore {destination} "
                       f"{saved.id}`" if saved else ""))
         applier.close()
         return 0
@@ -451,12 +453,15 @@ app.add_typer(backups_app, name="backups")
 
 @backups_app.command("list")
 def backups_list(destination: str = typer.Argument(...)) -> None:
-    """The backups of a destination, newest first."""
-    from consumers import replay as replay_mod
+    """The backups of a destination, newest first: id, time (UTC), where, the tables the replay replaced."""
+    from datetime import timezone
+
+    from consumers import backups as backups_mod
 
     def body() -> int:
-        for b in replay_mod.list_backups(_pipeline(), destination):
-            typer.echo(f"{b.id:5}  {b.created_at:%Y-%m-%d %H:%M:%S}  {b.schema}  {', '.join(b.tables)}")
+        for b in backups_mod.list_backups(_pipeline(), destination):
+            typer.echo(f"{b.id:5}  {b.created_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}  {b.location}  "
+                       f"{', '.join(b.tables)}")
         return 0
 
     _run(body)
@@ -464,12 +469,13 @@ def backups_list(destination: str = typer.Argument(...)) -> None:
 
 @backups_app.command("restore")
 def backups_restore(destination: str = typer.Argument(...), backup_id: int = typer.Argument(...)) -> None:
-    """Put back a backup's tables and stored offsets exactly (stop `cdc run` for the destination first)."""
-    from consumers import replay as replay_mod
+    """Put back a backup's tables and stored offsets exactly (DuckDB: the whole file); stop `cdc run` for the
+    destination first."""
+    from consumers import backups as backups_mod
 
     def body() -> int:
-        b = replay_mod.restore(_pipeline(), destination, backup_id)
-        typer.echo(f"backup {b.id} restored: {', '.join(b.tables)}")
+        b = backups_mod.restore(_pipeline(), destination, backup_id)
+        typer.echo(f"backup {b.id} ({b.location}) restored: {', '.join(b.tables)}")
         return 0
 
     _run(body)
@@ -481,10 +487,10 @@ def backups_prune(destination: str = typer.Argument(...),
     """Drop backups older than the retention period (default 30 days)."""
     from datetime import timedelta
 
-    from consumers import replay as replay_mod
+    from consumers import backups as backups_mod
 
     def body() -> int:
-        dropped = replay_mod.prune(_pipeline(), destination, timedelta(days=days))
+        dropped = backups_mod.prune(_pipeline(), destination, timedelta(days=days))
         typer.echo(f"{len(dropped)} backups dropped")
         return 0
 

@@ -1,56 +1,43 @@
-"""`cdc replay` and `cdc backups`: rebuild a replica destination from the topics, after backing it up.
+"""`cdc replay`: rebuild a destination (a PostgreSQL replica or a DuckDB analytics file) from the topics.
 
 A replay, in order:
 1. Refuse when the topics no longer hold the start of the history (retention deleted it): a rebuild from them
    would silently lack rows. The remedy is a fresh Debezium snapshot of the tables.
-2. Back up what will be replaced (PostgreSQL: a copy of each table, and of the pipeline's stored offsets, into a
-   timestamped schema `_cdc_backup_<time>`), recorded in `_cdc_backups` and kept for the retention period.
-3. In one destination transaction: empty the tables in scope (children first) and, for a full replay, forget
-   the pipeline's stored offsets.
+2. Back up what will be replaced (consumers/backups.py; PostgreSQL: a copy of each table, and of the pipeline's
+   stored offsets, into a timestamped schema; DuckDB: a copy of the file), kept for the retention period.
+3. In one destination transaction: empty the tables in scope (children first), and their change histories where the
+   destination keeps them (they are rebuilt from the topics too), and forget the pipeline's stored offsets.
 4. Apply from the beginning of the topics until caught up. With `--tables`, only the chosen tables take the
    events that the destination had already applied (before the stored offsets); beyond them, every table does,
    as in normal running. Re-applying the other tables' old events could bring back rows deleted since.
 Stop `cdc run` for the destination while it replays: two appliers would write the same rows.
+
+`--shadow` builds the new tables elsewhere while the live ones keep serving, then swaps them in atomically:
+PostgreSQL in a new schema (`_replay_shadow`), DuckDB in a new file beside the live one (`_replay_shadow_file`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 from confluent_kafka import Consumer, TopicPartition
-from sqlalchemy import create_engine, inspect, text
+from pydantic import SecretStr
+from sqlalchemy import inspect, text
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
 from consumers.applier import ReplicaApplier
-from consumers.dialects import dialect_for
+from consumers.backups import (
+    Backup, FileBackups, SchemaBackups, check_not_written, copy_database, destination_kind, duckdb_path, fold_wal,
+    remove_database, store_for,
+)
+from consumers.dialects import Dialect, dialect_for
+from consumers.dialects.base import HISTORY_SUFFIX
 from consumers.plan import dependency_order
-from consumers.shapes import OFFSETS_TABLE, reflect_shapes
-
-BACKUPS_TABLE = "_cdc_backups"
-DEFAULT_RETENTION = timedelta(days=30)
-
-
-@dataclass
-class Backup:
-    id: int
-    created_at: datetime
-    schema: str
-    pipeline: str
-    tables: list[str]
-
-
-def _engine(pipeline: Pipeline, destination: str) -> Any:
-    if destination not in pipeline.destinations or pipeline.destinations[destination].kind != "replica":
-        raise ConfigError(f"destinations: no replica destination named {destination!r}")
-    engine = create_engine(pipeline.destinations[destination].driver_url)
-    if engine.url.get_backend_name() != "postgresql":
-        raise ConfigError(f"destinations.{destination}: backups and replays are implemented for PostgreSQL "
-                          "destinations only so far")
-    return engine
+from consumers.shapes import OFFSETS_TABLE, TableShape, reflect_shapes
 
 
 def check_history(pipeline: Pipeline) -> None:
@@ -75,103 +62,16 @@ def check_history(pipeline: Pipeline) -> None:
         consumer.close()
 
 
-def _ensure_backups_table(conn: Any) -> None:
-    conn.execute(text(f'create table if not exists "{BACKUPS_TABLE}" (id bigserial primary key, created_at timestamptz '
-                      "not null default now(), schema_name text not null, pipeline text not null, tables jsonb not "
-                      "null)"))
-
-
-def backup(pipeline: Pipeline, destination: str, tables: list[str]) -> Backup:
-    """Copy the tables (and the pipeline's stored offsets) into a new timestamped schema."""
-    import json
-
-    engine = _engine(pipeline, destination)
-    dialect = dialect_for(engine)
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, tables)
-    now = datetime.now(timezone.utc)
-    schema = f"_cdc_backup_{now:%Y%m%d_%H%M%S_%f}"
-    try:
-        with engine.begin() as conn:
-            prep = conn.dialect.identifier_preparer
-            _ensure_backups_table(conn)
-            conn.execute(text(f"create schema {prep.quote(schema)}"))
-            insp = inspect(conn)
-            for name in tables:
-                table = dialect.table(shapes[name])
-                if insp.has_table(table.name, schema=table.schema):
-                    conn.execute(text(f"create table {prep.quote(schema)}.{prep.quote(name)} as table "
-                                      f"{prep.format_table(table)}"))
-            conn.execute(text(f"create table {prep.quote(schema)}.{prep.quote(OFFSETS_TABLE)} as "
-                              f"select * from {prep.quote(OFFSETS_TABLE)} where pipeline = :p"), {"p": pipeline.pipeline})
-            row = conn.execute(text(f'insert into "{BACKUPS_TABLE}" (schema_name, pipeline, tables) '
-                                    "values (:s, :p, cast(:t as jsonb)) returning id, created_at"),
-                               {"s": schema, "p": pipeline.pipeline, "t": json.dumps(tables)}).one()
-    finally:
-        engine.dispose()
-    return Backup(row[0], row[1], schema, pipeline.pipeline, tables)
-
-
-def list_backups(pipeline: Pipeline, destination: str) -> list[Backup]:
-    engine = _engine(pipeline, destination)
-    try:
-        with engine.begin() as conn:
-            _ensure_backups_table(conn)
-            rows = conn.execute(text(f'select id, created_at, schema_name, pipeline, tables from "{BACKUPS_TABLE}" '
-                                     "where pipeline = :p order by id desc"), {"p": pipeline.pipeline}).all()
-    finally:
-        engine.dispose()
-    return [Backup(r[0], r[1], r[2], r[3], list(r[4])) for r in rows]
-
-
-def restore(pipeline: Pipeline, destination: str, backup_id: int) -> Backup:
-    """Put back exactly the backed-up content of each table, and the offsets stored at that time."""
-    found = [b for b in list_backups(pipeline, destination) if b.id == backup_id]
-    if not found:
-        raise CdcError(f"backups: no backup {backup_id} for pipeline {pipeline.pipeline!r}")
-    chosen = found[0]
-    engine = _engine(pipeline, destination)
-    dialect = dialect_for(engine)
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, chosen.tables)
-    try:
-        with engine.begin() as conn:
-            prep = conn.dialect.identifier_preparer
-            dialect.begin_batch(conn, snapshot=True)
-            order = dependency_order(shapes)
-            for name in reversed(order):
-                conn.execute(text(f"delete from {prep.format_table(dialect.table(shapes[name]))}"))
-            for name in order:
-                conn.execute(text(f"insert into {prep.format_table(dialect.table(shapes[name]))} "
-                                  f"select * from {prep.quote(chosen.schema)}.{prep.quote(name)}"))
-            conn.execute(text(f"delete from {prep.quote(OFFSETS_TABLE)} where pipeline = :p"), {"p": pipeline.pipeline})
-            conn.execute(text(f"insert into {prep.quote(OFFSETS_TABLE)} select * from "
-                              f"{prep.quote(chosen.schema)}.{prep.quote(OFFSETS_TABLE)}"))
-    finally:
-        engine.dispose()
-    return chosen
-
-
-def prune(pipeline: Pipeline, destination: str, older_than: timedelta = DEFAULT_RETENTION) -> list[Backup]:
-    cutoff = datetime.now(timezone.utc) - older_than
-    old = [b for b in list_backups(pipeline, destination) if b.created_at < cutoff]
-    engine = _engine(pipeline, destination)
-    try:
-        with engine.begin() as conn:
-            for b in old:
-                conn.execute(text(f'drop schema if exists "{b.schema}" cascade'))
-                conn.execute(text(f'delete from "{BACKUPS_TABLE}" where id = :i'), {"i": b.id})
-    finally:
-        engine.dispose()
-    return old
-
-
-def _validate_scope(pipeline: Pipeline, tables: list[str] | None, shapes: dict[str, Any]) -> list[str]:
+def _validate_scope(pipeline: Pipeline, tables: list[str] | None, shapes: dict[str, Any], *,
+                    foreign_keys: bool) -> list[str]:
     chosen = tables or list(pipeline.source.tables)
     unknown = [t for t in chosen if t not in pipeline.source.tables]
     if unknown:
         raise ConfigError(f"--tables: {', '.join(unknown)} not in source.tables")
-    # Emptying a table that other tables reference would break their foreign keys: they join the scope.
+    # Emptying a table that other tables reference would break their foreign keys: they join the scope. A
+    # destination without foreign keys (an analytics replica) has nothing to break, so any tables may be replayed.
     dependents = sorted({name for name, shape in shapes.items() if name not in chosen
-                         for fk in shape.foreign_keys if fk.referred_table in chosen})
+                         for fk in shape.foreign_keys if fk.referred_table in chosen}) if foreign_keys else []
     if dependents:
         raise ConfigError(f"--tables: {', '.join(dependents)} reference the tables to replay; "
                           "replay them too (add them to --tables)")
@@ -223,46 +123,78 @@ def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = N
     `from_snapshot`: the history is gone from the topics; empty the scope and take a fresh Debezium snapshot."""
     if sum([start is not None, shadow, from_snapshot]) > 1:
         raise ConfigError("replay: --from TIME, --shadow and --from-snapshot are different ways to replay; choose one")
-    engine = _engine(pipeline, destination)
-    engine.dispose()
+    kind = destination_kind(pipeline, destination)
+    if kind == "duckdb":
+        check_not_written(duckdb_path(pipeline, destination))
     shapes = reflect_shapes(pipeline.source.sqlalchemy_url, pipeline.source.tables)
-    chosen = _validate_scope(pipeline, tables, shapes)
+    chosen = _validate_scope(pipeline, tables, shapes, foreign_keys=kind == "postgresql")
     if start is None and not from_snapshot:
         check_history(pipeline)
     if shadow:
-        return _replay_shadow(pipeline, destination, chosen, shapes, make_backup=make_backup, timeout=timeout,
-                              echo=echo, progress=progress)
-    saved = backup(pipeline, destination, chosen) if make_backup else None
+        rebuild = _replay_shadow_file if kind == "duckdb" else _replay_shadow
+        return rebuild(pipeline, destination, chosen, shapes, partial=bool(tables), make_backup=make_backup,
+                       timeout=timeout, echo=echo, progress=progress)
+    saved = store_for(pipeline, destination).take(chosen) if make_backup else None
     if saved:
-        echo(f"backup {saved.id}: {len(chosen)} tables copied into schema {saved.schema}")
+        echo(f"backup {saved.id}: {len(chosen)} tables saved in {saved.location}")
+    elif make_backup:
+        echo("backup: nothing to back up (the destination was never written)")
+    applier = _rebuild(pipeline, destination, chosen, shapes, partial=bool(tables), start=start,
+                       from_snapshot=from_snapshot, timeout=timeout, echo=echo, progress=progress)
+    return saved, applier
+
+
+def _rebuild(pipeline: Pipeline, destination: str, chosen: list[str], shapes: dict[str, TableShape], *,
+             partial: bool, start: datetime | None, from_snapshot: bool, timeout: float | None,
+             echo: Callable[[str], None], progress: Callable[[ReplicaApplier], None] | None) -> ReplicaApplier:
+    """Steps 3 and 4 of the module's docstring, on the destination as `pipeline` names it."""
     applier = ReplicaApplier(pipeline, destination, echo=echo)
     applier.shapes = shapes
     positions = offsets_at(pipeline, start) if start is not None else end_positions(pipeline) if from_snapshot else {}
+    # `--from TIME` skips by commit time in whole milliseconds (source.ts_ms): the history cut is the same instant.
+    skip_before_ms = int(start.timestamp() * 1000) if start is not None else None
     with applier.engine.begin() as conn:
         applier.dialect.ensure_offsets_table(conn)
         stored = applier.dialect.load_offsets(conn, pipeline.pipeline)
         applier.dialect.begin_batch(conn, snapshot=True)
-        if start is None:
-            prep = conn.dialect.identifier_preparer
-            insp = inspect(conn)
-            for name in reversed(dependency_order({n: applier.shapes[n] for n in chosen})):
-                table = applier.dialect.table(applier.shapes[name])
-                if insp.has_table(table.name, schema=table.schema):
-                    conn.execute(text(f"delete from {prep.format_table(table)}"))
+        _empty(conn, applier.dialect, {n: shapes[n] for n in chosen}, since_ms=skip_before_ms)
         applier.dialect.reset_offsets(conn, pipeline.pipeline)
         applier.dialect.store_offsets(conn, pipeline.pipeline, positions)
     if start is not None:
-        applier.skip_before_ms = int(start.timestamp() * 1000)
+        applier.skip_before_ms = skip_before_ms
         echo(f"replay: re-applying the changes committed since {start.isoformat()} on top of the tables")
     elif from_snapshot:
         echo(f"replay: emptied {', '.join(chosen)}; asking Debezium for a fresh snapshot of them")
         snapshot_and_wait(pipeline, chosen, timeout=timeout, echo=echo)
     else:
         echo(f"replay: emptied {', '.join(chosen)}; reading the topics from the beginning")
-    if tables:
+    if partial:
         applier.replay_scope = (frozenset(chosen), stored)
     applier.run(until_caught_up=True, timeout=timeout, progress=progress)
-    return saved, applier
+    return applier
+
+
+def _empty(conn: Any, dialect: Dialect, shapes: dict[str, TableShape], *, since_ms: int | None) -> None:
+    """Empty the tables in scope, children first, and their change histories where the destination keeps them.
+    With `since_ms` (`--from TIME`) the tables stay, and only the history rows committed since then go: the replay
+    appends them again as it re-applies those changes, and would otherwise record each of them twice."""
+    prep = conn.dialect.identifier_preparer
+    insp = inspect(conn)
+    # Half a millisecond of slack: history times come from milliseconds through a float.
+    since = None if since_ms is None else \
+        datetime.fromtimestamp(since_ms // 1000, tz=timezone.utc) + timedelta(microseconds=since_ms % 1000 * 1000 - 500)
+    for name in reversed(dependency_order(shapes)):
+        table = dialect.table(shapes[name])
+        if since is None and insp.has_table(table.name, schema=table.schema):
+            conn.execute(text(f"delete from {prep.format_table(table)}"))
+        history = table.name + HISTORY_SUFFIX
+        if dialect.keeps_history and insp.has_table(history, schema=table.schema):
+            qualified = f"{prep.quote_schema(table.schema)}.{prep.quote(history)}" if table.schema else \
+                prep.quote(history)
+            if since is None:
+                conn.execute(text(f"delete from {qualified}"))
+            else:
+                conn.execute(text(f"delete from {qualified} where _cdc_commit_ts >= :since"), {"since": since})
 
 
 def snapshot_and_wait(pipeline: Pipeline, tables: list[str], *, timeout: float | None,
@@ -325,10 +257,10 @@ def snapshot_and_wait(pipeline: Pipeline, tables: list[str], *, timeout: float |
 
 
 def _replay_shadow(pipeline: Pipeline, destination: str, chosen: list[str], shapes: dict[str, Any], *,
-                   make_backup: bool, timeout: float | None, echo: Callable[[str], None],
+                   partial: bool, make_backup: bool, timeout: float | None, echo: Callable[[str], None],
                    progress: Callable[[ReplicaApplier], None] | None) -> tuple[Backup | None, ReplicaApplier]:
-    """Build the scope's tables in a new schema from the start of the topics while the live ones keep serving,
-    then swap them in one transaction. Readers see the old tables or the new ones, whole: the swap holds each
+    """PostgreSQL: build the scope's tables in a new schema from the start of the topics while the live ones keep
+    serving, then swap them in one transaction. Readers see the old tables or the new ones, whole: the swap holds each
     table's exclusive lock only for renames, and PostgreSQL re-resolves a waiting query's table names after it.
     The old tables move into a backup schema (recorded like any replay's backup) unless --no-backup."""
     now = datetime.now(timezone.utc)
@@ -337,7 +269,7 @@ def _replay_shadow(pipeline: Pipeline, destination: str, chosen: list[str], shap
     with applier.engine.begin() as conn:
         conn.execute(text(f'create schema "{shadow}"'))
     applier.dialect.relocate({name: (shadow, name) for name in chosen}, offsets_schema=shadow)
-    if len(chosen) < len(pipeline.source.tables):
+    if partial:
         applier.only_tables = frozenset(chosen)
     echo(f"replay: building {', '.join(chosen)} in schema {shadow} while the live tables keep serving")
     try:
@@ -347,22 +279,20 @@ def _replay_shadow(pipeline: Pipeline, destination: str, chosen: list[str], shap
         with applier.engine.begin() as conn:
             conn.execute(text(f'drop schema if exists "{shadow}" cascade'))
         raise
-    echo("replay: swapped the rebuilt tables in" + (f"; the old ones are backup {saved.id} ({saved.schema})"
+    echo("replay: swapped the rebuilt tables in" + (f"; the old ones are backup {saved.id} ({saved.location})"
                                                      if saved else ""))
     return saved, applier
 
 
 def _swap(pipeline: Pipeline, applier: ReplicaApplier, shadow: str, chosen: list[str], shapes: dict[str, Any],
           now: datetime, *, keep_old: bool) -> Backup | None:
-    import json
-
     live = dialect_for(applier.engine)
     backup_schema = f"_cdc_backup_{now:%Y%m%d_%H%M%S_%f}"
     full = len(chosen) == len(pipeline.source.tables)
     with applier.engine.begin() as conn:
         prep = conn.dialect.identifier_preparer
         q = prep.quote
-        _ensure_backups_table(conn)
+        SchemaBackups.ensure_table(conn)
         live.ensure_offsets_table(conn)
         conn.execute(text(f"create schema {q(backup_schema)}"))
         insp = inspect(conn)
@@ -394,10 +324,44 @@ def _swap(pipeline: Pipeline, applier: ReplicaApplier, shadow: str, chosen: list
         conn.execute(text(f"drop schema {q(shadow)} cascade"))
         saved = None
         if keep_old:
-            row = conn.execute(text(f'insert into "{BACKUPS_TABLE}" (schema_name, pipeline, tables) '
-                                    "values (:s, :p, cast(:t as jsonb)) returning id, created_at"),
-                               {"s": backup_schema, "p": pipeline.pipeline, "t": json.dumps(chosen)}).one()
-            saved = Backup(row[0], row[1], backup_schema, pipeline.pipeline, chosen)
+            saved = SchemaBackups(pipeline, applier.name).record(conn, backup_schema, chosen)
         else:
             conn.execute(text(f"drop schema {q(backup_schema)} cascade"))
     return saved
+
+
+def _replay_shadow_file(pipeline: Pipeline, destination: str, chosen: list[str], shapes: dict[str, TableShape], *,
+                        partial: bool, make_backup: bool, timeout: float | None, echo: Callable[[str], None],
+                        progress: Callable[[ReplicaApplier], None] | None) -> tuple[Backup | None, ReplicaApplier]:
+    """DuckDB: build the new replica in a new file beside the live one while the live file keeps serving, then put
+    it in place with one rename: a reader that opens the file gets the old one or the new one, whole (one that has
+    the old one open keeps reading it). The old file becomes the replay's backup unless --no-backup.
+
+    The new file starts as a copy of the live one and the scope is rebuilt in it exactly as an in-place replay
+    does it: the tables outside the scope, and whatever other pipelines keep in the file, come along as they are,
+    and the copy's stored offsets say where each table stands, as they do in the live file."""
+    store = FileBackups(pipeline, destination)
+    shadow = store.live.with_name(f"{store.live.name}.shadow-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}")
+    if store.live.exists():
+        copy_database(store.live, shadow)
+    echo(f"replay: building {', '.join(chosen)} in {shadow} while {store.live} keeps serving")
+    try:
+        applier = _rebuild(_pointed_at(pipeline, destination, shadow), destination, chosen, shapes, partial=partial,
+                           start=None, from_snapshot=False, timeout=timeout, echo=echo, progress=progress)
+        applier.engine.dispose()
+        fold_wal(shadow)
+        saved = store.swap_in(shadow, chosen, keep_old=make_backup)
+    except BaseException:
+        remove_database(shadow)
+        raise
+    echo("replay: swapped the rebuilt file in" + (f"; the old one is backup {saved.id} ({saved.location})"
+                                                   if saved else ""))
+    return saved, applier
+
+
+def _pointed_at(pipeline: Pipeline, destination: str, path: Path) -> Pipeline:
+    """A copy of the pipeline whose destination is the DuckDB file `path`: what the applier of a shadow writes to."""
+    dest = pipeline.destinations[destination]
+    url = dest.sqlalchemy_url.set(database=str(path)).render_as_string(hide_password=False)
+    return pipeline.model_copy(update={"destinations": {**pipeline.destinations,
+                                                        destination: dest.model_copy(update={"url": SecretStr(url)})}})

@@ -6,11 +6,13 @@ import subprocess
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import psycopg
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from infra.stack import StackLayout
 from tests.integration.test_replica import CDC, assert_equal, replica, rows, workload  # noqa: F401 - fixture
 
 TABLES = ("school", "person", "enrollment", "attendance")
@@ -138,9 +140,10 @@ def test_shadow_replay_serves_the_old_tables_whole_until_an_atomic_swap(replica)
     assert_equal(source, destination)
 
 
-def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):  # noqa: F811
-    path, source, destination = replica
-    workload(source, 50, seed=13)
+def changes_around_a_time(source: str, seed: int) -> tuple[int, datetime, int]:
+    """A workload, then a time, then one more attendance row: (the last attendance id written before the time, the
+    time, the id written after it)."""
+    workload(source, 50, seed=seed)
     with psycopg.connect(source, autocommit=True) as conn:
         early = conn.execute("select max(id) from attendance").fetchone()[0]
     time.sleep(1.5)
@@ -150,6 +153,12 @@ def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):
         late = 9_000_001
         person, enrollment = conn.execute("select person_id, id from enrollment order by id limit 1").fetchone()
         conn.execute("insert into attendance values (%s, %s, %s, current_date, 'late')", (late, person, enrollment))
+    return early, since, late
+
+
+def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):  # noqa: F811
+    path, source, destination = replica
+    early, since, late = changes_around_a_time(source, seed=13)
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
     with psycopg.connect(destination, autocommit=True) as conn:
         conn.execute("delete from attendance where id in (%s, %s)", (early, late))
@@ -163,23 +172,26 @@ def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):
     assert bad.returncode == 2 and "--from: 'yesterday' is neither `earliest` nor an ISO-8601 time" in bad.stderr
 
 
-def test_replay_from_a_fresh_snapshot_when_retention_deleted_the_history(replica, stack):  # noqa: F811
-    path, source, destination = replica
-    workload(source, 100, seed=14)
-    assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+def expire_history(stack: StackLayout, path: Path, table: str) -> None:
+    """Delete every record of the topic holding `table`, as if retention had expired the whole history."""
     from cdc import config
-
-    pipeline = config.load(path, env={})
-    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
-    topic = pipeline.topic_of("public.person")
     from confluent_kafka import Consumer
 
+    topic = config.load(path, env={}).topic_of(table)
     probe = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "replay-test"})
     cut = [TopicPartition(topic, p, probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
            for p in range(6)]
     probe.close()
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
     for future in admin.delete_records([tp for tp in cut if tp.offset > 0]).values():
-        future.result()  # the whole history of person is gone, as if retention had expired it
+        future.result()
+
+
+def test_replay_from_a_fresh_snapshot_when_retention_deleted_the_history(replica, stack):  # noqa: F811
+    path, source, destination = replica
+    workload(source, 100, seed=14)
+    assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+    expire_history(stack, path, "public.person")
     with psycopg.connect(destination, autocommit=True) as conn:
         conn.execute("set session_replication_role = replica")
         conn.execute("update person set name = 'damaged' where id in (select id from person order by id limit 3)")
