@@ -21,6 +21,7 @@ SIGINT and SIGTERM stop the loop between batches: the batch in flight commits wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
@@ -321,8 +322,17 @@ class ReplicaApplier:
         if self.dialect.keeps_history:
             history: dict[str, list] = {}
             for event in events:
+                shape = self.shapes.get(event.table)
+                if shape is None:
+                    continue
                 row = self.convert(event, event.before if event.op == "d" else event.after)
-                if row is not None and event.table in self.shapes:
+                if event.op == "u" and event.before is not None and row is not None:
+                    before = self.convert(event, event.before)
+                    if before is not None and any(before.get(k) != row.get(k) for k in shape.primary_key):
+                        # A primary-key update sent as one update (a member whose root id did not change): the
+                        # old key ends here, as a delete would have said.
+                        history.setdefault(event.table, []).append((dataclasses.replace(event, op="d"), before))
+                if row is not None:
                     history.setdefault(event.table, []).append((event, row))
             for table, changes in history.items():
                 self.dialect.append_history(conn, self.shapes[table], changes)
