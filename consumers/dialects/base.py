@@ -60,6 +60,8 @@ class Dialect(ABC):
     reflects_foreign_keys = True
     # Whether `apply_columnar` can write a table's batch straight from the decoder's Arrow columns.
     columnar = False
+    # Changes per destination transaction at most: memory grows with it, the share of each write's fixed cost falls.
+    batch_events = 20_000
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
