@@ -21,6 +21,7 @@ SIGINT and SIGTERM stop the loop between batches: the batch in flight commits wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -28,7 +29,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
@@ -53,6 +54,8 @@ from schemas.batch import BatchDecoder
 from schemas.codec import AvroDecoder, AvroEncoder, RegistryClient, load_schema
 
 
+# How long a write waits for readers to let go of a DuckDB file before the applier gives up.
+LOCK_PATIENCE_S = 60.0
 # Kafka prefetch budget of one applier, shared out among its partitions (see the consumer's settings).
 PREFETCH_BUDGET_KB = 64 * 1024
 
@@ -148,7 +151,7 @@ class ReplicaApplier:
         """Create the offsets table and the replicated tables as needed, then position the consumer."""
         self.shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, self.pipeline.source.tables)
         try:
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 self.dialect.ensure_offsets_table(conn)
                 for name in dependency_order(self.shapes):
                     for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
@@ -313,6 +316,25 @@ class ReplicaApplier:
             self.assembler.add_event(event)
 
     # -- applying -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[Any]:
+        """A destination transaction (committed when the block ends, rolled back if it raises)."""
+        conn = self._connect()
+        with conn, conn.begin():
+            yield conn
+
+    def _connect(self) -> Any:
+        """A destination connection. A DuckDB file is someone else's while a reader has it open (DuckDB lets one
+        process write, or several read): wait for it, up to LOCK_PATIENCE_S, rather than stop replicating."""
+        deadline = time.monotonic() + LOCK_PATIENCE_S
+        while True:
+            try:
+                return self.engine.connect()
+            except OperationalError as exc:
+                if "Could not set lock" not in str(exc) or time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                time.sleep(0.1)
+
     def _write(self, conn: Any, steps: list[Step], offsets: dict[tuple[str, int], int]) -> int:
         events = [e for step in steps for e in step.events]
         if self.only_tables is not None:
@@ -424,7 +446,7 @@ class ReplicaApplier:
         """Apply steps in one destination transaction, then acknowledge them to Kafka's group offsets."""
         offsets = self._offsets_after(steps)
         try:
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 self.dialect.begin_batch(conn, snapshot=any(s.xid is None for s in steps))
                 count = self._write(conn, steps, offsets)
         except OperationalError as exc:
@@ -485,7 +507,7 @@ class ReplicaApplier:
     def _skip(self, step: Step) -> None:
         """Record a dead-lettered step's offsets as applied, so that the stream goes on past it."""
         offsets = self._offsets_after([step])
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
         self._acknowledge([step], offsets)
 

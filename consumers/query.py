@@ -14,6 +14,7 @@ against whoever runs `cdc query`: they hold the destination URL, the applier's c
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from cdc.config import Destination, masked_url
@@ -39,14 +40,25 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+# How long `cdc query` waits for the applier to let go of a DuckDB file.
+WRITER_PATIENCE_S = 30.0
+
+
 def _duckdb(destination: Destination, statement: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     import duckdb
 
     url = destination.sqlalchemy_url
-    try:
-        conn = duckdb.connect(url.database or ":memory:", read_only=True)
-    except duckdb.Error as exc:
-        raise CdcError(f"cannot open the analytics replica {url.database}: {exc}") from None
+    deadline = time.monotonic() + WRITER_PATIENCE_S
+    while True:
+        try:
+            conn = duckdb.connect(url.database or ":memory:", read_only=True)
+            break
+        except duckdb.Error as exc:
+            # The applier holds the file while it writes a batch (about a second at most): wait for it.
+            if "Could not set lock" in str(exc) and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            raise CdcError(f"cannot open the analytics replica {url.database}: {exc}") from None
     try:
         result = conn.execute(statement)
         columns = [d[0] for d in result.description or []]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import duckdb
 import psycopg
 
 from consumers.applier import ReplicaApplier
 from producers import capture
 from tests.integration.pipelines import pipeline_data, purge, write_pipeline
+from tests.integration.test_replica import CDC
 
 SCHEMA = """
 create type mood as enum ('sad', 'ok', 'happy');
@@ -120,3 +124,33 @@ def test_a_postgresql_replica_written_by_the_columnar_path_equals_the_source(sta
         purge(pipeline)
         with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
             conn.execute(f'drop database if exists "{destination}" with (force)')
+
+
+def test_a_reader_holding_the_duckdb_file_makes_the_applier_wait_not_fail(stack, source_db, tmp_path):
+    source = stack.postgres_url(source_db)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    file = str(tmp_path / "lake.duckdb")
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.Mixed Types"],
+                                                  destinations={"lake": {"kind": "analytics",
+                                                                         "url": f"duckdb:///{file}"}}))
+    capture.apply(pipeline)
+    try:
+        first = subprocess.run([CDC, "-c", str(path), "run", "--until-caught-up", "--timeout", "120"],
+                               capture_output=True, text=True, timeout=180)
+        assert first.returncode == 0, first.stderr
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(WORKLOAD[0])
+        reader = duckdb.connect(file, read_only=True)  # an analyst's session, open while changes arrive
+        run = subprocess.Popen([CDC, "-c", str(path), "run", "--until-caught-up", "--timeout", "120"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(4)
+        assert run.poll() is None, run.communicate()  # waiting for the file, not failed
+        reader.close()
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, out + err
+        with duckdb.connect(file, read_only=True) as conn:
+            assert conn.execute('select count(*) from "public.Mixed Types"').fetchone() == (400,)
+    finally:
+        purge(pipeline)
