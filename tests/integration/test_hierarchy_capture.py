@@ -238,3 +238,32 @@ def test_a_table_added_to_the_pipeline_is_snapshotted_then_streamed_alone(stack,
     # The tables already captured were not snapshotted again.
     assert [e for e in added + later if e.table != "public.course" and e.op == "r"] == []
     assert [(e.table, e.op, e.row["id"]) for e in later] == [("public.course", "c", 6), ("public.school", "u", 1)]
+
+
+def test_a_hierarchy_added_later_is_snapshotted_without_losing_rows_that_share_a_root(stack, decoder, source_db,
+                                                                                      tmp_path):
+    """An incremental snapshot de-duplicates a chunk's rows by record key, and a member's key is its root's id:
+    rows sharing a root would be lost. Such tables take a blocking snapshot."""
+    with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
+        conn.execute(SCHEMA)
+        conn.execute("insert into person select g, 'p' || g from generate_series(1, 3) g")
+        conn.execute("insert into enrollment select g, (g - 1) / 3 + 1, 1, g from generate_series(1, 9) g")
+    data = pipeline_data(stack, source_db, ["public.school", "public.account", "public.ledger"],
+                         hierarchies={"account": HIERARCHIES["account"]})
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    data["source"]["tables"] += ["public.person", "public.enrollment"]
+    data["hierarchies"]["person"] = HIERARCHIES["person"]
+    pipeline = write_pipeline(path, data)
+    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.pipeline}")
+    try:
+        report = capture.apply(pipeline)
+        assert sorted(report.snapshot_requested) == ["public.enrollment", "public.person"]
+        seen = stream.collect(lambda events: sum(e.table == "public.enrollment" for e in events) >= 9, timeout=180)
+    finally:
+        stream.close()
+        purge(pipeline)
+    enrollments = [e for e in seen if e.table == "public.enrollment"]
+    assert sorted(e.row["id"] for e in enrollments) == list(range(1, 10))
+    assert {e.topic for e in enrollments} == {pipeline.topic_of("public.person")}
