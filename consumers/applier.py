@@ -120,10 +120,12 @@ class ReplicaApplier:
         self.replay_scope: tuple[frozenset[str], dict[tuple[str, int], int]] | None = None
         # Set by a shadow replay of some tables: the other tables' events are not this applier's to write.
         self.only_tables: frozenset[str] | None = None
-        # Set by `cdc replay --from TIME`: changes committed before it (epoch ms) are read past, not applied. All
-        # the events of a source transaction, and its END record, carry its commit time, so a transaction is kept
-        # or skipped whole, wherever the per-partition start offsets fell inside it.
+        # Set by `cdc replay --from TIME`: changes committed before it (epoch ms) that the destination had applied
+        # (before `skip_applied`, its stored offsets then) are read past, not applied; those it had not, are. All
+        # the events of a source transaction, and its END record, carry its commit time, and stored offsets fall
+        # between transactions, so a transaction is kept or skipped whole.
         self.skip_before_ms: int | None = None
+        self.skip_applied: dict[tuple[str, int], int] = {}
         self._watermark: str | None = None
         self._watermark_applied = False
         self._group_offsets: dict[tuple[str, int], int] = {}
@@ -278,14 +280,19 @@ class ReplicaApplier:
                 continue
             for i, event in zip(indexes, events):
                 decoded[i] = event
-        skip_before = self.skip_before_ms
         for msg, event in zip(messages, decoded):
             if event is None:
                 self._feed(msg)
             else:
                 self.read_positions[event.topic, event.partition] = event.offset + 1
-                if skip_before is None or (event.commit_ts_ms or 0) >= skip_before:
+                if self.skip_before_ms is None or not self._skipped(event.topic, event.partition, event.offset,
+                                                                    event.commit_ts_ms):
                     self.assembler.add_event(event)
+
+    def _skipped(self, topic: str, partition: int, offset: int, commit_ts_ms: int | None) -> bool:
+        """Whether `cdc replay --from TIME` reads past this change (see skip_before_ms)."""
+        return (self.skip_before_ms is not None and (commit_ts_ms or 0) < self.skip_before_ms
+                and offset < self.skip_applied.get((topic, partition), 0))
 
     def _feed(self, msg: Any) -> None:
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
@@ -298,7 +305,7 @@ class ReplicaApplier:
             value = self.decoder.decode(raw)
             if topic == self.pipeline.transaction_topic:
                 marker = marker_from_record(value, offset)
-                if self.skip_before_ms is None or (marker.commit_ts_ms or 0) >= self.skip_before_ms:
+                if not self._skipped(topic, partition, offset, marker.commit_ts_ms):
                     self.assembler.add_marker(marker)
                 return
             # The record key (the root id) is not needed to apply: rows carry their keys. Not decoding it saves
@@ -312,7 +319,7 @@ class ReplicaApplier:
             self._dead_letter(str(error), topic, partition, offset, msg.key(), raw, None)
             self.assembler.add_hole(topic, partition, offset)
             return
-        if self.skip_before_ms is None or (event.commit_ts_ms or 0) >= self.skip_before_ms:
+        if not self._skipped(topic, partition, offset, event.commit_ts_ms):
             self.assembler.add_event(event)
 
     # -- applying -------------------------------------------------------------------------------------------------

@@ -168,6 +168,17 @@ def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):
         present = {r[0] for r in conn.execute("select id from attendance")}
     assert late in present  # changed after the time: re-applied
     assert early not in present  # changed only before it: left as the destination had it
+    # A destination behind the time still gets what it never applied, from before the time too.
+    with psycopg.connect(source, autocommit=True) as conn:
+        person, enrollment = conn.execute("select person_id, id from enrollment order by id limit 1").fetchone()
+        conn.execute("insert into attendance values (9000002, %s, %s, current_date, 'unapplied')", (person, enrollment))
+    time.sleep(1.5)
+    later = datetime.now(timezone.utc)
+    behind = cdc(path, "replay", "state", "--from", later.isoformat(), "--no-backup")
+    assert behind.returncode == 0, behind.stdout + behind.stderr
+    with psycopg.connect(destination) as conn:
+        present = {r[0] for r in conn.execute("select id from attendance")}
+    assert 9000002 in present and early not in present
     bad = cdc(path, "replay", "state", "--from", "yesterday")
     assert bad.returncode == 2 and "--from: 'yesterday' is neither `earliest` nor an ISO-8601 time" in bad.stderr
 
