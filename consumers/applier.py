@@ -43,9 +43,10 @@ from cdc.config import Destination, Pipeline
 from cdc.errors import CdcError, DecodeError, ServiceUnavailable, Terminal
 from consumers import columnar, values
 from consumers.dialects import Dialect, dialect_for
+from consumers.dialects.duckdb import when_free
 from consumers.events import (ENVELOPE_PATHS, ENVELOPE_PATHS_NO_IMAGES, ChangeEvent, from_columns, from_envelope,
                               marker_from_record, materialize)
-from consumers.plan import dependency_order, net_changes, self_referencing_order
+from consumers.plan import dependency_order, net_changes, primary_key, self_referencing_order
 from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
 from consumers.transactions import Step, TransactionAssembler, positions_after
 from producers.debezium import avro_name
@@ -130,6 +131,7 @@ class ReplicaApplier:
         self._watermark_applied = False
         self._group_offsets: dict[tuple[str, int], int] = {}
         self._group_lock = threading.Lock()
+        self._producer_lock = threading.Lock()
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     @property
@@ -331,16 +333,9 @@ class ReplicaApplier:
             yield conn
 
     def _connect(self) -> Any:
-        """A destination connection. A DuckDB file is someone else's while a reader has it open (DuckDB lets one
-        process write, or several read): wait for it, up to LOCK_PATIENCE_S, rather than stop replicating."""
-        deadline = time.monotonic() + LOCK_PATIENCE_S
-        while True:
-            try:
-                return self.engine.connect()
-            except OperationalError as exc:
-                if "Could not set lock" not in str(exc) or time.monotonic() > deadline or self._stop.is_set():
-                    raise
-                time.sleep(0.1)
+        """A destination connection. A DuckDB file is someone else's while a reader has it open: wait for it, up to
+        LOCK_PATIENCE_S, rather than stop replicating."""
+        return when_free(self.engine.connect, LOCK_PATIENCE_S, stop=self._stop.is_set)
 
     def _write(self, conn: Any, steps: list[Step], offsets: dict[tuple[str, int], int]) -> int:
         events = [e for step in steps for e in step.events]
@@ -364,7 +359,7 @@ class ReplicaApplier:
                 row = self.convert(event, event.before if event.op == "d" else event.after)
                 if event.op == "u" and event.before is not None and row is not None:
                     before = self.convert(event, event.before)
-                    if before is not None and any(before.get(k) != row.get(k) for k in shape.primary_key):
+                    if before is not None and primary_key(shape, before) != primary_key(shape, row):
                         # A primary-key update sent as one update (a member whose root id did not change): the
                         # old key ends here, as a delete would have said.
                         history.setdefault(event.table, []).append((dataclasses.replace(event, op="d"), before))
@@ -405,8 +400,9 @@ class ReplicaApplier:
             if shape is None or len(schema_ids) != 1 or None in schema_ids:
                 continue
             batch = columnar.batch_table(changes)
-            if batch is not None and self.dialect.apply_columnar(conn, shape, self._converters[schema_ids.pop()],
-                                                                 batch):
+            flat = columnar.flat_images(batch, shape, self._converters[schema_ids.pop()]) if batch else None
+            if flat is not None:
+                self.dialect.apply_columnar(conn, shape, flat)
                 done.add(table)
                 self.stats.columnar_rows += len(changes)
         return [e for e in events if e.table not in done] if done else events
@@ -520,7 +516,7 @@ class ReplicaApplier:
 
     def _dead_letter(self, error: str, topic: str, partition: int, offset: int, key: bytes | None,
                      value: bytes | None, event_json: str | None) -> None:
-        with self._group_lock:  # both threads may dead-letter: one producer
+        with self._producer_lock:  # both threads may dead-letter: one producer
             if self._producer is None:
                 self._producer = Producer({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
                                            "enable.idempotence": True, "log_level": 3})

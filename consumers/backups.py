@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -323,17 +322,13 @@ def fold_wal(path: Path) -> None:
         return
     import duckdb
 
-    deadline = time.monotonic() + READERS_PATIENCE_S
-    while True:
-        try:
-            conn = duckdb.connect(str(path))
-            break
-        except duckdb.Error as exc:
-            message = _first_line(exc)
-            if "lock" not in message.lower() or time.monotonic() > deadline:
-                raise CdcError(f"cannot open {path} to fold its write-ahead log in: {message}",
-                               hint="stop `cdc run` for this destination, and the readers of the file") from None
-            time.sleep(0.05)
+    from consumers.dialects.duckdb import when_free
+
+    try:
+        conn = when_free(lambda: duckdb.connect(str(path)), READERS_PATIENCE_S)
+    except duckdb.Error as exc:
+        raise CdcError(f"cannot open {path} to fold its write-ahead log in: {_first_line(exc)}",
+                       hint="stop `cdc run` for this destination, and the readers of the file") from None
     try:
         conn.execute("CHECKPOINT")
     finally:

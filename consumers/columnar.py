@@ -4,13 +4,13 @@ becoming Python objects (DuckDB analytics replicas, PostgreSQL replicas).
 Why: the general path converts every value in Python (RowConverter), collapses rows in dicts (plan.net_changes)
 and builds Arrow back from them, about 50 µs a change for a DuckDB replica with its history. Here each change keeps
 a reference to the Arrow table its poll was decoded into (schemas.batch) and its row there; a table's changes in a
-batch are gathered with one `take` per decoded poll. DuckDB reads that Arrow table itself, and three statements do
-the rest: the history insert, the upsert of each key's last change, the delete of keys whose last change is a
-delete. PostgreSQL gets it through COPY as CSV written by Arrow (`flat_images`: each change's row image, its values
-converted by Arrow the way values.py converts them), then the same upsert and delete.
+batch are gathered with one `take` per decoded poll, and `flat_images` turns them into one row per change: its
+row image, the values converted by Arrow the way values.py converts them. DuckDB reads that table itself
+(`apply_duckdb`: the history insert, the upsert of each key's last change, the delete of keys whose last change is
+a delete); PostgreSQL gets it through COPY as CSV written by Arrow, then the same upsert and delete.
 
 It produces what the general path produces, for the cases it takes; anything else is left to the general path
-(the caller gets False, nothing written): a column type without a SQL twin of its Python converter below, a
+(flat_images gives None, nothing is written): a column type whose conversion Arrow does not do here, a
 Debezium placeholder for an unchanged TOASTed value (the general path fills it from earlier changes), a
 primary-key update inside one event, a truncate, or changes decoded one by one (no Arrow row to point at).
 """
@@ -26,27 +26,24 @@ from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 from consumers.values import _MAX_DAYS, _MAX_US, _MIN_DAYS, _MIN_US, PLACEHOLDER, RowConverter
 
-# The SQL twin of each RowConverter conversion taken here ({} is the Avro value). Types absent here are not taken.
-_SQL: dict[str, str] = {
-    "int": "{}", "long": "{}", "boolean": "{}", "float": "{}", "double": "{}", "string": "{}",
-    "org.apache.kafka.connect.data.Decimal": "{}",
-    "io.debezium.data.Json": "{}", "io.debezium.data.Uuid": "{}", "io.debezium.data.Enum": "{}",
-    "io.debezium.time.ZonedTimestamp": "CAST({} AS TIMESTAMPTZ)",
-    "io.debezium.time.MicroTimestamp": "make_timestamp({})",
-    "io.debezium.time.Timestamp": "epoch_ms({})",
-    "io.debezium.time.Date": "(DATE '1970-01-01' + CAST({} AS INTEGER))",
-}
+# The column types taken here: those whose RowConverter conversion Arrow can do (flat_images). Others are not taken.
+_KINDS = {"int", "long", "boolean", "float", "double", "string", "org.apache.kafka.connect.data.Decimal",
+          "io.debezium.data.Json", "io.debezium.data.Uuid", "io.debezium.data.Enum",
+          "io.debezium.time.ZonedTimestamp", "io.debezium.time.MicroTimestamp", "io.debezium.time.Timestamp",
+          "io.debezium.time.Date"}
 # Text-carried types, where Debezium may put its placeholder for a value it did not send.
 _TEXT = {"string", "io.debezium.data.Json", "io.debezium.data.Uuid", "io.debezium.data.Enum",
          "io.debezium.time.ZonedTimestamp"}
-# Values whose Python conversion is special (infinities, years outside 1..9999: values.py spells them out as
-# text): the batch is the general path's. {} is the Avro value.
-_SPECIAL: dict[str, str] = {
-    "io.debezium.time.MicroTimestamp": f"{{}} NOT BETWEEN {_MIN_US} AND {_MAX_US}",
-    "io.debezium.time.Timestamp": f"{{}} NOT BETWEEN {_MIN_US // 1000} AND {_MAX_US // 1000}",
-    "io.debezium.time.Date": f"{{}} NOT BETWEEN {_MIN_DAYS} AND {_MAX_DAYS}",
-    "io.debezium.time.ZonedTimestamp": "NOT regexp_matches({}, '^[0-9]{{4}}-')",
-}
+# Debezium's temporal numbers: the Arrow type that reads them as values.py does, within the range it reads them
+# so (outside: infinities, years beyond 1..9999, spelt out as text by values.py, and the batch is the general
+# path's).
+_TEMPORAL = {"io.debezium.time.MicroTimestamp": (pa.timestamp("us"), _MIN_US, _MAX_US),
+             "io.debezium.time.Timestamp": (pa.timestamp("ms"), _MIN_US // 1000, _MAX_US // 1000),
+             "io.debezium.time.Date": (pa.date32(), _MIN_DAYS, _MAX_DAYS)}
+# The columns flat_images puts before the row's: the change's place in the batch, its op and LSN (with their
+# PostgreSQL types, for a staging table), then its transaction id and commit time (epoch ms).
+SEQ, OP, CHANGE_LSN, TX_ID, COMMIT_MS = "_cdc_seq", "_cdc_op", "_cdc_change_lsn", "_cdc_xid", "_cdc_commit_ms"
+STAGE_COLUMNS = ((SEQ, "bigint"), (OP, "text"), (CHANGE_LSN, "bigint"))
 
 
 def batch_table(events: list[ChangeEvent]) -> pa.Table | None:
@@ -81,86 +78,17 @@ def batch_table(events: list[ChangeEvent]) -> pa.Table | None:
 
 
 def supports(shape: TableShape, converter: RowConverter) -> bool:
-    """Whether every column of the table has a SQL twin here (the batch may still be refused for its values)."""
+    """Whether every column of the table is of a type taken here (the batch may still be refused for its values)."""
     avro = converter.avro_names()
-    return all(converter.logical_types.get(c) in _SQL and c in avro for c in shape.column_names)
-
-
-def apply_table(conn: Any, quote: Callable[[str], str], target: str, history: str, shape: TableShape,
-                converter: RowConverter, batch: pa.Table, column_types: dict[str, str]) -> bool:
-    """Write one table's batch (see batch_table) to its DuckDB current-state and history tables; False, having
-    written nothing, when the batch is one the general path must take. `conn` is the DuckDB connection,
-    `target`/`history` quoted table names, `column_types` the destination type of each column (for the casts)."""
-    if not supports(shape, converter):
-        return False
-    avro = converter.avro_names()
-    types = converter.logical_types
-    columns = list(shape.column_names)
-
-    def value(column: str, image: str = "img") -> str:
-        expr = _SQL[types[column]].format(f"{image}.{quote(avro[column])}")
-        return f"CAST({expr} AS {column_types[column]})"
-
-    def run(statement: str) -> list[tuple]:
-        # Fetched to the end: DuckDB refuses the next statement while a result is unfinished.
-        return conn.execute(statement).fetchall()
-
-    stage = f"_cdc_columnar_{id(batch)}"
-    conn.register(stage, batch)
-    try:
-        key_changed = " OR ".join(f"before.{quote(avro[c])} IS DISTINCT FROM after.{quote(avro[c])}"
-                                  for c in shape.primary_key)
-        unsent = [f"position('{PLACEHOLDER}' IN CAST({image}.{quote(avro[c])} AS VARCHAR)) > 0"
-                  for c in columns if types[c] in _TEXT for image in ("before", "after")]
-        special = [_SPECIAL[types[c]].format(f"{image}.{quote(avro[c])}")
-                   for c in columns if types[c] in _SPECIAL for image in ("before", "after")]
-        refuse = [f"(_op = 'u' AND before IS NOT NULL AND ({key_changed}))", *unsent, *special]
-        if run(f"SELECT count(*) FROM {stage} WHERE {' OR '.join(refuse)}")[0][0]:
-            return False
-        images = f"(SELECT *, CASE WHEN _op = 'd' THEN before ELSE after END AS img FROM {stage})"
-        names = ", ".join(quote(c) for c in columns)
-        run(
-            f"INSERT INTO {history} ({names}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts) "
-            f"SELECT {', '.join(value(c) for c in columns)}, _op, _lsn, _xid, "
-            f"CASE WHEN _ts IS NULL THEN NULL ELSE epoch_ms(_ts)::TIMESTAMPTZ END FROM {images} ORDER BY _seq")
-        last = f"_cdc_last_{id(batch)}"
-        keys = ", ".join(f"img.{quote(avro[c])}" for c in shape.primary_key)
-        run(f"CREATE TEMP TABLE {last} AS SELECT _op, _lsn, img FROM {images} "
-                     f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY _seq DESC) = 1")
-        try:
-            lsn = quote(LSN_COLUMN)
-            sets = [f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in shape.primary_key]
-            sets.append(f"{lsn} = GREATEST({target}.{lsn}, EXCLUDED.{lsn})")
-            run(
-                f"INSERT INTO {target} ({names}, {lsn}) SELECT {', '.join(value(c) for c in columns)}, _lsn "
-                f"FROM {last} WHERE _op <> 'd' ON CONFLICT ({', '.join(quote(c) for c in shape.primary_key)}) "
-                f"DO UPDATE SET {', '.join(sets)} "
-                f"WHERE {target}.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {SNAPSHOT_LSN}")
-            match = " AND ".join(f"t.{quote(c)} = s.k{i}" for i, c in enumerate(shape.primary_key))
-            picks = ", ".join(f"{value(c)} AS k{i}" for i, c in enumerate(shape.primary_key))
-            run(f"DELETE FROM {target} t USING (SELECT {picks}, _lsn FROM {last} WHERE _op = 'd') s "
-                         f"WHERE {match} AND t.{lsn} < s._lsn")
-        finally:
-            run(f"DROP TABLE IF EXISTS {last}")
-    finally:
-        conn.unregister(stage)
-    return True
-
-
-# Arrow casts that turn Debezium's temporal numbers into what values.py makes of them (in range: see _SPECIAL).
-_ARROW_CASTS = {"io.debezium.time.MicroTimestamp": pa.timestamp("us"), "io.debezium.time.Timestamp": pa.timestamp("ms"),
-                "io.debezium.time.Date": pa.date32()}
-_ARROW_SPECIAL = {"io.debezium.time.MicroTimestamp": (_MIN_US, _MAX_US),
-                  "io.debezium.time.Timestamp": (_MIN_US // 1000, _MAX_US // 1000),
-                  "io.debezium.time.Date": (_MIN_DAYS, _MAX_DAYS)}
-SEQ, OP, CHANGE_LSN = "_cdc_seq", "_cdc_op", "_cdc_change_lsn"  # the extra columns of flat_images
+    return (all(converter.logical_types.get(c) in _KINDS and c in avro for c in shape.column_names)
+            and not {SEQ, OP, CHANGE_LSN, TX_ID, COMMIT_MS} & set(shape.column_names))
 
 
 def flat_images(batch: pa.Table, shape: TableShape, converter: RowConverter) -> pa.Table | None:
-    """One row per change of `batch` (see batch_table): SEQ, OP, CHANGE_LSN, then each column of its row image
-    (before for a delete, after otherwise) converted as values.py would; None when the batch is the general
-    path's, for the reasons apply_table gives."""
-    if not supports(shape, converter) or {SEQ, OP, CHANGE_LSN} & set(shape.column_names):
+    """One row per change of `batch` (see batch_table): SEQ, OP, CHANGE_LSN, TX_ID, COMMIT_MS, then each column
+    of its row image (before for a delete, after otherwise) converted as values.py would; None when the batch is
+    the general path's (see the module's docstring)."""
+    if not supports(shape, converter):
         return None
     avro = converter.avro_names()
     types = converter.logical_types
@@ -176,7 +104,8 @@ def flat_images(batch: pa.Table, shape: TableShape, converter: RowConverter) -> 
         if any_true(pc.and_kleene(keyed_update, changed)):
             return None
     is_delete = pc.equal(op, "d")
-    columns = {SEQ: batch.column("_seq"), OP: op, CHANGE_LSN: batch.column("_lsn")}
+    columns = {SEQ: batch.column("_seq"), OP: op, CHANGE_LSN: batch.column("_lsn"), TX_ID: batch.column("_xid"),
+               COMMIT_MS: batch.column("_ts")}
     for c in shape.column_names:
         kind = types[c]
         value = pc.if_else(is_delete, pc.struct_field(before, avro[c]), pc.struct_field(after, avro[c]))
@@ -186,10 +115,49 @@ def flat_images(batch: pa.Table, shape: TableShape, converter: RowConverter) -> 
             if kind == "io.debezium.time.ZonedTimestamp" and any_true(pc.invert(pc.match_substring_regex(
                     value, "^[0-9]{4}-"))):
                 return None
-        if kind in _ARROW_SPECIAL:
-            low, high = _ARROW_SPECIAL[kind]
+        if kind in _TEMPORAL:
+            arrow_type, low, high = _TEMPORAL[kind]
             if any_true(pc.or_(pc.less(value, low), pc.greater(value, high))):
                 return None
-            value = value.cast(_ARROW_CASTS[kind])
+            value = value.cast(arrow_type)
         columns[c] = value
     return pa.table(columns)
+
+
+def apply_duckdb(conn: Any, quote: Callable[[str], str], target: str, history: str, shape: TableShape,
+                 flat: pa.Table, column_types: dict[str, str]) -> None:
+    """Write one table's changes (flat_images) to its DuckDB current-state and history tables. `conn` is the DuckDB
+    connection, `target`/`history` quoted table names, `column_types` each column's destination type."""
+    columns = list(shape.column_names)
+    names = ", ".join(quote(c) for c in columns)
+    values = ", ".join(f"CAST({quote(c)} AS {column_types[c]})" for c in columns)
+
+    def run(statement: str) -> list[tuple]:
+        # Fetched to the end: DuckDB refuses the next statement while a result is unfinished.
+        return conn.execute(statement).fetchall()
+
+    stage, last = f"_cdc_columnar_{id(flat)}", f"_cdc_last_{id(flat)}"
+    conn.register(stage, flat)
+    try:
+        run(f"INSERT INTO {history} ({names}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts) "
+            f"SELECT {values}, {OP}, {CHANGE_LSN}, {TX_ID}, "
+            f"CASE WHEN {COMMIT_MS} IS NULL THEN NULL ELSE epoch_ms({COMMIT_MS})::TIMESTAMPTZ END "
+            f"FROM {stage} ORDER BY {SEQ}")
+        keys = ", ".join(quote(c) for c in shape.primary_key)
+        run(f"CREATE TEMP TABLE {last} AS SELECT * FROM {stage} "
+            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {SEQ} DESC) = 1")
+        try:
+            lsn = quote(LSN_COLUMN)
+            sets = [f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in shape.primary_key]
+            sets.append(f"{lsn} = GREATEST({target}.{lsn}, EXCLUDED.{lsn})")
+            run(f"INSERT INTO {target} ({names}, {lsn}) SELECT {values}, {CHANGE_LSN} FROM {last} "
+                f"WHERE {OP} <> 'd' ON CONFLICT ({keys}) DO UPDATE SET {', '.join(sets)} "
+                f"WHERE {target}.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {SNAPSHOT_LSN}")
+            match = " AND ".join(f"t.{quote(c)} = s.k{i}" for i, c in enumerate(shape.primary_key))
+            picks = ", ".join(f"CAST({quote(c)} AS {column_types[c]}) AS k{i}" for i, c in enumerate(shape.primary_key))
+            run(f"DELETE FROM {target} t USING (SELECT {picks}, {CHANGE_LSN} FROM {last} WHERE {OP} = 'd') s "
+                f"WHERE {match} AND t.{lsn} < s.{CHANGE_LSN}")
+        finally:
+            run(f"DROP TABLE IF EXISTS {last}")
+    finally:
+        conn.unregister(stage)

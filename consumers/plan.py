@@ -39,7 +39,7 @@ class Phase:
     truncate_first: list[str] = field(default_factory=list)
 
 
-def _key(shape: TableShape, row: Mapping[str, Any]) -> tuple:
+def primary_key(shape: TableShape, row: Mapping[str, Any]) -> tuple:
     return tuple(row[c] for c in shape.primary_key)
 
 
@@ -63,17 +63,17 @@ def net_changes(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape],
             before = convert(event, event.before)
             if before is None:
                 continue
-            key = _key(shape, before)
+            key = primary_key(shape, before)
             changes.upserts.pop(key, None)
             changes.deletes[key] = {**{c: before[c] for c in shape.primary_key}, LSN_COLUMN: event.lsn}
             continue
         row = convert(event, event.after)
         if row is None:
             continue
-        key = _key(shape, row)
+        key = primary_key(shape, row)
         before = convert(event, event.before) if event.before else None
         if before is not None and event.op == "u":
-            old_key = _key(shape, before)
+            old_key = primary_key(shape, before)
             if old_key != key:
                 # A primary-key update: Debezium sends it as one update when the record key (a member's root
                 # id) did not change; the row under the old key is gone.

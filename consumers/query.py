@@ -14,7 +14,6 @@ against whoever runs `cdc query`: they hold the destination URL, the applier's c
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from cdc.config import Destination, masked_url
@@ -47,18 +46,14 @@ WRITER_PATIENCE_S = 30.0
 def _duckdb(destination: Destination, statement: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     import duckdb
 
+    from consumers.dialects.duckdb import when_free
+
     url = destination.sqlalchemy_url
-    deadline = time.monotonic() + WRITER_PATIENCE_S
-    while True:
-        try:
-            conn = duckdb.connect(url.database or ":memory:", read_only=True)
-            break
-        except duckdb.Error as exc:
-            # The applier holds the file while it writes a batch (about a second at most): wait for it.
-            if "Could not set lock" in str(exc) and time.monotonic() < deadline:
-                time.sleep(0.1)
-                continue
-            raise CdcError(f"cannot open the analytics replica {url.database}: {exc}") from None
+    try:
+        # The applier holds the file while it writes a batch (about a second at most): wait for it.
+        conn = when_free(lambda: duckdb.connect(url.database or ":memory:", read_only=True), WRITER_PATIENCE_S)
+    except duckdb.Error as exc:
+        raise CdcError(f"cannot open the analytics replica {url.database}: {exc}") from None
     try:
         result = conn.execute(statement)
         columns = [d[0] for d in result.description or []]

@@ -175,9 +175,9 @@ class Dialect(ABC):
         """Append every change of the batch to the table's history (dialects with `keeps_history` only)."""
         raise NotImplementedError(f"{self.name} destinations keep no history")
 
-    def apply_columnar(self, conn: Connection, shape: TableShape, converter: Any, batch: Any) -> bool:
-        """Write one table's changes from Arrow (consumers.columnar); False when the general path must."""
-        return False
+    def apply_columnar(self, conn: Connection, shape: TableShape, flat: Any) -> None:
+        """Write one table's changes from Arrow (consumers.columnar.flat_images), dialects with `columnar` only."""
+        raise NotImplementedError(f"{self.name} destinations have no columnar path")
 
     def grant_read_only(self, conn: Connection, role: str, password: str | None) -> list[str]:
         """Create or update the role the destination's users read with; returns what was done."""

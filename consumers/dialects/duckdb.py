@@ -15,9 +15,10 @@ foreign keys reference. Rows arrive as Arrow tables registered with DuckDB, then
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 from sqlalchemy import BigInteger, Column, DateTime, ForeignKeyConstraint, String, Table
@@ -29,6 +30,22 @@ from consumers import columnar
 from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, SchemaChangeError, history_rows
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+
+
+T = TypeVar("T")
+
+
+def when_free(open_file: Callable[[], T], patience_s: float, *, stop: Callable[[], bool] = lambda: False) -> T:
+    """`open_file()`, tried again while another process holds the DuckDB file (DuckDB lets one process write a
+    file, or several read it; each holds it only for a while), for up to `patience_s` seconds or until `stop()`."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return open_file()
+        except Exception as exc:  # noqa: BLE001 - the driver's and SQLAlchemy's wrappers both say it in the message
+            if "Could not set lock" not in str(exc) or time.monotonic() > deadline or stop():
+                raise
+            time.sleep(0.05)
 
 
 class DuckDBDialect(Dialect):
@@ -175,12 +192,12 @@ class DuckDBDialect(Dialect):
         finally:
             self._unregister(conn, stage)
 
-    def apply_columnar(self, conn: Connection, shape: TableShape, converter: Any, batch: Any) -> bool:
+    def apply_columnar(self, conn: Connection, shape: TableShape, flat: Any) -> None:
         table = self.table(shape)
         prep = conn.dialect.identifier_preparer
         types = {c: table.c[c].type.compile(dialect=conn.dialect) for c in shape.column_names}
-        return columnar.apply_table(conn.connection.driver_connection, prep.quote, prep.quote(table.name),
-                                    prep.quote(table.name + HISTORY_SUFFIX), shape, converter, batch, types)
+        columnar.apply_duckdb(conn.connection.driver_connection, prep.quote, prep.quote(table.name),
+                              prep.quote(table.name + HISTORY_SUFFIX), shape, flat, types)
 
     def store_offsets(self, conn: Connection, pipeline: str, offsets: dict[tuple[str, int], int]) -> None:
         # One statement from Arrow: the driver runs an executemany row by row, about 50 ms a batch.

@@ -49,14 +49,17 @@ class PostgresDialect(Dialect):
         conn.exec_driver_sql("SET CONSTRAINTS ALL DEFERRED")
 
     # The staging tables live for the session (temporary, so invisible to others and never logged) and are
-    # emptied after each use; their name follows the target's columns, so a new column gets a new one.
-    def _staging(self, conn: Connection, table: Table, columns: list[str], purpose: str) -> sql.Composed:
-        digest = hashlib.sha1(f"{table.fullname}|{purpose}|{'|'.join(columns)}".encode()).hexdigest()[:16]
+    # emptied after each use; their name follows the target's columns, so a new column gets a new one. `leading`
+    # adds columns of the given types before the target's (the columnar path's change order, op and LSN).
+    def _staging(self, conn: Connection, table: Table, columns: list[str], purpose: str,
+                 leading: tuple[tuple[str, str], ...] = ()) -> sql.Composed:
+        names = [n for n, _ in leading] + columns
+        digest = hashlib.sha1(f"{table.fullname}|{purpose}|{'|'.join(names)}".encode()).hexdigest()[:16]
         stage = sql.Identifier(f"_cdc_stage_{digest}")
-        target = sql.Identifier(*([table.schema] if table.schema else []), table.name)
+        extra = [sql.SQL("NULL::{} AS {}").format(sql.SQL(kind), sql.Identifier(name)) for name, kind in leading]
         raw = conn.connection.driver_connection
         raw.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} AS SELECT {} FROM {} WITH NO DATA").format(
-            stage, sql.SQL(", ").join(map(sql.Identifier, columns)), target))
+            stage, sql.SQL(", ").join([*extra, *map(sql.Identifier, columns)]), _identifier(table)))
         return stage
 
     def _copy(self, conn: Connection, stage: sql.Composed, columns: list[str], rows: list[dict[str, Any]]) -> None:
@@ -67,89 +70,75 @@ class PostgresDialect(Dialect):
             for row in rows:
                 copy.write_row(pick(row))
 
-    def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
-        if not rows:
-            return 0
-        table = self.table(shape)
-        cols = [*columns, LSN_COLUMN]
-        stage = self._staging(conn, table, cols, "upsert")
-        self._copy(conn, stage, cols, rows)
-        target = sql.Identifier(*([table.schema] if table.schema else []), table.name)
+    def _upsert_from(self, conn: Connection, shape: TableShape, cols: list[str], source: sql.Composable) -> int:
+        """INSERT the `cols` (with `_cdc_lsn`) of the relation `source`, updating a stored row only when the change
+        is newer (or a snapshot read)."""
+        lsn = sql.Identifier(LSN_COLUMN)
         updates = [c for c in cols if c not in shape.primary_key and c != LSN_COLUMN]
-        statement = sql.SQL(
-            "INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {stage} "
+        names = sql.SQL(", ").join(map(sql.Identifier, cols))
+        return conn.connection.driver_connection.execute(sql.SQL(
+            "INSERT INTO {target} AS t ({names}) SELECT {names} FROM {source} AS s "
             "ON CONFLICT ({pk}) DO UPDATE SET {sets} "
             "WHERE t.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {snapshot}"
         ).format(
-            target=target, stage=stage, cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
+            target=_identifier(self.table(shape)), names=names, source=source,
             pk=sql.SQL(", ").join(map(sql.Identifier, shape.primary_key)),
-            sets=sql.SQL(", ").join([
-                *(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates),
-                sql.SQL("{0} = GREATEST(t.{0}, EXCLUDED.{0})").format(sql.Identifier(LSN_COLUMN))]),
-            lsn=sql.Identifier(LSN_COLUMN), snapshot=sql.Literal(SNAPSHOT_LSN),
-        )
-        raw = conn.connection.driver_connection
-        count = raw.execute(statement).rowcount
-        raw.execute(sql.SQL("TRUNCATE {}").format(stage))
+            sets=sql.SQL(", ").join([*(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates),
+                                     sql.SQL("{0} = GREATEST(t.{0}, EXCLUDED.{0})").format(lsn)]),
+            lsn=lsn, snapshot=sql.Literal(SNAPSHOT_LSN))).rowcount
+
+    def _delete_from(self, conn: Connection, shape: TableShape, source: sql.Composable) -> int:
+        """DELETE the rows whose keys the relation `source` holds, unless the stored change is newer."""
+        match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(c)) for c in shape.primary_key)
+        return conn.connection.driver_connection.execute(
+            sql.SQL("DELETE FROM {} AS t USING {} AS s WHERE {} AND t.{lsn} < s.{lsn}").format(
+                _identifier(self.table(shape)), source, match, lsn=sql.Identifier(LSN_COLUMN))).rowcount
+
+    def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
+        if not rows:
+            return 0
+        cols = [*columns, LSN_COLUMN]
+        stage = self._staging(conn, self.table(shape), cols, "upsert")
+        self._copy(conn, stage, cols, rows)
+        count = self._upsert_from(conn, shape, cols, stage)
+        conn.connection.driver_connection.execute(sql.SQL("TRUNCATE {}").format(stage))
         return count
 
     def delete(self, conn: Connection, shape: TableShape, keys: list[dict[str, Any]]) -> int:
         if not keys:
             return 0
-        table = self.table(shape)
         cols = [*shape.primary_key, LSN_COLUMN]
-        stage = self._staging(conn, table, cols, "delete")
+        stage = self._staging(conn, self.table(shape), cols, "delete")
         self._copy(conn, stage, cols, keys)
-        target = sql.Identifier(*([table.schema] if table.schema else []), table.name)
-        match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(c)) for c in shape.primary_key)
-        raw = conn.connection.driver_connection
-        count = raw.execute(sql.SQL("DELETE FROM {} AS t USING {} AS s WHERE {} AND t.{lsn} < s.{lsn}").format(
-            target, stage, match, lsn=sql.Identifier(LSN_COLUMN))).rowcount
-        raw.execute(sql.SQL("TRUNCATE {}").format(stage))
+        count = self._delete_from(conn, shape, stage)
+        conn.connection.driver_connection.execute(sql.SQL("TRUNCATE {}").format(stage))
         return count
 
-    def apply_columnar(self, conn: Connection, shape: TableShape, converter: Any, batch: Any) -> bool:
-        """A table's changes from Arrow: COPY (CSV written by Arrow) into a staging table, then each key's last
-        change upserted or deleted, guarded by `_cdc_lsn` as `upsert` and `delete` are."""
-        flat = columnar.flat_images(batch, shape, converter)
-        if flat is None:
-            return False
-        table = self.table(shape)
-        target = _identifier(table)
+    def apply_columnar(self, conn: Connection, shape: TableShape, flat: Any) -> None:
+        """A table's changes from Arrow (consumers.columnar.flat_images): COPY, as CSV written by Arrow, into a
+        staging table, then each key's last change upserted or deleted as `upsert` and `delete` do."""
         cols = list(shape.column_names)
-        digest = hashlib.sha1(f"{table.fullname}|columnar|{'|'.join(cols)}".encode()).hexdigest()[:16]
-        stage = sql.Identifier(f"_cdc_stage_{digest}")
-        raw = conn.connection.driver_connection
-        seq, op, change_lsn = map(sql.Identifier, (columnar.SEQ, columnar.OP, columnar.CHANGE_LSN))
-        names = sql.SQL(", ").join(map(sql.Identifier, cols))
-        raw.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} AS SELECT 0::bigint AS {}, ''::text AS {}, "
-                            "0::bigint AS {}, {} FROM {} WITH NO DATA").format(stage, seq, op, change_lsn, names,
-                                                                                 target))
+        stage = self._staging(conn, self.table(shape), cols, "columnar", columnar.STAGE_COLUMNS)
+        staged = [name for name, _ in columnar.STAGE_COLUMNS] + cols
         out = io.BytesIO()
-        pa_csv.write_csv(flat, out, pa_csv.WriteOptions(include_header=False))
-        with raw.cursor().copy(sql.SQL("COPY {} ({}, {}, {}, {}) FROM STDIN (FORMAT csv)").format(
-                stage, seq, op, change_lsn, names)) as copy:
+        pa_csv.write_csv(flat.select(staged), out, pa_csv.WriteOptions(include_header=False))
+        raw = conn.connection.driver_connection
+        with raw.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+                stage, sql.SQL(", ").join(map(sql.Identifier, staged)))) as copy:
             copy.write(out.getbuffer())
+        seq, op, change_lsn = map(sql.Identifier, (columnar.SEQ, columnar.OP, columnar.CHANGE_LSN))
         pk = sql.SQL(", ").join(map(sql.Identifier, shape.primary_key))
-        last = sql.SQL("(SELECT DISTINCT ON ({pk}) * FROM {stage} ORDER BY {pk}, {seq} DESC)").format(
-            pk=pk, stage=stage, seq=seq)
-        lsn = sql.Identifier(LSN_COLUMN)
-        updates = [c for c in cols if c not in shape.primary_key]
-        raw.execute(sql.SQL(
-            "INSERT INTO {target} AS t ({names}, {lsn}) SELECT {names}, {change_lsn} FROM {last} AS s "
-            "WHERE {op} <> 'd' ON CONFLICT ({pk}) DO UPDATE SET {sets} "
-            "WHERE t.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {snapshot}").format(
-            target=target, names=names, lsn=lsn, change_lsn=change_lsn, last=last, op=op, pk=pk,
-            sets=sql.SQL(", ").join([
-                *(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates),
-                sql.SQL("{0} = GREATEST(t.{0}, EXCLUDED.{0})").format(lsn)]),
-            snapshot=sql.Literal(SNAPSHOT_LSN)))
-        match = sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(c)) for c in shape.primary_key)
-        raw.execute(sql.SQL("DELETE FROM {target} AS t USING {last} AS s WHERE s.{op} = 'd' AND {match} "
-                            "AND t.{lsn} < s.{change_lsn}").format(target=target, last=last, op=op, match=match,
-                                                                   lsn=lsn, change_lsn=change_lsn))
+
+        def last(wanted: list[str], ops: str) -> sql.Composed:
+            # Each key's last change in the batch, if it is of the kinds `ops` selects.
+            return sql.SQL("(SELECT {cols}, {change_lsn} AS {lsn} FROM (SELECT DISTINCT ON ({pk}) * FROM {stage} "
+                           "ORDER BY {pk}, {seq} DESC) AS l WHERE {op} {ops} 'd')").format(
+                cols=sql.SQL(", ").join(map(sql.Identifier, wanted)), change_lsn=change_lsn,
+                lsn=sql.Identifier(LSN_COLUMN), pk=pk, stage=stage, seq=seq, op=op, ops=sql.SQL(ops))
+
+        self._upsert_from(conn, shape, [*cols, LSN_COLUMN], last(cols, "<>"))
+        self._delete_from(conn, shape, last(list(shape.primary_key), "="))
         raw.execute(sql.SQL("TRUNCATE {}").format(stage))
-        return True
 
     def truncate(self, conn: Connection, shape: TableShape) -> None:
         table = self.table(shape)
