@@ -2,9 +2,10 @@
 becoming Python objects (DuckDB analytics replicas, PostgreSQL replicas).
 
 Why: the general path converts every value in Python (RowConverter), collapses rows in dicts (plan.net_changes)
-and builds Arrow back from them, about 50 µs a change for a DuckDB replica with its history. Here each change keeps
-a reference to the Arrow table its poll was decoded into (schemas.batch) and its row there; a table's changes in a
-batch are gathered with one `take` per decoded poll, and `flat_images` turns them into one row per change: its
+and builds Arrow back from them, about 50 µs a change for a DuckDB replica with its history. Here the changes come
+as runs (consumers.runs), which point into the Arrow table their poll was decoded into (schemas.batch); a table's
+runs in a batch are gathered with one `take` per decoded poll (`runs_table`), and `flat_images` turns them into
+one row per change: its
 row image, the values converted by Arrow the way values.py converts them. DuckDB reads that table itself
 (`apply_duckdb`: the history insert, the upsert of each key's last change, the delete of keys whose last change is
 a delete); PostgreSQL gets it through COPY as CSV written by Arrow, then the same upsert and delete.
@@ -12,17 +13,18 @@ a delete); PostgreSQL gets it through COPY as CSV written by Arrow, then the sam
 It produces what the general path produces, for the cases it takes; anything else is left to the general path
 (flat_images gives None, nothing is written): a column type whose conversion Arrow does not do here, a
 Debezium placeholder for an unchanged TOASTed value (the general path fills it from earlier changes), a
-primary-key update inside one event, a truncate, or changes decoded one by one (no Arrow row to point at).
+primary-key update inside one event, a truncate, or changes decoded one by one (events, not runs).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from consumers.events import ChangeEvent
+from consumers.runs import ChangeRun
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 from consumers.values import _MAX_DAYS, _MAX_US, _MIN_DAYS, _MIN_US, PLACEHOLDER, RowConverter
 
@@ -46,35 +48,52 @@ SEQ, OP, CHANGE_LSN, TX_ID, COMMIT_MS = "_cdc_seq", "_cdc_op", "_cdc_change_lsn"
 STAGE_COLUMNS = ((SEQ, "bigint"), (OP, "text"), (CHANGE_LSN, "bigint"))
 
 
-def batch_table(events: list[ChangeEvent]) -> pa.Table | None:
-    """The batch's changes of one table as Arrow, in batch order: before, after (structs, as decoded), _op, _lsn,
-    _xid, _ts (commit time) and _seq; None when a change has no decoded Arrow row or the polls' schemas differ."""
-    frames: dict[int, tuple[pa.Table, list[int], list[int]]] = {}
-    for seq, event in enumerate(events):
-        frame = event.source_frame
-        if frame is None or event.op == "t":
-            return None
-        entry = frames.get(id(frame))
+def runs_table(runs: list[tuple[int, ChangeRun]], snapshot_steps: set[int]) -> pa.Table | None:
+    """A batch's runs of one table (with the number of the step each belongs to) as one Arrow table, a row per
+    change: before, after (structs, as decoded), _op, _lsn, _xid, _ts (commit time) and _seq, the change's place in
+    apply order. None when the runs' frames have different schemas.
+
+    Apply order is the assembler's: step by step; inside a source transaction by (total_order, lsn), which orders
+    the changes of runs from several partitions; snapshot reads as they came. The rows themselves stay in the order
+    they were gathered in: what is written only needs each change's place (a history row's, a key's last change)."""
+    frames: dict[int, tuple[pa.Table, list[np.ndarray], list[int], list[int], list[int]]] = {}
+    place = 0
+    for step, run in runs:
+        entry = frames.get(id(run.frame))
         if entry is None:
-            entry = frames[id(frame)] = (frame, [], [])
-        entry[1].append(event.frame_row)
-        entry[2].append(seq)
-    parts = []
+            entry = frames[id(run.frame)] = (run.frame, [], [], [], [])
+        entry[1].append(run.rows)
+        entry[2].append(step)
+        entry[3].append(run.count)
+        entry[4].append(place)
+        place += run.count
     schema = None
-    for frame, rows, seqs in frames.values():
+    parts, steps, arrivals = [], [], []
+    for frame, rows, numbers, counts, places in frames.values():
         if schema is None:
             schema = frame.schema
         elif not frame.schema.equals(schema):
             return None  # another writer schema in the same batch: the general path knows how to merge them
-        parts.append(frame.take(pa.array(rows, pa.int64())).append_column("_seq", pa.array(seqs, pa.int64())))
-    # Each part is in batch order already; several (polls) are interleaved back into it.
-    table = pa.concat_tables(parts).sort_by("_seq") if len(parts) > 1 else parts[0]
-    return (table
-            .append_column("_op", pa.array([e.op for e in events], pa.string()))
-            .append_column("_lsn", pa.array([e.lsn if e.lsn is not None else SNAPSHOT_LSN for e in events],
-                                            pa.int64()))
-            .append_column("_xid", pa.array([e.xid or "" for e in events], pa.string()))
-            .append_column("_ts", pa.array([e.commit_ts_ms for e in events], pa.int64())))
+        parts.append(frame.take(pa.array(np.concatenate(rows), pa.int64())))
+        steps.append(np.repeat(np.asarray(numbers, np.int64), counts))
+        arrivals.extend(np.arange(p, p + c, dtype=np.int64) for p, c in zip(places, counts))
+    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    step = np.concatenate(steps)
+    # The rows are gathered frame by frame; `arrival` is their place in the assembler's order (within a partition,
+    # offset order): the tie-breaker that keeps snapshot reads as they came.
+    in_snapshot = np.isin(step, list(snapshot_steps))
+    order = np.lexsort((
+        np.concatenate(arrivals),
+        np.where(in_snapshot, 0, pc.fill_null(table.column("_lsn"), 0).to_numpy()),
+        np.where(in_snapshot, 0, pc.fill_null(table.column("_order"), 0).to_numpy()),
+        step))
+    seq = np.empty(len(step), np.int64)
+    seq[order] = np.arange(len(step), dtype=np.int64)
+    return pa.table({
+        "before": table.column("before"), "after": table.column("after"), "_op": table.column("_op"),
+        "_lsn": pc.fill_null(table.column("_lsn"), SNAPSHOT_LSN).cast(pa.int64()),
+        "_xid": pc.fill_null(table.column("_xid"), ""), "_ts": table.column("_ts").cast(pa.int64()),
+        "_seq": pa.array(seq)})
 
 
 def supports(shape: TableShape, converter: RowConverter) -> bool:
@@ -85,7 +104,7 @@ def supports(shape: TableShape, converter: RowConverter) -> bool:
 
 
 def flat_images(batch: pa.Table, shape: TableShape, converter: RowConverter) -> pa.Table | None:
-    """One row per change of `batch` (see batch_table): SEQ, OP, CHANGE_LSN, TX_ID, COMMIT_MS, then each column
+    """One row per change of `batch` (see runs_table): SEQ, OP, CHANGE_LSN, TX_ID, COMMIT_MS, then each column
     of its row image (before for a delete, after otherwise) converted as values.py would; None when the batch is
     the general path's (see the module's docstring)."""
     if not supports(shape, converter):
@@ -137,27 +156,35 @@ def apply_duckdb(conn: Any, quote: Callable[[str], str], target: str, history: s
         return conn.execute(statement).fetchall()
 
     stage, last = f"_cdc_columnar_{id(flat)}", f"_cdc_last_{id(flat)}"
+    final = last_changes(flat, list(shape.primary_key))
     conn.register(stage, flat)
+    conn.register(last, final)
     try:
         run(f"INSERT INTO {history} ({names}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts) "
             f"SELECT {values}, {OP}, {CHANGE_LSN}, {TX_ID}, "
             f"CASE WHEN {COMMIT_MS} IS NULL THEN NULL ELSE epoch_ms({COMMIT_MS})::TIMESTAMPTZ END "
             f"FROM {stage} ORDER BY {SEQ}")
         keys = ", ".join(quote(c) for c in shape.primary_key)
-        run(f"CREATE TEMP TABLE {last} AS SELECT * FROM {stage} "
-            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {SEQ} DESC) = 1")
-        try:
-            lsn = quote(LSN_COLUMN)
-            sets = [f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in shape.primary_key]
-            sets.append(f"{lsn} = GREATEST({target}.{lsn}, EXCLUDED.{lsn})")
-            run(f"INSERT INTO {target} ({names}, {lsn}) SELECT {values}, {CHANGE_LSN} FROM {last} "
-                f"WHERE {OP} <> 'd' ON CONFLICT ({keys}) DO UPDATE SET {', '.join(sets)} "
-                f"WHERE {target}.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {SNAPSHOT_LSN}")
+        lsn = quote(LSN_COLUMN)
+        sets = [f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in shape.primary_key]
+        sets.append(f"{lsn} = GREATEST({target}.{lsn}, EXCLUDED.{lsn})")
+        run(f"INSERT INTO {target} ({names}, {lsn}) SELECT {values}, {CHANGE_LSN} FROM {last} "
+            f"WHERE {OP} <> 'd' ON CONFLICT ({keys}) DO UPDATE SET {', '.join(sets)} "
+            f"WHERE {target}.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {SNAPSHOT_LSN}")
+        if pc.any(pc.equal(final.column(OP), "d")).as_py():
             match = " AND ".join(f"t.{quote(c)} = s.k{i}" for i, c in enumerate(shape.primary_key))
-            picks = ", ".join(f"CAST({quote(c)} AS {column_types[c]}) AS k{i}" for i, c in enumerate(shape.primary_key))
+            picks = ", ".join(f"CAST({quote(c)} AS {column_types[c]}) AS k{i}"
+                              for i, c in enumerate(shape.primary_key))
             run(f"DELETE FROM {target} t USING (SELECT {picks}, {CHANGE_LSN} FROM {last} WHERE {OP} = 'd') s "
                 f"WHERE {match} AND t.{lsn} < s.{CHANGE_LSN}")
-        finally:
-            run(f"DROP TABLE IF EXISTS {last}")
     finally:
+        conn.unregister(last)
         conn.unregister(stage)
+
+
+def last_changes(flat: pa.Table, keys: list[str]) -> pa.Table:
+    """Each key's last change in `flat` (by SEQ): the batch itself when no key changes twice, as in a bulk load."""
+    latest = flat.group_by(keys, use_threads=False).aggregate([(SEQ, "max")])
+    if latest.num_rows == flat.num_rows:
+        return flat
+    return flat.filter(pc.is_in(flat.column(SEQ), value_set=latest.column(f"{SEQ}_max")))

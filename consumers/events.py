@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 OPS = {"c": "create", "u": "update", "d": "delete", "r": "read", "t": "truncate"}
 
@@ -33,9 +33,7 @@ class ChangeEvent:
     # The source transaction's id: Debezium's id is "txId:lsn", and only the txId part is stable. A field, not a
     # property: the assembler asks for it several times per event.
     xid: str | None = None
-    # Where the decoder's Arrow columns hold this change (consumers.columnar), when it was decoded in a batch.
-    source_frame: Any = None
-    frame_row: int = -1
+    count: ClassVar[int] = 1  # changes it stands for (as consumers.runs.ChangeRun)
 
     def __post_init__(self) -> None:
         if self.xid is None and self.tx_id:
@@ -46,6 +44,10 @@ class ChangeEvent:
         if self.commit_ts_ms is None:
             return None
         return datetime.fromtimestamp(self.commit_ts_ms / 1000, tz=timezone.utc)
+
+    @property
+    def last_offset(self) -> int:
+        return self.offset
 
     @property
     def row(self) -> Mapping[str, Any] | None:
@@ -85,26 +87,6 @@ def from_envelope(
     )
 
 
-class _Pending:
-    """The type of PENDING: a row image still in the decoder's Arrow columns (see materialize)."""
-
-    def __repr__(self) -> str:
-        return "PENDING"
-
-
-PENDING = _Pending()
-
-
-def materialize(event: ChangeEvent) -> ChangeEvent:
-    """Fill in row images left in Arrow (PENDING) by a decode for the columnar path, which never needs them as
-    Python objects; the general path does, when it takes such a change after all."""
-    if event.before is PENDING:
-        event.before = event.source_frame.column("before")[event.frame_row].as_py()
-    if event.after is PENDING:
-        event.after = event.source_frame.column("after")[event.frame_row].as_py()
-    return event
-
-
 # The envelope fields the applier reads, as paths for a columnar decode (schemas.batch.BatchDecoder.columns).
 ENVELOPE_PATHS: tuple[tuple[str, ...], ...] = (
     ("op",), ("before",), ("after",), ("source", "schema"), ("source", "table"), ("source", "lsn"),
@@ -112,18 +94,11 @@ ENVELOPE_PATHS: tuple[tuple[str, ...], ...] = (
 )
 
 
-# The same without the row images, for a decode whose images stay in Arrow (from_columns with pending_images).
-ENVELOPE_PATHS_NO_IMAGES = tuple(p for p in ENVELOPE_PATHS if p not in (("before",), ("after",)))
-
 
 def from_columns(columns: list[list[Any]], *, topics: list[str], partitions: list[int], offsets: list[int],
-                 schema_id: int, frame: Any = None, pending_images: bool = False) -> list[ChangeEvent] | None:
-    """ChangeEvents from the ENVELOPE_PATHS columns of a batch (ENVELOPE_PATHS_NO_IMAGES with `pending_images`:
-    the images are PENDING, in `frame`); None when one of them is not a change envelope (the caller then builds
-    them one by one with from_envelope, which names what is wrong)."""
-    if pending_images:
-        pending = [PENDING] * len(columns[0])
-        columns = [columns[0], pending, pending, *columns[1:]]
+                 schema_id: int) -> list[ChangeEvent] | None:
+    """ChangeEvents from the ENVELOPE_PATHS columns of a batch; None when one of them is not a change envelope (the
+    caller then builds them one by one with from_envelope, which names what is wrong)."""
     ops, befores, afters, schemas, tables, lsns, commit_ts, snapshots, tx_ids, tx_orders = columns
     if not set(ops) <= OPS.keys() or None in schemas or None in tables:
         return None
@@ -139,7 +114,7 @@ def from_columns(columns: list[list[Any]], *, topics: list[str], partitions: lis
         snapshot = snapshots[i]
         append(ChangeEvent(topics[i], partitions[i], offsets[i], table, op, None, befores[i], afters[i], lsns[i],
                            tx_id, tx_orders[i], commit_ts[i], snapshot is not None and snapshot != "false",
-                           schema_id, tx_id.split(":", 1)[0] if tx_id else None, frame, i))
+                           schema_id, tx_id.split(":", 1)[0] if tx_id else None))
     return events
 
 

@@ -11,16 +11,22 @@ Pure logic, no I/O. Why this order is sound:
 
 A transaction is complete when its END record is known and the events it counts for the captured tables have all
 arrived (Debezium also counts the signalling table's rows, which the connector filters out of Kafka).
+
+The assembler takes change events one at a time, or runs of them (consumers.runs.ChangeRun: consecutive changes of
+one partition and one transaction), which it treats alike: each counts for `count` changes.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Union
 
 from cdc.errors import CdcError, Terminal
 from consumers.events import ChangeEvent, TransactionMarker
+from consumers.runs import ChangeRun
+
+Item = Union[ChangeEvent, ChangeRun]
 
 
 class AssemblyError(CdcError, Terminal):
@@ -31,7 +37,7 @@ class AssemblyError(CdcError, Terminal):
 class Step:
     """What one apply step consumes: a whole source transaction, or snapshot rows (no transaction)."""
 
-    events: list[ChangeEvent]
+    events: list[Item]
     xid: str | None = None  # None for snapshot rows
     commit_ts_ms: int | None = None
     marker_offset: int | None = None  # the END record's offset in the transaction topic
@@ -53,16 +59,19 @@ class TransactionAssembler:
     _pending_by_xid: dict[str, int] = field(default_factory=dict)
     _ends: deque = field(default_factory=deque)
     _holes: int = 0
+    _buffered: int = 0  # changes and holes held
 
     # -- input
-    def add_event(self, event: ChangeEvent) -> None:
+    def add_event(self, event: Item) -> None:
         self._partitions.setdefault((event.topic, event.partition), deque()).append(event)
+        self._buffered += event.count
         if event.xid is not None:
-            self._pending_by_xid[event.xid] = self._pending_by_xid.get(event.xid, 0) + 1
+            self._pending_by_xid[event.xid] = self._pending_by_xid.get(event.xid, 0) + event.count
 
     def add_hole(self, topic: str, partition: int, offset: int) -> None:
         self._partitions.setdefault((topic, partition), deque()).append(_Hole(topic, partition, offset))
         self._holes += 1
+        self._buffered += 1
 
     def add_marker(self, marker: TransactionMarker) -> None:
         if marker.status == "END":
@@ -70,7 +79,8 @@ class TransactionAssembler:
 
     @property
     def buffered(self) -> int:
-        return sum(len(q) for q in self._partitions.values())
+        """Changes (and holes) held, not yet taken."""
+        return self._buffered
 
     @property
     def waiting_for(self) -> str | None:
@@ -99,42 +109,50 @@ class TransactionAssembler:
         return ([Step(before)] if before else []) + [Step(events, marker.xid, marker.commit_ts_ms, marker.offset)]
 
     # -- output
-    def _take_snapshot_heads(self) -> list[ChangeEvent]:
+    def _take_snapshot_heads(self) -> list[Item]:
         taken = []
         for queue in self._partitions.values():
             while queue and (isinstance(queue[0], _Hole) or queue[0].xid is None):
                 item = queue.popleft()
                 if isinstance(item, _Hole):
                     self._holes -= 1
+                    self._buffered -= 1
                 else:
                     taken.append(item)
+                    self._buffered -= item.count
         return taken
 
     def _take_transaction(self, marker: TransactionMarker,
-                          forced: bool = False) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
+                          forced: bool = False) -> tuple[list[Item], list[Item]]:
         """The snapshot reads that come before the transaction in its partitions, and the transaction's events."""
         needed = self._needed(marker)
-        before: list[ChangeEvent] = []
-        events: list[ChangeEvent] = []
+        before: list[Item] = []
+        events: list[Item] = []
+        taken = 0
         for key, queue in self._partitions.items():
             while queue:
                 head = queue[0]
                 if isinstance(head, _Hole):
                     queue.popleft()
                     self._holes -= 1
+                    self._buffered -= 1
                 elif head.xid == marker.xid:
                     events.append(queue.popleft())
+                    taken += head.count
+                    self._buffered -= head.count
                 elif head.xid is None:
                     before.append(queue.popleft())  # read before the transaction was written: applied first
+                    self._buffered -= head.count
                 else:
                     break
-        if len(events) < needed and not forced:
+        if taken < needed and not forced:
             later = [(k, q[0]) for k, q in self._partitions.items() if q and not isinstance(q[0], _Hole)]
             raise AssemblyError(
                 f"source transaction {marker.xid} has {self._pending_by_xid.get(marker.xid, 0)} events buffered "
-                f"but only {len(events)} are at the front of their partitions; other transactions come first in "
+                f"but only {taken} are at the front of their partitions; other transactions come first in "
                 f"{', '.join(f'{k[0]}[{k[1]}]@{e.offset} (tx {e.xid})' for k, e in later[:3])}")
         self._pending_by_xid.pop(marker.xid, None)
+        # Runs sort first (they have neither): their changes are ordered where they are written (consumers.runs).
         events.sort(key=lambda e: (e.tx_order or 0, e.lsn or 0))
         return before, events
 
@@ -149,7 +167,7 @@ class TransactionAssembler:
                 snapshot = self._take_snapshot_heads()
                 if snapshot:
                     steps.append(Step(snapshot))
-                    count += len(snapshot)
+                    count += sum(item.count for item in snapshot)
                 break
             marker = self._ends[0]
             if not self._complete(marker):
@@ -159,7 +177,7 @@ class TransactionAssembler:
             if before:
                 steps.append(Step(before))
             steps.append(Step(events, marker.xid, marker.commit_ts_ms, marker.offset))
-            count += len(before) + len(events)
+            count += sum(item.count for item in before) + sum(item.count for item in events)
         return steps
 
     def oldest_commit_ts(self) -> int | None:
@@ -173,5 +191,5 @@ def positions_after(steps: Iterable[Step]) -> dict[tuple[str, int], int]:
     for step in steps:
         for event in step.events:
             key = (event.topic, event.partition)
-            positions[key] = max(positions.get(key, 0), event.offset + 1)
+            positions[key] = max(positions.get(key, 0), event.last_offset + 1)
     return positions

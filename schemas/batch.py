@@ -133,13 +133,10 @@ class BatchDecoder:
                 self._headers[schema_id] = None
         return self._headers[schema_id]
 
-    def columns(self, schema_id: int, payloads: Sequence[bytes], paths: Sequence[tuple[str, ...]],
-                arrow: Sequence[str] = ()) -> tuple[list[list[Any]], Any] | None:
-        """For each path (a top-level field, or a field of a record field), its values in payload order; and the
-        top-level fields named in `arrow` as an Arrow table (None when `arrow` is empty or a field is missing).
-
-        A path naming a field the schema lacks gives a column of None. None when the batch cannot be decoded
-        here; the caller then decodes message by message, which also finds the message at fault."""
+    def frame(self, schema_id: int, payloads: Sequence[bytes]) -> Any:
+        """The payloads decoded as one polars DataFrame (a column per top-level field, records as structs), or None
+        when the batch cannot be decoded here; the caller then decodes message by message, which also finds the
+        message at fault."""
         header = self._header(schema_id)
         if header is None or not payloads or os.environ.get("CDC_NO_BATCH_DECODE"):
             return None
@@ -149,21 +146,35 @@ class BatchDecoder:
         container = header + _zigzag(len(payloads)) + _zigzag(len(body)) + body + _SYNC
         try:
             frame = pl.read_avro(io.BytesIO(container))
-            if frame.height != len(payloads):
-                return None
-            out = []
-            for path in paths:
-                if path[0] not in frame.columns:
-                    out.append([None] * frame.height)
-                    continue
-                series = frame.get_column(path[0])
-                for name in path[1:]:
-                    if name not in {f.name for f in series.dtype.fields}:  # type: ignore[union-attr]
-                        series = None
-                        break
-                    series = series.struct.field(name)
-                out.append(series.to_list() if series is not None else [None] * frame.height)
-            table = frame.select(list(arrow)).to_arrow() if arrow and set(arrow) <= set(frame.columns) else None
-            return out, table
         except Exception:  # noqa: BLE001 - any failure of the fast path falls back to the exact one
             return None
+        return frame if frame.height == len(payloads) else None
+
+    def columns(self, schema_id: int, payloads: Sequence[bytes], paths: Sequence[tuple[str, ...]],
+                arrow: Sequence[str] = ()) -> tuple[list[list[Any]], Any] | None:
+        """For each path (a top-level field, or a field of a record field), its values in payload order; and the
+        top-level fields named in `arrow` as an Arrow table (None when `arrow` is empty or a field is missing).
+        None when the batch cannot be decoded here (see `frame`)."""
+        frame = self.frame(schema_id, payloads)
+        return None if frame is None else extract(frame, paths, arrow)
+
+
+def extract(frame: Any, paths: Sequence[tuple[str, ...]], arrow: Sequence[str] = ()) -> tuple[list[list[Any]], Any] | None:
+    """`BatchDecoder.columns` of a decoded frame. A path naming a field the schema lacks gives a column of None."""
+    try:
+        out = []
+        for path in paths:
+            if path[0] not in frame.columns:
+                out.append([None] * frame.height)
+                continue
+            series = frame.get_column(path[0])
+            for name in path[1:]:
+                if name not in {f.name for f in series.dtype.fields}:  # type: ignore[union-attr]
+                    series = None
+                    break
+                series = series.struct.field(name)
+            out.append(series.to_list() if series is not None else [None] * frame.height)
+        table = frame.select(list(arrow)).to_arrow() if arrow and set(arrow) <= set(frame.columns) else None
+        return out, table
+    except Exception:  # noqa: BLE001 - any failure of the fast path falls back to the exact one
+        return None

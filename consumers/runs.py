@@ -1,0 +1,166 @@
+"""Runs of changes: consecutive changes of one partition, one source transaction and one writer schema, left in the
+decoder's Arrow columns. The columnar path's unit of work, as ChangeEvent is the general path's.
+
+Why: a ChangeEvent per change costs about 8 µs of Python between Kafka and the destination (building it, and the
+assembler's bookkeeping of it), more than decoding and writing the change together. The transaction assembler
+needs no more than a change's partition, offset and transaction, and those are the same for a whole run, so it
+takes a run as one item. The message-by-message work left is Kafka's and the decoder's; splitting a poll into runs
+is done on arrays (`split`), and writing a table's runs is done on Arrow tables (consumers.columnar).
+
+A run is only ever a prefix-preserving slice of its partition: its changes are consecutive messages of the
+partition (no other message of the partition lies between two of them), so the assembler's argument that it
+takes a prefix of each partition (consumers.transactions) holds for runs as it does for events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from consumers.events import OPS, ChangeEvent
+
+# The envelope's fields as the columns of a run's frame (envelope_table); `before` and `after` stay structs.
+FRAME_COLUMNS = ("before", "after", "_op", "_lsn", "_ts", "_txid", "_xid", "_order", "_snapshot")
+
+
+def envelope_table(frame: Any) -> tuple[str, pa.Table] | None:
+    """A decoded poll's messages of one writer schema (a polars DataFrame of Debezium envelopes) as the Arrow table
+    runs point into, and the one source table they all belong to; None when they are not all change envelopes of
+    one table, or hold a truncate (the general path orders a batch around one)."""
+    import polars as pl
+
+    try:
+        source = pl.col("source").struct
+        txid = pl.col("transaction").struct.field("id")
+        names = frame.select(source.field("schema"), source.field("table")).unique()
+        if names.height != 1 or names.null_count().sum_horizontal().item():
+            return None
+        schema, table = names.row(0)
+        ops = set(frame.get_column("op").unique().to_list())
+        if not ops <= OPS.keys() or "t" in ops:
+            return None
+        arrow = frame.select(
+            pl.col("before"), pl.col("after"), pl.col("op").alias("_op"), source.field("lsn").alias("_lsn"),
+            source.field("ts_ms").alias("_ts"), txid.alias("_txid"),
+            # Debezium's id is "txId:lsn"; only the txId part is stable (as ChangeEvent.xid).
+            pl.when(txid == "").then(None).otherwise(txid.str.split_exact(":", 1).struct.field("field_0"))
+            .alias("_xid"),
+            pl.col("transaction").struct.field("total_order").alias("_order"),
+            source.field("snapshot").cast(pl.String).alias("_snapshot"),
+        ).to_arrow()
+    except Exception:  # noqa: BLE001 - a shape polars cannot read so: the general path builds events instead
+        return None
+    return f"{schema}.{table}", arrow
+
+
+def xid_codes(arrow: pa.Table) -> tuple[np.ndarray, list[str]]:
+    """Each change's transaction as a number (-1 outside transactions: snapshot reads), and the ids they stand for."""
+    encoded = pc.dictionary_encode(arrow.column("_xid")).combine_chunks()
+    return (encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64),
+            encoded.dictionary.to_pylist())
+
+
+def partition_codes(topics: list[str], partitions: list[int], transaction_topic: str) -> tuple[np.ndarray, np.ndarray]:
+    """A number per (topic, partition) of each message of a poll, and which messages are data (not of the
+    transaction topic)."""
+    encoded = pc.dictionary_encode(pa.array(topics, pa.string()))
+    topic_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    numbers = np.asarray(partitions, np.int64)
+    codes = topic_codes * (int(numbers.max(initial=0)) + 1) + numbers
+    names = encoded.dictionary.to_pylist()
+    data = topic_codes != names.index(transaction_topic) if transaction_topic in names else np.ones(len(topics), bool)
+    return codes, data
+
+
+def schema_groups(values: list[bytes | None], data: np.ndarray) -> dict[int, list[int]]:
+    """The positions of the data messages framed for the registry (magic byte 0, then a 4-byte schema id), by
+    writer schema id, in poll order."""
+    column = pa.array(values, pa.binary())
+    framed = pc.and_(pc.greater_equal(pc.binary_length(column), 5),
+                     pc.equal(pc.binary_slice(column, 0, 1), pa.scalar(b"\x00", pa.binary())))
+    framed = pc.and_(pc.fill_null(framed, False), pa.array(data))
+    heads = pc.dictionary_encode(pc.if_else(framed, pc.binary_slice(column, 1, 5), pa.scalar(None, pa.binary())))
+    codes = heads.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    return {int.from_bytes(head, "big"): np.flatnonzero(codes == k).tolist()
+            for k, head in enumerate(heads.dictionary.to_pylist())}
+
+
+def split(partitions: np.ndarray, groups: np.ndarray, transactions: np.ndarray) -> tuple[list[int], list[int],
+                                                                                         np.ndarray]:
+    """Runs of a poll: its messages ordered by partition (poll order kept within each), cut wherever the partition,
+    the group (a writer schema's decode; a message on its own has a group of its own) or the transaction changes.
+    Returns each run's first and end position in that order, and the order itself (poll positions)."""
+    order = np.argsort(partitions, kind="stable")
+    n = len(order)
+    cut = np.zeros(n, bool)
+    if n:
+        cut[0] = True
+        for key in (partitions, groups, transactions):
+            ordered = key[order]
+            cut[1:] |= ordered[1:] != ordered[:-1]
+    starts = np.flatnonzero(cut)
+    return starts.tolist(), [*starts[1:].tolist(), n], order
+
+
+@dataclass(slots=True, eq=False)
+class ChangeRun:
+    """`count` consecutive changes of one partition, one source transaction (xid; None for snapshot reads) and one
+    writer schema: rows `rows` of `frame` (envelope_table), whose offsets are `offsets`."""
+
+    topic: str
+    partition: int
+    offset: int  # the first change's
+    last_offset: int
+    table: str
+    xid: str | None
+    schema_id: int
+    frame: pa.Table
+    rows: np.ndarray
+    offsets: np.ndarray
+    # The assembler orders a transaction's events by these; a run's own order is kept by the columnar write, which
+    # orders by the rows' values (consumers.columnar.runs_table).
+    tx_order: ClassVar[None] = None
+    lsn: ClassVar[None] = None
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def since(self, offset: int) -> ChangeRun | None:
+        """The changes at `offset` and after (None when there are none)."""
+        if self.offset >= offset:
+            return self
+        if self.last_offset < offset:
+            return None
+        keep = self.offsets >= offset  # offsets increase along a run
+        return ChangeRun(self.topic, self.partition, int(self.offsets[keep][0]), self.last_offset, self.table,
+                         self.xid, self.schema_id, self.frame, self.rows[keep], self.offsets[keep])
+
+    def events(self) -> list[ChangeEvent]:
+        """The run as ChangeEvents, for the general path."""
+        part = self.frame.take(pa.array(self.rows, pa.int64()))
+        columns = [part.column(c).to_pylist() for c in ("_op", "before", "after", "_lsn", "_txid", "_order", "_ts",
+                                                        "_snapshot")]
+        return [ChangeEvent(self.topic, self.partition, int(offset), self.table, op, None, before, after, lsn, txid,
+                            order, ts, snapshot is not None and snapshot != "false", self.schema_id, self.xid)
+                for offset, (op, before, after, lsn, txid, order, ts, snapshot)
+                in zip(self.offsets.tolist(), zip(*columns))]
+
+
+def expand(items: Iterable[ChangeEvent | ChangeRun]) -> list[ChangeEvent]:
+    """Events and runs as events, in the same order."""
+    out: list[ChangeEvent] = []
+    for item in items:
+        if isinstance(item, ChangeRun):
+            out.extend(item.events())
+        else:
+            out.append(item)
+    return out
+
+
+def count(items: Sequence[ChangeEvent | ChangeRun]) -> int:
+    return sum(item.count for item in items)
