@@ -54,7 +54,7 @@ class DuckDBDialect(Dialect):
     keeps_history = True
     reflects_foreign_keys = False
     columnar = True
-    batch_events = 50_000  # each write opens and closes the file (readers get it in between): fewer, larger ones
+    batch_events = 50_000  # writes open and close the file (readers get it in between): fewer, larger ones
 
     def destination_name(self, shape: TableShape) -> tuple[str | None, str]:
         # One flat namespace in the file: "public.person" is the table's name (quoted), as analysts know it.
