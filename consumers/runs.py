@@ -31,30 +31,28 @@ def envelope_table(frame: Any) -> tuple[str, pa.Table] | None:
     """A decoded poll's messages of one writer schema (a polars DataFrame of Debezium envelopes) as the Arrow table
     runs point into, and the one source table they all belong to; None when they are not all change envelopes of
     one table, or hold a truncate (the general path orders a batch around one)."""
-    import polars as pl
-
     try:
-        source = pl.col("source").struct
-        txid = pl.col("transaction").struct.field("id")
-        names = frame.select(source.field("schema"), source.field("table")).unique()
-        if names.height != 1 or names.null_count().sum_horizontal().item():
+        decoded = frame.to_arrow()  # in Arrow from here: its struct fields cost nothing to take apart
+        source, transaction, op = decoded.column("source"), decoded.column("transaction"), decoded.column("op")
+        schemas, tables = pc.unique(pc.struct_field(source, "schema")), pc.unique(pc.struct_field(source, "table"))
+        if len(schemas) != 1 or len(tables) != 1 or schemas.null_count or tables.null_count:
             return None
-        schema, table = names.row(0)
-        ops = set(frame.get_column("op").unique().to_list())
+        ops = set(pc.unique(op).to_pylist())
         if not ops <= OPS.keys() or "t" in ops:
             return None
-        arrow = frame.select(
-            pl.col("before"), pl.col("after"), pl.col("op").alias("_op"), source.field("lsn").alias("_lsn"),
-            source.field("ts_ms").alias("_ts"), txid.alias("_txid"),
-            # Debezium's id is "txId:lsn"; only the txId part is stable (as ChangeEvent.xid).
-            pl.when(txid == "").then(None).otherwise(txid.str.split_exact(":", 1).struct.field("field_0"))
-            .alias("_xid"),
-            pl.col("transaction").struct.field("total_order").alias("_order"),
-            source.field("snapshot").cast(pl.String).alias("_snapshot"),
-        ).to_arrow()
-    except Exception:  # noqa: BLE001 - a shape polars cannot read so: the general path builds events instead
+        txid = pc.struct_field(transaction, "id")
+        # Debezium's id is "txId:lsn"; only the txId part is stable (as ChangeEvent.xid).
+        xid = pc.struct_field(pc.extract_regex(txid, r"^(?P<xid>[^:]*)"), [0])
+        arrow = pa.table({
+            "before": decoded.column("before"), "after": decoded.column("after"), "_op": op,
+            "_lsn": pc.struct_field(source, "lsn"), "_ts": pc.struct_field(source, "ts_ms"), "_txid": txid,
+            "_xid": pc.if_else(pc.equal(xid, ""), pa.scalar(None, xid.type), xid),
+            "_order": pc.struct_field(transaction, "total_order"),
+            "_snapshot": pc.struct_field(source, "snapshot").cast(pa.large_string()),
+        })
+    except (KeyError, pa.ArrowException):  # not an envelope as expected: the general path names what is wrong
         return None
-    return f"{schema}.{table}", arrow
+    return f"{schemas[0].as_py()}.{tables[0].as_py()}", arrow
 
 
 def xid_codes(arrow: pa.Table) -> tuple[np.ndarray, list[str]]:
