@@ -307,11 +307,10 @@ class ReplicaApplier:
                 built = None  # `_feed` meets the same failure, and dead-letters or stops as the policy says
             for i, event in zip(indexes, built or ()):
                 events[i] = event
-        if self.skip_before_ms is not None and run_groups:
-            # `cdc replay --from TIME`: the runs' changes it reads past are cut apart from the others.
-            skipped = self._skipped_runs(run_groups, group_of, row_of, topics, partitions, offsets)
-            transaction_of = np.where(skipped, -2 - transaction_of, transaction_of)
-        starts, ends, order = runs.split(partition_codes, group_of, transaction_of)
+        # `cdc replay --from TIME`: the changes of runs it reads past are cut apart from the others.
+        skipped = (self._skipped_runs(run_groups, group_of, row_of, topics, partitions, offsets)
+                   if self.skip_before_ms is not None and run_groups else np.zeros(n, bool))
+        starts, ends, order = runs.split(partition_codes, group_of, transaction_of, skipped)
         positions = order.tolist()
         group_list = group_of.tolist()
         offsets_array = np.asarray(offsets, np.int64)
@@ -330,9 +329,9 @@ class ReplicaApplier:
             last = positions[end - 1]
             topic, partition = topics[first], partitions[first]
             self.read_positions[topic, partition] = offsets[last] + 1
-            transaction = int(transaction_of[first])
-            if transaction < -1:
+            if skipped[first]:
                 continue  # read past (replay --from TIME)
+            transaction = int(transaction_of[first])
             at = order[start:end]
             schema_id, table, arrow = run_groups[group]
             self.assembler.add_event(runs.ChangeRun(

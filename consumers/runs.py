@@ -87,17 +87,18 @@ def schema_groups(values: list[bytes | None], data: np.ndarray) -> dict[int, lis
             for k, head in enumerate(heads.dictionary.to_pylist())}
 
 
-def split(partitions: np.ndarray, groups: np.ndarray, transactions: np.ndarray) -> tuple[list[int], list[int],
-                                                                                         np.ndarray]:
+def split(partitions: np.ndarray, groups: np.ndarray, transactions: np.ndarray,
+          skipped: np.ndarray | None = None) -> tuple[list[int], list[int], np.ndarray]:
     """Runs of a poll: its messages ordered by partition (poll order kept within each), cut wherever the partition,
-    the group (a writer schema's decode; a message on its own has a group of its own) or the transaction changes.
-    Returns each run's first and end position in that order, and the order itself (poll positions)."""
+    the group (a writer schema's decode; a message on its own has a group of its own), the transaction or whether
+    the message is `skipped` changes. Returns each run's first and end position in that order, and the order
+    itself (poll positions)."""
     order = np.argsort(partitions, kind="stable")
     n = len(order)
     cut = np.zeros(n, bool)
     if n:
         cut[0] = True
-        for key in (partitions, groups, transactions):
+        for key in (partitions, groups, transactions, *(() if skipped is None else (skipped,))):
             ordered = key[order]
             cut[1:] |= ordered[1:] != ordered[:-1]
     starts = np.flatnonzero(cut)

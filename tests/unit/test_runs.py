@@ -28,6 +28,10 @@ def test_a_poll_is_cut_where_partition_decode_or_transaction_changes():
     cut = [order[s:e].tolist() for s, e in zip(starts, ends)]
     # Partition 0: 0, 2 | 3 (alone) | 5, 6 (next transaction); partition 1: 1, 4.
     assert cut == [[0, 2], [3], [5, 6], [1, 4]]
+    # Changes read past (replay --from TIME) are cut apart too, snapshot reads (no transaction) included.
+    skipped = np.array([True, False, False, False, False, False, False])
+    starts, ends, order = runs.split(partitions, groups, np.full(7, -1), skipped)
+    assert [order[s:e].tolist() for s, e in zip(starts, ends)] == [[0], [2], [3], [5, 6], [1, 4]]
 
 
 def test_messages_are_grouped_by_the_schema_id_of_their_framing():
