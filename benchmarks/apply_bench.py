@@ -299,11 +299,18 @@ class Watcher(threading.Thread):
     def sustained(self, rows: int, low: float = 0.1, high: float = 0.9) -> float | None:
         """Rows/s while the destination's row count went from `low` to `high` of `rows` (the inserts): the steady
         rate, without start-up or the last batch's tail. Measured the same way for every consumer."""
-        start = next(((t, c) for t, c in self.samples if c >= rows * low), None)
-        end = next(((t, c) for t, c in self.samples if c >= rows * high), None)
-        if start is None or end is None or end[0] <= start[0]:
-            return None
-        return (end[1] - start[1]) / (end[0] - start[0])
+        return sustained_rate(self.samples, rows, low, high)
+
+
+def sustained_rate(samples: list[tuple[float, int]], total: int, low: float = 0.1,
+                   high: float = 0.9) -> float | None:
+    """Per second, from (when, count) samples: the slope between the first samples at `low` and at `high` of
+    `total`."""
+    start = next(((t, c) for t, c in samples if c >= total * low), None)
+    end = next(((t, c) for t, c in samples if c >= total * high), None)
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    return (end[1] - start[1]) / (end[0] - start[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
