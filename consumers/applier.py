@@ -167,28 +167,26 @@ class ReplicaApplier:
 
     def prepare(self) -> None:
         """Create the offsets table and the replicated tables as needed, then position the consumer."""
-        self.shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, self.pipeline.source.tables)
-        try:
-            with self._begin() as conn:
-                self.dialect.ensure_offsets_table(conn)
-                for name in dependency_order(self.shapes):
-                    for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
-                        self.echo(f"{self.name}: {action}")
-                if self.destination.read_only_role:  # PostgreSQL analytics destinations (cdc.config)
-                    password = self.destination.read_only_password
-                    for action in self.dialect.grant_read_only(conn, self.destination.read_only_role,
-                                                               password.get_secret_value() if password else None):
-                        self.echo(f"{self.name}: {action}")
-                stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
-        except OperationalError as exc:
-            raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
-        except DBAPIError as exc:
-            raise ApplyError(f"destination {self.name}: preparing its tables failed: {_first_line(exc)}") from exc
-        self.order = self._dependency_order()
-        # Created first: it lists the partitions the prefetch budget is shared among, and its first request costs
-        # about a second of connection set-up that --until-caught-up would otherwise pay later.
-        self._admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "log_level": 3})
-        known = self._admin.list_topics(timeout=15).topics
+        # Kafka's metadata is asked for while the databases are: its first request sets up connections (0.1 to
+        # 0.2 s that every `cdc run` would otherwise wait for). The admin client also serves end_offsets later.
+        self._admin = admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
+                                           "log_level": 3})
+        answer: dict[str, Any] = {}
+
+        def ask() -> None:
+            try:
+                answer["topics"] = admin.list_topics(timeout=15).topics
+            except Exception as exc:  # noqa: BLE001 - raised below, in this thread
+                answer["error"] = exc
+
+        # A daemon thread: a destination that fails first is reported at once, without waiting for Kafka's answer.
+        asking = threading.Thread(target=ask, name=f"metadata-{self.name}", daemon=True)
+        asking.start()
+        stored = self._prepare_destination()
+        asking.join()
+        if "error" in answer:
+            raise answer["error"]
+        known = answer["topics"]
         partitions = sum(len(known[t].partitions) for t in self.topics if t in known)
         self.consumer = Consumer({
             "bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
@@ -209,9 +207,8 @@ class ReplicaApplier:
             "log_level": 3,
         })
         assignment = []
-        metadata = self.consumer.list_topics(timeout=15)
         for topic in self.topics:
-            info = metadata.topics.get(topic)
+            info = known.get(topic)
             if info is None or info.error is not None:
                 raise ServiceUnavailable(f"topic {topic} does not exist (run `cdc connectors apply` first)")
             for partition in info.partitions:
@@ -221,6 +218,29 @@ class ReplicaApplier:
                     self.read_positions[topic, partition] = offset
                     self.applied_positions[topic, partition] = offset
         self.consumer.assign(assignment)
+
+    def _prepare_destination(self) -> dict[tuple[str, int], int]:
+        """Reflect the source tables, create (or follow) them at the destination; the destination's stored
+        offsets."""
+        self.shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, self.pipeline.source.tables)
+        try:
+            with self._begin() as conn:
+                self.dialect.ensure_offsets_table(conn)
+                for name in dependency_order(self.shapes):
+                    for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
+                        self.echo(f"{self.name}: {action}")
+                if self.destination.read_only_role:  # PostgreSQL analytics destinations (cdc.config)
+                    password = self.destination.read_only_password
+                    for action in self.dialect.grant_read_only(conn, self.destination.read_only_role,
+                                                               password.get_secret_value() if password else None):
+                        self.echo(f"{self.name}: {action}")
+                stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
+        except OperationalError as exc:
+            raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
+        except DBAPIError as exc:
+            raise ApplyError(f"destination {self.name}: preparing its tables failed: {_first_line(exc)}") from exc
+        self.order = self._dependency_order()
+        return stored
 
     def _dependency_order(self) -> list[str]:
         """Parents first, from the destination's foreign keys, and the source's for tables that declare none."""
