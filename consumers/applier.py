@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import itertools
 import json
 import signal
@@ -169,6 +170,8 @@ class ReplicaApplier:
         """Create the offsets table and the replicated tables as needed, then position the consumer."""
         # Kafka's metadata is asked for while the databases are: its first request sets up connections (0.1 to
         # 0.2 s that every `cdc run` would otherwise wait for). The admin client also serves end_offsets later.
+        # The batch decoder's polars (0.2 s to import) is imported meanwhile too, not on the first poll's clock.
+        threading.Thread(target=importlib.import_module, args=("polars",), name="import-polars", daemon=True).start()
         self._admin = admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
                                            "log_level": 3})
         answer: dict[str, Any] = {}
@@ -211,13 +214,32 @@ class ReplicaApplier:
             info = known.get(topic)
             if info is None or info.error is not None:
                 raise ServiceUnavailable(f"topic {topic} does not exist (run `cdc connectors apply` first)")
-            for partition in info.partitions:
-                offset = stored.get((topic, partition), OFFSET_BEGINNING)
+        starts = self._log_starts([(t, p) for t in self.topics for p in known[t].partitions if (t, p) not in stored])
+        for topic in self.topics:
+            for partition in known[topic].partitions:
+                offset = stored.get((topic, partition), starts.get((topic, partition), OFFSET_BEGINNING))
                 assignment.append(TopicPartition(topic, partition, offset))
                 if offset != OFFSET_BEGINNING:
                     self.read_positions[topic, partition] = offset
                     self.applied_positions[topic, partition] = offset
         self.consumer.assign(assignment)
+
+    def _log_starts(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The first offset each partition holds, asked for in one request. Assigning the consumer OFFSET_BEGINNING
+        instead makes librdkafka look it up itself, and its first message then came 0.5 s later (measured: 519 ms
+        against 21 ms for the same partitions assigned numbers). Partitions it cannot tell are left out: those
+        start at OFFSET_BEGINNING."""
+        assert self._admin is not None
+        if not partitions:
+            return {}
+        request = {TopicPartition(t, p): OffsetSpec.earliest() for t, p in partitions}
+        starts = {}
+        try:
+            for tp, future in self._admin.list_offsets(request, request_timeout=10).items():
+                starts[tp.topic, tp.partition] = future.result().offset
+        except KafkaException:
+            pass
+        return {tp: offset for tp, offset in starts.items() if offset >= 0}
 
     def _prepare_destination(self) -> dict[tuple[str, int], int]:
         """Reflect the source tables, create (or follow) them at the destination; the destination's stored
