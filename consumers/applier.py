@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import itertools
 import json
 import signal
@@ -170,8 +169,6 @@ class ReplicaApplier:
         """Create the offsets table and the replicated tables as needed, then position the consumer."""
         # Kafka's metadata is asked for while the databases are: its first request sets up connections (0.1 to
         # 0.2 s that every `cdc run` would otherwise wait for). The admin client also serves end_offsets later.
-        # The batch decoder's polars (0.2 s to import) is imported meanwhile too, not on the first poll's clock.
-        threading.Thread(target=importlib.import_module, args=("polars",), name="import-polars", daemon=True).start()
         self._admin = admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
                                            "log_level": 3})
         answer: dict[str, Any] = {}
