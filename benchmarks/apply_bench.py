@@ -859,11 +859,12 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
-def print_summary(report: Report) -> None:
+def print_summary(table: str, details_text: str) -> None:
+    """A run's results table and details on standard output (both harnesses)."""
     print()
-    print(TABLE_HEADER + table_row(report), end="")
+    print(table, end="")
     print()
-    print(details(report), end="")
+    print(details_text, end="")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -998,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     f"{pipeline.pipeline}-signal"])
         dbs.drop_all()
 
-    print_summary(report)
+    print_summary(TABLE_HEADER + table_row(report), details(report))
     if not args.no_write:
         write_results(report)
         log(f"results written to {RESULTS.relative_to(REPO)}")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, Callable
 
 import psycopg
 import yaml
@@ -403,13 +404,6 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
-def print_summary(report: Report) -> None:
-    print()
-    print(TABLE_HEADER + table_row(report), end="")
-    print()
-    print(details(report), end="")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # main
 
@@ -470,37 +464,36 @@ def main(argv: list[str] | None = None) -> int:
         settle(source_url)
         report.replay_flags = replay_flags(args.replay_no_backup)
 
-        try:
-            watcher = AppliedWatcher(layout.kafka_bootstrap, f"cdc-{pipeline.pipeline}-{LAKE}", topic)
-            report.ingest = bench_ingest(config_path, duck_path, args.rows, expected, watcher)
-        except Exception as exc:  # noqa: BLE001 - the other phases still run and are reported
-            report.errors.append(f"duckdb ingestion: {exc}")
-            log(f"duckdb ingestion: FAILED: {exc}")
+        def phase(label: str, work: Callable[[], Any]) -> Any:
+            """Run one measured phase; a failure is reported, and the other phases still run."""
+            try:
+                return work()
+            except Exception as exc:  # noqa: BLE001
+                report.errors.append(f"{label}: {exc}")
+                log(f"{label}: FAILED: {exc}")
+                return None
 
-        try:
-            report.catch_up_s = catch_up_replica(config_path, replica_url, expected, args.rows)
-            pg = bench_replay(config_path, REPLICA, report.replay_flags, args.rows)
-            if pg.supported:
-                final = checksum(replica_url)
-                if final != expected:
-                    raise RuntimeError(f"the PostgreSQL replica differs from the source after the replay: "
-                                       f"{final} != {expected}")
-            report.pg_replay = pg
-        except Exception as exc:  # noqa: BLE001
-            report.errors.append(f"postgresql replay: {exc}")
-            log(f"postgresql replay: FAILED: {exc}")
+        def replay(destination: str, label: str, final: Callable[[ReplayResult], tuple]) -> ReplayResult:
+            result = bench_replay(config_path, destination, report.replay_flags, args.rows)
+            got = final(result) if result.supported else expected
+            if got != expected:
+                raise RuntimeError(f"the {label} replica differs from the source after the replay: "
+                                   f"{got} != {expected}")
+            return result
 
-        try:
-            duck = bench_replay(config_path, LAKE, report.replay_flags, args.rows)
-            if duck.supported:
-                final, duck.history_rows = duckdb_checksum(duck_path)
-                if final != expected:
-                    raise RuntimeError(f"the DuckDB replica differs from the source after the replay: "
-                                       f"{final} != {expected}")
-            report.duck_replay = duck
-        except Exception as exc:  # noqa: BLE001
-            report.errors.append(f"duckdb replay: {exc}")
-            log(f"duckdb replay: FAILED: {exc}")
+        def duck_final(result: ReplayResult) -> tuple:
+            final, result.history_rows = duckdb_checksum(duck_path)
+            return final
+
+        watcher = AppliedWatcher(layout.kafka_bootstrap, f"cdc-{pipeline.pipeline}-{LAKE}", topic)
+        report.ingest = phase("duckdb ingestion",
+                              lambda: bench_ingest(config_path, duck_path, args.rows, expected, watcher))
+        report.catch_up_s = phase("postgresql catch-up",
+                                  lambda: catch_up_replica(config_path, replica_url, expected, args.rows))
+        if report.catch_up_s is not None:
+            report.pg_replay = phase("postgresql replay",
+                                     lambda: replay(REPLICA, "PostgreSQL", lambda r: checksum(replica_url)))
+        report.duck_replay = phase("duckdb replay", lambda: replay(LAKE, "DuckDB", duck_final))
     except Exception as exc:  # noqa: BLE001 - report what was measured before the failure
         report.errors.append(f"setup: {exc}")
         log(f"FAILED: {exc}")
@@ -523,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         dbs.drop_all()
         shutil.rmtree(work, ignore_errors=True)  # the DuckDB file (and its .wal) and the pipeline file
 
-    print_summary(report)
+    apply_bench.print_summary(TABLE_HEADER + table_row(report), details(report))
     if not args.no_write:
         write_results(report)
         log(f"results written to {RESULTS.relative_to(REPO)}")

@@ -110,7 +110,9 @@ class ReplicaApplier:
         self._converters: dict[int, values.RowConverter] = {}
         self._columnar_schemas: dict[tuple[int, str], bool] = {}  # (writer schema id, table) -> as runs
         url = self.destination.driver_url
-        if url.get_backend_name() == "duckdb":
+        # A DuckDB file: one process may write it, or several read it, so the applier holds it only while writing.
+        self._holds_file = url.get_backend_name() == "duckdb"
+        if self._holds_file:
             # No pool: batches open and close the file (`_begin`), so that readers can open it between them
             # (DuckDB lets one process write, or several read).
             # A checkpoint when the connection closes (HOLD_S at most), not one whenever 16 MB of log has built up:
@@ -147,7 +149,6 @@ class ReplicaApplier:
         self._group_lock = threading.Lock()
         self._producer_lock = threading.Lock()
         # A connection kept open between batches (`_begin`), and since when; no new one before `_reopen_at`.
-        self._holds_file = url.get_backend_name() == "duckdb"
         self._held: Any = None
         self._held_since = 0.0
         self._reopen_at = 0.0
@@ -227,21 +228,25 @@ class ReplicaApplier:
         self.consumer.assign(assignment)
 
     def _log_starts(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-        """The first offset each partition holds, asked for in one request. Assigning the consumer OFFSET_BEGINNING
-        instead makes librdkafka look it up itself, and its first message then came 0.5 s later (measured: 519 ms
-        against 21 ms for the same partitions assigned numbers). Partitions it cannot tell are left out: those
-        start at OFFSET_BEGINNING."""
-        assert self._admin is not None
+        """The first offset each partition holds. Assigning the consumer OFFSET_BEGINNING instead makes librdkafka
+        look it up itself, and its first message then came 0.5 s later (measured: 519 ms against 21 ms for the same
+        partitions assigned numbers). Partitions it cannot tell are left out: those start at OFFSET_BEGINNING."""
+        try:
+            starts = self._offsets(partitions, OffsetSpec.earliest())
+        except KafkaException:
+            return {}
+        return {tp: offset for tp, offset in starts.items() if offset >= 0}
+
+    def _offsets(self, partitions: list[tuple[str, int]], spec: OffsetSpec) -> dict[tuple[str, int], int]:
+        """The offsets `spec` names (earliest, latest) of these partitions, in one request (asking the consumer
+        partition by partition costs half a second each: it waits for a fetch round)."""
         if not partitions:
             return {}
-        request = {TopicPartition(t, p): OffsetSpec.earliest() for t, p in partitions}
-        starts = {}
-        try:
-            for tp, future in self._admin.list_offsets(request, request_timeout=10).items():
-                starts[tp.topic, tp.partition] = future.result().offset
-        except KafkaException:
-            pass
-        return {tp: offset for tp, offset in starts.items() if offset >= 0}
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "log_level": 3})
+        request = {TopicPartition(t, p): spec for t, p in partitions}
+        return {(tp.topic, tp.partition): future.result().offset
+                for tp, future in self._admin.list_offsets(request, request_timeout=10).items()}
 
     def _prepare_destination(self) -> dict[tuple[str, int], int]:
         """Reflect the source tables, create (or follow) them at the destination; the destination's stored
@@ -490,7 +495,7 @@ class ReplicaApplier:
                     kept.append((n, part))
             entries = kept
         self._check_columns(conn, [item for _, item in entries])
-        count = sum(item.count for _, item in entries)
+        count = runs.count(item for _, item in entries)
         if self.dialect.columnar:
             entries = self._write_columnar(conn, entries, steps)
         events = self._events(entries, steps)
@@ -564,7 +569,7 @@ class ReplicaApplier:
             if flat is not None:
                 self.dialect.apply_columnar(conn, shape, flat)
                 done.add(table)
-                self.stats.columnar_rows += sum(item.count for _, item in changes)
+                self.stats.columnar_rows += runs.count(item for _, item in changes)
         return [(n, item) for n, item in entries if item.table not in done] if done else entries
 
     def _offsets_after(self, steps: list[Step]) -> dict[tuple[str, int], int]:
@@ -698,16 +703,9 @@ class ReplicaApplier:
         self._stop.set()
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
-        """Log-end offsets of every assigned partition, in one request (asking the consumer partition by partition
-        costs half a second each: it waits for a fetch round)."""
+        """Log-end offsets of every assigned partition."""
         assert self.consumer is not None
-        if self._admin is None:
-            self._admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "log_level": 3})
-        request = {TopicPartition(tp.topic, tp.partition): OffsetSpec.latest() for tp in self.consumer.assignment()}
-        ends = {}
-        for tp, future in self._admin.list_offsets(request, request_timeout=10).items():
-            ends[tp.topic, tp.partition] = future.result().offset
-        return ends
+        return self._offsets([(tp.topic, tp.partition) for tp in self.consumer.assignment()], OffsetSpec.latest())
 
     def _read_to_end(self) -> bool:
         return all(self.read_positions.get(tp, 0) >= end for tp, end in self.end_offsets().items() if end > 0)
@@ -841,7 +839,7 @@ def _where(steps: list[Step]) -> str:
     for e in events:
         spans.setdefault((e.topic, e.partition), []).extend((e.offset, e.last_offset))
     where = ", ".join(f"{t}[{p}]@{min(o)}-{max(o)}" for (t, p), o in sorted(spans.items())[:4])
-    return f"{sum(e.count for e in events)} changes of {', '.join(tables)} ({where})"
+    return f"{runs.count(events)} changes of {', '.join(tables)} ({where})"
 
 
 def _event_json(event: ChangeEvent) -> str:

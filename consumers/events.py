@@ -102,20 +102,28 @@ def from_columns(columns: list[list[Any]], *, topics: list[str], partitions: lis
     ops, befores, afters, schemas, tables, lsns, commit_ts, snapshots, tx_ids, tx_orders = columns
     if not set(ops) <= OPS.keys() or None in schemas or None in tables:
         return None
-    events = []
-    append = events.append
     names: dict[tuple[str, str], str] = {}
-    for i, op in enumerate(ops):
-        key = (schemas[i], tables[i])
+    qualified = []
+    for key in zip(schemas, tables):
         table = names.get(key)
         if table is None:
             table = names[key] = f"{key[0]}.{key[1]}"
-        tx_id = tx_ids[i]
-        snapshot = snapshots[i]
-        append(ChangeEvent(topics[i], partitions[i], offsets[i], table, op, None, befores[i], afters[i], lsns[i],
-                           tx_id, tx_orders[i], commit_ts[i], snapshot is not None and snapshot != "false",
-                           schema_id, tx_id.split(":", 1)[0] if tx_id else None))
-    return events
+        qualified.append(table)
+    return build_events(ops, befores, afters, qualified, lsns, commit_ts, snapshots, tx_ids, tx_orders,
+                        topics=topics, partitions=partitions, offsets=offsets, schema_id=schema_id)
+
+
+def build_events(ops: list[str], befores: list[Any], afters: list[Any], tables: list[str], lsns: list[Any],
+                 commit_ts: list[Any], snapshots: list[Any], tx_ids: list[Any], tx_orders: list[Any], *,
+                 topics: list[str], partitions: list[int], offsets: list[int], schema_id: int) -> list[ChangeEvent]:
+    """ChangeEvents from columns of decoded envelope fields, `tables` schema-qualified (one place for what a
+    snapshot flag and a transaction id mean, for from_columns and consumers.runs)."""
+    return [ChangeEvent(topic, partition, offset, table, op, None, before, after, lsn, tx_id, tx_order, ts,
+                        snapshot is not None and snapshot != "false", schema_id,
+                        tx_id.split(":", 1)[0] if tx_id else None)
+            for topic, partition, offset, table, op, before, after, lsn, ts, snapshot, tx_id, tx_order
+            in zip(topics, partitions, offsets, tables, ops, befores, afters, lsns, commit_ts, snapshots, tx_ids,
+                   tx_orders)]
 
 
 @dataclass(frozen=True, slots=True)

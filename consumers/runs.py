@@ -15,17 +15,13 @@ takes a prefix of each partition (consumers.transactions) holds for runs as it d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from consumers.events import OPS, ChangeEvent
-
-# The envelope's fields as the columns of a run's frame (envelope_table); `before` and `after` stay structs.
-FRAME_COLUMNS = ("before", "after", "_op", "_lsn", "_ts", "_txid", "_xid", "_order", "_snapshot")
-
+from consumers.events import OPS, ChangeEvent, build_events
 
 def envelope_table(frame: Any) -> tuple[str, pa.Table] | None:
     """A decoded poll's messages of one writer schema (a polars DataFrame of Debezium envelopes) as the Arrow table
@@ -142,12 +138,13 @@ class ChangeRun:
     def events(self) -> list[ChangeEvent]:
         """The run as ChangeEvents, for the general path."""
         part = self.frame.take(pa.array(self.rows, pa.int64()))
-        columns = [part.column(c).to_pylist() for c in ("_op", "before", "after", "_lsn", "_txid", "_order", "_ts",
-                                                        "_snapshot")]
-        return [ChangeEvent(self.topic, self.partition, int(offset), self.table, op, None, before, after, lsn, txid,
-                            order, ts, snapshot is not None and snapshot != "false", self.schema_id, self.xid)
-                for offset, (op, before, after, lsn, txid, order, ts, snapshot)
-                in zip(self.offsets.tolist(), zip(*columns))]
+        ops, befores, afters, lsns, tx_ids, orders, commit_ts, snapshots = (
+            part.column(c).to_pylist() for c in ("_op", "before", "after", "_lsn", "_txid", "_order", "_ts",
+                                                 "_snapshot"))
+        n = len(ops)
+        return build_events(ops, befores, afters, [self.table] * n, lsns, commit_ts, snapshots, tx_ids, orders,
+                            topics=[self.topic] * n, partitions=[self.partition] * n,
+                            offsets=self.offsets.tolist(), schema_id=self.schema_id)
 
 
 def expand(items: Iterable[ChangeEvent | ChangeRun]) -> list[ChangeEvent]:
@@ -161,5 +158,6 @@ def expand(items: Iterable[ChangeEvent | ChangeRun]) -> list[ChangeEvent]:
     return out
 
 
-def count(items: Sequence[ChangeEvent | ChangeRun]) -> int:
+def count(items: Iterable[ChangeEvent | ChangeRun]) -> int:
+    """How many changes events and runs stand for."""
     return sum(item.count for item in items)

@@ -24,7 +24,7 @@ from typing import Iterable, Union
 
 from cdc.errors import CdcError, Terminal
 from consumers.events import ChangeEvent, TransactionMarker
-from consumers.runs import ChangeRun
+from consumers.runs import ChangeRun, count as changes
 
 Item = Union[ChangeEvent, ChangeRun]
 
@@ -167,7 +167,7 @@ class TransactionAssembler:
                 snapshot = self._take_snapshot_heads()
                 if snapshot:
                     steps.append(Step(snapshot))
-                    count += sum(item.count for item in snapshot)
+                    count += changes(snapshot)
                 break
             marker = self._ends[0]
             if not self._complete(marker):
@@ -177,7 +177,7 @@ class TransactionAssembler:
             if before:
                 steps.append(Step(before))
             steps.append(Step(events, marker.xid, marker.commit_ts_ms, marker.offset))
-            count += sum(item.count for item in before) + sum(item.count for item in events)
+            count += changes(before) + changes(events)
         return steps
 
     def oldest_commit_ts(self) -> int | None:

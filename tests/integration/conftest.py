@@ -40,10 +40,9 @@ def decoder(stack):
     registry.close()
 
 
-@pytest.fixture
-def source_db(stack):
-    """A fresh, uniquely named source database; dropped afterwards with whatever slot still points at it."""
-    name = f"src_{uuid.uuid4().hex[:10]}"
+def fresh_database(stack, prefix: str):
+    """A new, uniquely named PostgreSQL database; dropped afterwards with whatever slot still points at it."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
         conn.execute(f'create database "{name}"')
     yield name
@@ -54,15 +53,12 @@ def source_db(stack):
 
 
 @pytest.fixture
-def mariadb_database(stack):
-    """A fresh, uniquely named database on the stack's MariaDB; yields its URL and drops it afterwards."""
-    from sqlalchemy import create_engine
+def source_db(stack):
+    """A fresh source database."""
+    yield from fresh_database(stack, "src")
 
-    name = f"dst_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.mariadb_url())
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
-    yield stack.mariadb_url(name)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-    admin.dispose()
+
+@pytest.fixture
+def destination_db(stack):
+    """A fresh PostgreSQL destination database."""
+    yield from fresh_database(stack, "dst")

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import yaml
 
 from cdc import config
@@ -27,6 +28,13 @@ def pipeline_data(stack: StackLayout, database: str, tables: list[str], *, name:
         data["hierarchies"] = hierarchies
     data.update(extra)
     return data
+
+
+def execute(url: str, *statements: str) -> None:
+    """Run statements on a database, each committed on its own (a source transaction each)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
 
 
 def write_pipeline(path: Path, data: dict[str, Any]) -> Pipeline:

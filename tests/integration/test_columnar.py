@@ -10,7 +10,7 @@ import psycopg
 
 from consumers.applier import ReplicaApplier
 from producers import capture
-from tests.integration.pipelines import pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
 from tests.integration.test_replica import CDC
 
 SCHEMA = """
@@ -50,8 +50,7 @@ def dump(file: str) -> dict[str, list[tuple]]:
 
 def test_the_columnar_path_writes_what_the_general_path_writes(stack, source_db, tmp_path, monkeypatch):
     source = stack.postgres_url(source_db)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(SCHEMA)
+    execute(source, SCHEMA)
     files = {name: str(tmp_path / f"{name}.duckdb") for name in ("columnar", "general")}
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.Mixed Types"],
@@ -64,9 +63,7 @@ def test_the_columnar_path_writes_what_the_general_path_writes(stack, source_db,
     try:
         columnar_rows = []
         for statements in (WORKLOAD, SPECIAL):
-            with psycopg.connect(source, autocommit=True) as conn:
-                for statement in statements:
-                    conn.execute(statement)
+            execute(source, *statements)
             appliers["columnar"].run(until_caught_up=True, timeout=300)
             columnar_rows.append(appliers["columnar"].stats.columnar_rows)
             with monkeypatch.context() as patch:
@@ -95,13 +92,11 @@ def test_the_columnar_path_writes_what_the_general_path_writes(stack, source_db,
         purge(pipeline)
 
 
-def test_a_postgresql_replica_written_by_the_columnar_path_equals_the_source(stack, source_db, tmp_path):
+def test_a_postgresql_replica_written_by_the_columnar_path_equals_the_source(stack, source_db, destination_db,
+                                                                              tmp_path):
     source = stack.postgres_url(source_db)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    destination = f"col_{source_db}"
-    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-        conn.execute(f'create database "{destination}"')
+    execute(source, SCHEMA)
+    destination = destination_db
     pipeline = write_pipeline(tmp_path / "pipeline.yaml", pipeline_data(
         stack, source_db, ["public.Mixed Types"],
         destinations={"state": {"kind": "replica", "url": stack.postgres_url(destination)}}))
@@ -111,9 +106,7 @@ def test_a_postgresql_replica_written_by_the_columnar_path_equals_the_source(sta
     try:
         written = []
         for statements in (WORKLOAD, SPECIAL):
-            with psycopg.connect(source, autocommit=True) as conn:
-                for statement in statements:
-                    conn.execute(statement)
+            execute(source, *statements)
             applier.run(until_caught_up=True, timeout=300)
             written.append(applier.stats.columnar_rows)
         assert written[0] > 500 and written[1] == written[0]
@@ -125,14 +118,11 @@ def test_a_postgresql_replica_written_by_the_columnar_path_equals_the_source(sta
     finally:
         applier.close()
         purge(pipeline)
-        with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{destination}" with (force)')
 
 
 def test_a_reader_holding_the_duckdb_file_makes_the_applier_wait_not_fail(stack, source_db, tmp_path):
     source = stack.postgres_url(source_db)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(SCHEMA)
+    execute(source, SCHEMA)
     file = str(tmp_path / "lake.duckdb")
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.Mixed Types"],

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from producers import capture
-from tests.integration.pipelines import pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
 
 CDC = str(Path(sys.executable).parent / "cdc")
 ROWS = 20_000
@@ -86,14 +86,10 @@ insert into enrollment select g, g, g % 12 from generate_series(1, 50) g;
 """
 
 
-def test_fix_resync_and_history(stack, source_db, tmp_path):
+def test_fix_resync_and_history(stack, source_db, destination_db, tmp_path):
     source = stack.postgres_url(source_db)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    name = f"dst_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    url = stack.postgres_url(name)
+    execute(source, SCHEMA)
+    url = stack.postgres_url(destination_db)
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, pipeline_data(
         stack, source_db, ["public.person", "public.enrollment"],
@@ -146,5 +142,3 @@ def test_fix_resync_and_history(stack, source_db, tmp_path):
         applier.terminate()
         applier.wait(30)
         purge(pipeline)
-        with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{name}" with (force)')
