@@ -62,3 +62,18 @@ def source_db(stack):
 def destination_db(stack):
     """A fresh PostgreSQL destination database."""
     yield from fresh_database(stack, "dst")
+
+
+@pytest.fixture
+def mariadb_database(stack):
+    """A fresh, uniquely named database on the stack's MariaDB; yields its URL and drops it afterwards."""
+    from sqlalchemy import create_engine
+
+    name = f"dst_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(stack.mariadb_url())
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
+    yield stack.mariadb_url(name)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+    admin.dispose()
