@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import signal
@@ -740,6 +741,7 @@ class ReplicaApplier:
         if self.consumer is None:
             self.prepare()
         assert self.consumer is not None
+        quiet_garbage_collector()
         if until_caught_up:
             with psycopg.connect(psycopg_conninfo(self.pipeline.source.sqlalchemy_url), autocommit=True) as conn:
                 self._watermark = insert_watermark(conn, self.pipeline.source.signal_table)
@@ -845,6 +847,20 @@ def _where(steps: list[Step]) -> str:
 def _event_json(event: ChangeEvent) -> str:
     return json.dumps({"table": event.table, "op": event.op, "key": event.key, "before": event.before,
                        "after": event.after, "lsn": event.lsn, "tx_id": event.tx_id}, default=str)
+
+
+def quiet_garbage_collector(young: int = 100_000) -> None:
+    """Called once an applier is prepared, before its loop: the objects of start-up (modules, SQLAlchemy's
+    and pydantic's classes: a few hundred thousand) are moved out of the collector's reach, and the young generation
+    is collected every `young` allocations instead of 700.
+
+    Why: every Kafka message is a tracked object, and a poll keeps tens of thousands alive at once, so with the
+    defaults they reach the oldest generation and trigger full collections that walk everything start-up left
+    behind: a quarter of the reader's time at 1,000,000 changes. Reference counting frees the messages anyway;
+    the collector is only needed for cycles, and still runs for them."""
+    gc.freeze()  # no collection first: it would cost a tenth of a second, and start-up leaves few cycles behind
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, old)
 
 
 def install_signal_handlers(applier: ReplicaApplier) -> None:

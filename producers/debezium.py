@@ -156,6 +156,9 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         # Hierarchy topics are keyed by root id, not by row: a tombstone would mean nothing there.
         "tombstones.on.delete": "false",
         "decimal.handling.mode": "precise",
+        # Debezium 3 otherwise adds four `__debezium.context.*` headers (about 150 bytes) to every record: more
+        # than half the size of a small change, read and parsed per message by every consumer, and used by none.
+        "extended.headers.enabled": "false",
         # Avro names allow [A-Za-z0-9_] only: Debezium writes any other character as "_", and the applier maps
         # the names back to the real columns it reflected (`cdc connectors apply` refuses names that collide).
         "field.name.adjustment.mode": "avro",
