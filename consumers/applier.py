@@ -321,7 +321,8 @@ class ReplicaApplier:
         partitions = [m.partition() for m in messages]
         offsets = [m.offset() for m in messages]
         partition_codes, data = runs.partition_codes(topics, partitions, self.pipeline.transaction_topic)
-        groups = runs.schema_groups(raws, data)
+        column = pa.array(raws, pa.binary())
+        groups = runs.schema_groups(column, data)
         events: list[ChangeEvent | None] = [None] * n  # decoded here as events
         group_of = -1 - np.arange(n)  # the decode a message's run belongs to; on its own (negative) if none
         row_of = np.zeros(n, np.int64)
@@ -330,7 +331,7 @@ class ReplicaApplier:
         transaction_ids: list[str] = []
         for schema_id, indexes in groups.items():
             try:
-                frame = self.batch_decoder.frame(schema_id, [raws[i] for i in indexes])
+                frame = self.batch_decoder.frame(schema_id, column if len(indexes) == n else column.take(indexes))
             except CdcError:
                 frame = None  # the registry: `_feed` meets the same failure and reports it
             if frame is None:
@@ -338,11 +339,10 @@ class ReplicaApplier:
             taken = runs.envelope_table(frame) if self.dialect.columnar else None
             if taken is not None and self._runs_for(schema_id, taken[0]):
                 table, arrow = taken
-                at = np.asarray(indexes)
-                group_of[at] = len(run_groups)
-                row_of[at] = np.arange(len(indexes))
+                group_of[indexes] = len(run_groups)
+                row_of[indexes] = np.arange(len(indexes))
                 codes, ids = runs.xid_codes(arrow)
-                transaction_of[at] = np.where(codes >= 0, codes + len(transaction_ids), -1)
+                transaction_of[indexes] = np.where(codes >= 0, codes + len(transaction_ids), -1)
                 transaction_ids.extend(ids)
                 run_groups.append((schema_id, table, arrow))
                 continue

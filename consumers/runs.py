@@ -70,16 +70,16 @@ def partition_codes(topics: list[str], partitions: list[int], transaction_topic:
     return codes, data
 
 
-def schema_groups(values: list[bytes | None], data: np.ndarray) -> dict[int, list[int]]:
+def schema_groups(values: pa.BinaryArray | list[bytes | None], data: np.ndarray) -> dict[int, np.ndarray]:
     """The positions of the data messages framed for the registry (magic byte 0, then a 4-byte schema id), by
     writer schema id, in poll order."""
-    column = pa.array(values, pa.binary())
+    column = values if isinstance(values, pa.Array) else pa.array(values, pa.binary())
     framed = pc.and_(pc.greater_equal(pc.binary_length(column), 5),
                      pc.equal(pc.binary_slice(column, 0, 1), pa.scalar(b"\x00", pa.binary())))
     framed = pc.and_(pc.fill_null(framed, False), pa.array(data))
     heads = pc.dictionary_encode(pc.if_else(framed, pc.binary_slice(column, 1, 5), pa.scalar(None, pa.binary())))
     codes = heads.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-    return {int.from_bytes(head, "big"): np.flatnonzero(codes == k).tolist()
+    return {int.from_bytes(head, "big"): np.flatnonzero(codes == k)
             for k, head in enumerate(heads.dictionary.to_pylist())}
 
 

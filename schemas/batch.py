@@ -23,6 +23,10 @@ import os
 import json
 from typing import Any, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from schemas.codec import AvroDecoder
 
 _SYNC = b"cdc-batch-block!"  # any 16 bytes: the container's block separator
@@ -133,20 +137,25 @@ class BatchDecoder:
                 self._headers[schema_id] = None
         return self._headers[schema_id]
 
-    def frame(self, schema_id: int, payloads: Sequence[bytes]) -> Any:
-        """The payloads decoded as one polars DataFrame (a column per top-level field, records as structs), or None
-        when the batch cannot be decoded here; the caller then decodes message by message, which also finds the
-        message at fault."""
+    def frame(self, schema_id: int, payloads: Sequence[bytes] | pa.BinaryArray) -> Any:
+        """The payloads (bytes, or an Arrow binary array without nulls) decoded as one polars DataFrame (a column per
+        top-level field, records as structs), or None when the batch cannot be decoded here; the caller then decodes
+        message by message, which also finds the message at fault."""
         header = self._header(schema_id)
-        if header is None or not payloads or os.environ.get("CDC_NO_BATCH_DECODE"):
+        if header is None or not len(payloads) or os.environ.get("CDC_NO_BATCH_DECODE"):
             return None
         import polars as pl  # imported on first use: a process that never applies a batch does not pay for it
 
-        body = b"".join([p[_HEADER_SIZE:] for p in payloads])  # slicing small bytes beats memoryviews
-        container = header + _zigzag(len(payloads)) + _zigzag(len(body)) + body + _SYNC
+        body: Any
+        if isinstance(payloads, pa.Array):
+            body = _bodies(payloads)
+        else:
+            body = b"".join([p[_HEADER_SIZE:] for p in payloads])  # slicing small bytes beats memoryviews
+        container = b"".join([header, _zigzag(len(payloads)), _zigzag(len(body)), body, _SYNC])
         try:
             frame = pl.read_avro(io.BytesIO(container))
-        except Exception:  # noqa: BLE001 - any failure of the fast path falls back to the exact one
+        except (Exception, pl.exceptions.PanicException):  # noqa: BLE001 - any failure of the fast path falls back
+            # to the exact one; a message cut short can make polars' reader panic, and a panic is a BaseException
             return None
         return frame if frame.height == len(payloads) else None
 
@@ -157,6 +166,15 @@ class BatchDecoder:
         None when the batch cannot be decoded here (see `frame`)."""
         frame = self.frame(schema_id, payloads)
         return None if frame is None else extract(frame, paths, arrow)
+
+
+def _bodies(column: pa.BinaryArray) -> pa.Buffer:
+    """The values of a binary array without their framing, back to back: the Arrow data buffer of the values
+    sliced past their first _HEADER_SIZE bytes (no Python object per message)."""
+    stripped = pc.binary_slice(column, _HEADER_SIZE, 2**31 - 1)  # an explicit end: pyarrow 26 fails without one
+    offsets = np.frombuffer(stripped.buffers()[1], np.int32)
+    start, end = int(offsets[stripped.offset]), int(offsets[stripped.offset + len(stripped)])
+    return stripped.buffers()[2].slice(start, end - start)
 
 
 def extract(frame: Any, paths: Sequence[tuple[str, ...]], arrow: Sequence[str] = ()) -> tuple[list[list[Any]], Any] | None:

@@ -6,6 +6,7 @@ import struct
 from decimal import Decimal
 
 import fastavro
+import pyarrow as pa
 import pytest
 
 from schemas.batch import BatchDecoder, Unsupported, polars_schema
@@ -118,6 +119,20 @@ def test_columns_equal_what_fastavro_reads_message_by_message():
                     (exact["transaction"] or {}).get("id"), (exact["transaction"] or {}).get("total_order"), None, None]
         got = [column[i] for column in columns]
         assert same(got, expected), f"message {i}: {got} != {expected}"
+
+
+def test_an_arrow_column_of_payloads_decodes_as_the_list_does():
+    # The applier hands over the poll's payloads as an Arrow binary column (taken or sliced from a larger one, so
+    # its values need not start at the buffer's beginning): the same frame as from a list of bytes.
+    decoder = BatchDecoder(AvroDecoder(Registry({3: ENVELOPE})))
+    payloads = [framed(3, envelope(i), ENVELOPE) for i in range(50)]
+    expected = decoder.frame(3, payloads[7:40])
+    column = pa.array([b"junk", *payloads], pa.binary())
+    for arrow in (column.slice(8, 33), column.take(pa.array(range(8, 41)))):
+        got = decoder.frame(3, arrow)
+        assert got is not None and got.equals(expected)
+    broken = pa.array([*payloads[:3], payloads[3][:20]], pa.binary())
+    assert decoder.frame(3, broken) is None  # cut short: the exact path's, as with bytes
 
 
 def test_an_undecodable_message_sends_the_batch_to_the_exact_path():
