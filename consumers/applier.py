@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import itertools
 import json
 import signal
@@ -38,7 +39,7 @@ import psycopg
 import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -138,6 +139,7 @@ class ReplicaApplier:
         self.replay_scope: tuple[frozenset[str], dict[tuple[str, int], int]] | None = None
         # Set by a shadow replay of some tables: the other tables' events are not this applier's to write.
         self.only_tables: frozenset[str] | None = None
+        self._writer_lock: Any = None  # the connection whose session holds the destination's writer lock (claim)
         # Set by `cdc replay --from TIME`: changes committed before it (epoch ms) that the destination had applied
         # (before `skip_applied`, its stored offsets then) are read past, not applied; those it had not, are. All
         # the events of a source transaction, and its END record, carry its commit time, and stored offsets fall
@@ -172,8 +174,47 @@ class ReplicaApplier:
     def dead_letter_topic(self) -> str:
         return f"{self.pipeline.pipeline}.{self.name}.dead-letter"
 
+    def claim(self) -> None:
+        """Make this applier the destination's only writer until `close`, or fail saying another one is at work.
+
+        Two appliers on one destination (a `cdc run` left running in another terminal, a `cdc replay` started
+        beside it) would write the same rows, and a replay would empty tables under the other. PostgreSQL and
+        MariaDB: a lock of the database session (an advisory lock; a user lock), named after the pipeline and the
+        destination, which the database releases when the session ends, however the process ends. A DuckDB file
+        admits one writing process by itself."""
+        sql = self.dialect.writer_lock_sql
+        if self._writer_lock is not None or sql is None:
+            return
+        key = f"cdc {self.pipeline.pipeline} {self.name}"
+        if self.dialect.name == "mariadb":
+            key = "cdc " + hashlib.sha1(key.encode()).hexdigest()  # MariaDB lock names: 64 characters at most
+        conn = self.engine.connect()
+        try:
+            free = bool(conn.execute(text(sql), {"key": key}).scalar())
+            conn.commit()  # the lock is the session's: not left idle in a transaction
+        except OperationalError as exc:
+            conn.close()
+            raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        if not free:
+            conn.invalidate()
+            conn.close()
+            raise CdcError(f"destination {self.name}: another applier is writing it (a `cdc run` or `cdc replay` "
+                           f"of pipeline {self.pipeline.pipeline}); stop it first",
+                           hint="two appliers on one destination would write the same rows")
+        self._writer_lock = conn
+
+    def _unclaim(self) -> None:
+        conn, self._writer_lock = self._writer_lock, None
+        if conn is not None:
+            conn.invalidate()  # the session ends, and the lock with it (a pooled connection would keep both)
+            conn.close()
+
     def prepare(self) -> None:
         """Create the offsets table and the replicated tables as needed, then position the consumer."""
+        self.claim()
         # Kafka's metadata is asked for while the databases are: its first request sets up connections (0.1 to
         # 0.2 s that every `cdc run` would otherwise wait for). The admin client also serves end_offsets later.
         self._admin = admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
@@ -822,6 +863,7 @@ class ReplicaApplier:
             self.consumer = None
         if self._producer is not None:
             self._producer.flush(10)
+        self._unclaim()
         self.registry.close()
         self.engine.dispose()
 

@@ -10,7 +10,8 @@ A replay, in order:
 4. Apply from the beginning of the topics until caught up. With `--tables`, only the chosen tables take the
    events that the destination had already applied (before the stored offsets); beyond them, every table does,
    as in normal running. Re-applying the other tables' old events could bring back rows deleted since.
-Stop `cdc run` for the destination while it replays: two appliers would write the same rows.
+Two appliers on one destination would write the same rows: the replay claims the destination before step 2
+(ReplicaApplier.claim) and refuses while a `cdc run` of it is at work.
 
 `--shadow` builds the new tables elsewhere while the live ones keep serving, then swaps them in atomically:
 PostgreSQL in a new schema (`_replay_shadow`), DuckDB in a new file beside the live one (`_replay_shadow_file`).
@@ -130,25 +131,41 @@ def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = N
     chosen = _validate_scope(pipeline, tables, shapes, foreign_keys=kind == "postgresql")
     if start is None and not from_snapshot:
         check_history(pipeline)
-    if shadow:
-        rebuild = _replay_shadow_file if kind == "duckdb" else _replay_shadow
-        return rebuild(pipeline, destination, chosen, shapes, partial=bool(tables), make_backup=make_backup,
-                       timeout=timeout, echo=echo, progress=progress)
-    saved = store_for(pipeline, destination).take(chosen) if make_backup else None
-    if saved:
-        echo(f"backup {saved.id}: {len(chosen)} tables saved in {saved.location}")
-    elif make_backup:
-        echo("backup: nothing to back up (the destination was never written)")
-    applier = _rebuild(pipeline, destination, chosen, shapes, partial=bool(tables), start=start,
-                       from_snapshot=from_snapshot, timeout=timeout, echo=echo, progress=progress)
+    if shadow and kind == "duckdb":
+        return _replay_shadow_file(pipeline, destination, chosen, shapes, partial=bool(tables),
+                                   make_backup=make_backup, timeout=timeout, echo=echo, progress=progress)
+    # The destination is claimed before anything is saved or emptied (DuckDB's file lock does that for a file):
+    # an applier at work beside the replay would change what is saved, and write into what is emptied.
+    applier = None if kind == "duckdb" else ReplicaApplier(pipeline, destination, echo=echo)
+    try:
+        if applier is not None:
+            applier.claim()
+        if shadow:
+            return _replay_shadow(pipeline, destination, chosen, shapes, partial=bool(tables),
+                                  make_backup=make_backup, timeout=timeout, echo=echo, progress=progress,
+                                  applier=applier)
+        saved = store_for(pipeline, destination).take(chosen) if make_backup else None
+        if saved:
+            echo(f"backup {saved.id}: {len(chosen)} tables saved in {saved.location}")
+        elif make_backup:
+            echo("backup: nothing to back up (the destination was never written)")
+        applier = _rebuild(pipeline, destination, chosen, shapes, partial=bool(tables), start=start,
+                           from_snapshot=from_snapshot, timeout=timeout, echo=echo, progress=progress,
+                           applier=applier)
+    except BaseException:
+        if applier is not None:
+            applier.close()  # the claim with it
+        raise
     return saved, applier
 
 
 def _rebuild(pipeline: Pipeline, destination: str, chosen: list[str], shapes: dict[str, TableShape], *,
              partial: bool, start: datetime | None, from_snapshot: bool, timeout: float | None,
-             echo: Callable[[str], None], progress: Callable[[ReplicaApplier], None] | None) -> ReplicaApplier:
-    """Steps 3 and 4 of the module's docstring, on the destination as `pipeline` names it."""
-    applier = ReplicaApplier(pipeline, destination, echo=echo)
+             echo: Callable[[str], None], progress: Callable[[ReplicaApplier], None] | None,
+             applier: ReplicaApplier | None = None) -> ReplicaApplier:
+    """Steps 3 and 4 of the module's docstring, on the destination as `pipeline` names it (by `applier` when the
+    caller has one)."""
+    applier = applier or ReplicaApplier(pipeline, destination, echo=echo)
     applier.shapes = shapes
     positions = offsets_at(pipeline, start) if start is not None else end_positions(pipeline) if from_snapshot else {}
     # `--from TIME` skips by commit time in whole milliseconds (source.ts_ms): the history cut is the same instant.
@@ -262,14 +279,14 @@ def snapshot_and_wait(pipeline: Pipeline, tables: list[str], *, timeout: float |
 
 def _replay_shadow(pipeline: Pipeline, destination: str, chosen: list[str], shapes: dict[str, Any], *,
                    partial: bool, make_backup: bool, timeout: float | None, echo: Callable[[str], None],
-                   progress: Callable[[ReplicaApplier], None] | None) -> tuple[Backup | None, ReplicaApplier]:
+                   progress: Callable[[ReplicaApplier], None] | None,
+                   applier: ReplicaApplier) -> tuple[Backup | None, ReplicaApplier]:
     """PostgreSQL: build the scope's tables in a new schema from the start of the topics while the live ones keep
     serving, then swap them in one transaction. Readers see the old tables or the new ones, whole: the swap holds each
     table's exclusive lock only for renames, and PostgreSQL re-resolves a waiting query's table names after it.
     The old tables move into a backup schema (recorded like any replay's backup) unless --no-backup."""
     now = datetime.now(timezone.utc)
     shadow = f"_cdc_shadow_{now:%Y%m%d_%H%M%S_%f}"
-    applier = ReplicaApplier(pipeline, destination, echo=echo)
     with applier.engine.begin() as conn:
         conn.execute(text(f'create schema "{shadow}"'))
     applier.dialect.relocate({name: (shadow, name) for name in chosen}, offsets_schema=shadow)

@@ -62,6 +62,10 @@ class Dialect(ABC):
     columnar = False
     # Changes per destination transaction at most: memory grows with it, the share of each write's fixed cost falls.
     batch_events = 20_000
+    # A statement that takes a lock held by the session until it ends, named by :key, without waiting; it returns
+    # whether the lock was free (ReplicaApplier.claim). None where the destination admits one writer by itself
+    # (a DuckDB file).
+    writer_lock_sql: str | None = None
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -68,6 +68,7 @@ class MariaDBDialect(Dialect):
     """
 
     name = "mariadb"
+    writer_lock_sql = "SELECT GET_LOCK(:key, 0)"  # a user lock: the session's until it ends
     # InnoDB checks each row against its foreign keys as it is written, even inside one multi-row statement.
     supports_deferred_constraints = False
 

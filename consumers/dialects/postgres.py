@@ -34,6 +34,7 @@ class PostgresDialect(Dialect):
     name = "postgresql"
     supports_deferred_constraints = True
     columnar = True  # foreign keys are checked at commit (begin_batch): tables may be written in any order
+    writer_lock_sql = "SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"
 
     def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint:
         # Deferrable, so that a destination transaction may order rows freely and still be checked at commit.

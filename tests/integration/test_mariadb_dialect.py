@@ -8,7 +8,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.exc import IntegrityError
 
@@ -242,3 +242,20 @@ def test_large_batches_are_chunked_and_deletes_look_keys_up_by_primary_key(engin
         plan = conn.exec_driver_sql("EXPLAIN " + deletes[0], execution_options={"no_parameters": True}).mappings()
         plan = plan.one()
     assert (plan["type"], plan["key"]) == ("range", "PRIMARY")
+
+
+def test_the_writer_lock_is_a_session_s_until_it_ends(engine, dialect):
+    # ReplicaApplier.claim's statement on MariaDB: one session has the lock, another is refused at once (no wait),
+    # and the lock is free again as soon as the holder's session ends.
+    claim = text(dialect.writer_lock_sql)
+    key = {"key": "cdc " + "0123456789abcdef0123456789abcdef01234567"}  # as claim() names it: 44 characters
+    first, second = engine.connect(), engine.connect()
+    try:
+        assert first.execute(claim, key).scalar() == 1
+        assert second.execute(claim, key).scalar() == 0
+        first.invalidate()
+        first.close()
+        assert second.execute(claim, key).scalar() == 1
+    finally:
+        second.invalidate()
+        second.close()

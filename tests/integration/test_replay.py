@@ -214,3 +214,38 @@ def test_replay_from_a_fresh_snapshot_when_retention_deleted_the_history(replica
     workload(source, 30, seed=15)
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
     assert_equal(source, destination)
+
+
+def test_one_applier_at_a_time_writes_a_destination(replica):  # noqa: F811
+    path, source, destination = replica
+    workload(source, 50, seed=8)
+    assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+
+    def advisory_locks() -> int:
+        with psycopg.connect(destination, autocommit=True) as conn:
+            return conn.execute("select count(*) from pg_locks where locktype = 'advisory' and granted and "
+                                "database = (select oid from pg_database where datname = current_database())"
+                                ).fetchone()[0]
+
+    # A `cdc run` left running, as in another terminal.
+    running = subprocess.Popen([CDC, "-c", str(path), "run"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while advisory_locks() == 0:
+            assert running.poll() is None and time.monotonic() < deadline, "the running applier never claimed it"
+            time.sleep(0.2)
+        before = snapshot(destination)
+        refused = cdc(path, "replay", "state")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "destination state: another applier is writing it" in refused.stderr
+        assert "backup" not in refused.stdout and "emptied" not in refused.stdout
+        assert snapshot(destination) == before  # nothing saved, emptied or written
+        second = cdc(path, "run", "state", "--until-caught-up", "--timeout", "60")
+        assert second.returncode == 1 and "another applier is writing it" in second.stderr
+    finally:
+        running.kill()  # however it ends, the database ends its session and the claim with it
+        running.wait(30)
+    workload(source, 20, seed=9)
+    replay = cdc(path, "replay", "state", "--no-backup")
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert_equal(source, destination)
