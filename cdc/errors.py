@@ -53,6 +53,15 @@ class ServiceUnavailable(CdcError, Transient):
     """A service (Kafka, the registry, Kafka Connect, a database) did not answer."""
 
 
+class DestinationBusy(CdcError, Transient):
+    """Another applier (a `cdc run`, a `cdc replay`, a backup being restored) is writing the destination."""
+
+    def __init__(self, destination: str, pipeline: str) -> None:
+        super().__init__(f"destination {destination}: another applier is writing it (a `cdc run` or `cdc replay` of "
+                         f"pipeline {pipeline}, or a backup being restored); stop it first",
+                         hint="one applier at a time: two would write the same rows")
+
+
 class ConnectError(CdcError):
     """Kafka Connect refused or failed a REST call; carries the connector, the endpoint and Connect's message."""
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import itertools
 import json
 import signal
@@ -39,13 +38,13 @@ import psycopg
 import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect
 from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from cdc.config import Destination, Pipeline
-from cdc.errors import CdcError, DecodeError, ServiceUnavailable, Terminal
+from cdc.errors import CdcError, DecodeError, DestinationBusy, ServiceUnavailable, Terminal
 from consumers import columnar, runs, values
 from consumers.dialects import Dialect, dialect_for
 from consumers.dialects.duckdb import when_free
@@ -175,22 +174,18 @@ class ReplicaApplier:
         return f"{self.pipeline.pipeline}.{self.name}.dead-letter"
 
     def claim(self) -> None:
-        """Make this applier the destination's only writer until `close`, or fail saying another one is at work.
+        """Make this applier the destination's only writer until `close`, or raise DestinationBusy.
 
         Two appliers on one destination (a `cdc run` left running in another terminal, a `cdc replay` started
         beside it) would write the same rows, and a replay would empty tables under the other. PostgreSQL and
         MariaDB: a lock of the database session (an advisory lock; a user lock), named after the pipeline and the
         destination, which the database releases when the session ends, however the process ends. A DuckDB file
         admits one writing process by itself."""
-        sql = self.dialect.writer_lock_sql
-        if self._writer_lock is not None or sql is None:
+        if self._writer_lock is not None or self.dialect.writer_lock_sql is None:
             return
-        key = f"cdc {self.pipeline.pipeline} {self.name}"
-        if self.dialect.name == "mariadb":
-            key = "cdc " + hashlib.sha1(key.encode()).hexdigest()  # MariaDB lock names: 64 characters at most
         conn = self.engine.connect()
         try:
-            free = bool(conn.execute(text(sql), {"key": key}).scalar())
+            free = self.dialect.try_writer_lock(conn, self.pipeline.pipeline, self.name)
             conn.commit()  # the lock is the session's: not left idle in a transaction
         except OperationalError as exc:
             conn.close()
@@ -201,9 +196,7 @@ class ReplicaApplier:
         if not free:
             conn.invalidate()
             conn.close()
-            raise CdcError(f"destination {self.name}: another applier is writing it (a `cdc run` or `cdc replay` "
-                           f"of pipeline {self.pipeline.pipeline}); stop it first",
-                           hint="two appliers on one destination would write the same rows")
+            raise DestinationBusy(self.name, self.pipeline.pipeline)
         self._writer_lock = conn
 
     def _unclaim(self) -> None:

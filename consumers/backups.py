@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from sqlalchemy import create_engine, inspect, text
 
 from cdc.config import Pipeline
-from cdc.errors import CdcError, ConfigError
+from cdc.errors import CdcError, ConfigError, DestinationBusy
 from consumers.dialects import dialect_for
 from consumers.plan import dependency_order
 from consumers.shapes import OFFSETS_TABLE, reflect_shapes
@@ -182,6 +182,10 @@ class SchemaBackups(BackupStore):
         shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, backup.tables)
         with self._transaction() as conn:
             dialect = dialect_for(conn.engine)
+            # Not under an applier at work: it would write into the tables being put back. The lock is this
+            # session's, and the session ends with the restore (`_transaction` disposes of its engine).
+            if not dialect.try_writer_lock(conn, self.pipeline.pipeline, self.destination):
+                raise DestinationBusy(self.destination, self.pipeline.pipeline)
             prep = conn.dialect.identifier_preparer
             dialect.begin_batch(conn, snapshot=True)
             order = dependency_order(shapes)

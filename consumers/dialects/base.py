@@ -7,13 +7,14 @@ conditional on `_cdc_lsn`: a change older than what the row holds never wins, so
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     BigInteger, Column, DateTime, ForeignKeyConstraint, Integer, MetaData, PrimaryKeyConstraint, String, Table,
-    inspect,
+    inspect, text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateSchema
@@ -63,8 +64,8 @@ class Dialect(ABC):
     # Changes per destination transaction at most: memory grows with it, the share of each write's fixed cost falls.
     batch_events = 20_000
     # A statement that takes a lock held by the session until it ends, named by :key, without waiting; it returns
-    # whether the lock was free (ReplicaApplier.claim). None where the destination admits one writer by itself
-    # (a DuckDB file).
+    # whether the lock was free (try_writer_lock). None where the destination admits one writer by itself (a DuckDB
+    # file).
     writer_lock_sql: str | None = None
 
     def __init__(self, engine: Engine) -> None:
@@ -98,6 +99,16 @@ class Dialect(ABC):
         return type_
 
     # -- schema ---------------------------------------------------------------------------------------------------
+    def try_writer_lock(self, conn: Connection, pipeline: str, destination: str) -> bool:
+        """Take the lock that makes `conn`'s session the destination's only writer (ReplicaApplier.claim, a backup's
+        restore) until the session ends; whether it was free. Always True where there is none to take."""
+        if self.writer_lock_sql is None:
+            return True
+        key = f"cdc {pipeline} {destination}"
+        if len(key) > 64:  # MariaDB's lock names: 64 characters at most
+            key = "cdc " + hashlib.sha1(key.encode()).hexdigest()
+        return bool(conn.execute(text(self.writer_lock_sql), {"key": key}).scalar())
+
     def ensure_offsets_table(self, conn: Connection) -> None:
         self.offsets.create(conn, checkfirst=True)
 

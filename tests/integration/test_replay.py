@@ -220,6 +220,8 @@ def test_one_applier_at_a_time_writes_a_destination(replica):  # noqa: F811
     path, source, destination = replica
     workload(source, 50, seed=8)
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
+    assert cdc(path, "replay", "state").returncode == 0  # leaves a backup to try restoring below
+    backup_id = cdc(path, "backups", "list", "state").stdout.split()[0]
 
     def advisory_locks() -> int:
         with psycopg.connect(destination, autocommit=True) as conn:
@@ -238,8 +240,10 @@ def test_one_applier_at_a_time_writes_a_destination(replica):  # noqa: F811
         refused = cdc(path, "replay", "state")
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert "destination state: another applier is writing it" in refused.stderr
+        busy_restore = cdc(path, "backups", "restore", "state", backup_id)
+        assert busy_restore.returncode == 1 and "another applier is writing it" in busy_restore.stderr
         assert "backup" not in refused.stdout and "emptied" not in refused.stdout
-        assert snapshot(destination) == before  # nothing saved, emptied or written
+        assert snapshot(destination) == before  # nothing saved, emptied, restored or written
         second = cdc(path, "run", "state", "--until-caught-up", "--timeout", "60")
         assert second.returncode == 1 and "another applier is writing it" in second.stderr
     finally:
