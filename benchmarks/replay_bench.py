@@ -1,6 +1,7 @@
 """Analytics ingestion into DuckDB, and full replays of a destination from the topics, on the real stack.
 
     .venv/bin/python -m benchmarks.replay_bench [--rows N] [--quick] [--no-write] [--replay-no-backup]
+                                                [--ingest-runs K]
 
 Starts the local stack (idempotent; never stops it), builds a fresh source database with one standalone table, a
 pipeline with two destinations (`lake`: `kind: analytics`, a DuckDB file; `replica`: `kind: replica`, a fresh
@@ -8,8 +9,9 @@ PostgreSQL database) and its Debezium connector, loads N changes and waits until
 measures (details in benchmarks/README.md):
 
 1. analytics ingestion: `cdc run lake --until-caught-up` as a subprocess (wall time, peak RSS), checked against the
-   source, and once more with nothing to apply (the fixed cost inside the figure); while it runs, the applier's
-   consumer-group offsets (committed only after each destination commit) give the sustained rate;
+   source, three times into an empty file (the median is the figure), and once more with nothing to apply (the
+   fixed cost inside the figure); while it runs, the applier's consumer-group offsets (committed only after each
+   destination commit) give the sustained rate;
 2. full replay into PostgreSQL: `cdc run replica --until-caught-up` first (not timed), then `cdc replay replica`
    as a subprocess, checked against the source;
 3. replay into DuckDB: `cdc replay lake`, recorded as "not supported" when the command says so.
@@ -25,6 +27,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -70,15 +73,39 @@ MARK_DETAILS = "<!-- replay details: written by benchmarks/replay_bench.py, newe
 
 
 @dataclass
-class IngestResult:
-    rows: int
+class IngestRun:
+    """One `cdc run lake --until-caught-up` into an empty DuckDB file."""
     wall_s: float
-    rows_per_s: float
+    sustained: float | None  # changes/s applied between 10 % and 90 % of them (AppliedWatcher)
     peak_rss_mb: float
-    overhead_s: float | None  # wall time of a second run with nothing to apply
+
+
+@dataclass
+class IngestResult:
+    """The ingestion runs of a benchmark: the figures are their medians (the machine's run-to-run spread is about
+    ±20 %, more than most changes one would want to measure), the peak RSS their largest."""
+    rows: int
+    runs: list[IngestRun]
+    overhead_s: float | None  # wall time of one more run with nothing to apply
     history_rows: int
     said: str
-    sustained: float | None = None  # changes/s applied between 10 % and 90 % of them (AppliedWatcher)
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(r.wall_s for r in self.runs)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s
+
+    @property
+    def sustained(self) -> float | None:
+        rates = [r.sustained for r in self.runs if r.sustained is not None]
+        return statistics.median(rates) if rates else None
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return max(r.peak_rss_mb for r in self.runs)
 
     @property
     def net_rows_per_s(self) -> float | None:
@@ -208,31 +235,40 @@ class AppliedWatcher(threading.Thread):
 
 
 def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[int, int, Decimal],
-                 watcher: AppliedWatcher) -> IngestResult:
+                 bootstrap: str, group: str, topic: str, repeat: int) -> IngestResult:
+    """`repeat` ingestions of all the changes, each into an empty DuckDB file and under a consumer group emptied
+    first (the sustained rate is read from it); then one more run with nothing to apply (the fixed cost)."""
     timeout = timeout_for(rows)
     argv = [CDC, "-c", str(config_path), "run", LAKE, "--until-caught-up", "--timeout", f"{timeout:.0f}"]
-    log(f"duckdb ingestion: {' '.join(argv[1:])}")
-    try:
-        result = run_measured(argv, timeout + 60, on_start=watcher.start)
-    finally:
-        watcher.stop()
-    sustained = sustained_rate(watcher.samples, rows)
-    if result.returncode != 0:
-        raise RuntimeError(f"`cdc run {LAKE}` exited with {result.returncode}:\n{result.output[-3000:]}")
-    final, history = duckdb_checksum(duck_path)
-    if final != expected:
-        raise RuntimeError(f"the DuckDB replica differs from the source after catching up: {final} != {expected}")
-    applied = " ".join(said(result.output, "applied"))
-    log(f"duckdb ingestion: {rows:,} changes in {result.wall_s:.2f} s = {rows / result.wall_s:,.0f} rows/s, "
-        f"sustained {_n(sustained)} rows/s, peak RSS {result.max_rss_kib / 1024:.0f} MB ({applied}); history holds "
-        f"{history:,} rows")
+    runs: list[IngestRun] = []
+    final = history = applied = None
+    for attempt in range(1, repeat + 1):
+        for leftover in (duck_path, duck_path.with_name(duck_path.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+        _delete_groups(bootstrap, [group])
+        watcher = AppliedWatcher(bootstrap, group, topic)
+        log(f"duckdb ingestion {attempt}/{repeat}: {' '.join(argv[1:])}")
+        try:
+            result = run_measured(argv, timeout + 60, on_start=watcher.start)
+        finally:
+            watcher.stop()
+        if result.returncode != 0:
+            raise RuntimeError(f"`cdc run {LAKE}` exited with {result.returncode}:\n{result.output[-3000:]}")
+        final, history = duckdb_checksum(duck_path)
+        if final != expected:
+            raise RuntimeError(f"the DuckDB replica differs from the source after catching up: {final} != {expected}")
+        run = IngestRun(result.wall_s, sustained_rate(watcher.samples, rows), result.max_rss_kib / 1024)
+        runs.append(run)
+        applied = " ".join(said(result.output, "applied"))
+        log(f"duckdb ingestion {attempt}/{repeat}: {rows:,} changes in {run.wall_s:.2f} s = "
+            f"{rows / run.wall_s:,.0f} rows/s, sustained {_n(run.sustained)} rows/s, peak RSS {run.peak_rss_mb:.0f} MB "
+            f"({applied}); history holds {history:,} rows")
     # The same command with nothing left to apply: the fixed cost inside the figure above (interpreter and
     # imports, reflection, opening the file, consumer assignment, the watermark's trip through Debezium, close).
     again = run_measured(argv, 300)
     overhead = again.wall_s if again.returncode == 0 else None
-    log(f"duckdb ingestion: a second run with nothing to apply took {again.wall_s:.2f} s (exit {again.returncode})")
-    return IngestResult(rows=rows, wall_s=result.wall_s, rows_per_s=rows / result.wall_s, peak_rss_mb=result.max_rss_kib / 1024,
-                        overhead_s=overhead, history_rows=history, said=applied, sustained=sustained)
+    log(f"duckdb ingestion: a run with nothing to apply took {again.wall_s:.2f} s (exit {again.returncode})")
+    return IngestResult(rows=rows, runs=runs, overhead_s=overhead, history_rows=history or 0, said=applied or "")
 
 
 def catch_up_replica(config_path: Path, url: str, expected: tuple[int, int, Decimal], rows: int) -> float:
@@ -333,13 +369,17 @@ def details(r: Report) -> str:
         i = r.ingest
         history = ("" if i.history_rows == r.rows else
                    f" (NOTE: {r.rows:,} expected, one per change)")
-        lines.append(f"- DuckDB ingestion: `cdc run {LAKE} --until-caught-up` as a subprocess, {i.wall_s:.2f} s wall "
-                     f"from spawn to exit = {i.rows_per_s:,.0f} rows/s; a second run with nothing to apply took "
+        each = "; ".join(f"{run.wall_s:.2f} s = {r.rows / run.wall_s:,.0f} rows/s, sustained {_n(run.sustained)}, "
+                         f"{run.peak_rss_mb:.0f} MB" for run in i.runs)
+        lines.append(f"- DuckDB ingestion: `cdc run {LAKE} --until-caught-up` as a subprocess, {len(i.runs)} time(s), "
+                     f"each into an empty file ({each}); median {i.wall_s:.2f} s wall from spawn to exit = "
+                     f"{i.rows_per_s:,.0f} rows/s; a run with nothing to apply took "
                      f"{_n(i.overhead_s, 2)} s, so net of that fixed cost {_n(i.net_rows_per_s)} rows/s; sustained "
-                     f"{_n(i.sustained)} rows/s (the consumer group's committed offsets, sampled every 0.1 s, from "
-                     f"10 % to 90 % of the changes); current "
-                     f"state equal to the source (count, sum(qty), sum(price)); history table {i.history_rows:,} "
-                     f"rows{history}; peak RSS {i.peak_rss_mb:.0f} MB (wait4 ru_maxrss); it said: \"{i.said}\"")
+                     f"(median) {_n(i.sustained)} rows/s (the consumer group's committed offsets, sampled every 0.1 s, "
+                     f"from 10 % to 90 % of the changes); current "
+                     f"state equal to the source (count, sum(qty), sum(price)) after every run; history table "
+                     f"{i.history_rows:,} rows{history}; peak RSS {i.peak_rss_mb:.0f} MB, the largest (wait4 "
+                     f"ru_maxrss); it said: \"{i.said}\"")
     if r.catch_up_s is not None:
         lines.append(f"- PostgreSQL replica brought up to date first (`cdc run {REPLICA} --until-caught-up`, not a "
                      f"figure): {r.catch_up_s:.2f} s")
@@ -371,8 +411,9 @@ SECTION_PREAMBLE = """## Replay and analytics ingestion
 
 Written by `.venv/bin/python -m benchmarks.replay_bench` (what is measured and how: `benchmarks/README.md`).
 Newest run first. Figures marked ✓ meet their target, ✗ miss it. Rows/s count source changes (inserts and
-updates) per second of wall time of the whole command, start-up included; "net" takes out the wall time of the
-same command with nothing to apply; "sustained" is the rate while the applier's committed offsets went from 10 %
+updates) per second of wall time of the whole command, start-up included (from 2026-11-30 on, the median of three
+ingestions, each into an empty file; before, one); "net" takes out the wall time of the same command with nothing
+to apply; "sustained" is the rate while the applier's committed offsets went from 10 %
 to 90 % of the changes (rows older than that column give the net figure alone). The replay target is 30 s for 1,000,000 changes, scaled linearly for other N
 (so small runs, where the fixed cost dominates, are judged harshly).
 
@@ -415,9 +456,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replay-no-backup", action="store_true", help="time `cdc replay --no-backup` (default: the "
                    "command as it runs by default, backup of the tables included)")
     p.add_argument("--no-write", action="store_true", help="print the results without touching RESULTS.md")
+    p.add_argument("--ingest-runs", type=int, help="DuckDB ingestions to take the median of (default 3; 1 with "
+                   "--quick)")
     args = p.parse_args(argv)
     if args.rows is None:
         args.rows = 50_000 if args.quick else 1_000_000
+    if args.ingest_runs is None:
+        args.ingest_runs = 1 if args.quick else 3
+    if args.ingest_runs < 1:
+        p.error("--ingest-runs must be at least 1")
     if args.rows < 1:
         p.error("--rows must be at least 1")
     return args
@@ -485,9 +532,9 @@ def main(argv: list[str] | None = None) -> int:
             final, result.history_rows = duckdb_checksum(duck_path)
             return final
 
-        watcher = AppliedWatcher(layout.kafka_bootstrap, f"cdc-{pipeline.pipeline}-{LAKE}", topic)
-        report.ingest = phase("duckdb ingestion",
-                              lambda: bench_ingest(config_path, duck_path, args.rows, expected, watcher))
+        report.ingest = phase("duckdb ingestion", lambda: bench_ingest(
+            config_path, duck_path, args.rows, expected, layout.kafka_bootstrap, f"cdc-{pipeline.pipeline}-{LAKE}",
+            topic, args.ingest_runs))
         report.catch_up_s = phase("postgresql catch-up",
                                   lambda: catch_up_replica(config_path, replica_url, expected, args.rows))
         if report.catch_up_s is not None:
