@@ -238,13 +238,14 @@ def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[
                  bootstrap: str, group: str, topic: str, repeat: int) -> IngestResult:
     """`repeat` ingestions of all the changes, each into an empty DuckDB file and under a consumer group emptied
     first (the sustained rate is read from it); then one more run with nothing to apply (the fixed cost)."""
+    from consumers.backups import remove_database
+
     timeout = timeout_for(rows)
     argv = [CDC, "-c", str(config_path), "run", LAKE, "--until-caught-up", "--timeout", f"{timeout:.0f}"]
     runs: list[IngestRun] = []
-    final = history = applied = None
+    history, applied = 0, ""
     for attempt in range(1, repeat + 1):
-        for leftover in (duck_path, duck_path.with_name(duck_path.name + ".wal")):
-            leftover.unlink(missing_ok=True)
+        remove_database(duck_path)
         _delete_groups(bootstrap, [group])
         watcher = AppliedWatcher(bootstrap, group, topic)
         log(f"duckdb ingestion {attempt}/{repeat}: {' '.join(argv[1:])}")
@@ -268,7 +269,7 @@ def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[
     again = run_measured(argv, 300)
     overhead = again.wall_s if again.returncode == 0 else None
     log(f"duckdb ingestion: a run with nothing to apply took {again.wall_s:.2f} s (exit {again.returncode})")
-    return IngestResult(rows=rows, runs=runs, overhead_s=overhead, history_rows=history or 0, said=applied or "")
+    return IngestResult(rows=rows, runs=runs, overhead_s=overhead, history_rows=history, said=applied)
 
 
 def catch_up_replica(config_path: Path, url: str, expected: tuple[int, int, Decimal], rows: int) -> float:

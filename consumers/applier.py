@@ -350,12 +350,11 @@ class ReplicaApplier:
         n = len(messages)
         if not n:
             return
-        raws = [m.value() for m in messages]
         topics = [m.topic() for m in messages]
         partitions = [m.partition() for m in messages]
         offsets = [m.offset() for m in messages]
         partition_codes, data = runs.partition_codes(topics, partitions, self.pipeline.transaction_topic)
-        column = pa.array(raws, pa.binary())
+        column = pa.array([m.value() for m in messages], pa.binary())  # the poll's payloads, framing included
         groups = runs.schema_groups(column, data)
         events: list[ChangeEvent | None] = [None] * n  # decoded here as events
         group_of = -1 - np.arange(n)  # the decode a message's run belongs to; on its own (negative) if none

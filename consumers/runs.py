@@ -70,10 +70,9 @@ def partition_codes(topics: list[str], partitions: list[int], transaction_topic:
     return codes, data
 
 
-def schema_groups(values: pa.BinaryArray | list[bytes | None], data: np.ndarray) -> dict[int, np.ndarray]:
-    """The positions of the data messages framed for the registry (magic byte 0, then a 4-byte schema id), by
-    writer schema id, in poll order."""
-    column = values if isinstance(values, pa.Array) else pa.array(values, pa.binary())
+def schema_groups(column: pa.BinaryArray, data: np.ndarray) -> dict[int, np.ndarray]:
+    """The positions of the data messages (a poll's values, `column`) framed for the registry (magic byte 0, then a
+    4-byte schema id), by writer schema id, in poll order."""
     framed = pc.and_(pc.greater_equal(pc.binary_length(column), 5),
                      pc.equal(pc.binary_slice(column, 0, 1), pa.scalar(b"\x00", pa.binary())))
     framed = pc.and_(pc.fill_null(framed, False), pa.array(data))
