@@ -608,7 +608,9 @@ def _start_kafka(layout: StackLayout, java: str) -> int:
     if not (home / "data" / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         proc = subprocess.run(
-            [java, *_java_opts(256), "-cp", libs, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+            # `--cluster-id=ID`, not `-t ID`: one id in 64 starts with "-", which the tool's parser takes for an
+            # option ("expected one argument"; seen once in a fresh-clone CI run).
+            [java, *_java_opts(256), "-cp", libs, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
              "-c", str(config)],
             capture_output=True,
             text=True,
