@@ -57,16 +57,27 @@ class TransactionAssembler:
     tables: frozenset[str]  # the captured tables whose events this applier receives
     _partitions: dict[tuple[str, int], deque] = field(default_factory=dict)
     _pending_by_xid: dict[str, int] = field(default_factory=dict)
+    _arrived_by_xid: dict[str, dict[str, int]] = field(default_factory=dict)  # xid -> table -> changes held
     _ends: deque = field(default_factory=deque)
     _holes: int = 0
+    # Transactions taken without all their events (force_next): events of theirs that arrive later are set aside in
+    # `late` (for the applier to dead-letter), not held: nothing would ever take them, and they would block their
+    # partition.
+    _abandoned: set[str] = field(default_factory=set)
+    late: list[Item] = field(default_factory=list)
     _buffered: int = 0  # changes and holes held
 
     # -- input
     def add_event(self, event: Item) -> None:
+        if event.xid is not None and event.xid in self._abandoned:
+            self.late.append(event)
+            return
         self._partitions.setdefault((event.topic, event.partition), deque()).append(event)
         self._buffered += event.count
         if event.xid is not None:
             self._pending_by_xid[event.xid] = self._pending_by_xid.get(event.xid, 0) + event.count
+            arrived = self._arrived_by_xid.setdefault(event.xid, {})
+            arrived[event.table] = arrived.get(event.table, 0) + event.count
 
     def add_hole(self, topic: str, partition: int, offset: int) -> None:
         self._partitions.setdefault((topic, partition), deque()).append(_Hole(topic, partition, offset))
@@ -89,6 +100,19 @@ class TransactionAssembler:
             return self._ends[0].xid
         return None
 
+    @property
+    def head(self) -> TransactionMarker | None:
+        """The END record of the next transaction to apply, if known."""
+        return self._ends[0] if self._ends else None
+
+    def missing(self, marker: TransactionMarker) -> dict[str, tuple[int, int]]:
+        """For a transaction still missing events: table -> (events its END record counts, events that arrived),
+        for the captured tables where fewer arrived than were counted. What an incomplete transaction is reported
+        with (the applier decides when waiting longer is pointless)."""
+        arrived = self._arrived_by_xid.get(marker.xid, {})
+        return {table: (n, arrived.get(table, 0)) for table, n in sorted(marker.event_counts.items())
+                if table in self.tables and arrived.get(table, 0) < n}
+
     def _needed(self, marker: TransactionMarker) -> int:
         return sum(n for table, n in marker.event_counts.items() if table in self.tables)
 
@@ -101,11 +125,13 @@ class TransactionAssembler:
 
     def force_next(self) -> list[Step]:
         """Take the transaction at the head of the commit order with the events it has: used only when messages
-        of it were dead-lettered (undecodable), so that the rest of the stream goes on without them."""
+        of it were dead-lettered (undecodable), or when its missing events will never come and the destination's
+        policy is to dead-letter it, so that the rest of the stream goes on without them."""
         if not self._ends:
             return []
         marker = self._ends.popleft()
         before, events = self._take_transaction(marker, forced=True)
+        self._abandoned.add(marker.xid)
         return ([Step(before)] if before else []) + [Step(events, marker.xid, marker.commit_ts_ms, marker.offset)]
 
     # -- output
@@ -152,6 +178,7 @@ class TransactionAssembler:
                 f"but only {taken} are at the front of their partitions; other transactions come first in "
                 f"{', '.join(f'{k[0]}[{k[1]}]@{e.offset} (tx {e.xid})' for k, e in later[:3])}")
         self._pending_by_xid.pop(marker.xid, None)
+        self._arrived_by_xid.pop(marker.xid, None)
         # Runs sort first (they have neither): their changes are ordered where they are written (consumers.runs).
         events.sort(key=lambda e: (e.tx_order or 0, e.lsn or 0))
         return before, events
