@@ -36,17 +36,20 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def render(doc: dict[str, Any], *, partitions: bool = True):
+def render(doc: dict[str, Any], *, partitions: bool = True, wide: bool = False):
     """The report as rich renderables: one table of destinations (and partitions), and the source's line."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    colors = {"OK": "green", "WARN": "yellow", "STALL": "magenta", "STOP": "red", "ERROR": "bold red"}
+    colors = {"OK": "green", "BEHIND": "cyan", "WARN": "yellow", "STALL": "magenta", "STOP": "red", "ERROR": "bold red"}
     table = Table(title=f"lag of pipeline {doc['pipeline']}", title_justify="left")
     for name, justify in [("destination", "left"), ("status", "left"), ("topic", "left"), ("part.", "right"),
                           ("applied", "right"), ("end", "right"), ("lag msgs", "right"), ("lag", "right")]:
-        table.add_column(name, justify=justify)
+        # Names are folded onto more lines when the terminal is narrow, never cut with an ellipsis: a cut topic
+        # name (`district.…`) does not say which topic lags. --wide keeps each on one line.
+        table.add_column(name, justify=justify, overflow="fold", no_wrap=wide,
+                         min_width=len(name) if name in ("destination", "topic") else None)
     for dest in doc["destinations"]:
         table.add_row(dest["name"], Text(dest["status"], style=colors.get(dest["status"], "")), "(all)", "",
                       "", "", str(dest["lag_messages"]), _format_seconds(dest["lag_seconds"]))
@@ -74,7 +77,9 @@ def lag(
                                                      help="Only these destinations (default: all)."),
     watch: bool = typer.Option(False, "--watch", help="Refresh live, keeping a sliding window, until Ctrl-C."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (stable field names)."),
-    check: bool = typer.Option(False, "--check", help="Exit 1 when any destination is not OK."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 when any destination is not OK (OK means no message "
+                                                      "waits)."),
+    wide: bool = typer.Option(False, "--wide", help="Whole names on one line, whatever the terminal's width."),
     window: float = typer.Option(5.0, "--window", min=0.0,
                                  help="Seconds between the two samples (or the sliding window with --watch)."),
     interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between samples with --watch."),
@@ -113,12 +118,21 @@ def lag(
         else:
             from rich.console import Console
 
-            Console().print(render(doc))
+            table = render(doc, wide=wide)
+            console = Console(width=max(Console().width, _needed_width(doc))) if wide else Console()
+            console.print(table, crop=not wide)
         if check and any(d["status"] != "OK" for d in doc["destinations"]):
             return 1
         return 0
 
     _run(body)
+
+
+def _needed_width(doc: dict[str, Any]) -> int:
+    """Columns a table with every name on one line needs (for --wide)."""
+    longest = max([len(p["topic"]) for d in doc["destinations"] for p in d["partitions"]] + [5])
+    names = max([len(d["name"]) for d in doc["destinations"]] + [11])
+    return longest + names + 80
 
 
 def _watch(probe, history, interval: float, stop_after: float, pipeline: str) -> int:

@@ -18,12 +18,14 @@ Status rules (per destination, over the samples of the window, oldest first; the
 1. ERROR: the connector or one of its tasks is FAILED, the connector does not exist, Kafka Connect does not
    answer, or the destination's offsets cannot be read. Nothing reaches the destination then, whatever its lag.
 2. OK: the latest lag is 0. A caught-up consumer is fine whether it runs or not: liveness does not matter then.
+   OK is said only then: a destination with unapplied messages is never OK (rules 3-6, or BEHIND).
 3. STOP: lag > 0, no applied offset moved across the window, and the applier has not applied anything for
    `stop_after` seconds (the newest `_cdc_offsets.updated_at`), or never has.
 4. STALL: lag > 0 and no applied offset moved across the window (but the applier applied something recently).
 5. WARN: the applied offsets move, yet the lag in messages never shrank between two samples and grew across
    the window: the consumer keeps up less fast than the source writes.
-6. OK otherwise.
+6. BEHIND otherwise: messages wait, but the applied offsets move and the lag is not growing (catching up or
+   keeping pace). With a single sample (`--window 0`) nothing can be said about movement: lag > 0 is BEHIND.
 
 Why STOP is derived this way: the applier assigns its partitions itself (no group membership), so Kafka's group
 state is always "Empty" and the group's committed offsets only repeat what the applier stored; neither says
@@ -42,8 +44,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-OK, WARN, STALL, STOP, ERROR = "OK", "WARN", "STALL", "STOP", "ERROR"
-STATUSES = (OK, WARN, STALL, STOP, ERROR)
+OK, BEHIND, WARN, STALL, STOP, ERROR = "OK", "BEHIND", "WARN", "STALL", "STOP", "ERROR"
+STATUSES = (OK, BEHIND, WARN, STALL, STOP, ERROR)
 # Connector and task states of Kafka Connect that mean the capture side failed.
 FAILED_STATES = {"FAILED"}
 
@@ -154,7 +156,8 @@ def judge(history: Sequence[DestinationSample], source: SourceState | None, *, s
         return Verdict(OK, "caught up")
     usable = [s for s in history if s.error is None]
     if len(usable) < 2:
-        return Verdict(OK, f"lag {latest.lag_messages} messages; one sample, no window yet")
+        # Unapplied messages are never OK; one sample cannot tell a moving consumer from a stuck one.
+        return Verdict(BEHIND, f"lag {latest.lag_messages} messages; one sample, no window to tell whether it moves")
     first = usable[0]
     moved = _moved(first.applied, latest.applied)
     span = latest.taken_at - first.taken_at
@@ -169,7 +172,7 @@ def judge(history: Sequence[DestinationSample], source: SourceState | None, *, s
     lags = [s.lag_messages for s in usable]
     if all(b >= a for a, b in zip(lags, lags[1:])) and lags[-1] > lags[0]:
         return Verdict(WARN, f"lag grew from {lags[0]} to {lags[-1]} messages in {span:.0f} s")
-    return Verdict(OK, f"applying; lag {latest.lag_messages} messages")
+    return Verdict(BEHIND, f"applying; lag {latest.lag_messages} messages")
 
 
 def _moved(before: dict[tuple[str, int], int], after: dict[tuple[str, int], int]) -> bool:
@@ -230,7 +233,7 @@ def report(samples: dict[str, Sequence[DestinationSample]], source: SourceState,
 
 def worst(statuses: Iterable[str]) -> str:
     """The most severe status (for a one-word summary); OK when there are none."""
-    order = {OK: 0, WARN: 1, STALL: 2, STOP: 3, ERROR: 4}
+    order = {OK: 0, BEHIND: 1, WARN: 2, STALL: 3, STOP: 4, ERROR: 5}
     return max(statuses, key=lambda s: order.get(s, 0), default=OK)
 
 

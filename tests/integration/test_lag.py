@@ -262,6 +262,10 @@ def test_a_mariadb_destination_reports_its_lag_too(stack, source_db, mariadb_dat
         assert abs(dest["last_applied_at"] - finished) < 60
         workload(stack.postgres_url(source_db), 20, seed=11)
         time.sleep(3)
+        # One sample (--window 0) cannot tell stuck from moving, but it never says OK with messages waiting.
+        code, doc = lag_json(path, "--window", "0", "--check")
+        dest = doc["destinations"][0]
+        assert code == 1 and dest["status"] == "BEHIND" and dest["lag_messages"] > 0, dest
         code, doc = lag_json(path, "--window", "1", "--stop-after", "0")
         dest = doc["destinations"][0]
         assert dest["status"] == "STOP" and dest["lag_messages"] > 0 and dest["lag_seconds"] > 0, dest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from consumers.lag import (
-    ERROR, OK, STALL, STOP, WARN, DestinationSample, History, PartitionLag, SourceState, applied_offset, judge,
+    BEHIND, ERROR, OK, STALL, STOP, WARN, DestinationSample, History, PartitionLag, SourceState, applied_offset, judge,
     partition_lag_seconds, report, window, worst,
 )
 
@@ -82,11 +82,12 @@ def test_moving_offsets_with_lag_growing_at_every_sample_is_warn():
     assert judge(history, RUNNING).status == WARN
 
 
-def test_moving_offsets_with_lag_shrinking_somewhere_is_ok():
+def test_moving_offsets_with_lag_shrinking_somewhere_is_behind_never_ok():
     history = [sample(0, {0: (10, 20)}), sample(2, {0: (18, 22)}), sample(4, {0: (20, 40)})]
-    assert judge(history, RUNNING).status == OK
+    assert judge(history, RUNNING).status == BEHIND
     steady = [sample(0, {0: (10, 20)}), sample(2, {0: (20, 30)})]
-    assert judge(steady, RUNNING).status == OK
+    verdict = judge(steady, RUNNING)
+    assert verdict.status == BEHIND and "10 messages" in verdict.reason
 
 
 def test_a_failed_task_or_connector_is_error_whatever_the_lag():
@@ -106,8 +107,11 @@ def test_an_unreadable_destination_is_error():
     assert judge(history, RUNNING).status == ERROR
 
 
-def test_one_sample_cannot_say_stall_or_stop():
-    assert judge([sample(0, {0: (10, 20)}, last_applied=NOW - 1000)], RUNNING).status == OK
+def test_one_sample_cannot_say_stall_or_stop_but_is_never_ok_while_behind():
+    # `cdc lag --window 0` said OK while 1,343 messages behind.
+    verdict = judge([sample(0, {0: (10, 1353)}, last_applied=NOW - 1000)], RUNNING)
+    assert verdict.status == BEHIND and "1343 messages" in verdict.reason
+    assert judge([sample(0, {0: (10, 10)}, last_applied=NOW - 1000)], RUNNING).status == OK
 
 
 def test_the_window_keeps_recent_samples_and_at_least_two():
@@ -141,4 +145,5 @@ def test_the_json_report_has_the_contract_field_names():
 
 def test_worst():
     assert worst([OK, STALL, WARN]) == STALL
+    assert worst([OK, BEHIND]) == BEHIND and worst([BEHIND, WARN]) == WARN
     assert worst([]) == OK
