@@ -180,6 +180,9 @@ class Destination(_Model):
     kind: Literal["replica", "analytics"]
     url: SecretStr
     on_error: Literal["stop", "dead-letter"] | None = None
+    # How long the applier waits for the missing events of a source transaction once every partition has been read
+    # to its end past its END record; then it stops naming them, or dead-letters what arrived (on_error).
+    incomplete_transaction_grace_s: float = Field(default=30.0, gt=0)
     # PostgreSQL analytics destinations only: the role their users read with (`cdc query` takes it with SET ROLE).
     # Filled with `default_read_only_role(<destination name>)` when absent; a password makes it a LOGIN role.
     read_only_role: str | None = None

@@ -147,6 +147,9 @@ class ReplicaApplier:
         self.skip_applied: dict[tuple[str, int], int] = {}
         self._watermark: str | None = None
         self._watermark_applied = False
+        # The transaction at the head of the commit order while it is incomplete and nothing else can be applied:
+        # (xid, since when, each partition's end a second later, since when every partition was read to those ends).
+        self._incomplete: tuple[str, float, dict[tuple[str, int], int] | None, float | None] | None = None
         self._group_offsets: dict[tuple[str, int], int] = {}
         self._group_lock = threading.Lock()
         self._producer_lock = threading.Lock()
@@ -299,6 +302,7 @@ class ReplicaApplier:
                                                                password.get_secret_value() if password else None):
                         self.echo(f"{self.name}: {action}")
                 stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
+                self.dialect.record_error(conn, self.pipeline.pipeline, None)  # running again: no longer stopped
         except OperationalError as exc:
             raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
         except DBAPIError as exc:
@@ -792,6 +796,8 @@ class ReplicaApplier:
             while not self._stop.is_set():
                 polled = self._poll()
                 arrived = arrived or polled > 0
+                if self.assembler.late:
+                    self._dead_letter_late()
                 backlog = polled >= self.poll_messages and self.assembler.buffered < self.batch_events
                 if in_flight is not None:
                     if not in_flight.done() and polled and self.assembler.buffered < self.batch_events:
@@ -806,6 +812,10 @@ class ReplicaApplier:
                         and self._read_to_end():
                     # A transaction lost an undecodable (dead-lettered) event and nothing more is coming for it.
                     steps = self.assembler.force_next()
+                if not steps and not self._retry and self.assembler.waiting_for:
+                    steps = self._incomplete_transaction()
+                else:
+                    self._incomplete = None
                 if steps and (not self._retry or arrived):
                     behind = polled >= self.poll_messages or self.assembler.buffered >= self.batch_events
                     in_flight = writer.submit(self._apply_with_policy, steps, more=behind)
@@ -828,6 +838,10 @@ class ReplicaApplier:
             if in_flight is not None:
                 future, in_flight = in_flight, None
                 future.result()
+        except CdcError as exc:
+            if isinstance(exc, Terminal):
+                self._record_error(str(exc))
+            raise
         finally:
             if in_flight is not None:
                 in_flight.exception()  # failing here: the batch in flight still commits or rolls back whole first
@@ -836,6 +850,79 @@ class ReplicaApplier:
         self._commit_group_offsets()
         if progress:
             progress(self)
+
+    def _incomplete_transaction(self) -> list[Step]:
+        """Called while the next source transaction to apply is missing events and nothing else can be applied.
+        Once every partition has been read to its end with it still incomplete (its END record was read, so its
+        events were written before what is at those ends), and the destination's grace period has passed, its
+        missing events are not coming (routed to a topic this applier does not read, a topic holding another
+        database's history...): stop naming them, or, under `on_error: dead-letter`, dead-letter what arrived of it
+        and go on without it. Returns no steps: the dead-letter path applies what it must itself."""
+        xid = self.assembler.waiting_for
+        assert xid is not None
+        now = time.monotonic()
+        if self._incomplete is None or self._incomplete[0] != xid:
+            self._incomplete = (xid, now, None, None)
+            return []
+        _, first_seen, targets, since = self._incomplete
+        if targets is None:
+            # Stuck for a second (a transaction is often briefly incomplete at high rates: no request for those):
+            # where every partition ends now. Its END record was read, so its events were written before these
+            # ends, give or take the producer's delivery, which the grace period covers.
+            if now - first_seen < 1.0:
+                return []
+            self._incomplete = (xid, first_seen, self.end_offsets(), None)
+            return []
+        if since is None:
+            if not all(self.read_positions.get(tp, 0) >= end for tp, end in targets.items() if end > 0):
+                return []
+            since = now
+            self._incomplete = (xid, first_seen, targets, since)
+        if now - since < self.destination.incomplete_transaction_grace_s:
+            return []
+        marker = self.assembler.head
+        assert marker is not None
+        missing = self.assembler.missing(marker)
+        committed = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(marker.commit_ts_ms / 1000))
+                     if marker.commit_ts_ms else "at an unknown time")
+        reason = (f"source transaction {xid} (committed {committed}, END record at "
+                  f"{self.pipeline.transaction_topic}[0]@{marker.offset}) cannot complete: every partition was read "
+                  f"to its end and {self.destination.incomplete_transaction_grace_s:g} s passed, but it is missing "
+                  + "; ".join(f"{expected - got} of {expected} events of {table} (topic {self.pipeline.topic_of(table)})"
+                              for table, (expected, got) in missing.items())
+                  + ". Its events went to a topic this applier does not read, or the topics hold another source "
+                  "database's history")
+        self._incomplete = None
+        if self.policy != "dead-letter":
+            raise ApplyError(f"destination {self.name}: {reason}")
+        steps = self.assembler.force_next()
+        given_up = steps.pop()  # the transaction's own step comes last, after snapshot reads before it
+        for event in runs.expand(given_up.events):
+            self._dead_letter(reason, event.topic, event.partition, event.offset, None, None, _event_json(event))
+        # The END record too: a transaction none of whose events arrived still leaves a trace.
+        self._dead_letter(reason, self.pipeline.transaction_topic, 0, marker.offset, None, None,
+                          json.dumps({"status": marker.status, "id": marker.xid,
+                                      "event_counts": dict(marker.event_counts), "ts_ms": marker.commit_ts_ms}))
+        if steps:
+            self._apply_with_policy(steps, may_wait=False)
+        self._skip(given_up)
+        return []
+
+    def _dead_letter_late(self) -> None:
+        """Events of a transaction given up that arrived after all: dead-lettered, never applied out of order."""
+        late, self.assembler.late = self.assembler.late, []
+        for event in runs.expand(late):
+            self._dead_letter(f"an event of source transaction {event.xid}, which was dead-lettered as incomplete, "
+                              "arrived after it was given up", event.topic, event.partition, event.offset, None, None,
+                              _event_json(event))
+
+    def _record_error(self, error: str) -> None:
+        """Leave why this applier stopped in the destination, for `cdc lag` (best effort: it may be unreachable)."""
+        try:
+            with self._begin() as conn:
+                self.dialect.record_error(conn, self.pipeline.pipeline, error)
+        except Exception as exc:  # noqa: BLE001 - the error being raised matters more than its record
+            self.echo(f"{self.name}: could not record the error at the destination: {_first_line(exc)}")
 
     def lag_seconds(self) -> float:
         """Now minus the commit time of the oldest change not applied yet; 0 when none is waiting."""

@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable
 from consumers.lag import DestinationSample, PartitionLag, SourceState, applied_offset
-from consumers.shapes import OFFSETS_TABLE
+from consumers.shapes import OFFSETS_TABLE, STATUS_TABLE
 from producers.connect import ConnectClient
 from producers.source_admin import psycopg_conninfo
 from schemas.codec import AvroDecoder, RegistryClient
@@ -36,6 +36,7 @@ from schemas.codec import AvroDecoder, RegistryClient
 # The offsets table as the dialects define it (consumers/dialects/base.py); only the columns read here.
 _OFFSETS = table(OFFSETS_TABLE, column("pipeline"), column("topic"), column("kafka_partition"),
                  column("next_offset"), column("updated_at"))
+_STATUS = table(STATUS_TABLE, column("pipeline"), column("error"))
 # How far past a BEGIN to look for its END on the transaction topic.
 _MAX_SCAN = 200
 
@@ -76,7 +77,7 @@ class LagProbe:
         # The commit time of the message at each distinct applied offset with lag: read once for all destinations.
         wanted: dict[tuple[str, int, int], int] = {}
         for stored, _, error in applied_by_dest.values():
-            if error:
+            if error and not stored:
                 continue
             for tp in partitions:
                 low, high = ends[tp]
@@ -87,7 +88,7 @@ class LagProbe:
         now = time.time()
         samples = {}
         for name, (stored, last_applied, error) in applied_by_dest.items():
-            group = self.group_offsets(name, partitions) if not error else {}
+            group = self.group_offsets(name, partitions) if stored or not error else {}
             rows = []
             for tp in partitions:
                 low, high = ends[tp]
@@ -223,11 +224,14 @@ class LagProbe:
                 rows = conn.execute(select(_OFFSETS.c.topic, _OFFSETS.c.kafka_partition, _OFFSETS.c.next_offset,
                                            _OFFSETS.c.updated_at)
                                     .where(_OFFSETS.c.pipeline == self.pipeline.pipeline)).all()
+                # Why the applier stopped, if it stopped on an error (ReplicaApplier._record_error).
+                stopped = (conn.execute(select(_STATUS.c.error).where(_STATUS.c.pipeline == self.pipeline.pipeline))
+                           .scalar() if inspect(conn).has_table(STATUS_TABLE) else None)
         except (SQLAlchemyError, CdcError, ImportError) as exc:
             return {}, None, f"destination {name} cannot be read: {' '.join(str(exc).split())[:300]}"
         stored = {(r.topic, int(r.kafka_partition)): int(r.next_offset) for r in rows}
         times = [_epoch(r.updated_at) for r in rows if r.updated_at is not None]
-        return stored, (max(times) if times else None), None
+        return stored, (max(times) if times else None), (f"applier stopped: {stopped}" if stopped else None)
 
     # -- the source -----------------------------------------------------------------------------------------------------
     def source_state(self) -> SourceState:

@@ -15,6 +15,8 @@ LSN_COLUMN = "_cdc_lsn"
 # what changes it later comes later in the same partition, so they always win, and keep the stored LSN.
 SNAPSHOT_LSN = -1
 OFFSETS_TABLE = "_cdc_offsets"
+# Why the applier of a pipeline stopped, when it stopped on an error (cdc lag reports it).
+STATUS_TABLE = "_cdc_status"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger, Column, DateTime, ForeignKeyConstraint, Integer, MetaData, PrimaryKeyConstraint, String, Table,
+    BigInteger, Column, DateTime, ForeignKeyConstraint, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
     inspect, text,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -22,7 +22,7 @@ from sqlalchemy.types import TypeEngine
 
 from cdc.errors import CdcError, Terminal
 from consumers.events import ChangeEvent
-from consumers.shapes import LSN_COLUMN, OFFSETS_TABLE, SNAPSHOT_LSN, TableShape
+from consumers.shapes import LSN_COLUMN, OFFSETS_TABLE, SNAPSHOT_LSN, STATUS_TABLE, TableShape
 from consumers.values import UNAVAILABLE
 
 # The analytics replica's change history: table `t` gets `t__history` with t's columns and these.
@@ -77,6 +77,13 @@ class Dialect(ABC):
             Column("topic", String(255), primary_key=True),
             Column("kafka_partition", Integer, primary_key=True, autoincrement=False),
             Column("next_offset", BigInteger, nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+        )
+        # Why an applier of a pipeline stopped (a transaction that cannot complete...): `cdc lag` reports it as ERROR.
+        self.status = Table(
+            STATUS_TABLE, self.metadata,
+            Column("pipeline", String(200), primary_key=True),
+            Column("error", Text, nullable=False),
             Column("updated_at", DateTime(timezone=True), nullable=False),
         )
         self._tables: dict[str, Table] = {}
@@ -213,6 +220,17 @@ class Dialect(ABC):
 
     @abstractmethod
     def upsert_offsets_statement(self) -> Any: ...
+
+    # -- the applier's status -------------------------------------------------------------------------------------
+    def record_error(self, conn: Connection, pipeline: str, error: str | None) -> None:
+        """Record why the pipeline's applier stopped here (None: it runs again), for `cdc lag`."""
+        if error is None and not inspect(conn).has_table(self.status.name):
+            return
+        self.status.create(conn, checkfirst=True)
+        conn.execute(self.status.delete().where(self.status.c.pipeline == pipeline))
+        if error is not None:
+            conn.execute(self.status.insert().values(pipeline=pipeline, error=error,
+                                                     updated_at=datetime.now(timezone.utc)))
 
     def reset_offsets(self, conn: Connection, pipeline: str, topics: list[str] | None = None) -> None:
         stmt = self.offsets.delete().where(self.offsets.c.pipeline == pipeline)

@@ -1,0 +1,118 @@
+"""Applier fidelity on the real stack: a transaction that can never complete is named (never waited for in silence),
+columns added with a default reach existing destination rows, tables without a primary key replicate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import fastavro
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from producers import capture
+from schemas.codec import AvroDecoder, RegistryClient
+from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
+
+CDC = str(Path(sys.executable).parent / "cdc")
+GHOST_XID = "987654321"
+
+
+def cdc(path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def read_topic(bootstrap: str, topic: str, *, at_least: int = 1, seconds: float = 20) -> list:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    messages = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(messages) < at_least:
+        messages.extend(m for m in consumer.consume(100, 0.5) if m.error() is None)
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:  # anything else already there
+        messages.extend(m for m in consumer.consume(100, 0.2) if m.error() is None)
+    consumer.close()
+    return messages
+
+
+def produce_ghost_end(stack, pipeline, counts: dict[str, int]) -> int:
+    """Write to the transaction topic an END record of a transaction whose events never reach any topic: the
+    same writer schema as Debezium's own END records, so it reads like one. Returns its offset."""
+    topic = pipeline.transaction_topic
+    registry = RegistryClient(stack.urls()["schema_registry"])
+    decoder = AvroDecoder(registry)
+    real = next(m for m in read_topic(stack.kafka_bootstrap, topic)
+                if decoder.decode(m.value())["status"] == "END")
+    schema_id = decoder.schema_id(real.value())
+    record = decoder.decode(real.value())
+    record.update(id=f"{GHOST_XID}:123456789", event_count=sum(counts.values()),
+                  data_collections=[{"data_collection": t, "event_count": n} for t, n in counts.items()])
+    out = __import__("io").BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(decoder.raw_schema(schema_id)), record)
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+    delivered = []
+    producer.produce(topic, key=real.key(), value=b"\x00" + schema_id.to_bytes(4, "big") + out.getvalue(),
+                     partition=0, on_delivery=lambda err, msg: delivered.append(msg.offset()))
+    producer.flush(10)
+    registry.close()
+    return delivered[0]
+
+
+@pytest.mark.parametrize("policy", ["stop", "dead-letter"])
+def test_a_transaction_whose_events_never_arrive_is_named_within_the_grace_period(stack, source_db, destination_db,
+                                                                                  tmp_path, policy):
+    source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
+    execute(source, "create table item (id bigint primary key, name text)", "insert into item values (1, 'a')")
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"], destinations={
+        "copy": {"kind": "replica", "url": destination, "on_error": policy, "incomplete_transaction_grace_s": 3}}))
+    capture.apply(pipeline)
+    topic = pipeline.topic_of("public.item")
+    try:
+        execute(source, "insert into item values (2, 'b')")
+        first = cdc(path, "run", "--until-caught-up", "--timeout", "240")
+        assert first.returncode == 0, first.stdout + first.stderr
+        # A transaction that counts two changes of public.item, none of which reach its topic, then a real one.
+        end_offset = produce_ghost_end(stack, pipeline, {"public.item": 2})
+        execute(source, "insert into item values (3, 'after the ghost')")
+        started = time.monotonic()
+        result = cdc(path, "run", "--until-caught-up", "--timeout", "120")
+        took = time.monotonic() - started
+        if policy == "stop":
+            assert result.returncode == 1, result.stdout + result.stderr
+            message = " ".join(result.stderr.split())
+            assert f"source transaction {GHOST_XID}" in message, message
+            assert f"2 of 2 events of public.item (topic {topic})" in message, message
+            assert f"{pipeline.transaction_topic}[0]@{end_offset}" in message, message
+            assert took < 60, took  # the grace period (3 s) and a few polls, not the timeout
+            lag = cdc(path, "lag", "--json", "--window", "0")
+            doc = json.loads(lag.stdout)
+            [dest] = doc["destinations"]
+            assert dest["status"] == "ERROR", dest
+            assert f"source transaction {GHOST_XID}" in dest["reason"] and topic in dest["reason"], dest
+            with psycopg.connect(destination) as conn:
+                assert [r[0] for r in conn.execute("select id from item order by id")] == [1, 2]
+            # Started again, the applier no longer reports the old error until it meets it again.
+            again = cdc(path, "run", "--until-caught-up", "--timeout", "120")
+            assert again.returncode == 1 and f"source transaction {GHOST_XID}" in again.stderr
+            return
+        assert result.returncode == 0, result.stdout + result.stderr
+        with psycopg.connect(destination) as conn:
+            assert [r[0] for r in conn.execute("select id from item order by id")] == [1, 2, 3]
+        decoder = AvroDecoder(RegistryClient(stack.urls()["schema_registry"]))
+        records = [decoder.decode(m.value())
+                   for m in read_topic(stack.kafka_bootstrap, f"{pipeline.pipeline}.copy.dead-letter")]
+        assert [(r["topic"], r["offset"]) for r in records] == [(pipeline.transaction_topic, end_offset)]
+        assert f"source transaction {GHOST_XID}" in records[0]["error"]
+        assert "2 of 2 events of public.item" in records[0]["error"]
+        lag = json.loads(cdc(path, "lag", "--json", "--window", "0").stdout)
+        assert lag["destinations"][0]["status"] != "ERROR", lag
+    finally:
+        purge(pipeline)
