@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import MetaData, Table, create_engine, inspect
 from sqlalchemy.engine import URL
 from sqlalchemy.types import TypeEngine
+
+if TYPE_CHECKING:
+    from consumers.dialects.types import SourceType
 
 # Each replicated row remembers the source position (LSN) of the change that wrote it, in this column:
 # a conditional upsert in one statement can then refuse to let an older change overwrite a newer one.
@@ -22,8 +26,10 @@ STATUS_TABLE = "_cdc_status"
 @dataclass(frozen=True)
 class ColumnShape:
     name: str
-    type: TypeEngine  # the source's SQLAlchemy type; each dialect adapts it
+    type: TypeEngine  # the source's SQLAlchemy type (a fallback for shapes built without the catalog)
     nullable: bool
+    # The source's type as its catalog says (consumers/dialects/types.py): what each dialect maps (docs/types.md).
+    source: SourceType | None = None
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,16 @@ class TableShape:
 
 def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, TableShape]:
     """The shapes of the captured tables, read from the source with SQLAlchemy reflection."""
+    from consumers.dialects.types import describe_columns  # the dialects package imports this module
+
     engine = create_engine(url.set(drivername="postgresql+psycopg"))
     shapes: dict[str, TableShape] = {}
     try:
         insp = inspect(engine)
         metadata = MetaData()
+        with engine.connect() as conn:
+            cursor = conn.connection.driver_connection.cursor()
+            catalog = {t: describe_columns(cursor, t) for t in tables}
         for qualified in tables:
             schema, name = qualified.split(".", 1)
             table = Table(name, metadata, schema=schema, autoload_with=engine)
@@ -81,7 +92,8 @@ def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, T
             )
             shapes[qualified] = TableShape(
                 qualified,
-                tuple(ColumnShape(c.name, c.type, bool(c.nullable)) for c in table.columns),
+                tuple(ColumnShape(c.name, c.type, bool(c.nullable), catalog[qualified].get(c.name))
+                      for c in table.columns),
                 tuple(c.name for c in table.primary_key.columns),
                 fks,
             )

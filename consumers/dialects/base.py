@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import (
     BigInteger, Column, DateTime, ForeignKeyConstraint, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
@@ -22,7 +22,8 @@ from sqlalchemy.types import TypeEngine
 
 from cdc.errors import CdcError, Terminal
 from consumers.events import ChangeEvent
-from consumers.shapes import LSN_COLUMN, OFFSETS_TABLE, SNAPSHOT_LSN, STATUS_TABLE, TableShape
+from consumers.dialects.types import SourceType
+from consumers.shapes import LSN_COLUMN, OFFSETS_TABLE, SNAPSHOT_LSN, STATUS_TABLE, ColumnShape, TableShape
 from consumers.values import UNAVAILABLE
 
 # The analytics replica's change history: table `t` gets `t__history` with t's columns and these.
@@ -87,6 +88,7 @@ class Dialect(ABC):
             Column("updated_at", DateTime(timezone=True), nullable=False),
         )
         self._tables: dict[str, Table] = {}
+        self._value_converters: dict[str, tuple[TableShape, dict[str, Callable[[Any], Any]]]] = {}
         self._relocated: dict[str, tuple[str | None, str]] = {}
 
     def relocate(self, tables: dict[str, tuple[str | None, str]], offsets_schema: str) -> None:
@@ -102,8 +104,47 @@ class Dialect(ABC):
         return shape.schema, shape.table
 
     def adapt_type(self, type_: TypeEngine) -> TypeEngine:
-        """The destination column type for a source column type."""
+        """The destination column type for a source SQLAlchemy type (shapes built without the source's catalog)."""
         return type_
+
+    def column_type(self, column: ColumnShape, *, key: bool = False) -> TypeEngine:
+        """The destination column type of a source column: the dialect's mapping of its catalog type (docs/types.md),
+        else `adapt_type` of its SQLAlchemy type."""
+        if column.source is not None:
+            return self.map_type(column.source, key=key)
+        return self.adapt_type(column.type)
+
+    def map_type(self, source: SourceType, *, key: bool = False) -> TypeEngine:
+        """The destination type of a catalog type; every dialect has its own mapping (docs/types.md)."""
+        raise NotImplementedError
+
+    def value_converters(self, shape: TableShape) -> dict[str, Callable[[Any], Any]]:
+        """{column: function} turning a decoded value (consumers.values) into what this destination's column takes,
+        for the columns that need one; built once per table."""
+        cached = self._value_converters.get(shape.name)
+        if cached is None or cached[0] is not shape:  # a shape replaced (a column added): built again
+            cached = self._value_converters[shape.name] = (shape, {
+                c.name: f for c in shape.columns if (f := self.column_converter(c)) is not None})
+        return cached[1]
+
+    def column_converter(self, column: ColumnShape) -> Callable[[Any], Any] | None:
+        return None
+
+    def prepared(self, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
+        """`rows` with the values of `columns` converted for this destination (new dicts where anything changes)."""
+        converters = self.value_converters(shape)
+        wanted = [(c, converters[c]) for c in columns if c in converters]
+        if not wanted:
+            return rows
+        out = []
+        for row in rows:
+            row = dict(row)
+            for c, convert in wanted:
+                value = row.get(c)
+                if value is not None and value is not UNAVAILABLE:
+                    row[c] = convert(value)
+            out.append(row)
+        return out
 
     # -- schema ---------------------------------------------------------------------------------------------------
     def try_writer_lock(self, conn: Connection, pipeline: str, destination: str) -> bool:
@@ -125,7 +166,9 @@ class Dialect(ABC):
         if table is None:
             schema, name = self._relocated.get(shape.name) or self.destination_name(shape)
             # autoincrement=False: the source assigns every key; a SERIAL here would be a lie.
-            columns = [Column(c.name, self.adapt_type(c.type), nullable=c.nullable or c.name not in shape.primary_key,
+            # NOT NULL as at the source (key columns always): what the source refused, the replica refuses too.
+            columns = [Column(c.name, self.column_type(c, key=c.name in shape.primary_key),
+                              nullable=c.nullable and c.name not in shape.primary_key,
                               autoincrement=False)
                        for c in shape.columns]
             table = Table(name, self.metadata, *columns, Column(LSN_COLUMN, BigInteger, nullable=False),

@@ -27,9 +27,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.types import JSON, LargeBinary, Text, TypeEngine
 
 from consumers import columnar
+from consumers.dialects import types
 from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, SchemaChangeError, history_rows
 from consumers.events import ChangeEvent
-from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
 
 
 T = TypeVar("T")
@@ -72,6 +73,12 @@ class DuckDBDialect(Dialect):
         if isinstance(type_, postgresql.INTERVAL):
             return Text()
         return type_
+
+    def map_type(self, source: types.SourceType, *, key: bool = False) -> TypeEngine:
+        return types.RawType(duckdb_type(source))
+
+    def column_converter(self, column: ColumnShape) -> Callable[[Any], Any] | None:
+        return _duck_converter(column.source) if column.source is not None else None
 
     def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint | None:  # noqa: ANN001
         return None
@@ -136,7 +143,7 @@ class DuckDBDialect(Dialect):
         table = self.table(shape)
         prep = conn.dialect.identifier_preparer
         cols = [*columns, LSN_COLUMN]
-        stage = self._register(conn, rows, cols)
+        stage = self._register(conn, self.prepared(shape, rows, columns), cols)
         try:
             quoted = ", ".join(prep.quote(c) for c in cols)
             casts = ", ".join(f"CAST({prep.quote(c)} AS {table.c[c].type.compile(dialect=conn.dialect)}) AS "
@@ -159,7 +166,7 @@ class DuckDBDialect(Dialect):
         table = self.table(shape)
         prep = conn.dialect.identifier_preparer
         cols = [*shape.primary_key, LSN_COLUMN]
-        stage = self._register(conn, keys, cols)
+        stage = self._register(conn, self.prepared(shape, keys, list(shape.primary_key)), cols)
         try:
             match = " AND ".join(f"t.{prep.quote(c)} = s.{prep.quote(c)}" for c in shape.primary_key)
             lsn = prep.quote(LSN_COLUMN)
@@ -177,7 +184,7 @@ class DuckDBDialect(Dialect):
         if not events:
             return
         columns = list(shape.column_names)
-        rows = history_rows(shape, events)
+        rows = self.prepared(shape, history_rows(shape, events), columns)
         table = self.table(shape)
         prep = conn.dialect.identifier_preparer
         all_columns = [*columns, *HISTORY_COLUMNS]
@@ -230,12 +237,86 @@ class DuckDBDialect(Dialect):
 
 
 def _plain(value: Any) -> Any:
-    """Values Arrow cannot type on its own: lists and dicts as JSON text, UUIDs and intervals as text."""
+    """Values Arrow cannot type on its own: UUIDs as text; lists and dicts of a shape built without the catalog as
+    JSON text (with the catalog, arrays are lists of plain values and points dicts: LIST and STRUCT columns)."""
+    if isinstance(value, _Native):
+        return value.value
     if isinstance(value, (list, dict)):
         return json.dumps(value, default=str)
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
+
+
+class _Native:
+    """A list or dict that goes to Arrow as it is (a LIST or STRUCT column), not as JSON text."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+# --- the mapping (docs/types.md, "DuckDB analytics replica") ---------------------------------------------------
+
+_DUCK = {"int2": "SMALLINT", "int4": "INTEGER", "int8": "BIGINT", "float4": "REAL", "float8": "DOUBLE",
+         "bool": "BOOLEAN", "bytea": "BLOB", "uuid": "UUID", "json": "JSON", "jsonb": "JSON", "hstore": "JSON",
+         "interval": "INTERVAL", "date": "DATE", "time": "TIME", "timetz": "TIMETZ", "timestamp": "TIMESTAMP",
+         "timestamptz": "TIMESTAMPTZ", "money": "DECIMAL(19,2)", "bit": "BIT",
+         "point": "STRUCT(x DOUBLE, y DOUBLE)"}
+# DuckDB's DECIMAL holds 38 digits at most.
+MAX_DECIMAL_DIGITS = 38
+
+
+def duckdb_type(source: types.SourceType) -> str:
+    """The DuckDB column type of a source type; text types and what DuckDB has no type for are VARCHAR holding
+    PostgreSQL's text of the value (ranges, tsvector, inet, xml, geometry other than point, composites...)."""
+    kind = source.category
+    if source.is_array:
+        return duckdb_type(source.element) + "[]"  # type: ignore[arg-type]
+    if kind == "enum":
+        return "ENUM(" + ", ".join("'" + label.replace("'", "''") + "'" for label in source.labels) + ")"
+    if kind == "numeric":
+        # numeric without a precision can hold any number of digits: kept exact, as its text.
+        if source.precision is None:
+            return "VARCHAR"
+        precision, scale = source.precision, source.scale or 0
+        if scale < 0:
+            precision, scale = precision - scale, 0
+        return f"DECIMAL({precision},{scale})" if precision <= MAX_DECIMAL_DIGITS else "VARCHAR"
+    return _DUCK.get(kind, "VARCHAR")
+
+
+def _duck_converter(source: types.SourceType) -> Callable[[Any], Any] | None:
+    """What the Arrow staging needs for a source type, from what consumers.values gives; None: as it is."""
+    if source.is_array:
+        inner = _duck_element(source.element)  # type: ignore[arg-type]
+        return lambda values: _Native([None if v is None else inner(v) for v in values])
+    kind = source.category
+    if kind == "point":
+        return lambda v: _Native({"x": v["x"], "y": v["y"]})
+    if kind == "bit":
+        return types.bits_text(source.length)
+    if kind == "numeric" and duckdb_type(source) == "VARCHAR":
+        return types.numeric_text
+    if kind in types.DEBEZIUM_UNKNOWN or kind == "range":
+        return types.as_text
+    return None
+
+
+def _duck_element(source: types.SourceType) -> Callable[[Any], Any]:
+    inner = _duck_converter(source)
+    if source.is_array:
+        return lambda v: inner(v).value  # type: ignore[misc]
+    if inner is None:
+        if source.domain:
+            return types.as_text  # arrays of a domain: Debezium sends text bytes
+        if source.category == "uuid":
+            return str
+        return lambda v: v
+    if source.category == "point":
+        return lambda v: inner(v).value  # type: ignore[misc]
+    return inner
 
 
 __all__ = ["DuckDBDialect", "HISTORY_SUFFIX", "String", "BigInteger"]

@@ -22,8 +22,9 @@ from sqlalchemy.sql import sqltypes
 from sqlalchemy.types import TypeEngine
 
 from cdc.errors import ConfigError
+from consumers.dialects import types
 from consumers.dialects.base import Dialect
-from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ForeignKeyShape, TableShape
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, ForeignKeyShape, TableShape
 
 # Byte-wise comparison without trailing-space padding: two keys PostgreSQL tells apart ('a' and 'A', 'a' and
 # 'a ') must not collide in a MariaDB primary key, which the default case-insensitive PAD SPACE collations would do.
@@ -91,6 +92,11 @@ class MariaDBDialect(Dialect):
     def adapt_type(self, type_: TypeEngine) -> TypeEngine:
         return adapt_mariadb_type(type_, key=False)
 
+    def column_type(self, column: ColumnShape, *, key: bool = False) -> TypeEngine:
+        if column.source is not None:
+            return mariadb_type(column.source, key=key)
+        return adapt_mariadb_type(column.type, key=key)
+
     def table(self, shape: TableShape) -> Table:
         # As the base class builds it, except that key columns (primary and foreign) get bounded types, no column is
         # AUTO_INCREMENT (SQLAlchemy's default for a lone integer key: a source id 0 would be renumbered), and the
@@ -100,8 +106,8 @@ class MariaDBDialect(Dialect):
             schema, name = self.destination_name(shape)
             keys = set(shape.primary_key) | {c for fk in shape.foreign_keys for c in fk.columns}
             columns = [
-                Column(c.name, adapt_mariadb_type(c.type, key=c.name in keys), autoincrement=False,
-                       nullable=c.nullable or c.name not in shape.primary_key)
+                Column(c.name, self.column_type(c, key=c.name in keys), autoincrement=False,
+                       nullable=c.nullable and c.name not in shape.primary_key)
                 for c in shape.columns
             ]
             table = Table(name, self.metadata, *columns, Column(LSN_COLUMN, BigInteger, nullable=False),
@@ -127,6 +133,11 @@ class MariaDBDialect(Dialect):
         cols = [c for c in dict.fromkeys([*shape.primary_key, *columns]) if c != LSN_COLUMN] + [LSN_COLUMN]
         convert = self._converters(shape, cols)
         converted = [{c: convert[c](row[c]) for c in cols} for row in rows]
+        if any(not c.nullable and c.name not in cols for c in table.columns):
+            # A NOT NULL column left out (an unchanged TOASTed value): MariaDB refuses the INSERT half of an upsert
+            # without it ("doesn't have a default value") before it sees the duplicate key, so these rows, which
+            # exist already, are updated.
+            return self._update(conn, shape, converted, cols)
         ordered, cyclic = parents_first(converted, self_references(shape))
 
         prep = conn.dialect.identifier_preparer
@@ -155,6 +166,24 @@ class MariaDBDialect(Dialect):
             # all written; the checks are off for these statements only.
             with _foreign_key_checks_off(conn):
                 count += _run_chunks(conn, head, ",", tail, values(cyclic))
+        return count
+
+    def _update(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], cols: list[str]) -> int:
+        """One UPDATE per row, of `cols`, where the stored change is older (or the change a snapshot read)."""
+        table = self.table(shape)
+        prep = conn.dialect.identifier_preparer
+        q = prep.quote_identifier
+        literal = _Literals(conn)
+        lsn = _verbatim(q(LSN_COLUMN))
+        sets = [f"{_verbatim(q(c))} = %s" for c in cols if c not in shape.primary_key and c != LSN_COLUMN]
+        template = (f"UPDATE {_verbatim(prep.format_table(table))} SET {', '.join(sets + [f'{lsn} = GREATEST({lsn}, %s)'])}"
+                    f" WHERE {' AND '.join(f'{_verbatim(q(c))} = %s' for c in shape.primary_key)}"
+                    f" AND ({lsn} < %s OR %s = {SNAPSHOT_LSN})")
+        count = 0
+        for row in rows:
+            values = [row[c] for c in cols if c not in shape.primary_key and c != LSN_COLUMN]
+            values += [row[LSN_COLUMN], *(row[c] for c in shape.primary_key), row[LSN_COLUMN], row[LSN_COLUMN]]
+            count += _execute(conn, literal(template, values)).rowcount
         return count
 
     def delete(self, conn: Connection, shape: TableShape, keys: list[dict[str, Any]]) -> int:
@@ -238,7 +267,14 @@ class MariaDBDialect(Dialect):
     # -- values -------------------------------------------------------------------------------------------------
     def _converters(self, shape: TableShape, columns: list[str]) -> dict[str, Callable[[Any], Any]]:
         known = set(shape.column_names)
-        return {c: value_converter(shape.column(c).type) if c in known else _bindable for c in columns}
+        return {c: self._converter(shape.column(c)) if c in known else _bindable for c in columns}
+
+    def _converter(self, column: ColumnShape) -> Callable[[Any], Any]:
+        if column.source is not None:
+            return mariadb_converter(column.source)
+        if isinstance(column.type, sqltypes.CHAR):
+            return _char_value
+        return value_converter(column.type)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,6 +336,93 @@ def adapt_mariadb_type(type_: TypeEngine, *, key: bool = False) -> TypeEngine:
         # A PostgreSQL type without a generic counterpart (inet, tsvector, ranges, bit...) arrives as text.
         return mysql.VARCHAR(KEY_STRING_LENGTH) if key else mysql.LONGTEXT()
     return generic
+
+
+_MARIA = {"int2": mysql.SMALLINT(), "int4": mysql.INTEGER(), "int8": mysql.BIGINT(), "bool": mysql.BOOLEAN(),
+          "float4": mysql.FLOAT(asdecimal=False), "float8": mysql.DOUBLE(asdecimal=False), "date": mysql.DATE(),
+          "time": mysql.TIME(fsp=6), "timetz": mysql.TIME(fsp=6), "timestamp": mysql.DATETIME(fsp=6),
+          "timestamptz": mysql.DATETIME(fsp=6), "interval": mysql.BIGINT(), "uuid": mysql.CHAR(36),
+          "money": mysql.DECIMAL(19, 2)}
+
+
+def mariadb_type(source: types.SourceType, *, key: bool = False) -> TypeEngine:
+    """The MariaDB column type of a source catalog type (docs/types.md, "MariaDB replica"); `key` for primary- and
+    foreign-key columns, which need a bounded, indexable type. What MariaDB has no type for is text: PostgreSQL's
+    text of the value."""
+    kind = source.category
+    text = mysql.VARCHAR(KEY_STRING_LENGTH) if key else mysql.LONGTEXT()
+    if source.is_array or kind in ("json", "jsonb", "hstore"):
+        return mysql.VARCHAR(KEY_STRING_LENGTH) if key else mysql.JSON()
+    if kind in _MARIA:
+        return _MARIA[kind]
+    if kind == "enum":
+        # A string, not MariaDB's ENUM: labels added at the source later would otherwise be refused.
+        return mysql.VARCHAR(KEY_STRING_LENGTH)
+    if kind == "bytea":
+        return mysql.VARBINARY(KEY_STRING_LENGTH) if key else mysql.LONGBLOB()
+    if kind == "bit" and source.length and source.length <= 64:
+        return mysql.BIT(source.length)
+    if kind == "numeric":
+        return adapt_mariadb_type(sqltypes.Numeric(source.precision, source.scale), key=key)
+    if kind in ("char", "varchar"):
+        length = source.length
+        if kind == "char" and length and length <= 255:
+            return mysql.CHAR(length)  # values without their trailing spaces (mariadb_converter)
+        if length and (key or length <= MAX_INLINE_VARCHAR):
+            return mysql.VARCHAR(length)
+    return text
+
+
+def mariadb_converter(source: types.SourceType) -> Callable[[Any], Any]:
+    """What PyMySQL binds for a source type, from what consumers.values gives."""
+    kind = source.category
+    if source.is_array:
+        inner = _element_converter(source.element)  # type: ignore[arg-type]
+        return lambda v: v if v is None or isinstance(v, str) else json_text([None if x is None else inner(x)
+                                                                              for x in v])
+    if kind == "char":
+        return _char_value
+    if kind == "bit":
+        bits = types.bits_text(source.length)
+        if source.length and source.length <= 64:
+            return lambda v: v if v is None else int(bits(v), 2)
+        return lambda v: v if v is None else bits(v)
+    if kind == "point":
+        return lambda v: v if v is None else types.point_text(v)
+    if kind in types.DEBEZIUM_UNKNOWN or kind == "range":
+        return lambda v: v if v is None else types.as_text(v)
+    if kind in ("json", "jsonb", "hstore"):
+        return _json_value
+    if kind in ("timestamp", "timestamptz"):
+        return _datetime_value
+    if kind in ("time", "timetz"):
+        return _time_value
+    if kind == "interval":
+        return _interval_value
+    return _bindable
+
+
+def _element_converter(source: types.SourceType) -> Callable[[Any], Any]:
+    """An array element's value as it goes into the array's JSON."""
+    kind = source.category
+    if source.is_array:
+        return mariadb_converter(source)
+    if source.domain or kind in types.DEBEZIUM_UNKNOWN or kind == "range":
+        return types.as_text  # arrays of domains and of unknown types: text in bytes
+    if kind == "bit":
+        return types.bits_text(source.length)
+    if kind == "point":
+        return types.point_text
+    if kind in ("json", "jsonb"):
+        return lambda v: json.loads(v) if isinstance(v, str) else v
+    return lambda v: v
+
+
+def _char_value(value: Any) -> Any:
+    """char(n) without its trailing spaces. PostgreSQL's character(n) ignores them when it compares ('W05' and
+    'W05  ' are one key) and Debezium sends them; MariaDB's CHAR drops them when it stores, and under a NO PAD
+    collation a key sent with them would match nothing (a delete of 'W05  ' would leave the row)."""
+    return value.rstrip(" ") if isinstance(value, str) else value
 
 
 def _table_options(table: Table) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import operator
-from typing import Any
+from typing import Any, Callable
 
+import pyarrow as pa
 import pyarrow.csv as pa_csv
 from psycopg import sql
 from sqlalchemy import Column, ForeignKeyConstraint, Table, inspect
@@ -20,9 +21,10 @@ from sqlalchemy.engine import Connection
 
 from cdc.errors import ConfigError
 from consumers import columnar
+from consumers.dialects import types as t
 from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, history_rows
 from consumers.events import ChangeEvent
-from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
 
 # PostgreSQL silently truncates longer identifiers, which could make two history tables one.
 MAX_IDENTIFIER_BYTES = 63
@@ -35,6 +37,61 @@ class PostgresDialect(Dialect):
     supports_deferred_constraints = True
     columnar = True  # foreign keys are checked at commit (begin_batch): tables may be written in any order
     writer_lock_sql = "SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"
+
+    # -- types (docs/types.md, "PostgreSQL replica") -----------------------------------------------------------
+    def map_type(self, source: t.SourceType, *, key: bool = False) -> Any:
+        # The source's own type, spelled as its catalog spells it: a domain as its base type (the replica holds
+        # what the source accepted; the domain's checks are the source's to enforce), enums and composite types
+        # recreated under their names (ensure_types), extension types with their extension.
+        return t.RawType(source.sql)
+
+    def column_converter(self, column: ColumnShape) -> Callable[[Any], Any] | None:
+        return _pg_converter(column.source) if column.source is not None else None
+
+    def ensure_types(self, conn: Connection, shape: TableShape) -> list[str]:
+        """Create the extensions, enums and composite types the table's columns use, where absent; an enum that
+        exists gains the labels the source added."""
+        raw = conn.connection.driver_connection
+        actions: list[str] = []
+        for column in shape.columns:
+            if column.source is not None:
+                self._ensure_type(raw, column.source.leaf(), actions)
+        return actions
+
+    def _ensure_type(self, raw: Any, source: t.SourceType, actions: list[str]) -> None:
+        for _, field_type in source.fields:
+            self._ensure_type(raw, field_type.leaf(), actions)
+        if source.category in t.EXTENSION_OF:
+            extension = t.EXTENSION_OF[source.category]
+            if raw.execute("select 1 from pg_extension where extname = %s", (extension,)).fetchone() is None:
+                raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(source.schema)))
+                raw.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}").format(
+                    sql.Identifier(extension), sql.Identifier(source.schema)))
+                actions.append(f"created extension {extension}")
+            return
+        if source.category not in ("enum", "composite"):
+            return
+        name = sql.Identifier(source.schema, source.name)
+        found = raw.execute("select t.oid from pg_type t join pg_namespace n on n.oid = t.typnamespace "
+                            "where n.nspname = %s and t.typname = %s", (source.schema, source.name)).fetchone()
+        if found is None:
+            raw.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(source.schema)))
+            if source.category == "enum":
+                raw.execute(sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
+                    name, sql.SQL(", ").join(map(sql.Literal, source.labels))))
+            else:
+                raw.execute(sql.SQL("CREATE TYPE {} AS ({})").format(name, sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier(f), sql.SQL(ft.sql)) for f, ft in source.fields)))
+            actions.append(f"created type {source.sql}")
+        elif source.category == "enum":
+            have = {r[0] for r in raw.execute("select enumlabel from pg_enum where enumtypid = %s", (found[0],))}
+            for label in source.labels:
+                if label not in have:
+                    raw.execute(sql.SQL("ALTER TYPE {} ADD VALUE IF NOT EXISTS {}").format(name, sql.Literal(label)))
+                    actions.append(f"added label {label!r} to type {source.sql}")
+
+    def ensure_table(self, conn: Connection, shape: TableShape, shapes: dict[str, TableShape]) -> list[str]:
+        return [*self.ensure_types(conn, shape), *super().ensure_table(conn, shape, shapes)]
 
     def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint:
         # Deferrable, so that a destination transaction may order rows freely and still be checked at commit.
@@ -76,13 +133,24 @@ class PostgresDialect(Dialect):
         is newer (or a snapshot read)."""
         lsn = sql.Identifier(LSN_COLUMN)
         updates = [c for c in cols if c not in shape.primary_key and c != LSN_COLUMN]
-        names = sql.SQL(", ").join(map(sql.Identifier, cols))
+        table = self.table(shape)
+        # PostgreSQL checks NOT NULL on the row proposed for insertion before it looks for a conflict: a NOT NULL
+        # column left out (an unchanged TOASTed value Debezium did not send) is proposed with the value stored, so
+        # the update goes through; a row that is not there yet still fails, loudly, as it should.
+        kept = [c.name for c in table.columns if not c.nullable and c.name not in cols and c.name != LSN_COLUMN]
+        names = sql.SQL(", ").join(map(sql.Identifier, [*cols, *kept]))
+        picked = sql.SQL(", ").join([*(sql.SQL("s.{}").format(sql.Identifier(c)) for c in cols),
+                                     *(sql.SQL("c.{}").format(sql.Identifier(c)) for c in kept)])
+        stored = sql.SQL("")
+        if kept:
+            stored = sql.SQL(" LEFT JOIN {} AS c ON {}").format(_identifier(table), sql.SQL(" AND ").join(
+                sql.SQL("c.{0} = s.{0}").format(sql.Identifier(c)) for c in shape.primary_key))
         return conn.connection.driver_connection.execute(sql.SQL(
-            "INSERT INTO {target} AS t ({names}) SELECT {names} FROM {source} AS s "
+            "INSERT INTO {target} AS t ({names}) SELECT {picked} FROM {source} AS s{stored} "
             "ON CONFLICT ({pk}) DO UPDATE SET {sets} "
             "WHERE t.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {snapshot}"
         ).format(
-            target=_identifier(self.table(shape)), names=names, source=source,
+            target=_identifier(table), names=names, picked=picked, stored=stored, source=source,
             pk=sql.SQL(", ").join(map(sql.Identifier, shape.primary_key)),
             sets=sql.SQL(", ").join([*(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates),
                                      sql.SQL("{0} = GREATEST(t.{0}, EXCLUDED.{0})").format(lsn)]),
@@ -100,7 +168,7 @@ class PostgresDialect(Dialect):
             return 0
         cols = [*columns, LSN_COLUMN]
         stage = self._staging(conn, self.table(shape), cols, "upsert")
-        self._copy(conn, stage, cols, rows)
+        self._copy(conn, stage, cols, self.prepared(shape, rows, columns))
         count = self._upsert_from(conn, shape, cols, stage)
         conn.connection.driver_connection.execute(sql.SQL("TRUNCATE {}").format(stage))
         return count
@@ -110,7 +178,7 @@ class PostgresDialect(Dialect):
             return 0
         cols = [*shape.primary_key, LSN_COLUMN]
         stage = self._staging(conn, self.table(shape), cols, "delete")
-        self._copy(conn, stage, cols, keys)
+        self._copy(conn, stage, cols, self.prepared(shape, keys, list(shape.primary_key)))
         count = self._delete_from(conn, shape, stage)
         conn.connection.driver_connection.execute(sql.SQL("TRUNCATE {}").format(stage))
         return count
@@ -122,6 +190,11 @@ class PostgresDialect(Dialect):
         stage = self._staging(conn, self.table(shape), cols, "columnar", columnar.STAGE_COLUMNS)
         staged = [name for name, _ in columnar.STAGE_COLUMNS] + cols
         out = io.BytesIO()
+        for column, convert in self.value_converters(shape).items():
+            # Few of the columnar path's types need it (hstore, which arrives as JSON): done on that column alone.
+            values = flat.column(column).to_pylist()
+            flat = flat.set_column(flat.schema.get_field_index(column), column, pa.array(
+                [None if v is None else convert(v) for v in values], pa.string()))
         pa_csv.write_csv(flat.select(staged), out, pa_csv.WriteOptions(include_header=False))
         raw = conn.connection.driver_connection
         with raw.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
@@ -195,7 +268,7 @@ class PostgresAnalyticsDialect(PostgresDialect):
     def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
         if events:
             self._copy(conn, self._history(self.table(shape)), [*shape.column_names, *HISTORY_COLUMNS],
-                       history_rows(shape, events))
+                       self.prepared(shape, history_rows(shape, events), list(shape.column_names)))
 
     def grant_read_only(self, conn: Connection, role: str, password: str | None) -> list[str]:
         """Create the role when absent (LOGIN with the password given, else NOLOGIN), read-only by default, allowed
@@ -238,3 +311,22 @@ class PostgresAnalyticsDialect(PostgresDialect):
 def _identifier(table: Table, suffix: str = "") -> sql.Identifier:
     """The table's schema-qualified name, or that of its companion named with `suffix`, for psycopg's sql."""
     return sql.Identifier(*([table.schema] if table.schema else []), table.name + suffix)
+
+
+def _pg_converter(source: t.SourceType) -> Callable[[Any], Any] | None:
+    """What psycopg's COPY needs for a source type, from what consumers.values gives (docs/types.md); None: as is."""
+    if source.is_array:
+        inner = _pg_converter(source.element)  # type: ignore[arg-type]
+        if inner is None and source.leaf().domain:
+            inner = t.as_text  # an array of a domain is a type Debezium does not know: text in bytes
+        return t.elements(inner) if inner is not None else None
+    kind = source.category
+    if kind == "hstore":
+        return t.hstore_text
+    if kind == "bit":
+        return t.bits_text(source.length)
+    if kind == "point":
+        return t.point_text
+    if kind in t.DEBEZIUM_UNKNOWN or kind in ("range",):
+        return t.as_text
+    return None
