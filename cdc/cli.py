@@ -105,11 +105,15 @@ def stack_down() -> None:
 
 
 @connectors_app.command("apply")
-def connectors_apply() -> None:
+def connectors_apply(
+    reset_topics: bool = typer.Option(False, "--reset-topics",
+                                      help="Delete the pipeline's topics first when they hold another source "
+                                           "database's history (destinations fed from them must be replayed)."),
+) -> None:
     """Create or update the connector and the pipeline's topics (idempotent; prints what changed)."""
     from producers import capture
 
-    _run(lambda: (capture.apply(_pipeline(), _echo), 0)[1])
+    _run(lambda: (capture.apply(_pipeline(), _echo, reset_topics=reset_topics), 0)[1])
 
 
 @connectors_app.command("diff")
@@ -138,9 +142,12 @@ def connectors_status(as_json: bool = typer.Option(False, "--json", help="Print 
     def body() -> int:
         pipeline = _pipeline()
         st = capture.status(pipeline)
+        stray = capture.topic_problems(pipeline)
         if as_json:
             typer.echo(json.dumps(None if st is None else
-                                  {"name": st.name, "state": st.state, "tasks": st.tasks}, indent=2))
+                                  {"name": st.name, "state": st.state, "tasks": st.tasks,
+                                   "unplanned_topics": [{"topic": t, "table": table} for t, table in stray]},
+                                  indent=2))
         elif st is None:
             typer.echo(f"connector {pipeline.connector_name}: not found (run `cdc connectors apply`)")
         else:
@@ -149,7 +156,9 @@ def connectors_status(as_json: bool = typer.Option(False, "--json", help="Print 
                 typer.echo(f"  task {task['id']}: {task['state']} on {task.get('worker_id', '?')}")
                 if task.get("trace"):
                     typer.echo("    " + task["trace"].rstrip().replace("\n", "\n    "))
-        return 0 if st is not None and st.running else 1
+        if stray:
+            typer.echo(f"error: {capture.unplanned_message(pipeline, stray)}", err=True)
+        return 0 if st is not None and st.running and not stray else 1
 
     _run(body)
 

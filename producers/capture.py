@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import psycopg
 
-from cdc.config import Pipeline
+from cdc.config import Pipeline, topic_safe
+from cdc.errors import CdcError
+from consumers.dialects.types import check_pipeline
 from producers import debezium, topics
 from producers.connect import ConnectClient, ConnectorStatus
 from producers.source_admin import (
-    describe_tables, drop_publication, drop_slot, ensure_publication, ensure_signal_table, psycopg_conninfo,
-    send_incremental_snapshot,
+    SourceIdentity, describe_tables, drop_publication, drop_slot, ensure_heartbeat_table, ensure_publication,
+    ensure_signal_table, psycopg_conninfo, send_incremental_snapshot, source_identity,
 )
+
+
+class CaptureError(CdcError):
+    """The capture path would lose or mix events (a route to an unplanned topic, topics of another source)."""
 
 
 @dataclass
@@ -23,11 +30,13 @@ class ApplyReport:
     action: str  # created, updated, unchanged
     changes: list[tuple[str, str | None, str | None]] = field(default_factory=list)
     topics_created: list[str] = field(default_factory=list)
+    topics_deleted: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     snapshot_requested: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"connector {self.connector}: {self.action}"]
+        out = [f"topic {name}: deleted (--reset-topics)" for name in self.topics_deleted]
+        out += [f"connector {self.connector}: {self.action}"]
         out += [f"  {format_change(c)}" for c in self.changes if self.action == "updated"]
         out += [f"topic {name}: created" for name in self.topics_created]
         out += [f"incremental snapshot requested for {', '.join(self.snapshot_requested)}"] if self.snapshot_requested else []
@@ -47,7 +56,9 @@ def format_change(change: tuple[str, str | None, str | None]) -> str:
 def desired_config(pipeline: Pipeline) -> dict[str, str]:
     """The connector configuration the pipeline file asks for, checked against the source's real tables."""
     tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
-    return debezium.connector_config(pipeline, tables)
+    config = debezium.connector_config(pipeline, tables)
+    check_pipeline(pipeline, config)  # columns a destination cannot hold: refused here, never at the first write
+    return config
 
 
 def diff_configs(current: dict[str, str] | None, desired: dict[str, str]) -> list[tuple[str, str | None, str | None]]:
@@ -71,24 +82,144 @@ def diff(pipeline: Pipeline) -> list[tuple[str, str | None, str | None]]:
         return diff_configs(connect.config(pipeline.connector_name), desired)
 
 
-def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait: float = 120.0) -> ApplyReport:
+def check_routes(pipeline: Pipeline, config: dict[str, str]) -> None:
+    """Every captured table's events must end in the topic its applier reads (replaying the connector's routing)."""
+    wrong = [(t, debezium.routed_topic(config, t)) for t in pipeline.source.tables
+             if debezium.routed_topic(config, t) != pipeline.topic_of(t)]
+    if wrong:
+        raise CaptureError("the connector's routing would send " + "; ".join(
+            f"{t}'s events to topic {got or '(dropped)'} instead of {pipeline.topic_of(t)}" for t, got in wrong))
+
+
+def unplanned_topics(pipeline: Pipeline, existing: dict[str, int] | set[str]) -> list[tuple[str, str]]:
+    """Topics under `<pipeline>.` that the plan does not name, each with the table its events came from."""
+    prefix = f"{pipeline.pipeline}."
+    planned = topics.planned_topics(pipeline)
+    by_topic = {topic_safe(t): t for t in pipeline.source.tables}
+    return [(name, by_topic.get(name[len(prefix):], name[len(prefix):])) for name in sorted(existing)
+            if name.startswith(prefix) and name not in planned]
+
+
+def unplanned_message(pipeline: Pipeline, found: list[tuple[str, str]]) -> str:
+    return "; ".join(f"topic {topic} is not planned by pipeline {pipeline.pipeline!r}: it holds events of table "
+                     f"{table} that no applier reads" for topic, table in found)
+
+
+def _recorded_identity(record: dict | None) -> SourceIdentity | None:
+    if record is None:
+        return None
+    return SourceIdentity(str(record["system_identifier"]), int(record["database_oid"]), str(record["database"]))
+
+
+def check_source(pipeline: Pipeline, identity: SourceIdentity, existing: dict[str, int], *, connector_exists: bool,
+                 reset: bool) -> tuple[list[str], bool]:
+    """Refuse topics holding another source database's history; returns (topics to delete first, record needed).
+
+    A source is PostgreSQL's system identifier (one per cluster, new after initdb or a restore elsewhere) and the
+    database's oid (new when the database is re-created under the same name), as `apply` recorded them in the
+    pipeline's compacted `<pipeline>._source` topic: the topics are the only thing that outlives the connector,
+    slot and publication, so the record of whose history they hold lives beside them.
+    """
+    prefix = f"{pipeline.pipeline}."
+    mine = sorted(t for t in existing if t.startswith(prefix))
+    source = topics.source_topic(pipeline)
+    recorded = _recorded_identity(topics.read_source_record(pipeline.kafka.bootstrap_servers, source)
+                                  if source in existing else None)
+    same = recorded is not None and (recorded.system_identifier, recorded.database_oid) == (
+        identity.system_identifier, identity.database_oid)
+    if same:
+        return [], False
+    # Signals and notifications are messages to and from the connector, not the history appliers read.
+    history = [t for t in mine if t not in (source, pipeline.signal_topic, pipeline.notification_topic)]
+    holding = sorted(t for t, n in topics.message_counts(pipeline.kafka.bootstrap_servers, history).items() if n)
+    if not holding or (recorded is None and connector_exists):
+        # Nothing recorded yet, by a pipeline that runs (made before sources were recorded): its own history.
+        return [], True
+    whose = (f"the history of {recorded.describe()}" if recorded is not None
+             else "events of a source database that was never recorded")
+    if not reset:
+        raise CaptureError(
+            f"topics {', '.join(holding)} hold {whose}, but source.url reaches {identity.describe()}: the pipeline "
+            f"name {pipeline.pipeline!r} was used before for another source database. Nothing was changed. Adding "
+            "this source's events to them would mix two histories in one topic. Run `cdc connectors apply "
+            "--reset-topics` to delete the pipeline's topics first (then replay the destinations fed from them), "
+            "or give this pipeline another name.")
+    if connector_exists:
+        raise CaptureError(f"--reset-topics: connector {pipeline.connector_name} exists and its stored offsets "
+                           "belong to the other source; run `cdc connectors delete --purge` first. Nothing was changed.")
+    return mine, True
+
+
+def _wait_for_snapshot(pipeline: Pipeline, start: int, timeout: float) -> bool:
+    """Wait until Debezium's notifications after offset `start` say the initial snapshot completed (or was
+    skipped); False on timeout."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from schemas.codec import AvroDecoder, RegistryClient
+
+    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-apply-snapshot",
+                         "enable.auto.commit": False, "log_level": 3})
+    registry = RegistryClient(pipeline.kafka.schema_registry_url)
+    decoder = AvroDecoder(registry)
+    try:
+        consumer.assign([TopicPartition(pipeline.notification_topic, 0, start)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(100, 0.5):
+                if msg.error() is not None or msg.value() is None:
+                    continue
+                note = decoder.decode(msg.value())
+                if note.get("aggregate_type") == "Initial Snapshot" and note.get("type") in (
+                        "COMPLETED", "SKIPPED", "ABORTED"):
+                    return True
+        return False
+    finally:
+        consumer.close()
+        registry.close()
+
+
+def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait: float = 120.0,
+          reset_topics: bool = False, settle: float = 30.0) -> ApplyReport:
     """Create or update the connector and its topics; idempotent. Tables new to a running connector are
-    snapshotted incrementally (through the signalling table) without re-snapshotting the others."""
+    snapshotted incrementally (through the signalling table) without re-snapshotting the others.
+
+    Refused before anything changes: a routing that would send a table's events to a topic nobody reads, and
+    topics holding another source database's history (unless `reset_topics`, which deletes them first). After a
+    new connector starts, waits (at most `settle` seconds) for its snapshot to finish, then fails if a topic
+    outside the plan appeared under the pipeline's prefix."""
     desired = desired_config(pipeline)  # validates against the source before anything changes
+    check_routes(pipeline, desired)
     name = pipeline.connector_name
+    with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
+        identity = source_identity(conn)
     with ConnectClient(pipeline.kafka.connect_url) as connect:
         current = connect.config(name)
         changes = diff_configs(current, desired)
         report = ApplyReport(name, "created" if current is None else ("updated" if changes else "unchanged"), changes)
 
         admin = topics.admin_client(pipeline.kafka.bootstrap_servers)
-        to_create, report.warnings = topics.plan_topics(topics.pipeline_topics(pipeline), topics.existing_topics(admin))
+        existing = topics.existing_topics(admin)
+        to_delete, record = check_source(pipeline, identity, existing, connector_exists=current is not None,
+                                         reset=reset_topics)
+        if to_delete:
+            topics.delete_topics_and_wait(admin, to_delete)
+            report.topics_deleted = to_delete
+            existing = topics.existing_topics(admin)
+        to_create, report.warnings = topics.plan_topics(topics.pipeline_topics(pipeline), existing)
         report.topics_created = topics.create_topics(admin, to_create, pipeline.topics.replication_factor)
+        if record:
+            topics.write_source_record(pipeline.kafka.bootstrap_servers, topics.source_topic(pipeline), {
+                "system_identifier": identity.system_identifier, "database_oid": identity.database_oid,
+                "database": identity.database})
 
+        notified = topics.message_counts(pipeline.kafka.bootstrap_servers, [pipeline.notification_topic],
+                                         ends=True).get(pipeline.notification_topic, 0)
         with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
             ensure_signal_table(conn, pipeline.source.signal_table)
+            heartbeat = debezium.heartbeat_table(pipeline)
+            ensure_heartbeat_table(conn, heartbeat)
             ensure_publication(conn, pipeline.publication_name,
-                               [*pipeline.source.tables, pipeline.source.signal_table])
+                               [*pipeline.source.tables, pipeline.source.signal_table, heartbeat])
             if changes and current is not None:
                 # Stop first, so that once the connector runs again it is surely the new configuration that
                 # runs: a signal sent while the old task still streams would be handled by the old task.
@@ -112,7 +243,21 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
     if echo:
         for line in report.lines():
             echo(line)
+    if current is None and pipeline.source.snapshot_mode in ("initial", "when_needed") and settle > 0:
+        if not _wait_for_snapshot(pipeline, notified, settle):
+            report.warnings.append(f"the snapshot is still running after {settle:.0f} s; `cdc connectors status` "
+                                   "checks the topics again")
+            if echo:
+                echo(f"warning: {report.warnings[-1]}")
+    stray = unplanned_topics(pipeline, topics.existing_topics(admin))
+    if stray:
+        raise CaptureError(unplanned_message(pipeline, stray))
     return report
+
+
+def topic_problems(pipeline: Pipeline) -> list[tuple[str, str]]:
+    """Unplanned topics under the pipeline's prefix, for `cdc connectors status`."""
+    return unplanned_topics(pipeline, topics.existing_topics(topics.admin_client(pipeline.kafka.bootstrap_servers)))
 
 
 def status(pipeline: Pipeline) -> ConnectorStatus | None:

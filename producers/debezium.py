@@ -11,8 +11,14 @@ settings and transforms, applied in this order to each record:
    those bytes, and only identical bytes put one root's changes in one partition.
 5. `RegexRouter` renames the tables' topics to `<pipeline>.<hierarchy>`.
 
-Steps 2-4 carry a `TopicNameMatches` predicate on the table's original topic. Records of the signalling table
-are dropped with `Filter`: Debezium reads its signals from the WAL itself and nobody consumes them from Kafka.
+Steps 2-4 carry a `TopicNameMatches` predicate on the table's original topic. Every pattern is anchored (`^...$`):
+Connect's RegexRouter tests with `matches()` but rewrites with `replaceFirst()`, so an unanchored alternative
+for `public.film` would rewrite the start of `public.film_actor` and leave `_actor` behind (a topic nobody reads).
+`routed_topic` replays these rules in Python, so `cdc connectors apply` checks every table's route before it
+changes anything.
+
+Records of the signalling and heartbeat tables are dropped with `Filter`: Debezium reads its signals from the WAL
+itself, and the heartbeat table exists only so that an idle captured database still moves the slot.
 """
 
 from __future__ import annotations
@@ -71,8 +77,46 @@ def _avro_converter(prefix: str, registry: str, *, per_record: bool) -> dict[str
 
 
 def _topic_pattern(prefix: str, tables: list[str]) -> str:
+    # Anchored: RegexRouter rewrites with replaceFirst(), which would otherwise rewrite a prefix of a longer name.
     names = "|".join(re.escape(topic_safe(t)) for t in tables)
-    return f"{re.escape(prefix)}\\.({names})"
+    return f"^{re.escape(prefix)}\\.(?:{names})$"
+
+
+def heartbeat_table(pipeline: Pipeline) -> str:
+    """The table `heartbeat.action.query` writes, beside the signalling table (created by `connectors apply`)."""
+    schema, _, _ = pipeline.source.signal_table.partition(".")
+    return f"{schema}.cdc_heartbeat"
+
+
+def _quoted(table: str) -> str:
+    schema, _, name = table.partition(".")
+    return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
+
+
+def heartbeat_query(pipeline: Pipeline) -> str:
+    """Each heartbeat writes one row into the captured database, so that the slot's confirmed position moves even
+    when the captured tables are idle while other databases of the cluster fill the WAL."""
+    return (f"insert into {_quoted(heartbeat_table(pipeline))} (id, beat) values (1, now()) "
+            "on conflict (id) do update set beat = excluded.beat")
+
+
+def routed_topic(config: dict[str, str], table: str) -> str:
+    """The topic a change of `table` ends in, replaying the connector's RegexRouter transforms as Connect runs them
+    (`matches()` on the whole name, then `replaceFirst()`); dropped records give ''."""
+    topic = f"{config['topic.prefix']}.{topic_safe(table)}"
+    for name in config.get("transforms", "").split(","):
+        kind = config.get(f"transforms.{name}.type", "")
+        predicate = config.get(f"transforms.{name}.predicate")
+        if predicate and not re.fullmatch(config[f"predicates.{predicate}.pattern"], topic):
+            continue
+        if kind.endswith(".Filter"):
+            return ""
+        if kind.endswith(".RegexRouter"):
+            regex = config[f"transforms.{name}.regex"]
+            if re.fullmatch(regex, topic):
+                replacement = config[f"transforms.{name}.replacement"]
+                topic = re.sub(regex, lambda _: replacement, topic, count=1)
+    return topic
 
 
 def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str, tuple[str, str | None]]:
@@ -118,6 +162,15 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
             if other != column:
                 raise ConfigError(f"source.tables: {table!r}: columns {other!r} and {column!r} both become "
                                   f"{avro_name(column)!r} in Avro, which allows only letters, digits and '_'")
+    if heartbeat_table(pipeline) in pipeline.source.tables:
+        raise ConfigError(f"source.tables: {heartbeat_table(pipeline)!r} is the pipeline's heartbeat table (written "
+                          "by every Debezium heartbeat, beside source.signal_table); it cannot also be a captured table")
+    for table in pipeline.source.tables:
+        listed = [parent for parent in tables[table].partition_of if parent in tables]
+        if listed:
+            raise ConfigError(f"source.tables: {table!r} is a partition of {listed[0]!r}, which is listed too; a "
+                              "partitioned table is captured whole through its parent (the publication publishes "
+                              "its partitions' changes under the parent's name), so list only the parent")
     for table in pipeline.standalone_tables:
         if not tables[table].primary_key:
             raise ConfigError(f"source.tables: {table!r} has no primary key; the applier needs one to identify rows")
@@ -130,7 +183,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
     url = pipeline.source.sqlalchemy_url
     prefix = pipeline.pipeline
     registry = registry_native_url(pipeline.kafka.schema_registry_url)
-    captured = [*pipeline.source.tables, pipeline.source.signal_table]
+    captured = [*pipeline.source.tables, pipeline.source.signal_table, heartbeat_table(pipeline)]
     config: dict[str, str] = {
         "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
         "tasks.max": "1",
@@ -150,12 +203,20 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         "snapshot.mode": pipeline.source.snapshot_mode,
         "provide.transaction.metadata": "true",
         "heartbeat.interval.ms": str(pipeline.source.heartbeat_ms),
+        # A heartbeat alone moves the slot only when a captured table changed; this write makes sure one did.
+        "heartbeat.action.query": heartbeat_query(pipeline),
+        # Debezium skips truncates by default ("t"): a destination would keep rows the source no longer has.
+        "skipped.operations": "none",
         # Debezium waits this long for more changes before handing a batch to Connect (default 500 ms): a large
         # part of end-to-end latency at modest rates.
         "poll.interval.ms": "50",
         # Hierarchy topics are keyed by root id, not by row: a tombstone would mean nothing there.
         "tombstones.on.delete": "false",
         "decimal.handling.mode": "precise",
+        # Types Debezium has no converter for (composite types, multiranges, tsquery, line, lseg, box, path, polygon,
+        # circle, arrays of domains) are otherwise left out of every event: with this they arrive as the bytes of
+        # PostgreSQL's text of the value, which the destinations read back (docs/types.md).
+        "include.unknown.datatypes": "true",
         # Debezium 3 otherwise adds four `__debezium.context.*` headers (about 150 bytes) to every record: more
         # than half the size of a small change, read and parsed per message by every consumer, and used by none.
         "extended.headers.enabled": "false",
@@ -190,7 +251,8 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
     config["transforms.dropsignals.type"] = "org.apache.kafka.connect.transforms.Filter"
     config["transforms.dropsignals.predicate"] = "signals"
     config["predicates.signals.type"] = TOPIC_NAME_MATCHES
-    config["predicates.signals.pattern"] = _topic_pattern(prefix, [pipeline.source.signal_table])
+    config["predicates.signals.pattern"] = _topic_pattern(prefix, [pipeline.source.signal_table,
+                                                                   heartbeat_table(pipeline)])
     predicates = ["signals"]
     for i, (name, h) in enumerate(pipeline.hierarchies.items()):
         key_col, cast = keys[name]

@@ -27,6 +27,8 @@ class TableInfo:
     name: str  # schema-qualified
     primary_key: tuple[str, ...]
     columns: dict[str, Column]
+    # A partition (declarative partitioning): the partitioned tables above it, nearest first, schema-qualified.
+    partition_of: tuple[str, ...] = ()
 
 
 def split_table(table: str) -> tuple[str, str]:
@@ -52,6 +54,11 @@ def describe_tables(url: URL, tables: tuple[str, ...] | list[str], source: str =
             }
             pk = tuple(insp.get_pk_constraint(name, schema=schema).get("constrained_columns") or ())
             found[table] = TableInfo(table, pk, columns)
+        if found:
+            with engine.connect() as conn:
+                parents = {t: tuple(a) for t, a in conn.exec_driver_sql(_PARTITION_ANCESTORS)}
+            found = {t: (TableInfo(i.name, i.primary_key, i.columns, parents[t]) if t in parents else i)
+                     for t, i in found.items()}
     except Exception as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -62,6 +69,18 @@ def describe_tables(url: URL, tables: tuple[str, ...] | list[str], source: str =
         raise ConfigError(f"{source}: {', '.join(repr(t) for t in missing)} "
                           f"{'does' if len(missing) == 1 else 'do'} not exist at the source ({url.database})")
     return found
+
+
+# Every partition of the database -> the partitioned tables above it, nearest first.
+_PARTITION_ANCESTORS = """
+select n.nspname || '.' || c.relname,
+       array(select an.nspname || '.' || a.relname
+             from pg_partition_ancestors(c.oid) with ordinality as x(relid, depth)
+             join pg_class a on a.oid = x.relid join pg_namespace an on an.oid = a.relnamespace
+             where x.relid <> c.oid order by x.depth)
+from pg_class c join pg_namespace n on n.oid = c.relnamespace
+where c.relispartition
+"""
 
 
 def psycopg_conninfo(url: URL) -> str:
@@ -127,18 +146,62 @@ def ensure_publication(conn: psycopg.Connection, publication: str, tables: list[
 
     We manage it rather than Debezium: its own CREATE PUBLICATION does not quote a table name holding a
     double quote, and a filtered publication (not FOR ALL TABLES) needs no superuser.
+
+    `publish_via_partition_root`: a partitioned table's changes are published under its own name (the one
+    Debezium's include list holds), not under the partition a row sits in, for partitions attached later too.
     """
     wanted = sql.SQL(", ").join(sql.Identifier(*split_table(t)) for t in tables)
-    current = conn.execute(
-        "select schemaname, tablename from pg_publication_tables where pubname = %s", (publication,)).fetchall()
-    exists = conn.execute("select 1 from pg_publication where pubname = %s", (publication,)).fetchone()
-    if not exists:
-        conn.execute(sql.SQL("create publication {} for table {}").format(sql.Identifier(publication), wanted))
+    row = conn.execute("select pubviaroot from pg_publication where pubname = %s", (publication,)).fetchone()
+    if row is None:
+        conn.execute(sql.SQL("create publication {} for table {} with (publish_via_partition_root = true)").format(
+            sql.Identifier(publication), wanted))
         return True
+    changed = False
+    if not row[0]:
+        conn.execute(sql.SQL("alter publication {} set (publish_via_partition_root = true)").format(
+            sql.Identifier(publication)))
+        changed = True
+    # pg_publication_tables lists a published partitioned table's partitions, not the table, under pubviaroot
+    # false, and the table itself under true; pg_publication_rel holds what was named.
+    current = conn.execute(
+        "select n.nspname, c.relname from pg_publication_rel pr join pg_publication p on p.oid = pr.prpubid "
+        "join pg_class c on c.oid = pr.prrelid join pg_namespace n on n.oid = c.relnamespace where p.pubname = %s",
+        (publication,)).fetchall()
     if {f"{s}.{t}" for s, t in current} != set(tables):
         conn.execute(sql.SQL("alter publication {} set table {}").format(sql.Identifier(publication), wanted))
-        return True
-    return False
+        changed = True
+    return changed
+
+
+def ensure_heartbeat_table(conn: psycopg.Connection, table: str) -> bool:
+    """Create the table Debezium's `heartbeat.action.query` writes (one row, rewritten at each heartbeat)."""
+    schema, name = split_table(table)
+    exists = conn.execute("select 1 from information_schema.tables where table_schema = %s and table_name = %s",
+                          (schema, name)).fetchone()
+    if exists:
+        return False
+    conn.execute(sql.SQL("create table {} (id integer primary key, beat timestamptz not null)").format(
+        sql.Identifier(schema, name)))
+    return True
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """Which database a pipeline's topics hold the history of: a re-created database has another oid, another
+    cluster (a restored or re-initialised one) another system identifier."""
+
+    system_identifier: str
+    database_oid: int
+    database: str
+
+    def describe(self) -> str:
+        return f"database {self.database!r} (oid {self.database_oid}) of cluster {self.system_identifier}"
+
+
+def source_identity(conn: psycopg.Connection) -> SourceIdentity:
+    row = conn.execute("select (select system_identifier::text from pg_control_system()), d.oid::bigint, d.datname "
+                       "from pg_database d where d.datname = current_database()").fetchone()
+    return SourceIdentity(row[0], int(row[1]), row[2])
 
 
 def insert_watermark(conn: psycopg.Connection, signal_table: str) -> str:

@@ -1,14 +1,33 @@
-"""Topic administration: the pipeline's topics are created up front by us, as event logs (never compacted)."""
+"""Topic administration: the pipeline's topics are created up front by us, as event logs (never compacted); the
+topics a pipeline plans, and the record naming the source database whose history they hold."""
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from cdc.config import Pipeline
 from cdc.errors import ServiceUnavailable
+
+# The one record of a pipeline's `_source` topic: which source database its topics hold the history of.
+SOURCE_KEY = b"source"
+
+
+def source_topic(pipeline: Pipeline) -> str:
+    """`<pipeline>._source`: a hierarchy name cannot begin with '_' and a table's topic holds its schema's dot."""
+    return f"{pipeline.pipeline}._source"
+
+
+def planned_topics(pipeline: Pipeline) -> set[str]:
+    """Every topic that may exist under `<pipeline>.`: what `connectors apply` creates, and the appliers'
+    dead-letter topics."""
+    planned = {spec.name for spec in pipeline_topics(pipeline)}
+    planned |= {f"{pipeline.pipeline}.{name}.dead-letter" for name in pipeline.destinations}
+    return planned
 
 
 @dataclass(frozen=True)
@@ -27,6 +46,8 @@ def pipeline_topics(pipeline: Pipeline) -> list[TopicSpec]:
     specs.append(TopicSpec(pipeline.transaction_topic, 1, log))
     specs.append(TopicSpec(pipeline.signal_topic, 1, {"cleanup.policy": "delete"}))
     specs.append(TopicSpec(pipeline.notification_topic, 1, {"cleanup.policy": "delete"}))
+    # Compacted: only the latest identity matters.
+    specs.append(TopicSpec(source_topic(pipeline), 1, {"cleanup.policy": "compact"}))
     return specs
 
 
@@ -87,3 +108,80 @@ def delete_topics(admin: AdminClient, names: list[str]) -> None:
             if exc.args[0].code() != exc.args[0].UNKNOWN_TOPIC_OR_PART:
                 raise ServiceUnavailable(f"deleting topic {name} failed: {exc}") from exc
 
+
+
+def delete_topics_and_wait(admin: AdminClient, names: list[str], timeout: float = 60.0) -> None:
+    """Delete topics and wait until the broker no longer lists them (deletion is asynchronous: a topic created
+    again too soon fails as 'marked for deletion')."""
+    delete_topics(admin, names)
+    deadline = time.monotonic() + timeout
+    while set(names) & set(existing_topics(admin)):
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(f"topics {', '.join(sorted(set(names) & set(existing_topics(admin))))} were "
+                                     f"not deleted within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def message_counts(bootstrap: str, names: list[str], timeout: float = 15.0, *, ends: bool = False) -> dict[str, int]:
+    """Topic -> messages it holds now (log end minus log start, summed over partitions); with `ends`, the sum of
+    the log-end offsets instead."""
+    if not names:
+        return {}
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "cdc-topic-admin", "enable.auto.commit": False,
+                         "log_level": 3})
+    try:
+        metadata = consumer.list_topics(timeout=timeout)
+        counts = {}
+        for name in names:
+            info = metadata.topics.get(name)
+            if info is None or info.error is not None:
+                continue
+            total = 0
+            for p in info.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=timeout)
+                total += high if ends else high - low
+            counts[name] = total
+        return counts
+    except KafkaException as exc:
+        raise ServiceUnavailable(f"Kafka did not answer: {exc}") from exc
+    finally:
+        consumer.close()
+
+
+def read_source_record(bootstrap: str, topic: str, timeout: float = 15.0) -> dict | None:
+    """The latest identity record of a pipeline's `_source` topic; None when the topic is absent or empty."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "cdc-topic-admin", "enable.auto.commit": False,
+                         "log_level": 3})
+    try:
+        info = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if info is None or info.error is not None:
+            return None
+        tp = TopicPartition(topic, 0)
+        low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+        if high <= low:
+            return None
+        consumer.assign([TopicPartition(topic, 0, low)])
+        latest = None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error() is not None:
+                continue
+            if msg.key() == SOURCE_KEY and msg.value() is not None:
+                latest = json.loads(msg.value())
+            if msg.offset() >= high - 1:
+                return latest
+        raise ServiceUnavailable(f"could not read topic {topic} to its end within {timeout:.0f} s")
+    except KafkaException as exc:
+        raise ServiceUnavailable(f"Kafka did not answer: {exc}") from exc
+    finally:
+        consumer.close()
+
+
+def write_source_record(bootstrap: str, topic: str, record: dict) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "log_level": 3})
+    errors: list[str] = []
+    producer.produce(topic, key=SOURCE_KEY, value=json.dumps(record, sort_keys=True).encode(),
+                     on_delivery=lambda err, _msg: errors.append(str(err)) if err else None)
+    if producer.flush(30) or errors:
+        raise ServiceUnavailable(f"could not write the source identity to topic {topic}: {errors or 'timed out'}")

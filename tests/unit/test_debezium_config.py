@@ -42,7 +42,7 @@ def test_connection_and_capture_settings_come_from_the_pipeline():
     assert (c["slot.name"], c["publication.name"], c["topic.prefix"]) == ("district_slot", "district_pub", "district")
     assert c["plugin.name"] == "pgoutput" and c["publication.autocreate.mode"] == "disabled"
     assert c["provide.transaction.metadata"] == "true"
-    assert c["table.include.list"].split(",")[-1] == r"public\.cdc_signal"
+    assert c["table.include.list"].split(",")[-2:] == [r"public\.cdc_signal", r"public\.cdc_heartbeat"]
     assert masked(c)["database.password"] == "********"
 
 
@@ -55,7 +55,7 @@ def test_members_are_keyed_by_their_root_id_and_routed_to_the_hierarchy_topic():
     assert c["transforms.h0rename0.renames"] == "person_id:id"
     assert c["transforms.h0key.schema.name"] == "district.person.Key"
     assert c["transforms.h0route.replacement"] == "district.person"
-    assert c["transforms.h0route.regex"] == r"district\.(public\.person|public\.enrollment|public\.attendance)"
+    assert c["transforms.h0route.regex"] == r"^district\.(?:public\.person|public\.enrollment|public\.attendance)$"
     assert "school" not in c["transforms.h0route.regex"]
 
 

@@ -1,0 +1,338 @@
+"""Capture fidelity on the real stack: every change a source makes reaches a topic an applier reads, or
+`cdc connectors apply` refuses before anything changes (routes, partitioned tables, truncates, heartbeats,
+topics of another source database, nullable root ids)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from cdc.errors import CdcError, ConfigError
+from consumers.stream import ChangeStream
+from producers import capture, topics
+from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
+
+CDC = str(Path(sys.executable).parent / "cdc")
+
+
+def cdc(path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def table_rows(url: str, table: str) -> list[tuple]:
+    """Every row of a table, with plain SQL, `_cdc_lsn` left out, in primary-key order."""
+    schema, name = table.split(".")
+    with psycopg.connect(url) as conn:
+        columns = [r[0] for r in conn.execute(
+            "select column_name from information_schema.columns where table_schema = %s and table_name = %s "
+            "and column_name <> '_cdc_lsn' order by ordinal_position", (schema, name))]
+        assert columns, f"{table} does not exist at {url}"
+        query = sql.SQL("select {} from {} order by 1, 2").format(
+            sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(schema, name))
+        return conn.execute(query).fetchall()
+
+
+def pipeline_topics_now(stack, pipeline) -> list[str]:
+    admin = topics.admin_client(stack.kafka_bootstrap)
+    return sorted(t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.pipeline}."))
+
+
+def assert_nothing_created(stack, connect, pipeline, database: str) -> None:
+    assert connect.status(pipeline.connector_name) is None
+    with psycopg.connect(stack.postgres_url(database)) as conn:
+        assert conn.execute("select slot_name from pg_replication_slots where slot_name = %s",
+                            (pipeline.slot_name,)).fetchall() == []
+        assert conn.execute("select pubname from pg_publication where pubname = %s",
+                            (pipeline.publication_name,)).fetchall() == []
+    assert pipeline_topics_now(stack, pipeline) == []
+
+
+# -- 1. routes match whole names; no topic outside the plan
+
+FILM = """
+create table film (film_id integer primary key, title text not null);
+create table film_actor (actor_id integer, film_id integer not null references film, primary key (actor_id, film_id));
+create table film_category (film_id integer primary key references film, category text not null);
+insert into film select g, 'film ' || g from generate_series(1, 5) g;
+insert into film_actor select a, f from generate_series(1, 3) a, generate_series(1, 5) f;
+insert into film_category select g, 'cat' from generate_series(1, 5) g;
+"""
+
+
+def test_members_whose_names_begin_with_the_roots_reach_the_hierarchy_topic(stack, decoder, source_db, tmp_path):
+    execute(stack.postgres_url(source_db), FILM)
+    data = pipeline_data(stack, source_db, ["public.film", "public.film_actor", "public.film_category"],
+                         hierarchies={"film": {"root": "public.film", "members": {"public.film_actor": "film_id",
+                                                                                   "public.film_category": "film_id"}}})
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    stream = ChangeStream(stack.kafka_bootstrap, decoder, [f"{pipeline.pipeline}.film"], group=f"t-{pipeline.pipeline}")
+    try:
+        snapshot = stream.collect(lambda seen: len(seen) >= 25, timeout=120)
+        execute(stack.postgres_url(source_db), "insert into film values (6, 'six')",
+                "insert into film_actor values (1, 6)", "update film_category set category = 'x' where film_id = 2")
+        streamed = stream.collect(lambda seen: len(seen) >= 3, timeout=120)
+        status = cdc(path, "connectors", "status")
+        existing = pipeline_topics_now(stack, pipeline)
+    finally:
+        stream.close()
+        purge(pipeline)
+    assert sorted((e.table, e.op) for e in snapshot).count(("public.film_actor", "r")) == 15
+    assert {e.table for e in snapshot} == {"public.film", "public.film_actor", "public.film_category"}
+    assert sorted((e.table, e.op) for e in streamed) == [
+        ("public.film", "c"), ("public.film_actor", "c"), ("public.film_category", "u")]
+    assert all(e.key == {"film_id": e.row["film_id"]} for e in snapshot + streamed)
+    assert f"{pipeline.pipeline}.film_actor" not in existing and f"{pipeline.pipeline}.film_category" not in existing
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_a_topic_outside_the_plan_is_an_error_naming_its_table(stack, source_db, tmp_path):
+    execute(stack.postgres_url(source_db), FILM)
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.film"]))
+    capture.apply(pipeline)
+    try:
+        admin = topics.admin_client(stack.kafka_bootstrap)
+        stray = f"{pipeline.pipeline}.public.film_actor"
+        topics.create_topics(admin, [topics.TopicSpec(stray, 1, {})], 1)
+        status = cdc(path, "connectors", "status")
+        as_json = cdc(path, "connectors", "status", "--json")
+        again = cdc(path, "connectors", "apply")
+    finally:
+        purge(pipeline)
+    message = (f"error: topic {stray} is not planned by pipeline {pipeline.pipeline!r}: it holds events of table "
+               "public.film_actor that no applier reads")
+    assert status.returncode == 1 and message in status.stderr, status.stdout + status.stderr
+    assert '"unplanned_topics": [\n    {\n      "topic": "' + stray in as_json.stdout
+    assert again.returncode == 1 and message in again.stderr, again.stderr
+
+
+# -- 2. partitioned tables
+
+PAYMENT = """
+create table customer (id integer primary key, name text not null);
+create table payment (id integer not null, customer_id integer not null references customer, paid date not null,
+                      amount numeric(8, 2) not null, primary key (id, paid)) partition by range (paid);
+create table payment_2024 partition of payment for values from ('2024-01-01') to ('2025-01-01');
+create table payment_2025 partition of payment for values from ('2025-01-01') to ('2026-01-01');
+insert into customer select g, 'c' || g from generate_series(1, 4) g;
+insert into payment select g, 1 + g % 4, date '2024-06-01' + g * 20, g from generate_series(1, 20) g;
+"""
+
+
+def test_a_partitioned_table_is_snapshotted_once_and_streamed_as_its_parent(stack, source_db, destination_db,
+                                                                           tmp_path):
+    source = stack.postgres_url(source_db)
+    execute(source, PAYMENT)
+    data = pipeline_data(stack, source_db, ["public.customer", "public.payment"],
+                         destinations={"pg": {"kind": "replica", "url": stack.postgres_url(destination_db)}})
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    try:
+        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
+        assert first.returncode == 0, first.stdout + first.stderr
+        # Read once: the parent's snapshot reads every partition's rows, and no partition is read again.
+        assert topics.message_counts(stack.kafka_bootstrap, [pipeline.topic_of("public.payment")]) == {
+            pipeline.topic_of("public.payment"): 20}
+        assert table_rows(source, "public.payment") == table_rows(stack.postgres_url(destination_db), "public.payment")
+        with psycopg.connect(source) as conn:
+            with conn.transaction():  # a rental and its payment: one source transaction
+                conn.execute("insert into customer values (5, 'new')")
+                conn.execute("insert into payment values (100, 5, '2025-03-01', 9.5)")
+            with conn.transaction():  # moves rows to the other partition
+                conn.execute("update payment set paid = paid - interval '1 year' where paid >= '2025-01-01' "
+                             "and id < 12")
+            conn.execute("delete from payment where id = 3")
+            conn.commit()
+            conn.execute("create table payment_2026 partition of payment "
+                         "for values from ('2026-01-01') to ('2027-01-01')")
+            conn.commit()
+            conn.execute("insert into payment values (200, 1, '2026-02-02', 1), (201, 2, '2026-03-03', 2)")
+            conn.commit()
+            conn.execute("create table payment_2023 (like payment)")
+            conn.execute("insert into payment_2023 values (300, 1, '2023-05-05', 3)")
+            conn.execute("alter table payment attach partition payment_2023 "
+                         "for values from ('2023-01-01') to ('2024-01-01')")
+            conn.commit()
+            conn.execute("insert into payment values (301, 1, '2023-06-06', 4)")
+            conn.execute("update payment set amount = amount + 1 where id = 300")
+            conn.commit()
+        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
+        assert second.returncode == 0, second.stdout + second.stderr
+    finally:
+        purge(pipeline)
+    for table in ("public.customer", "public.payment"):
+        assert table_rows(source, table) == table_rows(stack.postgres_url(destination_db), table), table
+    assert len(table_rows(source, "public.payment")) == 24
+
+
+def test_a_partition_listed_beside_its_parent_is_refused_and_nothing_is_created(stack, connect, source_db, tmp_path):
+    execute(stack.postgres_url(source_db), PAYMENT)
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml",
+                              pipeline_data(stack, source_db, ["public.payment", "public.payment_2025"]))
+    with pytest.raises(ConfigError) as info:
+        capture.apply(pipeline)
+    assert str(info.value) == (
+        "source.tables: 'public.payment_2025' is a partition of 'public.payment', which is listed too; a partitioned "
+        "table is captured whole through its parent (the publication publishes its partitions' changes under the "
+        "parent's name), so list only the parent")
+    assert_nothing_created(stack, connect, pipeline, source_db)
+
+
+# -- 3. truncates
+
+TRUNCATED = """
+create table person (id integer primary key, name text not null);
+create table enrollment (id integer primary key, person_id integer not null references person, grade integer);
+create table school (id integer primary key, name text not null);
+insert into person select g, 'p' || g from generate_series(1, 5) g;
+insert into enrollment select g, 1 + g % 5, g from generate_series(1, 10) g;
+insert into school select g, 's' || g from generate_series(1, 3) g;
+"""
+
+
+def _truncate_round(stack, source_db, destination_url: str, tmp_path, read) -> None:
+    source = stack.postgres_url(source_db)
+    execute(source, TRUNCATED)
+    data = pipeline_data(stack, source_db, ["public.person", "public.enrollment", "public.school"],
+                         hierarchies={"person": {"root": "public.person",
+                                                 "members": {"public.enrollment": "person_id"}}},
+                         destinations={"d": {"kind": "replica", "url": destination_url}})
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    try:
+        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert len(read("enrollment")) == 10 and len(read("school")) == 3
+        with psycopg.connect(source) as conn:
+            with conn.transaction():
+                conn.execute("truncate enrollment")
+                conn.execute("insert into enrollment values (50, 1, 7)")
+            with conn.transaction():
+                conn.execute("truncate school")
+            conn.execute("insert into school values (9, 'after')")
+            conn.execute("insert into enrollment values (51, 2, 8)")
+            conn.commit()
+        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
+        assert second.returncode == 0, second.stdout + second.stderr
+    finally:
+        purge(pipeline)
+    assert read("enrollment") == [(50, 1, 7), (51, 2, 8)]
+    assert read("school") == [(9, "after")]
+    assert len(read("person")) == 5
+
+
+def test_a_truncate_reaches_a_postgresql_replica_in_transaction_order(stack, source_db, destination_db, tmp_path):
+    url = stack.postgres_url(destination_db)
+    _truncate_round(stack, source_db, url, tmp_path, lambda table: table_rows(url, f"public.{table}"))
+
+
+def test_a_truncate_reaches_a_mariadb_replica(stack, source_db, mariadb_database, tmp_path):
+    from sqlalchemy import create_engine
+
+    engine = create_engine(mariadb_database)
+
+    def read(table: str) -> list[tuple]:
+        columns = {"enrollment": "id, person_id, grade", "school": "id, name", "person": "id, name"}[table]
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(f"select {columns} from `{table}` order by id")]
+
+    try:
+        _truncate_round(stack, source_db, mariadb_database, tmp_path, read)
+    finally:
+        engine.dispose()
+
+
+# -- 4. heartbeats move the slot while the captured database is idle
+
+def test_an_idle_captured_database_does_not_hold_wal_while_others_are_busy(stack, source_db, destination_db,
+                                                                            tmp_path):
+    execute(stack.postgres_url(source_db), "create table quiet (id integer primary key)")
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml", pipeline_data(stack, source_db, ["public.quiet"]))
+    capture.apply(pipeline)
+    busy = stack.postgres_url(destination_db)
+    try:
+        execute(busy, "create table noise (id bigserial primary key, pad text)")
+        with psycopg.connect(busy, autocommit=True) as conn:
+            for _ in range(20):
+                conn.execute("insert into noise (pad) select repeat('x', 500) from generate_series(1, 2000)")
+            written = conn.execute("select pg_current_wal_lsn()").fetchone()[0]
+        with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
+            deadline = time.monotonic() + 30  # heartbeat_ms is 1000 in the tests' pipelines
+            while True:
+                confirmed, behind = conn.execute(
+                    "select confirmed_flush_lsn, pg_wal_lsn_diff(%s::pg_lsn, confirmed_flush_lsn) "
+                    "from pg_replication_slots where slot_name = %s", (written, pipeline.slot_name)).fetchone()
+                if behind <= 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+        heartbeat_topic_absent = f"{pipeline.pipeline}.public.cdc_heartbeat" not in pipeline_topics_now(stack, pipeline)
+    finally:
+        purge(pipeline)
+    assert behind <= 0, f"the slot still holds {behind} bytes of WAL written by another database ({confirmed})"
+    assert heartbeat_topic_absent
+
+
+# -- 5. topics holding another source database's history
+
+def test_a_pipeline_name_reused_for_another_source_database_is_refused_then_reset(stack, connect, tmp_path):
+    name = f"reuse{uuid.uuid4().hex[:8]}"
+    database = f"src_{uuid.uuid4().hex[:10]}"
+    admin_url = stack.postgres_url()
+
+    def create_source(rows: int) -> None:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'create database "{database}"')
+        execute(stack.postgres_url(database), "create table item (id integer primary key, label text)",
+                f"insert into item select g, 'v' || g from generate_series(1, {rows}) g")
+
+    def drop_source() -> None:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{database}" with (force)')
+
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, database, ["public.item"], name=name))
+    try:
+        create_source(3)
+        capture.apply(pipeline)
+        capture.delete(pipeline, purge=True)
+        drop_source()
+        create_source(2)  # same name, another database
+        with psycopg.connect(stack.postgres_url(database)) as conn:
+            oid = conn.execute("select oid from pg_database where datname = current_database()").fetchone()[0]
+        before = pipeline_topics_now(stack, pipeline)
+        refused = cdc(path, "connectors", "apply")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stderr.startswith(f"error: topics {name}.public.item"), refused.stderr
+        assert f" hold the history of database {database!r} (oid " in refused.stderr
+        assert (f"but source.url reaches database {database!r} (oid {oid}) of cluster " in refused.stderr
+                and f"the pipeline name {name!r} was used before for another source database. Nothing was changed."
+                in refused.stderr and "Run `cdc connectors apply --reset-topics`" in refused.stderr), refused.stderr
+        assert connect.status(pipeline.connector_name) is None
+        assert pipeline_topics_now(stack, pipeline) == before
+        with psycopg.connect(stack.postgres_url(database)) as conn:
+            assert conn.execute("select count(*) from pg_replication_slots where slot_name = %s",
+                                (pipeline.slot_name,)).fetchone()[0] == 0
+            assert conn.execute("select count(*) from pg_publication").fetchone()[0] == 0
+
+        reset = cdc(path, "connectors", "apply", "--reset-topics")
+        assert reset.returncode == 0, reset.stdout + reset.stderr
+        assert f"topic {name}.public.item: deleted (--reset-topics)" in reset.stdout
+        counts = topics.message_counts(stack.kafka_bootstrap, [f"{name}.public.item"])
+        assert counts == {f"{name}.public.item": 2}  # the new database's snapshot only
+        again = cdc(path, "connectors", "apply")
+        assert again.returncode == 0 and again.stdout.strip() == f"connector {pipeline.connector_name}: unchanged"
+    finally:
+        capture.delete(pipeline, purge=True)
+        drop_source()
+        topics.delete_topics(topics.admin_client(stack.kafka_bootstrap), pipeline_topics_now(stack, pipeline))
