@@ -1,9 +1,29 @@
-"""Object hierarchies proposed from the source's foreign keys: a pure graph analysis, its YAML, and the reflection.
+"""Object hierarchies proposed from the source's foreign keys and row estimates: a pure graph analysis, its YAML
+with the reason for every choice, and the reflection of the source (every schema in one pass).
 
 A member must hold its root's id directly in one of its own columns, because that column becomes the record key
-(Debezium's `message.key.columns`) of every change of the member. So only "ownership" foreign keys count: one
-NOT NULL column referencing the single-column primary key of another captured table. A table reaching a root
-only through other tables cannot be keyed by the root id without a join that Debezium does not do.
+(Debezium's `message.key.columns`) of every change of the member. So only "ownership" links count: one column
+referencing the single-column primary key of another captured table. A NOT NULL column is strong evidence; a
+nullable one is accepted as weaker evidence (a row may belong to no root). A table reaching a root only through
+other tables cannot be keyed by the root id without a join that Debezium does not do.
+
+Roots are the tables that own rows (a customer and its rentals and payments), never lookup tables: rooting at
+`language` would put every film under its language_id and strand the film's own rows. How it is decided:
+
+1. Links. Two tables referencing each other (store.manager_staff_id, staff.store_id) are an association: neither
+   link counts, unless one is nullable and the other is not (then the NOT NULL one is the ownership).
+2. Reference data (language, category, country, city, address...) is neither a root nor a member. A table is
+   reference data when it is referenced, holds links only to reference data, and either is small against the
+   tables referencing it (row estimates: pg_class.reltuples) or is referenced only by tables that have
+   dependants of their own (they own rows; it describes them).
+3. Roots, greedily: the other tables with a single-column primary key, those whose id is held by the most tables
+   first. One that holds the id of a root already chosen becomes a member instead; one whose holders are all
+   roots owns nothing and stays standalone.
+4. Members: every other table holding a root's id joins one of them, preferring a NOT NULL column, then
+   ON DELETE CASCADE, then a column that is part of its primary key (a junction such as film_actor belongs to
+   the side it is named after), then a name beginning with the root's name, then the root held by more tables.
+
+Everything here is pure except the reflection at the end; each decision carries its reason into the YAML.
 """
 
 from __future__ import annotations
@@ -15,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import yaml
-from sqlalchemy import create_engine, inspect
-from sqlalchemy.engine import Engine, Inspector, make_url
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import Connection, Engine, Inspector, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable
@@ -24,6 +44,11 @@ from cdc.errors import CdcError, ConfigError, ServiceUnavailable
 # Hierarchy names become parts of topic names; the pipeline file accepts only these.
 _HIERARCHY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _PLAIN_SCALAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.$-]*$")
+
+# A referenced table this small (row estimate), against a referencing table ten times larger, is a lookup:
+# a root with a handful of rows would also put all of its members' changes under a handful of keys.
+SMALL_TABLE_ROWS = 100
+SMALL_TABLE_RATIO = 10
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -41,6 +66,7 @@ class ForeignKey:
     columns: tuple[str, ...]
     referred_table: str  # schema-qualified
     referred_columns: tuple[str, ...]
+    ondelete: str | None = None  # as the source declares it: "CASCADE", "RESTRICT", ...; None for the default
 
 
 @dataclass(frozen=True)
@@ -49,9 +75,10 @@ class SourceTable:
     primary_key: tuple[str, ...]
     columns: tuple[Column, ...]
     foreign_keys: tuple[ForeignKey, ...] = ()
+    rows: float | None = None  # the source's row estimate; None when unknown (never analysed, or not PostgreSQL)
 
     def nullable(self, column: str) -> bool:
-        # A column we were not told about is treated as nullable: it cannot be relied on to hold a root id.
+        # A column we were not told about is treated as nullable: the weaker evidence.
         return next((c.nullable for c in self.columns if c.name == column), True)
 
 
@@ -63,8 +90,10 @@ class SourceTable:
 class Member:
     table: str
     column: str  # the member's column holding the root id
-    # other (root, column) pairs this table also owns directly; the user may prefer one of them
+    # other roots this table also holds the id of, as (root, column); the user may prefer one of them
     alternatives: tuple[tuple[str, str], ...] = ()
+    why: str | None = None  # why this root, and why not what else it references
+    nullable: bool = False  # the root-id column is nullable: weaker evidence, a row may belong to no root
 
 
 @dataclass(frozen=True)
@@ -72,12 +101,14 @@ class Hierarchy:
     name: str
     root: str
     members: tuple[Member, ...]
+    why: str = ""  # why this table is a root
 
 
 @dataclass(frozen=True)
 class Standalone:
     table: str
-    note: str | None = None  # why a foreign key it has does not make it a member elsewhere
+    note: str | None = None  # why no hierarchy holds it
+    reference: bool = False  # reference data (a lookup table)
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,7 @@ class Suggestion:
     hierarchies: tuple[Hierarchy, ...]
     standalone: tuple[Standalone, ...]
     unjoinable: tuple[Unjoinable, ...]
+    unestimated: tuple[str, ...] = ()  # tables without a row estimate: reference data told from foreign keys alone
 
     def hierarchy(self, name: str) -> Hierarchy:
         for h in self.hierarchies:
@@ -104,69 +136,80 @@ class Suggestion:
 
 
 @dataclass(frozen=True)
-class _Ownership:
-    owner: str  # the table holding the column
+class _Link:
+    """An ownership link: `child.column` holds the id of `parent` (its single-column primary key)."""
+
+    child: str
     column: str
-    root: str  # the table whose primary key it references
+    parent: str
+    nullable: bool
+    cascade: bool  # ON DELETE CASCADE: deleting the parent deletes the child's rows
+    in_key: bool  # the column is part of the child's primary key (a junction or a detail row)
 
-
-@dataclass
-class _Graph:
-    tables: dict[str, SourceTable]
-    owns: dict[str, list[_Ownership]] = field(default_factory=dict)  # table -> its ownership FKs, sorted
-
-    def successors(self, table: str) -> list[str]:
-        return sorted({o.root for o in self.owns.get(table, [])})
+    @property
+    def shown(self) -> str:
+        return f"{self.parent} ({self.column})"
 
 
 def _single_pk(table: SourceTable) -> str | None:
     return table.primary_key[0] if len(table.primary_key) == 1 else None
 
 
-def _ownership(table: SourceTable, fk: ForeignKey, tables: dict[str, SourceTable]) -> _Ownership | None:
+def _bare(name: str) -> str:
+    return name.split(".", 1)[-1]
+
+
+def _rows(rows: float) -> str:
+    return f"~{round(rows):,} rows"
+
+
+def _named_after(child: str, parent: str) -> bool:
+    """film_actor, FilmActor and "Film Actor" are named after film; filmography is not."""
+    c, p = _bare(child), _bare(parent)
+    if len(c) <= len(p) or not c.lower().startswith(p.lower()):
+        return False
+    nxt = c[len(p)]
+    return not nxt.isalnum() or (p[-1].islower() and nxt.isupper())
+
+
+def _link(table: SourceTable, fk: ForeignKey, tables: dict[str, SourceTable]) -> _Link | None:
     referred = tables.get(fk.referred_table)
     if referred is None or referred.name == table.name or len(fk.columns) != 1:
         return None
-    if _single_pk(referred) is None or fk.referred_columns != referred.primary_key or table.nullable(fk.columns[0]):
+    if _single_pk(referred) is None or fk.referred_columns != referred.primary_key:
         return None
-    return _Ownership(table.name, fk.columns[0], referred.name)
+    column = fk.columns[0]
+    return _Link(table.name, column, referred.name, table.nullable(column),
+                 (fk.ondelete or "").upper() == "CASCADE", column in table.primary_key)
 
 
-def _why_not_ownership(table: SourceTable, tables: dict[str, SourceTable]) -> list[str]:
-    """Plain-words reasons why each foreign key to another captured table is not an ownership one."""
+def _why_not_link(table: SourceTable, tables: dict[str, SourceTable]) -> list[str]:
+    """Plain-words reasons why each foreign key to another captured table is not an ownership link."""
     reasons = []
     for fk in sorted(table.foreign_keys, key=lambda f: (f.columns, f.referred_table)):
         referred = tables.get(fk.referred_table)
-        if referred is None or referred.name == table.name or _ownership(table, fk, tables):
+        if referred is None or referred.name == table.name or _link(table, fk, tables):
             continue
         cols = ", ".join(fk.columns)
         if len(fk.columns) != 1:
             reasons.append(f"({cols}) references {referred.name} with several columns")
-        elif fk.referred_columns != referred.primary_key or _single_pk(referred) is None:
-            reasons.append(f"{cols} references {referred.name} ({', '.join(fk.referred_columns)}), not its primary key")
         else:
-            reasons.append(f"{cols} (references {referred.name}) is nullable")
+            reasons.append(f"{cols} references {referred.name} ({', '.join(fk.referred_columns)}), not its primary key")
     return reasons
 
 
-def _walk(graph: _Graph, start: str) -> tuple[dict[str, tuple[int, str]], str | None]:
-    """Breadth-first over ownership edges from `start`: each reached table's (depth, predecessor), and the
-    predecessor through which the walk came back to `start`, if it did.
-
-    Visiting each table once is what keeps ownership cycles from looping; sorted successors keep it deterministic.
-    """
+def _walk(successors: Callable[[str], list[str]], start: str) -> dict[str, tuple[int, str]]:
+    """Breadth-first from `start`: each reached table's (depth, predecessor). Visiting each table once is what
+    keeps cycles from looping; sorted successors keep it deterministic."""
     reached: dict[str, tuple[int, str]] = {}
-    back: str | None = None
     queue = deque([(start, 0)])
     while queue:
         node, depth = queue.popleft()
-        for nxt in graph.successors(node):
-            if nxt == start:
-                back = back or node
-            elif nxt not in reached:
+        for nxt in successors(node):
+            if nxt != start and nxt not in reached:
                 reached[nxt] = (depth + 1, node)
                 queue.append((nxt, depth + 1))
-    return reached, back
+    return reached
 
 
 def _path(reached: dict[str, tuple[int, str]], start: str, end: str) -> list[str]:
@@ -176,11 +219,6 @@ def _path(reached: dict[str, tuple[int, str]], start: str, end: str) -> list[str
     return path[::-1]
 
 
-def _cycle_through(graph: _Graph, table: str) -> list[str] | None:
-    reached, back = _walk(graph, table)
-    return [*_path(reached, table, back), table] if back else None
-
-
 def _hierarchy_names(roots: list[str]) -> dict[str, str]:
     """The root's table name without its schema; schema-prefixed when two schemas would give the same name."""
 
@@ -188,7 +226,7 @@ def _hierarchy_names(roots: list[str]) -> dict[str, str]:
         text = re.sub(r"[^A-Za-z0-9_-]", "_", text).lstrip("_-")
         return text if _HIERARCHY_NAME_RE.match(text) else f"h_{text}".rstrip("_")
 
-    bare = {root: clean(root.split(".", 1)[-1]) for root in roots}
+    bare = {root: clean(_bare(root)) for root in roots}
     names = {root: (clean(root.replace(".", "_")) if list(bare.values()).count(bare[root]) > 1 else bare[root])
              for root in roots}
     taken: set[str] = set()
@@ -202,76 +240,261 @@ def _hierarchy_names(roots: list[str]) -> dict[str, str]:
     return names
 
 
-def suggest(tables: Iterable[SourceTable]) -> Suggestion:
-    """Propose hierarchies over the given (captured) tables.
+class _Analysis:
+    """One run of the four steps of the module docstring over the captured tables; every decision keeps its reason."""
 
-    1. Ownership FKs: single NOT NULL column -> the single-column primary key of another captured table.
-    2. Candidate roots: tables with a single-column primary key and no ownership FK.
-    3. Each other table joins a candidate root it owns directly; with several, the root owned directly by
-       the most tables wins (ties by name), and the others are kept as alternatives.
-    4. Candidate roots without members are standalone; every other table cannot join, with the reason.
-    """
-    by_name = {t.name: t for t in tables}
-    graph = _Graph(by_name)
-    for name in sorted(by_name):
-        owned = [o for fk in by_name[name].foreign_keys if (o := _ownership(by_name[name], fk, by_name))]
-        if owned:
-            graph.owns[name] = sorted(set(owned), key=lambda o: (o.root, o.column))
+    def __init__(self, tables: Iterable[SourceTable]) -> None:
+        self.tables = {t.name: t for t in tables}
+        self.associations: dict[str, list[str]] = {}  # table -> why links with a partner were set aside
+        self.links = self._links()
+        self.links_from: dict[str, list[_Link]] = {name: [] for name in self.tables}
+        self.links_to: dict[str, list[_Link]] = {name: [] for name in self.tables}
+        for link in self.links:
+            self.links_from[link.child].append(link)
+            self.links_to[link.parent].append(link)
+        self.reference = self._reference()
+        self.order, self.roots = self._roots()
+        self.holders = {t: sorted({link.child for link in self.links_to[t]}) for t in self.tables}
+        self.member_of = self._members()
 
-    roots = {name for name, t in by_name.items() if _single_pk(t) is not None and name not in graph.owns}
-    owners_of: dict[str, set[str]] = {root: set() for root in roots}
-    for owned in graph.owns.values():
-        for o in owned:
-            if o.root in roots:
-                owners_of[o.root].add(o.owner)
+    # -- step 1
+    def _links(self) -> list[_Link]:
+        found = {link for name in sorted(self.tables) for fk in self.tables[name].foreign_keys
+                 if (link := _link(self.tables[name], fk, self.tables))}
+        kept = []
+        for link in sorted(found, key=lambda k: (k.child, k.parent, k.column)):
+            back = [b for b in found if b.child == link.parent and b.parent == link.child]
+            if not back:
+                kept.append(link)
+                continue
+            mine_strong = any(not f.nullable for f in found if f.child == link.child and f.parent == link.parent)
+            back_strong = any(not b.nullable for b in back)
+            if mine_strong and not back_strong:
+                kept.append(link)  # the other side only points back (person.current_enrollment_id): ours owns
+                continue
+            if back_strong and not mine_strong:
+                why = (f"its nullable {link.column} only points back at {link.parent}, "
+                       "which holds its id NOT NULL")
+            else:
+                why = (f"it and {link.parent} reference each other ({link.column}; "
+                       f"{', '.join(sorted(b.column for b in back))}): neither owns the other")
+            notes = self.associations.setdefault(link.child, [])
+            if why not in notes:
+                notes.append(why)
+        return kept
 
-    def rank(root: str) -> tuple[int, str]:
-        return (-len(owners_of[root]), root)
+    # -- step 2
+    def _small(self, name: str) -> str | None:
+        rows = self.tables[name].rows
+        referencers = [self.tables[link.child] for link in self.links_to[name] if self.tables[link.child].rows is not None]
+        if rows is None or not referencers:
+            return None
+        biggest = max(referencers, key=lambda t: (t.rows, t.name))
+        if rows <= SMALL_TABLE_ROWS and biggest.rows is not None and biggest.rows >= SMALL_TABLE_RATIO * max(rows, 10):
+            return f"{_rows(rows)} against {_rows(biggest.rows)} in {biggest.name}, which references it"
+        return None
 
-    members: dict[str, list[Member]] = {root: [] for root in roots}
-    unjoinable: list[Unjoinable] = []
-    for name in sorted(set(by_name) - roots):
-        direct = sorted((o for o in graph.owns.get(name, []) if o.root in roots),
-                        key=lambda o: (rank(o.root), o.column))
-        if direct:
-            chosen, *others = direct
-            members[chosen.root].append(
-                Member(name, chosen.column, tuple(sorted((o.root, o.column) for o in others))))
+    def _describes(self, name: str) -> str | None:
+        referencers = sorted({link.child for link in self.links_to[name]})
+        if referencers and all({d.child for d in self.links_to[r]} - {r, name} for r in referencers):
+            return (f"every table referencing it ({', '.join(referencers)}) has dependants of its own: "
+                    "it describes their rows rather than owning them")
+        return None
+
+    def _reference(self) -> dict[str, str]:
+        reference = {name: why for name, t in self.tables.items()
+                     if _single_pk(t) and self.links_to[name] and (why := self._small(name) or self._describes(name))}
+        changed = True
+        while changed:  # the greatest fixpoint: store and staff, both small and referencing each other, stay
+            changed = False
+            for name in sorted(reference):
+                if any(link.parent not in reference for link in self.links_from[name]):
+                    del reference[name]
+                    changed = True
+        return reference
+
+    # -- step 3
+    def _rank(self, name: str) -> tuple[int, int, int, float, str]:
+        """Who is a root first: held (NOT NULL) by more tables, then held by more tables, then owned by fewer (a
+        table holding another candidate's id may be its member), then more rows (more keys), then the name."""
+        links = self.links_to[name]
+        owners = {k.parent for k in self.links_from[name] if k.parent not in self.reference}
+        return (-len({k.child for k in links if not k.nullable}), -len({k.child for k in links}), len(owners),
+                -(self.tables[name].rows or 0), name)
+
+    def _roots(self) -> tuple[list[str], list[str]]:
+        candidates = sorted((n for n, t in self.tables.items() if n not in self.reference and _single_pk(t)),
+                            key=self._rank)
+        roots: list[str] = []
+        for name in candidates:
+            if any(link.parent in roots for link in self.links_from[name]):
+                continue  # it holds the id of a root that owns more: it is a member
+            if all(link.child in roots for link in self.links_to[name]):
+                continue  # nothing left for it to own
+            roots.append(name)
+        return candidates, roots
+
+    # -- step 4
+    def _preference(self, link: _Link) -> tuple:
+        return (link.nullable, not link.cascade, not link.in_key, not _named_after(link.child, link.parent),
+                self._rank(link.parent), link.column)
+
+    def _members(self) -> dict[str, _Link]:
+        member_of = {}
+        for name in sorted(self.tables):
+            if name in self.roots or name in self.reference:
+                continue
+            options = sorted((k for k in self.links_from[name] if k.parent in self.roots), key=self._preference)
+            if options:
+                member_of[name] = options[0]
+        return member_of
+
+    # -- the reasons
+    def _why_over(self, win: _Link, lose: _Link) -> str:
+        """The first preference that put `win` before `lose`, in words."""
+        if win.nullable != lose.nullable:
+            return f"{win.column} is NOT NULL and {lose.column} is not"
+        if win.cascade != lose.cascade:
+            return f"{win.column} is ON DELETE CASCADE"
+        if win.in_key != lose.in_key:
+            return f"{win.column} is part of its primary key"
+        if win.parent == lose.parent:
+            return f"{win.column} comes first by name"
+        if _named_after(win.child, win.parent) != _named_after(lose.child, lose.parent):
+            return f"{_bare(win.child)} is named after {_bare(win.parent)}"
+        return self._why_first(win.parent, lose.parent)
+
+    def _why_first(self, win: str, lose: str) -> str:
+        a, b = self._rank(win), self._rank(lose)
+        if a[0] != b[0]:
+            return f"{win} is held NOT NULL by more tables ({-a[0]} against {-b[0]})"
+        if a[1] != b[1]:
+            return f"{win} is held by more tables ({-a[1]} against {-b[1]})"
+        if a[2] != b[2]:
+            return f"{win} references fewer tables that could own it ({a[2]} against {b[2]})"
+        if a[3] != b[3]:
+            return f"{win} has more rows ({_rows(-a[3])} against {_rows(-b[3])}): more keys to spread"
+        return f"{win} and {lose} are held by as many tables, and {win} comes first by name"
+
+    def _where(self, name: str) -> str:
+        """What became of a table, as said of a link pointing at it."""
+        if name in self.reference:
+            return "reference data"
+        if name in self.member_of:
+            root = self.member_of[name].parent
+            return f"itself a member of {_bare(root)} (a member is keyed by its root's id)"
+        if name in self.roots:
+            return "a root"
+        return "not a root"
+
+    def member_why(self, name: str) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+        chosen = self.member_of[name]
+        notes, alternatives = [], []
+        if chosen.nullable:
+            notes.append(f"{chosen.column} is nullable: weaker evidence, a row may belong to no {_bare(chosen.parent)}")
+        also = []
+        for link in sorted(self.links_from[name], key=lambda k: (k.parent, k.column)):
+            if link == chosen:
+                continue
+            if link.parent in self.roots:
+                alternatives.append((link.parent, link.column))
+                if link.parent == chosen.parent:
+                    also.append(f"{link.shown}: the same root, {self._why_over(chosen, link)}")
+                else:
+                    also.append(f"{link.shown}, a root too: {self._why_over(chosen, link)}")
+            elif link.parent in self.member_of and self.member_of[link.parent].parent == chosen.parent:
+                also.append(f"{link.shown}: itself a member of {_bare(chosen.parent)}; {_bare(name)} holds the "
+                            f"{_bare(chosen.parent)} id itself, so it goes under the same key as its "
+                            f"{_bare(link.parent)}")
+            else:
+                also.append(f"{link.shown}: {self._where(link.parent)}")
+        if also:
+            notes.append("also references " + "; ".join(also))
+        notes += self.associations.get(name, [])
+        return ("; ".join(notes) or None), tuple(alternatives)
+
+    def root_why(self, name: str) -> str:
+        table, holders = self.tables[name], self.holders[name]
+        parts = [f"{name}: its id is held by {len(holders)} table{'s' if len(holders) != 1 else ''}"
+                 + (f", {_rows(table.rows)}" if table.rows is not None else "")]
+        refs = [k.shown for k in sorted(self.links_from[name], key=lambda k: (k.parent, k.column))
+                if k.parent in self.reference]
+        if refs:
+            parts.append(f"its own references {', '.join(refs)} are reference data")
+        for link in sorted(self.links_from[name], key=lambda k: (k.parent, k.column)):
+            if link.parent in self.reference:
+                continue
+            if link.parent in self.roots:
+                parts.append(f"a root rather than a member of {_bare(link.parent)} through {link.column}: "
+                             f"{self._why_first(name, link.parent)}")
+            else:
+                parts.append(f"it references {link.shown}, {self._where(link.parent)}")
+        parts += self.associations.get(name, [])
+        return "; ".join(parts)
+
+    def standalone_note(self, name: str) -> str:
+        if name in self.reference:
+            why = f"reference data: {self.reference[name]}"
+        elif name in self.roots:  # its holders all went to other roots
+            went = []
+            for holder in self.holders[name]:
+                if holder in self.roots:
+                    went.append(f"{holder} is a root itself")
+                else:
+                    link = next(k for k in self.links_from[holder] if k.parent == name)
+                    went.append(f"{holder} joined {_bare(self.member_of[holder].parent)} "
+                                f"({self._why_over(self.member_of[holder], link)})")
+            why = "every table holding its id went elsewhere: " + "; ".join(went)
+        elif self.holders[name]:
+            why = f"every table holding its id ({', '.join(self.holders[name])}) is a root of its own"
         else:
-            unjoinable.append(Unjoinable(name, _reason(graph, name, roots, rank)))
+            why = "no captured table holds its id"
+        notes = [why, *(f"not a member: {e}" for e in _why_not_link(self.tables[name], self.tables)),
+                 *self.associations.get(name, [])]
+        return "; ".join(notes)
 
-    joined = sorted(root for root in roots if members[root])
+    def unjoinable_reason(self, name: str) -> str:
+        successors = lambda t: sorted({k.parent for k in self.links_from[t] if k.parent not in self.reference})
+        reached = _walk(successors, name)
+        nearest = sorted((reached[r][0], self._rank(r), r) for r in self.roots if r in reached)
+        if nearest:
+            root = nearest[0][2]
+            through = _path(reached, name, root)[1:-1]
+            return (f"reaches {root} only through {' -> '.join(through)}; "
+                    f"add a column holding the {_bare(root)} id")
+        source = self.tables[name]
+        pk = (f"no single-column primary key ({', '.join(source.primary_key)})" if source.primary_key
+              else "no primary key")
+        refs = sorted({k.parent for k in self.links_from[name]})
+        if refs:
+            return f"{pk}, so it cannot be a root; and it references only reference data ({', '.join(refs)})"
+        why = _why_not_link(source, self.tables) + self.associations.get(name, [])
+        fks = f"no ownership foreign key: {'; '.join(why)}" if why else "no foreign key to a captured table"
+        return f"{pk}, so it cannot be a root; and {fks}"
+
+
+def suggest(tables: Iterable[SourceTable]) -> Suggestion:
+    """Propose hierarchies over the given (captured) tables, each choice with its reason (module docstring)."""
+    an = _Analysis(tables)
+    members: dict[str, list[Member]] = {root: [] for root in an.roots}
+    for name, link in sorted(an.member_of.items()):
+        why, alternatives = an.member_why(name)
+        members[link.parent].append(Member(name, link.column, alternatives, why, link.nullable))
+    joined = sorted(root for root in an.roots if members[root])
     names = _hierarchy_names(joined)
-    hierarchies = sorted((Hierarchy(names[root], root, tuple(members[root])) for root in joined),
+    hierarchies = sorted((Hierarchy(names[r], r, tuple(members[r]), an.root_why(r)) for r in joined),
                          key=lambda h: h.name)
-    standalone = []
-    for root in sorted(root for root in roots if not members[root]):
-        why = _why_not_ownership(by_name[root], by_name)
-        standalone.append(Standalone(root, f"not a member: {'; '.join(why)}" if why else None))
-    return Suggestion(tuple(hierarchies), tuple(standalone), tuple(unjoinable))
-
-
-def _reason(graph: _Graph, table: str, roots: set[str], rank: Callable[[str], tuple[int, str]]) -> str:
-    reached, _ = _walk(graph, table)
-    nearest = sorted((reached[r][0], rank(r), r) for r in roots if r in reached)
-    if nearest:
-        root = nearest[0][2]
-        through = _path(reached, table, root)[1:-1]
-        return (f"reaches {root} only through {' -> '.join(through)}; "
-                f"add a column holding the {root.split('.', 1)[-1]} id")
-    if table in graph.owns:
-        # Following ownership FKs never ends at a root, so it ends in a cycle: either through this table or ahead.
-        cycle = _cycle_through(graph, table)
-        if cycle:
-            return f"ownership cycle: {' -> '.join(cycle)}"
-        ahead = min((depth, t) for t, (depth, _) in reached.items() if _cycle_through(graph, t))[1]
-        return f"its owners form an ownership cycle: {' -> '.join(_cycle_through(graph, ahead) or [])}"
-    source = graph.tables[table]
-    pk = (f"no single-column primary key ({', '.join(source.primary_key)})" if source.primary_key
-          else "no primary key")
-    why = _why_not_ownership(source, graph.tables)
-    fks = f"no ownership foreign key: {'; '.join(why)}" if why else "no foreign key to a captured table"
-    return f"{pk}, so it cannot be a root; and {fks}"
+    standalone, unjoinable = [], []
+    for name in sorted(an.tables):
+        if name in joined or name in an.member_of:
+            continue
+        leads_on = any(k.parent not in an.reference for k in an.links_from[name])
+        if name in an.reference or name in an.roots or (_single_pk(an.tables[name]) and not leads_on):
+            standalone.append(Standalone(name, an.standalone_note(name), name in an.reference))
+        else:
+            unjoinable.append(Unjoinable(name, an.unjoinable_reason(name)))
+    unestimated = tuple(sorted(n for n, t in an.tables.items() if t.rows is None))
+    return Suggestion(tuple(hierarchies), tuple(standalone), tuple(unjoinable), unestimated)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +502,8 @@ def _reason(graph: _Graph, table: str, roots: set[str], rank: Callable[[str], tu
 
 
 def _scalar(text: str) -> str:
-    # Plain only when YAML reads it back as the same string (a column named `on` or `null` would not).
+    # Plain only when YAML reads it back as the same string (a column named `on` or `null` would not);
+    # otherwise a JSON string, which is also a valid YAML double-quoted scalar (quotes, unicode, spaces).
     if _PLAIN_SCALAR_RE.match(text) and yaml.safe_load(text) == text:
         return text
     return json.dumps(text)
@@ -290,15 +514,17 @@ def _one_line(text: str) -> str:
 
 
 def render_yaml(result: Suggestion) -> str:
-    """The `hierarchies` section of a pipeline file, with what did not fit said in comments."""
+    """The `hierarchies` section of a pipeline file; why each root and member, and what did not fit, in comments."""
     lines = ["hierarchies:" if result.hierarchies else "hierarchies: {}"]
     for h in result.hierarchies:
-        lines += [f"  {_scalar(h.name)}:", f"    root: {_scalar(h.root)}", "    members:"]
+        lines.append(f"  {_scalar(h.name)}:")
+        if h.why:
+            lines.append(f"    # root {_one_line(h.why)}")
+        lines += [f"    root: {_scalar(h.root)}", "    members:"]
         for m in h.members:
             line = f"      {_scalar(m.table)}: {_scalar(m.column)}"
-            if m.alternatives:
-                also = ", ".join(f"{root} ({column})" for root, column in m.alternatives)
-                line += f"  # also references {_one_line(also)}"
+            if m.why:
+                line += f"  # {_one_line(m.why)}"
             lines.append(line)
     if result.standalone:
         tables = ", ".join(_one_line(s.table) for s in result.standalone)
@@ -307,11 +533,26 @@ def render_yaml(result: Suggestion) -> str:
     if result.unjoinable:
         lines.append("# cannot join a hierarchy:")
         lines += [f"#   {_one_line(u.table)}: {_one_line(u.reason)}" for u in result.unjoinable]
+    if result.unestimated:
+        lines.append(f"# no row estimate for {len(result.unestimated)} table(s) (never analysed: run ANALYZE for "
+                     "better evidence); their reference data was told from the foreign keys alone")
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # reflection from the source database
+
+# Row estimates: PostgreSQL's planner statistics, free to read. A partitioned table's own reltuples says nothing
+# useful, so its leaves are summed. -1 (never vacuumed nor analysed) is "unknown".
+_ESTIMATES = text("""
+select n.nspname as schema, c.relname as name, c.relispartition as is_partition,
+       case when c.relkind = 'p'
+            then (select sum(l.reltuples) filter (where l.reltuples >= 0)
+                  from pg_partition_tree(c.oid) t join pg_class l on l.oid = t.relid where t.isleaf)
+            when c.reltuples >= 0 then c.reltuples end as estimate
+from pg_class c join pg_namespace n on n.oid = c.relnamespace
+where c.relkind in ('r', 'p') and n.nspname = any(:schemas)
+""")
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -333,12 +574,12 @@ def _engine(url: str) -> Engine:
     return engine
 
 
-def _with_inspector(url: str, work: Callable[[Inspector], list[SourceTable]]) -> list[SourceTable]:
+def _with_connection(url: str, work: Callable[[Connection], list[SourceTable]]) -> list[SourceTable]:
     engine = _engine(url)
     shown = engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
-            return work(inspect(conn))
+            return work(conn)
     except OperationalError as exc:
         raise ServiceUnavailable(f"source database {shown} did not answer: {_one_line(str(exc.orig))}") from exc
     except DBAPIError as exc:
@@ -347,24 +588,49 @@ def _with_inspector(url: str, work: Callable[[Inspector], list[SourceTable]]) ->
         engine.dispose()
 
 
-def _reflect(inspector: Inspector, names: list[str]) -> list[SourceTable]:
+def _estimates(conn: Connection, schemas: list[str]) -> dict[tuple[str, str], tuple[float | None, bool]]:
+    """(schema, table) -> (row estimate or None, is a partition); empty for a source that is not PostgreSQL."""
+    if conn.dialect.name != "postgresql":
+        return {}
+    rows = conn.execute(_ESTIMATES, {"schemas": schemas}).mappings()
+    return {(r["schema"], r["name"]): (None if r["estimate"] is None else float(r["estimate"]), r["is_partition"])
+            for r in rows}
+
+
+def _reflect(conn: Connection, wanted: dict[str, list[str] | None]) -> list[SourceTable]:
+    """Every wanted table in one pass per kind of object and schema (SQLAlchemy's multi-table reflection).
+
+    wanted: schema -> its table names, or None for all of its tables (partitions left out: they are captured as
+    their parent).
+    """
+    inspector: Inspector = inspect(conn)
     default_schema = inspector.default_schema_name
-    wanted = [_split(n) for n in dict.fromkeys(names)]
-    present = {schema: set(inspector.get_table_names(schema=schema)) for schema in {s for s, _ in wanted}}
-    missing = [f"{s}.{t}" for s, t in wanted if t not in present[s]]
-    if missing:
-        raise ConfigError(f"--tables: no such table at the source: {', '.join(missing)}")
+    estimates = _estimates(conn, sorted(wanted))
     tables = []
-    for schema, table in wanted:
-        pk = inspector.get_pk_constraint(table, schema=schema).get("constrained_columns") or []
-        columns = tuple(Column(c["name"], bool(c["nullable"])) for c in inspector.get_columns(table, schema=schema))
-        fks = tuple(
-            # PostgreSQL leaves out the schema of a referred table that is on the search path.
-            ForeignKey(tuple(fk["constrained_columns"]),
-                       f"{fk.get('referred_schema') or default_schema}.{fk['referred_table']}",
-                       tuple(fk["referred_columns"]))
-            for fk in inspector.get_foreign_keys(table, schema=schema))
-        tables.append(SourceTable(f"{schema}.{table}", tuple(pk), columns, fks))
+    for schema in sorted(wanted):
+        names = wanted[schema]
+        pks = inspector.get_multi_pk_constraint(schema=schema, filter_names=names)
+        if names is None:
+            names = sorted(t for (_, t) in pks if not estimates.get((schema, t), (None, False))[1])
+        else:
+            missing = [f"{schema}.{t}" for t in names if (schema, t) not in pks]
+            if missing:
+                raise ConfigError(f"--tables: no such table at the source: {', '.join(missing)}")
+        columns = inspector.get_multi_columns(schema=schema, filter_names=names)
+        fks = inspector.get_multi_foreign_keys(schema=schema, filter_names=names)
+        for table in names:
+            key = (schema, table)
+            tables.append(SourceTable(
+                f"{schema}.{table}",
+                tuple(pks[key].get("constrained_columns") or ()),
+                tuple(Column(c["name"], bool(c["nullable"])) for c in columns.get(key, [])),
+                tuple(
+                    # PostgreSQL leaves out the schema of a referred table that is on the search path.
+                    ForeignKey(tuple(fk["constrained_columns"]),
+                               f"{fk.get('referred_schema') or default_schema}.{fk['referred_table']}",
+                               tuple(fk["referred_columns"]), (fk.get("options") or {}).get("ondelete"))
+                    for fk in fks.get(key, [])),
+                estimates.get(key, (None, False))[0]))
     return tables
 
 
@@ -372,16 +638,28 @@ def reflect_source(url: str, tables: list[str]) -> list[SourceTable]:
     """The graph model of the named source tables; ConfigError naming any that do not exist."""
     if not tables:
         raise ConfigError("--tables: name at least one schema-qualified table")
-    return _with_inspector(url, lambda inspector: _reflect(inspector, tables))
+    wanted: dict[str, list[str] | None] = {}
+    for name in dict.fromkeys(tables):
+        schema, table = _split(name)
+        wanted.setdefault(schema, []).append(table)  # type: ignore[union-attr]
+    return _with_connection(url, lambda conn: _reflect(conn, wanted))
 
 
-def reflect_schema(url: str, schema: str = "public") -> list[SourceTable]:
-    """The graph model of every table of one schema of the source."""
+def reflect_all(url: str, schemas: list[str] | None = None) -> list[SourceTable]:
+    """The graph model of every table of the given schemas (default: every schema but the system's), read in one
+    pass, so that foreign keys across schemas count."""
 
-    def work(inspector: Inspector) -> list[SourceTable]:
-        names = [f"{schema}.{t}" for t in sorted(inspector.get_table_names(schema=schema))]
-        if not names:
-            raise ConfigError(f"--schema: the source has no tables in schema {schema!r}")
-        return _reflect(inspector, names)
+    def work(conn: Connection) -> list[SourceTable]:
+        present = [s for s in inspect(conn).get_schema_names()
+                   if s != "information_schema" and not s.startswith("pg_")]
+        if schemas:
+            unknown = [s for s in dict.fromkeys(schemas) if s not in present]
+            if unknown:
+                raise ConfigError(f"--schema: no such schema at the source: {', '.join(unknown)}")
+        chosen = list(dict.fromkeys(schemas)) if schemas else present
+        tables = _reflect(conn, {s: None for s in chosen})
+        if not tables:
+            raise ConfigError(f"--all: the source has no tables in schema(s) {', '.join(chosen)}")
+        return tables
 
-    return _with_inspector(url, work)
+    return _with_connection(url, work)
