@@ -4,7 +4,7 @@ import pytest
 
 from cdc.config import parse
 from cdc.errors import ConfigError
-from producers.debezium import connector_config, masked, registry_native_url
+from producers.debezium import connector_config, masked, registry_native_url, routed_topic
 from producers.source_admin import Column, TableInfo
 
 PIPELINE = {
@@ -85,3 +85,52 @@ def test_source_tables_that_cannot_form_the_hierarchy_are_refused(tables, messag
 
 def test_registry_url_for_the_converter():
     assert registry_native_url("http://h:1/apis/ccompat/v7/") == "http://h:1/apis/registry/v2"
+
+
+FILM = {
+    "pipeline": "rental",
+    "kafka": PIPELINE["kafka"],
+    "source": {"url": "postgresql://u@h/db", "tables": ["public.film", "public.film_actor", "public.film_category",
+                                                        "public.film_text"]},
+    "hierarchies": {"film": {"root": "public.film",
+                             "members": {"public.film_actor": "film_id", "public.film_category": "film_id"}}},
+}
+FILM_TABLES = {
+    "public.film": table("public.film"),
+    "public.film_actor": table("public.film_actor", film_id="bigint"),
+    "public.film_category": table("public.film_category", film_id="bigint"),
+    "public.film_text": table("public.film_text", title="text"),
+}
+
+
+def test_members_named_like_their_root_are_routed_whole_not_by_prefix():
+    pipeline = parse(FILM, env={})
+    c = connector_config(pipeline, FILM_TABLES)
+    assert {t: routed_topic(c, t) for t in pipeline.source.tables} == {
+        "public.film": "rental.film", "public.film_actor": "rental.film", "public.film_category": "rental.film",
+        "public.film_text": "rental.public.film_text"}
+    assert routed_topic(c, "public.cdc_signal") == "" and routed_topic(c, "public.cdc_heartbeat") == ""
+    # What Connect did with the unanchored pattern: matches() succeeds, replaceFirst() rewrites the prefix only.
+    c["transforms.h0route.regex"] = r"rental\.(public\.film|public\.film_actor|public\.film_category)"
+    c["predicates.h0.pattern"] = c["transforms.h0route.regex"]
+    assert routed_topic(c, "public.film_actor") == "rental.film_actor"
+
+
+def test_truncates_and_heartbeats_are_captured_and_heartbeats_dropped_from_kafka():
+    c = config()
+    assert c["skipped.operations"] == "none"
+    assert c["heartbeat.action.query"] == ('insert into "public"."cdc_heartbeat" (id, beat) values (1, now()) '
+                                           "on conflict (id) do update set beat = excluded.beat")
+    assert c["predicates.signals.pattern"] == r"^district\.(?:public\.cdc_signal|public\.cdc_heartbeat)$"
+    assert c["transforms.dropsignals.predicate"] == "signals"
+
+
+def test_a_partition_beside_its_parent_is_refused():
+    tables = {**TABLES, "public.school": TableInfo("public.school", ("id",), TABLES["public.school"].columns,
+                                                   partition_of=("public.person",))}
+    with pytest.raises(ConfigError, match=r"source.tables: 'public.school' is a partition of 'public.person', which "
+                                          r"is listed too; a partitioned table is captured whole through its parent"):
+        config(tables)
+    alone = {**TABLES, "public.school": TableInfo("public.school", ("id",), TABLES["public.school"].columns,
+                                                  partition_of=("public.school_all",))}
+    assert config(alone)["table.include.list"].startswith(r"public\.school,")
