@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import MetaData, Table, create_engine, inspect
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.types import TypeEngine
 
 if TYPE_CHECKING:
@@ -76,6 +78,8 @@ def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, T
     try:
         insp = inspect(engine)
         metadata = MetaData()
+        # Types SQLAlchemy does not know (point, xml, composites...) are described by the catalog instead.
+        warnings.filterwarnings("ignore", r"Did not recognize type", SAWarning)
         with engine.connect() as conn:
             cursor = conn.connection.driver_connection.cursor()
             catalog = {t: describe_columns(cursor, t) for t in tables}

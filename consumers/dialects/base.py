@@ -18,6 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateSchema
+from sqlalchemy.sql.elements import quoted_name
 from sqlalchemy.types import TypeEngine
 
 from cdc.errors import CdcError, Terminal
@@ -88,6 +89,8 @@ class Dialect(ABC):
             Column("updated_at", DateTime(timezone=True), nullable=False),
         )
         self._tables: dict[str, Table] = {}
+        # (source table, column) of each column ensure_table added to an existing table: the applier fills them.
+        self.added_columns: list[tuple[str, str]] = []
         self._value_converters: dict[str, tuple[TableShape, dict[str, Callable[[Any], Any]]]] = {}
         self._relocated: dict[str, tuple[str | None, str]] = {}
 
@@ -113,6 +116,10 @@ class Dialect(ABC):
         if column.source is not None:
             return self.map_type(column.source, key=key)
         return self.adapt_type(column.type)
+
+    def column_extras(self, column: ColumnShape) -> list[Any]:
+        """More arguments of a destination Column (a PostgreSQL replica's generated columns)."""
+        return []
 
     def map_type(self, source: SourceType, *, key: bool = False) -> TypeEngine:
         """The destination type of a catalog type; every dialect has its own mapping (docs/types.md)."""
@@ -167,7 +174,9 @@ class Dialect(ABC):
             schema, name = self._relocated.get(shape.name) or self.destination_name(shape)
             # autoincrement=False: the source assigns every key; a SERIAL here would be a lie.
             # NOT NULL as at the source (key columns always): what the source refused, the replica refuses too.
-            columns = [Column(c.name, self.column_type(c, key=c.name in shape.primary_key),
+            # Names quoted always: a driver's list of reserved words may miss some of its database's (DuckDB's `by`).
+            columns = [Column(quoted_name(c.name, True), self.column_type(c, key=c.name in shape.primary_key),
+                              *self.column_extras(c),
                               nullable=c.nullable and c.name not in shape.primary_key,
                               autoincrement=False)
                        for c in shape.columns]
@@ -206,6 +215,7 @@ class Dialect(ABC):
                         "it was not made by this applier (drop it, or add the column)")
                 self.add_column(conn, table, column)
                 actions.append(f"added column {table.fullname}.{column.name}")
+                self.added_columns.append((shape.name, column.name))
         source_columns = set(shape.column_names) | {LSN_COLUMN}
         dropped = sorted(set(existing) - source_columns)
         if dropped:

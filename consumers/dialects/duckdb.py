@@ -84,7 +84,7 @@ class DuckDBDialect(Dialect):
         return None
 
     def add_column(self, conn: Connection, table: Table, column: Column) -> None:
-        prep = conn.dialect.identifier_preparer
+        prep = _ALWAYS_QUOTED
         for name in (table.name, table.name + HISTORY_SUFFIX):
             conn.exec_driver_sql(f"ALTER TABLE {prep.quote(name)} ADD COLUMN {prep.quote(column.name)} "
                                  f"{column.type.compile(dialect=conn.dialect)}")
@@ -93,7 +93,7 @@ class DuckDBDialect(Dialect):
         # DuckDB's information schema, not SQLAlchemy reflection: the driver's reflection speaks PostgreSQL's
         # catalog, which DuckDB only partly has.
         table = self.table(shape)
-        prep = conn.dialect.identifier_preparer
+        prep = _ALWAYS_QUOTED
         existing = {r[0] for r in conn.exec_driver_sql(
             "select column_name from information_schema.columns where table_name = ?", (table.name,))}
         actions = []
@@ -105,6 +105,7 @@ class DuckDBDialect(Dialect):
                 if column.name not in existing:
                     self.add_column(conn, table, column)
                     actions.append(f"added column {table.name}.{column.name}")
+                    self.added_columns.append((shape.name, column.name))
             dropped = sorted(existing - {c.name for c in table.columns})
             if dropped:
                 raise SchemaChangeError(f"{table.name}: the destination has column(s) {', '.join(dropped)} that the "
@@ -141,7 +142,7 @@ class DuckDBDialect(Dialect):
         if not rows:
             return 0
         table = self.table(shape)
-        prep = conn.dialect.identifier_preparer
+        prep = _ALWAYS_QUOTED
         cols = [*columns, LSN_COLUMN]
         stage = self._register(conn, self.prepared(shape, rows, columns), cols)
         try:
@@ -164,7 +165,7 @@ class DuckDBDialect(Dialect):
         if not keys:
             return 0
         table = self.table(shape)
-        prep = conn.dialect.identifier_preparer
+        prep = _ALWAYS_QUOTED
         cols = [*shape.primary_key, LSN_COLUMN]
         stage = self._register(conn, self.prepared(shape, keys, list(shape.primary_key)), cols)
         try:
@@ -186,7 +187,7 @@ class DuckDBDialect(Dialect):
         columns = list(shape.column_names)
         rows = self.prepared(shape, history_rows(shape, events), columns)
         table = self.table(shape)
-        prep = conn.dialect.identifier_preparer
+        prep = _ALWAYS_QUOTED
         all_columns = [*columns, *HISTORY_COLUMNS]
         stage = self._register(conn, rows, all_columns)
         try:
@@ -201,7 +202,7 @@ class DuckDBDialect(Dialect):
 
     def apply_columnar(self, conn: Connection, shape: TableShape, flat: Any) -> None:
         table = self.table(shape)
-        prep = conn.dialect.identifier_preparer
+        prep = _ALWAYS_QUOTED
         types = {c: table.c[c].type.compile(dialect=conn.dialect) for c in shape.column_names}
         columnar.apply_duckdb(conn.connection.driver_connection, prep.quote, prep.quote(table.name),
                               prep.quote(table.name + HISTORY_SUFFIX), shape, flat, types)
@@ -246,6 +247,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
+
+
+class _AlwaysQuoted:
+    """Identifiers quoted whatever they are: the driver's preparer knows PostgreSQL's reserved words, and DuckDB
+    reserves more (a column named `by`)."""
+
+    @staticmethod
+    def quote(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+
+_ALWAYS_QUOTED = _AlwaysQuoted()
 
 
 class _Native:

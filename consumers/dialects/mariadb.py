@@ -339,7 +339,9 @@ def adapt_mariadb_type(type_: TypeEngine, *, key: bool = False) -> TypeEngine:
 
 
 _MARIA = {"int2": mysql.SMALLINT(), "int4": mysql.INTEGER(), "int8": mysql.BIGINT(), "bool": mysql.BOOLEAN(),
-          "float4": mysql.FLOAT(asdecimal=False), "float8": mysql.DOUBLE(asdecimal=False), "date": mysql.DATE(),
+          # real as DOUBLE: MariaDB stores a FLOAT exactly but returns it rounded to 6 digits; every float32 is a
+          # double, so DOUBLE gives back the source's exact value.
+          "float4": mysql.DOUBLE(asdecimal=False), "float8": mysql.DOUBLE(asdecimal=False), "date": mysql.DATE(),
           "time": mysql.TIME(fsp=6), "timetz": mysql.TIME(fsp=6), "timestamp": mysql.DATETIME(fsp=6),
           "timestamptz": mysql.DATETIME(fsp=6), "interval": mysql.BIGINT(), "uuid": mysql.CHAR(36),
           "money": mysql.DECIMAL(19, 2)}

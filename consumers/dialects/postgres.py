@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 from psycopg import sql
-from sqlalchemy import Column, ForeignKeyConstraint, Table, inspect
+from sqlalchemy import Column, Computed, ForeignKeyConstraint, Table, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
@@ -47,6 +47,18 @@ class PostgresDialect(Dialect):
 
     def column_converter(self, column: ColumnShape) -> Callable[[Any], Any] | None:
         return _pg_converter(column.source) if column.source is not None else None
+
+    def column_extras(self, column: ColumnShape) -> list[Any]:
+        # A generated column is computed here too, by the source's expression: logical replication does not send
+        # its values (PostgreSQL < 18), and the applier never writes it.
+        if column.source is not None and column.source.generated and column.source.expression:
+            return [Computed(column.source.expression, persisted=True)]
+        return []
+
+    @staticmethod
+    def _written(shape: TableShape, columns: list[str]) -> list[str]:
+        generated = {c.name for c in shape.columns if c.source is not None and c.source.generated}
+        return [c for c in columns if c not in generated] if generated else columns
 
     def ensure_types(self, conn: Connection, shape: TableShape) -> list[str]:
         """Create the extensions, enums and composite types the table's columns use, where absent; an enum that
@@ -137,7 +149,8 @@ class PostgresDialect(Dialect):
         # PostgreSQL checks NOT NULL on the row proposed for insertion before it looks for a conflict: a NOT NULL
         # column left out (an unchanged TOASTed value Debezium did not send) is proposed with the value stored, so
         # the update goes through; a row that is not there yet still fails, loudly, as it should.
-        kept = [c.name for c in table.columns if not c.nullable and c.name not in cols and c.name != LSN_COLUMN]
+        kept = [c.name for c in table.columns
+                if not c.nullable and c.computed is None and c.name not in cols and c.name != LSN_COLUMN]
         names = sql.SQL(", ").join(map(sql.Identifier, [*cols, *kept]))
         picked = sql.SQL(", ").join([*(sql.SQL("s.{}").format(sql.Identifier(c)) for c in cols),
                                      *(sql.SQL("c.{}").format(sql.Identifier(c)) for c in kept)])
@@ -166,6 +179,7 @@ class PostgresDialect(Dialect):
     def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
         if not rows:
             return 0
+        columns = self._written(shape, columns)
         cols = [*columns, LSN_COLUMN]
         stage = self._staging(conn, self.table(shape), cols, "upsert")
         self._copy(conn, stage, cols, self.prepared(shape, rows, columns))
@@ -186,7 +200,7 @@ class PostgresDialect(Dialect):
     def apply_columnar(self, conn: Connection, shape: TableShape, flat: Any) -> None:
         """A table's changes from Arrow (consumers.columnar.flat_images): COPY, as CSV written by Arrow, into a
         staging table, then each key's last change upserted or deleted as `upsert` and `delete` do."""
-        cols = list(shape.column_names)
+        cols = self._written(shape, list(shape.column_names))
         stage = self._staging(conn, self.table(shape), cols, "columnar", columnar.STAGE_COLUMNS)
         staged = [name for name, _ in columnar.STAGE_COLUMNS] + cols
         out = io.BytesIO()

@@ -56,7 +56,8 @@ class SourceType:
     schema: str | None = None  # enums, composites, extension types
     name: str | None = None
     domain: str | None = None
-    generated: bool = False
+    generated: bool = False  # GENERATED ALWAYS AS (expression) STORED
+    expression: str | None = None  # a generated column's expression, as the source prints it
     identity: bool = False
 
     @property
@@ -91,8 +92,10 @@ select t.typname, t.typtype, t.typcategory, t.typelem, t.typbasetype, t.typtypmo
 from pg_type t join pg_namespace n on n.oid = t.typnamespace where t.oid = %s
 """
 _COLUMNS_QUERY = """
-select a.attname, a.atttypid, a.atttypmod, a.attgenerated <> '', a.attidentity <> ''
-from pg_attribute a where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped order by a.attnum
+select a.attname, a.atttypid, a.atttypmod, a.attgenerated <> '', a.attidentity <> '',
+       case when a.attgenerated <> '' then pg_get_expr(d.adbin, d.adrelid) end
+from pg_attribute a left join pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped order by a.attnum
 """
 _NUMBERS = re.compile(r"\((-?\d+)(?:,\s*(-?\d+))?\)")
 
@@ -154,8 +157,9 @@ def describe_columns(cursor: Any, table: str) -> dict[str, SourceType]:
     schema, name = table.split(".", 1)
     cursor.execute(_COLUMNS_QUERY, (_qualified(schema, name),))
     out = {}
-    for column, oid, typmod, generated, identity in cursor.fetchall():
-        out[column] = _replace(describe_type(cursor, oid, typmod), generated=bool(generated), identity=bool(identity))
+    for column, oid, typmod, generated, identity, expression in cursor.fetchall():
+        out[column] = _replace(describe_type(cursor, oid, typmod), generated=bool(generated), expression=expression,
+                               identity=bool(identity))
     return out
 
 
@@ -206,8 +210,11 @@ def from_sqlalchemy(type_: TypeEngine) -> SourceType:
 _FLOATS = frozenset({"float4", "float8"})
 
 
-def _reasons(t: SourceType, backend: str, *, key: bool, unknown_types_sent: bool) -> list[str]:
+def _reasons(t: SourceType, backend: str, *, key: bool, unknown_types_sent: bool, kind: str) -> list[str]:
     reasons = []
+    if t.generated and not (backend == "postgresql" and kind == "replica"):
+        reasons.append("a generated column: PostgreSQL's logical replication (before version 18) never sends its "
+                       "values, and only a PostgreSQL replica computes them itself, with the source's expression")
     leaf = t.leaf()
     kinds = {t.category, leaf.category}
     if t.is_array and leaf.category == "other" or (not t.is_array and t.category == "other"):
@@ -226,17 +233,19 @@ def _reasons(t: SourceType, backend: str, *, key: bool, unknown_types_sent: bool
     return reasons
 
 
-def refusals(shapes: Mapping[str, Any], backend: str, *, unknown_types_sent: bool = True
+def refusals(shapes: Mapping[str, Any], backend: str, *, kind: str = "replica", unknown_types_sent: bool = True
              ) -> list[tuple[str, str, str]]:
-    """[(table, column, reason)] of the columns a destination of `backend` (postgresql, mariadb, duckdb) cannot hold
-    exactly; pure. `shapes` maps table names to consumers.shapes.TableShape; `unknown_types_sent` says whether the
-    connector sends the types Debezium does not know (include.unknown.datatypes)."""
+    """[(table, column, reason)] of the columns a destination of `backend` (postgresql, mariadb, duckdb) and `kind`
+    (replica, analytics) cannot hold exactly; pure. `shapes` maps table names to consumers.shapes.TableShape;
+    `unknown_types_sent` says whether the connector sends the types Debezium does not know
+    (include.unknown.datatypes)."""
     out = []
     for table, shape in shapes.items():
         keys = set(shape.primary_key)
         for column in shape.columns:
             source = column.source if column.source is not None else from_sqlalchemy(column.type)
-            for reason in _reasons(source, backend, key=column.name in keys, unknown_types_sent=unknown_types_sent):
+            for reason in _reasons(source, backend, key=column.name in keys, unknown_types_sent=unknown_types_sent,
+                                   kind=kind):
                 out.append((table, column.name, reason))
     return out
 
@@ -308,7 +317,8 @@ def check_pipeline(pipeline: Any, config: Mapping[str, str]) -> None:
     shapes = reflect_shapes(pipeline.source.sqlalchemy_url, list(pipeline.source.tables))
     sent = str(config.get("include.unknown.datatypes", "false")).lower() == "true"
     found = [(name, *refusal) for name, destination in pipeline.destinations.items()
-             for refusal in refusals(shapes, backend_of(destination.url.get_secret_value()), unknown_types_sent=sent)]
+             for refusal in refusals(shapes, backend_of(destination.url.get_secret_value()), kind=destination.kind,
+                                     unknown_types_sent=sent)]
     if found:
         raise ConfigError("columns that a destination cannot hold exactly (nothing was changed):\n"
                           + format_refusals(found),
