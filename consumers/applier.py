@@ -38,7 +38,7 @@ import psycopg
 import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import bindparam, create_engine, inspect
 from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -293,9 +293,13 @@ class ReplicaApplier:
         try:
             with self._begin() as conn:
                 self.dialect.ensure_offsets_table(conn)
+                self.dialect.added_columns.clear()
                 for name in dependency_order(self.shapes):
                     for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
                         self.echo(f"{self.name}: {action}")
+                # Columns the source gained while no applier ran: their existing rows get their values too.
+                for table, column in self.dialect.added_columns:
+                    self._fill_new_column(conn, self.shapes[table], column)
                 if self.destination.read_only_role:  # PostgreSQL analytics destinations (cdc.config)
                     password = self.destination.read_only_password
                     for action in self.dialect.grant_read_only(conn, self.destination.read_only_role,
@@ -644,9 +648,65 @@ class ReplicaApplier:
                 fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
                 self.shapes[table] = fresh
                 converter.rename({avro_name(c): c for c in fresh.column_names})
-                self.dialect._tables.pop(table, None)
+                stale = self.dialect._tables.pop(table, None)
+                if stale is not None:
+                    self.dialect.metadata.remove(stale)  # rebuilt from the fresh shape, under the same name
+                self.dialect.added_columns.clear()
                 for action in self.dialect.ensure_table(conn, fresh, self.shapes):
                     self.echo(f"{self.name}: {action}")
+                for _, column in self.dialect.added_columns:
+                    self._fill_new_column(conn, fresh, column)
+
+    def _fill_new_column(self, conn: Any, shape: TableShape, column: str) -> None:
+        """Give a column the source gained the values its existing rows have there: PostgreSQL wrote no change for
+        them. Every row the destination holds now was written by changes from before the column existed (the first
+        change that has it is what made the applier add it), so each holds, at the source, what the ADD COLUMN gave
+        it, or a value a later change (applied after this) sets.
+
+        - A constant default (a "fast default"): PostgreSQL keeps it as the column's missing value
+          (pg_attribute.attmissingval) and reads it for every row stored before the ADD: one UPDATE sets it here.
+        - A volatile default (random(), clock_timestamp()...) rewrote the table, a value per row, again without a
+          change: each row's current value is copied from the source by primary key; a later change of a row
+          overwrites what was copied, so the copy converges like any snapshot read. A table without a primary key
+          cannot be matched row by row: refused, naming the table and column.
+        - No default: the rows hold NULL at the source too; nothing to do.
+        The backfill is in the batch's destination transaction: with the ADD COLUMN, or not at all."""
+        from psycopg import sql as pg_sql
+
+        table = self.dialect.table(shape)
+        with psycopg.connect(psycopg_conninfo(self.pipeline.source.sqlalchemy_url), autocommit=True) as source:
+            relation = pg_sql.Identifier(shape.schema, shape.table).as_string(source)
+            found = source.execute(
+                "select atthasmissing, attmissingval::text, format_type(atttypid, atttypmod), atthasdef from pg_attribute "
+                "where attrelid = %s::regclass and attname = %s and not attisdropped", (relation, column)).fetchone()
+            if found is None:
+                return  # dropped again since: the next change says so
+            has_missing, missing_text, type_name, has_default = found
+            if has_missing:
+                value = source.execute(pg_sql.SQL("select ({}::text::{})[1]").format(
+                    pg_sql.Literal(missing_text), pg_sql.SQL(type_name + "[]"))).fetchone()[0]
+                conn.execute(table.update().values({column: value}))
+                self.echo(f"{self.name}: filled {table.fullname}.{column} of existing rows with the source's default")
+                return
+            if not has_default or not source.execute(pg_sql.SQL("select exists (select from {} where {} is not null)").format(
+                    pg_sql.Identifier(shape.schema, shape.table), pg_sql.Identifier(column))).fetchone()[0]:
+                return
+            if not shape.primary_key:
+                raise ApplyError(
+                    f"destination {self.name}: {shape.name}.{column} was added at the source with values PostgreSQL "
+                    "wrote without a change event (a volatile default rewrote the table), and the table has no "
+                    "primary key to copy them by; replay the table (cdc replay --tables) to take them over")
+            names = [*shape.primary_key, column]
+            rows = source.execute(pg_sql.SQL("select {} from {}").format(
+                pg_sql.SQL(", ").join(map(pg_sql.Identifier, names)),
+                pg_sql.Identifier(shape.schema, shape.table))).fetchall()
+        if rows:
+            key = [f"_k{i}" for i in range(len(shape.primary_key))]
+            statement = table.update().where(*(table.c[c] == bindparam(k) for c, k in zip(shape.primary_key, key)))\
+                .values({column: bindparam("_v")})
+            conn.execute(statement, [{**dict(zip(key, row[:-1])), "_v": row[-1]} for row in rows])
+        self.echo(f"{self.name}: copied {table.fullname}.{column} of {len(rows)} existing rows from the source "
+                  "(a volatile default)")
 
     def apply(self, steps: list[Step], *, more: bool = False) -> None:
         """Apply steps in one destination transaction, then acknowledge them to Kafka's group offsets. `more`: another

@@ -116,3 +116,87 @@ def test_a_transaction_whose_events_never_arrive_is_named_within_the_grace_perio
         assert lag["destinations"][0]["status"] != "ERROR", lag
     finally:
         purge(pipeline)
+
+
+def destination_rows(url: str, table: str, columns: list[str], order: str = "") -> list[tuple]:
+    """A table's rows at a destination (PostgreSQL, MariaDB or a DuckDB file), read with plain SQL; sorted."""
+    if url.startswith("duckdb:///"):
+        import duckdb
+
+        with duckdb.connect(url.removeprefix("duckdb:///"), read_only=True) as conn:
+            cols = ", ".join(f'"{c}"' for c in columns)
+            return sorted(conn.execute(f'select {cols} from "public.{table}"').fetchall(), key=repr)
+    if url.startswith("mysql"):
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                cols = ", ".join(f"`{c}`" for c in columns)
+                return sorted((tuple(r) for r in conn.execute(text(f"select {cols} from `{table}`"))), key=repr)
+        finally:
+            engine.dispose()
+    with psycopg.connect(url) as conn:
+        cols = ", ".join(f'"{c}"' for c in columns)
+        return sorted(conn.execute(f'select {cols} from public."{table}"').fetchall(), key=repr)
+
+
+@pytest.fixture
+def three_destinations(stack, destination_db, mariadb_database, tmp_path):
+    """A PostgreSQL replica, a MariaDB replica and a DuckDB analytics replica."""
+    return {"pg": {"kind": "replica", "url": stack.postgres_url(destination_db)},
+            "maria": {"kind": "replica", "url": mariadb_database},
+            "lake": {"kind": "analytics", "url": f"duckdb:///{tmp_path / 'lake.duckdb'}"}}
+
+
+@pytest.mark.parametrize("applier", ["restarted", "running"])
+def test_columns_added_with_a_default_reach_existing_rows_on_every_destination(stack, source_db, three_destinations,
+                                                                               tmp_path, applier):
+    """`restarted`: the columns are added while no applier runs (it adds them when it starts); `running`: an
+    applier that has applied the earlier changes meets the new columns in the changes' writer schemas."""
+    from consumers.applier import ReplicaApplier
+
+    source = stack.postgres_url(source_db)
+    execute(source, "create table item (id bigint primary key, name text not null)",
+            "insert into item select g, 'item ' || g from generate_series(1, 1000) g")
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"], destinations=three_destinations))
+    capture.apply(pipeline)
+    appliers = [ReplicaApplier(pipeline, name) for name in three_destinations] if applier == "running" else []
+    try:
+        if appliers:
+            for each in appliers:
+                each.run(until_caught_up=True, timeout=240)
+                each._release()
+        else:
+            first = cdc(path, "run", "--until-caught-up", "--timeout", "240")
+            assert first.returncode == 0, first.stdout + first.stderr
+        execute(source,
+                # A constant default: PostgreSQL writes nothing, and reads 'n/a' from pg_attribute for old rows.
+                "alter table item add column note text default 'n/a'",
+                "alter table item add column qty integer not null default 7",
+                # A volatile default: the table is rewritten, a value per row, and still no change is captured.
+                "alter table item add column score double precision default random()",
+                "alter table item add column plain text",
+                "update item set note = 'changed', qty = 1 where id in (3, 500)",
+                "update item set name = 'renamed' where id = 999",
+                "insert into item (id, name) values (1001, 'new')",
+                # (Not an explicit NULL into `note`: Connect's Avro conversion sends a column's default for a NULL
+                # value, a capture-side loss reported apart from this test.)
+                "insert into item (id, name, note, plain) values (1002, 'newer', 'given', 'p')",
+                "delete from item where id = 10")
+        if appliers:
+            for each in appliers:
+                each.run(until_caught_up=True, timeout=240)
+        else:
+            result = cdc(path, "run", "--until-caught-up", "--timeout", "240")
+            assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        for each in appliers:
+            each.close()
+        purge(pipeline)
+    columns = ["id", "name", "note", "qty", "score", "plain"]
+    expected = destination_rows(source, "item", columns)
+    assert len(expected) == 1001 and sum(1 for r in expected if r[2] == "n/a") == 998
+    for name, destination in three_destinations.items():
+        assert destination_rows(destination["url"], "item", columns) == expected, name
