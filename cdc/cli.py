@@ -272,8 +272,9 @@ def verify_command(
 
 @app.command("resync")
 def resync_command(
-    table: str = typer.Argument(..., help="The schema-qualified table, e.g. public.person."),
-    ids: str = typer.Option(..., "--ids", help="Comma-separated primary-key values."),
+    table: str = typer.Argument(..., help="The table: public.person, \"Ops\".\"Person\", or Ops.Person."),
+    ids: str = typer.Option(..., "--ids", help="Comma-separated primary-key values; a composite key's values "
+                            "joined by ':' (1:a,2:b), or JSON for values holding ',' or ':' ([[1, \"a,b\"]])."),
     destination: Optional[str] = typer.Option(None, "--dest", help="The destination to check (default: first replica)."),
     with_members: bool = typer.Option(False, "--with-members", help="Also the member rows of these roots."),
     with_parents: bool = typer.Option(False, "--with-parents", help="Re-sync the parents of these rows first."),
@@ -285,7 +286,7 @@ def resync_command(
     from consumers import resync as resync_mod
 
     def body() -> int:
-        request = resync_mod.resync(_pipeline(), table, [i.strip() for i in ids.split(",") if i.strip()],
+        request = resync_mod.resync(_pipeline(), table, ids,
                                     destination=destination, with_members=with_members, with_parents=with_parents,
                                     requested_by=requested_by, wait=wait,
                                     echo=(lambda line: typer.echo(line, err=True)) if as_json else _echo)
@@ -554,23 +555,28 @@ def hierarchy_suggest(
                                       help="SQLAlchemy URL of the source (default: source.url of the pipeline file)."),
     tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated schema-qualified tables "
                                          "(default: source.tables of the pipeline file)."),
-    all_tables: bool = typer.Option(False, "--all", help="Every table of the schema given by --schema."),
-    schema: str = typer.Option("public", "--schema", help="The schema that --all reads."),
+    all_tables: bool = typer.Option(False, "--all", help="Every table of every schema of the source (but the "
+                                    "system's; partitions count as their parent), read in one pass."),
+    schemas: Optional[list[str]] = typer.Option(None, "--schema", help="With --all, only this schema (repeat it, "
+                                                "or separate names by commas); implies --all."),
 ) -> None:
-    """Print a proposed `hierarchies` section for the pipeline file, with what cannot join in comments."""
+    """Print a proposed `hierarchies` section for the pipeline file: roots at the tables that own rows (not at
+    lookup tables), with the reason for each root, member and standalone table in comments."""
     from cdc.errors import ConfigError
     from producers import hierarchy
 
     def body() -> int:
-        if all_tables and tables is not None:
-            raise ConfigError("hierarchy suggest: give either --tables or --all, not both")
+        chosen = [n.strip() for s in schemas or [] for n in s.split(",") if n.strip()]
+        every = all_tables or bool(chosen)
+        if every and tables is not None:
+            raise ConfigError("hierarchy suggest: give either --tables or --all/--schema, not both")
         source_url, names = url, [t.strip() for t in (tables or "").split(",") if t.strip()]
-        if source_url is None or (not names and not all_tables):
+        if source_url is None or (not names and not every):
             pipeline = _pipeline()
             source_url = source_url or pipeline.source.url.get_secret_value()
             names = names or list(pipeline.source.tables)
-        if all_tables:
-            graph = hierarchy.reflect_schema(source_url, schema)
+        if every:
+            graph = hierarchy.reflect_all(source_url, chosen or None)
         else:
             graph = hierarchy.reflect_source(source_url, names)
         typer.echo(hierarchy.render_yaml(hierarchy.suggest(graph)), nl=False)

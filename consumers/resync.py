@@ -22,13 +22,16 @@ from typing import Any, Callable
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from sqlalchemy import bindparam, create_engine, text
+from sqlalchemy import text
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
+from consumers import verify
+from consumers.compare import equal, jsonable, kind_of, normal
 from consumers.dialects import dialect_for
 from consumers.shapes import TableShape, reflect_shapes
-from consumers.verify import _normal
+from consumers.verify import resolve_table
+from producers.connect import ConnectClient
 from producers.source_admin import psycopg_conninfo, send_incremental_snapshot, split_table
 
 HISTORY_TABLE = "cdc_sync_history"
@@ -73,132 +76,265 @@ def _ensure_history(conn: psycopg.Connection, pipeline: Pipeline) -> None:
         "completed_at timestamptz)").format(_history_table(pipeline)))
 
 
-def _parse_keys(raw: list[str], shape: TableShape) -> list[Any]:
-    key_type = shape.column(shape.primary_key[0]).type
-    python_type = getattr(key_type, "python_type", str)
-    keys = []
-    for item in raw:
-        try:
-            keys.append(python_type(item) if python_type in (int, str) else item)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--ids: {item!r} is not a valid key of {shape.name} "
-                              f"({shape.primary_key[0]} is {key_type})") from None
-    return list(dict.fromkeys(keys))
+def debezium_parts(identifier: str) -> list[str]:
+    """How Debezium 3.6's TableIdParser splits an identifier (a port of its states): unquoted parts end at a dot
+    or whitespace, "quoted" parts (or '...', `...`) hold anything, doubled quotes inside. ValueError where
+    Debezium throws, which makes an incremental snapshot log "Unable to parse table identifier" and skip it."""
+    parts: list[str] = []
+    i, n = 0, len(identifier)
+    expect_part = True
+    while i < n:
+        c = identifier[i]
+        if c.isspace():
+            i += 1
+            continue
+        if not expect_part:
+            if c != ".":
+                raise ValueError(f"unexpected {c!r} after {parts[-1]!r}")
+            expect_part = True
+            i += 1
+            continue
+        if c == ".":
+            raise ValueError("unexpected '.'")
+        if c in "\"'`":
+            j, out = i + 1, []
+            while True:
+                if j >= n:
+                    raise ValueError("unterminated quoted identifier")
+                if identifier[j] == c:
+                    if j + 1 < n and identifier[j + 1] == c:
+                        out.append(c)
+                        j += 2
+                        continue
+                    break
+                out.append(identifier[j])
+                j += 1
+            parts.append("".join(out))
+            i = j + 1
+        else:
+            j = i
+            while j < n and not identifier[j].isspace() and identifier[j] != ".":
+                j += 1
+            parts.append(identifier[i:j])
+            i = j
+        expect_part = False
+    if expect_part:
+        raise ValueError("ends without a name")
+    return parts
 
 
-def _condition(shape: TableShape, keys: list[Any]) -> str:
-    column = '"' + shape.primary_key[0].replace('"', '""') + '"'
-    literals = ", ".join(str(k) if isinstance(k, int) else "'" + str(k).replace("'", "''") + "'" for k in keys)
-    return f"{column} in ({literals})"
+def check_debezium_name(table: str) -> None:
+    """Refuse a table whose name Debezium's snapshot signal cannot take: it matches the signal's names against its
+    tables' plain `schema.table` form and parses that form again, so quoting cannot help; the snapshot would be
+    skipped with only a warning in the Connect log."""
+    schema, name = split_table(table)
+    try:
+        ok = debezium_parts(f"{schema}.{name}") == [schema, name] and ";" not in table
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"resync: Debezium cannot re-send rows of {table}: its snapshot signal parses the name "
+            f"{schema}.{name!r} unquoted, and a name holding whitespace, a dot, a quote or ';' is skipped "
+            "(\"Unable to parse table identifier ... Skipping it\" in the Connect log). Rebuild the table with "
+            "`cdc replay DEST --tables ...` instead, or rename it")
 
 
-def _source_rows(conn: psycopg.Connection, shape: TableShape, column: str, values: list[Any]) -> list[dict]:
-    schema, table = split_table(shape.name)
-    query = sql.SQL("select * from {} where {} = any(%s)").format(sql.Identifier(schema, table),
-                                                                   sql.Identifier(column))
+def _java_regex(name: str) -> str:
+    """A table name as the regular expression Debezium matches data-collections with (metacharacters escaped)."""
+    # Debezium matches the signal's names as regular expressions against `schema.table`; a '.' matches itself.
+    return "".join("\\" + c if c in "\\[]{}()*+?^$|" else c for c in name)
+
+
+def parse_ids(ids: str | list[Any], shape: TableShape) -> list[list[Any]]:
+    """Keys as a user gives them: `1,2,3` for a one-column key, `1:a,2:b` for a composite key (in key column order),
+    or JSON for anything else: `[[1, "a, b"], [2, "c"]]`. Each key is checked against the key columns' types."""
+    width = len(shape.primary_key)
+    if isinstance(ids, str):
+        text = ids.strip()
+        if text.startswith("["):
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                raise ConfigError(f"--ids: not valid JSON ({exc})") from None
+        else:
+            data = [item.split(":") if width > 1 else item for item in (i.strip() for i in text.split(","))
+                    if item]
+    else:
+        data = list(ids)
+    keys = [list(k) if isinstance(k, (list, tuple)) else [k] for k in data]
+    kinds = [kind_of(shape.column(c).type) for c in shape.primary_key]
+    seen: dict[tuple, list[Any]] = {}
+    for key in keys:
+        if len(key) != width:
+            raise ConfigError(f"--ids: {key!r} is not a key of {shape.name}: its key is "
+                              f"({', '.join(shape.primary_key)}), {width} value(s)"
+                              + (" separated by ':' or as JSON lists" if width > 1 else ""))
+        normal_key = tuple(normal(k, v) for k, v in zip(kinds, key))
+        for column, value, n in zip(shape.primary_key, key, normal_key):
+            if isinstance(n, tuple) and n[:1] == ("unreadable",):
+                raise ConfigError(f"--ids: {value!r} is not a valid key of {shape.name} "
+                                  f"({column} is {shape.column(column).type})")
+        seen.setdefault(normal_key, [int(v) if k.name == "int" and isinstance(v, str) else v
+                                     for k, v in zip(kinds, key)])
+    return list(seen.values())
+
+
+def _literal(value: Any) -> str:
+    """A key value as a SQL literal of the source (PostgreSQL coerces a quoted literal to the column's type)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _condition(shape: TableShape, keys: list[list[Any]], columns: tuple[str, ...] | None = None) -> str:
+    """The source rows of these keys as a WHERE condition (Debezium's additional condition, and our own reads)."""
+    columns = columns or shape.primary_key
+    quoted = ['"' + c.replace('"', '""') + '"' for c in columns]
+    if len(columns) == 1:
+        return f"{quoted[0]} in ({', '.join(_literal(k[0]) for k in keys)})"
+    return " or ".join("(" + " and ".join(f"{q} = {_literal(v)}" for q, v in zip(quoted, k)) + ")" for k in keys)
+
+
+def _source_table(shape: TableShape) -> str:
+    return f'"{shape.schema.replace(chr(34), chr(34) * 2)}"."{shape.table.replace(chr(34), chr(34) * 2)}"'
+
+
+def _source_rows(conn: psycopg.Connection, shape: TableShape, condition: str) -> list[dict]:
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(query, (values,)).fetchall()
+        return cur.execute(f"select * from {_source_table(shape)} where {condition}").fetchall()
 
 
-def resync(pipeline: Pipeline, table: str, raw_ids: list[str], *, destination: str | None = None,
-           with_members: bool = False, with_parents: bool = False, requested_by: str | None = None,
-           wait: float = 120.0, echo: Callable[[str], None] = lambda line: None) -> SyncRequest:
-    if table not in pipeline.source.tables:
-        raise ConfigError(f"resync: {table!r} is not in source.tables")
-    if not raw_ids:
-        raise ConfigError("--ids: name at least one key")
+def _key_of(shape: TableShape, row: dict, columns: tuple[str, ...] | None = None) -> tuple:
+    """A row's key in normal form (the form keys are matched in)."""
+    columns = columns or shape.primary_key
+    return tuple(normal(kind_of(shape.column(c).type), row[c]) for c in columns)
+
+
+def _normal_key(shape: TableShape, key: list[Any]) -> tuple:
+    return tuple(normal(kind_of(shape.column(c).type), v) for c, v in zip(shape.primary_key, key))
+
+
+def resync(pipeline: Pipeline, table: str, raw_ids: str | list[Any] | None = None, *, keys: list[list[Any]] | None = None,
+           destination: str | None = None, with_members: bool = False, with_parents: bool = False,
+           requested_by: str | None = None, wait: float = 120.0,
+           echo: Callable[[str], None] = lambda line: None) -> SyncRequest:
+    table = resolve_table(table, pipeline.source.tables)
     dest = destination or next((n for n, d in pipeline.destinations.items() if d.kind == "replica"), None)
     if dest is None or dest not in pipeline.destinations:
         raise ConfigError(f"destinations: no replica destination {destination or ''!r} to check the re-sync against")
     shapes = reflect_shapes(pipeline.source.sqlalchemy_url, pipeline.source.tables)
     shape = shapes[table]
-    if len(shape.primary_key) != 1:
-        raise ConfigError(f"resync: {table} has no single-column primary key")
-    keys = _parse_keys(raw_ids, shape)
+    if not shape.primary_key:
+        raise ConfigError(f"resync: {table} has no primary key, so no key names its rows; rebuild it with "
+                          f"`cdc replay {dest} --tables {table}`")
+    chosen = parse_ids(keys if keys is not None else (raw_ids or []), shape)
+    if not chosen:
+        raise ConfigError("--ids: name at least one key")
+    check_debezium_name(table)
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
         _ensure_history(conn, pipeline)
         request_id, requested_at = conn.execute(
             sql.SQL("insert into {} (pipeline, destination, requested_by, table_name, keys, state) "
                     "values (%s, %s, %s, %s, %s, 'requested') returning id, requested_at").format(
                 _history_table(pipeline)),
-            (pipeline.pipeline, dest, requested_by or getpass.getuser(), table, json.dumps([[k] for k in keys]))
+            (pipeline.pipeline, dest, requested_by or getpass.getuser(), table, json.dumps(chosen, default=str))
         ).fetchone()
-        present = {row[shape.primary_key[0]] for row in _source_rows(conn, shape, shape.primary_key[0], keys)}
+        rows = _source_rows(conn, shape, _condition(shape, chosen))
+        present = {_key_of(shape, r): [r[c] for c in shape.primary_key] for r in rows}
         # Parents first: their snapshot is requested (and so applied) before the rows that reference them.
-        plan: list[tuple[str, list[Any]]] = []
+        plan: list[tuple[str, list[list[Any]]]] = []
         if with_parents:
-            rows = _source_rows(conn, shape, shape.primary_key[0], list(present))
             for fk in shape.foreign_keys:
                 parent = shapes.get(fk.referred_table)
-                if parent is not None and len(fk.columns) == 1 and parent.name != table:
-                    parent_keys = sorted({r[fk.columns[0]] for r in rows if r[fk.columns[0]] is not None})
-                    if parent_keys:
-                        plan.append((parent.name, parent_keys))
+                if parent is None or parent.name == table or not parent.primary_key \
+                        or set(fk.referred_columns) != set(parent.primary_key):
+                    continue
+                order = [fk.columns[fk.referred_columns.index(c)] for c in parent.primary_key]
+                parent_keys = {tuple(r[c] for c in order) for r in rows if all(r[c] is not None for c in order)}
+                if parent_keys:
+                    check_debezium_name(parent.name)
+                    plan.append((parent.name, [list(k) for k in sorted(parent_keys, key=str)]))
         if present:
-            plan.append((table, sorted(present)))
+            plan.append((table, list(present.values())))
         if with_members:
             hierarchy = pipeline.hierarchy_of(table)
-            if hierarchy is None or pipeline.hierarchies[hierarchy].root != table:
+            if hierarchy is None or pipeline.hierarchies[hierarchy].root != table or len(shape.primary_key) != 1:
                 raise ConfigError(f"--with-members: {table} is not the root of a hierarchy")
             for member, column in pipeline.hierarchies[hierarchy].members.items():
                 member_shape = shapes[member]
-                member_keys = [r[member_shape.primary_key[0]] for r in
-                               _source_rows(conn, member_shape, column, list(present))]
-                if member_keys:
-                    plan.append((member, sorted(member_keys)))
+                member_rows = _source_rows(conn, member_shape, _condition(
+                    member_shape, [[k[0]] for k in present.values()], (column,))) if present else []
+                if member_rows and member_shape.primary_key:
+                    check_debezium_name(member)
+                    plan.append((member, [[r[c] for c in member_shape.primary_key] for r in member_rows]))
         for target, target_keys in plan:
-            send_incremental_snapshot(conn, pipeline.source.signal_table, [target],
-                                      [{"data-collection": target, "filter": _condition(shapes[target], target_keys)}])
+            pattern = _java_regex(target)
+            send_incremental_snapshot(conn, pipeline.source.signal_table, [pattern],
+                                      [{"data-collection": pattern,
+                                        "filter": _condition(shapes[target], target_keys)}])
             echo(f"resync {request_id}: requested {len(target_keys)} rows of {target}")
         conn.execute(sql.SQL("update {} set state = 'in progress' where id = %s").format(_history_table(pipeline)),
                      (request_id,))
-    request = SyncRequest(request_id, requested_at, requested_by or getpass.getuser(), table, [[k] for k in keys],
-                          "in progress", destination=dest)
-    return check(pipeline, request, shapes, present, wait=wait)
+    request = SyncRequest(request_id, requested_at, requested_by or getpass.getuser(), table,
+                          [[jsonable(v) for v in k] for k in chosen], "in progress", destination=dest)
+    return check(pipeline, request, shapes, set(present), wait=wait)
 
 
-def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape], present: set[Any], *,
+def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape], present: set[tuple], *,
           wait: float) -> SyncRequest:
-    """Wait until every key present at the source holds the source's row at the destination, or `wait` runs out;
-    record per-key results (a key absent at the source is reported, never skipped)."""
+    """Wait until every key present at the source holds the source's row at the destination (by the comparison
+    rules of consumers/compare.py), or `wait` runs out; record per-key results (a key absent at the source is
+    reported, never skipped), and for a key that did not arrive, why."""
     shape = shapes[request.table]
-    engine = create_engine(pipeline.destinations[request.destination].driver_url)
-    dialect = dialect_for(engine)
-    target = dialect.table(shape)
-    columns = list(shape.column_names)
-    key_column = shape.primary_key[0]
+    by_normal = {_normal_key(shape, k): k for k in request.keys}
+    pending = {n for n in by_normal if n in present}
     deadline = time.monotonic() + wait
-    pending = {k[0] for k in request.keys if k[0] in present}
-    reasons: dict[Any, str] = {}
+    src_engine = verify.source_engine(pipeline)
+    dst_engine = verify.destination_engine(pipeline, request.destination)
+    engine = verify._engine_name(dst_engine)
+    dialect = dialect_for(dst_engine, pipeline.destinations[request.destination].kind)
+    target = dialect.table(shape)
+    last: dict[tuple, tuple[tuple | None, tuple | None]] = {}
     try:
         while True:
-            with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url)) as src:
-                source_rows = {r[key_column]: r for r in _source_rows(src, shape, key_column, list(pending))}
-            with engine.connect() as dst:
-                prep = dst.dialect.identifier_preparer
-                query = text(f"select {', '.join(prep.quote(c) for c in columns)} from {prep.format_table(target)} "
-                             f"where {prep.quote(key_column)} in :keys").bindparams(bindparam("keys", expanding=True))
-                dest_rows = {r[0]: r for r in dst.execute(query, {"keys": list(pending)})} if pending else {}
-            for key in list(pending):
-                src_row, dst_row = source_rows.get(key), dest_rows.get(key)
-                if src_row is not None and dst_row is not None and \
-                        [_normal(src_row[c]) for c in columns] == [_normal(v) for v in dst_row]:
+            keys = [by_normal[n] for n in pending]
+            with src_engine.connect() as src:
+                s_side = verify._Side(src, "postgresql", _source_table(shape), shape, {})
+                s_rows = verify.raw_query(src, s_side._inner() + " WHERE " + _condition(shape, keys)) if keys else []
+            texts = [r[0] for r in s_rows]
+            with verify.connect(dst_engine) as dst:
+                stored = verify._stored_types(dst, engine, target.schema, target.name)
+                d_side = verify._Side(dst, engine, dst.dialect.identifier_preparer.format_table(target), shape, stored)
+                d_rows = verify.raw_query(dst, d_side._inner() + f" WHERE {d_side.key_text} IN ("
+                                          + ", ".join(d_side.canon.literal(t) for t in texts) + ")") \
+                    if texts and stored else []
+            d_by_text = {r[0]: r for r in d_rows}
+            for row in s_rows:
+                key = tuple(normal(s_side.kinds[i], row[2 + i]) for i in s_side.key_index)
+                other = d_by_text.get(row[0])
+                last[key] = (tuple(row[2:]), tuple(other[2:]) if other is not None else None)
+                if other is not None and verify._equal_row(s_side.kinds, row[2:], other[2:]):
                     pending.discard(key)
             if not pending or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        for key in pending:
-            reasons[key] = _why_missing(engine, dialect, shapes, shape, source_rows.get(key))
+        reasons = {key: _why_missing(pipeline, request, dst_engine, dialect, shapes, shape, s_side.columns,
+                                     s_side.kinds, *last.get(key, (None, None)))
+                   for key in pending}
     finally:
-        engine.dispose()
+        src_engine.dispose()
+        dst_engine.dispose()
     request.results = []
-    for [key] in request.keys:
-        if key not in present:
-            request.results.append(KeyResult([key], False, "not at the source"))
-        elif key in pending:
-            request.results.append(KeyResult([key], False, reasons.get(key, "did not reach the destination")))
+    for n, key in by_normal.items():
+        if n not in present:
+            request.results.append(KeyResult(key, False, "not at the source"))
+        elif n in pending:
+            request.results.append(KeyResult(key, False, reasons[n]))
         else:
-            request.results.append(KeyResult([key], True))
+            request.results.append(KeyResult(key, True))
     request.state = "complete" if all(r.ok for r in request.results) else "failed"
     request.completed_at = datetime.now(timezone.utc)
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
@@ -209,24 +345,68 @@ def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape
     return request
 
 
-def _why_missing(engine: Any, dialect: Any, shapes: dict[str, TableShape], shape: TableShape,
-                 source_row: dict | None) -> str:
-    """Name a missing parent at the destination, the usual reason a re-synced child cannot be applied."""
+def _why_missing(pipeline: Pipeline, request: SyncRequest, engine: Any, dialect: Any, shapes: dict[str, TableShape],
+                 shape: TableShape, columns: list[str], kinds: list[Any], source_row: tuple | None,
+                 dest_row: tuple | None) -> str:
+    """The first cause that holds, checked in the order a user would check them."""
     if source_row is None:
-        return "did not reach the destination"
-    with engine.connect() as dst:
+        return "not at the source"
+    values = dict(zip(columns, source_row))
+    if dest_row is not None:
+        for column, kind, a, b in zip(columns, kinds, source_row, dest_row):
+            if not equal(kind, a, b):
+                return (f"it reached the destination but differs in {column}: source {jsonable(a)!r}, destination "
+                        f"{jsonable(b)!r} (a newer change not applied yet, or the destination rewrote it)")
+    with verify.connect(engine) as dst:
         prep = dst.dialect.identifier_preparer
         for fk in shape.foreign_keys:
             parent = shapes.get(fk.referred_table)
-            value = source_row.get(fk.columns[0]) if len(fk.columns) == 1 else None
-            if parent is None or value is None:
+            parent_values = [values.get(c) for c in fk.columns]
+            if parent is None or any(v is None for v in parent_values):
                 continue
-            found = dst.execute(text(f"select 1 from {prep.format_table(dialect.table(parent))} "
-                                     f"where {prep.quote(fk.referred_columns[0])} = :v"), {"v": value}).first()
+            where = " AND ".join(f"{prep.quote(c)} = :p{i}" for i, c in enumerate(fk.referred_columns))
+            found = dst.execute(text(f"select 1 from {prep.format_table(dialect.table(parent))} where {where}"),
+                                {f"p{i}": v if isinstance(v, (int, str)) else str(v)
+                                 for i, v in enumerate(parent_values)}).first()
             if found is None:
-                return (f"its parent {parent.name} {fk.referred_columns[0]}={value} is missing at the destination: "
-                        "re-sync with --with-parents")
-    return "did not reach the destination (is `cdc run` running?)"
+                shown = ", ".join(f"{c}={jsonable(v)}" for c, v in zip(fk.referred_columns, parent_values))
+                return (f"its parent {parent.name} {shown} is missing at the destination: re-sync with "
+                        "--with-parents")
+    try:
+        with ConnectClient(pipeline.kafka.connect_url) as connect:
+            status = connect.status(pipeline.connector_name)
+    except Exception as exc:  # noqa: BLE001 - an unreachable Connect is itself the answer
+        return f"Kafka Connect does not answer ({exc}): Debezium cannot have sent the rows"
+    if status is None:
+        return f"the connector {pipeline.connector_name} does not exist: run `cdc connectors apply`"
+    failed = [t for t in status.tasks if t.get("state") != "RUNNING"]
+    if status.state != "RUNNING" or failed:
+        state = status.state if status.state != "RUNNING" else f"task {failed[0].get('id')} {failed[0].get('state')}"
+        return f"the connector {pipeline.connector_name} is {state}: Debezium did not send the rows " \
+               "(`cdc connectors status`)"
+    last_apply = _last_apply(engine, dialect, pipeline)
+    if last_apply is None or last_apply < request.requested_at:
+        since = "never" if last_apply is None else f"last at {last_apply:%Y-%m-%d %H:%M:%S %Z}"
+        return (f"the destination {request.destination} applied nothing since the request ({since}): the rows are "
+                "waiting in Kafka; start `cdc run`")
+    return (f"the destination {request.destination} applies changes, but this row did not arrive within the wait: "
+            "Debezium may still be snapshotting (try a longer --wait), or the row went to the dead letters "
+            "(`cdc run` logs them)")
+
+
+def _last_apply(engine: Any, dialect: Any, pipeline: Pipeline) -> datetime | None:
+    try:
+        with verify.connect(engine) as dst:
+            offsets = dialect.offsets
+            value = dst.execute(text(f"select max(updated_at) from {dst.dialect.identifier_preparer.format_table(offsets)} "
+                                     "where pipeline = :p"), {"p": pipeline.pipeline}).scalar()
+    except Exception:  # noqa: BLE001 - no offsets table yet: nothing was ever applied
+        return None
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

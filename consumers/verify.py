@@ -1,34 +1,47 @@
-"""`cdc verify`: how well a destination agrees with its source, table by table, without streaming both whole.
+"""`cdc verify`: how well a destination agrees with its source, table by table, computed inside both databases.
 
-The approach of data-diff: each side sums a per-row hash over key ranges in the database; ranges whose
-(count, sum) agree are equal and are not read; a range that differs is split into segments and compared again,
-down to segments small enough to fetch, whose rows are then compared one by one. A table with a handful of
-differences therefore costs a few aggregate queries per level instead of reading every row.
+Every row gets a canonical text (consumers/compare.py: one rule per source column type, spelled in each engine's
+SQL so that PostgreSQL, MariaDB and DuckDB give the same text for equal values), and two md5s of it:
+- the key's md5 places the row in a bucket (its first hex digits), the same bucket on every engine whatever the
+  key's type or the engines' collations: single, composite, uuid, text and char keys alike. A table without a
+  primary key is a multiset of rows: its bucket comes from the whole row's md5.
+- the row's md5 (60 bits of it, as a number) is summed per bucket.
 
-Row hashes must be computed identically on both sides, so the in-database path is used when source and
-destination are both PostgreSQL (the applier created the destination tables with the source's types); any other
-pair compares rows fetched in key order, in chunks, and hashed in Python after normalising values.
+1. Each side returns (bucket, count, sum) for the whole table in one aggregate query: ~16 rows a bucket.
+2. Buckets whose (count, sum) agree are equal and never leave the database. Rows of the differing buckets only are
+   fetched from both sides, with their key text and row hash, in one query each.
+3. Rows whose key text is on one side only are missing or extra; rows whose hashes differ are compared value by
+   value with the Python rule (compare.normal), which settles what SQL could not spell identically (JSON spacing,
+   arrays kept as JSON text): such a pair is equal, never a false alarm. Keyless rows are matched as multisets.
+
+Both sides run at the same time (one thread each). Small tables skip step 1. A table that cannot be compared (it
+has no destination table yet, a query fails) is reported with the reason, never skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from decimal import Decimal
-from typing import Any, Iterator
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
+from consumers.compare import Canon, Kind, equal, jsonable, kind_of, normal, normal_row
 from consumers.dialects import dialect_for
 from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
 
-SEGMENTS = 16  # how many parts a differing range is split into at each level
-FETCH_BELOW = 2000  # a differing range with at most this many rows per side is compared row by row
+ROWS_PER_BUCKET = 16  # the aim of step 1: a differing bucket costs ~16 rows fetched per side
+FETCH_ALL_BELOW = 20_000  # tables with at most this many rows a side skip step 1: one query fetches them
+DUCKDB_PATIENCE_S = 60.0  # how long to wait for a DuckDB file another process (the applier) writes
 
 
 @dataclass
@@ -39,8 +52,12 @@ class TableReport:
     missing: list[list[Any]] = field(default_factory=list)  # at the source, not at the destination
     extra: list[list[Any]] = field(default_factory=list)  # at the destination, not at the source
     different: list[list[Any]] = field(default_factory=list)
+    keyless: bool = False  # no primary key: missing/extra are whole rows (one entry per surplus copy)
+    error: str | None = None  # why the table could not be compared
     queries: int = 0
     seconds: float = 0.0
+    # The canonical key text of each reported key (row hash for keyless rows): how fix and recheck find them.
+    handles: dict[str, dict[tuple, str]] = field(default_factory=dict, repr=False)
 
     @property
     def distinct_keys(self) -> int:
@@ -49,18 +66,21 @@ class TableReport:
     @property
     def accuracy(self) -> float:
         """Matching keys / distinct keys of both sides (1.0 for two empty tables)."""
+        if self.error:
+            return 0.0
         distinct = self.distinct_keys
         matching = self.source_rows - len(self.missing) - len(self.different)
-        return 1.0 if distinct == 0 else matching / distinct
+        return 1.0 if distinct == 0 else max(0.0, matching / distinct)
 
     @property
     def equal(self) -> bool:
-        return not (self.missing or self.extra or self.different)
+        return not (self.missing or self.extra or self.different or self.error)
 
     def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["accuracy"] = round(self.accuracy, 6)
-        return data
+        return {"table": self.table, "source_rows": self.source_rows, "destination_rows": self.destination_rows,
+                "missing": self.missing, "extra": self.extra, "different": self.different,
+                "accuracy": round(self.accuracy, 6), "keyless": self.keyless, "error": self.error,
+                "queries": self.queries, "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -76,221 +96,439 @@ class Report:
         return {"destination": self.destination, "equal": self.equal, "tables": [t.as_json() for t in self.tables]}
 
 
-def _normal(value: Any) -> str:
-    """A value's text for hashing, identical whichever database and driver returned it."""
-    if value is None:
-        return "\\N"
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, datetime) and value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
-    if isinstance(value, Decimal):
-        value = value.normalize()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).hex()
-    return str(value)
+# ---------------------------------------------------------------------------------------------------------------
+# table names
+
+
+def _split_quoted(name: str) -> list[str] | None:
+    """`"Ops"."My table"` -> ['Ops', 'My table'] (doubled quotes inside); None when not written that way."""
+    parts, i = [], 0
+    while i < len(name):
+        if name[i] != '"':
+            return None
+        j, part = i + 1, []
+        while True:
+            end = name.find('"', j)
+            if end < 0:
+                return None
+            part.append(name[j:end])
+            if name[end + 1:end + 2] == '"':
+                part.append('"')
+                j = end + 2
+                continue
+            break
+        parts.append("".join(part))
+        i = end + 1
+        if i < len(name):
+            if name[i] != ".":
+                return None
+            i += 1
+    return parts
+
+
+def _parts(name: str) -> list[str]:
+    """schema and table of a name as a user types it: quoted parts exact, unquoted parts as typed."""
+    name = name.strip()
+    quoted = _split_quoted(name)
+    if quoted is not None:
+        return quoted
+    m = re.fullmatch(r'"((?:[^"]|"")*)"\.(.+)', name) or re.fullmatch(r'([^".]+)\."((?:[^"]|"")*)"', name)
+    if m:
+        return [m.group(1).replace('""', '"'), m.group(2).strip('"').replace('""', '"')]
+    return name.split(".", 1)
+
+
+def resolve_table(name: str, tables: tuple[str, ...] | list[str]) -> str:
+    """The captured table a user means: `schema.table` as configured, `"Schema"."Table"` (quoted, exact),
+    `Schema.Table` in any case when only one captured table matches, or a bare table name when unique."""
+    if name in tables:
+        return name
+    parts = _parts(name)
+    exact = [t for t in tables if t.split(".", 1) == parts] if len(parts) == 2 else []
+    if exact:
+        return exact[0]
+    if '"' in name and len(parts) == 2 and all(name.count('"') >= 2 for _ in parts):
+        # Quoted names are exact, as in SQL: no case folding.
+        loose = [i for i, p in enumerate(parts) if f'"{p.replace(chr(34), chr(34) * 2)}"' not in name]
+        candidates = [t for t in tables if all(
+            (a.lower() == b.lower()) if i in loose else a == b for i, (a, b) in enumerate(zip(t.split(".", 1), parts)))]
+        if len(candidates) == 1:
+            return candidates[0]
+        raise ConfigError(f"--tables: {name!r} is not a captured table (source.tables: {', '.join(tables)})")
+    if len(parts) == 2:
+        folded = [t for t in tables if [p.lower() for p in t.split(".", 1)] == [p.lower() for p in parts]]
+    else:
+        folded = [t for t in tables if t.split(".", 1)[1] == parts[0]] or \
+                 [t for t in tables if t.split(".", 1)[1].lower() == parts[0].lower()]
+    if len(folded) == 1:
+        return folded[0]
+    if len(folded) > 1:
+        raise ConfigError(f"--tables: {name!r} matches {', '.join(folded)}; quote it exactly, e.g. "
+                          f'"{folded[0].split(".", 1)[0]}"."{folded[0].split(".", 1)[1]}"')
+    raise ConfigError(f"--tables: {name!r} is not a captured table (source.tables: {', '.join(tables)})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one side
 
 
 class _Side:
-    """One database's view of one table: counts and hash sums over key ranges, and rows of a range."""
+    """One database's view of one table: bucket aggregates, and rows of chosen buckets with key text and hash."""
 
-    def __init__(self, conn: Connection, quoted_table: str, key: str, columns: list[str], in_db_hash: bool) -> None:
+    def __init__(self, conn: Connection, engine: str, table_sql: str, shape: TableShape,
+                 stored: dict[str, str]) -> None:
         self.conn = conn
-        self.table = quoted_table
+        self.canon = Canon(engine)
+        self.table = table_sql
         prep = conn.dialect.identifier_preparer
-        self.key = prep.quote(key)
-        self.columns = [prep.quote(c) for c in columns]
-        self.in_db_hash = in_db_hash
-        # The first 60 bits of md5 of the row's text form, as a number: summing them is order independent.
-        self.row_hash = (f"('x' || substr(md5(row({', '.join(self.columns)})::text), 1, 15))::bit(60)::bigint"
-                         if in_db_hash else None)
+        self.columns = [c for c in shape.column_names if c != LSN_COLUMN]
+        self.kinds = [kind_of(shape.column(c).type) for c in self.columns]
+        self.key_index = [self.columns.index(k) for k in shape.primary_key]
+        quoted = [prep.quote(c) for c in self.columns]
+        texts = [self.canon.column(k, q, stored.get(c)) for c, k, q in zip(self.columns, self.kinds, quoted)]
+        self.row_text = self.canon.row_text(texts)
+        self.key_text = self.canon.row_text([texts[i] for i in self.key_index]) if self.key_index else None
+        self.fetch_exprs = [self.canon.fetch(k, q, stored.get(c)) for c, k, q in zip(self.columns, self.kinds, quoted)]
         self.queries = 0
 
-    def bounds(self) -> tuple[Any, Any, int]:
+    def _run(self, sql: str) -> list[Any]:
         self.queries += 1
-        row = self.conn.execute(text(f"select min({self.key}), max({self.key}), count(*) from {self.table}")).one()
-        return row[0], row[1], row[2]
+        return raw_query(self.conn, sql)
 
-    def segments(self, lo: int, hi: int, step: int) -> dict[int, tuple[int, int]]:
-        """(count, hash sum) per segment of `step` keys in [lo, hi]."""
-        self.queries += 1
-        rows = self.conn.execute(text(
-            f"select ({self.key} - :lo) / :step as seg, count(*), coalesce(sum({self.row_hash}), 0) "
-            f"from {self.table} where {self.key} between :lo and :hi group by 1"), {"lo": lo, "hi": hi, "step": step})
-        return {int(r[0]): (int(r[1]), int(r[2])) for r in rows}
+    def count(self) -> int:
+        return int(self._run(f"SELECT count(*) FROM {self.table}")[0][0])
 
-    def rows(self, lo: Any = None, hi: Any = None) -> Iterator[tuple[Any, str]]:
-        """(key, row hash) in key order, for a range or the whole table."""
-        self.queries += 1
-        where = f" where {self.key} between :lo and :hi" if lo is not None else ""
-        result = self.conn.execution_options(stream_results=True, max_row_buffer=10_000).execute(text(
-            f"select {self.key}, {', '.join(self.columns)} from {self.table}{where} order by {self.key}"),
-            {"lo": lo, "hi": hi})
-        for row in result:
-            yield row[0], hashlib.md5("\x1f".join(_normal(v) for v in row[1:]).encode()).hexdigest()
+    def _inner(self) -> str:
+        """Per row: its key text (the row hash's md5 for keyless tables), row hash, and the fetched columns."""
+        c = self.canon
+        row_md5 = c.md5(self.row_text)
+        key = self.key_text if self.key_text is not None else row_md5
+        return (f"SELECT {key} AS k, {c.hash60(row_md5)} AS h, {', '.join(self.fetch_exprs)} FROM {self.table}")
 
+    def buckets(self, digits: int) -> dict[str, tuple[int, int]]:
+        c = self.canon
+        key = self.key_text if self.key_text is not None else self.row_text
+        sql = (f"SELECT substr({c.md5(key)}, 1, {digits}) AS b, count(*), sum({c.hash60(c.md5(self.row_text))}) "
+               f"FROM {self.table} GROUP BY 1")
+        return {r[0]: (int(r[1]), int(r[2] or 0)) for r in self._run(sql)}
 
-def _merge(source: Iterator[tuple[Any, str]], destination: Iterator[tuple[Any, str]], report: TableReport) -> None:
-    """Walk two key-ordered streams together, filing each key as missing, extra or different."""
-    s, d = next(source, None), next(destination, None)
-    while s is not None or d is not None:
-        if d is None or (s is not None and s[0] < d[0]):
-            report.missing.append([s[0]])
-            s = next(source, None)
-        elif s is None or d[0] < s[0]:
-            report.extra.append([d[0]])
-            d = next(destination, None)
-        else:
-            if s[1] != d[1]:
-                report.different.append([s[0]])
-            s, d = next(source, None), next(destination, None)
+    def rows(self, buckets: list[str] | None, digits: int) -> list[tuple]:
+        """(key text, row hash, values...) of the rows in these buckets (all rows for None)."""
+        sql = self._inner()
+        if buckets is not None:
+            if not buckets:
+                return []
+            key = self.key_text if self.key_text is not None else self.row_text
+            listed = ", ".join(f"'{b}'" for b in buckets)  # hex digits only
+            sql += f" WHERE substr({self.canon.md5(key)}, 1, {digits}) IN ({listed})"
+        return [tuple(r) for r in self._run(sql)]
 
 
-def _bisect(src: _Side, dst: _Side, lo: int, hi: int, report: TableReport) -> None:
-    pending = [(lo, hi)]
-    while pending:
-        lo, hi = pending.pop()
-        step = max(1, -(-(hi - lo + 1) // SEGMENTS))
-        a, b = src.segments(lo, hi, step), dst.segments(lo, hi, step)
-        for seg in sorted(set(a) | set(b)):
-            if a.get(seg) == b.get(seg):
-                continue
-            s_lo, s_hi = lo + seg * step, min(hi, lo + (seg + 1) * step - 1)
-            small = max(a.get(seg, (0, 0))[0], b.get(seg, (0, 0))[0]) <= FETCH_BELOW
-            if small or s_lo == s_hi:
-                _merge(src.rows(s_lo, s_hi), dst.rows(s_lo, s_hi), report)
-            else:
-                pending.append((s_lo, s_hi))
+def raw_query(conn: Connection, sql: str, *, fetch: bool = True) -> list[Any]:
+    """Run SQL without parameters on the driver's own cursor (in the connection's transaction): SQLAlchemy would
+    hand the drivers an empty parameter list, and PyMySQL then reads every '%' in a key's text as a placeholder."""
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.execute(sql)
+        return [tuple(r) for r in cursor.fetchall()] if fetch else []
+    finally:
+        cursor.close()
 
 
-def verify_table(source: Connection, destination: Connection, shape: TableShape, destination_table: str,
-                 *, in_db_hash: bool) -> TableReport:
-    started = time.monotonic()
-    report = TableReport(shape.name)
-    columns = [c for c in shape.column_names if c != LSN_COLUMN]
-    prep = source.dialect.identifier_preparer
-    src_table = f"{prep.quote(shape.schema)}.{prep.quote(shape.table)}"
-    if len(shape.primary_key) != 1:
-        raise ConfigError(f"verify: {shape.name} has no single-column primary key to compare by")
-    key = shape.primary_key[0]
-    src = _Side(source, src_table, key, columns, in_db_hash)
-    dst = _Side(destination, destination_table, key, columns, in_db_hash)
-    s_min, s_max, report.source_rows = src.bounds()
-    d_min, d_max, report.destination_rows = dst.bounds()
-    integer_key = all(isinstance(v, int) for v in (s_min, s_max, d_min, d_max) if v is not None)
-    if in_db_hash and integer_key and (s_min is not None or d_min is not None):
-        lo = min(v for v in (s_min, d_min) if v is not None)
-        hi = max(v for v in (s_max, d_max) if v is not None)
-        _bisect(src, dst, lo, hi, report)
-    elif s_min is not None or d_min is not None:
-        _merge(src.rows(), dst.rows(), report)
-    for bucket in (report.missing, report.extra, report.different):
-        bucket.sort()
-    report.queries = src.queries + dst.queries
-    report.seconds = time.monotonic() - started
-    return report
+def _bucket_of(key_text: str, digits: int) -> str:
+    return hashlib.md5(key_text.encode("utf-8")).hexdigest()[:digits]
 
 
-def _recheck(src: Connection, dst: Connection, shape: TableShape, destination_table: str,
-             report: TableReport) -> None:
-    """Compare the reported keys once more: a change that was still in flight (within the destination's lag) when
-    the ranges were compared has been applied since, and is no difference."""
-    columns = [c for c in shape.column_names if c != LSN_COLUMN]
-    prep = src.dialect.identifier_preparer
-    src_side = _Side(src, f"{prep.quote(shape.schema)}.{prep.quote(shape.table)}", shape.primary_key[0], columns, False)
-    dst_side = _Side(dst, destination_table, shape.primary_key[0], columns, False)
-    for bucket in (report.missing, report.extra, report.different):
-        still = []
-        for key in bucket:
-            fresh = TableReport(shape.name)
-            _merge(src_side.rows(key[0], key[0]), dst_side.rows(key[0], key[0]), fresh)
-            if not fresh.equal:
-                still.append(key)
-        bucket[:] = still
+def _digits(rows: int) -> int:
+    """Hex digits of the bucket: about ROWS_PER_BUCKET rows a bucket, at least 16 buckets."""
+    return max(1, min(6, math.ceil(math.log(max(rows, 1) / ROWS_PER_BUCKET, 16)) if rows > ROWS_PER_BUCKET else 1))
 
 
-def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None, *,
-           settle: float = 2.0) -> Report:
+def _key_sort(key: list[Any]) -> list[tuple]:
+    return [(0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v)) for v in key]
+
+
+def _compare_rows(src: _Side, src_rows: list[tuple], dst_rows: list[tuple], report: TableReport) -> None:
+    """File the fetched rows of both sides as missing, extra or different (keyed), or as surplus copies (keyless)."""
+    kinds = src.kinds
+    key_kinds = [kinds[i] for i in src.key_index]
+    if src.key_index:
+        s = {r[0]: r for r in src_rows}
+        d = {r[0]: r for r in dst_rows}
+        only_src = [k for k in s if k not in d]
+        only_dst = [k for k in d if k not in s]
+        # A key whose text differs between engines (an exotic key type) still pairs up by its normal form.
+        by_normal = {tuple(normal(kinds[i], s[k][2 + i]) for i in src.key_index): k for k in only_src}
+        paired = []
+        for k in only_dst:
+            other = by_normal.pop(tuple(normal(kinds[i], d[k][2 + i]) for i in src.key_index), None)
+            if other is not None:
+                paired.append((other, k))
+        paired_src = {a for a, _ in paired}
+        paired_dst = {b for _, b in paired}
+        candidates = [(k, k) for k in s if k in d and s[k][1] != d[k][1]] + paired
+        for ks, kd in candidates:
+            if not _equal_row(kinds, s[ks][2:], d[kd][2:]):
+                _file(report, "different", [s[ks][2 + i] for i in src.key_index], ks, key_kinds)
+        for k in only_src:
+            if k not in paired_src:
+                _file(report, "missing", [s[k][2 + i] for i in src.key_index], k, key_kinds)
+        for k in only_dst:
+            if k not in paired_dst:
+                _file(report, "extra", [d[k][2 + i] for i in src.key_index], k, key_kinds)
+        return
+    # Keyless: rows with the same hash are the same row; the others are matched by their normal forms.
+    sc, dc = Counter(r[1] for r in src_rows), Counter(r[1] for r in dst_rows)
+    unsettled_s = [r for r in src_rows if sc[r[1]] != dc.get(r[1], 0)]
+    unsettled_d = [r for r in dst_rows if dc[r[1]] != sc.get(r[1], 0)]
+    s_norm = Counter(normal_row(kinds, r[2:]) for r in unsettled_s)
+    d_norm = Counter(normal_row(kinds, r[2:]) for r in unsettled_d)
+    sample_s = {normal_row(kinds, r[2:]): r for r in unsettled_s}
+    sample_d = {normal_row(kinds, r[2:]): r for r in unsettled_d}
+    for row, n in (s_norm - d_norm).items():
+        for _ in range(n):
+            _file(report, "missing", list(sample_s[row][2:]), sample_s[row][0])
+    for row, n in (d_norm - s_norm).items():
+        for _ in range(n):
+            _file(report, "extra", list(sample_d[row][2:]), sample_d[row][0])
+
+
+def _equal_row(kinds: list[Kind], a: tuple, b: tuple) -> bool:
+    return all(equal(k, x, y) for k, x, y in zip(kinds, a, b))
+
+
+def _file(report: TableReport, bucket: str, key: list[Any], handle: str, kinds: list[Kind] | None = None) -> None:
+    # char(n) keys are shown without their padding, as a user types them (whichever side's value this is).
+    shown = [jsonable(v.rstrip(" ") if isinstance(v, str) and k is not None and k.name == "char" else v)
+             for v, k in zip(key, kinds or [None] * len(key))]
+    getattr(report, bucket).append(shown)
+    report.handles.setdefault(bucket, {})[tuple(map(repr, shown))] = handle
+
+
+def _compare(src: _Side, dst: _Side, report: TableReport, pool: ThreadPoolExecutor) -> list[str] | None:
+    """Compare the two sides into `report`; returns the buckets that were fetched (None: the whole table)."""
+    counts = [f.result() for f in [pool.submit(src.count), pool.submit(dst.count)]]
+    report.source_rows, report.destination_rows = counts
+    largest = max(counts)
+    digits = _digits(largest)
+    if largest <= FETCH_ALL_BELOW:
+        chosen = None
+    else:
+        a_f, b_f = pool.submit(src.buckets, digits), pool.submit(dst.buckets, digits)
+        a, b = a_f.result(), b_f.result()
+        chosen = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    s_f, d_f = pool.submit(src.rows, chosen, digits), pool.submit(dst.rows, chosen, digits)
+    _compare_rows(src, s_f.result(), d_f.result(), report)
+    report.handles["_digits"] = {(): str(digits)}
+    return chosen
+
+
+def _sort(report: TableReport) -> None:
+    for name in ("missing", "extra", "different"):
+        getattr(report, name).sort(key=_key_sort)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# connections
+
+
+def source_engine(pipeline: Pipeline) -> Engine:
+    return create_engine(pipeline.source.sqlalchemy_url.set(drivername="postgresql+psycopg"), poolclass=NullPool)
+
+
+def destination_engine(pipeline: Pipeline, destination: str, *, write: bool = False) -> Engine:
+    url = pipeline.destinations[destination].driver_url
+    if url.get_backend_name() == "duckdb":
+        # Read-only unless writing: DuckDB lets one process write a file or several read it.
+        return create_engine(url, poolclass=NullPool, connect_args={} if write else {"read_only": True})
+    return create_engine(url, poolclass=NullPool)
+
+
+def connect(engine: Engine) -> Connection:
+    if engine.url.get_backend_name() == "duckdb":
+        from consumers.dialects.duckdb import when_free
+
+        return when_free(engine.connect, DUCKDB_PATIENCE_S)
+    return engine.connect()
+
+
+def _engine_name(engine: Engine) -> str:
+    backend = engine.url.get_backend_name()
+    return "mariadb" if backend in ("mysql", "mariadb") else backend
+
+
+def _stored_types(conn: Connection, engine: str, schema: str | None, table: str) -> dict[str, str]:
+    """The destination columns' own type names (information_schema), lower case; empty when absent."""
+    if engine == "mariadb":
+        rows = conn.execute(text("SELECT column_name, column_type FROM information_schema.columns "
+                                 "WHERE table_schema = COALESCE(:s, database()) AND table_name = :t"),
+                            {"s": schema, "t": table})
+    elif engine == "duckdb":
+        rows = conn.execute(text("SELECT column_name, data_type FROM information_schema.columns "
+                                 "WHERE table_name = :t"), {"t": table})
+    else:
+        rows = conn.execute(text("SELECT column_name, data_type FROM information_schema.columns "
+                                 "WHERE table_schema = :s AND table_name = :t"), {"s": schema or "public", "t": table})
+    return {r[0]: str(r[1]).lower() for r in rows}
+
+
+@dataclass
+class _Target:
+    shape: TableShape
+    src_sql: str
+    dst_sql: str
+    stored: dict[str, str]
+
+
+def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Connection, engine: str,
+             reports: dict[str, TableReport]) -> dict[str, _Target]:
+    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, chosen)
+    dialect = dialect_for(dst.engine, pipeline.destinations[destination].kind)
+    prep = dst.dialect.identifier_preparer
+    targets = {}
+    for name in chosen:
+        shape = shapes[name]
+        table = dialect.table(shape)
+        stored = _stored_types(dst, engine, table.schema, table.name)
+        if not stored:
+            reports[name].error = (f"the destination {destination} has no table {table.fullname} yet (`cdc run` "
+                                   "creates it when it applies the table's first changes)")
+            continue
+        missing = [c for c in shape.column_names if c not in stored]
+        if missing:
+            reports[name].error = (f"the destination table {table.fullname} has no column(s) {', '.join(missing)} "
+                                   "(`cdc run` adds them when it applies the next change)")
+            continue
+        reports[name].keyless = not shape.primary_key
+        src_sql = f'"{shape.schema.replace(chr(34), chr(34) * 2)}"."{shape.table.replace(chr(34), chr(34) * 2)}"'
+        targets[name] = _Target(shape, src_sql, prep.format_table(table), stored)
+    return targets
+
+
+def _begin_snapshot(conn: Connection, engine: str) -> None:
+    if engine == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
+        conn.exec_driver_sql("SET LOCAL extra_float_digits = 1")
+    elif engine == "mariadb":
+        conn.exec_driver_sql("SET time_zone = '+00:00'")
+        conn.exec_driver_sql("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+
+
+def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None, *, settle: float = 2.0,
+           echo: Callable[[str], None] = lambda line: None) -> Report:
+    """Compare every chosen table (all captured tables by default) of one destination with the source."""
     if destination not in pipeline.destinations:
         raise ConfigError(f"destinations: no destination named {destination!r} "
                           f"(known: {', '.join(pipeline.destinations) or 'none'})")
-    chosen = tables or list(pipeline.source.tables)
-    unknown = [t for t in chosen if t not in pipeline.source.tables]
-    if unknown:
-        raise ConfigError(f"--tables: {', '.join(unknown)} not in source.tables")
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, chosen)
-    src_engine: Engine = create_engine(pipeline.source.sqlalchemy_url.set(drivername="postgresql+psycopg"))
-    dst_engine: Engine = create_engine(pipeline.destinations[destination].driver_url)
-    dialect = dialect_for(dst_engine)
-    in_db_hash = dst_engine.url.get_backend_name() == "postgresql"
-    reports = []
+    chosen = list(dict.fromkeys(resolve_table(t, pipeline.source.tables) for t in tables)) if tables \
+        else list(pipeline.source.tables)
+    reports = {name: TableReport(name) for name in chosen}
+    src_engine, dst_engine = source_engine(pipeline), destination_engine(pipeline, destination)
+    engine = _engine_name(dst_engine)
+    targets: dict[str, _Target] = {}
+    fetched: dict[str, list[str] | None] = {}
     try:
-        with src_engine.connect() as src, dst_engine.connect() as dst:
-            # One snapshot per side, so that a table is compared as of one moment on each side.
-            src.exec_driver_sql("set transaction isolation level repeatable read")
-            if in_db_hash:
-                dst.exec_driver_sql("set transaction isolation level repeatable read")
-            quoted = {}
-            insp = inspect(dst)
-            for name in chosen:
-                target = dialect.table(shapes[name])
-                if not insp.has_table(target.name, schema=target.schema):
-                    raise CdcError(f"verify: the destination {destination} has no table {target.fullname} yet "
-                                   "(`cdc run` creates it when it applies the first changes)")
-                quoted[name] = dst.dialect.identifier_preparer.format_table(dialect.table(shapes[name]))
-                reports.append(verify_table(src, dst, shapes[name], quoted[name], in_db_hash=in_db_hash))
-        if any(not r.equal for r in reports) and settle > 0:
+        with src_engine.connect() as src, connect(dst_engine) as dst, ThreadPoolExecutor(2) as pool:
+            # One snapshot per side, so that every table is compared as of one moment on each side.
+            _begin_snapshot(src, "postgresql")
+            _begin_snapshot(dst, engine)
+            targets = _targets(pipeline, destination, chosen, dst, engine, reports)
+            for name, target in targets.items():
+                report = reports[name]
+                started = time.monotonic()
+                s_side = _Side(src, "postgresql", target.src_sql, target.shape, {})
+                d_side = _Side(dst, engine, target.dst_sql, target.shape, target.stored)
+                try:
+                    fetched[name] = _compare(s_side, d_side, report, pool)
+                except Exception as exc:  # noqa: BLE001 - reported per table, never skipped in silence
+                    report.error = f"could not be compared: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                    _reset(src)
+                    _reset(dst)
+                report.queries = s_side.queries + d_side.queries
+                report.seconds = time.monotonic() - started
+                echo(f"{name}: {len(report.missing)} missing, {len(report.extra)} extra, "
+                     f"{len(report.different)} different ({report.seconds:.1f} s)")
+        unequal = [n for n in targets if not reports[n].equal and not reports[n].error]
+        if unequal and settle > 0:
+            # A change still in flight (within the destination's lag) when the tables were read has been applied
+            # by now: only what differs in both looks is reported.
             time.sleep(settle)
-            with src_engine.connect() as src, dst_engine.connect() as dst:
-                for report in reports:
-                    if not report.equal:
-                        _recheck(src, dst, shapes[report.table], quoted[report.table], report)
+            with src_engine.connect() as src, connect(dst_engine) as dst, ThreadPoolExecutor(2) as pool:
+                _begin_snapshot(src, "postgresql")
+                _begin_snapshot(dst, engine)
+                for name in unequal:
+                    _recheck(src, dst, engine, targets[name], reports[name], fetched[name], pool)
     finally:
         src_engine.dispose()
         dst_engine.dispose()
-    return Report(destination, reports)
+    for report in reports.values():
+        _sort(report)
+    return Report(destination, [reports[n] for n in chosen])
+
+
+def _reset(conn: Connection) -> None:
+    try:
+        conn.rollback()
+    except Exception:  # noqa: BLE001 - the connection is only read; a failed rollback leaves nothing behind
+        pass
+
+
+def _recheck(src: Connection, dst: Connection, engine: str, target: _Target, report: TableReport,
+             fetched: list[str] | None, pool: ThreadPoolExecutor) -> None:
+    """Compare the reported rows once more; only what differs in both looks stays reported."""
+    digits = int(report.handles["_digits"][()])
+    handles = {h for name in ("missing", "extra", "different") for h in report.handles.get(name, {}).values()}
+    # A key's bucket is its key text's md5; a keyless row's handle is its row md5, whose first digits are its bucket.
+    buckets = None if fetched is None else sorted(h[:digits] if report.keyless else _bucket_of(h, digits)
+                                                  for h in handles)
+    again = TableReport(report.table, keyless=report.keyless)
+    s_side = _Side(src, "postgresql", target.src_sql, target.shape, {})
+    d_side = _Side(dst, engine, target.dst_sql, target.shape, target.stored)
+    s_f, d_f = pool.submit(s_side.rows, buckets, digits), pool.submit(d_side.rows, buckets, digits)
+    _compare_rows(s_side, s_f.result(), d_f.result(), again)
+    report.queries += s_side.queries + d_side.queries
+    for name in ("missing", "extra", "different"):
+        if report.keyless:  # multisets: as many copies as both looks agree on
+            budget = Counter(map(repr, getattr(again, name))) & Counter(map(repr, getattr(report, name)))
+            kept = []
+            for row in getattr(again, name):
+                if budget[repr(row)] > 0:
+                    budget[repr(row)] -= 1
+                    kept.append(row)
+            setattr(report, name, kept)
+            report.handles[name] = again.handles.get(name, {})
+        else:
+            still = again.handles.get(name, {})
+            setattr(report, name, [k for k in getattr(report, name) if tuple(map(repr, k)) in still])
+            report.handles[name] = {k: v for k, v in report.handles.get(name, {}).items() if k in still}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
 
 
 def render(report: Report) -> str:
     """The verification summary as a table, one line per table and an overall accuracy."""
+    width = max([28] + [len(t.table) for t in report.tables])
     lines = [f"Verification summary: destination {report.destination}",
-             f"{'table':28} {'source':>9} {'destination':>11} {'missing':>8} {'extra':>6} {'different':>9} "
+             f"{'table':{width}} {'source':>9} {'destination':>11} {'missing':>8} {'extra':>6} {'different':>9} "
              f"{'accuracy':>9}"]
     for t in report.tables:
-        lines.append(f"{t.table:28} {t.source_rows:9} {t.destination_rows:11} {len(t.missing):8} {len(t.extra):6} "
-                     f"{len(t.different):9} {t.accuracy:9.2%}")
-    distinct = sum(t.distinct_keys for t in report.tables)
-    matching = sum(t.source_rows - len(t.missing) - len(t.different) for t in report.tables)
+        if t.error:
+            lines.append(f"{t.table:{width}} ERROR: {t.error}")
+            continue
+        lines.append(f"{t.table:{width}} {t.source_rows:9} {t.destination_rows:11} {len(t.missing):8} "
+                     f"{len(t.extra):6} {len(t.different):9} {t.accuracy:9.2%}" + ("  (no key: rows)" if t.keyless
+                                                                                  else ""))
+    distinct = sum(t.distinct_keys for t in report.tables if not t.error)
+    matching = sum(t.source_rows - len(t.missing) - len(t.different) for t in report.tables if not t.error)
     overall = 1.0 if distinct == 0 else matching / distinct
-    lines.append(f"overall accuracy {overall:.2%}: {'equal' if report.equal else 'DIFFERENT'}")
+    errors = sum(1 for t in report.tables if t.error)
+    lines.append(f"overall accuracy {overall:.2%}: {'equal' if report.equal else 'DIFFERENT'}"
+                 + (f"; {errors} table(s) could not be compared" if errors else ""))
     return "\n".join(lines)
-
-
-def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda line: None) -> None:  # noqa: ANN001
-    """Make the destination agree: re-sync every missing or different key from the source (through Debezium and
-    the running applier), and delete the rows that exist only at the destination."""
-    from consumers import resync
-
-    engine = create_engine(pipeline.destinations[report.destination].driver_url)
-    dialect = dialect_for(engine)
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, [t.table for t in report.tables])
-    try:
-        for table in report.tables:
-            if table.extra:
-                target = dialect.table(shapes[table.table])
-                key = target.c[shapes[table.table].primary_key[0]]
-                with engine.begin() as conn:
-                    conn.execute(target.delete().where(key.in_([k[0] for k in table.extra])))
-                echo(f"{table.table}: deleted {len(table.extra)} rows that exist only at the destination")
-            keys = [k[0] for k in table.missing + table.different]
-            if keys:
-                request = resync.resync(pipeline, table.table, [str(k) for k in keys],
-                                        destination=report.destination, requested_by="cdc verify --fix",
-                                        wait=wait, echo=echo)
-                echo(f"{table.table}: re-sync request {request.id} {request.state}, "
-                     f"{sum(r.ok for r in request.results)}/{len(request.results)} keys synced")
-    finally:
-        engine.dispose()
 
 
 def render_html(report: Report) -> str:
@@ -299,17 +537,67 @@ def render_html(report: Report) -> str:
 
     rows = "".join(
         f"<tr><td>{_html.escape(t.table)}</td><td>{t.source_rows}</td><td>{t.destination_rows}</td>"
-        f"<td>{len(t.missing)}</td><td>{len(t.extra)}</td><td>{len(t.different)}</td><td>{t.accuracy:.2%}</td></tr>"
+        f"<td>{len(t.missing)}</td><td>{len(t.extra)}</td><td>{len(t.different)}</td><td>{t.accuracy:.2%}</td>"
+        f"<td>{_html.escape(t.error or '')}</td></tr>"
         for t in report.tables)
     keys = "".join(
-        f"<h3>{_html.escape(t.table)}</h3><p>missing: {_html.escape(str([k[0] for k in t.missing][:200]))}<br>"
-        f"extra: {_html.escape(str([k[0] for k in t.extra][:200]))}<br>"
-        f"different: {_html.escape(str([k[0] for k in t.different][:200]))}</p>"
+        f"<h3>{_html.escape(t.table)}</h3><p>missing: {_html.escape(str(t.missing[:200]))}<br>"
+        f"extra: {_html.escape(str(t.extra[:200]))}<br>"
+        f"different: {_html.escape(str(t.different[:200]))}</p>"
         for t in report.tables if not t.equal)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Verification summary</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #999;
-padding:.2em .6em;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
-<h1>Verification summary: {_html.escape(report.destination)}</h1>
-<p>{'Source and destination agree.' if report.equal else 'Source and destination differ.'}</p>
+padding:.2em .6em}}</style></head><body><h1>Verification summary: destination {_html.escape(report.destination)}</h1>
 <table><tr><th>table</th><th>source</th><th>destination</th><th>missing</th><th>extra</th><th>different</th>
-<th>accuracy</th></tr>{rows}</table>{keys}</body></html>"""
+<th>accuracy</th><th>error</th></tr>{rows}</table>
+<p><b>{'equal' if report.equal else 'DIFFERENT'}</b></p>{keys}</body></html>"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --fix
+
+
+def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda line: None) -> None:  # noqa: ANN001
+    """Make the destination agree: re-sync every missing or different key from the source (through Debezium and
+    the running applier), and delete the rows that exist only at the destination. A table without a primary key
+    cannot be re-synced row by row (nothing names a row): it is refused with what to do instead."""
+    from consumers import resync
+
+    refused = []
+    engine = destination_engine(pipeline, report.destination, write=True)
+    name = _engine_name(engine)
+    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, [t.table for t in report.tables if not t.error])
+    dialect = dialect_for(engine, pipeline.destinations[report.destination].kind)
+    try:
+        for table in report.tables:
+            if table.error or table.equal:
+                continue
+            if table.keyless:
+                refused.append(f"{table.table} has no primary key: its rows cannot be re-synced one by one; "
+                               f"rebuild it with `cdc replay {report.destination} --tables {table.table}`")
+                continue
+            shape = shapes[table.table]
+            if table.extra:
+                handles = list(table.handles.get("extra", {}).values())
+                with connect(engine) as conn:
+                    prep = conn.dialect.identifier_preparer
+                    stored = _stored_types(conn, name, dialect.table(shape).schema, dialect.table(shape).name)
+                    side = _Side(conn, name, prep.format_table(dialect.table(shape)), shape, stored)
+                    for start in range(0, len(handles), 1000):
+                        listed = ", ".join(side.canon.literal(h) for h in handles[start:start + 1000])
+                        raw_query(conn, f"DELETE FROM {side.table} WHERE {side.key_text} IN ({listed})", fetch=False)
+                    conn.commit()
+                echo(f"{table.table}: deleted {len(table.extra)} rows that exist only at the destination")
+            keys = table.missing + table.different
+            if keys:
+                request = resync.resync(pipeline, table.table, keys=keys, destination=report.destination,
+                                        requested_by="cdc verify --fix", wait=wait, echo=echo)
+                echo(f"{table.table}: re-sync request {request.id} {request.state}, "
+                     f"{sum(r.ok for r in request.results)}/{len(request.results)} keys synced")
+                for r in request.results:
+                    if not r.ok:
+                        echo(f"{table.table} {r.key}: {r.reason}")
+    finally:
+        engine.dispose()
+    if refused:
+        raise CdcError("verify --fix: " + "; ".join(refused))

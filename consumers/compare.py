@@ -1,0 +1,518 @@
+"""One comparison rule per source column type, shared by `cdc verify`, `cdc resync` and the tests.
+
+Two values are equal exactly when their normal forms are. The normal form is decided by the SOURCE column's type
+(the destination may hold the value in another type: MariaDB has no interval, DuckDB may keep JSON as text) and
+accepts whatever Python value a destination's driver returns for it:
+
+| source type            | normal form                                                                        |
+|------------------------|------------------------------------------------------------------------------------|
+| smallint/int/bigint    | int                                                                                |
+| boolean                | 0 / 1 (MariaDB has tinyint)                                                        |
+| real (float4)          | its float32 value to 6 significant digits (6.3139997 = 6.313999652862549 = 6.314)   |
+| double precision       | the float64 value, exactly; NaN equals NaN                                         |
+| numeric(p, s)          | the Decimal without trailing zeros (1.50 = 1.5); a float destination: as that float |
+| char(n)                | the text without trailing spaces (the padding is not data)                         |
+| text, varchar, enum    | the text                                                                           |
+| uuid                   | lower-case canonical text                                                          |
+| bytea                  | hex of the bytes                                                                   |
+| timestamp(tz)          | microseconds since 1970-01-01 UTC (naive values are UTC); infinity as text         |
+| date                   | days since 1970-01-01; infinity as text                                            |
+| time(tz)               | microseconds since midnight (UTC for timetz)                                       |
+| interval               | microseconds, a month counted as 30.4375 days and a year as 365.25 (what Debezium's |
+|                        | MicroDuration carries)                                                             |
+| json, jsonb            | canonical JSON: keys sorted, no spaces, numbers as exact decimals                  |
+| arrays                 | a tuple of the elements' normal forms (by the element type), nested for dimensions |
+| anything else          | its text                                                                           |
+
+The same rules exist as SQL (`Canon`), one expression per type and engine, giving a text identical on PostgreSQL,
+MariaDB and DuckDB whenever the normal forms are equal; `cdc verify` hashes that text inside each database. Where
+an engine cannot spell a type's canonical text (JSON spacing, arrays stored as JSON text, float exponents), the
+texts may differ for equal values: verify then fetches those rows and lets the Python rule decide, so such a
+difference costs time, never a false alarm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.types import (
+    ARRAY, JSON, BigInteger, Boolean, Date, DateTime, Double, Enum, Float, Integer, Interval, LargeBinary, Numeric,
+    SmallInteger, String, Time, TypeEngine, Uuid,
+)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH_DATE = date(1970, 1, 1)
+# Debezium's MicroDuration (io.debezium.time.MicroDuration): a month is 365.25 / 12 = 30.4375 days.
+MONTH_MICROS = 2_629_800_000_000
+DAY_MICROS = 86_400_000_000
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What the comparison rule needs to know of a source column type."""
+
+    name: str  # int, bool, float4, float8, numeric, char, text, uuid, bytes, timestamp, date, time, interval, json,
+    #            array, other
+    element: "Kind | None" = None  # arrays: the element's kind
+    scale: int | None = None  # numeric(p, s)
+
+
+def kind_of(type_: TypeEngine) -> Kind:
+    """The comparison kind of a source (PostgreSQL-reflected SQLAlchemy) column type."""
+    if isinstance(type_, pg.DOMAIN):
+        return kind_of(type_.data_type)
+    if isinstance(type_, (ARRAY, pg.ARRAY)):
+        return Kind("array", element=kind_of(type_.item_type))
+    if isinstance(type_, (JSON, pg.JSON, pg.JSONB, pg.HSTORE)):
+        return Kind("json") if not isinstance(type_, pg.HSTORE) else Kind("other")
+    if isinstance(type_, Boolean):
+        return Kind("bool")
+    if isinstance(type_, (SmallInteger, Integer, BigInteger)) or isinstance(type_, pg.OID):
+        return Kind("int")
+    if isinstance(type_, pg.REAL) or (isinstance(type_, Float) and not isinstance(type_, Double)
+                                     and type_.precision is not None and type_.precision <= 24):
+        return Kind("float4")
+    if isinstance(type_, (Double, pg.DOUBLE_PRECISION, Float)):
+        return Kind("float8")
+    if isinstance(type_, pg.MONEY):
+        return Kind("other")
+    if isinstance(type_, Numeric):
+        return Kind("numeric", scale=type_.scale)
+    if isinstance(type_, (Uuid, pg.UUID)):
+        return Kind("uuid")
+    if isinstance(type_, (LargeBinary, pg.BYTEA)):
+        return Kind("bytes")
+    if isinstance(type_, (pg.INTERVAL, Interval)):
+        return Kind("interval")
+    if isinstance(type_, DateTime):
+        return Kind("timestamp")
+    if isinstance(type_, Date):
+        return Kind("date")
+    if isinstance(type_, Time):
+        return Kind("time")
+    if isinstance(type_, Enum):
+        return Kind("text")
+    if isinstance(type_, String):
+        # char(n) / character(n) (bpchar): padded with spaces to n, which is not data.
+        if type(type_).__name__ in ("CHAR", "NCHAR") or getattr(type_, "__visit_name__", "") in ("CHAR", "NCHAR"):
+            return Kind("char")
+        return Kind("text")
+    return Kind("other")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Python
+
+
+def normal(kind: Kind, value: Any) -> Any:
+    """The normal form of a value of a column of this kind, whatever driver returned it (None stays None)."""
+    if value is None:
+        return None
+    try:
+        return _NORMAL[kind.name](kind, value)
+    except (ValueError, TypeError, ArithmeticError, InvalidOperation, OverflowError):
+        return ("unreadable", str(value))  # equal only to the same unreadable text
+
+
+def normal_row(kinds: list[Kind], row: Any) -> tuple:
+    return tuple(normal(k, v) for k, v in zip(kinds, row))
+
+
+def equal(kind: Kind, a: Any, b: Any) -> bool:
+    """Whether two values of a column of this kind are the same value (a from the source, b from a destination)."""
+    na, nb = normal(kind, a), normal(kind, b)
+    if kind.name == "numeric" and isinstance(b, float) and not isinstance(a, float) and a is not None:
+        # A destination that keeps numerics as binary floats holds the source value to its own precision.
+        return _float8(kind, a) == nb if isinstance(nb, float) else na == nb
+    return na == nb
+
+
+def _int(kind: Kind, v: Any) -> int:
+    if isinstance(v, (bytes, bytearray)):
+        return int.from_bytes(v, "big")
+    return int(v)
+
+
+def _bool(kind: Kind, v: Any) -> int:
+    if isinstance(v, str):
+        return 1 if v.strip().lower() in ("1", "t", "true", "y", "yes", "on") else 0
+    return 1 if v else 0
+
+
+def _float4(kind: Kind, v: Any) -> Any:
+    # A real holds 6 significant decimal digits for sure (FLT_DIG), and that is all some destinations hand out
+    # (MariaDB prints a FLOAT with 6 digits: the float32 6.3139997 comes back as 6.314), so that is the rule.
+    f = float(v)
+    if math.isnan(f):
+        return "NaN"
+    if math.isinf(f):
+        return f
+    return float(f"{struct.unpack('f', struct.pack('f', f))[0]:.6g}")
+
+
+def _float8(kind: Kind, v: Any) -> Any:
+    if isinstance(v, str):
+        v = {"inf": "Infinity", "-inf": "-Infinity", "nan": "NaN"}.get(v.strip().lower(), v)
+    f = float(v)
+    return "NaN" if math.isnan(f) else f
+
+
+def _numeric(kind: Kind, v: Any) -> Any:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "NaN"
+        return v  # compared as a float (see `equal`)
+    d = v if isinstance(v, Decimal) else Decimal(str(v).strip())
+    if d.is_nan():
+        return "NaN"
+    if d.is_infinite():
+        return str(d)
+    if d == 0:
+        return Decimal(0)
+    return d.normalize()
+
+
+def _char(kind: Kind, v: Any) -> str:
+    return str(v).rstrip(" ")
+
+
+def _text(kind: Kind, v: Any) -> str:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", "surrogateescape")
+    return str(v)
+
+
+def _uuid(kind: Kind, v: Any) -> str:
+    if isinstance(v, (bytes, bytearray)) and len(v) == 16:
+        return str(uuid.UUID(bytes=bytes(v)))
+    return str(uuid.UUID(str(v)))
+
+
+def _bytes(kind: Kind, v: Any) -> str:
+    if isinstance(v, str):
+        text = v[2:] if v.startswith("\\x") else v
+        return text.lower()
+    return bytes(v).hex()
+
+
+def _micros(d: datetime) -> int:
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    delta = d - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _timestamp(kind: Kind, v: Any) -> Any:
+    if isinstance(v, datetime):
+        return _micros(v)
+    if isinstance(v, (int, Decimal)):
+        return int(v)
+    if isinstance(v, date):
+        return _micros(datetime(v.year, v.month, v.day))
+    text = str(v).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        return _micros(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except ValueError:
+        return text.lower()  # infinity, BC dates: as text
+
+
+def _date(kind: Kind, v: Any) -> Any:
+    if isinstance(v, datetime):
+        v = v.date()
+    if isinstance(v, date):
+        return (v - EPOCH_DATE).days
+    if isinstance(v, (int, Decimal)):
+        return int(v)
+    text = str(v).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        return (date.fromisoformat(text[:10]) - EPOCH_DATE).days
+    except ValueError:
+        return text.lower()
+
+
+def _time(kind: Kind, v: Any) -> Any:
+    if isinstance(v, timedelta):  # PyMySQL returns TIME as a timedelta
+        return v // timedelta(microseconds=1)
+    if isinstance(v, (int, Decimal)):
+        return int(v)
+    if isinstance(v, str):
+        text = v.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        if text == "24:00:00":
+            return DAY_MICROS
+        v = time.fromisoformat(text)
+    micros = ((v.hour * 60 + v.minute) * 60 + v.second) * 1_000_000 + v.microsecond
+    offset = v.utcoffset()
+    if offset:
+        micros = (micros - offset // timedelta(microseconds=1)) % DAY_MICROS
+    return micros
+
+
+_INTERVAL_PART = re.compile(r"(-?\d+)\s*(years?|mons?|months?|days?)", re.I)
+_INTERVAL_CLOCK = re.compile(r"(-?)(\d+):(\d\d):(\d\d(?:\.\d+)?)")
+
+
+def _interval(kind: Kind, v: Any) -> int:
+    if isinstance(v, timedelta):
+        return v // timedelta(microseconds=1)
+    if isinstance(v, (int, Decimal)):
+        return int(v)
+    if isinstance(v, float):
+        return round(v)
+    months_days = getattr(v, "months", None)  # DuckDB / psycopg Relativedelta-like objects
+    if months_days is not None and hasattr(v, "days"):
+        return (v.months * MONTH_MICROS + v.days * DAY_MICROS + getattr(v, "microseconds", 0))
+    text = str(v).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    micros = 0
+    for number, unit in _INTERVAL_PART.findall(text):
+        unit = unit.lower()
+        n = int(number)
+        micros += n * (12 * MONTH_MICROS if unit.startswith("year") else MONTH_MICROS if unit.startswith("mon")
+                       else DAY_MICROS)
+    clock = _INTERVAL_CLOCK.search(text)
+    if clock:
+        sign = -1 if clock.group(1) else 1
+        micros += sign * (int(clock.group(2)) * 3_600_000_000 + int(clock.group(3)) * 60_000_000
+                          + round(Decimal(clock.group(4)) * 1_000_000))
+    if not clock and not _INTERVAL_PART.search(text):
+        raise ValueError(f"not an interval: {text!r}")
+    return micros
+
+
+def _canon_json(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ",".join(json.dumps(k) + ":" + _canon_json(value[k]) for k in sorted(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_canon_json(x) for x in value) + "]"
+    if isinstance(value, Decimal):
+        return str(value.normalize()) if value == value.to_integral_value() or True else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(Decimal(value))
+    return json.dumps(value)
+
+
+def _json(kind: Kind, v: Any) -> str:
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode()
+    parsed = json.loads(v, parse_float=Decimal, parse_int=Decimal) if isinstance(v, str) else _decimals(v)
+    return _canon_json(parsed)
+
+
+def _decimals(v: Any) -> Any:
+    """A value already parsed by a driver, with its numbers as Decimals (as `_json` parses text)."""
+    if isinstance(v, dict):
+        return {k: _decimals(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_decimals(x) for x in v]
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
+    return v
+
+
+def _array(kind: Kind, v: Any) -> tuple:
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode()
+    if isinstance(v, str):
+        v = json.loads(v)  # MariaDB, and DuckDB text columns, hold arrays as JSON text
+    element = kind.element or Kind("other")
+
+    def each(items: Any) -> tuple:
+        return tuple(each(x) if isinstance(x, (list, tuple)) and element.name not in ("json", "array")
+                     else normal(element, x) for x in items)
+
+    return each(v)
+
+
+def _other(kind: Kind, v: Any) -> str:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).hex()
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True, default=str)
+    return str(v)
+
+
+_NORMAL = {"int": _int, "bool": _bool, "float4": _float4, "float8": _float8, "numeric": _numeric, "char": _char,
+           "text": _text, "uuid": _uuid, "bytes": _bytes, "timestamp": _timestamp, "date": _date, "time": _time,
+           "interval": _interval, "json": _json, "array": _array, "other": _other}
+
+
+def jsonable(value: Any) -> Any:
+    """A key value as `cdc verify --json` prints it: numbers and text as they are, anything else as its text."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, (list, tuple)):
+        return [jsonable(x) for x in value]
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SQL: the canonical text of a value inside each database
+
+
+SEPARATOR = "\x1f"  # between the columns of a row's text (a unit separator, not expected in data)
+
+
+class Canon:
+    """SQL expressions of the canonical text of each column kind on one engine (postgresql, mariadb, duckdb).
+
+    `stored` is the destination column's own type name (information_schema's data_type, lower case), so that a
+    type stored as text (JSON kept as VARCHAR, an interval kept as text) is read as text rather than cast, which
+    could fail the whole query; any doubt makes the text differ, never the query fail."""
+
+    def __init__(self, engine: str) -> None:
+        if engine not in ("postgresql", "mariadb", "duckdb"):
+            raise ValueError(f"no canonical SQL for {engine!r}")
+        self.engine = engine
+
+    # -- building blocks -----------------------------------------------------------------------------------------
+    def text(self, expr: str) -> str:
+        return {"postgresql": f"({expr})::text", "mariadb": f"CAST({expr} AS CHAR)",
+                "duckdb": f"CAST({expr} AS VARCHAR)"}[self.engine]
+
+    def concat(self, parts: list[str]) -> str:
+        if self.engine == "mariadb":
+            return "CONCAT(" + ", ".join(parts) + ")"
+        return "(" + " || ".join(parts) + ")"
+
+    def literal(self, text: str) -> str:
+        if self.engine == "mariadb":
+            return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+        return "'" + text.replace("'", "''") + "'"
+
+    def sep(self) -> str:
+        return {"postgresql": "chr(31)", "mariadb": "CHAR(31 USING utf8mb4)", "duckdb": "chr(31)"}[self.engine]
+
+    def md5(self, expr: str) -> str:
+        return f"md5({expr})" if self.engine != "mariadb" else f"MD5({expr})"
+
+    def hash60(self, md5_expr: str, start: int = 1) -> str:
+        """60 bits of an md5's hex text (15 digits from `start`) as an integer: summed per range, order-free."""
+        piece = f"substr({md5_expr}, {start}, 15)"
+        if self.engine == "postgresql":
+            return f"('x' || {piece})::bit(60)::bigint"
+        if self.engine == "mariadb":
+            return f"CAST(CONV({piece}, 16, 10) AS UNSIGNED)"
+        return f"CAST('0x' || {piece} AS BIGINT)"
+
+    def row_text(self, exprs: list[str]) -> str:
+        """The canonical text of a row: each column's text behind 'v' (or 'N' for NULL), separated."""
+        parts: list[str] = []
+        for i, expr in enumerate(exprs):
+            if i:
+                parts.append(self.sep())
+            marked = self.concat(["'v'", expr]) if self.engine == "mariadb" else f"('v' || {expr})"
+            parts.append(f"COALESCE({marked}, 'N')")
+        return self.concat(parts) if len(parts) > 1 else parts[0]
+
+    # -- one column ------------------------------------------------------------------------------------------------
+    def column(self, kind: Kind, col: str, stored: str | None = None) -> str:
+        """The canonical text of column `col` (quoted) of this kind, NULL for NULL."""
+        e = self.engine
+        stored = (stored or "").lower()
+        textual = any(t in stored for t in ("char", "text", "string")) and kind.name not in ("char", "text")
+        if e == "duckdb" and (textual or stored == "json") and kind.name not in ("json", "array", "other"):
+            return self.text(col)  # kept as text: read, never cast (a failed cast fails the query)
+        k = kind.name
+        if k == "int":
+            return self.text(col)
+        if k == "bool":
+            if e == "postgresql":
+                return f"({col})::int::text"
+            if e == "mariadb":
+                return f"CAST(({col}) <> 0 AS CHAR)"
+            return f"CAST(CAST({col} AS INTEGER) AS VARCHAR)"
+        if k == "float4":
+            # 6 significant digits (see _float4): PostgreSQL's real-to-numeric rounds to them, MariaDB prints them.
+            if e == "postgresql":
+                return self.column(Kind("numeric"), f"({col})::real::numeric")
+            if e == "mariadb":
+                return f"CAST(CAST({col} AS FLOAT) AS CHAR)"
+            return f"printf('%.6g', TRY_CAST({col} AS FLOAT))"
+        if k == "float8":
+            if e == "postgresql":
+                return f"({col})::float8::text"
+            if e == "mariadb":
+                return f"CAST(CAST({col} AS DOUBLE) AS CHAR)"
+            return f"CAST(TRY_CAST({col} AS DOUBLE) AS VARCHAR)"
+        if k == "numeric":
+            t = self.text(col)
+            if e == "mariadb":
+                return f"IF(LOCATE('.', {t}) > 0, TRIM(TRAILING '.' FROM TRIM(TRAILING '0' FROM {t})), {t})"
+            return f"(CASE WHEN strpos({t}, '.') > 0 THEN rtrim(rtrim({t}, '0'), '.') ELSE {t} END)"
+        if k == "char":
+            return f"rtrim({self.text(col)})" if e != "mariadb" else f"RTRIM({col})"
+        if k == "text":
+            return self.text(col)
+        if k == "uuid":
+            return f"lower({self.text(col)})"
+        if k == "bytes":
+            if e == "postgresql":
+                return f"encode({col}, 'hex')"
+            if e == "mariadb":
+                return f"LOWER(HEX({col}))"
+            return f"lower(hex({col}))"
+        if k == "timestamp":
+            if e == "postgresql":
+                return (f"(CASE WHEN isfinite({col}) THEN (extract(epoch from {col}) * 1000000)::bigint::text "
+                        f"ELSE ({col})::text END)")
+            if e == "mariadb":
+                return f"CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {col}) AS CHAR)"
+            return f"CAST(epoch_us({col}) AS VARCHAR)"
+        if k == "date":
+            if e == "postgresql":
+                return f"(CASE WHEN isfinite({col}) THEN ({col} - date '1970-01-01')::text ELSE ({col})::text END)"
+            if e == "mariadb":
+                return f"CAST(DATEDIFF({col}, '1970-01-01') AS CHAR)"
+            return f"CAST({col} - DATE '1970-01-01' AS VARCHAR)"
+        if k == "time":
+            if e == "postgresql":
+                return f"(extract(epoch from {col}) * 1000000)::bigint::text"
+            if e == "mariadb":
+                return f"CAST(CAST(TIME_TO_SEC({col}) * 1000000 AS SIGNED) AS CHAR)"
+            return f"CAST(epoch_us({col}) AS VARCHAR)" if "tz" not in stored and "zone" not in stored \
+                else self.text(col)
+        if k == "interval":
+            if e == "postgresql":
+                # PostgreSQL's epoch counts the months left over after whole years as 30 days; Debezium as 30.4375.
+                return (f"(extract(epoch from {col}) * 1000000 + extract(month from {col}) * 37800000000)"
+                        f"::bigint::text")
+            if e == "mariadb":
+                return self.text(col)  # the applier keeps intervals as BIGINT microseconds
+            return f"CAST(epoch_us({col}) AS VARCHAR)" if stored == "interval" else self.text(col)
+        return self.text(col)  # json, arrays, others: text (differences are settled in Python)
+
+    def fetch(self, kind: Kind, col: str, stored: str | None = None) -> str:
+        """How to select a column for the Python rule: as it is, except where the driver would lose what the rule
+        needs (a PostgreSQL interval's months, which psycopg turns into 30 days)."""
+        if kind.name == "interval" and self.engine == "postgresql":
+            return self.column(kind, col, stored)
+        if kind.name == "array" and kind.element is not None and kind.element.name == "interval" \
+                and self.engine == "postgresql":
+            return f"to_json({col})::text"
+        return col
