@@ -15,7 +15,8 @@ Roots are the tables that own rows (a customer and its rentals and payments), ne
 2. Reference data (language, category, country, city, address...) is neither a root nor a member. A table is
    reference data when it is referenced, holds links only to reference data, and either is small against the
    tables referencing it (row estimates: pg_class.reltuples) or is referenced only by tables that have
-   dependants of their own (they own rows; it describes them).
+   dependants of their own (they own rows; it describes them) while being narrow (a few columns) or shared by
+   several tables.
 3. Roots, greedily: the other tables with a single-column primary key, those whose id is held by the most tables
    first. One that holds the id of a root already chosen becomes a member instead; one whose holders are all
    roots owns nothing and stays standalone.
@@ -49,6 +50,8 @@ _PLAIN_SCALAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.$-]*$")
 # a root with a handful of rows would also put all of its members' changes under a handful of keys.
 SMALL_TABLE_ROWS = 100
 SMALL_TABLE_RATIO = 10
+# At most this many columns (language_id, name, last_update; city_id, city, country_id, last_update): a lookup's shape.
+LOOKUP_COLUMNS = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,8 +298,12 @@ class _Analysis:
         return None
 
     def _describes(self, name: str) -> str | None:
+        # Lookups are narrow (id, name, last_update) or shared by several kinds of rows (an address of customers,
+        # staff and stores); a wide table referenced by one table (customer <- order) may well own its rows.
         referencers = sorted({link.child for link in self.links_to[name]})
-        if referencers and all({d.child for d in self.links_to[r]} - {r, name} for r in referencers):
+        narrow = len(self.tables[name].columns) <= LOOKUP_COLUMNS
+        if (referencers and (narrow or len(referencers) > 1)
+                and all({d.child for d in self.links_to[r]} - {r, name} for r in referencers)):
             return (f"every table referencing it ({', '.join(referencers)}) has dependants of its own: "
                     "it describes their rows rather than owning them")
         return None
@@ -506,7 +513,9 @@ def _scalar(text: str) -> str:
     # otherwise a JSON string, which is also a valid YAML double-quoted scalar (quotes, unicode, spaces).
     if _PLAIN_SCALAR_RE.match(text) and yaml.safe_load(text) == text:
         return text
-    return json.dumps(text)
+    quoted = json.dumps(text, ensure_ascii=False)  # readable letters (Ärger), escaped control characters
+    return "".join(c if c.isprintable() else (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+                   for c in quoted)
 
 
 def _one_line(text: str) -> str:
@@ -606,23 +615,22 @@ def _reflect(conn: Connection, wanted: dict[str, list[str] | None]) -> list[Sour
     inspector: Inspector = inspect(conn)
     default_schema = inspector.default_schema_name
     estimates = _estimates(conn, sorted(wanted))
+    pks = {schema: inspector.get_multi_pk_constraint(schema=schema, filter_names=wanted[schema])
+           for schema in sorted(wanted)}
+    missing = [f"{schema}.{t}" for schema, names in wanted.items() for t in names or [] if (schema, t) not in pks[schema]]
+    if missing:
+        raise ConfigError(f"--tables: no such table at the source: {', '.join(missing)}")
     tables = []
     for schema in sorted(wanted):
-        names = wanted[schema]
-        pks = inspector.get_multi_pk_constraint(schema=schema, filter_names=names)
-        if names is None:
-            names = sorted(t for (_, t) in pks if not estimates.get((schema, t), (None, False))[1])
-        else:
-            missing = [f"{schema}.{t}" for t in names if (schema, t) not in pks]
-            if missing:
-                raise ConfigError(f"--tables: no such table at the source: {', '.join(missing)}")
+        names = wanted[schema] or sorted(t for (_, t) in pks[schema]
+                                         if not estimates.get((schema, t), (None, False))[1])
         columns = inspector.get_multi_columns(schema=schema, filter_names=names)
         fks = inspector.get_multi_foreign_keys(schema=schema, filter_names=names)
         for table in names:
             key = (schema, table)
             tables.append(SourceTable(
                 f"{schema}.{table}",
-                tuple(pks[key].get("constrained_columns") or ()),
+                tuple(pks[schema][key].get("constrained_columns") or ()),
                 tuple(Column(c["name"], bool(c["nullable"])) for c in columns.get(key, [])),
                 tuple(
                     # PostgreSQL leaves out the schema of a referred table that is on the search path.

@@ -1,14 +1,16 @@
 """Unit tests of the hierarchy proposal on hand-built foreign-key graphs (no database)."""
 
+import dataclasses
 import random
 
 import yaml
 
+from cdc.config import parse
 from producers.hierarchy import Column, ForeignKey, SourceTable, render_yaml, suggest
 
 
-def table(name, pk=("id",), nullable=(), fks=()):
-    """A table whose columns are NOT NULL unless listed in `nullable`.
+def table(name, pk=("id",), nullable=(), fks=(), extra=()):
+    """A table whose columns (its key, its foreign keys, `extra`) are NOT NULL unless listed in `nullable`.
 
     fks: (column, referred table) for a single column referencing `id`, or (columns, referred table, referred columns).
     """
@@ -17,7 +19,7 @@ def table(name, pk=("id",), nullable=(), fks=()):
         columns, referred, referred_columns = fk if len(fk) == 3 else (*fk, ("id",))
         columns = (columns,) if isinstance(columns, str) else tuple(columns)
         fk_list.append(ForeignKey(columns, referred, tuple(referred_columns)))
-    names = dict.fromkeys([*pk, *(c for fk in fk_list for c in fk.columns)])
+    names = dict.fromkeys([*pk, *(c for fk in fk_list for c in fk.columns), *extra])
     return SourceTable(name if "." in name else f"public.{name}", tuple(pk),
                        tuple(Column(c, c in nullable) for c in names), tuple(fk_list))
 
@@ -243,9 +245,14 @@ def test_hierarchy_names_drop_the_schema_unless_two_schemas_clash():
 
 
 def test_yaml_quotes_names_that_yaml_would_otherwise_misread():
-    graph = [table("person"), table("vote", fks=[("on", "public.person")])]
-    parsed = yaml.safe_load(render_yaml(suggest(graph)))
-    assert parsed["hierarchies"]["person"]["members"] == {"public.vote": "on"}
+    graph = [table("person"), table("vote", fks=[("on", "public.person")]),
+             table("public.line\u2028break", fks=[("tab\there", "public.person")]),
+             table("public.quote\"d: #x", fks=[("person_id", "public.person")])]
+    text = render_yaml(suggest(graph))
+    assert '"public.line\\u2028break": "tab\\there"' in text
+    parsed = yaml.safe_load(text)
+    assert parsed["hierarchies"]["person"]["members"] == {
+        "public.vote": "on", "public.line\u2028break": "tab\there", 'public.quote"d: #x': "person_id"}
 
 
 def test_output_is_the_same_whatever_the_input_order():
@@ -262,3 +269,159 @@ def test_output_is_the_same_whatever_the_input_order():
     standalone = lines[lines.index("# cannot join a hierarchy:") - 3:lines.index("# cannot join a hierarchy:")]
     assert [line.split(":")[0] for line in standalone] == ["#   public.b", "#   public.district_office",
                                                          "#   public.school"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the DVD-rental sample: 15 tables, lookups everywhere, a store <-> staff cycle, payment referencing customer and rental
+
+DVD_ROWS = {"actor": 200, "address": 603, "category": 16, "city": 600, "country": 109, "customer": 599,
+            "film": 1000, "film_actor": 5462, "film_category": 1000, "inventory": 4581, "language": 6,
+            "payment": 14596, "rental": 16044, "staff": 2, "store": 2}
+
+
+def dvd_rental(rows=True):
+    def t(name, pk, fks=(), nullable=()):
+        # every foreign key here names its referred column: DVD rental's keys are <table>_id, not id
+        made = table(name, pk=pk, nullable=nullable, fks=[(c, f"public.{r}", (f"{r}_id",)) for c, r in fks])
+        return dataclasses.replace(made, rows=float(DVD_ROWS[name]) if rows else None)
+
+    return [
+        t("actor", ("actor_id",)),
+        t("country", ("country_id",)),
+        t("city", ("city_id",), [("country_id", "country")]),
+        t("address", ("address_id",), [("city_id", "city")]),
+        t("category", ("category_id",)),
+        t("language", ("language_id",)),
+        t("film", ("film_id",), [("language_id", "language"), ("original_language_id", "language")],
+          nullable=["original_language_id"]),
+        t("film_actor", ("actor_id", "film_id"), [("actor_id", "actor"), ("film_id", "film")]),
+        t("film_category", ("film_id", "category_id"), [("film_id", "film"), ("category_id", "category")]),
+        t("staff", ("staff_id",), [("address_id", "address"), ("store_id", "store")]),
+        # store.manager_staff_id -> staff and staff.store_id -> store: each references the other
+        SourceTable("public.store", ("store_id",), (Column("store_id", False), Column("manager_staff_id", False),
+                                                     Column("address_id", False)),
+                    (ForeignKey(("manager_staff_id",), "public.staff", ("staff_id",)),
+                     ForeignKey(("address_id",), "public.address", ("address_id",))),
+                    float(DVD_ROWS["store"]) if rows else None),
+        t("customer", ("customer_id",), [("store_id", "store"), ("address_id", "address")]),
+        t("inventory", ("inventory_id",), [("film_id", "film"), ("store_id", "store")]),
+        t("rental", ("rental_id",), [("inventory_id", "inventory"), ("customer_id", "customer"),
+                                     ("staff_id", "staff")]),
+        t("payment", ("payment_id",), [("customer_id", "customer"), ("staff_id", "staff"),
+                                       ("rental_id", "rental")]),
+    ]
+
+
+DVD_LOOKUPS = ["public.address", "public.category", "public.city", "public.country", "public.language",
+               "public.staff", "public.store"]
+
+
+def test_dvd_rental_gives_film_and_customer_and_leaves_the_lookup_tables_standalone():
+    result = suggest(dvd_rental())
+    assert {h.root: members(result, h.name) for h in result.hierarchies} == {
+        "public.film": {"public.film_actor": "film_id", "public.film_category": "film_id",
+                        "public.inventory": "film_id"},
+        "public.customer": {"public.rental": "customer_id", "public.payment": "customer_id"},
+    }
+    assert [s.table for s in result.standalone] == sorted(["public.actor", *DVD_LOOKUPS])
+    assert [s.table for s in result.standalone if s.reference] == DVD_LOOKUPS
+    assert result.unjoinable == () and result.unestimated == ()
+
+    notes = {s.table: s.note for s in result.standalone}
+    # small against its referencers, by the row estimates
+    assert notes["public.language"] == "reference data: ~6 rows against ~1,000 rows in public.film, which references it"
+    # referenced only by tables that own rows themselves
+    assert notes["public.address"] == (
+        "reference data: every table referencing it (public.customer, public.staff, public.store) has dependants "
+        "of its own: it describes their rows rather than owning them")
+    assert notes["public.store"].endswith("it and public.staff reference each other (manager_staff_id; store_id): "
+                                          "neither owns the other")
+    # a junction belongs to the side it is named after
+    assert notes["public.actor"] == ("every table holding its id went elsewhere: public.film_actor joined film "
+                                     "(film_actor is named after film)")
+
+    why = {m.table: m.why for h in result.hierarchies for m in h.members}
+    # payment references both customer and rental; rental is a member itself, so payment joins its rental's root
+    assert why["public.payment"] == (
+        "also references public.rental (rental_id): itself a member of customer; payment holds the customer id "
+        "itself, so it goes under the same key as its rental; public.staff (staff_id): reference data")
+    assert why["public.rental"] == (
+        "also references public.inventory (inventory_id): itself a member of film (a member is keyed by its root's "
+        "id); public.staff (staff_id): reference data")
+    assert result.hierarchy("film").why == (
+        "public.film: its id is held by 3 tables, ~1,000 rows; its own references public.language (language_id), "
+        "public.language (original_language_id) are reference data")
+
+
+def test_dvd_rental_is_the_same_whatever_the_input_order():
+    graph = dvd_rental()
+    outputs = {render_yaml(suggest(random.Random(seed).sample(graph, len(graph)))) for seed in range(20)}
+    assert len(outputs) == 1
+
+
+def test_dvd_rental_without_row_estimates_still_roots_at_film_and_customer_and_says_what_it_lacked():
+    result = suggest(dvd_rental(rows=False))
+    assert members(result, "film") == {"public.film_actor": "film_id", "public.film_category": "film_id",
+                                       "public.inventory": "film_id"}
+    assert members(result, "customer") == {"public.rental": "customer_id", "public.payment": "customer_id"}
+    # language is still reference data: film, the only table referencing it, owns rows of its own
+    assert {s.table for s in result.standalone if s.reference} == {
+        "public.address", "public.city", "public.country", "public.language", "public.store"}
+    assert len(result.unestimated) == 15
+    assert render_yaml(result).endswith(
+        "# no row estimate for 15 table(s) (never analysed: run ANALYZE for better evidence); their reference data "
+        "was told from the foreign keys alone\n")
+
+
+def test_a_small_table_that_references_an_owner_is_not_reference_data():
+    # tiny, and referenced by a large table, but it belongs to a film itself
+    graph = [dataclasses.replace(table("film"), rows=1000.0),
+             dataclasses.replace(table("review", fks=[("film_id", "public.film")]), rows=5000.0),
+             dataclasses.replace(table("trailer", fks=[("film_id", "public.film")]), rows=3.0),
+             dataclasses.replace(table("trailer_view", fks=[("trailer_id", "public.trailer")]), rows=90000.0)]
+    result = suggest(graph)
+    assert members(result, "film") == {"public.review": "film_id", "public.trailer": "film_id"}
+    assert result.standalone == ()
+    assert reasons(result) == {"public.trailer_view": "reaches public.film only through public.trailer; "
+                                                      "add a column holding the film id"}
+
+
+def test_a_wide_table_referenced_by_one_table_with_dependants_is_an_owner_not_a_lookup():
+    # customer <- order <- order_line (without a customer id): customer owns its orders; a narrow status table
+    # referenced the same way is a lookup.
+    graph = [table("customer", extra=["name", "email", "phone", "address", "created_at"]),
+             table("status", extra=["label"]),
+             table("order", fks=[("customer_id", "public.customer"), ("status_id", "public.status")]),
+             table("order_line", fks=[("order_id", "public.order")])]
+    result = suggest(graph)
+    assert members(result, "customer") == {"public.order": "customer_id"}
+    assert [(s.table, s.reference) for s in result.standalone] == [("public.status", True)]
+    assert reasons(result) == {"public.order_line": "reaches public.customer only through public.order; "
+                                                    "add a column holding the customer id"}
+
+
+def test_names_beginning_with_the_root_name_count_only_at_a_word_boundary():
+    graph = [table("film"), table("actor"),
+             table("FilmActor", pk=("film", "actor"), fks=[("actor", "public.actor"), ("film", "public.film")]),
+             table("Film Note", pk=("film", "actor"), fks=[("actor", "public.actor"), ("film", "public.film")]),
+             table("filmography", pk=("film", "actor"), fks=[("actor", "public.actor"), ("film", "public.film")])]
+    result = suggest(graph)
+    assert members(result, "film") == {"public.FilmActor": "film", "public.Film Note": "film"}
+    assert members(result, "actor") == {"public.filmography": "actor"}  # no name evidence: first by name
+
+
+def test_yaml_of_quoted_mixed_case_names_loads_back_as_a_pipeline_file():
+    graph = [table("Sales.Customer", pk=("CustomerId",)),
+             table("Sales.Order Line", pk=("Id",), fks=[("CustomerId", "Sales.Customer", ("CustomerId",))]),
+             table("Sales.Ärger", pk=("Id",), fks=[("null", "Sales.Customer", ("CustomerId",))]),
+             table("public.on", pk=("id",))]
+    result = suggest(graph)
+    text = render_yaml(result)
+    assert '"Sales.Order Line": CustomerId' in text and '"Sales.Ärger": "null"' in text
+    pipeline = parse({"pipeline": "p", "kafka": {"bootstrap_servers": "localhost:9092",
+                                                  "schema_registry_url": "http://localhost:8081",
+                                                  "connect_url": "http://localhost:8083"},
+                      "source": {"url": "postgresql://u@localhost/db", "tables": sorted(t.name for t in graph)},
+                      **yaml.safe_load(text)}, env={})
+    assert {name: (h.root, dict(h.members)) for name, h in pipeline.hierarchies.items()} == {
+        "Customer": ("Sales.Customer", {"Sales.Order Line": "CustomerId", "Sales.Ärger": "null"})}
