@@ -18,8 +18,8 @@ Roots are the tables that own rows (a customer and its rentals and payments), ne
    dependants of their own (they own rows; it describes them) while being narrow (a few columns) or shared by
    several tables.
 3. Roots, greedily: the other tables with a single-column primary key, those whose id is held by the most tables
-   first. One that holds the id of a root already chosen becomes a member instead; one whose holders are all
-   roots owns nothing and stays standalone.
+   first. One that holds (NOT NULL) the id of a root already chosen becomes a member instead; one whose holders
+   are all roots owns nothing and stays standalone (or a member, through a nullable column).
 4. Members: every other table holding a root's id joins one of them, preferring a NOT NULL column, then
    ON DELETE CASCADE, then a column that is part of its primary key (a junction such as film_actor belongs to
    the side it is named after), then a name beginning with the root's name, then the root held by more tables.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import yaml
@@ -256,7 +256,7 @@ class _Analysis:
             self.links_from[link.child].append(link)
             self.links_to[link.parent].append(link)
         self.reference = self._reference()
-        self.order, self.roots = self._roots()
+        self.roots = self._roots()
         self.holders = {t: sorted({link.child for link in self.links_to[t]}) for t in self.tables}
         self.member_of = self._members()
 
@@ -289,11 +289,11 @@ class _Analysis:
     # -- step 2
     def _small(self, name: str) -> str | None:
         rows = self.tables[name].rows
-        referencers = [self.tables[link.child] for link in self.links_to[name] if self.tables[link.child].rows is not None]
+        referencers = [t for link in self.links_to[name] if (t := self.tables[link.child]).rows is not None]
         if rows is None or not referencers:
             return None
-        biggest = max(referencers, key=lambda t: (t.rows, t.name))
-        if rows <= SMALL_TABLE_ROWS and biggest.rows is not None and biggest.rows >= SMALL_TABLE_RATIO * max(rows, 10):
+        biggest = max(referencers, key=lambda t: (t.rows or 0, t.name))
+        if rows <= SMALL_TABLE_ROWS and (biggest.rows or 0) >= SMALL_TABLE_RATIO * max(rows, 10):
             return f"{_rows(rows)} against {_rows(biggest.rows)} in {biggest.name}, which references it"
         return None
 
@@ -329,17 +329,18 @@ class _Analysis:
         return (-len({k.child for k in links if not k.nullable}), -len({k.child for k in links}), len(owners),
                 -(self.tables[name].rows or 0), name)
 
-    def _roots(self) -> tuple[list[str], list[str]]:
+    def _roots(self) -> list[str]:
         candidates = sorted((n for n, t in self.tables.items() if n not in self.reference and _single_pk(t)),
                             key=self._rank)
         roots: list[str] = []
         for name in candidates:
-            if any(link.parent in roots for link in self.links_from[name]):
+            held = [link for link in self.links_from[name] if link.parent in roots]
+            if any(not link.nullable for link in held):
                 continue  # it holds the id of a root that owns more: it is a member
             if all(link.child in roots for link in self.links_to[name]):
-                continue  # nothing left for it to own
-            roots.append(name)
-        return candidates, roots
+                continue  # nothing left for it to own (then a nullable root id still makes it a member)
+            roots.append(name)  # a nullable root id is too weak to make an owner a member
+        return roots
 
     # -- step 4
     def _preference(self, link: _Link) -> tuple:
@@ -432,8 +433,9 @@ class _Analysis:
             if link.parent in self.reference:
                 continue
             if link.parent in self.roots:
-                parts.append(f"a root rather than a member of {_bare(link.parent)} through {link.column}: "
-                             f"{self._why_first(name, link.parent)}")
+                why = (self._why_first(name, link.parent) if self._rank(name) < self._rank(link.parent)
+                       else f"{link.column} is nullable, too weak to make an owner a member")
+                parts.append(f"a root rather than a member of {_bare(link.parent)} through {link.column}: {why}")
             else:
                 parts.append(f"it references {link.shown}, {self._where(link.parent)}")
         parts += self.associations.get(name, [])
@@ -617,7 +619,8 @@ def _reflect(conn: Connection, wanted: dict[str, list[str] | None]) -> list[Sour
     estimates = _estimates(conn, sorted(wanted))
     pks = {schema: inspector.get_multi_pk_constraint(schema=schema, filter_names=wanted[schema])
            for schema in sorted(wanted)}
-    missing = [f"{schema}.{t}" for schema, names in wanted.items() for t in names or [] if (schema, t) not in pks[schema]]
+    missing = [f"{schema}.{t}" for schema, names in wanted.items() for t in names or []
+               if (schema, t) not in pks[schema]]
     if missing:
         raise ConfigError(f"--tables: no such table at the source: {', '.join(missing)}")
     tables = []

@@ -96,6 +96,37 @@ def test_a_nullable_root_id_column_makes_a_member_and_says_it_is_weaker_evidence
             in render_yaml(result))
 
 
+def test_a_nullable_root_id_does_not_make_an_owner_a_member():
+    # a customer may have been referred by a partner, but it owns its orders and payments
+    graph = [table("partner"), table("partner_contract", fks=[("partner_id", "public.partner")]),
+             table("partner_invoice", fks=[("partner_id", "public.partner")]),
+             table("customer", nullable=["partner_id"], fks=[("partner_id", "public.partner")]),
+             table("order", fks=[("customer_id", "public.customer")]),
+             table("payment", fks=[("customer_id", "public.customer")])]
+    result = suggest(graph)
+    assert {h.root: members(result, h.name) for h in result.hierarchies} == {
+        "public.partner": {"public.partner_contract": "partner_id", "public.partner_invoice": "partner_id"},
+        "public.customer": {"public.order": "customer_id", "public.payment": "customer_id"}}
+    assert result.hierarchy("customer").why == (
+        "public.customer: its id is held by 2 tables; a root rather than a member of partner through partner_id: "
+        "partner_id is nullable, too weak to make an owner a member")
+
+
+def test_an_owner_holding_another_roots_id_stays_a_root_when_it_owns_more():
+    graph = [table("region", extra=["name", "manager", "opened_on", "budget"]),
+             table("warehouse", fks=[("region_id", "public.region")]),
+             table("customer", fks=[("region_id", "public.region")]),
+             *(table(t, fks=[("customer_id", "public.customer")]) for t in ["order", "payment", "review"])]
+    result = suggest(graph)
+    assert {h.root: members(result, h.name) for h in result.hierarchies} == {
+        "public.region": {"public.warehouse": "region_id"},
+        "public.customer": {"public.order": "customer_id", "public.payment": "customer_id",
+                            "public.review": "customer_id"}}
+    assert result.hierarchy("customer").why == (
+        "public.customer: its id is held by 3 tables; a root rather than a member of region through region_id: "
+        "public.customer is held NOT NULL by more tables (3 against 2)")
+
+
 def test_a_not_null_root_id_column_wins_over_a_nullable_one():
     graph = [table("person"), table("school"),
              table("enrollment", nullable=["person_id"],
