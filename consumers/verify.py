@@ -188,6 +188,9 @@ class _Side:
         texts = [self.canon.column(k, q, stored.get(c)) for c, k, q in zip(self.columns, self.kinds, quoted)]
         self.row_text = self.canon.row_text(texts)
         self.key_text = self.canon.row_text([texts[i] for i in self.key_index]) if self.key_index else None
+        # A one-column integer key is bucketed by ranges of its values (found through its index).
+        self.int_key = quoted[self.key_index[0]] if len(self.key_index) == 1 and \
+            self.kinds[self.key_index[0]].name == "int" else None
         self.fetch_exprs = [self.canon.fetch(k, q, stored.get(c)) for c, k, q in zip(self.columns, self.kinds, quoted)]
         self.queries = 0
 
@@ -195,8 +198,12 @@ class _Side:
         self.queries += 1
         return raw_query(self.conn, sql)
 
-    def count(self) -> int:
-        return int(self._run(f"SELECT count(*) FROM {self.table}")[0][0])
+    def count(self) -> tuple[int, Any, Any]:
+        """Rows, and the smallest and largest key of a one-column integer key (None otherwise)."""
+        if self.int_key is None:
+            return int(self._run(f"SELECT count(*) FROM {self.table}")[0][0]), None, None
+        n, lo, hi = self._run(f"SELECT count(*), min({self.int_key}), max({self.int_key}) FROM {self.table}")[0]
+        return int(n), lo, hi
 
     def _inner(self) -> str:
         """Per row: its key text (the row hash's md5 for keyless tables), row hash, and the fetched columns."""
@@ -205,23 +212,59 @@ class _Side:
         key = self.key_text if self.key_text is not None else row_md5
         return (f"SELECT {key} AS k, {c.hash60(row_md5)} AS h, {', '.join(self.fetch_exprs)} FROM {self.table}")
 
-    def buckets(self, digits: int) -> dict[str, tuple[int, int]]:
-        c = self.canon
+    def bucket_expr(self, b: "Bucketing") -> str:
+        if b.width is not None:
+            div = {"postgresql": "/", "mariadb": "DIV", "duckdb": "//"}[self.canon.engine]
+            return f"(({self.int_key} - ({b.lo})) {div} {b.width})"
         key = self.key_text if self.key_text is not None else self.row_text
-        sql = (f"SELECT substr({c.md5(key)}, 1, {digits}) AS b, count(*), sum({c.hash60(c.md5(self.row_text))}) "
-               f"FROM {self.table} GROUP BY 1")
-        return {r[0]: (int(r[1]), int(r[2] or 0)) for r in self._run(sql)}
+        return f"substr({self.canon.md5(key)}, 1, {b.digits})"
 
-    def rows(self, buckets: list[str] | None, digits: int) -> list[tuple]:
+    def buckets(self, b: "Bucketing") -> dict[Any, tuple[int, int]]:
+        """(count, hash aggregate) per bucket. Keyed rows are unique, so their hashes are XORed (cheap, and no
+        two rows cancel); a keyless table may hold a row twice, which XOR would cancel, so its hashes are summed."""
+        c = self.canon
+        h = c.hash60(c.md5(self.row_text))
+        agg = f"bit_xor({h})" if self.key_index else f"sum({h})"
+        sql = f"SELECT {self.bucket_expr(b)} AS b, count(*), {agg} FROM {self.table} GROUP BY 1"
+        return {_bucket_value(r[0]): (int(r[1]), int(r[2] or 0)) for r in self._run(sql)}
+
+    def rows(self, b: "Bucketing", buckets: list[Any] | None) -> list[tuple]:
         """(key text, row hash, values...) of the rows in these buckets (all rows for None)."""
         sql = self._inner()
         if buckets is not None:
             if not buckets:
                 return []
-            key = self.key_text if self.key_text is not None else self.row_text
-            listed = ", ".join(f"'{b}'" for b in buckets)  # hex digits only
-            sql += f" WHERE substr({self.canon.md5(key)}, 1, {digits}) IN ({listed})"
+            if b.width is not None and len(buckets) <= RANGES_AT_MOST:
+                # Key ranges: the primary key's index finds them without reading the table.
+                ranges = [(b.lo + x * b.width, b.lo + (x + 1) * b.width - 1) for x in buckets]
+                sql += " WHERE " + " OR ".join(f"{self.int_key} BETWEEN {lo} AND {hi}" for lo, hi in ranges)
+            else:
+                listed = ", ".join(str(x) if isinstance(x, int) else f"'{x}'" for x in buckets)  # ints or hex
+                sql += f" WHERE {self.bucket_expr(b)} IN ({listed})"
         return [tuple(r) for r in self._run(sql)]
+
+
+RANGES_AT_MOST = 500  # differing key ranges fetched by index; more are found by one scan
+
+
+def _bucket_value(v: Any) -> Any:
+    return v if isinstance(v, str) else int(v)
+
+
+@dataclass(frozen=True)
+class Bucketing:
+    """How rows are put in buckets: by ranges of a one-column integer key (`lo`, `width`), which the key's index
+    can fetch, or by the first `digits` hex digits of the key text's md5 (any key, any engine's collation)."""
+
+    digits: int = 1
+    lo: int | None = None
+    width: int | None = None
+
+    def of(self, handle: str) -> Any:
+        """The bucket of a reported row, from its handle (key text 'v123', or a keyless row's md5)."""
+        if self.width is not None:
+            return (int(handle[1:]) - self.lo) // self.width
+        return _bucket_of(handle, self.digits)
 
 
 def raw_query(conn: Connection, sql: str, *, fetch: bool = True) -> list[Any]:
@@ -305,22 +348,28 @@ def _file(report: TableReport, bucket: str, key: list[Any], handle: str, kinds: 
     report.handles.setdefault(bucket, {})[tuple(map(repr, shown))] = handle
 
 
-def _compare(src: _Side, dst: _Side, report: TableReport, pool: ThreadPoolExecutor) -> list[str] | None:
-    """Compare the two sides into `report`; returns the buckets that were fetched (None: the whole table)."""
-    counts = [f.result() for f in [pool.submit(src.count), pool.submit(dst.count)]]
-    report.source_rows, report.destination_rows = counts
-    largest = max(counts)
-    digits = _digits(largest)
+def _compare(src: _Side, dst: _Side, report: TableReport,
+             pool: ThreadPoolExecutor) -> tuple[Bucketing, list[Any] | None]:
+    """Compare the two sides into `report`; returns the bucketing and the buckets fetched (None: the whole table)."""
+    (n_src, lo_s, hi_s), (n_dst, lo_d, hi_d) = [f.result() for f in [pool.submit(src.count), pool.submit(dst.count)]]
+    report.source_rows, report.destination_rows = n_src, n_dst
+    largest = max(n_src, n_dst)
+    bounds = [v for v in (lo_s, hi_s, lo_d, hi_d) if v is not None]
+    if src.int_key is not None and bounds:
+        lo, hi = min(bounds), max(bounds)
+        width = max(1, -(-(hi - lo + 1) // max(1, largest // ROWS_PER_BUCKET)))
+        bucketing = Bucketing(lo=lo, width=width)
+    else:
+        bucketing = Bucketing(digits=_digits(largest))
     if largest <= FETCH_ALL_BELOW:
         chosen = None
     else:
-        a_f, b_f = pool.submit(src.buckets, digits), pool.submit(dst.buckets, digits)
+        a_f, b_f = pool.submit(src.buckets, bucketing), pool.submit(dst.buckets, bucketing)
         a, b = a_f.result(), b_f.result()
         chosen = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    s_f, d_f = pool.submit(src.rows, chosen, digits), pool.submit(dst.rows, chosen, digits)
+    s_f, d_f = pool.submit(src.rows, bucketing, chosen), pool.submit(dst.rows, bucketing, chosen)
     _compare_rows(src, s_f.result(), d_f.result(), report)
-    report.handles["_digits"] = {(): str(digits)}
-    return chosen
+    return bucketing, chosen
 
 
 def _sort(report: TableReport) -> None:
@@ -428,7 +477,7 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
     src_engine, dst_engine = source_engine(pipeline), destination_engine(pipeline, destination)
     engine = _engine_name(dst_engine)
     targets: dict[str, _Target] = {}
-    fetched: dict[str, list[str] | None] = {}
+    fetched: dict[str, tuple[Bucketing, list[Any] | None]] = {}
     try:
         with src_engine.connect() as src, connect(dst_engine) as dst, ThreadPoolExecutor(2) as pool:
             # One snapshot per side, so that every table is compared as of one moment on each side.
@@ -476,17 +525,17 @@ def _reset(conn: Connection) -> None:
 
 
 def _recheck(src: Connection, dst: Connection, engine: str, target: _Target, report: TableReport,
-             fetched: list[str] | None, pool: ThreadPoolExecutor) -> None:
+             fetched: tuple[Bucketing, list[Any] | None], pool: ThreadPoolExecutor) -> None:
     """Compare the reported rows once more; only what differs in both looks stays reported."""
-    digits = int(report.handles["_digits"][()])
+    bucketing, chosen = fetched
     handles = {h for name in ("missing", "extra", "different") for h in report.handles.get(name, {}).values()}
-    # A key's bucket is its key text's md5; a keyless row's handle is its row md5, whose first digits are its bucket.
-    buckets = None if fetched is None else sorted(h[:digits] if report.keyless else _bucket_of(h, digits)
-                                                  for h in handles)
+    # A keyless row's handle is its row md5, whose first digits are its bucket.
+    buckets = None if chosen is None else sorted({h[:bucketing.digits] if report.keyless else bucketing.of(h)
+                                                  for h in handles})
     again = TableReport(report.table, keyless=report.keyless)
     s_side = _Side(src, "postgresql", target.src_sql, target.shape, {})
     d_side = _Side(dst, engine, target.dst_sql, target.shape, target.stored)
-    s_f, d_f = pool.submit(s_side.rows, buckets, digits), pool.submit(d_side.rows, buckets, digits)
+    s_f, d_f = pool.submit(s_side.rows, bucketing, buckets), pool.submit(d_side.rows, bucketing, buckets)
     _compare_rows(s_side, s_f.result(), d_f.result(), again)
     report.queries += s_side.queries + d_side.queries
     for name in ("missing", "extra", "different"):
