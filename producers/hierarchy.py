@@ -163,7 +163,7 @@ def _bare(name: str) -> str:
 
 
 def _rows(rows: float) -> str:
-    return f"~{round(rows):,} rows"
+    return f"~{round(rows):,} row{'' if round(rows) == 1 else 's'}"
 
 
 def _named_after(child: str, parent: str) -> bool:
