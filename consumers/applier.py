@@ -47,6 +47,7 @@ from cdc.config import Destination, Pipeline
 from cdc.errors import CdcError, DecodeError, DestinationBusy, ServiceUnavailable, Terminal
 from consumers import columnar, runs, values
 from consumers.dialects import Dialect, dialect_for
+from consumers.dialects.base import NoMatchingRow
 from consumers.dialects.duckdb import when_free
 from consumers.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
 from consumers.plan import dependency_order, net_changes, primary_key, self_referencing_order
@@ -567,6 +568,11 @@ class ReplicaApplier:
                 changes = phase.changes.get(table)
                 if changes and changes.upserts:
                     rows += self._upsert(conn, self.shapes[table], list(changes.upserts.values()))
+                keyless = phase.keyless.get(table)
+                if keyless:
+                    # A table without a key, every change in order, where its upserts would go (parents first):
+                    # its inserts need their parents, and nothing can reference its rows (no key to reference).
+                    rows += self.dialect.apply_keyless(conn, self.shapes[table], keyless)
             for table in reversed(self.order):
                 changes = phase.changes.get(table)
                 if changes and changes.deletes:
@@ -718,7 +724,7 @@ class ReplicaApplier:
                 count = self._write(conn, steps, offsets)
         except OperationalError as exc:
             raise ServiceUnavailable(f"destination {self.name} failed: {_first_line(exc)}") from exc
-        except DBAPIError as exc:
+        except (DBAPIError, NoMatchingRow) as exc:
             raise ApplyError(f"destination {self.name}: applying {_where(steps)} failed: {_first_line(exc)}") from exc
         self._acknowledge(steps, offsets)
         self.stats.rows += count

@@ -99,7 +99,8 @@ def runs_table(runs: list[tuple[int, ChangeRun]], snapshot_steps: set[int]) -> p
 def supports(shape: TableShape, converter: RowConverter) -> bool:
     """Whether every column of the table is of a type taken here (the batch may still be refused for its values)."""
     avro = converter.avro_names()
-    return (all(converter.logical_types.get(c) in _KINDS and c in avro for c in shape.column_names)
+    return (bool(shape.primary_key)  # a table without a key: each change on its own (plan.KeylessChange)
+            and all(converter.logical_types.get(c) in _KINDS and c in avro for c in shape.column_names)
             and not {SEQ, OP, CHANGE_LSN, TX_ID, COMMIT_MS} & set(shape.column_names))
 
 

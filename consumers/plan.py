@@ -31,12 +31,24 @@ class TableChanges:
         return bool(self.upserts or self.deletes)
 
 
+@dataclass(frozen=True)
+class KeylessChange:
+    """A change of a table without a primary key, kept as it came: such rows have no identity to collapse changes
+    by. `before` is the whole old row (REPLICA IDENTITY FULL), `after` the new one with `_cdc_lsn`."""
+
+    op: str  # "insert", "update" or "delete"
+    before: Row | None
+    after: Row | None
+
+
 @dataclass
 class Phase:
-    """Net changes per table; `truncate_first` tables are emptied before the phase's changes."""
+    """Net changes per table; `truncate_first` tables are emptied before the phase's changes. Tables without a
+    primary key have their changes in `keyless`, each one, in source order."""
 
     changes: dict[str, TableChanges] = field(default_factory=dict)
     truncate_first: list[str] = field(default_factory=list)
+    keyless: dict[str, list[KeylessChange]] = field(default_factory=dict)
 
 
 def primary_key(shape: TableShape, row: Mapping[str, Any]) -> tuple:
@@ -57,6 +69,11 @@ def net_changes(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape],
             continue
         if event.op == "t":
             phases.append(Phase(truncate_first=[event.table]))
+            continue
+        if not shape.primary_key:
+            change = _keyless_change(event, convert)
+            if change is not None:
+                phases[-1].keyless.setdefault(event.table, []).append(change)
             continue
         changes = phases[-1].changes.setdefault(event.table, TableChanges())
         if event.op == "d":
@@ -90,7 +107,28 @@ def net_changes(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape],
         row[LSN_COLUMN] = event.lsn if event.lsn is not None else SNAPSHOT_LSN
         changes.deletes.pop(key, None)
         changes.upserts[key] = row
-    return [p for p in phases if p.changes or p.truncate_first]
+    return [p for p in phases if p.changes or p.truncate_first or p.keyless]
+
+
+def _keyless_change(event: ChangeEvent, convert: Converter) -> KeylessChange | None:
+    """A change of a table without a primary key. Its rows are told apart only by their values, so an update or a
+    delete names the one row it changes by its whole before image (Debezium sends it: REPLICA IDENTITY FULL)."""
+    before = convert(event, event.before) if event.before else None
+    if event.op == "d":
+        return KeylessChange("delete", before, None) if before is not None else None
+    after = convert(event, event.after)
+    if after is None:
+        return None
+    after[LSN_COLUMN] = event.lsn if event.lsn is not None else SNAPSHOT_LSN
+    if event.op != "u":
+        return KeylessChange("insert", None, after)
+    if before is None:
+        raise ValueError(f"{event.table}: an update without its before image; a table without a primary key needs "
+                         "REPLICA IDENTITY FULL")
+    for column, value in after.items():
+        if value is UNAVAILABLE and before.get(column, UNAVAILABLE) is not UNAVAILABLE:
+            after[column] = before[column]  # an unchanged TOASTed value: the old row holds it
+    return KeylessChange("update", before, after)
 
 
 def dependency_order(shapes: Mapping[str, TableShape], edges: Mapping[str, set[str]] | None = None) -> list[str]:

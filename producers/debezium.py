@@ -171,9 +171,6 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
             raise ConfigError(f"source.tables: {table!r} is a partition of {listed[0]!r}, which is listed too; a "
                               "partitioned table is captured whole through its parent (the publication publishes "
                               "its partitions' changes under the parent's name), so list only the parent")
-    for table in pipeline.standalone_tables:
-        if not tables[table].primary_key:
-            raise ConfigError(f"source.tables: {table!r} has no primary key; the applier needs one to identify rows")
     return keys
 
 
@@ -243,9 +240,11 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
     key_columns += [f"{table_regex(m)}:{col}" for m, col in members]
     if key_columns:
         config["message.key.columns"] = ";".join(key_columns)
-    if members:
-        # Without the root id in a delete's before image, a member's delete would have no key.
-        config["replica.identity.autoset.values"] = ",".join(f"{table_regex(m)}:FULL" for m, _ in members)
+    # Without the root id in a delete's before image, a member's delete would have no key; a table without a primary
+    # key is told apart by its whole old row, which the applier matches one row by (Dialect.apply_keyless).
+    full = [m for m, _ in members] + [t for t in pipeline.standalone_tables if not tables[t].primary_key]
+    if full:
+        config["replica.identity.autoset.values"] = ",".join(f"{table_regex(t)}:FULL" for t in full)
 
     transforms: list[str] = ["dropsignals"]
     config["transforms.dropsignals.type"] = "org.apache.kafka.connect.transforms.Filter"

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from sqlalchemy import (
     BigInteger, Column, DateTime, ForeignKeyConstraint, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
-    inspect, text,
+    and_, inspect, literal_column, select, text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateSchema
@@ -30,6 +30,15 @@ from consumers.values import UNAVAILABLE
 # The analytics replica's change history: table `t` gets `t__history` with t's columns and these.
 HISTORY_SUFFIX = "__history"
 HISTORY_COLUMNS = ("_cdc_op", "_cdc_lsn", "_cdc_tx_id", "_cdc_commit_ts")
+
+
+class NoMatchingRow(CdcError, Terminal):
+    """An update or delete of a table without a primary key found no row equal to its before image."""
+
+
+def _abridged(row: dict[str, Any], limit: int = 300) -> str:
+    text_ = ", ".join(f"{c}={v!r}" for c, v in row.items())
+    return text_ if len(text_) <= limit else text_[:limit] + "..."
 
 
 class SchemaChangeError(CdcError, Terminal):
@@ -245,6 +254,62 @@ class Dialect(ABC):
 
     @abstractmethod
     def truncate(self, conn: Connection, shape: TableShape) -> None: ...
+
+    # -- tables without a primary key -----------------------------------------------------------------------------
+    # What tells a row from its duplicates where there is no key: a column every row has (PostgreSQL's ctid, DuckDB's
+    # rowid). None where UPDATE and DELETE take a LIMIT instead (MariaDB overrides `one_row`).
+    row_id: str | None = None
+
+    def one_row(self, statement: Any, table: Table, match: Callable[[Any], Any]) -> Any:
+        """`statement`, an UPDATE or DELETE of `table`, restricted to ONE row that `match(t)` selects: duplicates
+        are allowed in such a table, and a change of the source changed one of them."""
+        inner = table.alias("_cdc_one")
+        pick = (select(literal_column(f"_cdc_one.{self.row_id}")).select_from(inner).where(match(inner)).limit(1)
+                .scalar_subquery())
+        return statement.where(literal_column(self.row_id) == pick)
+
+    def apply_keyless(self, conn: Connection, shape: TableShape, changes: list[Any]) -> int:
+        """Apply a table's changes without a primary key (consumers.plan.KeylessChange), one by one in source order:
+        an insert adds a row; an update or a delete changes exactly one row equal to the change's before image.
+        Such rows carry no position to compare, so a change is never skipped as older: what makes them apply once
+        is the stored offsets, written in the same transaction (the applier's exactly-once). A before image that
+        matches no row means the destination no longer equals the source: raised, never passed over."""
+        table = self.table(shape)
+        columns = list(shape.column_names)
+        inserts: list[dict[str, Any]] = []
+        written = 0
+
+        def flush() -> int:
+            if inserts:
+                conn.execute(table.insert(), self.prepared(shape, inserts, columns))
+                inserts.clear()
+            return 0
+
+        for change in changes:
+            if change.op == "insert":
+                inserts.append({c: change.after.get(c) for c in [*columns, LSN_COLUMN]})
+                written += 1
+                continue
+            flush()
+            before = self.prepared(shape, [change.before], columns)[0]
+            known = [c for c in columns if before.get(c, UNAVAILABLE) is not UNAVAILABLE]
+
+            def match(t: Any, before: dict[str, Any] = before, known: list[str] = known) -> Any:
+                return and_(*(t.c[c].is_not_distinct_from(before[c]) for c in known))
+
+            if change.op == "delete":
+                statement = self.one_row(table.delete(), table, match)
+            else:
+                after = self.prepared(shape, [change.after], columns)[0]
+                statement = self.one_row(table.update(), table, match).values(
+                    {c: v for c, v in after.items() if v is not UNAVAILABLE})
+            if conn.execute(statement).rowcount == 0:
+                raise NoMatchingRow(f"{shape.name} has no primary key, and no row of the destination equals the "
+                                    f"before image of a {change.op} ({_abridged(change.before)}): the destination "
+                                    "no longer equals the source")
+            written += 1
+        flush()
+        return written
 
     def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
         """Append every change of the batch to the table's history (dialects with `keeps_history` only)."""

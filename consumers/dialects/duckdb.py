@@ -55,6 +55,7 @@ class DuckDBDialect(Dialect):
     keeps_history = True
     reflects_foreign_keys = False
     columnar = True
+    row_id = "rowid"  # tells duplicate rows of a table without a key apart (Dialect.apply_keyless)
     batch_events = 50_000  # writes open and close the file (readers get it in between): fewer, larger ones
 
     def destination_name(self, shape: TableShape) -> tuple[str | None, str]:

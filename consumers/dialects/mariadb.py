@@ -70,6 +70,10 @@ class MariaDBDialect(Dialect):
 
     name = "mariadb"
     writer_lock_sql = "SELECT GET_LOCK(:key, 0)"  # a user lock: the session's until it ends
+
+    def one_row(self, statement: Any, table: Table, match: Callable[[Any], Any]) -> Any:
+        # No row id to pick one of duplicate rows by, but UPDATE and DELETE take a LIMIT (Dialect.apply_keyless).
+        return statement.where(match(table)).ext(mysql.limit(1))
     # InnoDB checks each row against its foreign keys as it is written, even inside one multi-row statement.
     supports_deferred_constraints = False
 

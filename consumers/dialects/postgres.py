@@ -37,6 +37,7 @@ class PostgresDialect(Dialect):
     supports_deferred_constraints = True
     columnar = True  # foreign keys are checked at commit (begin_batch): tables may be written in any order
     writer_lock_sql = "SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"
+    row_id = "ctid"  # tells duplicate rows of a table without a key apart (Dialect.apply_keyless)
 
     # -- types (docs/types.md, "PostgreSQL replica") -----------------------------------------------------------
     def map_type(self, source: t.SourceType, *, key: bool = False) -> Any:
@@ -270,8 +271,8 @@ class PostgresAnalyticsDialect(PostgresDialect):
             history=self._history(table), target=_identifier(table),
             cols=sql.SQL(", ").join(sql.Identifier(c) for c in shape.column_names)))
         # For "row X as of time T": the newest history row of a key at or before T.
-        raw.execute(sql.SQL("CREATE INDEX ON {} ({}, _cdc_commit_ts)").format(
-            self._history(table), sql.SQL(", ").join(map(sql.Identifier, shape.primary_key))))
+        raw.execute(sql.SQL("CREATE INDEX ON {} ({})").format(
+            self._history(table), sql.SQL(", ").join(map(sql.Identifier, [*shape.primary_key, "_cdc_commit_ts"]))))
         return [*actions, f"created table {'.'.join(filter(None, (table.schema, history)))}"]
 
     def add_column(self, conn: Connection, table: Table, column: Column) -> None:

@@ -200,3 +200,46 @@ def test_columns_added_with_a_default_reach_existing_rows_on_every_destination(s
     assert len(expected) == 1001 and sum(1 for r in expected if r[2] == "n/a") == 998
     for name, destination in three_destinations.items():
         assert destination_rows(destination["url"], "item", columns) == expected, name
+
+
+def test_a_table_without_a_primary_key_replicates_as_a_multiset_on_every_destination(stack, source_db,
+                                                                                     three_destinations, tmp_path):
+    source = stack.postgres_url(source_db)
+    execute(source, "create table log (who text, what text, n integer, at timestamptz)",
+            "insert into log values ('a', 'x', 1, '2025-01-01 10:00+00'), ('a', 'x', 1, '2025-01-01 10:00+00'), "
+            "('b', 'y', 2, null), ('c', null, 3, '2025-06-01 12:30:15.25+00')")
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.log"], destinations=three_destinations))
+    capture.apply(pipeline)
+    one_of = "ctid = (select ctid from log where {} limit 1)"
+    try:
+        first = cdc(path, "run", "--until-caught-up", "--timeout", "240")
+        assert first.returncode == 0, first.stdout + first.stderr
+        execute(source,
+                "insert into log values ('a', 'x', 1, '2025-01-01 10:00+00')",  # three alike now
+                "delete from log where " + one_of.format("who = 'a'"),  # one of the three goes
+                "update log set n = 5 where " + one_of.format("who = 'a' and n = 1"),  # one of the two changes
+                "update log set what = 'z' where who = 'c'",  # a row holding NULLs, matched by them
+                "delete from log where who = 'b'",
+                "insert into log values ('d', null, null, null), ('d', null, null, null)",
+                "delete from log where " + one_of.format("who = 'd'"),
+                """do $$ begin
+                     insert into log values ('e', 'tx', 7, null);
+                     update log set n = 8 where who = 'e';
+                     insert into log values ('e', 'tx', 8, null);
+                     delete from log where ctid = (select ctid from log where who = 'e' limit 1);
+                   end $$""")
+        result = cdc(path, "run", "--until-caught-up", "--timeout", "240")
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        purge(pipeline)
+    columns = ["who", "what", "n", "at"]
+    expected = destination_rows(source, "log", columns)
+    assert [r[:3] for r in expected] == [("a", "x", 1), ("a", "x", 5), ("c", "z", 3), ("d", None, None),
+                                         ("e", "tx", 8)], expected
+    for name, destination in three_destinations.items():
+        got = destination_rows(destination["url"], "log", columns)
+        assert [r[:3] for r in got] == [r[:3] for r in expected], name
+        # Times as instants (MariaDB keeps them as UTC wall-clock times, without a zone).
+        assert [r[3] and r[3].replace(tzinfo=None) for r in got] == \
+            [r[3] and r[3].astimezone(__import__("datetime").timezone.utc).replace(tzinfo=None) for r in expected], name

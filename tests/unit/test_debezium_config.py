@@ -75,12 +75,16 @@ def test_integer_widths_that_differ_are_cast_to_one_key_type():
      r"hierarchies.person: the root id is bigint in 'public.person' but the members hold it as text"),
     ({**TABLES, "public.person": table("public.person", pk=("id", "name"), name="text")},
      r"hierarchies.person.root: 'public.person' has a composite primary key"),
-    ({**TABLES, "public.school": table("public.school", pk=())},
-     r"source.tables: 'public.school' has no primary key"),
 ])
 def test_source_tables_that_cannot_form_the_hierarchy_are_refused(tables, message):
     with pytest.raises(ConfigError, match=message):
         config(tables)
+
+
+def test_a_standalone_table_without_a_primary_key_is_captured_with_its_whole_old_row():
+    c = config({**TABLES, "public.school": table("public.school", pk=())})
+    autoset = c["replica.identity.autoset.values"].split(",")
+    assert r"public\.school:FULL" in autoset and r"public\.enrollment:FULL" in autoset
 
 
 def test_registry_url_for_the_converter():

@@ -81,3 +81,27 @@ def test_a_primary_key_update_sent_as_one_update_deletes_the_old_key():
                               after={"id": 9, "name": "a", "bio": None})], SHAPES, identity)
     person = phase.changes["public.person"]
     assert list(person.upserts) == [(9,)] and person.deletes == {(1,): {"id": 1, "_cdc_lsn": 5}}
+
+
+def test_a_table_without_a_key_keeps_every_change_in_order_with_whole_before_images():
+    from consumers.plan import KeylessChange
+    from consumers.values import UNAVAILABLE
+
+    log = TableShape("public.log", (ColumnShape("who", Text(), True), ColumnShape("what", Text(), True)), ())
+    same = {"who": "a", "what": "x"}
+    phases = net_changes([
+        ev("c", 1, after=dict(same), table="public.log"),
+        ev("c", 2, after=dict(same), table="public.log"),  # a duplicate: both stay
+        ev("u", 3, before=dict(same), after={"who": "a", "what": UNAVAILABLE}, table="public.log"),
+        ev("d", 4, before={"who": "a", "what": "x"}, table="public.log"),
+        ev("t", 5, table="public.log"),
+        ev("c", 6, after={"who": "b", "what": None}, table="public.log"),
+    ], {"public.log": log}, identity)
+    assert [p.keyless["public.log"] for p in phases if p.keyless] == [[
+        KeylessChange("insert", None, {**same, "_cdc_lsn": 1}),
+        KeylessChange("insert", None, {**same, "_cdc_lsn": 2}),
+        # The unchanged TOASTed value comes from the old row, which names the one row the update changes.
+        KeylessChange("update", same, {**same, "_cdc_lsn": 3}),
+        KeylessChange("delete", same, None),
+    ], [KeylessChange("insert", None, {"who": "b", "what": None, "_cdc_lsn": 6})]]
+    assert phases[1].truncate_first == ["public.log"] and not phases[0].changes
