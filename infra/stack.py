@@ -310,6 +310,45 @@ def ensure_artifacts(layout: StackLayout, echo: Callable[[str], None]) -> None:
     stamp.write_text(digest + "\n")
 
 
+def ensure_transforms(layout: StackLayout, java: str, echo: Callable[[str], None]) -> None:
+    """Build the project's own Kafka Connect transform (infra/transforms, one class) into the plugin path.
+
+    Connect's own transforms all keep a field's optionality; a hierarchy whose member's root-id column is nullable
+    needs its key field optional for the root too (producers/debezium.py). Connect loads it when it starts."""
+    import zipfile
+
+    sources = sorted(p for p in (INFRA_DIR / "transforms" / "src").rglob("*") if p.is_file())
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+    target = layout.artifacts / "plugins" / "cdc-transforms"
+    stamp = target / ".built"
+    if stamp.exists() and stamp.read_text().strip() == digest:
+        return
+    javac = next((str(c) for c in (Path(java).resolve().parent / "javac", shutil.which("javac")) if c and
+                  Path(c).exists()), None)
+    if javac is None:
+        raise StackError("connect", "javac (a JDK) is needed to build the project's Kafka Connect transform",
+                         hint="Install it (apt-get install openjdk-17-jdk-headless); `make setup` does.")
+    echo("artifacts: building the project's Kafka Connect transform")
+    classes = layout.home / "transforms-build"
+    shutil.rmtree(classes, ignore_errors=True)
+    classes.mkdir(parents=True)
+    proc = subprocess.run([javac, "--release", "17", "-cp", f"{layout.artifacts / 'kafka' / 'libs'}/*", "-d",
+                           str(classes), *(str(p) for p in sources if p.suffix == ".java")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StackError("connect", "the project's Kafka Connect transform did not compile",
+                         log_tail=proc.stdout + proc.stderr)
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(target / "cdc-transforms.jar", "w") as jar:
+        for path in sorted(classes.rglob("*.class")):
+            jar.write(path, path.relative_to(classes).as_posix())
+        for path in sources:
+            if "META-INF" in path.parts:
+                jar.write(path, path.relative_to(INFRA_DIR / "transforms" / "src").as_posix())
+    shutil.rmtree(classes, ignore_errors=True)
+    stamp.write_text(digest + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # PostgreSQL
 
@@ -739,6 +778,8 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
                     )
         if needs_java:
             ensure_artifacts(layout, echo)
+        if "connect" in to_start:
+            ensure_transforms(layout, java, echo)
         (layout.home / "stack.json").write_text(
             json.dumps({"ports": layout.ports, "artifacts": str(layout.artifacts)}, indent=2) + "\n"
         )

@@ -91,6 +91,22 @@ def check_routes(pipeline: Pipeline, config: dict[str, str]) -> None:
             f"{t}'s events to topic {got or '(dropped)'} instead of {pipeline.topic_of(t)}" for t, got in wrong))
 
 
+def check_plugins(pipeline: Pipeline, connect: ConnectClient, config: dict[str, str]) -> None:
+    """The project's own transform must be on the worker's plugin path before a connector names it."""
+    needed = {v for k, v in config.items() if k.startswith("transforms.") and k.endswith(".type")}
+    if debezium.OPTIONAL_FIELDS not in needed:
+        return
+    if debezium.OPTIONAL_FIELDS not in {p.get("class") for p in connect.plugins()}:
+        hierarchies = list(pipeline.hierarchies)
+        names = [hierarchies[int(m.group(1))] for k in config
+                 if (m := re.fullmatch(r"transforms\.h(\d+)optional\.type", k))]
+        raise CaptureError(
+            f"hierarchies {', '.join(names)}: a member's root-id column is nullable, so the hierarchy's keys need the "
+            f"transform {debezium.OPTIONAL_FIELDS}, which Kafka Connect at {pipeline.kafka.connect_url} does not "
+            "have; `cdc stack up` builds it into the plugin path, and Connect loads it when it starts. Nothing was "
+            "changed.")
+
+
 def unplanned_topics(pipeline: Pipeline, existing: dict[str, int] | set[str]) -> list[tuple[str, str]]:
     """Topics under `<pipeline>.` that the plan does not name, each with the table its events came from."""
     prefix = f"{pipeline.pipeline}."
@@ -193,6 +209,7 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
         identity = source_identity(conn)
     with ConnectClient(pipeline.kafka.connect_url) as connect:
+        check_plugins(pipeline, connect, desired)
         current = connect.config(name)
         changes = diff_configs(current, desired)
         report = ApplyReport(name, "created" if current is None else ("updated" if changes else "unchanged"), changes)

@@ -1,17 +1,20 @@
 """The Debezium PostgreSQL connector configuration generated from the pipeline file (pure: no I/O).
 
-Routing of a hierarchy into one topic keyed by the root id uses only Debezium's and Kafka Connect's own
-settings and transforms, applied in this order to each record:
+Routing of a hierarchy into one topic keyed by the root id uses Debezium's and Kafka Connect's own settings and
+transforms (and one of ours, step 4), applied in this order to each record:
 
 1. `message.key.columns` makes a member's key its root-id column (the root keeps its primary key).
 2. `ReplaceField$Key` renames a member's key field to the root's primary-key column name.
 3. `Cast$Key` widens the key to int64 when the root and a member hold the id in integers of different widths.
-4. `SetSchemaMetadata$Key` gives every key of the hierarchy one schema name, so that the root's and the members'
+4. `OptionalFields$Key` (the project's own transform, only where a member's root-id column is nullable) makes the
+   key field optional for every table of the hierarchy: a member row whose root id is NULL is keyed by a null root
+   id, and the root's key must have the same (optional) schema as the members'.
+5. `SetSchemaMetadata$Key` gives every key of the hierarchy one schema name, so that the root's and the members'
    keys have one Avro schema, one registry id, and therefore identical bytes: the default partitioner hashes
    those bytes, and only identical bytes put one root's changes in one partition.
-5. `RegexRouter` renames the tables' topics to `<pipeline>.<hierarchy>`.
+6. `RegexRouter` renames the tables' topics to `<pipeline>.<hierarchy>`.
 
-Steps 2-4 carry a `TopicNameMatches` predicate on the table's original topic. Every pattern is anchored (`^...$`):
+Steps 2-5 carry a `TopicNameMatches` predicate on the table's original topic. Every pattern is anchored (`^...$`):
 Connect's RegexRouter tests with `matches()` but rewrites with `replaceFirst()`, so an unanchored alternative
 for `public.film` would rewrite the start of `public.film_actor` and leave `_actor` behind (a topic nobody reads).
 `routed_topic` replays these rules in Python, so `cdc connectors apply` checks every table's route before it
@@ -32,6 +35,8 @@ from producers.source_admin import TableInfo
 AVRO_CONVERTER = "io.apicurio.registry.utils.converter.AvroConverter"
 RECORD_ID_STRATEGY = "io.apicurio.registry.serde.avro.strategy.RecordIdStrategy"
 TOPIC_NAME_MATCHES = "org.apache.kafka.connect.transforms.predicates.TopicNameMatches"
+# The project's one transform of its own (infra/transforms): Connect's own transforms all keep a field's optionality.
+OPTIONAL_FIELDS = "cdc.transforms.OptionalFields$Key"
 INTEGER_TYPES = {"smallint": 16, "integer": 32, "bigint": 64}
 # Settings whose values are secrets: masked whenever a configuration is printed.
 SECRET_KEYS = ("database.password",)
@@ -119,12 +124,14 @@ def routed_topic(config: dict[str, str], table: str) -> str:
     return topic
 
 
-def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str, tuple[str, str | None]]:
-    """For each hierarchy: the root's key column, and the Connect type to cast keys to (None: no cast needed).
+def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str, tuple[str, str | None, bool]]:
+    """For each hierarchy: the root's key column, the Connect type to cast keys to (None: no cast needed), and
+    whether the key field must be made optional (a member's root-id column is nullable).
 
     Raises ConfigError, naming the field, for anything that would break "one key schema per hierarchy".
     """
-    keys: dict[str, tuple[str, str | None]] = {}
+    keys: dict[str, tuple[str, str | None, bool]] = {}
+    nullable: set[str] = set()
     for name, h in pipeline.hierarchies.items():
         root = tables[h.root]
         if len(root.primary_key) != 1:
@@ -141,8 +148,7 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
                 raise ConfigError(f"{where}: {member!r} has no column {column!r} "
                                   f"(its columns: {', '.join(info.columns)})")
             if col.nullable:
-                raise ConfigError(f"{where}: column {column!r} is nullable; a member's root-id column must be "
-                                  "NOT NULL (a row without a root belongs to no hierarchy)")
+                nullable.add(name)
             if not info.primary_key:
                 raise ConfigError(f"{where}: {member!r} has no primary key; the applier needs one to identify rows")
             types.add(col.type)
@@ -154,7 +160,7 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
                 raise ConfigError(f"hierarchies.{name}: the root id is {root_col.type} in {h.root!r} but the "
                                   f"members hold it as {', '.join(sorted(types - {root_col.type}))}; "
                                   "they must have one type")
-        keys[name] = (root_col.name, cast)
+        keys[name] = (root_col.name, cast, name in nullable)
     for table, info in tables.items():
         adjusted: dict[str, str] = {}
         for column in info.columns:
@@ -254,7 +260,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
                                                                    heartbeat_table(pipeline)])
     predicates = ["signals"]
     for i, (name, h) in enumerate(pipeline.hierarchies.items()):
-        key_col, cast = keys[name]
+        key_col, cast, optional = keys[name]
         for j, (member, column) in enumerate(h.members.items()):
             if column == key_col:
                 continue
@@ -275,6 +281,13 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
             config[f"transforms.h{i}cast.type"] = "org.apache.kafka.connect.transforms.Cast$Key"
             config[f"transforms.h{i}cast.spec"] = f"{avro_name(key_col)}:{cast}"
             config[f"transforms.h{i}cast.predicate"] = f"h{i}"
+        if optional:
+            # A member's root id may be NULL, so its key field is optional: the root's must be too, or the two
+            # would be different key schemas (different registry ids, different key bytes for one root id).
+            transforms.append(f"h{i}optional")
+            config[f"transforms.h{i}optional.type"] = OPTIONAL_FIELDS
+            config[f"transforms.h{i}optional.fields"] = avro_name(key_col)
+            config[f"transforms.h{i}optional.predicate"] = f"h{i}"
         transforms.append(f"h{i}key")
         config[f"transforms.h{i}key.type"] = "org.apache.kafka.connect.transforms.SetSchemaMetadata$Key"
         config[f"transforms.h{i}key.schema.name"] = f"{topic_safe(prefix)}.{name}.Key"

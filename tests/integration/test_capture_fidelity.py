@@ -336,3 +336,106 @@ def test_a_pipeline_name_reused_for_another_source_database_is_refused_then_rese
         capture.delete(pipeline, purge=True)
         drop_source()
         topics.delete_topics(topics.admin_client(stack.kafka_bootstrap), pipeline_topics_now(stack, pipeline))
+
+
+# -- 6. nullable root-id columns
+
+BRANCHES = """
+create table branch (bid integer primary key, name text not null);
+create table history (hid bigserial primary key, bid integer references branch, delta integer not null);
+insert into branch select g, 'branch ' || g from generate_series(1, 6) g;
+insert into history (bid, delta) select case when g % 4 = 0 then null else 1 + g % 6 end, g
+from generate_series(1, 40) g;
+"""
+HISTORY = {"branch": {"root": "public.branch", "members": {"public.history": "bid"}}}
+
+
+def _connect_url(stack) -> str:
+    # CDC_TEST_CONNECT_URL: a second worker with the project's transform on its plugin path, for a stack whose
+    # Connect was started before the transform was built.
+    import os
+
+    return os.environ.get("CDC_TEST_CONNECT_URL", stack.urls()["connect"])
+
+
+def _has_optional_fields(url: str) -> bool:
+    from producers.connect import ConnectClient
+    from producers.debezium import OPTIONAL_FIELDS
+
+    with ConnectClient(url) as client:
+        return OPTIONAL_FIELDS in {p.get("class") for p in client.plugins()}
+
+
+def test_member_rows_with_a_null_root_id_replicate_and_join_their_root_later(stack, source_db, destination_db,
+                                                                            tmp_path):
+    import struct
+    from collections import defaultdict
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    url = _connect_url(stack)
+    if not _has_optional_fields(url):
+        pytest.skip(f"Kafka Connect at {url} lacks the project's transform (restart Connect after `cdc stack up`)")
+    source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
+    execute(source, BRANCHES)
+    data = pipeline_data(stack, source_db, ["public.branch", "public.history"], hierarchies=HISTORY,
+                         topics={"partitions": 3}, destinations={"pg": {"kind": "replica", "url": destination}})
+    data["kafka"]["connect_url"] = url
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    try:
+        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
+        assert first.returncode == 0, first.stdout + first.stderr
+        for table in ("public.branch", "public.history"):
+            assert table_rows(source, table) == table_rows(destination, table), table
+        with psycopg.connect(source) as conn:
+            with conn.transaction():
+                conn.execute("update history set bid = 2 where hid = 4")  # joins a hierarchy
+                conn.execute("insert into history (bid, delta) values (null, 99)")
+                conn.execute("update branch set name = 'renamed' where bid = 2")
+            conn.execute("update history set bid = null where hid = 5")  # leaves it
+            conn.execute("delete from history where hid = 8")  # a NULL root id's delete
+            conn.commit()
+        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
+        assert second.returncode == 0, second.stdout + second.stderr
+        for table in ("public.branch", "public.history"):
+            assert table_rows(source, table) == table_rows(destination, table), table
+        topic = pipeline.topic_of("public.history")
+        consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"t-{pipeline.pipeline}",
+                             "enable.auto.commit": False, "log_level": 3})
+        total = topics.message_counts(stack.kafka_bootstrap, [topic])[topic]
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(3)])
+        messages = []
+        deadline = time.monotonic() + 60
+        while len(messages) < total and time.monotonic() < deadline:
+            messages += [m for m in consumer.consume(500, 1.0) if m.error() is None]
+        consumer.close()
+    finally:
+        purge(pipeline)
+    # A change of a member's root id changes its record key: Debezium sends a delete under the old key and a
+    # create under the new one (so two messages for each of the two such updates).
+    assert len(messages) == total == 6 + 40 + 7
+    # One key schema for the root and its member: one registry id in every key, so one root id, one partition.
+    assert {struct.unpack(">bI", m.key()[:5]) for m in messages} == {(0, struct.unpack(">bI", messages[0].key()[:5])[1])}
+    partitions = defaultdict(set)
+    for m in messages:
+        partitions[m.key()].add(m.partition())
+    assert all(len(p) == 1 for p in partitions.values())
+    assert len(partitions) == 7  # six branch ids and the null root id
+
+
+def test_without_the_transform_a_nullable_root_id_is_refused_and_nothing_is_created(stack, connect, source_db,
+                                                                                   tmp_path):
+    if _has_optional_fields(stack.urls()["connect"]):
+        pytest.skip("this Kafka Connect has the project's transform")
+    execute(stack.postgres_url(source_db), BRANCHES)
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml", pipeline_data(
+        stack, source_db, ["public.branch", "public.history"], hierarchies=HISTORY))
+    with pytest.raises(CdcError) as info:
+        capture.apply(pipeline)
+    assert str(info.value) == (
+        "hierarchies branch: a member's root-id column is nullable, so the hierarchy's keys need the transform "
+        f"cdc.transforms.OptionalFields$Key, which Kafka Connect at {stack.urls()['connect']} does not have; "
+        "`cdc stack up` builds it into the plugin path, and Connect loads it when it starts. Nothing was changed.")
+    assert_nothing_created(stack, connect, pipeline, source_db)

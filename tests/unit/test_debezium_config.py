@@ -67,8 +67,6 @@ def test_integer_widths_that_differ_are_cast_to_one_key_type():
 
 
 @pytest.mark.parametrize("tables, message", [
-    ({**TABLES, "public.attendance": table("public.attendance", person_id="bigint?")},
-     r"hierarchies.person.members\['public.attendance'\]: column 'person_id' is nullable"),
     ({**TABLES, "public.attendance": table("public.attendance", student_id="bigint")},
      r"hierarchies.person.members\['public.attendance'\]: 'public.attendance' has no column 'person_id'"),
     ({**TABLES, "public.attendance": table("public.attendance", person_id="text")},
@@ -138,3 +136,13 @@ def test_a_partition_beside_its_parent_is_refused():
     alone = {**TABLES, "public.school": TableInfo("public.school", ("id",), TABLES["public.school"].columns,
                                                   partition_of=("public.school_all",))}
     assert config(alone)["table.include.list"].startswith(r"public\.school,")
+
+
+def test_a_nullable_root_id_makes_the_key_field_optional_for_the_whole_hierarchy():
+    assert "h0optional" not in config()["transforms"]
+    c = config({**TABLES, "public.attendance": table("public.attendance", person_id="bigint?")})
+    names = c["transforms"].split(",")
+    assert names == ["dropsignals", "h0rename0", "h0rename1", "h0optional", "h0key", "h0route"]
+    assert c["transforms.h0optional.type"] == "cdc.transforms.OptionalFields$Key"
+    # On every table of the hierarchy (predicate h0), after the renames: the root's key too.
+    assert (c["transforms.h0optional.fields"], c["transforms.h0optional.predicate"]) == ("id", "h0")
