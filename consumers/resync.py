@@ -352,11 +352,6 @@ def _why_missing(pipeline: Pipeline, request: SyncRequest, engine: Any, dialect:
     if source_row is None:
         return "not at the source"
     values = dict(zip(columns, source_row))
-    if dest_row is not None:
-        for column, kind, a, b in zip(columns, kinds, source_row, dest_row):
-            if not equal(kind, a, b):
-                return (f"it reached the destination but differs in {column}: source {jsonable(a)!r}, destination "
-                        f"{jsonable(b)!r} (a newer change not applied yet, or the destination rewrote it)")
     with verify.connect(engine) as dst:
         prep = dst.dialect.identifier_preparer
         for fk in shape.foreign_keys:
@@ -384,29 +379,53 @@ def _why_missing(pipeline: Pipeline, request: SyncRequest, engine: Any, dialect:
         state = status.state if status.state != "RUNNING" else f"task {failed[0].get('id')} {failed[0].get('state')}"
         return f"the connector {pipeline.connector_name} is {state}: Debezium did not send the rows " \
                "(`cdc connectors status`)"
-    last_apply = _last_apply(engine, dialect, pipeline)
-    if last_apply is None or last_apply < request.requested_at:
-        since = "never" if last_apply is None else f"last at {last_apply:%Y-%m-%d %H:%M:%S %Z}"
-        return (f"the destination {request.destination} applied nothing since the request ({since}): the rows are "
-                "waiting in Kafka; start `cdc run`")
-    return (f"the destination {request.destination} applies changes, but this row did not arrive within the wait: "
+    sent = _sent_since(pipeline, engine, dialect, request)
+    if isinstance(sent, str):
+        return sent
+    if dest_row is not None:
+        for column, kind, a, b in zip(columns, kinds, source_row, dest_row):
+            if not equal(kind, a, b):
+                return (f"it reached the destination but differs in {column}: source {jsonable(a)!r}, destination "
+                        f"{jsonable(b)!r} (a newer change not applied yet, or the destination rewrote it)")
+    return (f"the destination {request.destination} applied what Debezium sent after the request, but not this row: "
             "Debezium may still be snapshotting (try a longer --wait), or the row went to the dead letters "
             "(`cdc run` logs them)")
 
 
-def _last_apply(engine: Any, dialect: Any, pipeline: Pipeline) -> datetime | None:
+def _sent_since(pipeline: Pipeline, engine: Any, dialect: Any, request: SyncRequest) -> str | None:
+    """Whether Debezium wrote the table's topic after the request, and whether the destination applied it: the
+    reason when one of them did not happen, None when both did (or Kafka cannot tell)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = pipeline.topic_of(request.table)
+    since_ms = int(request.requested_at.timestamp() * 1000)
+    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "log_level": 3,
+                         "group.id": f"cdc-resync-{pipeline.pipeline}-{request.id}", "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
+        if not partitions:
+            return f"the topic {topic} does not exist: Debezium has never written this table (`cdc connectors status`)"
+        found = consumer.offsets_for_times([TopicPartition(topic, p, since_ms) for p in partitions], timeout=10)
+    except Exception:  # noqa: BLE001 - Kafka cannot tell; the caller says what it can
+        return None
+    finally:
+        consumer.close()
+    sent = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+    if not sent:
+        return (f"Debezium wrote nothing to {topic} after the request ({request.requested_at:%H:%M:%S %Z}): it did "
+                "not act on the snapshot signal (its Connect log says why; is the signalling table captured?)")
     try:
         with verify.connect(engine) as dst:
-            offsets = dialect.offsets
-            value = dst.execute(text(f"select max(updated_at) from {dst.dialect.identifier_preparer.format_table(offsets)} "
-                                     "where pipeline = :p"), {"p": pipeline.pipeline}).scalar()
-    except Exception:  # noqa: BLE001 - no offsets table yet: nothing was ever applied
-        return None
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+            applied = dialect.load_offsets(dst, pipeline.pipeline)
+    except Exception:  # noqa: BLE001 - no offsets table: nothing was ever applied
+        applied = {}
+    behind = [(p, o, applied.get((topic, p), 0)) for p, o in sent.items() if applied.get((topic, p), 0) <= o]
+    if behind:
+        p, o, a = behind[0]
+        return (f"Debezium sent it (topic {topic}, partition {p}, from offset {o}), but the destination "
+                f"{request.destination} has not applied it (applied up to offset {a}): is `cdc run` running?")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,21 +1,23 @@
 """`cdc verify`: how well a destination agrees with its source, table by table, computed inside both databases.
 
 Every row gets a canonical text (consumers/compare.py: one rule per source column type, spelled in each engine's
-SQL so that PostgreSQL, MariaDB and DuckDB give the same text for equal values), and two md5s of it:
-- the key's md5 places the row in a bucket (its first hex digits), the same bucket on every engine whatever the
-  key's type or the engines' collations: single, composite, uuid, text and char keys alike. A table without a
-  primary key is a multiset of rows: its bucket comes from the whole row's md5.
-- the row's md5 (60 bits of it, as a number) is summed per bucket.
+SQL so that PostgreSQL, MariaDB and DuckDB give the same text for equal values), and an md5 of it. Rows are put in
+buckets the same way on both sides, whatever the engines' types and collations:
+- a one-column integer key: by ranges of its values (~16 rows a range), which the key's index fetches back;
+- any other key (composite, uuid, text, char...): by the first hex digits of the md5 of the key's text;
+- no primary key: the table is a multiset of rows, bucketed by the first digits of the row's own md5.
 
-1. Each side returns (bucket, count, sum) for the whole table in one aggregate query: ~16 rows a bucket.
-2. Buckets whose (count, sum) agree are equal and never leave the database. Rows of the differing buckets only are
-   fetched from both sides, with their key text and row hash, in one query each.
+1. Each side returns (bucket, count, aggregate of 60 bits of the row md5s) for the whole table in one query: XOR for
+   keyed tables (rows are unique), a sum for keyless ones (a duplicated row must not cancel itself out).
+2. Buckets whose (count, aggregate) agree are equal and never leave the database. Rows of the differing buckets
+   only are fetched from both sides, with their key text and row hash, in one query each.
 3. Rows whose key text is on one side only are missing or extra; rows whose hashes differ are compared value by
-   value with the Python rule (compare.normal), which settles what SQL could not spell identically (JSON spacing,
-   arrays kept as JSON text): such a pair is equal, never a false alarm. Keyless rows are matched as multisets.
+   value with the Python rule (compare.equal), which settles what SQL could not spell identically (JSON spacing,
+   arrays kept as JSON text, float exponents): such a pair is equal, never a false alarm. Keyless rows are matched
+   as multisets of their normal forms.
 
-Both sides run at the same time (one thread each). Small tables skip step 1. A table that cannot be compared (it
-has no destination table yet, a query fails) is reported with the reason, never skipped.
+Both sides run at the same time (one thread each), each in one snapshot. Small tables skip step 1. A table that
+cannot be compared (no destination table yet, a query fails) is reported with the reason, never skipped.
 """
 
 from __future__ import annotations
@@ -639,8 +641,12 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
                 echo(f"{table.table}: deleted {len(table.extra)} rows that exist only at the destination")
             keys = table.missing + table.different
             if keys:
-                request = resync.resync(pipeline, table.table, keys=keys, destination=report.destination,
-                                        requested_by="cdc verify --fix", wait=wait, echo=echo)
+                try:
+                    request = resync.resync(pipeline, table.table, keys=keys, destination=report.destination,
+                                            requested_by="cdc verify --fix", wait=wait, echo=echo)
+                except ConfigError as exc:  # a table Debezium cannot re-send: the others are still fixed
+                    refused.append(str(exc))
+                    continue
                 echo(f"{table.table}: re-sync request {request.id} {request.state}, "
                      f"{sum(r.ok for r in request.results)}/{len(request.results)} keys synced")
                 for r in request.results:

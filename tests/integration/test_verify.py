@@ -293,7 +293,7 @@ def test_fix_resync_and_history(stack, source_db, destination_db, tmp_path):
     stopped = cdc("resync", "public.person", "--ids", "2", "--wait", "5", "--json")
     assert stopped.returncode == 1
     [result] = json.loads(stopped.stdout)["results"]
-    assert "applied nothing since the request" in result["reason"] and "cdc run" in result["reason"], result
+    assert "Debezium sent it" in result["reason"] and "cdc run" in result["reason"], result
 
     applier = subprocess.Popen([CDC, "-c", str(path), "run"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
