@@ -183,6 +183,9 @@ class Destination(_Model):
     # How long the applier waits for the missing events of a source transaction once every partition has been read
     # to its end past its END record; then it stops naming them, or dead-letters what arrived (on_error).
     incomplete_transaction_grace_s: float = Field(default=30.0, gt=0)
+    # Take over destination tables that exist but were not made by the applier (no `_cdc_lsn`), when their columns
+    # and primary key are the source's: emptied and refilled by the snapshot, on the pipeline's first run there.
+    adopt_existing_tables: bool = False
     # PostgreSQL analytics destinations only: the role their users read with (`cdc query` takes it with SET ROLE).
     # Filled with `default_read_only_role(<destination name>)` when absent; a password makes it a LOGIN role.
     read_only_role: str | None = None

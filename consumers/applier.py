@@ -294,19 +294,36 @@ class ReplicaApplier:
         try:
             with self._begin() as conn:
                 self.dialect.ensure_offsets_table(conn)
+                stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
+                # Tables made elsewhere are taken over only on the pipeline's first run here: the snapshot that
+                # refills them is at the start of the topics.
+                self.dialect.adopt = (None if not self.destination.adopt_existing_tables else
+                                      "" if not stored else
+                                      f"pipeline {self.pipeline.pipeline} has already applied changes here, so the "
+                                      "snapshot that would refill it is behind its stored offsets (cdc replay "
+                                      "rebuilds the destination from the start of the topics)")
+                self.dialect.adopted.clear()
                 self.dialect.added_columns.clear()
-                for name in dependency_order(self.shapes):
+                order = dependency_order(self.shapes)
+                if self.destination.adopt_existing_tables:
+                    for name in order:  # every refusal before any table is touched
+                        self.dialect.check_adoption(conn, self.shapes[name])
+                for name in order:
                     for action in self.dialect.ensure_table(conn, self.shapes[name], self.shapes):
                         self.echo(f"{self.name}: {action}")
+                # Adopted tables are emptied children first (their foreign keys hold), for the snapshot to refill.
+                for name in reversed(order):
+                    if name in self.dialect.adopted:
+                        conn.execute(self.dialect.table(self.shapes[name]).delete())
                 # Columns the source gained while no applier ran: their existing rows get their values too.
                 for table, column in self.dialect.added_columns:
-                    self._fill_new_column(conn, self.shapes[table], column)
+                    if column != LSN_COLUMN:  # an adopted table's: the snapshot writes it
+                        self._fill_new_column(conn, self.shapes[table], column)
                 if self.destination.read_only_role:  # PostgreSQL analytics destinations (cdc.config)
                     password = self.destination.read_only_password
                     for action in self.dialect.grant_read_only(conn, self.destination.read_only_role,
                                                                password.get_secret_value() if password else None):
                         self.echo(f"{self.name}: {action}")
-                stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
                 self.dialect.record_error(conn, self.pipeline.pipeline, None)  # running again: no longer stopped
         except OperationalError as exc:
             raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc

@@ -100,6 +100,10 @@ class Dialect(ABC):
         self._tables: dict[str, Table] = {}
         # (source table, column) of each column ensure_table added to an existing table: the applier fills them.
         self.added_columns: list[tuple[str, str]] = []
+        # Taking over existing tables the applier did not make (ensure_table, `_adopt`): None when the destination
+        # does not allow it, "" when it does, else why it cannot be done now. `adopted`: the tables taken over.
+        self.adopt: str | None = None
+        self.adopted: list[str] = []
         self._value_converters: dict[str, tuple[TableShape, dict[str, Callable[[Any], Any]]]] = {}
         self._relocated: dict[str, tuple[str | None, str]] = {}
 
@@ -216,12 +220,10 @@ class Dialect(ABC):
             return [f"created table {table.fullname}"]
         existing = {c["name"]: c for c in insp.get_columns(table.name, schema=table.schema)}
         actions = []
+        if LSN_COLUMN not in existing:
+            actions.extend(self._adopt(conn, shape, table, existing))
         for column in table.columns:
             if column.name not in existing:
-                if column.name == LSN_COLUMN:
-                    raise SchemaChangeError(
-                        f"{table.fullname}: the destination table exists but has no {LSN_COLUMN} column; "
-                        "it was not made by this applier (drop it, or add the column)")
                 self.add_column(conn, table, column)
                 actions.append(f"added column {table.fullname}.{column.name}")
                 self.added_columns.append((shape.name, column.name))
@@ -232,6 +234,47 @@ class Dialect(ABC):
                 f"{table.fullname}: the destination has column(s) {', '.join(dropped)} that the source table "
                 f"{shape.name} no longer has; dropping or renaming columns is not followed automatically")
         return actions
+
+    def check_adoption(self, conn: Connection, shape: TableShape) -> None:
+        """Raise SchemaChangeError where ensure_table would refuse to take an existing table over, changing nothing:
+        called for every table before any is ensured (MariaDB's DDL commits at once)."""
+        table = self.table(shape)
+        insp = inspect(conn)
+        if insp.has_table(table.name, schema=table.schema):
+            existing = {c["name"]: c for c in insp.get_columns(table.name, schema=table.schema)}
+            if LSN_COLUMN not in existing:
+                self._adopt(conn, shape, table, existing)
+
+    def _adopt(self, conn: Connection, shape: TableShape, table: Table, existing: dict[str, Any]) -> list[str]:
+        """Take over a table the applier did not make (no `_cdc_lsn`), where the destination allows it (`adopt`,
+        set from its `adopt_existing_tables`): its columns and primary key must be the source's; `_cdc_lsn` is added
+        and the table is recorded in `adopted`, for the applier to empty (children first) so that the snapshot, read
+        from the start of the topics, fills it: a snapshot has no deletes, and rows the source does not have would
+        stay. Anything else raises SchemaChangeError, before the table is touched."""
+        made_elsewhere = f"{table.fullname}: the destination table exists but has no {LSN_COLUMN} column: it was not " \
+                         "made by this applier"
+        if self.adopt is None:
+            raise SchemaChangeError(f"{made_elsewhere}. Set `adopt_existing_tables: true` on the destination to take "
+                                    "it over (its columns and primary key are checked against the source, and its "
+                                    "rows replaced by the source's through the snapshot), or drop it")
+        if self.adopt:  # a reason it cannot be done now
+            raise SchemaChangeError(f"{made_elsewhere}, and adopt_existing_tables cannot take it over: {self.adopt}")
+        differences = []
+        missing = [c for c in shape.column_names if c not in existing]
+        extra = [c for c in existing if c not in shape.column_names]
+        if missing:
+            differences.append(f"it lacks the source's column(s) {', '.join(missing)}")
+        if extra:
+            differences.append(f"it has column(s) {', '.join(extra)} that the source has not")
+        key = inspect(conn).get_pk_constraint(table.name, schema=table.schema).get("constrained_columns") or []
+        if list(key) != list(shape.primary_key):
+            differences.append(f"its primary key is ({', '.join(key)}), the source's ({', '.join(shape.primary_key)})")
+        if differences:
+            raise SchemaChangeError(f"{made_elsewhere}, and adopt_existing_tables cannot take it over: "
+                                    + "; ".join(differences))
+        if shape.name not in self.adopted:
+            self.adopted.append(shape.name)
+        return [f"adopted table {table.fullname} (its rows are replaced by the source's through the snapshot)"]
 
     def foreign_key(self, columns: tuple[str, ...], ref: Table, ref_columns: tuple[str, ...]) -> ForeignKeyConstraint:
         return ForeignKeyConstraint(list(columns), [ref.c[c] for c in ref_columns])

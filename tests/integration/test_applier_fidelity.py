@@ -243,3 +243,84 @@ def test_a_table_without_a_primary_key_replicates_as_a_multiset_on_every_destina
         # Times as instants (MariaDB keeps them as UTC wall-clock times, without a zone).
         assert [r[3] and r[3].replace(tzinfo=None) for r in got] == \
             [r[3] and r[3].astimezone(__import__("datetime").timezone.utc).replace(tzinfo=None) for r in expected], name
+
+
+def make_table(url: str, *statements: str) -> None:
+    """Statements run at a destination (PostgreSQL or MariaDB), as its users would have run them."""
+    if url.startswith("mysql"):
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+        engine.dispose()
+        return
+    execute(url, *statements)
+
+
+def columns_of(url: str, table: str) -> list[str]:
+    if url.startswith("mysql"):
+        from sqlalchemy import create_engine, inspect
+
+        engine = create_engine(url)
+        try:
+            return [c["name"] for c in inspect(engine).get_columns(table)]
+        finally:
+            engine.dispose()
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute("select column_name from information_schema.columns "
+                                           "where table_name = %s order by ordinal_position", (table,))]
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
+def test_an_existing_destination_table_is_adopted_only_when_asked_and_only_when_it_matches(
+        stack, source_db, destination_db, mariadb_database, tmp_path, kind):
+    source = stack.postgres_url(source_db)
+    destination = stack.postgres_url(destination_db) if kind == "postgresql" else mariadb_database
+    execute(source, "create table item (id bigint primary key, name text)",
+            "create table tag (id bigint primary key, label text)",
+            "insert into item select g, 'item ' || g from generate_series(1, 5) g",
+            "insert into tag values (1, 'one')")
+    # Tables a nightly sync made: stale, extra and missing rows; `tag` with a column the source has not.
+    make_table(destination, "create table item (id bigint primary key, name text)",
+               "insert into item values (1, 'stale'), (9, 'not at the source')",
+               "create table tag (id bigint primary key, label text, note text)")
+
+    def pipeline_file(adopt: bool, tables: list[str]) -> Path:
+        path = tmp_path / f"pipeline-{adopt}-{len(tables)}.yaml"
+        write_pipeline(path, {**data, "source": {**data["source"], "tables": tables}, "destinations": {
+            "copy": {"kind": "replica", "url": destination, "adopt_existing_tables": adopt}}})
+        return path
+
+    data = pipeline_data(stack, source_db, ["public.item", "public.tag"],
+                         destinations={"copy": {"kind": "replica", "url": destination}})
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml", data)
+    capture.apply(pipeline)
+    try:
+        refused = cdc(pipeline_file(False, ["public.item"]), "run", "--until-caught-up", "--timeout", "120")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        message = " ".join(refused.stderr.split())
+        assert "not made by this applier" in message and "adopt_existing_tables: true" in message, message
+        assert destination_rows(destination, "item", ["id", "name"]) == [(1, "stale"), (9, "not at the source")]
+        assert "_cdc_lsn" not in columns_of(destination, "item")
+
+        mismatch = cdc(pipeline_file(True, ["public.item", "public.tag"]), "run", "--until-caught-up",
+                       "--timeout", "120")
+        assert mismatch.returncode == 1, mismatch.stdout + mismatch.stderr
+        message = " ".join(mismatch.stderr.split())
+        assert "adopt_existing_tables cannot take it over: it has column(s) note that the source has not" in message
+        assert destination_rows(destination, "item", ["id", "name"]) == [(1, "stale"), (9, "not at the source")]
+
+        make_table(destination, "drop table tag")
+        adopted = cdc(pipeline_file(True, ["public.item", "public.tag"]), "run", "--until-caught-up",
+                      "--timeout", "240")
+        assert adopted.returncode == 0, adopted.stdout + adopted.stderr
+        assert "adopted table" in adopted.stdout
+        execute(source, "update item set name = 'changed' where id = 2", "insert into item values (6, 'six')")
+        again = cdc(pipeline_file(True, ["public.item", "public.tag"]), "run", "--until-caught-up", "--timeout", "240")
+        assert again.returncode == 0, again.stdout + again.stderr
+    finally:
+        purge(pipeline)
+    for table, columns in (("item", ["id", "name"]), ("tag", ["id", "label"])):
+        assert destination_rows(destination, table, columns) == destination_rows(source, table, columns), table
