@@ -15,7 +15,7 @@ from consumers.dialects.types import check_pipeline
 from producers import debezium, topics
 from producers.connect import ConnectClient, ConnectorStatus
 from producers.source_admin import (
-    SourceIdentity, describe_tables, drop_publication, drop_slot, ensure_heartbeat_table, ensure_publication,
+    SourceIdentity, describe_tables, drop_publication, drop_slot, ensure_publication,
     ensure_signal_table, psycopg_conninfo, send_incremental_snapshot, source_identity,
 )
 
@@ -162,7 +162,8 @@ def check_source(pipeline: Pipeline, identity: SourceIdentity, existing: dict[st
             "or give this pipeline another name.")
     if connector_exists:
         raise CaptureError(f"--reset-topics: connector {pipeline.connector_name} exists and its stored offsets "
-                           "belong to the other source; run `cdc connectors delete --purge` first. Nothing was changed.")
+                           "belong to the other source; run `cdc connectors delete --purge` first. Nothing was "
+                           "changed.")
     return mine, True
 
 
@@ -233,10 +234,8 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
                                          ends=True).get(pipeline.notification_topic, 0)
         with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
             ensure_signal_table(conn, pipeline.source.signal_table)
-            heartbeat = debezium.heartbeat_table(pipeline)
-            ensure_heartbeat_table(conn, heartbeat)
             ensure_publication(conn, pipeline.publication_name,
-                               [*pipeline.source.tables, pipeline.source.signal_table, heartbeat])
+                               [*pipeline.source.tables, pipeline.source.signal_table])
             if changes and current is not None:
                 # Stop first, so that once the connector runs again it is surely the new configuration that
                 # runs: a signal sent while the old task still streams would be handled by the old task.

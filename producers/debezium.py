@@ -20,8 +20,8 @@ for `public.film` would rewrite the start of `public.film_actor` and leave `_act
 `routed_topic` replays these rules in Python, so `cdc connectors apply` checks every table's route before it
 changes anything.
 
-Records of the signalling and heartbeat tables are dropped with `Filter`: Debezium reads its signals from the WAL
-itself, and the heartbeat table exists only so that an idle captured database still moves the slot.
+Records of the signalling table are dropped with `Filter`: Debezium reads its signals from the WAL itself and
+nobody consumes them from Kafka.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ RECORD_ID_STRATEGY = "io.apicurio.registry.serde.avro.strategy.RecordIdStrategy"
 TOPIC_NAME_MATCHES = "org.apache.kafka.connect.transforms.predicates.TopicNameMatches"
 # The project's one transform of its own (infra/transforms): Connect's own transforms all keep a field's optionality.
 OPTIONAL_FIELDS = "cdc.transforms.OptionalFields$Key"
+# The prefix of the logical decoding message each heartbeat writes (heartbeat.action.query).
+HEARTBEAT_PREFIX = "cdc-heartbeat"
 INTEGER_TYPES = {"smallint": 16, "integer": 32, "bigint": 64}
 # Settings whose values are secrets: masked whenever a configuration is printed.
 SECRET_KEYS = ("database.password",)
@@ -85,24 +87,6 @@ def _topic_pattern(prefix: str, tables: list[str]) -> str:
     # Anchored: RegexRouter rewrites with replaceFirst(), which would otherwise rewrite a prefix of a longer name.
     names = "|".join(re.escape(topic_safe(t)) for t in tables)
     return f"^{re.escape(prefix)}\\.(?:{names})$"
-
-
-def heartbeat_table(pipeline: Pipeline) -> str:
-    """The table `heartbeat.action.query` writes, beside the signalling table (created by `connectors apply`)."""
-    schema, _, _ = pipeline.source.signal_table.partition(".")
-    return f"{schema}.cdc_heartbeat"
-
-
-def _quoted(table: str) -> str:
-    schema, _, name = table.partition(".")
-    return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
-
-
-def heartbeat_query(pipeline: Pipeline) -> str:
-    """Each heartbeat writes one row into the captured database, so that the slot's confirmed position moves even
-    when the captured tables are idle while other databases of the cluster fill the WAL."""
-    return (f"insert into {_quoted(heartbeat_table(pipeline))} (id, beat) values (1, now()) "
-            "on conflict (id) do update set beat = excluded.beat")
 
 
 def routed_topic(config: dict[str, str], table: str) -> str:
@@ -168,9 +152,6 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
             if other != column:
                 raise ConfigError(f"source.tables: {table!r}: columns {other!r} and {column!r} both become "
                                   f"{avro_name(column)!r} in Avro, which allows only letters, digits and '_'")
-    if heartbeat_table(pipeline) in pipeline.source.tables:
-        raise ConfigError(f"source.tables: {heartbeat_table(pipeline)!r} is the pipeline's heartbeat table (written "
-                          "by every Debezium heartbeat, beside source.signal_table); it cannot also be a captured table")
     for table in pipeline.source.tables:
         listed = [parent for parent in tables[table].partition_of if parent in tables]
         if listed:
@@ -186,7 +167,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
     url = pipeline.source.sqlalchemy_url
     prefix = pipeline.pipeline
     registry = registry_native_url(pipeline.kafka.schema_registry_url)
-    captured = [*pipeline.source.tables, pipeline.source.signal_table, heartbeat_table(pipeline)]
+    captured = [*pipeline.source.tables, pipeline.source.signal_table]
     config: dict[str, str] = {
         "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
         "tasks.max": "1",
@@ -206,8 +187,12 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         "snapshot.mode": pipeline.source.snapshot_mode,
         "provide.transaction.metadata": "true",
         "heartbeat.interval.ms": str(pipeline.source.heartbeat_ms),
-        # A heartbeat alone moves the slot only when a captured table changed; this write makes sure one did.
-        "heartbeat.action.query": heartbeat_query(pipeline),
+        # A heartbeat moves the slot only past WAL of the captured database that Debezium was sent. While the
+        # captured database is idle and others fill the WAL, nothing is sent; so each heartbeat writes a logical
+        # decoding message into it: non-transactional (no BEGIN/END records, which appliers would count as lag),
+        # and dropped by its prefix (no `<pipeline>.message` topic).
+        "heartbeat.action.query": f"select pg_logical_emit_message(false, '{HEARTBEAT_PREFIX}', '')",
+        "message.prefix.exclude.list": HEARTBEAT_PREFIX,
         # Debezium skips truncates by default ("t"): a destination would keep rows the source no longer has.
         "skipped.operations": "none",
         # Debezium waits this long for more changes before handing a batch to Connect (default 500 ms): a large
@@ -220,6 +205,9 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         # circle, arrays of domains) are otherwise left out of every event: with this they arrive as the bytes of
         # PostgreSQL's text of the value, which the destinations read back (docs/types.md).
         "include.unknown.datatypes": "true",
+        # Intervals as ISO-8601 text ('P1Y2M3DT4H5M6.789S'), exact: the default (numeric, microseconds) counts a
+        # month as 30.4375 days, so '1 mon' would reach a destination as '30 days 10:30:00'.
+        "interval.handling.mode": "string",
         # Debezium 3 otherwise adds four `__debezium.context.*` headers (about 150 bytes) to every record: more
         # than half the size of a small change, read and parsed per message by every consumer, and used by none.
         "extended.headers.enabled": "false",
@@ -256,8 +244,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
     config["transforms.dropsignals.type"] = "org.apache.kafka.connect.transforms.Filter"
     config["transforms.dropsignals.predicate"] = "signals"
     config["predicates.signals.type"] = TOPIC_NAME_MATCHES
-    config["predicates.signals.pattern"] = _topic_pattern(prefix, [pipeline.source.signal_table,
-                                                                   heartbeat_table(pipeline)])
+    config["predicates.signals.pattern"] = _topic_pattern(prefix, [pipeline.source.signal_table])
     predicates = ["signals"]
     for i, (name, h) in enumerate(pipeline.hierarchies.items()):
         key_col, cast, optional = keys[name]

@@ -173,18 +173,6 @@ def ensure_publication(conn: psycopg.Connection, publication: str, tables: list[
     return changed
 
 
-def ensure_heartbeat_table(conn: psycopg.Connection, table: str) -> bool:
-    """Create the table Debezium's `heartbeat.action.query` writes (one row, rewritten at each heartbeat)."""
-    schema, name = split_table(table)
-    exists = conn.execute("select 1 from information_schema.tables where table_schema = %s and table_name = %s",
-                          (schema, name)).fetchone()
-    if exists:
-        return False
-    conn.execute(sql.SQL("create table {} (id integer primary key, beat timestamptz not null)").format(
-        sql.Identifier(schema, name)))
-    return True
-
-
 @dataclass(frozen=True)
 class SourceIdentity:
     """Which database a pipeline's topics hold the history of: a re-created database has another oid, another

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from cdc.config import Pipeline
@@ -122,6 +122,20 @@ def delete_topics_and_wait(admin: AdminClient, names: list[str], timeout: float 
         time.sleep(0.5)
 
 
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    """A partition's log start and end; a topic created a moment ago has no leader yet for a little while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=timeout)
+        except KafkaException as exc:
+            transient = exc.args[0].code() in (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                                               KafkaError.UNKNOWN_TOPIC_OR_PART)
+            if not transient or time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
 def message_counts(bootstrap: str, names: list[str], timeout: float = 15.0, *, ends: bool = False) -> dict[str, int]:
     """Topic -> messages it holds now (log end minus log start, summed over partitions); with `ends`, the sum of
     the log-end offsets instead."""
@@ -138,7 +152,7 @@ def message_counts(bootstrap: str, names: list[str], timeout: float = 15.0, *, e
                 continue
             total = 0
             for p in info.partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=timeout)
+                low, high = _watermarks(consumer, TopicPartition(name, p), timeout)
                 total += high if ends else high - low
             counts[name] = total
         return counts
@@ -156,8 +170,7 @@ def read_source_record(bootstrap: str, topic: str, timeout: float = 15.0) -> dic
         info = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if info is None or info.error is not None:
             return None
-        tp = TopicPartition(topic, 0)
-        low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+        low, high = _watermarks(consumer, TopicPartition(topic, 0), timeout)
         if high <= low:
             return None
         consumer.assign([TopicPartition(topic, 0, low)])

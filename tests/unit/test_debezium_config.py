@@ -42,7 +42,7 @@ def test_connection_and_capture_settings_come_from_the_pipeline():
     assert (c["slot.name"], c["publication.name"], c["topic.prefix"]) == ("district_slot", "district_pub", "district")
     assert c["plugin.name"] == "pgoutput" and c["publication.autocreate.mode"] == "disabled"
     assert c["provide.transaction.metadata"] == "true"
-    assert c["table.include.list"].split(",")[-2:] == [r"public\.cdc_signal", r"public\.cdc_heartbeat"]
+    assert c["table.include.list"].split(",")[-1] == r"public\.cdc_signal"
     assert masked(c)["database.password"] == "********"
 
 
@@ -111,20 +111,19 @@ def test_members_named_like_their_root_are_routed_whole_not_by_prefix():
     assert {t: routed_topic(c, t) for t in pipeline.source.tables} == {
         "public.film": "rental.film", "public.film_actor": "rental.film", "public.film_category": "rental.film",
         "public.film_text": "rental.public.film_text"}
-    assert routed_topic(c, "public.cdc_signal") == "" and routed_topic(c, "public.cdc_heartbeat") == ""
+    assert routed_topic(c, "public.cdc_signal") == ""
     # What Connect did with the unanchored pattern: matches() succeeds, replaceFirst() rewrites the prefix only.
     c["transforms.h0route.regex"] = r"rental\.(public\.film|public\.film_actor|public\.film_category)"
     c["predicates.h0.pattern"] = c["transforms.h0route.regex"]
     assert routed_topic(c, "public.film_actor") == "rental.film_actor"
 
 
-def test_truncates_and_heartbeats_are_captured_and_heartbeats_dropped_from_kafka():
+def test_truncates_are_captured_and_heartbeats_write_an_uncaptured_message():
     c = config()
     assert c["skipped.operations"] == "none"
-    assert c["heartbeat.action.query"] == ('insert into "public"."cdc_heartbeat" (id, beat) values (1, now()) '
-                                           "on conflict (id) do update set beat = excluded.beat")
-    assert c["predicates.signals.pattern"] == r"^district\.(?:public\.cdc_signal|public\.cdc_heartbeat)$"
-    assert c["transforms.dropsignals.predicate"] == "signals"
+    assert c["heartbeat.action.query"] == "select pg_logical_emit_message(false, 'cdc-heartbeat', '')"
+    assert c["message.prefix.exclude.list"] == "cdc-heartbeat"
+    assert c["predicates.signals.pattern"] == r"^district\.(?:public\.cdc_signal)$"
 
 
 def test_a_partition_beside_its_parent_is_refused():
