@@ -18,8 +18,8 @@ accepts whatever Python value a destination's driver returns for it:
 | timestamp(tz)          | microseconds since 1970-01-01 UTC (naive values are UTC); infinity as text         |
 | date                   | days since 1970-01-01; infinity as text                                            |
 | time(tz)               | microseconds since midnight (UTC for timetz)                                       |
-| interval               | microseconds, a month counted as 30.4375 days and a year as 365.25 (what Debezium's |
-|                        | MicroDuration carries)                                                             |
+| interval               | (months, days, microseconds) where both sides hold intervals; against a destination |
+|                        | holding microseconds (MariaDB), microseconds with a month of 30.4375 days            |
 | json, jsonb            | canonical JSON: keys sorted, no spaces, numbers as exact decimals                  |
 | arrays                 | a tuple of the elements' normal forms (by the element type), nested for dimensions |
 | anything else          | its text                                                                           |
@@ -266,7 +266,12 @@ _INTERVAL_PART = re.compile(r"(-?\d+)\s*(years?|mons?|months?|days?)", re.I)
 _INTERVAL_CLOCK = re.compile(r"(-?)(\d+):(\d\d):(\d\d(?:\.\d+)?)")
 
 
-def _interval(kind: Kind, v: Any) -> int:
+def _interval(kind: Kind, v: Any) -> Any:
+    """(months, days, microseconds) from the exact text 'M/D/U' both sides give when both hold real intervals;
+    otherwise microseconds, a month counted as 30.4375 days (what MariaDB's BIGINT holds)."""
+    if isinstance(v, str) and v.count("/") == 2:
+        months, days, micros = v.split("/")
+        return int(months), int(days), int(micros)
     if isinstance(v, timedelta):
         return v // timedelta(microseconds=1)
     if isinstance(v, (int, Decimal)):
@@ -498,20 +503,51 @@ class Canon:
             return f"CAST(epoch_us({col}) AS VARCHAR)" if "tz" not in stored and "zone" not in stored \
                 else self.text(col)
         if k == "interval":
+            if stored == "interval":
+                # Both sides hold an exact interval: 'months/days/microseconds', compared field by field.
+                if e == "postgresql":
+                    return (f"concat_ws('/', (extract(year from {col}) * 12 + extract(month from {col}))::bigint, "
+                            f"extract(day from {col})::bigint, (extract(hour from {col}) * 3600000000 + "
+                            f"extract(minute from {col}) * 60000000 + extract(microseconds from {col}))::bigint)")
+                if e == "duckdb":
+                    return (f"concat_ws('/', datepart('year', {col}) * 12 + datepart('month', {col}), "
+                            f"datepart('day', {col}), datepart('hour', {col}) * 3600000000 + "
+                            f"datepart('minute', {col}) * 60000000 + datepart('microseconds', {col}))")
             if e == "postgresql":
-                # PostgreSQL's epoch counts the months left over after whole years as 30 days; Debezium as 30.4375.
+                # The other side holds microseconds (MariaDB's BIGINT), a month counted as Debezium counts it:
+                # 30.4375 days. PostgreSQL's epoch counts the months left over after whole years as 30 days.
                 return (f"(extract(epoch from {col}) * 1000000 + extract(month from {col}) * 37800000000)"
                         f"::bigint::text")
-            if e == "mariadb":
-                return self.text(col)  # the applier keeps intervals as BIGINT microseconds
-            return f"CAST(epoch_us({col}) AS VARCHAR)" if stored == "interval" else self.text(col)
+            return self.text(col)  # MariaDB's BIGINT microseconds; text kept by an older DuckDB file
         return self.text(col)  # json, arrays, others: text (differences are settled in Python)
+
+    def exact(self, kind: Kind, stored: str | None = None) -> bool:
+        """Whether this engine's canonical text of the kind, from this stored type, differs only for values the
+        Python rule calls different too: a differing row hash is then a difference, without reading the values.
+        Not for JSON, arrays and others (spacing, element text), nor binary floats off PostgreSQL (exponent
+        spellings), nor anything a DuckDB column keeps as text."""
+        stored = (stored or "").lower()
+        k = kind.name
+        if k in ("json", "array", "other"):
+            return False
+        if self.engine == "postgresql":
+            return True  # the applier creates PostgreSQL columns with the source's types
+        if self.engine == "duckdb" and any(t in stored for t in ("char", "text", "string", "json")) \
+                and k not in ("text", "char"):
+            return False
+        if k == "float8" or (k == "float4" and self.engine == "duckdb"):
+            return False
+        if k == "numeric":
+            return "dec" in stored or "numeric" in stored
+        if k == "interval":
+            return (self.engine == "mariadb" and "int" in stored) or stored == "interval"
+        return True
 
     def fetch(self, kind: Kind, col: str, stored: str | None = None) -> str:
         """How to select a column for the Python rule: as it is, except where the driver would lose what the rule
         needs (a PostgreSQL interval's months, which psycopg turns into 30 days)."""
-        if kind.name == "interval" and self.engine == "postgresql":
-            return self.column(kind, col, stored)
+        if kind.name == "interval" and (self.engine == "postgresql" or stored == "interval"):
+            return self.column(kind, col, stored)  # drivers turn a month into 30 days
         if kind.name == "array" and kind.element is not None and kind.element.name == "interval" \
                 and self.engine == "postgresql":
             return f"to_json({col})::text"

@@ -301,8 +301,10 @@ def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape
     try:
         while True:
             keys = [by_normal[n] for n in pending]
+            with verify.connect(dst_engine) as dst:
+                stored = verify._stored_types(dst, engine, target.schema, target.name)
             with src_engine.connect() as src:
-                s_side = verify._Side(src, "postgresql", _source_table(shape), shape, {})
+                s_side = verify._Side(src, "postgresql", _source_table(shape), shape, {}, stored)
                 s_rows = verify.raw_query(src, s_side._inner() + " WHERE " + _condition(shape, keys)) if keys else []
             texts = [r[0] for r in s_rows]
             with verify.connect(dst_engine) as dst:

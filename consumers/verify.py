@@ -178,7 +178,7 @@ class _Side:
     """One database's view of one table: bucket aggregates, and rows of chosen buckets with key text and hash."""
 
     def __init__(self, conn: Connection, engine: str, table_sql: str, shape: TableShape,
-                 stored: dict[str, str]) -> None:
+                 stored: dict[str, str], peer: dict[str, str] | None = None) -> None:
         self.conn = conn
         self.canon = Canon(engine)
         self.table = table_sql
@@ -187,6 +187,11 @@ class _Side:
         self.kinds = [kind_of(shape.column(c).type) for c in self.columns]
         self.key_index = [self.columns.index(k) for k in shape.primary_key]
         quoted = [prep.quote(c) for c in self.columns]
+        # The source's own column types are its reflected ones; where a canonical form depends on what the other
+        # side can hold (an interval against MariaDB's microseconds), the source reads `peer`, the destination's.
+        if peer is not None:
+            stored = {c: "interval" if peer.get(c) == "interval" else "" for c in self.columns
+                      if self.kinds[self.columns.index(c)].name == "interval"}
         texts = [self.canon.column(k, q, stored.get(c)) for c, k, q in zip(self.columns, self.kinds, quoted)]
         self.row_text = self.canon.row_text(texts)
         self.key_text = self.canon.row_text([texts[i] for i in self.key_index]) if self.key_index else None
@@ -194,6 +199,9 @@ class _Side:
         self.int_key = quoted[self.key_index[0]] if len(self.key_index) == 1 and \
             self.kinds[self.key_index[0]].name == "int" else None
         self.fetch_exprs = [self.canon.fetch(k, q, stored.get(c)) for c, k, q in zip(self.columns, self.kinds, quoted)]
+        self.exact = all(self.canon.exact(k, stored.get(c)) for c, k in zip(self.columns, self.kinds))
+        # Light: fetch the key columns only (when both sides are exact, a differing hash is a difference).
+        self.light = False
         self.queries = 0
 
     def _run(self, sql: str) -> list[Any]:
@@ -212,7 +220,8 @@ class _Side:
         c = self.canon
         row_md5 = c.md5(self.row_text)
         key = self.key_text if self.key_text is not None else row_md5
-        return (f"SELECT {key} AS k, {c.hash60(row_md5)} AS h, {', '.join(self.fetch_exprs)} FROM {self.table}")
+        fetched = [self.fetch_exprs[i] for i in self.key_index] if self.light else self.fetch_exprs
+        return f"SELECT {key} AS k, {c.hash60(row_md5)} AS h, {', '.join(fetched)} FROM {self.table}"
 
     def bucket_expr(self, b: "Bucketing") -> str:
         if b.width is not None:
@@ -298,29 +307,31 @@ def _compare_rows(src: _Side, src_rows: list[tuple], dst_rows: list[tuple], repo
     kinds = src.kinds
     key_kinds = [kinds[i] for i in src.key_index]
     if src.key_index:
+        # Where each key value sits in a fetched row: after (key text, hash), among all columns or the key's only.
+        at = [2 + j for j in range(len(src.key_index))] if src.light else [2 + i for i in src.key_index]
         s = {r[0]: r for r in src_rows}
         d = {r[0]: r for r in dst_rows}
         only_src = [k for k in s if k not in d]
         only_dst = [k for k in d if k not in s]
         # A key whose text differs between engines (an exotic key type) still pairs up by its normal form.
-        by_normal = {tuple(normal(kinds[i], s[k][2 + i]) for i in src.key_index): k for k in only_src}
+        by_normal = {tuple(normal(t, s[k][p]) for t, p in zip(key_kinds, at)): k for k in only_src}
         paired = []
         for k in only_dst:
-            other = by_normal.pop(tuple(normal(kinds[i], d[k][2 + i]) for i in src.key_index), None)
+            other = by_normal.pop(tuple(normal(t, d[k][p]) for t, p in zip(key_kinds, at)), None)
             if other is not None:
                 paired.append((other, k))
         paired_src = {a for a, _ in paired}
         paired_dst = {b for _, b in paired}
         candidates = [(k, k) for k in s if k in d and s[k][1] != d[k][1]] + paired
         for ks, kd in candidates:
-            if not _equal_row(kinds, s[ks][2:], d[kd][2:]):
-                _file(report, "different", [s[ks][2 + i] for i in src.key_index], ks, key_kinds)
+            if (src.light and ks == kd) or not _equal_row(kinds, s[ks][2:], d[kd][2:]):
+                _file(report, "different", [s[ks][p] for p in at], ks, key_kinds)
         for k in only_src:
             if k not in paired_src:
-                _file(report, "missing", [s[k][2 + i] for i in src.key_index], k, key_kinds)
+                _file(report, "missing", [s[k][p] for p in at], k, key_kinds)
         for k in only_dst:
             if k not in paired_dst:
-                _file(report, "extra", [d[k][2 + i] for i in src.key_index], k, key_kinds)
+                _file(report, "extra", [d[k][p] for p in at], k, key_kinds)
         return
     # Keyless: rows with the same hash are the same row; the others are matched by their normal forms.
     sc, dc = Counter(r[1] for r in src_rows), Counter(r[1] for r in dst_rows)
@@ -363,6 +374,7 @@ def _compare(src: _Side, dst: _Side, report: TableReport,
         bucketing = Bucketing(lo=lo, width=width)
     else:
         bucketing = Bucketing(digits=_digits(largest))
+    src.light = dst.light = bool(src.key_index) and src.exact and dst.exact
     if largest <= FETCH_ALL_BELOW:
         chosen = None
     else:
@@ -489,7 +501,7 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
             for name, target in targets.items():
                 report = reports[name]
                 started = time.monotonic()
-                s_side = _Side(src, "postgresql", target.src_sql, target.shape, {})
+                s_side = _Side(src, "postgresql", target.src_sql, target.shape, {}, target.stored)
                 d_side = _Side(dst, engine, target.dst_sql, target.shape, target.stored)
                 try:
                     fetched[name] = _compare(s_side, d_side, report, pool)
@@ -535,8 +547,9 @@ def _recheck(src: Connection, dst: Connection, engine: str, target: _Target, rep
     buckets = None if chosen is None else sorted({h[:bucketing.digits] if report.keyless else bucketing.of(h)
                                                   for h in handles})
     again = TableReport(report.table, keyless=report.keyless)
-    s_side = _Side(src, "postgresql", target.src_sql, target.shape, {})
+    s_side = _Side(src, "postgresql", target.src_sql, target.shape, {}, target.stored)
     d_side = _Side(dst, engine, target.dst_sql, target.shape, target.stored)
+    s_side.light = d_side.light = bool(s_side.key_index) and s_side.exact and d_side.exact
     s_f, d_f = pool.submit(s_side.rows, bucketing, buckets), pool.submit(d_side.rows, bucketing, buckets)
     _compare_rows(s_side, s_f.result(), d_f.result(), again)
     report.queries += s_side.queries + d_side.queries

@@ -67,6 +67,8 @@ def test_intervals_in_debeziums_months():
     assert equal(kind, micros, timedelta(microseconds=micros)) and equal(kind, micros, str(micros))
     assert equal(kind, timedelta(days=1, hours=2, seconds=3.5), "1 day 02:00:03.5")
     assert not equal(kind, timedelta(seconds=1), timedelta(seconds=2))
+    # Where both sides hold real intervals, the fields are compared: a month is not 30 days.
+    assert equal(kind, "14/3/90306789000", "14/3/90306789000") and not equal(kind, "1/0/0", "0/30/0")
 
 
 def test_json_canonical_form():
