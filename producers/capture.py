@@ -117,8 +117,11 @@ def unplanned_topics(pipeline: Pipeline, existing: dict[str, int] | set[str]) ->
 
 
 def unplanned_message(pipeline: Pipeline, found: list[tuple[str, str]]) -> str:
-    return "; ".join(f"topic {topic} is not planned by pipeline {pipeline.pipeline!r}: it holds events of table "
-                     f"{table} that no applier reads" for topic, table in found)
+    return "; ".join(
+        f"topic {topic} is not planned by pipeline {pipeline.pipeline!r}: " + (
+            f"the dead-letter topic of destination {table.removesuffix('.dead-letter')!r}, which the pipeline file "
+            "no longer names" if table.endswith(".dead-letter") else
+            f"it holds events of table {table} that no applier reads") for topic, table in found)
 
 
 def _recorded_identity(record: dict | None) -> SourceIdentity | None:

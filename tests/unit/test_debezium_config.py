@@ -145,3 +145,18 @@ def test_a_nullable_root_id_makes_the_key_field_optional_for_the_whole_hierarchy
     assert c["transforms.h0optional.type"] == "cdc.transforms.OptionalFields$Key"
     # On every table of the hierarchy (predicate h0), after the renames: the root's key too.
     assert (c["transforms.h0optional.fields"], c["transforms.h0optional.predicate"]) == ("id", "h0")
+
+
+def test_topics_under_the_prefix_outside_the_plan_are_named_with_their_table():
+    from producers.capture import unplanned_message, unplanned_topics
+
+    pipeline = parse({**PIPELINE, "destinations": {"state": {"kind": "replica", "url": "postgresql://u@h/state"}}},
+                     env={})
+    existing = {"district.person", "district.public.school", "district.transaction", "district.signal",
+                "district.notification", "district._source", "district.state.dead-letter", "districts.public.x",
+                "district.public.enrollment", "district.old.dead-letter"}
+    found = unplanned_topics(pipeline, existing)
+    assert found == [("district.old.dead-letter", "old.dead-letter"), ("district.public.enrollment", "public.enrollment")]
+    assert unplanned_message(pipeline, found[1:]) == (
+        "topic district.public.enrollment is not planned by pipeline 'district': it holds events of table "
+        "public.enrollment that no applier reads")
