@@ -447,3 +447,35 @@ def test_without_the_transform_a_nullable_root_id_is_refused_and_nothing_is_crea
         f"cdc.transforms.OptionalFields$Key, which Kafka Connect at {stack.urls()['connect']} does not have; "
         "`cdc stack up` builds it into the plugin path, and Connect loads it when it starts. Nothing was changed.")
     assert_nothing_created(stack, connect, pipeline, source_db)
+
+
+def test_reset_topics_is_refused_while_the_connector_of_the_other_source_exists(stack, connect, source_db,
+                                                                                destination_db, tmp_path):
+    """A running pipeline pointed at another database: the topics, and the connector's offsets, are the other's."""
+    for database in (source_db, destination_db):
+        execute(stack.postgres_url(database), "create table item (id integer primary key)",
+                "insert into item values (1)")
+    data = pipeline_data(stack, source_db, ["public.item"])
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    try:
+        config_before = connect.config(pipeline.connector_name)
+        topics_before = pipeline_topics_now(stack, pipeline)
+        data["source"]["url"] = stack.postgres_url(destination_db)
+        write_pipeline(path, data)
+        plain = cdc(path, "connectors", "apply")
+        reset = cdc(path, "connectors", "apply", "--reset-topics")
+        assert plain.returncode == 1 and f"hold the history of database {source_db!r}" in plain.stderr, plain.stderr
+        assert reset.returncode == 1, reset.stdout + reset.stderr
+        assert reset.stderr.strip() == (
+            f"error: --reset-topics: connector {pipeline.connector_name} exists and its stored offsets belong to the "
+            "other source; run `cdc connectors delete --purge` first. Nothing was changed.")
+        assert connect.config(pipeline.connector_name) == config_before
+        assert pipeline_topics_now(stack, pipeline) == topics_before
+        assert topics.message_counts(stack.kafka_bootstrap, [pipeline.topic_of("public.item")]) == {
+            pipeline.topic_of("public.item"): 1}
+        with psycopg.connect(stack.postgres_url(destination_db)) as conn:
+            assert conn.execute("select count(*) from pg_publication").fetchone()[0] == 0
+    finally:
+        purge(pipeline)

@@ -160,3 +160,18 @@ def test_topics_under_the_prefix_outside_the_plan_are_named_with_their_table():
     assert unplanned_message(pipeline, found[1:]) == (
         "topic district.public.enrollment is not planned by pipeline 'district': it holds events of table "
         "public.enrollment that no applier reads")
+
+
+def test_a_route_that_would_leak_is_refused_before_anything_changes():
+    from producers.capture import CaptureError, check_routes
+
+    pipeline = parse(FILM, env={})
+    c = connector_config(pipeline, FILM_TABLES)
+    check_routes(pipeline, c)
+    c["transforms.h0route.regex"] = r"rental\.(public\.film|public\.film_actor|public\.film_category)"
+    c["predicates.h0.pattern"] = c["transforms.h0route.regex"]
+    with pytest.raises(CaptureError) as info:
+        check_routes(pipeline, c)
+    assert str(info.value) == ("the connector's routing would send public.film_actor's events to topic "
+                               "rental.film_actor instead of rental.film; public.film_category's events to topic "
+                               "rental.film_category instead of rental.film")
