@@ -311,6 +311,8 @@ def _duck_converter(source: types.SourceType) -> Callable[[Any], Any] | None:
         return lambda v: _Native({"x": v["x"], "y": v["y"]})
     if kind == "bit":
         return types.bits_text(source.length)
+    if kind == "interval":
+        return types.interval_words
     if kind == "numeric" and duckdb_type(source) == "VARCHAR":
         return types.numeric_text
     if kind in types.DEBEZIUM_UNKNOWN or kind == "range":

@@ -324,3 +324,19 @@ def check_pipeline(pipeline: Any, config: Mapping[str, str]) -> None:
                           + format_refusals(found),
                           hint="Change the column's type at the source, or leave its table out of that destination's "
                                "pipeline; docs/types.md lists each destination's types.")
+
+
+_ISO_INTERVAL = re.compile(r"P(-?\d+)Y(-?\d+)M(-?\d+)DT(-?\d+)H(-?\d+)M(-?[\d.]+)S")
+
+
+def interval_words(value: Any) -> Any:
+    """Debezium's interval text (interval.handling.mode=string: 'P1Y2M3DT4H5M6.789S', each field signed) spelt as
+    '1 years 2 months 3 days 4 hours 5 minutes 6.789 seconds', which DuckDB reads (it does not read ISO-8601
+    durations); anything else (a timedelta from events written before that mode) as it is."""
+    if not isinstance(value, str):
+        return value
+    match = _ISO_INTERVAL.fullmatch(value)
+    if match is None:
+        raise ValueError(f"not an ISO-8601 interval as Debezium writes it: {value!r}")
+    units = ("years", "months", "days", "hours", "minutes", "seconds")
+    return " ".join(f"{n} {u}" for n, u in zip(match.groups(), units))
