@@ -290,6 +290,9 @@ def duckdb_type(source: types.SourceType) -> str:
         return duckdb_type(source.element) + "[]"  # type: ignore[arg-type]
     if kind == "enum":
         return "ENUM(" + ", ".join("'" + label.replace("'", "''") + "'" for label in source.labels) + ")"
+    if kind == "composite" and _struct_fields(source):
+        return "STRUCT(" + ", ".join(f"{_ALWAYS_QUOTED.quote(name)} {duckdb_type(t)}"
+                                     for name, t in source.fields) + ")"
     if kind == "numeric":
         # numeric without a precision can hold any number of digits: kept exact, as its text.
         if source.precision is None:
@@ -301,6 +304,21 @@ def duckdb_type(source: types.SourceType) -> str:
     return _DUCK.get(kind, "VARCHAR")
 
 
+# Field types whose PostgreSQL text DuckDB casts to the same value: a composite made only of these is a STRUCT.
+_STRUCT_FIELDS = frozenset({"int2", "int4", "int8", "numeric", "float4", "float8", "bool", "text", "varchar", "char",
+                            "citext", "date", "timestamp", "timestamptz", "uuid", "enum", "json", "jsonb"})
+
+
+def _struct_fields(source: types.SourceType) -> bool:
+    return bool(source.fields) and all(not t.is_array and t.category in _STRUCT_FIELDS for _, t in source.fields)
+
+
+def _struct(source: types.SourceType) -> Callable[[Any], Any]:
+    names = [name for name, _ in source.fields]
+    # Debezium sends a composite as the bytes of PostgreSQL's text of it; DuckDB casts each field's text.
+    return lambda v: {n: f for n, f in zip(names, types.composite_fields(types.as_text(v)))}
+
+
 def _duck_converter(source: types.SourceType) -> Callable[[Any], Any] | None:
     """What the Arrow staging needs for a source type, from what consumers.values gives; None: as it is."""
     if source.is_array:
@@ -309,6 +327,9 @@ def _duck_converter(source: types.SourceType) -> Callable[[Any], Any] | None:
     kind = source.category
     if kind == "point":
         return lambda v: _Native({"x": v["x"], "y": v["y"]})
+    if kind == "composite" and _struct_fields(source):
+        struct = _struct(source)
+        return lambda v: _Native(struct(v))
     if kind == "bit":
         return types.bits_text(source.length)
     if kind == "interval":
@@ -330,7 +351,7 @@ def _duck_element(source: types.SourceType) -> Callable[[Any], Any]:
         if source.category == "uuid":
             return str
         return lambda v: v
-    if source.category == "point":
+    if source.category == "point" or (source.category == "composite" and _struct_fields(source)):
         return lambda v: inner(v).value  # type: ignore[misc]
     return inner
 

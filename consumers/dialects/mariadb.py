@@ -25,6 +25,7 @@ from cdc.errors import ConfigError
 from consumers.dialects import types
 from consumers.dialects.base import Dialect
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, ForeignKeyShape, TableShape
+from consumers.values import ValueConversionError
 
 # Byte-wise comparison without trailing-space padding: two keys PostgreSQL tells apart ('a' and 'A', 'a' and
 # 'a ') must not collide in a MariaDB primary key, which the default case-insensitive PAD SPACE collations would do.
@@ -180,7 +181,8 @@ class MariaDBDialect(Dialect):
         literal = _Literals(conn)
         lsn = _verbatim(q(LSN_COLUMN))
         sets = [f"{_verbatim(q(c))} = %s" for c in cols if c not in shape.primary_key and c != LSN_COLUMN]
-        template = (f"UPDATE {_verbatim(prep.format_table(table))} SET {', '.join(sets + [f'{lsn} = GREATEST({lsn}, %s)'])}"
+        sets.append(f"{lsn} = GREATEST({lsn}, %s)")
+        template = (f"UPDATE {_verbatim(prep.format_table(table))} SET {', '.join(sets)}"
                     f" WHERE {' AND '.join(f'{_verbatim(q(c))} = %s' for c in shape.primary_key)}"
                     f" AND ({lsn} < %s OR %s = {SNAPSHOT_LSN})")
         count = 0
@@ -275,6 +277,8 @@ class MariaDBDialect(Dialect):
 
     def _converter(self, column: ColumnShape) -> Callable[[Any], Any]:
         if column.source is not None:
+            if column.source.category == "numeric" and column.source.precision is None:
+                return _wide_decimal_check(column.name)
             return mariadb_converter(column.source)
         if isinstance(column.type, sqltypes.CHAR):
             return _char_value
@@ -422,6 +426,21 @@ def _element_converter(source: types.SourceType) -> Callable[[Any], Any]:
     if kind in ("json", "jsonb"):
         return lambda v: json.loads(v) if isinstance(v, str) else v
     return lambda v: v
+
+
+def _wide_decimal_check(column: str) -> Callable[[Any], Any]:
+    """numeric without a precision goes to DECIMAL(65, 30), which would round a value with more than 30 decimals
+    away in silence (and refuse more than 35 integer digits): such a value stops the applier, naming the column."""
+    def check(value: Any) -> Any:
+        if isinstance(value, Decimal) and value.is_finite():
+            sign, digits, exponent = value.as_tuple()
+            decimals = max(0, -exponent)
+            integers = max(0, len(digits) + exponent)
+            if decimals > 30 or integers > 35:
+                raise ValueConversionError(column, "numeric", value, "MariaDB's DECIMAL(65, 30) holds 35 digits "
+                                           "before the point and 30 after it; this value would be rounded or refused")
+        return value
+    return check
 
 
 def _char_value(value: Any) -> Any:
