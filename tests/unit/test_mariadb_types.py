@@ -168,3 +168,75 @@ def test_a_row_referencing_itself_is_deleted_with_the_cycles_and_its_ancestors()
     stored = {(1,): {"id": 1, "parent_id": None}, (2,): {"id": 2, "parent_id": 2}, (3,): {"id": 3, "parent_id": 1}}
     layers, cyclic = children_first(keys, stored, ["id"], SELF)
     assert [[keys[i]["id"] for i in layer] for layer in layers] == [[3], [1]] and cyclic == [1]
+
+
+# --- the catalog mapping (docs/types.md, "MariaDB replica") ---------------------------------------------------
+
+from consumers.dialects import types as t  # noqa: E402
+from consumers.dialects.mariadb import mariadb_converter, mariadb_type  # noqa: E402
+from consumers.values import ValueConversionError  # noqa: E402
+
+INT = t.SourceType("int4", "integer")
+CHAR5 = t.SourceType("char", "character(5)", length=5)
+
+
+@pytest.mark.parametrize("source, key, expected", [
+    (t.SourceType("int4", "integer", domain="public.year"), False, "INTEGER"),
+    (t.SourceType("float4", "real"), False, "DOUBLE"),
+    (t.SourceType("money", "money"), False, "DECIMAL(19, 2)"),
+    (t.SourceType("bit", "bit(16)", length=16), False, "BIT(16)"),
+    (t.SourceType("bit", "bit(100)", length=100), False, "LONGTEXT"),
+    (CHAR5, True, "CHAR(5)"),
+    (t.SourceType("enum", "public.mood", labels=("a",)), False, "VARCHAR(255)"),
+    (t.SourceType("composite", "public.address"), False, "LONGTEXT"),
+    (t.SourceType("point", "point"), True, "VARCHAR(255)"),
+    (t.SourceType("hstore", "public.hstore"), False, "JSON"),
+    (t.SourceType("array", "integer[]", element=INT), False, "JSON"),
+    (t.SourceType("interval", "interval"), False, "BIGINT"),
+    (t.SourceType("timetz", "time with time zone"), False, "TIME(6)"),
+    (t.SourceType("numeric", "numeric"), False, "DECIMAL(65, 30)"),
+])
+def test_catalog_types_map_to_one_mariadb_type(source, key, expected):
+    assert mariadb_type(source, key=key).compile(dialect=MYSQL) == expected
+
+
+def test_char_keys_lose_the_trailing_spaces_postgresql_ignores():
+    # Debezium sends 'W05  '; MariaDB's CHAR drops trailing spaces on storage, and a NO PAD collation would not
+    # match the padded key in a DELETE: the value is written as PostgreSQL compares it.
+    convert = mariadb_converter(CHAR5)
+    assert convert("W05  ") == "W05" and convert(" B   ") == " B" and convert(None) is None
+    array = mariadb_converter(t.SourceType("array", "character(3)[]", element=t.SourceType("char", "character(3)")))
+    assert json.loads(array(["ab ", None])) == ["ab ", None]  # not a key: the array keeps the source's text
+
+
+def test_mariadb_values_of_types_debezium_sends_in_its_own_shapes():
+    bits = mariadb_converter(t.SourceType("bit", "bit(16)", length=16))
+    assert bits(b"\x03\x80") == 0b1000000000000011  # Debezium's Bits: little-endian
+    assert mariadb_converter(t.SourceType("bit", "bit(1)", length=1))(True) == 1
+    assert mariadb_converter(t.SourceType("point", "point"))({"x": 1.5, "y": -2.0, "wkb": b"", "srid": None}) == \
+        "(1.5,-2.0)"
+    assert mariadb_converter(t.SourceType("composite", "public.address"))(b'("a b",1)') == '("a b",1)'
+    domain_array = t.SourceType("array", "integer[]", element=t.SourceType("int4", "integer", domain="public.year"))
+    assert json.loads(mariadb_converter(domain_array)([b"1999", None])) == ["1999", None]
+    assert mariadb_converter(t.SourceType("interval", "interval"))("P1Y0M-3DT0H0M-0.000001S") == \
+        round((365.25 - 3) * 86_400_000_000) - 1
+
+
+def test_a_number_wider_than_decimal_65_30_stops_naming_the_column(dialect):
+    shape = TableShape("public.n", (ColumnShape("id", pg.INTEGER(), False, INT),
+                                    ColumnShape("v", pg.NUMERIC(), True, t.SourceType("numeric", "numeric"))), ("id",))
+    convert = dialect._converters(shape, ["v"])["v"]
+    assert convert(Decimal("-0.000000000000000000000000000001")) == Decimal("-1E-30")
+    with pytest.raises(ValueConversionError, match="column 'v'.*DECIMAL"):
+        convert(Decimal("1E-31"))
+    with pytest.raises(ValueConversionError):
+        convert(Decimal("1E+35"))
+
+
+def test_not_null_is_kept_as_at_the_source(dialect):
+    shape = TableShape("public.nn", (ColumnShape("id", pg.INTEGER(), False, INT),
+                                     ColumnShape("a", pg.TEXT(), False, t.SourceType("text", "text")),
+                                     ColumnShape("b", pg.TEXT(), True, t.SourceType("text", "text"))), ("id",))
+    table = dialect.table(shape)
+    assert [(c.name, c.nullable) for c in table.columns] == [("id", False), ("a", False), ("b", True),
+                                                              ("_cdc_lsn", False)]
