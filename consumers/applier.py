@@ -17,6 +17,23 @@ Commit protocol (this order is the correctness argument):
 6. Only then commit the same offsets as the consumer group's, asynchronously, for lag tools.
 
 SIGINT and SIGTERM stop the loop between batches: the batch in flight commits whole, or not at all.
+
+What the source does without a change event, and what cannot complete, is never passed over in silence:
+- A source transaction whose END record counts events that never arrive (routed to a topic this applier does not
+  read, a topic holding another database's history) is named once every partition has been read past where they
+  should be and the destination's `incomplete_transaction_grace_s` has passed: its id, commit time, END record, and
+  per table the events missing and the topic they belong to. `on_error: stop` raises ApplyError, also recorded in
+  the destination's `_cdc_status` for `cdc lag` (ERROR, same reason); `dead-letter` dead-letters what arrived of it
+  (and its END record) and goes on; events of it that arrive after all are dead-lettered too, never applied.
+- A column added with a default holds, in rows stored before it, a value no change carried: the fast default's
+  missing value (pg_attribute.attmissingval), or per row for a volatile default (copied from the source by key).
+  The applier writes it into existing rows when it adds the column, and into rows of changes from before the column
+  (a replay) as it applies them (`_column_origin`).
+- Tables without a primary key (captured with REPLICA IDENTITY FULL) are applied change by change: an insert adds
+  a row, an update or delete changes exactly one row equal to the whole before image (duplicates stay duplicates),
+  and one that matches no row stops. They have no per-row LSN guard: applying them once rests on the offsets stored
+  in the same transaction (exactly once for the replica), and a replay empties them first like every table. The
+  analytics replica stores them the same way (a table without a key, duplicates as rows) beside their history.
 """
 
 from __future__ import annotations
@@ -110,6 +127,10 @@ class ReplicaApplier:
         self.decoder = AvroDecoder(self.registry)
         self.batch_decoder = BatchDecoder(self.decoder)
         self._converters: dict[int, values.RowConverter] = {}
+        # Columns the source gained: what rows from before them hold there (_column_origin), and which columns
+        # each writer schema lacks (_absent_columns).
+        self._origins: dict[tuple[str, str], tuple[str, Any]] = {}
+        self._absent: dict[int, list[str]] = {}
         self._columnar_schemas: dict[tuple[int, str], bool] = {}  # (writer schema id, table) -> as runs
         url = self.destination.driver_url
         # A DuckDB file: one process may write it, or several read it, so the applier holds it only while writing.
@@ -367,7 +388,9 @@ class ReplicaApplier:
             return None
         if event.schema_id is None:
             return dict(image)
-        return self._converter(event.schema_id, event.table).convert(image)
+        row = self._converter(event.schema_id, event.table).convert(image)
+        absent = self._absent_columns(event.schema_id, event.table)
+        return self._fill_absent(event.table, row, absent) if absent and row is not None else row
 
     def _feed_batch(self, messages: list[Any]) -> None:
         """Decode the data messages of a poll a writer schema at a time (columnar, schemas.batch) and feed them to the
@@ -671,6 +694,7 @@ class ReplicaApplier:
                 fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
                 self.shapes[table] = fresh
                 converter.rename({avro_name(c): c for c in fresh.column_names})
+                self._absent.clear()
                 stale = self.dialect._tables.pop(table, None)
                 if stale is not None:
                     self.dialect.metadata.remove(stale)  # rebuilt from the fresh shape, under the same name
@@ -684,52 +708,88 @@ class ReplicaApplier:
         """Give a column the source gained the values its existing rows have there: PostgreSQL wrote no change for
         them. Every row the destination holds now was written by changes from before the column existed (the first
         change that has it is what made the applier add it), so each holds, at the source, what the ADD COLUMN gave
-        it, or a value a later change (applied after this) sets.
-
-        - A constant default (a "fast default"): PostgreSQL keeps it as the column's missing value
-          (pg_attribute.attmissingval) and reads it for every row stored before the ADD: one UPDATE sets it here.
-        - A volatile default (random(), clock_timestamp()...) rewrote the table, a value per row, again without a
-          change: each row's current value is copied from the source by primary key; a later change of a row
-          overwrites what was copied, so the copy converges like any snapshot read. A table without a primary key
-          cannot be matched row by row: refused, naming the table and column.
-        - No default: the rows hold NULL at the source too; nothing to do.
-        The backfill is in the batch's destination transaction: with the ADD COLUMN, or not at all."""
-        from psycopg import sql as pg_sql
-
+        it (`_column_origin`), or a value a later change (applied after this) sets. In the batch's destination
+        transaction: with the ADD COLUMN, or not at all."""
+        kind, value = self._column_origin(shape, column)
         table = self.dialect.table(shape)
-        with psycopg.connect(psycopg_conninfo(self.pipeline.source.sqlalchemy_url), autocommit=True) as source:
-            relation = pg_sql.Identifier(shape.schema, shape.table).as_string(source)
-            found = source.execute(
-                "select atthasmissing, attmissingval::text, format_type(atttypid, atttypmod), atthasdef from pg_attribute "
-                "where attrelid = %s::regclass and attname = %s and not attisdropped", (relation, column)).fetchone()
-            if found is None:
-                return  # dropped again since: the next change says so
-            has_missing, missing_text, type_name, has_default = found
-            if has_missing:
-                value = source.execute(pg_sql.SQL("select ({}::text::{})[1]").format(
-                    pg_sql.Literal(missing_text), pg_sql.SQL(type_name + "[]"))).fetchone()[0]
-                conn.execute(table.update().values({column: value}))
+        if kind == "value":
+            if value is not None:
+                conn.execute(table.update().values({column: self.dialect.prepared(shape, [{column: value}],
+                                                                                  [column])[0][column]}))
                 self.echo(f"{self.name}: filled {table.fullname}.{column} of existing rows with the source's default")
-                return
-            if not has_default or not source.execute(pg_sql.SQL("select exists (select from {} where {} is not null)").format(
-                    pg_sql.Identifier(shape.schema, shape.table), pg_sql.Identifier(column))).fetchone()[0]:
-                return
-            if not shape.primary_key:
-                raise ApplyError(
-                    f"destination {self.name}: {shape.name}.{column} was added at the source with values PostgreSQL "
-                    "wrote without a change event (a volatile default rewrote the table), and the table has no "
-                    "primary key to copy them by; replay the table (cdc replay --tables) to take them over")
-            names = [*shape.primary_key, column]
-            rows = source.execute(pg_sql.SQL("select {} from {}").format(
-                pg_sql.SQL(", ").join(map(pg_sql.Identifier, names)),
-                pg_sql.Identifier(shape.schema, shape.table))).fetchall()
-        if rows:
+            return
+        if value:
             key = [f"_k{i}" for i in range(len(shape.primary_key))]
             statement = table.update().where(*(table.c[c] == bindparam(k) for c, k in zip(shape.primary_key, key)))\
                 .values({column: bindparam("_v")})
-            conn.execute(statement, [{**dict(zip(key, row[:-1])), "_v": row[-1]} for row in rows])
-        self.echo(f"{self.name}: copied {table.fullname}.{column} of {len(rows)} existing rows from the source "
+            rows = self.dialect.prepared(shape, [{**dict(zip(shape.primary_key, pk)), column: v}
+                                                 for pk, v in value.items()], [*shape.primary_key, column])
+            conn.execute(statement, [{**{k: row[c] for c, k in zip(shape.primary_key, key)}, "_v": row[column]}
+                                     for row in rows])
+        self.echo(f"{self.name}: copied {table.fullname}.{column} of {len(value)} existing rows from the source "
                   "(a volatile default)")
+
+    def _column_origin(self, shape: TableShape, column: str) -> tuple[str, Any]:
+        """What a source column holds in the rows stored before it was added (PostgreSQL wrote no change for them):
+
+        - ("value", v), the same for all: a constant default (a "fast default") is kept as the column's missing
+          value (pg_attribute.attmissingval) and read for every row stored before the ADD; without a default, NULL.
+        - ("copy", {primary key: value}): a volatile default (random(), clock_timestamp()...) rewrote the table, a
+          value per row, again without a change: the rows' current values, read once from the source. A later
+          change of a row overwrites what was copied, so the copy converges like any snapshot read. A table without
+          a primary key cannot be matched row by row: refused, naming the table and column.
+        Asked once per column and kept."""
+        known = self._origins.get((shape.name, column))
+        if known is not None:
+            return known
+        from psycopg import sql as pg_sql
+
+        relation = pg_sql.Identifier(shape.schema, shape.table)
+        with psycopg.connect(psycopg_conninfo(self.pipeline.source.sqlalchemy_url), autocommit=True) as source:
+            found = source.execute(
+                "select atthasmissing, attmissingval::text, format_type(atttypid, atttypmod), atthasdef "
+                "from pg_attribute where attrelid = %s::regclass and attname = %s and not attisdropped",
+                (relation.as_string(source), column)).fetchone()
+            if found is None:
+                origin: tuple[str, Any] = ("value", None)  # dropped again since: the next change says so
+            elif found[0]:
+                missing_text, type_name = found[1], found[2]
+                origin = ("value", source.execute(pg_sql.SQL("select ({}::text::{})[1]").format(
+                    pg_sql.Literal(missing_text), pg_sql.SQL(type_name + "[]"))).fetchone()[0])
+            elif not found[3] or not source.execute(pg_sql.SQL("select exists (select from {} where {} is not null)")
+                                                    .format(relation, pg_sql.Identifier(column))).fetchone()[0]:
+                origin = ("value", None)
+            elif not shape.primary_key:
+                raise ApplyError(
+                    f"destination {self.name}: {shape.name}.{column} was added at the source with values PostgreSQL "
+                    "wrote without a change event (a volatile default rewrote the table), and the table has no "
+                    "primary key to copy them by: its rows cannot be made equal to the source's")
+            else:
+                rows = source.execute(pg_sql.SQL("select {}, {} from {}").format(
+                    pg_sql.SQL(", ").join(map(pg_sql.Identifier, shape.primary_key)), pg_sql.Identifier(column),
+                    relation)).fetchall()
+                origin = ("copy", {tuple(row[:-1]): row[-1] for row in rows})
+        self._origins[shape.name, column] = origin
+        return origin
+
+    def _absent_columns(self, schema_id: int, table: str) -> list[str]:
+        """The table's columns that changes of this writer schema do not carry: they were written before the
+        columns existed (a replay of the topics into a table made with them)."""
+        absent = self._absent.get(schema_id)
+        if absent is None:
+            shape = self.shapes.get(table)
+            carried = self._converter(schema_id, table).avro_names()
+            absent = [c for c in shape.column_names if c not in carried] if shape is not None else []
+            self._absent[schema_id] = absent
+        return absent
+
+    def _fill_absent(self, table: str, row: dict[str, Any], absent: list[str]) -> dict[str, Any]:
+        """A row of a change from before `absent` columns existed, with what the source holds there for it."""
+        shape = self.shapes[table]
+        for column in absent:
+            kind, value = self._column_origin(shape, column)
+            row[column] = value if kind == "value" else value.get(tuple(row.get(c) for c in shape.primary_key))
+        return row
 
     def apply(self, steps: list[Step], *, more: bool = False) -> None:
         """Apply steps in one destination transaction, then acknowledge them to Kafka's group offsets. `more`: another
