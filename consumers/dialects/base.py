@@ -60,6 +60,35 @@ def history_rows(shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> l
     return rows
 
 
+# Types whose text is never empty. A delete's before image (replica identity DEFAULT) holds only the key; Debezium fills
+# a NOT NULL column's required field with "" there, which such a column cannot take (an enum, a uuid, JSON ...).
+_NEVER_EMPTY = frozenset({"enum", "uuid", "json", "jsonb", "hstore", "xml", "inet", "cidr", "macaddr", "macaddr8",
+                          "ltree", "range", "tsvector", "point", "interval", "timetz", "timestamptz"})
+
+
+def without_fillers(shape: TableShape, flat: Any) -> Any:
+    """The decoder's Arrow rows (consumers.columnar.flat_images) with Debezium's "" fillers in deletes' NOT NULL
+    columns of types that are never empty turned into NULL: they are no values, and would not cast."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from consumers import columnar
+
+    wanted = [c.name for c in shape.columns if not c.nullable and c.name not in shape.primary_key
+              and c.source is not None and c.source.category in _NEVER_EMPTY and c.name in flat.column_names]
+    if not wanted:
+        return flat
+    is_delete = pc.equal(flat.column(columnar.OP), "d")
+    for name in wanted:
+        column = flat.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            continue
+        filler = pc.and_kleene(is_delete, pc.equal(column, ""))
+        flat = flat.set_column(flat.schema.get_field_index(name), name,
+                               pc.if_else(filler, pa.scalar(None, column.type), column))
+    return flat
+
+
 class Dialect(ABC):
     """One destination database kind. Subclasses live in their own module with this same shape."""
 
@@ -348,7 +377,7 @@ class Dialect(ABC):
                     {c: v for c, v in after.items() if v is not UNAVAILABLE})
             if conn.execute(statement).rowcount == 0:
                 raise NoMatchingRow(f"{shape.name} has no primary key, and no row of the destination equals the "
-                                    f"before image of a {change.op} ({_abridged(change.before)}): the destination "
+                                    f"before image of {'an' if change.op == 'update' else 'a'} {change.op} ({_abridged(change.before)}): the destination "
                                     "no longer equals the source")
             written += 1
         flush()

@@ -28,7 +28,9 @@ from sqlalchemy.types import JSON, LargeBinary, Text, TypeEngine
 
 from consumers import columnar
 from consumers.dialects import types
-from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, SchemaChangeError, history_rows
+from consumers.dialects.base import (
+    HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, SchemaChangeError, history_rows, without_fillers,
+)
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
 
@@ -206,7 +208,7 @@ class DuckDBDialect(Dialect):
         prep = _ALWAYS_QUOTED
         types = {c: table.c[c].type.compile(dialect=conn.dialect) for c in shape.column_names}
         columnar.apply_duckdb(conn.connection.driver_connection, prep.quote, prep.quote(table.name),
-                              prep.quote(table.name + HISTORY_SUFFIX), shape, flat, types)
+                              prep.quote(table.name + HISTORY_SUFFIX), shape, without_fillers(shape, flat), types)
 
     def store_offsets(self, conn: Connection, pipeline: str, offsets: dict[tuple[str, int], int]) -> None:
         # One statement from Arrow: the driver runs an executemany row by row, about 50 ms a batch.

@@ -22,7 +22,9 @@ from sqlalchemy.engine import Connection
 from cdc.errors import ConfigError
 from consumers import columnar
 from consumers.dialects import types as t
-from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, history_rows
+from consumers.dialects.base import (
+    HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, history_rows, without_fillers,
+)
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
 
@@ -205,6 +207,7 @@ class PostgresDialect(Dialect):
         stage = self._staging(conn, self.table(shape), cols, "columnar", columnar.STAGE_COLUMNS)
         staged = [name for name, _ in columnar.STAGE_COLUMNS] + cols
         out = io.BytesIO()
+        flat = without_fillers(shape, flat)
         for column, convert in self.value_converters(shape).items():
             # Few of the columnar path's types need it (hstore, which arrives as JSON): done on that column alone.
             values = flat.column(column).to_pylist()

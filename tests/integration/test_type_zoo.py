@@ -53,6 +53,8 @@ create table zoo (
     f8a float8[], ba bool[], ipa inet[], yra year[], ca char(3)[]
 );
 create table char_key (code char(5) primary key, label text not null);
+-- Only types the columnar write path takes (hstore arrives as JSON, enums and uuids as text).
+create table kv (id bigint primary key, h hstore, m mood not null, u uuid, n numeric(10, 3));
 create table uuid_key (id uuid primary key, n integer not null);
 create table ident (id int generated always as identity primary key, v text);
 """
@@ -115,6 +117,9 @@ update zoo set yr = null, addr = null, i4mr = null, tsq = null, ln = null, pth =
 where id % 7 = 0;
 delete from zoo where id % 11 = 0;
 delete from char_key where code = 'W05';
+update kv set h = h || hstore('added', 'yes'), m = 'happy' where id % 4 = 0;
+delete from kv where id % 9 = 0;
+insert into kv select i, hstore('k', i::text), 'ok', md5(i::text)::uuid, i / 8.0 from generate_series(200, 230) i;
 update char_key set label = 'renamed' where code = 'A  ';
 insert into char_key values ('W06 ', 'six'), (' B', 'leading space');
 delete from uuid_key where n % 3 = 0;
@@ -165,6 +170,8 @@ COLUMNS = {
     "char_key": [("code", "char", None), ("label", "text", None)],
     "uuid_key": [("id", "uuid", None), ("n", "int", None)],
     "ident": [("id", "int", None), ("v", "text", None)],
+    "kv": [("id", "int", None), ("h", "json", "hstore_to_json(h)::text"), ("m", "text", "m::text"), ("u", "uuid", None),
+           ("n", "num", None)],
 }
 TABLES = [f"public.{t}" for t in COLUMNS]
 
@@ -334,6 +341,8 @@ def test_every_type_reaches_every_destination_equal_to_the_source(stack, source_
         conn.execute("insert into char_key values ('W05', 'padded by the source'), ('W05X', 'x'), ('A', 'a')")
         conn.execute("insert into uuid_key select md5(i::text)::uuid, i from generate_series(1, 30) i")
         conn.execute("insert into ident (v) values ('one'), ('two')")
+        conn.execute("insert into kv select i, hstore(array['k', 'q\"'], array[i::text, null]), 'sad', "
+                     "md5(i::text)::uuid, i / 7.0 from generate_series(1, 40) i")
     lake = str(tmp_path / "lake.duckdb")
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
