@@ -333,3 +333,24 @@ def test_an_existing_destination_table_is_adopted_only_when_asked_and_only_when_
         purge(pipeline)
     for table, columns in (("item", ["id", "name"]), ("tag", ["id", "label"])):
         assert destination_rows(destination, table, columns) == destination_rows(source, table, columns), table
+
+
+def test_a_keyless_change_that_matches_no_destination_row_stops_naming_the_table(stack, source_db, destination_db,
+                                                                                 tmp_path):
+    source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
+    execute(source, "create table log (who text, n integer)", "insert into log values ('a', 1), ('b', 2)")
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.log"], destinations={
+        "copy": {"kind": "replica", "url": destination}}))
+    capture.apply(pipeline)
+    try:
+        assert cdc(path, "run", "--until-caught-up", "--timeout", "240").returncode == 0
+        execute(destination, "delete from log where who = 'b'")  # someone wrote to the replica
+        execute(source, "update log set n = 3 where who = 'b'")
+        result = cdc(path, "run", "--until-caught-up", "--timeout", "120")
+    finally:
+        purge(pipeline)
+    assert result.returncode == 1, result.stdout + result.stderr
+    message = " ".join(result.stderr.split())
+    assert "public.log has no primary key, and no row of the destination equals the before image of an update" \
+        in message and "who='b'" in message, message
