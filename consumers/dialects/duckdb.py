@@ -97,8 +97,9 @@ class DuckDBDialect(Dialect):
         # catalog, which DuckDB only partly has.
         table = self.table(shape)
         prep = _ALWAYS_QUOTED
-        existing = {r[0] for r in conn.exec_driver_sql(
-            "select column_name from information_schema.columns where table_name = ?", (table.name,))}
+        stored = {name: kind for name, kind in conn.exec_driver_sql(
+            "select column_name, data_type from information_schema.columns where table_name = ?", (table.name,))}
+        existing = set(stored)
         actions = []
         if not existing:
             table.create(conn)
@@ -109,6 +110,14 @@ class DuckDBDialect(Dialect):
                     self.add_column(conn, table, column)
                     actions.append(f"added column {table.name}.{column.name}")
                     self.added_columns.append((shape.name, column.name))
+            for column in table.columns:
+                wanted = column.type.compile(dialect=conn.dialect)
+                if column.name in stored and "ENUM(" in wanted and stored[column.name] != wanted:
+                    # The source's enum gained labels: DuckDB's ENUM is the column's type, changed in place.
+                    for name in (table.name, table.name + HISTORY_SUFFIX):
+                        conn.exec_driver_sql(f"ALTER TABLE {prep.quote(name)} ALTER COLUMN {prep.quote(column.name)} "
+                                             f"TYPE {wanted}")
+                    actions.append(f"changed column {table.name}.{column.name} to {wanted}")
             dropped = sorted(existing - {c.name for c in table.columns})
             if dropped:
                 raise SchemaChangeError(f"{table.name}: the destination has column(s) {', '.join(dropped)} that the "

@@ -146,3 +146,31 @@ def test_shapes_built_without_the_catalog_are_described_from_sqlalchemy_types():
     assert t.from_sqlalchemy(pg.NUMERIC(10, 2)).scale == 2
     assert t.from_sqlalchemy(pg.ENUM("a", "b", name="e")).labels == ("a", "b")
     assert t.backend_of("mysql+pymysql://x@h/db") == "mariadb" and t.backend_of("duckdb:///f") == "duckdb"
+
+
+def test_duckdb_enum_columns_follow_labels_the_source_added(tmp_path):
+    from consumers.dialects.duckdb import DuckDBDialect
+
+    def zoo(labels: tuple[str, ...]) -> TableShape:
+        mood = t.SourceType("enum", "public.mood", labels=labels, schema="public", name="mood")
+        return shape(("m", mood), ("ms", array(mood)), ("iv", t.SourceType("interval", "interval")))
+
+    engine = create_engine(f"duckdb:///{tmp_path / 'lake.duckdb'}")
+    try:
+        first = DuckDBDialect(engine)
+        with engine.begin() as conn:
+            first.ensure_table(conn, zoo(("a", "b")), {})
+            first.upsert(conn, zoo(("a", "b")), [{"id": 1, "m": "b", "ms": ["a", None], "iv": "P0Y13M-1DT0H0M0.5S",
+                                                  "_cdc_lsn": 1}], ["id", "m", "ms", "iv"])
+        later = DuckDBDialect(engine)  # the applier restarted after the source added a label
+        with engine.begin() as conn:
+            assert later.ensure_table(conn, zoo(("a", "b", "c")), {}) == [
+                "changed column public.zoo.m to ENUM('a', 'b', 'c')",
+                "changed column public.zoo.ms to ENUM('a', 'b', 'c')[]"]
+            later.upsert(conn, zoo(("a", "b", "c")), [{"id": 2, "m": "c", "ms": ["c"], "iv": None, "_cdc_lsn": 2}],
+                         ["id", "m", "ms", "iv"])
+            rows = conn.exec_driver_sql('select id, m, ms, CAST(iv AS VARCHAR) from "public.zoo" order by id').all()
+        assert [tuple(r) for r in rows] == [(1, "b", ["a", None], "1 year 1 month -1 day 00:00:00.5"),
+                                            (2, "c", ["c"], None)]
+    finally:
+        engine.dispose()
