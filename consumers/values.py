@@ -14,7 +14,9 @@ What each Debezium type becomes (with the connector settings producers/debezium.
 | io.debezium.time.ZonedTimestamp (ISO-8601 text)   | aware datetime.datetime in UTC                              |
 | io.debezium.time.Time / MicroTime / NanoTime      | datetime.time                                               |
 | io.debezium.time.ZonedTime (ISO-8601 text)        | aware datetime.time in UTC                                  |
-| io.debezium.time.MicroDuration (long micros)      | datetime.timedelta                                          |
+| io.debezium.time.Interval (ISO-8601 text)         | unchanged: the exact text ('P1Y-2M3DT4H5M6.789S'); the     |
+|                                                   | connector sends it (interval.handling.mode=string)          |
+| io.debezium.time.MicroDuration (long micros)      | datetime.timedelta (events written before that setting)     |
 | org.apache.kafka.connect.data.Decimal             | decimal.Decimal                                             |
 | io.debezium.data.VariableScaleDecimal             | decimal.Decimal                                             |
 | io.debezium.data.Json (json, jsonb, hstore)       | str: the JSON text as Debezium sent it                      |
@@ -22,6 +24,11 @@ What each Debezium type becomes (with the connector settings producers/debezium.
 | bytes (bytea)                                     | bytes                                                       |
 | array                                             | list of converted elements                                  |
 | everything else (ints, floats, bools, strings, enums, inet, xml, bits, geometry ...) | unchanged   |
+
+What is left as Debezium sent it and needs the source column's type to be read (io.debezium.data.Bits, the Point
+record, and the bytes of PostgreSQL's text that `include.unknown.datatypes` gives composites, multiranges, tsquery
+and the other geometric types) is turned into each destination's value by its dialect: docs/types.md has the whole
+mapping, consumers/dialects/types.py the shared conversions.
 
 Decisions:
 
@@ -41,9 +48,9 @@ Decisions:
   column's type; MariaDB cannot store such values and rejects them, which is better than a silent substitute.
   Debezium encodes a date's infinity differently in a snapshot (JDBC) and when streaming (pgoutput); both
   encodings are recognised.
-- MicroDuration is what Debezium made of the interval: it counts a month as 30.4375 days and a year as
-  365.25 days, so an interval with months or years is already approximated on the wire (psycopg, reading the
-  source, counts 30 days a month). Intervals made of days, hours, minutes and seconds are exact.
+- Intervals travel as Debezium's ISO-8601 text, exact (PostgreSQL reads it as it is). A MicroDuration (Debezium's
+  default, from topics written before) is what Debezium made of the interval: it counts a month as 30.4375 days
+  and a year as 365.25 days, so an interval with months or years was approximated on the wire.
 - `real` arrives as an Avro float (32-bit); the Python float is the exact float32 value (0.1 comes as
   0.10000000149011612), which a real/FLOAT destination column stores back as the same float32.
 
