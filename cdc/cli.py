@@ -143,10 +143,12 @@ def connectors_status(as_json: bool = typer.Option(False, "--json", help="Print 
         pipeline = _pipeline()
         st = capture.status(pipeline)
         stray = capture.topic_problems(pipeline)
+        identity = capture.identity_problems(pipeline)
         if as_json:
             typer.echo(json.dumps(None if st is None else
                                   {"name": st.name, "state": st.state, "tasks": st.tasks,
-                                   "unplanned_topics": [{"topic": t, "table": table} for t, table in stray]},
+                                   "unplanned_topics": [{"topic": t, "table": table} for t, table in stray],
+                                   "problems": identity},
                                   indent=2))
         elif st is None:
             typer.echo(f"connector {pipeline.connector_name}: not found (run `cdc connectors apply`)")
@@ -158,7 +160,9 @@ def connectors_status(as_json: bool = typer.Option(False, "--json", help="Print 
                     typer.echo("    " + task["trace"].rstrip().replace("\n", "\n    "))
         if stray:
             typer.echo(f"error: {capture.unplanned_message(pipeline, stray)}", err=True)
-        return 0 if st is not None and st.running and not stray else 1
+        for problem in identity:
+            typer.echo(f"error: {problem}", err=True)
+        return 0 if st is not None and st.running and not stray and not identity else 1
 
     _run(body)
 

@@ -15,8 +15,8 @@ from consumers.dialects.types import check_pipeline
 from producers import debezium, topics
 from producers.connect import ConnectClient, ConnectorStatus
 from producers.source_admin import (
-    SourceIdentity, describe_tables, drop_publication, drop_slot, ensure_publication,
-    ensure_signal_table, psycopg_conninfo, send_incremental_snapshot, source_identity,
+    SourceIdentity, TableInfo, describe_tables, drop_publication, drop_slot, ensure_publication, ensure_signal_table,
+    partitions_not_full, psycopg_conninfo, send_incremental_snapshot, set_replica_identity_full, source_identity,
 )
 
 
@@ -31,6 +31,7 @@ class ApplyReport:
     changes: list[tuple[str, str | None, str | None]] = field(default_factory=list)
     topics_created: list[str] = field(default_factory=list)
     topics_deleted: list[str] = field(default_factory=list)
+    identity_set: list[str] = field(default_factory=list)  # partitions given REPLICA IDENTITY FULL
     warnings: list[str] = field(default_factory=list)
     snapshot_requested: list[str] = field(default_factory=list)
 
@@ -39,6 +40,7 @@ class ApplyReport:
         out += [f"connector {self.connector}: {self.action}"]
         out += [f"  {format_change(c)}" for c in self.changes if self.action == "updated"]
         out += [f"topic {name}: created" for name in self.topics_created]
+        out += [f"partition {name}: replica identity FULL" for name in self.identity_set]
         out += [f"incremental snapshot requested for {', '.join(self.snapshot_requested)}"] if self.snapshot_requested else []
         out += [f"warning: {w}" for w in self.warnings]
         return out
@@ -55,10 +57,14 @@ def format_change(change: tuple[str, str | None, str | None]) -> str:
 
 def desired_config(pipeline: Pipeline) -> dict[str, str]:
     """The connector configuration the pipeline file asks for, checked against the source's real tables."""
+    return _desired(pipeline)[0]
+
+
+def _desired(pipeline: Pipeline) -> tuple[dict[str, str], dict[str, TableInfo]]:
     tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
     config = debezium.connector_config(pipeline, tables)
     check_pipeline(pipeline, config)  # columns a destination cannot hold: refused here, never at the first write
-    return config
+    return config, tables
 
 
 def diff_configs(current: dict[str, str] | None, desired: dict[str, str]) -> list[tuple[str, str | None, str | None]]:
@@ -207,7 +213,7 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
     topics holding another source database's history (unless `reset_topics`, which deletes them first). After a
     new connector starts, waits (at most `settle` seconds) for its snapshot to finish, then fails if a topic
     outside the plan appeared under the pipeline's prefix."""
-    desired = desired_config(pipeline)  # validates against the source before anything changes
+    desired, tables = _desired(pipeline)  # validates against the source before anything changes
     check_routes(pipeline, desired)
     name = pipeline.connector_name
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
@@ -239,6 +245,11 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
             ensure_signal_table(conn, pipeline.source.signal_table)
             ensure_publication(conn, pipeline.publication_name,
                                [*pipeline.source.tables, pipeline.source.signal_table])
+            # Debezium sets REPLICA IDENTITY FULL on the tables named (replica.identity.autoset.values), and
+            # PostgreSQL does not pass it on to a partitioned table's partitions, whose rows the old images come from.
+            partitions = partitions_not_full(conn, debezium.full_identity_tables(pipeline, tables))
+            set_replica_identity_full(conn, [p for p, _ in partitions])
+            report.identity_set = [p for p, _ in partitions]
             if changes and current is not None:
                 # Stop first, so that once the connector runs again it is surely the new configuration that
                 # runs: a signal sent while the old task still streams would be handled by the old task.
@@ -272,6 +283,16 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
     if stray:
         raise CaptureError(unplanned_message(pipeline, stray))
     return report
+
+
+def identity_problems(pipeline: Pipeline) -> list[str]:
+    """Partitions (created or attached after the last `apply`) of tables that need REPLICA IDENTITY FULL."""
+    tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
+    with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
+        found = partitions_not_full(conn, debezium.full_identity_tables(pipeline, tables))
+    return [f"partition {p} of {parent} lacks REPLICA IDENTITY FULL (PostgreSQL does not pass it on to partitions "
+            "created or attached later): its updates and deletes carry an incomplete old row; run `cdc connectors "
+            "apply`" for p, parent in found]
 
 
 def topic_problems(pipeline: Pipeline) -> list[tuple[str, str]]:

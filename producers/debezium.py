@@ -161,6 +161,14 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
     return keys
 
 
+def full_identity_tables(pipeline: Pipeline, tables: dict[str, TableInfo]) -> list[str]:
+    """The tables whose changes need their whole old row (REPLICA IDENTITY FULL)."""
+    # Without the root id in a delete's before image, a member's delete would have no key; a table without a primary
+    # key is told apart by its whole old row, which the applier matches one row by (Dialect.apply_keyless).
+    members = [m for h in pipeline.hierarchies.values() for m in h.members]
+    return members + [t for t in pipeline.standalone_tables if not tables[t].primary_key]
+
+
 def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str, str]:
     """The complete connector configuration, as Kafka Connect stores it (every value a string)."""
     keys = hierarchy_keys(pipeline, tables)
@@ -234,9 +242,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
     key_columns += [f"{table_regex(m)}:{col}" for m, col in members]
     if key_columns:
         config["message.key.columns"] = ";".join(key_columns)
-    # Without the root id in a delete's before image, a member's delete would have no key; a table without a primary
-    # key is told apart by its whole old row, which the applier matches one row by (Dialect.apply_keyless).
-    full = [m for m, _ in members] + [t for t in pipeline.standalone_tables if not tables[t].primary_key]
+    full = full_identity_tables(pipeline, tables)
     if full:
         config["replica.identity.autoset.values"] = ",".join(f"{table_regex(t)}:FULL" for t in full)
 

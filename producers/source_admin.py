@@ -141,6 +141,26 @@ def send_incremental_snapshot(conn: psycopg.Connection, signal_table: str, table
     return signal_id
 
 
+def partitions_not_full(conn: psycopg.Connection, tables: list[str]) -> list[tuple[str, str]]:
+    """(partition, partitioned table) for every partition, at any depth, of `tables` whose replica identity is not
+    FULL. PostgreSQL does not pass a partitioned table's replica identity on to its partitions (nor to one attached
+    or created later), and a row's old image comes from the partition it sits in."""
+    if not tables:
+        return []
+    rows = conn.execute(
+        "select pn.nspname || '.' || p.relname, t.name from unnest(%s::text[]) as t(name) "
+        "cross join lateral pg_partition_tree(to_regclass(quote_ident(split_part(t.name, '.', 1)) || '.' || "
+        "quote_ident(substr(t.name, length(split_part(t.name, '.', 1)) + 2)))) as tree "
+        "join pg_class p on p.oid = tree.relid join pg_namespace pn on pn.oid = p.relnamespace "
+        "where tree.level > 0 and p.relkind = 'r' and p.relreplident <> 'f' order by 1", (tables,)).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def set_replica_identity_full(conn: psycopg.Connection, tables: list[str]) -> None:
+    for table in tables:
+        conn.execute(sql.SQL("alter table {} replica identity full").format(sql.Identifier(*split_table(table))))
+
+
 def ensure_publication(conn: psycopg.Connection, publication: str, tables: list[str]) -> bool:
     """Create the pipeline's filtered publication, or set its tables; True when something changed.
 
