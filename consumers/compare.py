@@ -73,7 +73,9 @@ def kind_of(type_: TypeEngine) -> Kind:
     if isinstance(type_, (ARRAY, pg.ARRAY)):
         return Kind("array", element=kind_of(type_.item_type))
     if isinstance(type_, (JSON, pg.JSON, pg.JSONB, pg.HSTORE)):
-        return Kind("json") if not isinstance(type_, pg.HSTORE) else Kind("other")
+        return Kind("json")  # hstore too: the destinations without it hold it as a JSON object
+    if isinstance(type_, pg.BIT):
+        return Kind("bits", scale=type_.length if not type_.varying else None)
     if isinstance(type_, Boolean):
         return Kind("bool")
     if isinstance(type_, (SmallInteger, Integer, BigInteger)) or isinstance(type_, pg.OID):
@@ -84,7 +86,7 @@ def kind_of(type_: TypeEngine) -> Kind:
     if isinstance(type_, (Double, pg.DOUBLE_PRECISION, Float)):
         return Kind("float8")
     if isinstance(type_, pg.MONEY):
-        return Kind("other")
+        return Kind("money")
     if isinstance(type_, Numeric):
         return Kind("numeric", scale=type_.scale)
     if isinstance(type_, (Uuid, pg.UUID)):
@@ -332,12 +334,62 @@ def _decimals(v: Any) -> Any:
     return v
 
 
+def pg_array(text: str) -> list:
+    """PostgreSQL's text of an array ('{1,NULL,"a b","q\\"u"}', nested braces for dimensions) as a list of texts
+    and Nones: what psycopg returns for arrays of types it does not know (arrays of a domain)."""
+    text = text.strip()
+    if text.startswith("[") and "=" in text[:text.find("{")]:  # explicit bounds: '[0:1]={1,2}'
+        text = text[text.index("=") + 1:]
+    pos = 0
+
+    def parse() -> list:
+        nonlocal pos
+        if text[pos] != "{":
+            raise ValueError(f"not an array literal: {text!r}")
+        pos += 1
+        items: list = []
+        while pos < len(text):
+            c = text[pos]
+            if c == "}":
+                pos += 1
+                return items
+            if c == ",":
+                pos += 1
+            elif c == "{":
+                items.append(parse())
+            elif c == '"':
+                pos += 1
+                out = []
+                while text[pos] != '"':
+                    if text[pos] == "\\":
+                        pos += 1
+                    out.append(text[pos])
+                    pos += 1
+                pos += 1
+                items.append("".join(out))
+            else:
+                end = pos
+                while text[end] not in ",}":
+                    end += 1
+                word = text[pos:end].strip()
+                items.append(None if word.upper() == "NULL" else word)
+                pos = end
+        raise ValueError(f"unterminated array literal: {text!r}")
+
+    return parse()
+
+
 def _array(kind: Kind, v: Any) -> tuple:
     if isinstance(v, (bytes, bytearray)):
         v = v.decode()
     if isinstance(v, str):
-        v = json.loads(v)  # MariaDB, and DuckDB text columns, hold arrays as JSON text
+        # MariaDB, and DuckDB text columns, hold arrays as JSON text; psycopg gives PostgreSQL's array text for
+        # arrays of types it does not know.
+        v = pg_array(v) if _is_pg_array(v) else json.loads(v, parse_float=Decimal)
     element = kind.element or Kind("other")
+    if element.name == "json":
+        # An element that is JSON null: psycopg reads it as None, a JSON[] column as 'null'.
+        return tuple("null" if x is None else normal(element, x) for x in v)
 
     def each(items: Any) -> tuple:
         return tuple(each(x) if isinstance(x, (list, tuple)) and element.name not in ("json", "array")
@@ -346,17 +398,64 @@ def _array(kind: Kind, v: Any) -> tuple:
     return each(v)
 
 
+def _is_pg_array(v: str) -> bool:
+    text = v.strip()
+    return text.startswith("{") or (text.startswith("[") and "]={" in text)
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
 def _other(kind: Kind, v: Any) -> str:
+    """Types carried as PostgreSQL's text (ranges, geometry, network, text search, xml...): that text, with every
+    number read as a float (a destination may print 1 as 1.0); DuckDB's point STRUCT as '(x,y)'."""
     if isinstance(v, (bytes, bytearray, memoryview)):
-        return bytes(v).hex()
-    if isinstance(v, (dict, list)):
+        v = bytes(v).decode("utf-8", "surrogateescape")
+    if isinstance(v, dict) and set(v) == {"x", "y"}:
+        v = f"({v['x']},{v['y']})"
+    elif isinstance(v, dict):
+        v = _composite_text(v)  # DuckDB's STRUCT of a composite type: as PostgreSQL writes the composite
+    elif isinstance(v, list):
         return json.dumps(v, sort_keys=True, default=str)
+    return _NUMBER.sub(lambda m: repr(float(m.group())), str(v))
+
+
+def _composite_text(fields: dict) -> str:
+    """PostgreSQL's text of a composite value: '(a,"b c",,1000)' (NULL empty; quoted when it must be)."""
+    out = []
+    for value in fields.values():
+        if value is None:
+            out.append("")
+            continue
+        text = _composite_text(value) if isinstance(value, dict) else str(value)
+        if text == "" or any(c in text for c in '",\\() \t\n'):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '""') + '"'
+        out.append(text)
+    return "(" + ",".join(out) + ")"
+
+
+def _money(kind: Kind, v: Any) -> Any:
+    if isinstance(v, str):
+        negative = "-" in v or "(" in v
+        v = re.sub(r"[^0-9.]", "", v)
+        v = ("-" if negative else "") + v
+    return _numeric(kind, v)
+
+
+def _bits(kind: Kind, v: Any) -> str:
+    """A bit string as its 0s and 1s (MariaDB's BIT gives bytes)."""
+    if isinstance(v, (bytes, bytearray)):
+        n = kind.scale or len(v) * 8
+        return format(int.from_bytes(v, "big"), f"0{n}b")[-n:]
+    if isinstance(v, int) and not isinstance(v, bool):
+        return format(v, f"0{kind.scale or 1}b")
     return str(v)
 
 
 _NORMAL = {"int": _int, "bool": _bool, "float4": _float4, "float8": _float8, "numeric": _numeric, "char": _char,
            "text": _text, "uuid": _uuid, "bytes": _bytes, "timestamp": _timestamp, "date": _date, "time": _time,
-           "interval": _interval, "json": _json, "array": _array, "other": _other}
+           "interval": _interval, "json": _json, "array": _array, "other": _other, "money": _money,
+           "bits": _bits}
 
 
 def jsonable(value: Any) -> Any:
@@ -465,6 +564,8 @@ class Canon:
             if e == "mariadb":
                 return f"CAST(CAST({col} AS DOUBLE) AS CHAR)"
             return f"CAST(TRY_CAST({col} AS DOUBLE) AS VARCHAR)"
+        if k == "money":
+            return self.column(Kind("numeric"), f"({col})::numeric" if e == "postgresql" else col, stored)
         if k == "numeric":
             t = self.text(col)
             if e == "mariadb":
@@ -530,6 +631,10 @@ class Canon:
         k = kind.name
         if k in ("json", "array", "other"):
             return False
+        if k == "money":
+            k = "numeric"
+        if k == "bits" and self.engine != "postgresql":
+            return False
         if self.engine == "postgresql":
             return True  # the applier creates PostgreSQL columns with the source's types
         if self.engine == "duckdb" and any(t in stored for t in ("char", "text", "string", "json")) \
@@ -548,6 +653,10 @@ class Canon:
         needs (a PostgreSQL interval's months, which psycopg turns into 30 days)."""
         if kind.name == "interval" and (self.engine == "postgresql" or stored == "interval"):
             return self.column(kind, col, stored)  # drivers turn a month into 30 days
+        if self.engine == "postgresql" and kind.name in ("other", "bits"):
+            return f"({col})::text"  # PostgreSQL's text, which the destinations without the type hold
+        if self.engine == "postgresql" and kind.name == "money":
+            return f"({col})::numeric"
         if kind.name == "array" and kind.element is not None and kind.element.name == "interval" \
                 and self.engine == "postgresql":
             return f"to_json({col})::text"

@@ -309,7 +309,7 @@ def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape
             texts = [r[0] for r in s_rows]
             with verify.connect(dst_engine) as dst:
                 stored = verify._stored_types(dst, engine, target.schema, target.name)
-                d_side = verify._Side(dst, engine, dst.dialect.identifier_preparer.format_table(target), shape, stored)
+                d_side = verify._Side(dst, engine, verify.table_sql(engine, target), shape, stored)
                 d_rows = verify.raw_query(dst, d_side._inner() + f" WHERE {d_side.key_text} IN ("
                                           + ", ".join(d_side.canon.literal(t) for t in texts) + ")") \
                     if texts and stored else []

@@ -182,11 +182,11 @@ class _Side:
         self.conn = conn
         self.canon = Canon(engine)
         self.table = table_sql
-        prep = conn.dialect.identifier_preparer
         self.columns = [c for c in shape.column_names if c != LSN_COLUMN]
         self.kinds = [kind_of(shape.column(c).type) for c in self.columns]
         self.key_index = [self.columns.index(k) for k in shape.primary_key]
-        quoted = [prep.quote(c) for c in self.columns]
+        # Every column name quoted, always: SQLAlchemy's DuckDB preparer leaves DuckDB keywords such as `by` bare.
+        quoted = [quote(engine, c) for c in self.columns]
         # The source's own column types are its reflected ones; where a canonical form depends on what the other
         # side can hold (an interval against MariaDB's microseconds), the source reads `peer`, the destination's.
         if peer is not None:
@@ -276,6 +276,17 @@ class Bucketing:
         if self.width is not None:
             return (int(handle[1:]) - self.lo) // self.width
         return _bucket_of(handle, self.digits)
+
+
+def quote(engine: str, name: str) -> str:
+    if engine == "mariadb":
+        return "`" + name.replace("`", "``") + "`"
+    return '"' + name.replace('"', '""') + '"'
+
+
+def table_sql(engine: str, table: Any) -> str:
+    """A destination Table's name, quoted for its engine."""
+    return ".".join(quote(engine, part) for part in ([table.schema] if table.schema else []) + [table.name])
 
 
 def raw_query(conn: Connection, sql: str, *, fetch: bool = True) -> list[Any]:
@@ -447,7 +458,6 @@ def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Conne
              reports: dict[str, TableReport]) -> dict[str, _Target]:
     shapes = reflect_shapes(pipeline.source.sqlalchemy_url, chosen)
     dialect = dialect_for(dst.engine, pipeline.destinations[destination].kind)
-    prep = dst.dialect.identifier_preparer
     targets = {}
     for name in chosen:
         shape = shapes[name]
@@ -464,7 +474,7 @@ def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Conne
             continue
         reports[name].keyless = not shape.primary_key
         src_sql = f'"{shape.schema.replace(chr(34), chr(34) * 2)}"."{shape.table.replace(chr(34), chr(34) * 2)}"'
-        targets[name] = _Target(shape, src_sql, prep.format_table(table), stored)
+        targets[name] = _Target(shape, src_sql, table_sql(engine, table), stored)
     return targets
 
 
@@ -644,9 +654,8 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
             if table.extra:
                 handles = list(table.handles.get("extra", {}).values())
                 with connect(engine) as conn:
-                    prep = conn.dialect.identifier_preparer
                     stored = _stored_types(conn, name, dialect.table(shape).schema, dialect.table(shape).name)
-                    side = _Side(conn, name, prep.format_table(dialect.table(shape)), shape, stored)
+                    side = _Side(conn, name, table_sql(name, dialect.table(shape)), shape, stored)
                     for start in range(0, len(handles), 1000):
                         listed = ", ".join(side.canon.literal(h) for h in handles[start:start + 1000])
                         raw_query(conn, f"DELETE FROM {side.table} WHERE {side.key_text} IN ({listed})", fetch=False)

@@ -135,3 +135,18 @@ def test_keys_as_users_give_them():
         parse_ids("x", shape("id"))
     with pytest.raises(ConfigError, match=r"\(n, code\), 2 value"):
         parse_ids("1", shape("n", "code"))
+
+
+def test_types_carried_as_text_composites_money_bits_and_json_arrays():
+    other = kind_of(pg.INT4RANGE())
+    assert equal(other, "(0.25,-1)", "(0.25,-1.0)") and not equal(other, "[1,11)", "[1,12)")
+    assert equal(other, '("street ""1"" \\\\ é",1000)', {"street": 'street "1" \\ é', "zip": 1000})
+    assert equal(other, "(0.25,-1)", {"x": 0.25, "y": -1.0})
+    assert equal(kind_of(pg.MONEY()), "-$987.66", Decimal("-987.66"))
+    assert equal(kind_of(pg.BIT(16)), "0000011111101011", b"\x07\xeb")
+    assert equal(kind_of(pg.HSTORE()), {"k": "1", "n": None}, '{"n": null, "k": "1"}')
+    jsons = kind_of(pg.ARRAY(pg.JSONB()))
+    assert equal(jsons, [{"a": 1}, None], ['{"a": 1}', "null"])
+    ints = kind_of(pg.ARRAY(Integer()))
+    assert equal(ints, "{1904,2000}", [1904, 2000]) and equal(ints, "{{1,2},{3,NULL}}", [[1, 2], [3, None]])
+    assert equal(kind_of(pg.ARRAY(pg.NUMERIC())), [Decimal("1.3333333333333333")], "[1.3333333333333333]")
