@@ -150,3 +150,14 @@ def test_types_carried_as_text_composites_money_bits_and_json_arrays():
     ints = kind_of(pg.ARRAY(Integer()))
     assert equal(ints, "{1904,2000}", [1904, 2000]) and equal(ints, "{{1,2},{3,NULL}}", [[1, 2], [3, None]])
     assert equal(kind_of(pg.ARRAY(pg.NUMERIC())), [Decimal("1.3333333333333333")], "[1.3333333333333333]")
+
+
+def test_a_name_debezium_cannot_parse_is_refused_before_any_signal():
+    from consumers.resync import check_debezium_name
+
+    check_debezium_name("Ops.Item")
+    check_debezium_name("public.film_actor")
+    for name in ("public.my table", "public.a;b", "public.'quoted", "public.a.b"):
+        with pytest.raises(ConfigError, match="Unable to parse table identifier") as caught:
+            check_debezium_name(name)
+        assert name.split(".", 1)[1] in str(caught.value) and "cdc replay" in str(caught.value)
