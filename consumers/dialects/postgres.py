@@ -115,8 +115,10 @@ class PostgresDialect(Dialect):
 
     def add_column(self, conn: Connection, table: Table, column: Column) -> None:
         prep = conn.dialect.identifier_preparer
+        # A generated column added at the source is generated here too (the applier never writes it).
+        generated = f" GENERATED ALWAYS AS ({column.computed.sqltext}) STORED" if column.computed is not None else ""
         conn.exec_driver_sql(f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {prep.quote(column.name)} "
-                             f"{column.type.compile(dialect=conn.dialect)}")
+                             f"{column.type.compile(dialect=conn.dialect)}{generated}")
 
     def begin_batch(self, conn: Connection, *, snapshot: bool) -> None:
         conn.exec_driver_sql("SET CONSTRAINTS ALL DEFERRED")
