@@ -397,6 +397,7 @@ GENERATED = """
 create table gen (id int primary key, a int, t text,
                   twice int generated always as (a * 2) stored, shout text generated always as (upper(t) || '!') stored);
 insert into gen (id, a, t) select i, i, 'row ' || i from generate_series(1, 20) i;
+create table odd (k float8 primary key, vb varbit(8), spans interval[]);
 """
 
 
@@ -406,7 +407,8 @@ def test_generated_columns_are_computed_by_a_postgresql_replica_and_refused_else
     execute(source, GENERATED)
     # MariaDB and DuckDB cannot compute the source's expression, and streaming never sends the values: refused
     # before anything is created.
-    refused = write_pipeline(tmp_path / "refused.yaml", pipeline_data(stack, source_db, ["public.gen"], destinations={
+    refused = write_pipeline(tmp_path / "refused.yaml", pipeline_data(stack, source_db, ["public.gen", "public.odd"],
+                                                                      destinations={
         "maria": {"kind": "replica", "url": mariadb_database},
         "lake": {"kind": "analytics", "url": f"duckdb:///{tmp_path / 'lake.duckdb'}"}}))
     with pytest.raises(ConfigError) as caught:
@@ -415,7 +417,18 @@ def test_generated_columns_are_computed_by_a_postgresql_replica_and_refused_else
     for destination in ("maria", "lake"):
         for column in ("twice", "shout"):
             assert f"destination {destination}: public.gen.{column}: a generated column" in message, message
+        assert (f"destination {destination}: public.odd.vb: type bit varying(8): Debezium sends bit varying as bytes "
+                "without the value's length, so leading zero bits are lost") in message
+        assert (f"destination {destination}: public.odd.spans: type interval[]: Debezium 3.6 leaves columns of this "
+                "array type out of its change events") in message
+    assert "destination maria: public.odd.k: type double precision in the primary key: MariaDB cannot store NaN" \
+        in message
+    assert "destination lake: public.odd.k" not in message
     assert connect.status(refused.connector_name) is None
+    with psycopg.connect(source) as conn:  # nor a publication, nor a slot
+        assert conn.execute("select count(*) from pg_publication").fetchone() == (0,)
+        assert conn.execute("select count(*) from pg_replication_slots where database = current_database()"
+                            ).fetchone() == (0,)
 
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.gen"], destinations={
