@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from producers import capture
 from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
 
 CDC = str(Path(sys.executable).parent / "cdc")
-ROWS = 20_000
 
 UUIDS = [str(uuid.UUID(int=i * 7919 + 1)) for i in range(1, 41)]
 

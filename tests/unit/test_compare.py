@@ -11,7 +11,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.types import CHAR, BigInteger, Integer, Text
 
 from cdc.errors import ConfigError
-from consumers.compare import MONTH_MICROS, Kind, equal, kind_of, normal
+from consumers.compare import MONTH_MICROS, Kind, equal, kind_of
 from consumers.resync import debezium_parts, parse_ids
 from consumers.shapes import ColumnShape, TableShape
 from consumers.verify import _digits, resolve_table
