@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import psycopg
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
@@ -420,8 +421,14 @@ def destination_engine(pipeline: Pipeline, destination: str, *, write: bool = Fa
 
 def connect(engine: Engine) -> Connection:
     if engine.url.get_backend_name() == "duckdb":
+        from pathlib import Path
+
         from consumers.dialects.duckdb import when_free
 
+        path = engine.url.database
+        if path and path != ":memory:" and not Path(path).exists():
+            raise CdcError(f"verify: the DuckDB file {path} does not exist yet (`cdc run` creates it when it applies "
+                           "the first changes)")
         return when_free(engine.connect, DUCKDB_PATIENCE_S)
     return engine.connect()
 
@@ -456,10 +463,21 @@ class _Target:
 
 def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Connection, engine: str,
              reports: dict[str, TableReport]) -> dict[str, _Target]:
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, chosen)
+    from sqlalchemy.exc import NoSuchTableError, ProgrammingError
+
+    shapes = {}
+    for name in chosen:  # one by one: a table missing at the source is that table's error, not everyone's
+        try:
+            shapes.update(reflect_shapes(pipeline.source.sqlalchemy_url, [name]))
+        except (NoSuchTableError, ProgrammingError, psycopg.errors.UndefinedTable) as exc:
+            reports[name].error = ("the source has no such table (source.tables names it)"
+                                   if isinstance(exc, NoSuchTableError) or "does not exist" in str(exc)
+                                   else f"cannot be read at the source: {str(exc).splitlines()[0]}")
     dialect = dialect_for(dst.engine, pipeline.destinations[destination].kind)
     targets = {}
     for name in chosen:
+        if name not in shapes:
+            continue
         shape = shapes[name]
         table = dialect.table(shape)
         stored = _stored_types(dst, engine, table.schema, table.name)
@@ -600,7 +618,8 @@ def render(report: Report) -> str:
     matching = sum(t.source_rows - len(t.missing) - len(t.different) for t in report.tables if not t.error)
     overall = 1.0 if distinct == 0 else matching / distinct
     errors = sum(1 for t in report.tables if t.error)
-    lines.append(f"overall accuracy {overall:.2%}: {'equal' if report.equal else 'DIFFERENT'}"
+    shown = f"{overall:.2%}" if errors < len(report.tables) else "n/a"
+    lines.append(f"overall accuracy {shown}: {'equal' if report.equal else 'DIFFERENT'}"
                  + (f"; {errors} table(s) could not be compared" if errors else ""))
     return "\n".join(lines)
 
