@@ -40,6 +40,10 @@ DEBEZIUM_UNKNOWN = frozenset({"composite", "multirange", "tsquery", "line", "lse
 _DROPPED = "leaves columns of this array type out of its change events"
 DEBEZIUM_NO_ARRAYS = {"interval": _DROPPED, "money": _DROPPED, "point": _DROPPED, "varbit": _DROPPED, "xml": _DROPPED,
                       "bit": "sends an array of bit(n) as one bit string: the elements are lost"}
+# Arrays Debezium 3.6 sends as NULL, whole, when one of their elements is NULL (seen on the stack): nothing downstream
+# can tell that from a NULL array. Arrays of domains too.
+DEBEZIUM_NULL_ELEMENT_LOST = frozenset({"enum", "composite", "multirange", "tsvector", "tsquery", "ltree", "line",
+                                        "lseg", "box", "path", "polygon", "circle"})
 # Types that come from an extension: a PostgreSQL replica needs the extension too.
 EXTENSION_OF = {"hstore": "hstore", "citext": "citext", "ltree": "ltree"}
 
@@ -228,6 +232,9 @@ def _reasons(t: SourceType, backend: str, *, key: bool, unknown_types_sent: bool
                        "include.unknown.datatypes is on")
     if t.is_array and leaf.category in DEBEZIUM_NO_ARRAYS:
         reasons.append(f"type {t.sql}: Debezium 3.6 {DEBEZIUM_NO_ARRAYS[leaf.category]}")
+    elif t.is_array and (leaf.category in DEBEZIUM_NULL_ELEMENT_LOST or leaf.domain):
+        reasons.append(f"type {t.sql}: Debezium 3.6 sends an array of this type that holds a NULL element as NULL, "
+                       "whole (store the elements as text[], or in a table of their own)")
     elif "varbit" in kinds:
         reasons.append(f"type {t.sql}: Debezium sends bit varying as bytes without the value's length, so leading "
                        "zero bits are lost (use bit(n), or text of '0'/'1')")

@@ -119,7 +119,8 @@ def test_refusals_name_the_table_the_column_and_the_reason():
                 ("bits", array(t.SourceType("bit", "bit(3)", length=3))),
                 ("box", t.SourceType("box", "box")),
                 ("wide", t.SourceType("numeric", "numeric(70,40)", precision=70, scale=40)),
-                ("odd", t.SourceType("other", "pg_lsn")))
+                ("odd", t.SourceType("other", "pg_lsn")), ("moods", array(MOOD)), ("nums", array(INT)),
+                ("years", array(t.SourceType("int4", "integer", domain="public.year"))))
     keyed = TableShape("public.f", (ColumnShape("k", NullType(), False, t.SourceType("float8", "double precision")),),
                        ("k",))
     found = {(backend, column): reason for backend in ("postgresql", "mariadb", "duckdb")
@@ -133,6 +134,9 @@ def test_refusals_name_the_table_the_column_and_the_reason():
     assert "no mapping for this type" in found["postgresql", "odd"]
     assert "NaN" in found["mariadb", "k"] and ("postgresql", "k") not in found and ("duckdb", "k") not in found
     assert ("postgresql", "box") not in found  # sent with include.unknown.datatypes
+    for column in ("moods", "years"):
+        assert "holds a NULL element as NULL, whole" in found["duckdb", column]
+    assert not any(c == "nums" for _, c in found)
     # A PostgreSQL analytics replica has a history the expression cannot fill: refused there too.
     assert any(c == "g" for _, c, _ in t.refusals({"public.zoo": zoo}, "postgresql", kind="analytics"))
     # Without include.unknown.datatypes, Debezium leaves box out: refused.
