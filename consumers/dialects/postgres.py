@@ -28,6 +28,8 @@ from consumers.dialects.base import (
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
 
+# Rows of one table in one batch from which the columnar path's staging table is analyzed (apply_columnar).
+LARGE_BATCH = 10_000
 # PostgreSQL silently truncates longer identifiers, which could make two history tables one.
 MAX_IDENTIFIER_BYTES = 63
 # The comment on the read-only roles the applier creates: it alters only those, never a role someone else made.
@@ -230,8 +232,17 @@ class PostgresDialect(Dialect):
                 cols=sql.SQL(", ").join(map(sql.Identifier, wanted)), change_lsn=change_lsn,
                 lsn=sql.Identifier(LSN_COLUMN), pk=pk, stage=stage, seq=seq, op=op, ops=sql.SQL(ops))
 
-        self._upsert_from(conn, shape, [*cols, LSN_COLUMN], last(cols, "<>"))
-        self._delete_from(conn, shape, last(list(shape.primary_key), "="))
+        # The planner knows neither the fresh staging rows nor, often, the rows this transaction put in the target
+        # (a table created empty is estimated empty): a statement with nothing to do can still pick a plan that
+        # compares every row with every other (a snapshot of 100,000 rows: minutes). So a statement runs only when
+        # the batch has changes of its kind, and a large batch's staging table is analyzed first.
+        ops = set(flat.column(columnar.OP).unique().to_pylist())
+        if flat.num_rows >= LARGE_BATCH:
+            raw.execute(sql.SQL("ANALYZE {}").format(stage))
+        if ops - {"d"}:
+            self._upsert_from(conn, shape, [*cols, LSN_COLUMN], last(cols, "<>"))
+        if "d" in ops:
+            self._delete_from(conn, shape, last(list(shape.primary_key), "="))
         raw.execute(sql.SQL("TRUNCATE {}").format(stage))
 
     def truncate(self, conn: Connection, shape: TableShape) -> None:
