@@ -130,10 +130,16 @@ class DuckDBDialect(Dialect):
         return actions
 
     # -- data -----------------------------------------------------------------------------------------------------
-    def _arrow(self, rows: list[dict[str, Any]], columns: list[str]) -> pa.Table:
+    def _native(self, shape: TableShape) -> frozenset[str]:
+        """The columns whose values go to Arrow as lists and dicts (LIST and STRUCT columns), not as JSON text."""
+        return frozenset(c.name for c in shape.columns if c.source is not None and (
+            c.source.is_array or c.source.category == "point"
+            or (c.source.category == "composite" and _struct_fields(c.source))))
+
+    def _arrow(self, rows: list[dict[str, Any]], columns: list[str], native: frozenset[str] = frozenset()) -> pa.Table:
         arrays = {}
         for c in columns:
-            values = [_plain(r.get(c)) for r in rows]
+            values = [r.get(c) for r in rows] if c in native else [_plain(r.get(c)) for r in rows]
             try:
                 arrays[c] = pa.array(values)
             except (pa.ArrowTypeError, pa.ArrowInvalid):
@@ -142,9 +148,10 @@ class DuckDBDialect(Dialect):
                 arrays[c] = pa.array([None if v is None else str(v) for v in values], pa.string())
         return pa.table(arrays)
 
-    def _register(self, conn: Connection, rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def _register(self, conn: Connection, rows: list[dict[str, Any]], columns: list[str],
+                  native: frozenset[str] = frozenset()) -> str:
         name = f"_cdc_stage_{uuid.uuid4().hex[:12]}"
-        conn.connection.driver_connection.register(name, self._arrow(rows, columns))
+        conn.connection.driver_connection.register(name, self._arrow(rows, columns, native))
         return name
 
     def _unregister(self, conn: Connection, name: str) -> None:
@@ -156,7 +163,7 @@ class DuckDBDialect(Dialect):
         table = self.table(shape)
         prep = _ALWAYS_QUOTED
         cols = [*columns, LSN_COLUMN]
-        stage = self._register(conn, self.prepared(shape, rows, columns), cols)
+        stage = self._register(conn, self.prepared(shape, rows, columns), cols, self._native(shape))
         try:
             quoted = ", ".join(prep.quote(c) for c in cols)
             casts = ", ".join(f"CAST({prep.quote(c)} AS {table.c[c].type.compile(dialect=conn.dialect)}) AS "
@@ -179,7 +186,7 @@ class DuckDBDialect(Dialect):
         table = self.table(shape)
         prep = _ALWAYS_QUOTED
         cols = [*shape.primary_key, LSN_COLUMN]
-        stage = self._register(conn, self.prepared(shape, keys, list(shape.primary_key)), cols)
+        stage = self._register(conn, self.prepared(shape, keys, list(shape.primary_key)), cols, self._native(shape))
         try:
             match = " AND ".join(f"t.{prep.quote(c)} = s.{prep.quote(c)}" for c in shape.primary_key)
             lsn = prep.quote(LSN_COLUMN)
@@ -201,7 +208,7 @@ class DuckDBDialect(Dialect):
         table = self.table(shape)
         prep = _ALWAYS_QUOTED
         all_columns = [*columns, *HISTORY_COLUMNS]
-        stage = self._register(conn, rows, all_columns)
+        stage = self._register(conn, rows, all_columns, self._native(shape))
         try:
             history = prep.quote(table.name + HISTORY_SUFFIX)
             casts = ", ".join(
@@ -250,10 +257,8 @@ class DuckDBDialect(Dialect):
 
 
 def _plain(value: Any) -> Any:
-    """Values Arrow cannot type on its own: UUIDs as text; lists and dicts of a shape built without the catalog as
-    JSON text (with the catalog, arrays are lists of plain values and points dicts: LIST and STRUCT columns)."""
-    if isinstance(value, _Native):
-        return value.value
+    """Values Arrow cannot type on its own: UUIDs as text; lists and dicts as JSON text (but not in the LIST and
+    STRUCT columns of a shape read from the catalog: `DuckDBDialect._native`)."""
     if isinstance(value, (list, dict)):
         return json.dumps(value, default=str)
     if isinstance(value, uuid.UUID):
@@ -271,15 +276,6 @@ class _AlwaysQuoted:
 
 
 _ALWAYS_QUOTED = _AlwaysQuoted()
-
-
-class _Native:
-    """A list or dict that goes to Arrow as it is (a LIST or STRUCT column), not as JSON text."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
 
 
 # --- the mapping (docs/types.md, "DuckDB analytics replica") ---------------------------------------------------
@@ -334,13 +330,12 @@ def _duck_converter(source: types.SourceType) -> Callable[[Any], Any] | None:
     """What the Arrow staging needs for a source type, from what consumers.values gives; None: as it is."""
     if source.is_array:
         inner = _duck_element(source.element)  # type: ignore[arg-type]
-        return lambda values: _Native([None if v is None else inner(v) for v in values])
+        return lambda values: [None if v is None else inner(v) for v in values]
     kind = source.category
     if kind == "point":
-        return lambda v: _Native({"x": v["x"], "y": v["y"]})
+        return lambda v: {"x": v["x"], "y": v["y"]}
     if kind == "composite" and _struct_fields(source):
-        struct = _struct(source)
-        return lambda v: _Native(struct(v))
+        return _struct(source)
     if kind == "bit":
         return types.bits_text(source.length)
     if kind == "interval":
@@ -354,16 +349,12 @@ def _duck_converter(source: types.SourceType) -> Callable[[Any], Any] | None:
 
 def _duck_element(source: types.SourceType) -> Callable[[Any], Any]:
     inner = _duck_converter(source)
-    if source.is_array:
-        return lambda v: inner(v).value  # type: ignore[misc]
     if inner is None:
         if source.domain:
             return types.as_text  # arrays of a domain: Debezium sends text bytes
         if source.category == "uuid":
             return str
         return lambda v: v
-    if source.category == "point" or (source.category == "composite" and _struct_fields(source)):
-        return lambda v: inner(v).value  # type: ignore[misc]
     return inner
 
 

@@ -271,6 +271,10 @@ class MariaDBDialect(Dialect):
                                             updated_at=stmt.inserted.updated_at)
 
     # -- values -------------------------------------------------------------------------------------------------
+    def column_converter(self, column: ColumnShape) -> Callable[[Any], Any] | None:
+        # For what binds rows through SQLAlchemy (Dialect.prepared: tables without a key), as upsert binds them.
+        return self._converter(column) if column.source is not None else None
+
     def _converters(self, shape: TableShape, columns: list[str]) -> dict[str, Callable[[Any], Any]]:
         known = set(shape.column_names)
         return {c: self._converter(shape.column(c)) if c in known else _bindable for c in columns}
@@ -346,6 +350,16 @@ def adapt_mariadb_type(type_: TypeEngine, *, key: bool = False) -> TypeEngine:
     return generic
 
 
+class JsonText(mysql.JSON):
+    """MariaDB's JSON, bound as the JSON text the applier already has (SQLAlchemy's JSON would encode that text
+    again, as a JSON string)."""
+
+    cache_ok = True
+
+    def bind_processor(self, dialect: Any) -> None:
+        return None
+
+
 _MARIA = {"int2": mysql.SMALLINT(), "int4": mysql.INTEGER(), "int8": mysql.BIGINT(), "bool": mysql.BOOLEAN(),
           # real as DOUBLE: MariaDB stores a FLOAT exactly but returns it rounded to 6 digits; every float32 is a
           # double, so DOUBLE gives back the source's exact value.
@@ -362,7 +376,7 @@ def mariadb_type(source: types.SourceType, *, key: bool = False) -> TypeEngine:
     kind = source.category
     text = mysql.VARCHAR(KEY_STRING_LENGTH) if key else mysql.LONGTEXT()
     if source.is_array or kind in ("json", "jsonb", "hstore"):
-        return mysql.VARCHAR(KEY_STRING_LENGTH) if key else mysql.JSON()
+        return mysql.VARCHAR(KEY_STRING_LENGTH) if key else JsonText()
     if kind in _MARIA:
         return _MARIA[kind]
     if kind == "enum":

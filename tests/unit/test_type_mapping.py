@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.types import NullType
 
 from consumers.dialects import types as t
-from consumers.dialects.duckdb import _duck_converter, _Native, duckdb_type
+from consumers.dialects.duckdb import _duck_converter, duckdb_type
 from consumers.dialects.postgres import PostgresDialect, _pg_converter
 from consumers.shapes import ColumnShape, TableShape
 
@@ -90,11 +90,11 @@ def test_values_become_what_duckdb_columns_take():
     assert _duck_converter(t.SourceType("interval", "interval"))("P1Y-2M3DT4H5M-6.5S") == \
         "1 years -2 months 3 days 4 hours 5 minutes -6.5 seconds"
     point = _duck_converter(t.SourceType("point", "point"))({"x": 1.5, "y": 2.0, "wkb": b"", "srid": None})
-    assert isinstance(point, _Native) and point.value == {"x": 1.5, "y": 2.0}
-    assert _duck_converter(ADDRESS)(b'("a ""b"" \\\\ c",)').value == {"street": 'a "b" \\ c', "zip": None}
+    assert point == {"x": 1.5, "y": 2.0}
+    assert _duck_converter(ADDRESS)(b'("a ""b"" \\\\ c",)') == {"street": 'a "b" \\ c', "zip": None}
     assert _duck_converter(t.SourceType("numeric", "numeric"))(Decimal("1E+3")) == "1000"
     uuids = _duck_converter(array(t.SourceType("uuid", "uuid")))
-    assert uuids([__import__("uuid").UUID(int=1), None]).value == ["00000000-0000-0000-0000-000000000001", None]
+    assert uuids([__import__("uuid").UUID(int=1), None]) == ["00000000-0000-0000-0000-000000000001", None]
 
 
 @pytest.mark.parametrize("text, fields", [
