@@ -64,6 +64,7 @@ class Kind:
     #            array, other
     element: "Kind | None" = None  # arrays: the element's kind
     scale: int | None = None  # numeric(p, s)
+    sql_type: str | None = None  # "other" kinds: the source type's name (inet, int4range...)
 
 
 def kind_of(type_: TypeEngine) -> Kind:
@@ -108,7 +109,7 @@ def kind_of(type_: TypeEngine) -> Kind:
         if type(type_).__name__ in ("CHAR", "NCHAR") or getattr(type_, "__visit_name__", "") in ("CHAR", "NCHAR"):
             return Kind("char")
         return Kind("text")
-    return Kind("other")
+    return Kind("other", sql_type=type(type_).__name__.lower())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -655,6 +656,10 @@ class Canon:
             return self.column(kind, col, stored)  # drivers turn a month into 30 days
         if self.engine == "postgresql" and kind.name in ("other", "bits"):
             return f"({col})::text"  # PostgreSQL's text, which the destinations without the type hold
+        if self.engine == "postgresql" and kind.name == "array" and kind.element is not None \
+                and kind.element.name in ("other", "bits", "money") \
+                and kind.element.sql_type not in ("inet", "cidr"):  # their text would add /32 to a host
+            return f"({col})::text[]"  # each element as PostgreSQL's text (psycopg would make Range objects...)
         if self.engine == "postgresql" and kind.name == "money":
             return f"({col})::numeric"
         if kind.name == "array" and kind.element is not None and kind.element.name == "interval" \
