@@ -340,6 +340,10 @@ class Dialect(ABC):
                 .scalar_subquery())
         return statement.where(literal_column(self.row_id) == pick)
 
+    def same_value(self, shape: TableShape, column: Any, value: Any) -> Any:
+        """The condition that `column` (of a table without a key) holds `value`, NULL matching NULL."""
+        return column.is_not_distinct_from(value)
+
     def apply_keyless(self, conn: Connection, shape: TableShape, changes: list[Any]) -> int:
         """Apply a table's changes without a primary key (consumers.plan.KeylessChange), one by one in source order:
         an insert adds a row; an update or a delete changes exactly one row equal to the change's before image.
@@ -367,7 +371,7 @@ class Dialect(ABC):
             known = [c for c in columns if before.get(c, UNAVAILABLE) is not UNAVAILABLE]
 
             def match(t: Any, before: dict[str, Any] = before, known: list[str] = known) -> Any:
-                return and_(*(t.c[c].is_not_distinct_from(before[c]) for c in known))
+                return and_(*(self.same_value(shape, t.c[c], before[c]) for c in known))
 
             if change.op == "delete":
                 statement = self.one_row(table.delete(), table, match)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 from psycopg import sql
-from sqlalchemy import Column, Computed, ForeignKeyConstraint, Table, inspect
+from sqlalchemy import Column, Computed, ForeignKeyConstraint, Table, Text, cast, inspect, literal
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
@@ -59,6 +59,18 @@ class PostgresDialect(Dialect):
         if column.source is not None and column.source.generated and column.source.expression:
             return [Computed(column.source.expression, persisted=True)]
         return []
+
+    def same_value(self, shape: TableShape, column: Any, value: Any) -> Any:
+        # Types without an equality operator (json, xml, the geometric types, and what holds them) are compared as
+        # PostgreSQL's text of the value, the bound value first read as the column's type.
+        # The bound value is read as the column's type first: psycopg types a list of small ints as smallint[].
+        source = shape.column(column.name).source
+        if source is None:
+            return column.is_not_distinct_from(value)
+        typed = cast(literal(value), column.type)
+        if not _without_equality(source):
+            return column.is_not_distinct_from(typed)
+        return cast(column, Text).is_not_distinct_from(cast(typed, Text))
 
     @staticmethod
     def _written(shape: TableShape, columns: list[str]) -> list[str]:
@@ -342,6 +354,15 @@ class PostgresAnalyticsDialect(PostgresDialect):
 def _identifier(table: Table, suffix: str = "") -> sql.Identifier:
     """The table's schema-qualified name, or that of its companion named with `suffix`, for psycopg's sql."""
     return sql.Identifier(*([table.schema] if table.schema else []), table.name + suffix)
+
+
+_NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
+
+
+def _without_equality(source: t.SourceType) -> bool:
+    leaf = source.leaf()
+    return leaf.category in _NO_EQUALITY or (leaf.category == "composite"
+                                             and any(_without_equality(f) for _, f in leaf.fields))
 
 
 def _pg_converter(source: t.SourceType) -> Callable[[Any], Any] | None:

@@ -55,6 +55,9 @@ create table zoo (
 create table char_key (code char(5) primary key, label text not null);
 -- Only types the columnar write path takes (hstore arrives as JSON, enums and uuids as text).
 create table kv (id bigint primary key, h hstore, m mood not null, u uuid, n numeric(10, 3));
+-- No primary key: an update or delete changes one row equal to its before image, compared by type.
+create table nokey (c char(5), j jsonb, js json, p point, l int[], x xml, f real);
+alter table nokey replica identity full;
 create table uuid_key (id uuid primary key, n integer not null);
 create table ident (id int generated always as identity primary key, v text);
 """
@@ -118,6 +121,9 @@ where id % 7 = 0;
 delete from zoo where id % 11 = 0;
 delete from char_key where code = 'W05';
 update kv set h = h || hstore('added', 'yes'), m = 'happy' where id % 4 = 0;
+update nokey set j = '{"changed": 1}', l = array[0], f = f + 1 where c = 'b';
+delete from nokey where c = 'c';
+insert into nokey values ('d', '[]', '{"d" : 1}', point(0.1, 0.2), '{}', '<d/>', 1.25);
 delete from kv where id % 9 = 0;
 insert into kv select i, hstore('k', i::text), 'ok', md5(i::text)::uuid, i / 8.0 from generate_series(200, 230) i;
 update char_key set label = 'renamed' where code = 'A  ';
@@ -174,10 +180,13 @@ COLUMNS = {
     "char_key": [("code", "char", None), ("label", "text", None)],
     "uuid_key": [("id", "uuid", None), ("n", "int", None)],
     "ident": [("id", "int", None), ("v", "text", None)],
+    "nokey": [("c", "char", None), ("j", "json", "j::text"), ("js", "json", "js::text"), ("p", "numbers", "p::text"),
+              ("l", "list:int", None), ("x", "text", "x::text"), ("f", "f4", None)],
     "kv": [("id", "int", None), ("h", "json", "hstore_to_json(h)::text"), ("m", "text", "m::text"), ("u", "uuid", None),
            ("n", "num", None)],
 }
 TABLES = [f"public.{t}" for t in COLUMNS]
+KEYLESS = {"nokey"}
 
 TOASTED = 149  # untouched by the workload's updates and deletes
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", re.IGNORECASE)
@@ -262,11 +271,16 @@ def canonical(kind: str, value):
 
 
 def canonical_rows(table: str, rows: list[tuple]) -> dict:
+    """Rows by their first column (the key), or for a table without a key by their whole value, counted."""
     kinds = [kind for _, kind, _ in COLUMNS[table]]
     out = {}
     for row in rows:
         values = tuple(canonical(k, v) for k, v in zip(kinds, row))
-        out[values[0]] = values
+        if table in KEYLESS:
+            key = repr(values)
+            out[key] = (key, out.get(key, (key, 0))[1] + 1)
+        else:
+            out[values[0]] = values
     return out
 
 
@@ -350,6 +364,9 @@ def test_every_type_reaches_every_destination_equal_to_the_source(stack, source_
         conn.execute("insert into char_key values ('W05', 'padded by the source'), ('W05X', 'x'), ('A', 'a')")
         conn.execute("insert into uuid_key select md5(i::text)::uuid, i from generate_series(1, 30) i")
         conn.execute("insert into ident (v) values ('one'), ('two')")
+        conn.execute("insert into nokey values ('a', '{\"k\": 1}', '{\"k\" : 1}', point(1.5, 2), '{1,null}', '<a/>', "
+                     "0.1), ('b', null, null, null, null, null, null), ('b', null, null, null, null, null, null), "
+                     "('c', '[1]', '[1]', point(-1, 1e-3), '{2}', '<c>x</c>', 3.4e38)")
         conn.execute("insert into kv select i, hstore(array['k', 'q\"'], array[i::text, null]), 'sad', "
                      "md5(i::text)::uuid, i / 7.0 from generate_series(1, 40) i")
     lake = str(tmp_path / "lake.duckdb")
