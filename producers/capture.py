@@ -98,11 +98,12 @@ def check_routes(pipeline: Pipeline, config: dict[str, str]) -> None:
 
 
 def check_plugins(pipeline: Pipeline, connect: ConnectClient, config: dict[str, str]) -> None:
-    """The project's own transform must be on the worker's plugin path before a connector names it."""
+    """The project's own transforms must be on the worker's plugin path before a connector names them."""
     needed = {v for k, v in config.items() if k.startswith("transforms.") and k.endswith(".type")}
-    if debezium.OPTIONAL_FIELDS not in needed:
+    if not needed & {debezium.OPTIONAL_FIELDS, debezium.DROP_OPTIONAL_DEFAULTS}:
         return
-    if debezium.OPTIONAL_FIELDS not in {p.get("class") for p in connect.plugins()}:
+    plugins = {p.get("class") for p in connect.plugins()}
+    if debezium.OPTIONAL_FIELDS in needed and debezium.OPTIONAL_FIELDS not in plugins:
         hierarchies = list(pipeline.hierarchies)
         names = [hierarchies[int(m.group(1))] for k in config
                  if (m := re.fullmatch(r"transforms\.h(\d+)optional\.type", k))]
@@ -111,6 +112,12 @@ def check_plugins(pipeline: Pipeline, connect: ConnectClient, config: dict[str, 
             f"transform {debezium.OPTIONAL_FIELDS}, which Kafka Connect at {pipeline.kafka.connect_url} does not "
             "have; `cdc stack up` builds it into the plugin path, and Connect loads it when it starts. Nothing was "
             "changed.")
+    if debezium.DROP_OPTIONAL_DEFAULTS in needed and debezium.DROP_OPTIONAL_DEFAULTS not in plugins:
+        raise CaptureError(
+            f"every connector needs the transform {debezium.DROP_OPTIONAL_DEFAULTS} (without it an explicit NULL in a "
+            f"column with a default reaches Kafka as the default), which Kafka Connect at "
+            f"{pipeline.kafka.connect_url} does not have; `cdc stack up` builds it into the plugin path, and Connect "
+            "loads it when it starts. Nothing was changed.")
 
 
 def unplanned_topics(pipeline: Pipeline, existing: dict[str, int] | set[str]) -> list[tuple[str, str]]:

@@ -22,6 +22,12 @@ changes anything.
 
 Records of the signalling table are dropped with `Filter`: Debezium reads its signals from the WAL itself and
 nobody consumes them from Kafka.
+
+Every record's value then goes through `DropOptionalDefaults$Value` (the project's own transform): Debezium puts a
+column's DDL default into its field's schema, and Connect's `Struct.get`, which the Avro converter reads every field
+with, returns that default where the value is null (KAFKA-8713): an explicit NULL in a nullable column with a default
+would reach Kafka as the default. Apicurio 2.6's converter has no setting against it (its AvroData never sets
+`ignoreDefaultForNullables`), nor does Debezium; the transform removes optional fields' defaults from the schema.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ from producers.source_admin import TableInfo
 AVRO_CONVERTER = "io.apicurio.registry.utils.converter.AvroConverter"
 RECORD_ID_STRATEGY = "io.apicurio.registry.serde.avro.strategy.RecordIdStrategy"
 TOPIC_NAME_MATCHES = "org.apache.kafka.connect.transforms.predicates.TopicNameMatches"
-# The project's one transform of its own (infra/transforms): Connect's own transforms all keep a field's optionality.
+# The project's own transforms (infra/transforms): Connect's own transforms all keep a field's optionality...
 OPTIONAL_FIELDS = "cdc.transforms.OptionalFields$Key"
+# ... and the one on every record: keeps an explicit NULL a NULL where the column has a default (see above).
+DROP_OPTIONAL_DEFAULTS = "cdc.transforms.DropOptionalDefaults$Value"
 # The prefix of the logical decoding message each heartbeat writes (heartbeat.action.query).
 HEARTBEAT_PREFIX = "cdc-heartbeat"
 INTEGER_TYPES = {"smallint": 16, "integer": 32, "bigint": 64}
@@ -252,6 +260,10 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
     config["predicates.signals.type"] = TOPIC_NAME_MATCHES
     config["predicates.signals.pattern"] = _topic_pattern(prefix, [pipeline.source.signal_table])
     predicates = ["signals"]
+    # No predicate: a column with a default may be added to any table later, and a schema without optional
+    # defaults (heartbeats, transaction metadata) passes through unchanged.
+    transforms.append("nulls")
+    config["transforms.nulls.type"] = DROP_OPTIONAL_DEFAULTS
     for i, (name, h) in enumerate(pipeline.hierarchies.items()):
         key_col, cast, optional = keys[name]
         for j, (member, column) in enumerate(h.members.items()):
