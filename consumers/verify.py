@@ -40,7 +40,8 @@ from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
 from consumers.compare import Canon, Kind, equal, jsonable, kind_of, normal, normal_row
 from consumers.dialects import dialect_for
-from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
+from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape, reflect_shapes
 
 ROWS_PER_BUCKET = 16  # the aim of step 1: a differing bucket costs ~16 rows fetched per side
 FETCH_ALL_BELOW = 20_000  # tables with at most this many rows a side skip step 1: one query fetches them
@@ -61,6 +62,7 @@ class TableReport:
     seconds: float = 0.0
     # The canonical key text of each reported key (row hash for keyless rows): how fix and recheck find them.
     handles: dict[str, dict[tuple, str]] = field(default_factory=dict, repr=False)
+    history: "HistoryReport | None" = None  # analytics destinations: what the check of the table's history found
 
     @property
     def distinct_keys(self) -> int:
@@ -76,14 +78,20 @@ class TableReport:
         return 1.0 if distinct == 0 else max(0.0, matching / distinct)
 
     @property
-    def equal(self) -> bool:
+    def rows_equal(self) -> bool:
+        """The current-state table agrees with the source (its history aside)."""
         return not (self.missing or self.extra or self.different or self.error)
+
+    @property
+    def equal(self) -> bool:
+        return self.rows_equal and (self.history is None or self.history.equal)
 
     def as_json(self) -> dict[str, Any]:
         return {"table": self.table, "source_rows": self.source_rows, "destination_rows": self.destination_rows,
                 "missing": self.missing, "extra": self.extra, "different": self.different,
                 "accuracy": round(self.accuracy, 6), "keyless": self.keyless, "error": self.error,
-                "queries": self.queries, "seconds": round(self.seconds, 3)}
+                "queries": self.queries, "seconds": round(self.seconds, 3)} | (
+                    {"history": self.history.as_json()} if self.history is not None else {})
 
 
 @dataclass
@@ -459,6 +467,7 @@ class _Target:
     src_sql: str
     dst_sql: str
     stored: dict[str, str]
+    history: tuple[str, str | None, str] | None = None  # analytics destinations: the history table (_history_sql)
 
 
 def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Connection, engine: str,
@@ -492,7 +501,8 @@ def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Conne
             continue
         reports[name].keyless = not shape.primary_key
         src_sql = f'"{shape.schema.replace(chr(34), chr(34) * 2)}"."{shape.table.replace(chr(34), chr(34) * 2)}"'
-        targets[name] = _Target(shape, src_sql, table_sql(engine, table), stored)
+        targets[name] = _Target(shape, src_sql, table_sql(engine, table), stored,
+                                _history_sql(engine, table) if dialect.keeps_history else None)
     return targets
 
 
@@ -541,7 +551,21 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
                 report.seconds = time.monotonic() - started
                 echo(f"{name}: {len(report.missing)} missing, {len(report.extra)} extra, "
                      f"{len(report.different)} different ({report.seconds:.1f} s)")
-        unequal = [n for n in targets if not reports[n].equal and not reports[n].error]
+            # Analytics histories, in the same snapshot of the destination as its current-state tables.
+            for name, target in targets.items():
+                if target.history is None:
+                    continue
+                try:
+                    reports[name].history = check_history(dst, engine, target, target.history)
+                except Exception as exc:  # noqa: BLE001 - reported per table, never skipped in silence
+                    reports[name].history = HistoryReport(
+                        table=target.history[2], error=f"could not be checked: {type(exc).__name__}: "
+                                                       f"{str(exc).splitlines()[0]}")
+                    _reset(dst)
+                h = reports[name].history
+                echo(f"{name}: history {h.rows} rows, {h.duplicates} duplicate(s), {h.inconsistent} inconsistent "
+                     "key(s)" + (f", {h.error}" if h.error else ""))
+        unequal = [n for n in targets if not reports[n].rows_equal and not reports[n].error]
         if unequal and settle > 0:
             # A change still in flight (within the destination's lag) when the tables were read has been applied
             # by now: only what differs in both looks is reported.
@@ -614,6 +638,9 @@ def render(report: Report) -> str:
         lines.append(f"{t.table:{width}} {t.source_rows:9} {t.destination_rows:11} {len(t.missing):8} "
                      f"{len(t.extra):6} {len(t.different):9} {t.accuracy:9.2%}" + ("  (no key: rows)" if t.keyless
                                                                                   else ""))
+    for t in report.tables:
+        if t.history is not None:
+            lines.append(_history_line(t, width))
     distinct = sum(t.distinct_keys for t in report.tables if not t.error)
     matching = sum(t.source_rows - len(t.missing) - len(t.different) for t in report.tables if not t.error)
     overall = 1.0 if distinct == 0 else matching / distinct
@@ -622,6 +649,22 @@ def render(report: Report) -> str:
     lines.append(f"overall accuracy {shown}: {'equal' if report.equal else 'DIFFERENT'}"
                  + (f"; {errors} table(s) could not be compared" if errors else ""))
     return "\n".join(lines)
+
+
+def _history_line(t: TableReport, width: int) -> str:
+    h = t.history
+    head = f"{t.table:{width}} history {h.table}: "
+    if h.error:
+        return head + f"ERROR: {h.error}"
+    parts = [f"{h.rows} rows", f"{h.duplicates} duplicate row(s)" + (
+        f" (e.g. keys {', '.join(map(str, h.duplicate_keys[:5]))})" if h.duplicates else "")]
+    if h.checked:
+        parts.append(f"{h.inconsistent} key(s) not replaying to the current state" + (
+            " (e.g. " + "; ".join(f"{k}: {w}" for k, w in list(zip(h.inconsistent_keys, h.why))[:5]) + ")"
+            if h.inconsistent else ""))
+    if h.note:
+        parts.append(h.note)
+    return head + ", ".join(parts) + ("" if h.equal else "  DIFFERENT")
 
 
 def render_html(report: Report) -> str:
@@ -663,7 +706,7 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
     dialect = dialect_for(engine, pipeline.destinations[report.destination].kind)
     try:
         for table in report.tables:
-            if table.error or table.equal:
+            if table.error or table.rows_equal:  # histories are not repaired here, only reported
                 continue
             if table.keyless:
                 refused.append(f"{table.table} has no primary key: its rows cannot be re-synced one by one; "
@@ -697,3 +740,161 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
         engine.dispose()
     if refused:
         raise CdcError("verify --fix: " + "; ".join(refused))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# analytics histories
+
+
+HISTORY_EXAMPLES = 20  # keys shown per history problem; the counts are exact
+# Kinds whose large values PostgreSQL may store out of line (TOAST): an update that left such a value unchanged may
+# reach the applier without it (Debezium's placeholder), and the history then records NULL for the value it did
+# not know, while the current-state row keeps it. Such a NULL in an update's history row is no alarm.
+_TOASTABLE = frozenset({"text", "char", "bytes", "json", "array", "other", "numeric", "bits"})
+
+
+@dataclass
+class HistoryReport:
+    """What `cdc verify` found in an analytics destination's change history of one table."""
+
+    table: str = ""  # the history table, as the destination names it
+    rows: int = 0
+    duplicates: int = 0  # surplus rows: copies of a change (same source position, key and op) beyond the first
+    duplicate_keys: list[list[Any]] = field(default_factory=list)  # a few of their keys (whole rows, keyless)
+    inconsistent: int = 0  # keys whose last history entry does not give their current state
+    inconsistent_keys: list[list[Any]] = field(default_factory=list)  # a few, with `why` for each
+    why: list[str] = field(default_factory=list)
+    checked: bool = False  # whether the replay check ran (not for tables without a key)
+    note: str | None = None
+    error: str | None = None  # why the history could not be checked
+
+    @property
+    def equal(self) -> bool:
+        return not (self.duplicates or self.inconsistent or self.error)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"table": self.table, "rows": self.rows, "duplicates": self.duplicates,
+                "duplicate_keys": self.duplicate_keys, "inconsistent": self.inconsistent,
+                "inconsistent_keys": self.inconsistent_keys,
+                "inconsistent_examples": [{"key": k, "why": w} for k, w in zip(self.inconsistent_keys, self.why)],
+                "checked": self.checked, "note": self.note, "error": self.error, "equal": self.equal}
+
+
+def _history_sql(engine: str, table: Any) -> tuple[str, str | None, str]:
+    """The quoted name of a destination table's history, and its schema and bare name."""
+    name = table.name + HISTORY_SUFFIX
+    return ".".join(quote(engine, p) for p in ([table.schema] if table.schema else []) + [name]), table.schema, name
+
+
+def check_history(conn: Connection, engine: str, target: _Target, history: tuple[str, str | None, str]) -> HistoryReport:
+    """Check one table's history inside the destination, set-based:
+
+    1. No duplicates: no two history rows for the same change, i.e. the same source position (`_cdc_lsn`), key and
+       op (Debezium delivers at least once; a re-sent transaction must not be stored twice). Snapshot reads without
+       a position (`_cdc_lsn` = SNAPSHOT_LSN: re-syncs, ad-hoc snapshots) are legitimately read again later, so
+       theirs are told apart by their read time (`_cdc_commit_ts`) too. Without a key, the whole row is the key.
+    2. It replays to the current state: for each key, the last entry in source order (`_cdc_lsn`; on a tie, as in a
+       primary-key update's delete and insert, the delete first) is a delete exactly when the key is absent from
+       the current-state table, and otherwise holds its values (canonical texts compared NULL-safe, in SQL). Snapshot
+       reads have no place in source order, and the applier lets them win whenever they arrive: a current row equal
+       to one of its key's snapshot reads is consistent, and one with only snapshot reads must equal one of them.
+       Tables without a key are not replayed (no key says which entry is a row's last): `checked` is false.
+    """
+    h_sql, h_schema, h_name = history
+    report = HistoryReport(table=".".join(filter(None, (h_schema, h_name))))
+    stored = _stored_types(conn, engine, h_schema, h_name)
+    if not stored:
+        report.error = f"the analytics destination has no history table {report.table}"
+        return report
+    shape = target.shape
+    columns = [c for c in shape.column_names if c != LSN_COLUMN]
+    lacking = [c for c in [*columns, *HISTORY_COLUMNS] if c not in stored]
+    if lacking:
+        report.error = f"the history table {report.table} has no column(s) {', '.join(lacking)}"
+        return report
+    canon = Canon(engine)
+    kinds = {c: kind_of(shape.column(c).type) for c in columns}
+    q = {c: quote(engine, c) for c in columns}
+    key = list(shape.primary_key)
+    run = lambda sql: raw_query(conn, sql)  # noqa: E731
+    report.rows = int(run(f"SELECT count(*) FROM {h_sql}")[0][0])
+    read_time = f"CASE WHEN _cdc_lsn = {SNAPSHOT_LSN} THEN _cdc_commit_ts END"
+
+    # 1. duplicates
+    if key:
+        identity = [q[c] for c in key]
+        shown = [canon.fetch(kinds[c], q[c], stored.get(c)) for c in key]
+    else:
+        identity = [canon.md5(canon.row_text([canon.column(kinds[c], q[c], stored.get(c)) for c in columns]))]
+        shown = [canon.fetch(kinds[c], q[c], stored.get(c)) for c in columns]
+    grouping = f"_cdc_lsn, _cdc_op, {read_time}, {', '.join(identity)}"
+    surplus, = run(f"SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM {h_sql} GROUP BY {grouping} "
+                   f"HAVING count(*) > 1) g")[0]
+    report.duplicates = int(surplus)
+    if report.duplicates:
+        # One row of each duplicated change (no DISTINCT or ORDER BY on the values: PostgreSQL's json has no
+        # equality), the first few by their identity.
+        ids = ", ".join(f"{e} AS _cdc_i{i}" for i, e in enumerate(identity))
+        picked = ", ".join(f"{s} AS _cdc_c{i}" for i, s in enumerate(shown))
+        rows = run(f"SELECT {', '.join(f'_cdc_c{i}' for i in range(len(shown)))} FROM ("
+                   f"SELECT {ids}, {picked}, count(*) OVER (PARTITION BY {grouping}) AS _cdc_n, "
+                   f"row_number() OVER (PARTITION BY {grouping}) AS _cdc_r FROM {h_sql}) x "
+                   f"WHERE _cdc_n > 1 AND _cdc_r = 1 ORDER BY {', '.join(f'_cdc_i{i}' for i in range(len(identity)))} "
+                   f"LIMIT {HISTORY_EXAMPLES * 4}")
+        seen = []
+        for r in rows:
+            k = _shown(list(r), [kinds[c] for c in (key or columns)])
+            if k not in seen:
+                seen.append(k)
+        report.duplicate_keys = seen[:HISTORY_EXAMPLES]
+
+    # 2. replay
+    if not key:
+        report.note = ("no primary key: the history is not replayed (no key tells which entry is a row's last); "
+                       "duplicates are checked by whole row")
+        return report
+    report.checked = True
+
+    def same(a: str, b: str) -> str:
+        """SQL: the row of alias `a` (a history entry) holds the values of the row of alias `b`, NULL-safe."""
+        parts = []
+        for c in columns:
+            x = canon.column(kinds[c], f"{a}.{q[c]}", stored.get(c))
+            y = canon.column(kinds[c], f"{b}.{q[c]}", stored.get(c))
+            cond = f"({x} IS NOT DISTINCT FROM {y})"
+            if kinds[c].name in _TOASTABLE:
+                cond = f"({cond} OR ({a}._cdc_op = 'u' AND {a}.{q[c]} IS NULL))"
+            parts.append(cond)
+        return " AND ".join(parts) or "TRUE"
+
+    keys = ", ".join(q[c] for c in key)
+    on = lambda a, b: " AND ".join(f"{a}.{q[c]} = {b}.{q[c]}" for c in key)  # noqa: E731
+    last = (f"SELECT * FROM (SELECT h.*, row_number() OVER (PARTITION BY {keys} ORDER BY _cdc_lsn DESC, "
+            f"CASE WHEN _cdc_op = 'd' THEN 0 ELSE 1 END DESC) AS _cdc_rank FROM {h_sql} h) x WHERE _cdc_rank = 1")
+    read_matches = (f"EXISTS (SELECT 1 FROM {h_sql} s WHERE s._cdc_lsn = {SNAPSHOT_LSN} AND s._cdc_op = 'r' "
+                    f"AND {on('s', 't')} AND {same('s', 't')})")
+    why = (f"CASE WHEN t.{q[key[0]]} IS NULL THEN "
+           f"CASE WHEN l._cdc_op = 'd' THEN NULL ELSE 'absent from the current state, but its last history entry is "
+           f"''' || l._cdc_op || ''' (no delete)' END "
+           f"WHEN {read_matches} THEN NULL "
+           f"WHEN l.{q[key[0]]} IS NULL THEN 'in the current state, but not in the history' "
+           f"WHEN l._cdc_op = 'd' THEN 'in the current state, but its last history entry is a delete' "
+           f"WHEN NOT ({same('l', 't')}) THEN 'its current row differs from its last history entry (''' "
+           f"|| l._cdc_op || ''' at _cdc_lsn ' || CAST(l._cdc_lsn AS VARCHAR) || ')' END")
+    key_of = [f"coalesce({canon.fetch(kinds[c], 'l.' + q[c], stored.get(c))}, "
+              f"{canon.fetch(kinds[c], 't.' + q[c], stored.get(c))}) AS k{i}" for i, c in enumerate(key)]
+    problems = (f"SELECT {', '.join(key_of)}, {why} AS why FROM ({last}) l "
+                f"FULL OUTER JOIN {target.dst_sql} t ON {on('l', 't')}")
+    count, = run(f"SELECT count(*) FROM ({problems}) p WHERE why IS NOT NULL")[0]
+    report.inconsistent = int(count)
+    if report.inconsistent:
+        rows = run(f"SELECT * FROM ({problems}) p WHERE why IS NOT NULL "
+                   f"ORDER BY {', '.join(f'k{i}' for i in range(len(key)))} LIMIT {HISTORY_EXAMPLES}")
+        report.inconsistent_keys = [_shown(list(r[:-1]), [kinds[c] for c in key]) for r in rows]
+        report.why = [r[-1] for r in rows]
+    return report
+
+
+def _shown(values: list[Any], kinds: list[Kind]) -> list[Any]:
+    """Values as the report shows keys (char padding off, JSON-able)."""
+    return [jsonable(v.rstrip(" ") if isinstance(v, str) and k.name == "char" else v) for v, k in zip(values, kinds)]
