@@ -67,6 +67,26 @@ def table_rows(url: str, table: str) -> list[tuple]:
             sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(table))).fetchall()
 
 
+def last_value(bootstrap: str, topic: str) -> bytes:
+    """The value bytes of the last message of a topic's partitions (any one of them)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False,
+                         "log_level": 3})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                consumer.assign([TopicPartition(topic, p, high - 1)])
+                message = consumer.poll(10)
+                assert message is not None and message.error() is None, message
+                return message.value()
+    finally:
+        consumer.close()
+    raise AssertionError(f"{topic} is empty")
+
+
 def connect_url(stack) -> str:
     # CDC_TEST_CONNECT_URL: a second worker with the project's transforms on its plugin path, for a stack whose
     # Connect was started before they were built.
@@ -106,6 +126,7 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
         assert [r[0] for r in rows if all(v is None for v in r[1:])] == [2, 4, 5]  # the source has its NULLs
         assert table_rows(destination, "item") == rows
 
+        raw_value = last_value(stack.kafka_bootstrap, pipeline.topic_of("public.item"))
         stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"t-{pipeline.pipeline}")
         try:
             events = stream.collect(lambda seen: len(seen) >= 9, timeout=60)
@@ -127,6 +148,16 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
     assert {i: [e.op for e in es] for i, es in by_id.items()} == {
         1: ["r", "d"], 2: ["r", "u"], 3: ["c", "u"], 4: ["c"], 5: ["c", "u"]}, events
     (r1, d1), (r2, u2), (c3, u3), (c4,), (c5, u5) = (by_id[i] for i in range(1, 6))
+    # The registered value schema: the images' columns carry no default any more; the source block keeps its own.
+    schema = decoder.raw_schema(decoder.schema_id(raw_value))
+    fields = {f["name"]: f for f in schema["fields"]}
+    # One record schema for both images, defined where first used (the before image), named in the other.
+    row = next(t for t in fields["before"]["type"] if isinstance(t, dict))
+    assert fields["after"]["type"][-1].split(".")[-1] == row["name"], fields["after"]
+    assert {f["name"]: f.get("default") for f in row["fields"] if f["name"] in COLUMNS} == nulls, row
+    source_fields = {f["name"]: f for f in fields["source"]["type"]["fields"]}
+    assert source_fields["snapshot"].get("default") == "false", source_fields["snapshot"]
+    assert r1.snapshot and r2.snapshot and not any(e.snapshot for e in (d1, u2, c3, u3, c4, c5, u5))
     assert image(r1, "after") == nulls and image(c3, "after") == nulls and image(c4, "after") == nulls
     assert image(u3, "before") == nulls and None not in image(u3, "after").values()
     # The defaults themselves still arrive where the row holds them.
@@ -134,3 +165,69 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
     assert None not in image(u2, "before").values() and image(u2, "after") == nulls
     assert image(d1, "before") == nulls
     assert None not in image(c5, "after").values() and image(u5, "after") == nulls
+
+
+def without_the_transform(pipeline, tables):
+    """The connector configuration an earlier release made: no DropOptionalDefaults."""
+    config = ORIGINAL_CONFIG(pipeline, tables)
+    config["transforms"] = ",".join(t for t in config["transforms"].split(",") if t != "nulls")
+    del config["transforms.nulls.type"]
+    return config
+
+
+ORIGINAL_CONFIG = capture.debezium.connector_config
+
+
+def test_a_connector_made_without_the_transform_gets_it_on_apply_and_keeps_replicating(
+        stack, source_db, destination_db, tmp_path, monkeypatch):
+    url = connect_url(stack)
+    with ConnectClient(url) as client:
+        if DROP_OPTIONAL_DEFAULTS not in {p.get("class") for p in client.plugins()}:
+            pytest.skip(f"Kafka Connect at {url} lacks the project's transforms (restart Connect after `cdc stack up`)")
+    source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
+    execute(source, SCHEMA.replace(f"insert into item values (1, {NULLS});", f"insert into item values (1, {VALUES});"))
+    data = pipeline_data(stack, source_db, ["public.item"],
+                         destinations={"pg": {"kind": "replica", "url": destination}})
+    data["kafka"]["connect_url"] = url
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    monkeypatch.setattr(capture.debezium, "connector_config", without_the_transform)
+    capture.apply(pipeline)
+    try:
+        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert table_rows(destination, "item") == table_rows(source, "item")
+        monkeypatch.undo()
+        report = capture.apply(pipeline)  # the configuration gains the transform; the offsets stay
+        with ConnectClient(url) as client:
+            assert client.config(pipeline.connector_name)["transforms.nulls.type"] == DROP_OPTIONAL_DEFAULTS
+        assert report.action == "updated", report
+        execute(source,
+                f"insert into item values (3, {NULLS})",
+                f"update item set ({', '.join(COLUMNS)}) = ({NULLS}) where id = 1",
+                "update item set note = 'kept' where id = 2")
+        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
+        assert second.returncode == 0, second.stdout + second.stderr
+        rows = table_rows(source, "item")
+        assert [r[0] for r in rows if all(v is None for v in r[1:])] == [1, 3]
+        assert table_rows(destination, "item") == rows
+    finally:
+        purge(pipeline)
+
+
+def test_a_connect_without_the_transform_is_refused_before_anything_is_created(stack, connect, source_db, tmp_path):
+    if DROP_OPTIONAL_DEFAULTS in {p.get("class") for p in connect.plugins()}:
+        pytest.skip("this Kafka Connect has the project's transforms")
+    from cdc.errors import CdcError
+    from tests.integration.test_capture_fidelity import assert_nothing_created
+
+    execute(stack.postgres_url(source_db), SCHEMA)
+    pipeline = write_pipeline(tmp_path / "pipeline.yaml", pipeline_data(stack, source_db, ["public.item"]))
+    with pytest.raises(CdcError) as info:
+        capture.apply(pipeline)
+    assert str(info.value) == (
+        "every connector needs the transform cdc.transforms.DropOptionalDefaults$Value (without it an explicit NULL "
+        "in a column with a default reaches Kafka as the default), which Kafka Connect at "
+        f"{stack.urls()['connect']} does not have; `cdc stack up` builds it into the plugin path, and Connect loads "
+        "it when it starts. Nothing was changed.")
+    assert_nothing_created(stack, connect, pipeline, source_db)

@@ -19,7 +19,7 @@ import org.apache.kafka.connect.errors.DataException;
 import org.apache.kafka.connect.transforms.Transformation;
 
 /**
- * Removes the default of every optional field (at any depth: the envelope's before and after images) from the
+ * Removes the default of every optional field of a change event's before and after images (at any depth) from the
  * record's value schema, values unchanged, explicit nulls kept as nulls.
  *
  * <p>Why: Debezium puts a column's DDL default into the field's schema ({@code note text default 'n/a'} gives the
@@ -29,8 +29,8 @@ import org.apache.kafka.connect.transforms.Transformation;
  * default. Here each value is read with {@code getWithoutDefault} into a schema without those defaults, which the
  * converter then cannot substitute. Required fields keep their defaults: Debezium fills a delete's before image
  * of a NOT NULL column with a placeholder, never with null, and Connect accepts a null in a required field only
- * where the field has a default. A schema without any optional default passes through unchanged (same schema
- * object, so the same registry id).
+ * where the field has a default. A schema whose images hold no optional default passes through unchanged (same
+ * schema object, so the same registry id).
  */
 public abstract class DropOptionalDefaults<R extends ConnectRecord<R>> implements Transformation<R> {
 
@@ -51,13 +51,42 @@ public abstract class DropOptionalDefaults<R extends ConnectRecord<R>> implement
         }
         Schema updated = schemas.get(schema);
         if (updated == null) {
-            updated = withoutOptionalDefaults(schema);
+            updated = imagesWithoutOptionalDefaults(schema);
             schemas.put(schema, updated);
         }
         if (updated == schema) {
             return record;
         }
         return newRecord(record, updated, convert(schema, updated, operatingValue(record)));
+    }
+
+    /**
+     * A change event's schema with its images (the top-level {@code before} and {@code after}) rewritten; the same
+     * object when they hold no optional default, or when the value is no change event (heartbeats, transaction
+     * markers). The {@code source} block keeps its defaults: Debezium leaves its {@code snapshot} field null outside
+     * snapshots, which readers know as the default "false".
+     */
+    static Schema imagesWithoutOptionalDefaults(Schema schema) {
+        if (schema.type() != Schema.Type.STRUCT || schema.field("before") == null && schema.field("after") == null) {
+            return schema;
+        }
+        boolean changed = false;
+        SchemaBuilder builder = SchemaBuilder.struct().name(schema.name()).version(schema.version()).doc(schema.doc());
+        if (schema.parameters() != null) {
+            builder.parameters(schema.parameters());
+        }
+        if (schema.isOptional()) {
+            builder.optional();
+        }
+        for (Field field : schema.fields()) {
+            Schema fs = field.schema();
+            if (field.name().equals("before") || field.name().equals("after")) {
+                fs = withoutOptionalDefaults(fs);
+                changed |= fs != field.schema();
+            }
+            builder.field(field.name(), fs);
+        }
+        return changed ? builder.build() : schema;
     }
 
     /** The schema without optional (nested) schemas' defaults; the same object when there is none to remove. */
@@ -134,8 +163,10 @@ public abstract class DropOptionalDefaults<R extends ConnectRecord<R>> implement
                 Struct in = (Struct) value;
                 Struct out = new Struct(to);
                 for (Field field : from.fields()) {
+                    // A field whose schema is unchanged (the envelope's source block) is read as before.
                     Field target = to.field(field.name());
-                    out.put(target, convert(field.schema(), target.schema(), in.getWithoutDefault(field.name())));
+                    Object v = target.schema() == field.schema() ? in.get(field) : in.getWithoutDefault(field.name());
+                    out.put(target, convert(field.schema(), target.schema(), v));
                 }
                 return out;
             }
