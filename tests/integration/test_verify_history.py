@@ -73,7 +73,7 @@ def test_histories_replay_to_the_current_state_and_plants_are_named(stack, sourc
 
         for destination in ("lake", "pglake"):
             code, report = _verify(cdc, destination)
-            assert code == 0 and report["equal"] is True, (destination, report)
+            assert code == 0 and report["equal"] is True, json.dumps(report, indent=1)
             histories = _histories(report)
             for table in ("public.item", "public.stock"):
                 h = histories[table]
@@ -87,6 +87,34 @@ def test_histories_replay_to_the_current_state_and_plants_are_named(stack, sourc
             assert note["rows"] == 5 and note["equal"] is True, note
             human = cdc("verify", destination, "--settle", "0")
             assert human.returncode == 0 and "history" in human.stdout and "0 duplicate row(s)" in human.stdout
+
+        # Re-syncs append snapshot reads without a source position: no false alarm. Item 3 is re-synced twice (two
+        # reads of one key, told apart by their read time); item 12 lost its last change in both the history and
+        # the current state (planted), which the re-sync repairs: the read, not the older history entry, is the
+        # current row.
+        with psycopg.connect(pg, autocommit=True) as conn:
+            conn.execute("delete from public.item__history where id = 12 and _cdc_lsn = "
+                         "(select max(_cdc_lsn) from public.item__history where id = 12)")
+            conn.execute("update public.item set price = price - 1 where id = 12")
+        code, report = _verify(cdc, "pglake")
+        assert code == 1 and report["tables"][0]["different"] == [[12]], report
+        assert report["tables"][0]["history"]["equal"] is True, report  # the plant left it consistent
+        applier = subprocess.Popen([CDC, "-c", str(path), "run", "pglake"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+        try:
+            for ids in ("3", "3", "12"):
+                synced = cdc("resync", "public.item", "--ids", ids, "--dest", "pglake", "--wait", "60")
+                assert synced.returncode == 0, synced.stdout + synced.stderr
+        finally:
+            applier.terminate()
+            applier.wait(30)
+        with psycopg.connect(pg) as conn:
+            reads = conn.execute("select id, count(*) from public.item__history where _cdc_lsn = -1 "
+                                 "group by id order by id").fetchall()
+        assert reads == [(3, 2), (12, 1)], reads
+        code, report = _verify(cdc, "pglake")
+        assert code == 0 and report["equal"] is True, json.dumps(report, indent=1)
+        assert _histories(report)["public.item"]["rows"] == 50 - 1 + 3
 
         # DuckDB: one change of item 2 stored twice (as a re-sent transaction would be); stock's row (1, 'a')
         # deleted from the current state with no delete in its history.
