@@ -18,6 +18,11 @@ buckets the same way on both sides, whatever the engines' types and collations:
 
 Both sides run at the same time (one thread each), each in one snapshot. Small tables skip step 1. A table that
 cannot be compared (no destination table yet, a query fails) is reported with the reason, never skipped.
+
+Analytics destinations also keep a change history per table (`<table>__history`); each is checked inside the
+destination, in the same snapshot as its current-state table (check_history): no change stored twice, and each
+key's last history entry gives its current row. A history problem makes the table, and the report, unequal; histories
+are only reported here, never repaired (`--fix` re-syncs current-state rows only).
 """
 
 from __future__ import annotations
@@ -676,6 +681,8 @@ def render_html(report: Report) -> str:
         f"<td>{len(t.missing)}</td><td>{len(t.extra)}</td><td>{len(t.different)}</td><td>{t.accuracy:.2%}</td>"
         f"<td>{_html.escape(t.error or '')}</td></tr>"
         for t in report.tables)
+    rows += "".join(f"<tr><td colspan=8>{_html.escape(_history_line(t, 0))}</td></tr>"
+                    for t in report.tables if t.history is not None)
     keys = "".join(
         f"<h3>{_html.escape(t.table)}</h3><p>missing: {_html.escape(str(t.missing[:200]))}<br>"
         f"extra: {_html.escape(str(t.extra[:200]))}<br>"
@@ -876,14 +883,16 @@ def check_history(conn: Connection, engine: str, target: _Target, history: tuple
             f"CASE WHEN _cdc_op = 'd' THEN 0 ELSE 1 END DESC) AS _cdc_rank FROM {h_sql} h) x WHERE _cdc_rank = 1")
     read_matches = (f"EXISTS (SELECT 1 FROM {h_sql} s WHERE s._cdc_lsn = {SNAPSHOT_LSN} AND s._cdc_op = 'r' "
                     f"AND {on('s', 't')} AND {same('s', 't')})")
+    # Snapshot reads are looked at last, for keys found wrong otherwise (PostgreSQL evaluates CASE lazily).
     why = (f"CASE WHEN t.{q[key[0]]} IS NULL THEN "
            f"CASE WHEN l._cdc_op = 'd' THEN NULL ELSE 'absent from the current state, but its last history entry is "
            f"''' || l._cdc_op || ''' (no delete)' END "
-           f"WHEN {read_matches} THEN NULL "
            f"WHEN l.{q[key[0]]} IS NULL THEN 'in the current state, but not in the history' "
-           f"WHEN l._cdc_op = 'd' THEN 'in the current state, but its last history entry is a delete' "
-           f"WHEN NOT ({same('l', 't')}) THEN 'its current row differs from its last history entry (''' "
-           f"|| l._cdc_op || ''' at _cdc_lsn ' || CAST(l._cdc_lsn AS VARCHAR) || ')' END")
+           f"WHEN l._cdc_op = 'd' THEN CASE WHEN {read_matches} THEN NULL "
+           f"ELSE 'in the current state, but its last history entry is a delete' END "
+           f"WHEN NOT ({same('l', 't')}) THEN CASE WHEN {read_matches} THEN NULL "
+           f"ELSE 'its current row differs from its last history entry (''' || l._cdc_op || ''' at _cdc_lsn ' "
+           f"|| CAST(l._cdc_lsn AS VARCHAR) || ')' END END")
     key_of = [f"coalesce({canon.fetch(kinds[c], 'l.' + q[c], stored.get(c))}, "
               f"{canon.fetch(kinds[c], 't.' + q[c], stored.get(c))}) AS k{i}" for i, c in enumerate(key)]
     problems = (f"SELECT {', '.join(key_of)}, {why} AS why FROM ({last}) l "
