@@ -899,13 +899,12 @@ def check_history(conn: Connection, engine: str, target: _Target, history: tuple
               f"{canon.fetch(kinds[c], 't.' + q[c], stored.get(c))}) AS k{i}" for i, c in enumerate(key)]
     problems = (f"SELECT {', '.join(key_of)}, {why} AS why FROM ({last}) l "
                 f"FULL OUTER JOIN {target.dst_sql} t ON {on('l', 't')}")
-    count, = run(f"SELECT count(*) FROM ({problems}) p WHERE why IS NOT NULL")[0]
-    report.inconsistent = int(count)
-    if report.inconsistent:
-        rows = run(f"SELECT * FROM ({problems}) p WHERE why IS NOT NULL "
-                   f"ORDER BY {', '.join(f'k{i}' for i in range(len(key)))} LIMIT {HISTORY_EXAMPLES}")
-        report.inconsistent_keys = [_shown(list(r[:-1]), [kinds[c] for c in key]) for r in rows]
-        report.why = [r[-1] for r in rows]
+    # One pass: the first few problems, each with the count of all of them.
+    rows = run(f"SELECT *, count(*) OVER () AS _cdc_all FROM ({problems}) p WHERE why IS NOT NULL "
+               f"ORDER BY {', '.join(f'k{i}' for i in range(len(key)))} LIMIT {HISTORY_EXAMPLES}")
+    report.inconsistent = int(rows[0][-1]) if rows else 0
+    report.inconsistent_keys = [_shown(list(r[:-2]), [kinds[c] for c in key]) for r in rows]
+    report.why = [r[-2] for r in rows]
     return report
 
 
