@@ -100,7 +100,7 @@ def check_routes(pipeline: Pipeline, config: dict[str, str]) -> None:
 def check_plugins(pipeline: Pipeline, connect: ConnectClient, config: dict[str, str]) -> None:
     """The project's own transforms must be on the worker's plugin path before a connector names them."""
     needed = {v for k, v in config.items() if k.startswith("transforms.") and k.endswith(".type")}
-    if not needed & {debezium.OPTIONAL_FIELDS, debezium.DROP_OPTIONAL_DEFAULTS}:
+    if not needed & {debezium.OPTIONAL_FIELDS, debezium.DROP_OPTIONAL_DEFAULTS, debezium.DROP_KEY_DEFAULTS}:
         return
     plugins = {p.get("class") for p in connect.plugins()}
     if debezium.OPTIONAL_FIELDS in needed and debezium.OPTIONAL_FIELDS not in plugins:
@@ -112,12 +112,13 @@ def check_plugins(pipeline: Pipeline, connect: ConnectClient, config: dict[str, 
             f"transform {debezium.OPTIONAL_FIELDS}, which Kafka Connect at {pipeline.kafka.connect_url} does not "
             "have; `cdc stack up` builds it into the plugin path, and Connect loads it when it starts. Nothing was "
             "changed.")
-    if debezium.DROP_OPTIONAL_DEFAULTS in needed and debezium.DROP_OPTIONAL_DEFAULTS not in plugins:
+    missing = sorted(needed & {debezium.DROP_OPTIONAL_DEFAULTS, debezium.DROP_KEY_DEFAULTS} - plugins)
+    if missing:
         raise CaptureError(
-            f"every connector needs the transform {debezium.DROP_OPTIONAL_DEFAULTS} (without it an explicit NULL in a "
-            f"column with a default reaches Kafka as the default), which Kafka Connect at "
-            f"{pipeline.kafka.connect_url} does not have; `cdc stack up` builds it into the plugin path, and Connect "
-            "loads it when it starts. Nothing was changed.")
+            f"the connector needs the transforms {', '.join(missing)} (without them an explicit NULL in a column "
+            f"with a default reaches Kafka as the default), which Kafka Connect at {pipeline.kafka.connect_url} does "
+            "not have; `cdc stack up` builds them into the plugin path, and Connect loads them when it starts. "
+            "Nothing was changed.")
 
 
 def unplanned_topics(pipeline: Pipeline, existing: dict[str, int] | set[str]) -> list[tuple[str, str]]:

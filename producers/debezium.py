@@ -1,14 +1,16 @@
 """The Debezium PostgreSQL connector configuration generated from the pipeline file (pure: no I/O).
 
 Routing of a hierarchy into one topic keyed by the root id uses Debezium's and Kafka Connect's own settings and
-transforms (and one of ours, step 4), applied in this order to each record:
+transforms (and two of ours, step 4), applied in this order to each record:
 
 1. `message.key.columns` makes a member's key its root-id column (the root keeps its primary key).
 2. `ReplaceField$Key` renames a member's key field to the root's primary-key column name.
 3. `Cast$Key` widens the key to int64 when the root and a member hold the id in integers of different widths.
-4. `OptionalFields$Key` (the project's own transform, only where a member's root-id column is nullable) makes the
-   key field optional for every table of the hierarchy: a member row whose root id is NULL is keyed by a null root
-   id, and the root's key must have the same (optional) schema as the members'.
+4. `DropKeyDefaults` (the project's own transform, on every hierarchy) removes the DDL default Debezium gives a key
+   field from a member's root-id column: the root's key has none, and a NULL root id would be keyed as the default.
+   `OptionalFields$Key` (ours too, only where a member's root-id column is nullable) makes the key field optional
+   for every table of the hierarchy: a member row whose root id is NULL is keyed by a null root id, and the root's
+   key must have the same (optional) schema as the members'.
 5. `SetSchemaMetadata$Key` gives every key of the hierarchy one schema name, so that the root's and the members'
    keys have one Avro schema, one registry id, and therefore identical bytes: the default partitioner hashes
    those bytes, and only identical bytes put one root's changes in one partition.
@@ -45,6 +47,8 @@ TOPIC_NAME_MATCHES = "org.apache.kafka.connect.transforms.predicates.TopicNameMa
 OPTIONAL_FIELDS = "cdc.transforms.OptionalFields$Key"
 # ... and the one on every record: keeps an explicit NULL a NULL where the column has a default (see above).
 DROP_OPTIONAL_DEFAULTS = "cdc.transforms.DropOptionalDefaults$Value"
+# ... and on a hierarchy's keys: no field defaults, so root and members keep one key schema (see connector_config).
+DROP_KEY_DEFAULTS = "cdc.transforms.DropKeyDefaults"
 # The prefix of the logical decoding message each heartbeat writes (heartbeat.action.query).
 HEARTBEAT_PREFIX = "cdc-heartbeat"
 INTEGER_TYPES = {"smallint": 16, "integer": 32, "bigint": 64}
@@ -286,6 +290,12 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
             config[f"transforms.h{i}cast.type"] = "org.apache.kafka.connect.transforms.Cast$Key"
             config[f"transforms.h{i}cast.spec"] = f"{avro_name(key_col)}:{cast}"
             config[f"transforms.h{i}cast.predicate"] = f"h{i}"
+        # Debezium gives a key field its column's DDL default; the root's key has none: without this, a member
+        # whose root-id column has a default would have another key schema (other key bytes for one root id), and
+        # its NULL root ids would be keyed as the default.
+        transforms.append(f"h{i}nodefaults")
+        config[f"transforms.h{i}nodefaults.type"] = DROP_KEY_DEFAULTS
+        config[f"transforms.h{i}nodefaults.predicate"] = f"h{i}"
         if optional:
             # A member's root id may be NULL, so its key field is optional: the root's must be too, or the two
             # would be different key schemas (different registry ids, different key bytes for one root id).

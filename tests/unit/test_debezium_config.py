@@ -51,7 +51,7 @@ def test_members_are_keyed_by_their_root_id_and_routed_to_the_hierarchy_topic():
     assert c["message.key.columns"] == r"public\.person:id;public\.enrollment:person_id;public\.attendance:person_id"
     assert c["replica.identity.autoset.values"] == r"public\.enrollment:FULL,public\.attendance:FULL"
     names = c["transforms"].split(",")
-    assert names == ["dropsignals", "nulls", "h0rename0", "h0rename1", "h0key", "h0route"]
+    assert names == ["dropsignals", "nulls", "h0rename0", "h0rename1", "h0nodefaults", "h0key", "h0route"]
     assert c["transforms.h0rename0.renames"] == "person_id:id"
     assert c["transforms.h0key.schema.name"] == "district.person.Key"
     assert c["transforms.h0route.replacement"] == "district.person"
@@ -141,7 +141,8 @@ def test_a_nullable_root_id_makes_the_key_field_optional_for_the_whole_hierarchy
     assert "h0optional" not in config()["transforms"]
     c = config({**TABLES, "public.attendance": table("public.attendance", person_id="bigint?")})
     names = c["transforms"].split(",")
-    assert names == ["dropsignals", "nulls", "h0rename0", "h0rename1", "h0optional", "h0key", "h0route"]
+    assert names == ["dropsignals", "nulls", "h0rename0", "h0rename1", "h0nodefaults", "h0optional", "h0key",
+                     "h0route"]
     assert c["transforms.h0optional.type"] == "cdc.transforms.OptionalFields$Key"
     # On every table of the hierarchy (predicate h0), after the renames: the root's key too.
     assert (c["transforms.h0optional.fields"], c["transforms.h0optional.predicate"]) == ("id", "h0")
@@ -185,3 +186,13 @@ def test_every_record_value_loses_its_optional_defaults_so_an_explicit_null_stay
         assert c["transforms.nulls.type"] == "cdc.transforms.DropOptionalDefaults$Value"
         # On every table, including ones given a defaulted column after the connector was created.
         assert "transforms.nulls.predicate" not in c
+
+
+def test_a_hierarchys_key_fields_lose_their_defaults_after_the_renames_and_casts():
+    """A member's root-id column's default would make its key schema differ from the root's."""
+    tables = {**TABLES, "public.attendance": table("public.attendance", person_id="integer")}
+    c = config(tables)
+    names = c["transforms"].split(",")
+    assert names.index("h0cast") < names.index("h0nodefaults") < names.index("h0key")
+    assert c["transforms.h0nodefaults.type"] == "cdc.transforms.DropKeyDefaults"
+    assert c["transforms.h0nodefaults.predicate"] == "h0"  # the root's and every member's topic
