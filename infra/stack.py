@@ -311,7 +311,7 @@ def ensure_artifacts(layout: StackLayout, echo: Callable[[str], None]) -> None:
 
 
 def ensure_transforms(layout: StackLayout, java: str, echo: Callable[[str], None]) -> None:
-    """Build the project's own Kafka Connect transform (infra/transforms, one class) into the plugin path.
+    """Build the project's own Kafka Connect transforms (infra/transforms) into the plugin path.
 
     Connect's own transforms all keep a field's optionality; a hierarchy whose member's root-id column is nullable
     needs its key field optional for the root too (producers/debezium.py). Connect loads it when it starts."""
