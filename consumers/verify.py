@@ -651,8 +651,10 @@ def render(report: Report) -> str:
     overall = 1.0 if distinct == 0 else matching / distinct
     errors = sum(1 for t in report.tables if t.error)
     shown = f"{overall:.2%}" if errors < len(report.tables) else "n/a"
+    histories = sum(1 for t in report.tables if t.history is not None and not t.history.equal)
     lines.append(f"overall accuracy {shown}: {'equal' if report.equal else 'DIFFERENT'}"
-                 + (f"; {errors} table(s) could not be compared" if errors else ""))
+                 + (f"; {errors} table(s) could not be compared" if errors else "")
+                 + (f"; {histories} history table(s) with problems" if histories else ""))
     return "\n".join(lines)
 
 
@@ -745,6 +747,9 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
                         echo(f"{table.table} {r.key}: {r.reason}")
     finally:
         engine.dispose()
+    for table in report.tables:
+        if table.history is not None and not table.history.equal:
+            echo(f"{table.table}: its history {table.history.table} is not repaired by --fix (only reported)")
     if refused:
         raise CdcError("verify --fix: " + "; ".join(refused))
 

@@ -138,6 +138,7 @@ def test_histories_replay_to_the_current_state_and_plants_are_named(stack, sourc
         assert human.returncode == 1
         assert "public.item__history" in human.stdout and "1 duplicate row(s) (e.g. keys [2])" in human.stdout
         assert "[1, 'a']: absent from the current state" in human.stdout, human.stdout
+        assert "2 history table(s) with problems" in human.stdout, human.stdout
 
         # PostgreSQL: a change of stock (2, 'z') stored twice, and item 7's last change lost from its history only
         # (the current state still equals the source: only the history check can see it).
