@@ -310,6 +310,17 @@ def ensure_artifacts(layout: StackLayout, echo: Callable[[str], None]) -> None:
     stamp.write_text(digest + "\n")
 
 
+def _transform_sources() -> tuple[list[Path], str]:
+    sources = sorted(p for p in (INFRA_DIR / "transforms" / "src").rglob("*") if p.is_file())
+    return sources, hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+
+
+def transforms_current(layout: StackLayout) -> bool:
+    """Whether the plugin path holds the transforms of this checkout (a running Connect may predate them)."""
+    stamp = layout.artifacts / "plugins" / "cdc-transforms" / ".built"
+    return stamp.exists() and stamp.read_text().strip() == _transform_sources()[1]
+
+
 def ensure_transforms(layout: StackLayout, java: str, echo: Callable[[str], None]) -> None:
     """Build the project's own Kafka Connect transforms (infra/transforms) into the plugin path.
 
@@ -317,12 +328,11 @@ def ensure_transforms(layout: StackLayout, java: str, echo: Callable[[str], None
     needs its key field optional for the root too (producers/debezium.py). Connect loads it when it starts."""
     import zipfile
 
-    sources = sorted(p for p in (INFRA_DIR / "transforms" / "src").rglob("*") if p.is_file())
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+    if transforms_current(layout):
+        return
+    sources, digest = _transform_sources()
     target = layout.artifacts / "plugins" / "cdc-transforms"
     stamp = target / ".built"
-    if stamp.exists() and stamp.read_text().strip() == digest:
-        return
     javac = next((str(c) for c in (Path(java).resolve().parent / "javac", shutil.which("javac")) if c and
                   Path(c).exists()), None)
     if javac is None:
@@ -756,6 +766,13 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
     layout = StackLayout.resolve()
     layout.home.mkdir(parents=True, exist_ok=True)
     running = {name: component_pid(layout, name) for name in COMPONENTS}
+    if running["connect"] and (layout.home / "stack.json").exists() and not transforms_current(layout):
+        # Connect loads plugins when it starts: one running with older transforms than this checkout's would make
+        # `cdc connectors apply` refuse (a transform missing); restart it with the new ones.
+        echo("connect: restarting to load the project's updated Kafka Connect transforms")
+        _stop_pid(running["connect"])
+        layout.pidfile("connect").unlink(missing_ok=True)
+        running["connect"] = None
     if all(running.values()):
         echo(f"stack: already running under {layout.home}")
     to_start = [name for name in COMPONENTS if not running[name]]
