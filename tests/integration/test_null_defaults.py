@@ -99,7 +99,7 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
     url = connect_url(stack)
     with ConnectClient(url) as client:
         if DROP_OPTIONAL_DEFAULTS not in {p.get("class") for p in client.plugins()}:
-            pytest.skip(f"Kafka Connect at {url} lacks the project's transforms (restart Connect after `cdc stack up`)")
+            pytest.fail(f"Kafka Connect at {url} lacks the project's transforms: `cdc stack up` builds them and restarts Connect")
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, SCHEMA)
     data = pipeline_data(stack, source_db, ["public.item"],
@@ -184,7 +184,7 @@ def test_a_connector_made_without_the_transform_gets_it_on_apply_and_keeps_repli
     url = connect_url(stack)
     with ConnectClient(url) as client:
         if DROP_OPTIONAL_DEFAULTS not in {p.get("class") for p in client.plugins()}:
-            pytest.skip(f"Kafka Connect at {url} lacks the project's transforms (restart Connect after `cdc stack up`)")
+            pytest.fail(f"Kafka Connect at {url} lacks the project's transforms: `cdc stack up` builds them and restarts Connect")
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, SCHEMA.replace(f"insert into item values (1, {NULLS});", f"insert into item values (1, {VALUES});"))
     data = pipeline_data(stack, source_db, ["public.item"],
@@ -255,7 +255,7 @@ def test_root_id_columns_with_defaults_keep_one_key_schema_and_null_root_ids(sta
     url = connect_url(stack)
     with ConnectClient(url) as client:
         if DROP_OPTIONAL_DEFAULTS not in {p.get("class") for p in client.plugins()}:
-            pytest.skip(f"Kafka Connect at {url} lacks the project's transforms (restart Connect after `cdc stack up`)")
+            pytest.fail(f"Kafka Connect at {url} lacks the project's transforms: `cdc stack up` builds them and restarts Connect")
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, BRANCHES)
     data = pipeline_data(stack, source_db, ["public.branch", "public.history", "public.note"],
