@@ -341,7 +341,7 @@ class PostgresAnalyticsDialect(PostgresDialect):
         if not raw.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (role,)).fetchone()[0]:
             raw.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(who))  # so that `cdc query` may SET ROLE to it
         tables = list(self._tables.values())
-        for schema in sorted({t.schema for t in tables if t.schema}):
+        for schema in sorted({table.schema for table in tables if table.schema}):
             raw.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), who))
             raw.execute(sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
                 sql.Identifier(schema), who))

@@ -13,7 +13,7 @@ from pathlib import Path
 import fastavro
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from producers import capture
 from schemas.codec import AvroDecoder, RegistryClient

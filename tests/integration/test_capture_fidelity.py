@@ -4,39 +4,22 @@ topics of another source database, nullable root ids)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from cdc.errors import CdcError, ConfigError
 from consumers.stream import ChangeStream
 from producers import capture, topics
-from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
-
-CDC = str(Path(sys.executable).parent / "cdc")
-
-
-def cdc(path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=timeout)
+from producers.debezium import OPTIONAL_FIELDS
+from tests.integration.pipelines import (
+    cdc, connect_plugins, execute, pipeline_data, purge, require_plugins, table_rows, write_pipeline,
+)
 
 
-def table_rows(url: str, table: str) -> list[tuple]:
-    """Every row of a table, with plain SQL, `_cdc_lsn` left out, in primary-key order."""
-    schema, name = table.split(".")
-    with psycopg.connect(url) as conn:
-        columns = [r[0] for r in conn.execute(
-            "select column_name from information_schema.columns where table_schema = %s and table_name = %s "
-            "and column_name <> '_cdc_lsn' order by ordinal_position", (schema, name))]
-        assert columns, f"{table} does not exist at {url}"
-        query = sql.SQL("select {} from {} order by 1, 2").format(
-            sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(schema, name))
-        return conn.execute(query).fetchall()
+
 
 
 def pipeline_topics_now(stack, pipeline) -> list[str]:
@@ -400,22 +383,6 @@ from generate_series(1, 40) g;
 HISTORY = {"branch": {"root": "public.branch", "members": {"public.history": "bid"}}}
 
 
-def _connect_url(stack) -> str:
-    # CDC_TEST_CONNECT_URL: a second worker with the project's transform on its plugin path, for a stack whose
-    # Connect was started before the transform was built.
-    import os
-
-    return os.environ.get("CDC_TEST_CONNECT_URL", stack.urls()["connect"])
-
-
-def _has_optional_fields(url: str) -> bool:
-    from producers.connect import ConnectClient
-    from producers.debezium import OPTIONAL_FIELDS
-
-    with ConnectClient(url) as client:
-        return OPTIONAL_FIELDS in {p.get("class") for p in client.plugins()}
-
-
 def test_member_rows_with_a_null_root_id_replicate_and_join_their_root_later(stack, source_db, destination_db,
                                                                             tmp_path):
     import struct
@@ -423,14 +390,11 @@ def test_member_rows_with_a_null_root_id_replicate_and_join_their_root_later(sta
 
     from confluent_kafka import Consumer, TopicPartition
 
-    url = _connect_url(stack)
-    if not _has_optional_fields(url):
-        pytest.fail(f"Kafka Connect at {url} lacks the project's transform: `cdc stack up` builds it and restarts Connect")
+    require_plugins(stack, OPTIONAL_FIELDS)
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, BRANCHES)
     data = pipeline_data(stack, source_db, ["public.branch", "public.history"], hierarchies=HISTORY,
                          topics={"partitions": 3}, destinations={"pg": {"kind": "replica", "url": destination}})
-    data["kafka"]["connect_url"] = url
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
@@ -478,7 +442,7 @@ def test_member_rows_with_a_null_root_id_replicate_and_join_their_root_later(sta
 
 def test_without_the_transform_a_nullable_root_id_is_refused_and_nothing_is_created(stack, connect, source_db,
                                                                                    tmp_path):
-    if _has_optional_fields(stack.urls()["connect"]):
+    if OPTIONAL_FIELDS in connect_plugins(stack):
         pytest.skip("this Kafka Connect has the project's transform")
     execute(stack.postgres_url(source_db), BRANCHES)
     pipeline = write_pipeline(tmp_path / "pipeline.yaml", pipeline_data(

@@ -3,23 +3,18 @@ images of updates, deletes, the snapshot) and at a PostgreSQL replica, for colum
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from consumers.stream import ChangeStream
 from producers import capture
 from producers.connect import ConnectClient
 from producers.debezium import DROP_OPTIONAL_DEFAULTS
-from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import (
+    cdc, connect_plugins, execute, pipeline_data, purge, require_plugins, table_rows, write_pipeline,
+)
 
-CDC = str(Path(sys.executable).parent / "cdc")
 
 # Each nullable column has a default that Debezium can put into the field's schema (a constant).
 COLUMNS = {
@@ -53,19 +48,6 @@ insert into item (id) values (2);       -- the defaults themselves
 """
 
 
-def cdc(path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=timeout)
-
-
-def table_rows(url: str, table: str) -> list[tuple]:
-    """Every row of a table with plain SQL (`_cdc_lsn` left out), in primary-key order."""
-    with psycopg.connect(url) as conn:
-        columns = [r[0] for r in conn.execute(
-            "select column_name from information_schema.columns where table_schema = 'public' and table_name = %s "
-            "and column_name <> '_cdc_lsn' order by ordinal_position", (table,))]
-        assert columns, f"{table} does not exist at {url}"
-        return conn.execute(sql.SQL("select {} from {} order by 1").format(
-            sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(table))).fetchall()
 
 
 def last_value(bootstrap: str, topic: str) -> bytes:
@@ -88,30 +70,20 @@ def last_value(bootstrap: str, topic: str) -> bytes:
     raise AssertionError(f"{topic} is empty")
 
 
-def connect_url(stack) -> str:
-    # CDC_TEST_CONNECT_URL: a second worker with the project's transforms on its plugin path, for a stack whose
-    # Connect was started before they were built.
-    return os.environ.get("CDC_TEST_CONNECT_URL", stack.urls()["connect"])
-
-
 def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder, source_db, destination_db,
                                                                  tmp_path):
-    url = connect_url(stack)
-    with ConnectClient(url) as client:
-        if DROP_OPTIONAL_DEFAULTS not in {p.get("class") for p in client.plugins()}:
-            pytest.fail(f"Kafka Connect at {url} lacks the project's transforms: `cdc stack up` builds them and restarts Connect")
+    require_plugins(stack, DROP_OPTIONAL_DEFAULTS)
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, SCHEMA)
     data = pipeline_data(stack, source_db, ["public.item"],
                          destinations={"pg": {"kind": "replica", "url": destination}})
-    data["kafka"]["connect_url"] = url
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
     try:
         first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
         assert first.returncode == 0, first.stdout + first.stderr
-        assert table_rows(destination, "item") == table_rows(source, "item")
+        assert table_rows(destination, "public.item") == table_rows(source, "public.item")
         execute(source,
                 f"insert into item values (3, {NULLS})",
                 f"insert into item values (4, {NULLS})",
@@ -122,10 +94,10 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
                 f"update item set ({', '.join(COLUMNS)}) = ({NULLS}) where id = 5")  # to NULL, from other values
         second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
         assert second.returncode == 0, second.stdout + second.stderr
-        rows = table_rows(source, "item")
+        rows = table_rows(source, "public.item")
         assert [r[0] for r in rows] == [2, 3, 4, 5]
         assert [r[0] for r in rows if all(v is None for v in r[1:])] == [2, 4, 5]  # the source has its NULLs
-        assert table_rows(destination, "item") == rows
+        assert table_rows(destination, "public.item") == rows
 
         raw_value = last_value(stack.kafka_bootstrap, pipeline.topic_of("public.item"))
         stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"t-{pipeline.pipeline}")
@@ -181,15 +153,11 @@ ORIGINAL_CONFIG = capture.debezium.connector_config
 
 def test_a_connector_made_without_the_transform_gets_it_on_apply_and_keeps_replicating(
         stack, source_db, destination_db, tmp_path, monkeypatch):
-    url = connect_url(stack)
-    with ConnectClient(url) as client:
-        if DROP_OPTIONAL_DEFAULTS not in {p.get("class") for p in client.plugins()}:
-            pytest.fail(f"Kafka Connect at {url} lacks the project's transforms: `cdc stack up` builds them and restarts Connect")
+    require_plugins(stack, DROP_OPTIONAL_DEFAULTS)
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, SCHEMA.replace(f"insert into item values (1, {NULLS});", f"insert into item values (1, {VALUES});"))
     data = pipeline_data(stack, source_db, ["public.item"],
                          destinations={"pg": {"kind": "replica", "url": destination}})
-    data["kafka"]["connect_url"] = url
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
     monkeypatch.setattr(capture.debezium, "connector_config", without_the_transform)
@@ -197,10 +165,10 @@ def test_a_connector_made_without_the_transform_gets_it_on_apply_and_keeps_repli
     try:
         first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
         assert first.returncode == 0, first.stdout + first.stderr
-        assert table_rows(destination, "item") == table_rows(source, "item")
+        assert table_rows(destination, "public.item") == table_rows(source, "public.item")
         monkeypatch.undo()
         report = capture.apply(pipeline)  # the configuration gains the transform; the offsets stay
-        with ConnectClient(url) as client:
+        with ConnectClient(stack.urls()["connect"]) as client:
             assert client.config(pipeline.connector_name)["transforms.nulls.type"] == DROP_OPTIONAL_DEFAULTS
         assert report.action == "updated", report
         execute(source,
@@ -209,15 +177,15 @@ def test_a_connector_made_without_the_transform_gets_it_on_apply_and_keeps_repli
                 "update item set note = 'kept' where id = 2")
         second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
         assert second.returncode == 0, second.stdout + second.stderr
-        rows = table_rows(source, "item")
+        rows = table_rows(source, "public.item")
         assert [r[0] for r in rows if all(v is None for v in r[1:])] == [1, 3]
-        assert table_rows(destination, "item") == rows
+        assert table_rows(destination, "public.item") == rows
     finally:
         purge(pipeline)
 
 
 def test_a_connect_without_the_transform_is_refused_before_anything_is_created(stack, connect, source_db, tmp_path):
-    if DROP_OPTIONAL_DEFAULTS in {p.get("class") for p in connect.plugins()}:
+    if DROP_OPTIONAL_DEFAULTS in connect_plugins(stack):
         pytest.skip("this Kafka Connect has the project's transforms")
     from cdc.errors import CdcError
     from tests.integration.test_capture_fidelity import assert_nothing_created
@@ -252,17 +220,13 @@ def test_root_id_columns_with_defaults_keep_one_key_schema_and_null_root_ids(sta
 
     from confluent_kafka import Consumer, TopicPartition
 
-    url = connect_url(stack)
-    with ConnectClient(url) as client:
-        if DROP_OPTIONAL_DEFAULTS not in {p.get("class") for p in client.plugins()}:
-            pytest.fail(f"Kafka Connect at {url} lacks the project's transforms: `cdc stack up` builds them and restarts Connect")
+    require_plugins(stack, DROP_OPTIONAL_DEFAULTS)
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, BRANCHES)
     data = pipeline_data(stack, source_db, ["public.branch", "public.history", "public.note"],
                          hierarchies={"branch": {"root": "public.branch",
                                                  "members": {"public.history": "bid", "public.note": "bid"}}},
                          topics={"partitions": 3}, destinations={"pg": {"kind": "replica", "url": destination}})
-    data["kafka"]["connect_url"] = url
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
@@ -271,7 +235,7 @@ def test_root_id_columns_with_defaults_keep_one_key_schema_and_null_root_ids(sta
         run = cdc(path, "run", "--until-caught-up", "--timeout", "180")
         assert run.returncode == 0, run.stdout + run.stderr
         for table in ("branch", "history", "note"):
-            assert table_rows(destination, table) == table_rows(source, table), table
+            assert table_rows(destination, f"public.{table}") == table_rows(source, f"public.{table}"), table
         topic = pipeline.topic_of("public.branch")
         consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"t-{pipeline.pipeline}",
                              "enable.auto.commit": False, "log_level": 3})

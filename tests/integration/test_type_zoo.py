@@ -17,8 +17,7 @@ import os
 import re
 import struct
 import subprocess
-import uuid
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import duckdb
