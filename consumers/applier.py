@@ -631,7 +631,10 @@ class ReplicaApplier:
         for n, group in itertools.groupby(entries, key=lambda entry: entry[0]):
             items = [item for _, item in group]
             taken = runs.expand(items)
-            if steps[n].xid is not None and len(taken) != len(items):
+            # Any run, even of one change, was placed first by the assembler (a run has no order of its own): a
+            # member's root-id change (a delete under the old root, a create under the new one, in two
+            # partitions) must not be applied create first.
+            if steps[n].xid is not None and any(isinstance(item, runs.ChangeRun) for item in items):
                 taken.sort(key=lambda e: (e.tx_order or 0, e.lsn or 0))
             events.extend(taken)
         return events
