@@ -132,6 +132,9 @@ class SourceSettings(_Model):
     def _tables(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         seen: set[str] = set()
         for table in v:
+            if table.count(".") > 1:
+                # schema.table is split at its one dot, so the name is ambiguous (and Debezium's lists split there).
+                raise ValueError(f"{table!r}: schema and table names holding a dot cannot be captured")
             if not TABLE_RE.match(table):
                 raise ValueError(f"{table!r} is not schema-qualified (write it as schema.table, e.g. public.{table})")
             if table in seen:

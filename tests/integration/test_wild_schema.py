@@ -30,7 +30,7 @@ from tests.integration.pipelines import execute, pipeline_data, purge, write_pip
 from tests.integration.test_capture_fidelity import assert_nothing_created
 from tests.integration.test_replica import CDC
 
-SHIFT_LOG, STAND = "Ops.Shift Log", "Ops.Zähler's Stand"
+SHIFT_LOG, STAND, NOTES = "Ops.Shift Log", "Ops.Zähler's Stand", "Ops.Notes; v2"
 
 SCHEMA = r"""
 create table film (film_id integer primary key, title text not null, rating char(5));
@@ -50,6 +50,8 @@ create schema "Ops";
 create table "Ops"."Shift Log" ("Shift Id" uuid primary key, "Zähler" integer not null, "order" text,
                                 "it's" text, "Start Time" timestamptz);
 create table "Ops"."Zähler's Stand" ("Code" char(6) primary key, "Wert" numeric(10, 2), "select" text);
+create table "Ops"."Notes; v2" (id integer primary key, "Drop Table; --" text);
+insert into "Ops"."Notes; v2" select g, 'x; y' from generate_series(1, 10) g;
 
 insert into film select g, 'film ' || g || case when g % 5 = 0 then ' o''brien' else '' end,
                         (array['G', 'PG', 'PG-13', 'R'])[1 + g % 4] from generate_series(1, 40) g;
@@ -67,7 +69,7 @@ insert into "Ops"."Zähler's Stand" values ('W05', 1, 'shorter than char(6)'), (
 """
 
 TABLES = ["public.film", "public.film_actor", "public.film_category", "public.film_note", "public.payment",
-          "public.event_log", SHIFT_LOG, STAND]
+          "public.event_log", SHIFT_LOG, STAND, NOTES]
 HIERARCHIES = {"film": {"root": "public.film", "members": {"public.film_actor": "film_id",
                                                           "public.film_category": "film_id",
                                                           "public.film_note": "film_id"}}}
@@ -99,6 +101,8 @@ WORKLOAD = [
     """delete from "Ops"."Shift Log" where "Zähler" % 7 = 0""",
     """update "Ops"."Zähler's Stand" set "Code" = 'W06' where "Code" = 'W05'""",  # a char(n) key update
     """delete from "Ops"."Zähler's Stand" where "Code" = ' lead'""",
+    """update "Ops"."Notes; v2" set id = id + 100 where id % 2 = 0""",
+    """delete from "Ops"."Notes; v2" where id = 3""",
     """truncate "Ops"."Zähler's Stand\"""",
     """insert into "Ops"."Zähler's Stand" values ('W05', 3, 'after the truncate'), ('zz1', 4, 'same key as before')""",
     # PostgreSQL writes no change for the existing rows: they hold 'n/a' without an event.
@@ -114,6 +118,7 @@ EVERY_TABLE = [
     "insert into event_log values ('all', 1, now())",
     """update "Ops"."Shift Log" set "Zähler" = "Zähler" + 1000, "Status Note" = 'touched' where "Zähler" = 1""",
     """insert into "Ops"."Zähler's Stand" values ('all', 5, 'all')""",
+    """update "Ops"."Notes; v2" set "Drop Table; --" = 'all' where id = 1""",
 ]
 
 
@@ -205,13 +210,18 @@ def test_a_wild_schema_reaches_every_destination_equal_to_the_source(stack, conn
                     "maria": {"kind": "replica", "url": mariadb_database},
                     "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}}
 
-    # A table name holding a double quote is refused by name before anything is created.
+    # Table names holding a double quote or a dot are refused by name before anything is created.
     execute(source, 'create table "Ops"."say ""hi""" (id integer primary key)')
     data = pipeline_data(stack, source_db, [*TABLES, 'Ops.say "hi"'], hierarchies=HIERARCHIES,
                          destinations=destinations)
     with pytest.raises(ConfigError) as caught:
         write_pipeline(tmp_path / "quoted.yaml", data)
     assert """'Ops.say "hi"': table names holding a double quote cannot be captured""" in str(caught.value)
+    execute(source, 'create table "Ops"."v1.2" (id integer primary key)')
+    data["source"]["tables"] = [*TABLES, "Ops.v1.2"]
+    with pytest.raises(ConfigError) as caught:
+        write_pipeline(tmp_path / "dotted.yaml", data)
+    assert "'Ops.v1.2': schema and table names holding a dot cannot be captured" in str(caught.value)
 
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, name=data["pipeline"],
