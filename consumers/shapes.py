@@ -1,4 +1,4 @@
-"""What a replicated table looks like at the destination: columns, primary key and foreign keys, from the source."""
+"""What a replicated table looks like at the destination: columns, primary key, foreign keys and checks, from the source."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ class TableShape:
     columns: tuple[ColumnShape, ...]
     primary_key: tuple[str, ...]
     foreign_keys: tuple[ForeignKeyShape, ...] = field(default=())
+    # The source's validated CHECK constraints, (name, definition as pg_get_constraintdef spells it): a PostgreSQL
+    # replica creates them with the table (docs/types.md, "Check constraints").
+    checks: tuple[tuple[str, str], ...] = field(default=())
 
     @property
     def schema(self) -> str:
@@ -71,7 +74,7 @@ class TableShape:
 
 def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, TableShape]:
     """The shapes of the captured tables, read from the source with SQLAlchemy reflection."""
-    from consumers.dialects.types import describe_columns  # the dialects package imports this module
+    from consumers.dialects.types import describe_checks, describe_columns  # the dialects package imports this module
 
     engine = create_engine(url.set(drivername="postgresql+psycopg"))
     shapes: dict[str, TableShape] = {}
@@ -83,6 +86,7 @@ def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, T
         with engine.connect() as conn:
             cursor = conn.connection.driver_connection.cursor()
             catalog = {t: describe_columns(cursor, t) for t in tables}
+            checks = {t: describe_checks(cursor, t) for t in tables}
         for qualified in tables:
             schema, name = qualified.split(".", 1)
             table = Table(name, metadata, schema=schema, autoload_with=engine)
@@ -100,6 +104,7 @@ def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, T
                       for c in table.columns),
                 tuple(c.name for c in table.primary_key.columns),
                 fks,
+                checks[qualified],
             )
     finally:
         engine.dispose()

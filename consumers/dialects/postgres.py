@@ -12,6 +12,7 @@ import io
 import operator
 from typing import Any, Callable
 
+import psycopg
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 from psycopg import sql
@@ -42,6 +43,8 @@ class PostgresDialect(Dialect):
     columnar = True  # foreign keys are checked at commit (begin_batch): tables may be written in any order
     writer_lock_sql = "SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"
     row_id = "ctid"  # tells duplicate rows of a table without a key apart (Dialect.apply_keyless)
+    # Whether a table is created with the source's CHECK constraints (TableShape.checks; docs/types.md).
+    copies_checks = True
 
     # -- types (docs/types.md, "PostgreSQL replica") -----------------------------------------------------------
     def map_type(self, source: t.SourceType, *, key: bool = False) -> Any:
@@ -120,7 +123,34 @@ class PostgresDialect(Dialect):
                     actions.append(f"added label {label!r} to type {source.sql}")
 
     def ensure_table(self, conn: Connection, shape: TableShape, shapes: dict[str, TableShape]) -> list[str]:
-        return [*self.ensure_types(conn, shape), *super().ensure_table(conn, shape, shapes)]
+        table = self.table(shape)
+        creating = self.copies_checks and shape.checks and not inspect(conn).has_table(table.name, schema=table.schema)
+        actions = [*self.ensure_types(conn, shape), *super().ensure_table(conn, shape, shapes)]
+        if creating:
+            actions.extend(self._add_checks(conn, shape, table))
+        return actions
+
+    def _add_checks(self, conn: Connection, shape: TableShape, table: Table) -> list[str]:
+        """The source's validated CHECK constraints on a table just created (in the same transaction, so it is
+        created with them), under their names. One whose definition this database cannot take (a function or type
+        that exists only at the source) is skipped, with an action saying so: the replica holds what the source
+        accepted either way, the check only guards against writers other than the applier."""
+        raw = conn.connection.driver_connection
+        actions = []
+        for name, definition in shape.checks:
+            raw.execute("SAVEPOINT cdc_check")
+            try:
+                raw.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                    _identifier(table), sql.Identifier(name), sql.SQL(definition)))
+            except psycopg.Error as e:
+                raw.execute("ROLLBACK TO SAVEPOINT cdc_check")
+                reason = (e.diag.message_primary or str(e)).strip()
+                actions.append(f"skipped check constraint {name} of {shape.name} ({definition}): {reason}")
+                continue
+            finally:
+                raw.execute("RELEASE SAVEPOINT cdc_check")
+            actions.append(f"added check constraint {name} to {table.fullname}")
+        return actions
 
     def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint:
         # Deferrable, so that a destination transaction may order rows freely and still be checked at commit.
@@ -133,6 +163,21 @@ class PostgresDialect(Dialect):
         generated = f" GENERATED ALWAYS AS ({column.computed.sqltext}) STORED" if column.computed is not None else ""
         conn.exec_driver_sql(f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {prep.quote(column.name)} "
                              f"{column.type.compile(dialect=conn.dialect)}{generated}")
+
+    def alter_column_type(self, conn: Connection, shape: TableShape, column: str) -> str:
+        table = self.table(shape)
+        spelled = table.c[column].type.compile(dialect=conn.dialect)
+        for target in self._typed_tables(table):
+            # USING: PostgreSQL's own cast of each stored value (int -> text has no implicit one); a value the new
+            # type cannot hold fails the statement, and the batch with it, rather than change.
+            conn.connection.driver_connection.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING {}::{}")
+                                                      .format(target, sql.Identifier(column), sql.SQL(spelled),
+                                                              sql.Identifier(column), sql.SQL(spelled)))
+        return f"changed column {table.fullname}.{column} to {spelled}"
+
+    def _typed_tables(self, table: Table) -> list[sql.Identifier]:
+        """The tables holding a destination table's columns with their types: itself (and its history)."""
+        return [_identifier(table)]
 
     def begin_batch(self, conn: Connection, *, snapshot: bool) -> None:
         conn.exec_driver_sql("SET CONSTRAINTS ALL DEFERRED")
@@ -168,8 +213,11 @@ class PostgresDialect(Dialect):
         # PostgreSQL checks NOT NULL on the row proposed for insertion before it looks for a conflict: a NOT NULL
         # column left out (an unchanged TOASTed value Debezium did not send) is proposed with the value stored, so
         # the update goes through; a row that is not there yet still fails, loudly, as it should.
+        # A CHECK constraint is checked on that proposed row too (NULL in a column left out could fail one that is not
+        # NULL-tolerant, `CHECK (a IS NOT NULL OR b > 0)`): where the table has checks, every column left out is kept.
+        checked = self.copies_checks and bool(shape.checks)
         kept = [c.name for c in table.columns
-                if not c.nullable and c.computed is None and c.name not in cols and c.name != LSN_COLUMN]
+                if (checked or not c.nullable) and c.computed is None and c.name not in cols and c.name != LSN_COLUMN]
         names = sql.SQL(", ").join(map(sql.Identifier, [*cols, *kept]))
         picked = sql.SQL(", ").join([*(sql.SQL("s.{}").format(sql.Identifier(c)) for c in cols),
                                      *(sql.SQL("c.{}").format(sql.Identifier(c)) for c in kept)])
@@ -274,6 +322,7 @@ class PostgresAnalyticsDialect(PostgresDialect):
     name = "postgresql analytics"
     keeps_history = True
     columnar = False  # its history is appended by the general path only
+    copies_checks = False  # like its foreign keys: only the applier writes here
 
     def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint | None:  # noqa: ANN001
         # Like DuckDB's: only the applier writes here, and it writes whole source transactions.
@@ -307,6 +356,9 @@ class PostgresAnalyticsDialect(PostgresDialect):
         super().add_column(conn, table, column)
         conn.connection.driver_connection.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
             self._history(table), sql.Identifier(column.name), sql.SQL(column.type.compile(dialect=conn.dialect))))
+
+    def _typed_tables(self, table: Table) -> list[sql.Identifier]:
+        return [_identifier(table), self._history(table)]
 
     def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
         if events:

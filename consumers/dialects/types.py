@@ -171,6 +171,22 @@ def describe_columns(cursor: Any, table: str) -> dict[str, SourceType]:
     return out
 
 
+# The source's CHECK constraints, validated ones only: a NOT VALID constraint's existing rows may violate it, and
+# they are replicated as they are. A domain's checks are not here (a domain becomes its base type, docs/types.md).
+_CHECKS_QUERY = """
+select conname, pg_get_constraintdef(oid) from pg_constraint
+where conrelid = %s::regclass and contype = 'c' and convalidated order by conname
+"""
+
+
+def describe_checks(cursor: Any, table: str) -> tuple[tuple[str, str], ...]:
+    """((name, definition), ...) of a source table's validated CHECK constraints, the definition as
+    pg_get_constraintdef spells it (`CHECK ((qty > 0))`)."""
+    schema, name = table.split(".", 1)
+    cursor.execute(_CHECKS_QUERY, (_qualified(schema, name),))
+    return tuple((conname, definition) for conname, definition in cursor.fetchall())
+
+
 def from_sqlalchemy(type_: TypeEngine) -> SourceType:
     """A SourceType for a SQLAlchemy type (shapes built in code, without the catalog); unknown types are 'other'."""
     if isinstance(type_, pg.DOMAIN):
@@ -278,7 +294,7 @@ def format_refusals(found: Iterable[tuple[str, str, str, str]]) -> str:
     return "\n".join(f"destination {d}: {t}.{c}: {r}" for d, t, c, r in found)
 
 
-__all__ = ["SourceType", "RawType", "describe_columns", "describe_type", "from_sqlalchemy", "refusals",
+__all__ = ["SourceType", "RawType", "describe_checks", "describe_columns", "describe_type", "from_sqlalchemy", "refusals",
            "backend_of"]
 
 
