@@ -64,11 +64,11 @@ from cdc.config import Destination, Pipeline
 from cdc.errors import CdcError, DecodeError, DestinationBusy, ServiceUnavailable, Terminal
 from consumers import columnar, runs, values
 from consumers.dialects import Dialect, dialect_for
-from consumers.dialects.base import NoMatchingRow
+from consumers.dialects.base import NoMatchingRow, SchemaChangeError
 from consumers.dialects.duckdb import when_free
 from consumers.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
 from consumers.plan import dependency_order, net_changes, primary_key, self_referencing_order
-from consumers.shapes import LSN_COLUMN, TableShape, reflect_shapes
+from consumers.shapes import LSN_COLUMN, ColumnShape, TableShape, reflect_shapes
 from consumers.transactions import Step, TransactionAssembler, positions_after
 from producers.debezium import avro_name
 from producers.source_admin import insert_watermark, psycopg_conninfo
@@ -131,6 +131,7 @@ class ReplicaApplier:
         # each writer schema lacks (_absent_columns).
         self._origins: dict[tuple[str, str], tuple[str, Any]] = {}
         self._absent: dict[int, list[str]] = {}
+        self._schemas_checked: set[int] = set()  # writer schemas whose table's columns were compared (_check_columns)
         self._columnar_schemas: dict[tuple[int, str], bool] = {}  # (writer schema id, table) -> as runs
         url = self.destination.driver_url
         # A DuckDB file: one process may write it, or several read it, so the applier holds it only while writing.
@@ -688,24 +689,68 @@ class ReplicaApplier:
         return written
 
     def _check_columns(self, conn: Any, events: list[ChangeEvent]) -> None:
-        """A writer schema with columns the shape lacks means the source gained columns: follow it."""
-        for schema_id in {e.schema_id for e in events if e.schema_id is not None}:
+        """A writer schema met for the first time may say the source changed the table: Debezium registers a new one
+        whenever a change shows in its Avro (a column added or dropped, int -> bigint, a numeric's scale). The table
+        is then reflected afresh from the source and compared with the shape the destination was made from: columns
+        the source gained are added (and filled, `_fill_new_column`), columns whose catalog type changed get the
+        new mapped type (`_change_types`); a dropped column stops the applier (the dialect's ensure_table).
+        A change with no Avro of its own (varchar(10) -> text: a string either way) is met at the next new writer
+        schema of the table, or when a value the old type cannot hold fails the batch, naming the column."""
+        for schema_id in {e.schema_id for e in events if e.schema_id is not None} - self._schemas_checked:
             converter = self._converters[schema_id]
             table = next(e.table for e in events if e.schema_id == schema_id)
             shape = self.shapes.get(table)
-            if shape is not None and set(converter.columns) - set(shape.column_names):
-                fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
-                self.shapes[table] = fresh
-                converter.rename({avro_name(c): c for c in fresh.column_names})
-                self._absent.clear()
-                stale = self.dialect._tables.pop(table, None)
-                if stale is not None:
-                    self.dialect.metadata.remove(stale)  # rebuilt from the fresh shape, under the same name
-                self.dialect.added_columns.clear()
-                for action in self.dialect.ensure_table(conn, fresh, self.shapes):
-                    self.echo(f"{self.name}: {action}")
-                for _, column in self.dialect.added_columns:
-                    self._fill_new_column(conn, fresh, column)
+            if shape is None:
+                self._schemas_checked.add(schema_id)
+                continue
+            fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
+            gained = set(converter.columns) - set(shape.column_names)
+            changed = [(c.name, _spelled(shape.column(c.name)), _spelled(c)) for c in fresh.columns
+                       if c.name in shape.column_names and _spelled(shape.column(c.name)) != _spelled(c)]
+            dropped = set(shape.column_names) - set(fresh.column_names)
+            if not gained and not changed and not dropped:
+                self._schemas_checked.add(schema_id)
+                continue
+            self._refuse_type_changes(fresh, changed)
+            converter.rename({avro_name(c): c for c in fresh.column_names})
+            self._absent.clear()
+            stale = self.dialect._tables.pop(table, None)
+            if stale is not None:
+                self.dialect.metadata.remove(stale)  # rebuilt from the fresh shape, under the same name
+            for column, old, new in changed:
+                try:
+                    action = self.dialect.alter_column_type(conn, fresh, column)
+                except SchemaChangeError as exc:
+                    raise ApplyError(f"destination {self.name}: {table}.{column} changed type at the source from "
+                                     f"{old} to {new}, which this destination cannot follow ({exc}); rebuild the "
+                                     f"table from the topics with `cdc replay {self.name} --tables {table}`") from exc
+                self.echo(f"{self.name}: {action} ({table}.{column} changed at the source from {old} to {new})")
+            self.shapes[table] = fresh
+            # Columns the source gained are added; one it dropped stops here (ensure_table raises, naming it).
+            self.dialect.added_columns.clear()
+            for action in self.dialect.ensure_table(conn, fresh, self.shapes):
+                self.echo(f"{self.name}: {action}")
+            for _, column in self.dialect.added_columns:
+                self._fill_new_column(conn, fresh, column)
+            self._schemas_checked.add(schema_id)
+
+    def _refuse_type_changes(self, fresh: TableShape, changed: list[tuple[str, str, str]]) -> None:
+        """Raise ApplyError, before anything changes, for a type change the destination is not made to follow: a
+        key column's (primary or foreign, or referred to by another table's foreign key: both ends of a constraint
+        would have to change together, MariaDB's key columns have types of their own) or a generated column's
+        (the source's expression decides its type)."""
+        referred = {c for s in self.shapes.values() for fk in s.foreign_keys if fk.referred_table == fresh.name
+                    for c in fk.referred_columns}
+        keys = set(fresh.primary_key) | {c for fk in fresh.foreign_keys for c in fk.columns} | referred
+        for column, old, new in changed:
+            source = fresh.column(column).source
+            why = ("it is a key column (a primary or foreign key, or referred to by one): its constraints would "
+                   "have to change with it" if column in keys else
+                   "it is a generated column" if source is not None and source.generated else None)
+            if why:
+                raise ApplyError(f"destination {self.name}: {fresh.name}.{column} changed type at the source from "
+                                 f"{old} to {new}, which is not followed automatically: {why}. Rebuild the table from "
+                                 f"the topics with `cdc replay {self.name} --tables {fresh.name}`")
 
     def _fill_new_column(self, conn: Any, shape: TableShape, column: str) -> None:
         """Give a column the source gained the values its existing rows have there: PostgreSQL wrote no change for
@@ -1092,6 +1137,11 @@ class ReplicaApplier:
         self.registry.close()
         self.engine.dispose()
 
+
+
+def _spelled(column: ColumnShape) -> str:
+    """A source column's type as its catalog spells it (`numeric(12,4)`): what a change of type is told by."""
+    return column.source.sql if column.source is not None else str(column.type)
 
 
 def _first_line(exc: BaseException) -> str:

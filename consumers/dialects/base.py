@@ -311,6 +311,12 @@ class Dialect(ABC):
     @abstractmethod
     def add_column(self, conn: Connection, table: Table, column: Column) -> None: ...
 
+    def alter_column_type(self, conn: Connection, shape: TableShape, column: str) -> str:
+        """Give `column` the type this dialect maps `shape`'s (the source's, freshly reflected) to, converting the
+        stored values with the destination's own cast, which fails rather than loses a value; what was done. The
+        Table of the old shape must be forgotten first (self.table(shape) builds the new one)."""
+        raise SchemaChangeError(f"{shape.name}.{column}: a {self.name} destination cannot change a column's type")
+
     # -- data -----------------------------------------------------------------------------------------------------
     def begin_batch(self, conn: Connection, *, snapshot: bool) -> None:
         """Called first in every destination transaction."""

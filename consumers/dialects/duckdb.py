@@ -92,6 +92,16 @@ class DuckDBDialect(Dialect):
             conn.exec_driver_sql(f"ALTER TABLE {prep.quote(name)} ADD COLUMN {prep.quote(column.name)} "
                                  f"{column.type.compile(dialect=conn.dialect)}")
 
+    def alter_column_type(self, conn: Connection, shape: TableShape, column: str) -> str:
+        table = self.table(shape)
+        spelled = table.c[column].type.compile(dialect=conn.dialect)
+        prep = _ALWAYS_QUOTED
+        for name in (table.name, table.name + HISTORY_SUFFIX):
+            # DuckDB's own cast of each stored value; one the new type cannot hold fails the statement.
+            conn.exec_driver_sql(f"ALTER TABLE {prep.quote(name)} ALTER COLUMN {prep.quote(column)} TYPE {spelled} "
+                                 f"USING CAST({prep.quote(column)} AS {spelled})")
+        return f"changed column {table.name}.{column} (and its history's) to {spelled}"
+
     def ensure_table(self, conn: Connection, shape: TableShape, shapes: dict[str, TableShape]) -> list[str]:
         # DuckDB's information schema, not SQLAlchemy reflection: the driver's reflection speaks PostgreSQL's
         # catalog, which DuckDB only partly has.

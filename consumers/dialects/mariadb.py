@@ -127,6 +127,20 @@ class MariaDBDialect(Dialect):
         _execute(conn, f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {prep.quote_identifier(column.name)} "
                        f"{column.type.compile(dialect=conn.dialect)} NULL")
 
+    def alter_column_type(self, conn: Connection, shape: TableShape, column: str) -> str:
+        # MODIFY COLUMN commits the transaction open before it and itself at once (MariaDB's DDL always does): the
+        # applier calls this before the batch writes anything, so only the change of type is committed early, and a
+        # batch that fails after it leaves a column that holds the source's type, which its retry needs anyway.
+        # Strict for this statement: a stored value the new type cannot hold fails it instead of being truncated.
+        table = self.table(shape)
+        target = table.c[column]
+        prep = conn.dialect.identifier_preparer
+        spelled = target.type.compile(dialect=conn.dialect)
+        _execute(conn, f"SET STATEMENT sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION' FOR ALTER TABLE "
+                       f"{prep.format_table(table)} MODIFY COLUMN {prep.quote_identifier(column)} {spelled} "
+                       f"{'NULL' if target.nullable else 'NOT NULL'}")
+        return f"changed column {table.fullname}.{column} to {spelled} (MariaDB committed this change at once)"
+
     # -- data ---------------------------------------------------------------------------------------------------
     def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
         """One multi-row INSERT ... ON DUPLICATE KEY UPDATE per chunk; returns MariaDB's affected-rows count (an

@@ -173,6 +173,12 @@ class PostgresDialect(Dialect):
             conn.connection.driver_connection.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING {}::{}")
                                                       .format(target, sql.Identifier(column), sql.SQL(spelled),
                                                               sql.Identifier(column), sql.SQL(spelled)))
+        # The session's staging tables were made with the old type (their names follow the columns only): gone,
+        # made again on next use. In the transaction: a rollback brings them back with the old type they match.
+        raw = conn.connection.driver_connection
+        for (stage,) in raw.execute("select relname from pg_class where relnamespace = pg_my_temp_schema() "
+                                    "and relname like '\\_cdc\\_stage\\_%'").fetchall():
+            raw.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(stage)))
         return f"changed column {table.fullname}.{column} to {spelled}"
 
     def _typed_tables(self, table: Table) -> list[sql.Identifier]:
