@@ -101,26 +101,14 @@ EXPECTED = {
 }
 
 
-@pytest.fixture
-def mariadb_url(stack):
-    name = f"dst_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.mariadb_url())
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
-    yield stack.mariadb_url(name)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-    admin.dispose()
-
-
-def test_verify_and_fix_every_shape_on_every_engine(stack, source_db, destination_db, mariadb_url, tmp_path):
+def test_verify_and_fix_every_shape_on_every_engine(stack, source_db, destination_db, mariadb_database, tmp_path):
     execute(stack.postgres_url(source_db), ZOO)
     duck = tmp_path / "analytics.duckdb"
-    urls = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_url, "duckdb": str(duck)}
+    urls = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_database, "duckdb": str(duck)}
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
         "pg": {"kind": "replica", "url": urls["postgresql"]},
-        "maria": {"kind": "replica", "url": mariadb_url},
+        "maria": {"kind": "replica", "url": mariadb_database},
         "duck": {"kind": "analytics", "url": f"duckdb:///{duck}"}}))
     capture.apply(pipeline)
     cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
@@ -199,10 +187,10 @@ def keyless_destination(kind: str, url: str, rows: list[str]) -> None:
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "mariadb", "duckdb"])
-def test_a_table_without_a_key_is_compared_as_a_multiset(stack, source_db, destination_db, mariadb_url, tmp_path,
+def test_a_table_without_a_key_is_compared_as_a_multiset(stack, source_db, destination_db, mariadb_database, tmp_path,
                                                         kind):
     execute(stack.postgres_url(source_db), KEYLESS_SOURCE)
-    url = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_url,
+    url = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_database,
            "duckdb": str(tmp_path / "a.duckdb")}[kind]
     same = ["'2026-01-01 10:00:00+00', 1, 'start', 1.5", "'2026-01-01 10:00:00+00', 1, 'start', 1.5",
             "'2026-01-01 10:01:00+00', 2, 'warn', 6.314", "'2026-01-01 10:02:00+00', 3, null, null"]
@@ -340,7 +328,7 @@ def test_fix_resync_and_history(stack, source_db, destination_db, tmp_path):
         purge(pipeline)
 
 
-def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_url, tmp_path):
+def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_database, tmp_path):
     """The schema-fidelity type zoo (every PostgreSQL type, arrays, domains, enum, composite) on the three
     destinations: where the zoo test's own comparison finds them equal, verify exits 0; planted differences in
     float, interval, JSON and array values, a char key and a uuid key are named exactly."""
@@ -358,10 +346,10 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_url, t
         conn.execute("insert into ident (v) values ('one'), ('two')")
         conn.execute(zoo.WORKLOAD)
     lake = str(tmp_path / "lake.duckdb")
-    urls = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_url, "duckdb": lake}
+    urls = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_database, "duckdb": lake}
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, pipeline_data(stack, source_db, zoo.TABLES, destinations={
-        "pg": {"kind": "replica", "url": urls["postgresql"]}, "maria": {"kind": "replica", "url": mariadb_url},
+        "pg": {"kind": "replica", "url": urls["postgresql"]}, "maria": {"kind": "replica", "url": mariadb_database},
         "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}}))
     capture.apply(pipeline)
     cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
@@ -376,7 +364,7 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_url, t
             expected = zoo.read_postgres(source, table)
             for kind, read in (("postgresql", lambda: (expected, zoo.read_postgres(urls["postgresql"], table))),
                                ("mariadb", lambda: (zoo.as_mariadb(table, expected),
-                                                    zoo.read_mariadb(mariadb_url, table))),
+                                                    zoo.read_mariadb(mariadb_database, table))),
                                ("duckdb", lambda: (expected, zoo.read_duckdb(lake, table)))):
                 try:
                     zoo.assert_equal(kind, *read(), table)
