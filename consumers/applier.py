@@ -707,6 +707,12 @@ class ReplicaApplier:
             gained = set(converter.columns) - set(shape.column_names)
             changed = [(c.name, _spelled(shape.column(c.name)), _spelled(c)) for c in fresh.columns
                        if c.name in shape.column_names and _spelled(shape.column(c.name)) != _spelled(c)]
+            # And against the destination's catalog: the source may have changed a type while no applier ran (this
+            # shape, reflected at start, already has it), or a batch that changed it here was rolled back.
+            known = {column for column, _, _ in changed}
+            changed += [(column, stored, _spelled(fresh.column(column)))
+                        for column, stored in self.dialect.differing_types(conn, shape).items()
+                        if column not in known and column in fresh.column_names]
             dropped = set(shape.column_names) - set(fresh.column_names)
             if not gained and not changed and not dropped:
                 self._schemas_checked.add(schema_id)

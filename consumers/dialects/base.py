@@ -8,6 +8,7 @@ conditional on `_cdc_lsn`: a change older than what the row holds never wins, so
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -39,6 +40,19 @@ class NoMatchingRow(CdcError, Terminal):
 def _abridged(row: dict[str, Any], limit: int = 300) -> str:
     text_ = ", ".join(f"{c}={v!r}" for c, v in row.items())
     return text_ if len(text_) <= limit else text_[:limit] + "..."
+
+
+# The source types whose destination spelling `differing_types` compares (the others' spellings differ between a
+# catalog and a compiled type, enums and composites above all).
+COMPARED_CATEGORIES = frozenset({"int2", "int4", "int8", "numeric", "float4", "float8", "text", "varchar", "char"})
+
+
+def comparable_type(spelled: str) -> str:
+    """A column type's spelling as a catalog and SQLAlchemy both give it: `int(11)` and `INTEGER`, `DECIMAL(8, 2)` and
+    `decimal(8,2)`, DuckDB's `FLOAT` and `REAL` alike."""
+    spelled = re.sub(r"\s+", "", spelled.lower())
+    spelled = re.sub(r"^(tinyint|smallint|mediumint|int|integer|bigint)\(\d+\)", r"\1", spelled)
+    return {"integer": "int", "real": "float", "float4": "float"}.get(spelled, spelled)
 
 
 class SchemaChangeError(CdcError, Terminal):
@@ -310,6 +324,27 @@ class Dialect(ABC):
 
     @abstractmethod
     def add_column(self, conn: Connection, table: Table, column: Column) -> None: ...
+
+    def stored_types(self, conn: Connection, shape: TableShape) -> dict[str, str]:
+        """The destination table's column types as its catalog spells them, for `differing_types`; empty where the
+        dialect does not say (nothing is then compared)."""
+        return {}
+
+    def differing_types(self, conn: Connection, shape: TableShape) -> dict[str, str]:
+        """The columns of plain numeric and text types whose type at the destination is not the one `shape` maps
+        them to (the source changed it while no applier ran), each with the type stored."""
+        stored = self.stored_types(conn, shape)
+        if not stored:
+            return {}
+        table = self.table(shape)
+        differing = {}
+        for column in shape.columns:
+            if column.source is None or column.source.category not in COMPARED_CATEGORIES or column.name not in stored:
+                continue
+            if comparable_type(stored[column.name]) != comparable_type(
+                    table.c[column.name].type.compile(dialect=conn.dialect)):
+                differing[column.name] = stored[column.name]
+        return differing
 
     def alter_column_type(self, conn: Connection, shape: TableShape, column: str) -> str:
         """Give `column` the type this dialect maps `shape`'s (the source's, freshly reflected) to, converting the

@@ -92,6 +92,11 @@ class DuckDBDialect(Dialect):
             conn.exec_driver_sql(f"ALTER TABLE {prep.quote(name)} ADD COLUMN {prep.quote(column.name)} "
                                  f"{column.type.compile(dialect=conn.dialect)}")
 
+    def stored_types(self, conn: Connection, shape: TableShape) -> dict[str, str]:
+        return {name: kind for name, kind in conn.exec_driver_sql(
+            "select column_name, data_type from information_schema.columns where table_name = ?",
+            (self.table(shape).name,))}
+
     def alter_column_type(self, conn: Connection, shape: TableShape, column: str) -> str:
         table = self.table(shape)
         spelled = table.c[column].type.compile(dialect=conn.dialect)

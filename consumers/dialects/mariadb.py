@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator
 from uuid import UUID
 
 from sqlalchemy import BigInteger, Column, PrimaryKeyConstraint, Table
+from sqlalchemy import text as sql_text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects.mysql import insert as mysql_insert
@@ -126,6 +127,12 @@ class MariaDBDialect(Dialect):
         prep = conn.dialect.identifier_preparer
         _execute(conn, f"ALTER TABLE {prep.format_table(table)} ADD COLUMN {prep.quote_identifier(column.name)} "
                        f"{column.type.compile(dialect=conn.dialect)} NULL")
+
+    def stored_types(self, conn: Connection, shape: TableShape) -> dict[str, str]:
+        table = self.table(shape)
+        return {name: kind for name, kind in conn.execute(sql_text(
+            "select column_name, column_type from information_schema.columns where table_schema = "
+            "coalesce(:schema, database()) and table_name = :name"), {"schema": table.schema, "name": table.name})}
 
     def alter_column_type(self, conn: Connection, shape: TableShape, column: str) -> str:
         # MODIFY COLUMN commits the transaction open before it and itself at once (MariaDB's DDL always does): the

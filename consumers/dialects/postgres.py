@@ -181,6 +181,13 @@ class PostgresDialect(Dialect):
             raw.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(stage)))
         return f"changed column {table.fullname}.{column} to {spelled}"
 
+    def stored_types(self, conn: Connection, shape: TableShape) -> dict[str, str]:
+        table = self.table(shape)
+        return dict(conn.connection.driver_connection.execute(
+            "select attname, format_type(atttypid, atttypmod) from pg_attribute where attrelid = %s::regclass "
+            "and attnum > 0 and not attisdropped", (_identifier(table).as_string(conn.connection.driver_connection),))
+            .fetchall())
+
     def _typed_tables(self, table: Table) -> list[sql.Identifier]:
         """The tables holding a destination table's columns with their types: itself (and its history)."""
         return [_identifier(table)]
