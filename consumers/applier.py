@@ -693,9 +693,12 @@ class ReplicaApplier:
         whenever a change shows in its Avro (a column added or dropped, int -> bigint, a numeric's scale). The table
         is then reflected afresh from the source and compared with the shape the destination was made from: columns
         the source gained are added (and filled, `_fill_new_column`), columns whose catalog type changed get the
-        new mapped type (`_change_types`); a dropped column stops the applier (the dialect's ensure_table).
-        A change with no Avro of its own (varchar(10) -> text: a string either way) is met at the next new writer
-        schema of the table, or when a value the old type cannot hold fails the batch, naming the column."""
+        new mapped type (Dialect.alter_column_type, in the batch's transaction, before any row is written) unless
+        `_refuse_type_changes` stops; a dropped column stops the applier (the dialect's ensure_table). The destination's
+        catalog is compared too (Dialect.differing_types): a type changed while no applier ran is found by the first
+        change after a start. A change with no Avro of its own while an applier runs (varchar(10) -> text: a string
+        either way) is found with the table's next new writer schema, or at the next start; until then a value the
+        old type cannot hold fails its batch, naming the destination (and it is not truncated)."""
         for schema_id in {e.schema_id for e in events if e.schema_id is not None} - self._schemas_checked:
             converter = self._converters[schema_id]
             table = next(e.table for e in events if e.schema_id == schema_id)
