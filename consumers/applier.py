@@ -132,6 +132,7 @@ class ReplicaApplier:
         self._origins: dict[tuple[str, str], tuple[str, Any]] = {}
         self._absent: dict[int, list[str]] = {}
         self._schemas_checked: set[int] = set()  # writer schemas whose table's columns were compared (_check_columns)
+        self._tables_seen: set[str] = set()  # tables with a writer schema checked since the start (_check_columns)
         self._columnar_schemas: dict[tuple[int, str], bool] = {}  # (writer schema id, table) -> as runs
         url = self.destination.driver_url
         # A DuckDB file: one process may write it, or several read it, so the applier holds it only while writing.
@@ -691,7 +692,8 @@ class ReplicaApplier:
     def _check_columns(self, conn: Any, events: list[ChangeEvent]) -> None:
         """A writer schema met for the first time may say the source changed the table: Debezium registers a new one
         whenever a change shows in its Avro (a column added or dropped, int -> bigint, a numeric's scale). The table
-        is then reflected afresh from the source and compared with the shape the destination was made from: columns
+        is then reflected afresh from the source (unless it is the table's first writer schema since the start and
+        matches the shape reflected then) and compared with the shape the destination was made from: columns
         the source gained are added (and filled, `_fill_new_column`), columns whose catalog type changed get the
         new mapped type (Dialect.alter_column_type, in the batch's transaction, before any row is written) unless
         `_refuse_type_changes` stops; a dropped column stops the applier (the dialect's ensure_table). The destination's
@@ -706,15 +708,22 @@ class ReplicaApplier:
             if shape is None:
                 self._schemas_checked.add(schema_id)
                 continue
-            fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
             gained = set(converter.columns) - set(shape.column_names)
+            # The destination's catalog: the source may have changed a type while no applier ran (the shape,
+            # reflected at start, already has it), or a batch that changed it here was rolled back.
+            differing = self.dialect.differing_types(conn, shape)
+            first = table not in self._tables_seen
+            self._tables_seen.add(table)
+            if first and not gained and not differing and set(converter.columns) == set(shape.column_names):
+                # A table's first writer schema since the start, matching the shape reflected at the start: the
+                # source is not reflected again (once per table at every start would slow a start of many tables).
+                self._schemas_checked.add(schema_id)
+                continue
+            fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
             changed = [(c.name, _spelled(shape.column(c.name)), _spelled(c)) for c in fresh.columns
                        if c.name in shape.column_names and _spelled(shape.column(c.name)) != _spelled(c)]
-            # And against the destination's catalog: the source may have changed a type while no applier ran (this
-            # shape, reflected at start, already has it), or a batch that changed it here was rolled back.
             known = {column for column, _, _ in changed}
-            changed += [(column, stored, _spelled(fresh.column(column)))
-                        for column, stored in self.dialect.differing_types(conn, shape).items()
+            changed += [(column, stored, _spelled(fresh.column(column))) for column, stored in differing.items()
                         if column not in known and column in fresh.column_names]
             dropped = set(shape.column_names) - set(fresh.column_names)
             if not gained and not changed and not dropped:
