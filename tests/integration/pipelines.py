@@ -41,6 +41,13 @@ def cdc(path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedPro
     return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=timeout)
 
 
+def caught_up(path: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`cdc run --until-caught-up` on a pipeline file, which must exit 0."""
+    run = cdc(path, "run", "--until-caught-up", "--timeout", str(timeout))
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
 def table_rows(url: str, table: str) -> list[tuple]:
     """Every row of a PostgreSQL table (`schema.table`), with plain SQL, `_cdc_lsn` left out, ordered by its first
     two columns."""

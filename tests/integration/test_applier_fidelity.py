@@ -4,8 +4,6 @@ columns added with a default reach existing destination rows, tables without a p
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,14 +15,9 @@ from confluent_kafka import Consumer, Producer
 
 from producers import capture
 from schemas.codec import AvroDecoder, RegistryClient
-from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import caught_up, cdc, execute, pipeline_data, purge, write_pipeline
 
-CDC = str(Path(sys.executable).parent / "cdc")
 GHOST_XID = "987654321"
-
-
-def cdc(path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def read_topic(bootstrap: str, topic: str, *, at_least: int = 1, seconds: float = 20) -> list:
@@ -77,8 +70,7 @@ def test_a_transaction_whose_events_never_arrive_is_named_within_the_grace_perio
     topic = pipeline.topic_of("public.item")
     try:
         execute(source, "insert into item values (2, 'b')")
-        first = cdc(path, "run", "--until-caught-up", "--timeout", "240")
-        assert first.returncode == 0, first.stdout + first.stderr
+        caught_up(path, 240)
         # A transaction that counts two changes of public.item, none of which reach its topic, then a real one.
         end_offset = produce_ghost_end(stack, pipeline, {"public.item": 2})
         execute(source, "insert into item values (3, 'after the ghost')")
@@ -169,8 +161,7 @@ def test_columns_added_with_a_default_reach_existing_rows_on_every_destination(s
                 each.run(until_caught_up=True, timeout=240)
                 each._release()
         else:
-            first = cdc(path, "run", "--until-caught-up", "--timeout", "240")
-            assert first.returncode == 0, first.stdout + first.stderr
+            caught_up(path, 240)
         execute(source,
                 # A constant default: PostgreSQL writes nothing, and reads 'n/a' from pg_attribute for old rows.
                 "alter table item add column note text default 'n/a'",
@@ -189,8 +180,7 @@ def test_columns_added_with_a_default_reach_existing_rows_on_every_destination(s
             for each in appliers:
                 each.run(until_caught_up=True, timeout=240)
         else:
-            result = cdc(path, "run", "--until-caught-up", "--timeout", "240")
-            assert result.returncode == 0, result.stdout + result.stderr
+            caught_up(path, 240)
         columns = ["id", "name", "note", "qty", "score", "plain"]
         expected = destination_rows(source, "item", columns)
         assert len(expected) == 1001 and sum(1 for r in expected if r[2] == "n/a") == 998
@@ -222,8 +212,7 @@ def test_a_table_without_a_primary_key_replicates_as_a_multiset_on_every_destina
     capture.apply(pipeline)
     one_of = "ctid = (select ctid from log where {} limit 1)"
     try:
-        first = cdc(path, "run", "--until-caught-up", "--timeout", "240")
-        assert first.returncode == 0, first.stdout + first.stderr
+        caught_up(path, 240)
         execute(source,
                 "insert into log values ('a', 'x', 1, '2025-01-01 10:00+00')",  # three alike now
                 "delete from log where " + one_of.format("who = 'a'"),  # one of the three goes
@@ -238,8 +227,7 @@ def test_a_table_without_a_primary_key_replicates_as_a_multiset_on_every_destina
                      insert into log values ('e', 'tx', 8, null);
                      delete from log where ctid = (select ctid from log where who = 'e' limit 1);
                    end $$""")
-        result = cdc(path, "run", "--until-caught-up", "--timeout", "240")
-        assert result.returncode == 0, result.stdout + result.stderr
+        caught_up(path, 240)
     finally:
         purge(pipeline)
     columns = ["who", "what", "n", "at"]

@@ -15,7 +15,7 @@ from consumers.stream import ChangeStream
 from producers import capture, topics
 from producers.debezium import OPTIONAL_FIELDS
 from tests.integration.pipelines import (
-    cdc, connect_plugins, execute, pipeline_data, purge, require_plugins, table_rows, write_pipeline,
+    caught_up, cdc, connect_plugins, execute, pipeline_data, purge, require_plugins, table_rows, write_pipeline,
 )
 
 
@@ -121,8 +121,7 @@ def test_a_partitioned_table_is_snapshotted_once_and_streamed_as_its_parent(stac
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
     try:
-        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert first.returncode == 0, first.stdout + first.stderr
+        caught_up(path)
         # Read once: the parent's snapshot reads every partition's rows, and no partition is read again.
         assert topics.message_counts(stack.kafka_bootstrap, [pipeline.topic_of("public.payment")]) == {
             pipeline.topic_of("public.payment"): 20}
@@ -151,8 +150,7 @@ def test_a_partitioned_table_is_snapshotted_once_and_streamed_as_its_parent(stac
             conn.execute("update payment set amount = amount + 1 where id = 300")
             conn.execute("update payment set paid = '2023-12-31' where id = 200")  # into the attached one
             conn.commit()
-        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert second.returncode == 0, second.stdout + second.stderr
+        caught_up(path)
     finally:
         purge(pipeline)
     for table in ("public.customer", "public.payment"):
@@ -185,8 +183,7 @@ def test_a_partitioned_hierarchy_member_keeps_its_root_id_in_deletes_and_moves(s
         execute(source, "delete from payment where id = 400")
         changes = stream.collect(lambda seen: len(seen) >= 5, timeout=120)
         status_after = cdc(path, "connectors", "status")
-        run = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert run.returncode == 0, run.stdout + run.stderr
+        caught_up(path)
     finally:
         stream.close()
         purge(pipeline)
@@ -239,8 +236,7 @@ def _truncate_round(stack, source_db, destination_url: str, tmp_path, read) -> N
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
     try:
-        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert first.returncode == 0, first.stdout + first.stderr
+        caught_up(path)
         assert len(read("enrollment")) == 10 and len(read("school")) == 3
         with psycopg.connect(source) as conn:
             with conn.transaction():
@@ -251,8 +247,7 @@ def _truncate_round(stack, source_db, destination_url: str, tmp_path, read) -> N
             conn.execute("insert into school values (9, 'after')")
             conn.execute("insert into enrollment values (51, 2, 8)")
             conn.commit()
-        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert second.returncode == 0, second.stdout + second.stderr
+        caught_up(path)
     finally:
         purge(pipeline)
     assert read("enrollment") == [(50, 1, 7), (51, 2, 8)]
@@ -399,8 +394,7 @@ def test_member_rows_with_a_null_root_id_replicate_and_join_their_root_later(sta
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
     try:
-        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert first.returncode == 0, first.stdout + first.stderr
+        caught_up(path)
         for table in ("public.branch", "public.history"):
             assert table_rows(source, table) == table_rows(destination, table), table
         with psycopg.connect(source) as conn:
@@ -411,8 +405,7 @@ def test_member_rows_with_a_null_root_id_replicate_and_join_their_root_later(sta
             conn.execute("update history set bid = null where hid = 5")  # leaves it
             conn.execute("delete from history where hid = 8")  # a NULL root id's delete
             conn.commit()
-        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert second.returncode == 0, second.stdout + second.stderr
+        caught_up(path)
         for table in ("public.branch", "public.history"):
             assert table_rows(source, table) == table_rows(destination, table), table
         topic = pipeline.topic_of("public.history")

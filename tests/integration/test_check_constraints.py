@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 
 from producers import capture
-from tests.integration.pipelines import cdc, execute, pipeline_data, purge, table_rows, write_pipeline
+from tests.integration.pipelines import caught_up, execute, pipeline_data, purge, table_rows, write_pipeline
 
 # An incompressible text of ~40 kB: stored out of line (TOASTed), so an update that leaves it alone does not send it.
 BIG = "(select string_agg(md5(g::text || random()::text), '') from generate_series(1, 1200) g)"
@@ -50,8 +50,7 @@ def test_validated_checks_reach_a_postgresql_replica(stack, source_db, destinati
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
     try:
-        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert first.returncode == 0, first.stdout + first.stderr
+        first = caught_up(path)
         assert table_rows(destination, "public.box") == table_rows(source, "public.box")
 
         at_source = checks(source)
@@ -75,8 +74,7 @@ def test_validated_checks_reach_a_postgresql_replica(stack, source_db, destinati
                 "update box set low = 7, high = 9 where id = 4",
                 "update box set low = null, qty = 4, kind = 'short' where id = 8",  # kind_known holds for new rows
                 "delete from box where id = 2")
-        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert second.returncode == 0, second.stdout + second.stderr
+        second = caught_up(path)
         rows = table_rows(source, "public.box")
         assert [r[0] for r in rows] == [4, 6, 8, 10]
         assert len(rows[1][4]) > 30_000  # the TOASTed body is still there

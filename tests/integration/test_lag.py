@@ -21,7 +21,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from producers import capture
 from producers.connect import ConnectClient
-from tests.integration.pipelines import pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import caught_up, pipeline_data, purge, write_pipeline
 from tests.integration.test_replica import CDC, HIERARCHIES, SCHEMA, TABLES, cdc, workload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +42,7 @@ def lagging(stack, source_db, tmp_path):
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
-    first = cdc(path, "run", "--until-caught-up", "--timeout", "300")
-    assert first.returncode == 0, first.stdout + first.stderr
+    caught_up(path, 300)
     yield path, pipeline, stack.postgres_url(source_db)
     purge(pipeline)
     with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
@@ -104,8 +103,7 @@ def test_a_stopped_consumer_shows_growing_lag_then_ok_after_a_run(lagging):
     assert started - 1 <= a["oldest_unapplied_commit_ts_ms"] / 1000 <= started + 4
     assert b["lag_seconds"] <= time.time() - started + 1
     # The consumer comes back: caught up, zero, OK.
-    run = cdc(path, "run", "--until-caught-up", "--timeout", "300")
-    assert run.returncode == 0, run.stdout + run.stderr
+    caught_up(path, 300)
     code, doc = lag_json(path, "--window", "2", "--check")
     dest = doc["destinations"][0]
     assert code == 0 and dest["status"] == "OK" and dest["lag_messages"] == 0 and dest["lag_seconds"] == 0, dest
@@ -125,8 +123,7 @@ def kafka_view(bootstrap: str, group: str, partitions: list[tuple[str, int]]) ->
 def test_the_figures_agree_with_kafkas_own_view(lagging):
     path, pipeline, source = lagging
     workload(source, 300, seed=8)
-    run = cdc(path, "run", "--until-caught-up", "--timeout", "300")
-    assert run.returncode == 0, run.stdout + run.stderr
+    caught_up(path, 300)
     workload(source, 150, seed=9)  # committed, not applied: the consumer is not running
     time.sleep(3)  # let Debezium write them to Kafka
     _, doc = lag_json(path, "--window", "0")
@@ -253,8 +250,7 @@ def test_a_mariadb_destination_reports_its_lag_too(stack, source_db, mariadb_dat
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
     try:
-        run = cdc(path, "run", "--until-caught-up", "--timeout", "300")
-        assert run.returncode == 0, run.stdout + run.stderr
+        caught_up(path, 300)
         finished = time.time()
         code, doc = lag_json(path, "--window", "1", "--check")
         dest = doc["destinations"][0]

@@ -12,7 +12,7 @@ from producers import capture
 from producers.connect import ConnectClient
 from producers.debezium import DROP_OPTIONAL_DEFAULTS
 from tests.integration.pipelines import (
-    cdc, connect_plugins, execute, pipeline_data, purge, require_plugins, table_rows, write_pipeline,
+    caught_up, connect_plugins, execute, pipeline_data, purge, require_plugins, table_rows, write_pipeline,
 )
 
 
@@ -81,8 +81,7 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
     try:
-        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert first.returncode == 0, first.stdout + first.stderr
+        caught_up(path)
         assert table_rows(destination, "public.item") == table_rows(source, "public.item")
         execute(source,
                 f"insert into item values (3, {NULLS})",
@@ -92,8 +91,7 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
                 "delete from item where id = 1",
                 f"insert into item values (5, {VALUES})",
                 f"update item set ({', '.join(COLUMNS)}) = ({NULLS}) where id = 5")  # to NULL, from other values
-        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert second.returncode == 0, second.stdout + second.stderr
+        caught_up(path)
         rows = table_rows(source, "public.item")
         assert [r[0] for r in rows] == [2, 3, 4, 5]
         assert [r[0] for r in rows if all(v is None for v in r[1:])] == [2, 4, 5]  # the source has its NULLs
@@ -163,8 +161,7 @@ def test_a_connector_made_without_the_transform_gets_it_on_apply_and_keeps_repli
     monkeypatch.setattr(capture.debezium, "connector_config", without_the_transform)
     capture.apply(pipeline)
     try:
-        first = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert first.returncode == 0, first.stdout + first.stderr
+        caught_up(path)
         assert table_rows(destination, "public.item") == table_rows(source, "public.item")
         monkeypatch.undo()
         report = capture.apply(pipeline)  # the configuration gains the transform; the offsets stay
@@ -175,8 +172,7 @@ def test_a_connector_made_without_the_transform_gets_it_on_apply_and_keeps_repli
                 f"insert into item values (3, {NULLS})",
                 f"update item set ({', '.join(COLUMNS)}) = ({NULLS}) where id = 1",
                 "update item set note = 'kept' where id = 2")
-        second = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert second.returncode == 0, second.stdout + second.stderr
+        caught_up(path)
         rows = table_rows(source, "public.item")
         assert [r[0] for r in rows if all(v is None for v in r[1:])] == [1, 3]
         assert table_rows(destination, "public.item") == rows
@@ -232,8 +228,7 @@ def test_root_id_columns_with_defaults_keep_one_key_schema_and_null_root_ids(sta
     capture.apply(pipeline)
     try:
         execute(source, "insert into note values (3, null, 'none either')", "update note set bid = null where nid = 2")
-        run = cdc(path, "run", "--until-caught-up", "--timeout", "180")
-        assert run.returncode == 0, run.stdout + run.stderr
+        caught_up(path)
         for table in ("branch", "history", "note"):
             assert table_rows(destination, f"public.{table}") == table_rows(source, f"public.{table}"), table
         topic = pipeline.topic_of("public.branch")

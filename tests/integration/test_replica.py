@@ -18,7 +18,7 @@ import pytest
 from psycopg import sql
 
 from producers import capture
-from tests.integration.pipelines import pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import caught_up, pipeline_data, purge, write_pipeline
 
 CDC = str(Path(sys.executable).parent / "cdc")
 
@@ -224,8 +224,7 @@ def test_a_mariadb_destination_follows_the_same_workload(stack, source_db, maria
     source = stack.postgres_url(source_db)
     try:
         workload(source, 1000, seed=5)
-        run = cdc(path, "run", "--until-caught-up", "--timeout", "300")
-        assert run.returncode == 0, run.stdout + run.stderr
+        caught_up(path, 300)
         destination = create_engine(mariadb_database)
         with destination.connect() as conn:
             for table, columns in [("school", "id, name"), ("person", "id, name, balance, mentor_id"),
