@@ -27,10 +27,42 @@ TABLE_RE = re.compile(r"^[^.]+\.[^.]+$")
 ROLE_RE = re.compile(r"^(?!pg_)[a-z_][a-z0-9_]{0,62}$")
 _RESERVED_ROLES = {"public", "none", "current_role", "current_user", "session_user", "all"}
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# PostgreSQL cuts identifiers longer than this many bytes (NAMEDATALEN - 1): a longer name names another table.
+MAX_IDENTIFIER_BYTES = 63
+# Names that become parts of topic names (at most 249 characters in Kafka, `<pipeline>.<dest>.dead-letter` included).
+MAX_NAME_CHARS = 100
+# How much of a user-supplied value a message shows: enough to recognise it, never a whole 10 MB name.
+SHOWN_CHARS = 120
+# The longest line one configuration error may print, whatever it quotes (a last guard behind `shown`).
+MAX_ERROR_LINE = 1000
+# The SQLAlchemy schemes (dialect+driver) the project can write to, per destination kind; the drivers are the ones
+# it installs (psycopg 3, PyMySQL, duckdb_engine), consumers/dialects has one dialect per database. A DuckDB file
+# of kind replica is written by the DuckDB dialect, as an analytics file is.
+DESTINATION_SCHEMES = {
+    "replica": ("postgresql", "postgresql+psycopg", "mysql", "mysql+pymysql", "mariadb", "mariadb+pymysql", "duckdb"),
+    "analytics": ("duckdb", "postgresql", "postgresql+psycopg"),
+}
+DESTINATION_DATABASES = {"replica": "a replica destination is PostgreSQL, MariaDB (or MySQL) or DuckDB",
+                         "analytics": "an analytics destination is DuckDB or PostgreSQL"}
+SOURCE_SCHEMES = ("postgresql", "postgresql+psycopg")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` as a message may show it: at most `limit` characters, then an ellipsis and the full length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def shown(value: Any) -> str:
+    """A user-supplied value quoted for a message (its repr), cut to SHOWN_CHARS with its full length."""
+    if isinstance(value, str) and len(value) > SHOWN_CHARS:
+        return f"{value[:SHOWN_CHARS]!r}… ({len(value):,} characters)"
+    return cut(repr(value))
 
 
 def topic_safe(name: str) -> str:
@@ -40,7 +72,7 @@ def topic_safe(name: str) -> str:
 
 def _http_url(value: str, what: str) -> str:
     if not re.match(r"^https?://[^/\s:]+(:\d+)?(/\S*)?$", value):
-        raise ValueError(f"{what} must be an http:// or https:// URL, got {value!r}")
+        raise ValueError(f"{what} must be an http:// or https:// URL, got {shown(value)}")
     return value.rstrip("/")
 
 
@@ -48,7 +80,8 @@ def _sqlalchemy_url(value: str) -> URL:
     try:
         return make_url(value)
     except ArgumentError:
-        raise ValueError(f"not a database URL (expected e.g. postgresql://user@host:5432/db), got {value!r}") from None
+        # The URL itself is not shown: it may hold a password.
+        raise ValueError("not a database URL (expected e.g. postgresql://user@host:5432/db)") from None
 
 
 def masked_url(url: URL) -> str:
@@ -65,7 +98,7 @@ class KafkaSettings(_Model):
     def _servers(cls, v: str) -> str:
         for server in v.split(","):
             if not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", server.strip()):
-                raise ValueError(f"each server must be host:port, got {server.strip()!r}")
+                raise ValueError(f"each server must be host:port, got {shown(server.strip())}")
         return v
 
     @field_validator("schema_registry_url")
@@ -98,15 +131,17 @@ class SourceSettings(_Model):
     @classmethod
     def _signal_table(cls, v: str) -> str:
         if not TABLE_RE.match(v):
-            raise ValueError(f"{v!r} is not schema-qualified (write schema.table)")
+            raise ValueError(f"{shown(v)} is not schema-qualified (write schema.table)")
+        _identifier_lengths(v)
         return v
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: SecretStr) -> SecretStr:
         url = _sqlalchemy_url(v.get_secret_value())
-        if url.get_backend_name() != "postgresql":
-            raise ValueError(f"the source must be PostgreSQL (postgresql://...), got a {url.get_backend_name()!r} URL")
+        if url.drivername not in SOURCE_SCHEMES:
+            raise ValueError(f"the source must be PostgreSQL (postgresql://...), got a {shown(url.drivername)} URL; "
+                             f"accepted schemes: {', '.join(s + '://' for s in SOURCE_SCHEMES)}")
         if not url.database:
             raise ValueError("the source URL names no database")
         return v
@@ -122,7 +157,7 @@ class SourceSettings(_Model):
     @classmethod
     def _tables_list(cls, v: Any) -> Any:
         if not isinstance(v, (list, tuple)):
-            raise ValueError(f"must be a list of schema.table names, got {v!r}")
+            raise ValueError(f"must be a list of schema.table names, got {shown(v)}")
         if not v:
             raise ValueError("lists no tables; name at least one schema.table to capture")
         return v
@@ -134,20 +169,29 @@ class SourceSettings(_Model):
         for table in v:
             if table.count(".") > 1:
                 # schema.table is split at its one dot, so the name is ambiguous (and Debezium's lists split there).
-                raise ValueError(f"{table!r}: schema and table names holding a dot cannot be captured")
+                raise ValueError(f"{shown(table)}: schema and table names holding a dot cannot be captured")
             if not TABLE_RE.match(table):
-                raise ValueError(f"{table!r} is not schema-qualified (write it as schema.table, e.g. public.{table})")
+                raise ValueError(f"{shown(table)} is not schema-qualified (write it as schema.table, e.g. "
+                                 f"public.{cut(table)})")
+            _identifier_lengths(table)
             if table in seen:
-                raise ValueError(f"{table!r} is listed twice")
+                raise ValueError(f"{shown(table)} is listed twice")
             if '"' in table:
                 # Debezium 3.6 loses such names when it re-reads a table's columns while streaming.
-                raise ValueError(f"{table!r}: table names holding a double quote cannot be captured by Debezium")
+                raise ValueError(f"{shown(table)}: table names holding a double quote cannot be captured by Debezium")
             seen.add(table)
         return v
 
     @property
     def sqlalchemy_url(self) -> URL:
         return make_url(self.url.get_secret_value())
+
+
+def _identifier_lengths(table: str) -> None:
+    for part in table.split("."):
+        if len(part.encode()) > MAX_IDENTIFIER_BYTES:
+            raise ValueError(f"{shown(table)}: {shown(part)} is longer than PostgreSQL's {MAX_IDENTIFIER_BYTES}-byte "
+                             "identifiers (PostgreSQL would cut it and name another table)")
 
 
 class Hierarchy(_Model):
@@ -164,9 +208,11 @@ class Hierarchy(_Model):
             raise ValueError("members must be a mapping of member table to its root-id column")
         for table, column in v.items():
             if column is None or (isinstance(column, str) and not column.strip()):
-                raise ValueError(f"member {table!r} names no root-id column (write `{table}: <column>`)")
+                raise ValueError(f"member {shown(table)} names no root-id column (write `{cut(str(table))}: "
+                                 "<column>`)")
             if not isinstance(column, str):
-                raise ValueError(f"member {table!r}: the root-id column must be a column name, got {column!r}")
+                raise ValueError(f"member {shown(table)}: the root-id column must be a column name, got "
+                                 f"{shown(column)}")
         return v
 
     @property
@@ -204,7 +250,7 @@ class Destination(_Model):
     @classmethod
     def _role(cls, v: str | None) -> str | None:
         if v is not None and (not ROLE_RE.match(v) or v in _RESERVED_ROLES):
-            raise ValueError(f"{v!r} is not a usable role name (lower-case letters, digits and '_', starting with a "
+            raise ValueError(f"{shown(v)} is not a usable role name (lower-case letters, digits and '_', starting with a "
                              "letter or '_', at most 63 characters, not `pg_...` nor a reserved word)")
         return v
 
@@ -244,9 +290,18 @@ class Pipeline(_Model):
     @classmethod
     def _hierarchy_names(cls, v: dict[str, Hierarchy]) -> dict[str, Hierarchy]:
         for name in v:
-            if not re.match(NAME_RE, name):
-                raise ValueError(f"hierarchy name {name!r} may only hold letters, digits, '_' and '-' "
-                                 "(it becomes part of a topic name)")
+            if not re.match(NAME_RE, name) or len(name) > MAX_NAME_CHARS:
+                raise ValueError(f"hierarchy name {shown(name)} may only hold letters, digits, '_' and '-', at most "
+                                 f"{MAX_NAME_CHARS} characters (it becomes part of a topic name)")
+        return v
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destination_names(cls, v: Any) -> Any:
+        for name in v if isinstance(v, dict) else ():
+            if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+                raise ValueError(f"destination name {shown(name)} must be a name of 1 to {MAX_NAME_CHARS} "
+                                 "characters (it names the destination's dead-letter topic and consumer group)")
         return v
 
     @field_validator("destinations")
@@ -255,9 +310,18 @@ class Pipeline(_Model):
         checked = {}
         for name, dest in v.items():
             where = f"destinations.{name}"
-            backend = dest.sqlalchemy_url.get_backend_name()
-            if dest.kind == "analytics" and backend not in ("duckdb", "postgresql"):
-                raise _FieldError(f"{where}.url", f"an analytics destination is DuckDB or PostgreSQL, not {backend!r}")
+            url = dest.sqlalchemy_url
+            accepted = DESTINATION_SCHEMES[dest.kind]
+            if url.drivername not in accepted:
+                # Refused here, before `connectors apply` makes a connector, slot and topics for a destination
+                # that `cdc run` could never write.
+                backend = url.get_backend_name()
+                what = backend if backend not in {s.split("+")[0] for s in accepted} else f"{url.drivername}://"
+                raise _FieldError(f"{where}.url", f"{DESTINATION_DATABASES[dest.kind]}, not {shown(what)}; accepted "
+                                  f"schemes: {', '.join(s + '://' for s in accepted)}")
+            if url.drivername == "duckdb" and url.database in (None, "", ":memory:"):
+                raise _FieldError(f"{where}.url", "names no DuckDB file (write duckdb:///path/to/file.duckdb; an "
+                                  "in-memory database would lose everything when the applier stops)")
             if not dest.is_postgres_analytics:
                 for field in ("read_only_role", "read_only_password"):
                     if getattr(dest, field) is not None:
@@ -268,7 +332,7 @@ class Pipeline(_Model):
             role = dest.read_only_role or default_read_only_role(name)
             if role == dest.sqlalchemy_url.username:
                 # The role is made read-only by default: the applier itself would lose the right to write.
-                raise _FieldError(f"{where}.read_only_role", f"{role!r} is the user of destinations.{name}.url; the "
+                raise _FieldError(f"{where}.read_only_role", f"{shown(role)} is the user of destinations.{name}.url; the "
                                   "read-only role must be another role")
             checked[name] = dest.model_copy(update={"read_only_role": role})
         return checked
@@ -279,15 +343,15 @@ class Pipeline(_Model):
         owner: dict[str, str] = {}
         for name, h in self.hierarchies.items():
             for role, table in [("root", h.root), *(("members", m) for m in h.members)]:
-                where = f"hierarchies.{name}.{role}" + (f"[{table!r}]" if role == "members" else "")
+                where = f"hierarchies.{name}.{role}" + (f"[{shown(table)}]" if role == "members" else "")
                 if not TABLE_RE.match(table):
-                    raise _FieldError(where, f"{table!r} is not schema-qualified (write schema.table)")
+                    raise _FieldError(where, f"{shown(table)} is not schema-qualified (write schema.table)")
                 if table not in captured:
-                    raise _FieldError(where, f"{table!r} is not in source.tables")
+                    raise _FieldError(where, f"{shown(table)} is not in source.tables")
                 if table in owner:
                     other = owner[table]
-                    raise _FieldError(where, f"{table!r} is already in hierarchy {other!r}" if other != name
-                                      else f"{table!r} appears twice in this hierarchy")
+                    raise _FieldError(where, f"{shown(table)} is already in hierarchy {other!r}" if other != name
+                                      else f"{shown(table)} appears twice in this hierarchy")
                 owner[table] = name
         return self
 
@@ -366,7 +430,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                    None, None, f"duplicate key {shown(key)}", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -384,8 +448,8 @@ def _interpolate(value: Any, path: str, env: dict[str, str], source: str) -> Any
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(f"{source}: {path}: environment variable {name} is not set "
-                              f"(write ${{{name}:-default}} for a default)")
+            raise ConfigError(f"{source}: {cut(path)}: environment variable {cut(name)} is not set "
+                              f"(write ${{{cut(name)}:-default}} for a default)")
         return _ENV_RE.sub(replace, value)
     return value
 
@@ -396,9 +460,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         elif "." in str(item):
-            parts.append(f"[{str(item)!r}]")
+            parts.append(f"[{shown(str(item))}]")
         else:
-            parts.append(("." if parts else "") + str(item))
+            parts.append(("." if parts else "") + cut(str(item)))
     return "".join(parts) or "(top level)"
 
 
@@ -413,7 +477,7 @@ def _describe(error: dict[str, Any]) -> str:
         if message.startswith(prefix):
             message = message[len(prefix):]
     if kind not in ("value_error",) and "input" in error and not isinstance(error["input"], (dict, list)):
-        message += f" (got {error['input']!r})"
+        message += f" (got {shown(error['input'])})"
     return message
 
 
@@ -430,10 +494,12 @@ def parse(data: Any, source: str = DEFAULT_FILE, env: dict[str, str] | None = No
         for error in exc.errors():
             ctx_error = error.get("ctx", {}).get("error")
             if isinstance(ctx_error, _FieldError):
-                lines.append(f"{source}: {ctx_error.path}: {ctx_error.message}")
+                line = f"{source}: {ctx_error.path}: {ctx_error.message}"
             else:
-                lines.append(f"{source}: {_field_path(error['loc'])}: {_describe(error)}")
-        raise ConfigError("\n".join(lines)) from None
+                line = f"{source}: {_field_path(error['loc'])}: {_describe(error)}"
+            # The one place every configuration error passes: whatever a message quotes, it stays readable.
+            lines.append(cut(line, MAX_ERROR_LINE))
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
 
 
 def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Pipeline:
@@ -452,5 +518,5 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{file}{where}: invalid YAML: {problem}") from None
+        raise ConfigError(f"{file}{where}: invalid YAML: {cut(problem, MAX_ERROR_LINE)}") from None
     return parse(data, str(file), environ)
