@@ -699,8 +699,9 @@ class ReplicaApplier:
         `_refuse_type_changes` stops; a dropped column stops the applier (the dialect's ensure_table). The destination's
         catalog is compared too (Dialect.differing_types): a type changed while no applier ran is found by the first
         change after a start. A change with no Avro of its own while an applier runs (varchar(10) -> text: a string
-        either way) is found with the table's next new writer schema, or at the next start; until then a value the
-        old type cannot hold fails its batch, naming the destination (and it is not truncated)."""
+        either way; an enum's new label) is found when a value the old type cannot hold fails its batch: the source
+        is reflected again, the destination follows, and the batch is applied again (`_source_changed_under`). A
+        value is never truncated to fit."""
         for schema_id in {e.schema_id for e in events if e.schema_id is not None} - self._schemas_checked:
             converter = self._converters[schema_id]
             table = next(e.table for e in events if e.schema_id == schema_id)
@@ -720,22 +721,26 @@ class ReplicaApplier:
                 self._schemas_checked.add(schema_id)
                 continue
             fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
-            changed = [(c.name, _spelled(shape.column(c.name)), _spelled(c)) for c in fresh.columns
-                       if c.name in shape.column_names and _spelled(shape.column(c.name)) != _spelled(c)]
-            known = {column for column, _, _ in changed}
-            changed += [(column, stored, _spelled(fresh.column(column))) for column, stored in differing.items()
-                        if column not in known and column in fresh.column_names]
+            changed = _type_changes(shape, fresh, differing)
             dropped = set(shape.column_names) - set(fresh.column_names)
             if not gained and not changed and not dropped:
                 self._schemas_checked.add(schema_id)
                 continue
-            self._refuse_type_changes(fresh, changed)
             converter.rename({avro_name(c): c for c in fresh.column_names})
-            self._absent.clear()
-            stale = self.dialect._tables.pop(table, None)
-            if stale is not None:
-                self.dialect.metadata.remove(stale)  # rebuilt from the fresh shape, under the same name
-            for column, old, new in changed:
+            self._follow_source(conn, fresh, changed)
+            self._schemas_checked.add(schema_id)
+
+    def _follow_source(self, conn: Any, fresh: TableShape, changed: list[tuple[str, str, str]]) -> None:
+        """Make the destination's table the source's `fresh` shape: `changed` columns get their new type (or the
+        applier stops, `_refuse_type_changes`), columns the source gained are added and filled, an enum's new labels
+        are added; a dropped column stops the applier (the dialect's ensure_table raises, naming it)."""
+        table = fresh.name
+        self._refuse_type_changes(fresh, changed)
+        self._absent.clear()
+        stale = self.dialect._tables.pop(table, None)
+        if stale is not None:
+            self.dialect.metadata.remove(stale)  # rebuilt from the fresh shape, under the same name
+        for column, old, new in changed:
                 try:
                     action = self.dialect.alter_column_type(conn, fresh, column)
                 except SchemaChangeError as exc:
@@ -743,14 +748,35 @@ class ReplicaApplier:
                                      f"{old} to {new}, which this destination cannot follow ({exc}); rebuild the "
                                      f"table from the topics with `cdc replay {self.name} --tables {table}`") from exc
                 self.echo(f"{self.name}: {action} ({table}.{column} changed at the source from {old} to {new})")
-            self.shapes[table] = fresh
-            # Columns the source gained are added; one it dropped stops here (ensure_table raises, naming it).
-            self.dialect.added_columns.clear()
-            for action in self.dialect.ensure_table(conn, fresh, self.shapes):
-                self.echo(f"{self.name}: {action}")
-            for _, column in self.dialect.added_columns:
-                self._fill_new_column(conn, fresh, column)
-            self._schemas_checked.add(schema_id)
+        self.shapes[table] = fresh
+        self.dialect.added_columns.clear()
+        for action in self.dialect.ensure_table(conn, fresh, self.shapes):
+            self.echo(f"{self.name}: {action}")
+        for _, column in self.dialect.added_columns:
+            self._fill_new_column(conn, fresh, column)
+
+    def _source_changed_under(self, steps: list[Step], exc: BaseException) -> bool:
+        """After a batch failed on a value its destination column cannot hold: did the source change a column of the
+        batch's tables in a way no writer schema told (varchar(10) -> varchar(50) is a string in Avro either way; an
+        enum's new label is not in the shape)? If so, the destination follows it in a transaction of its own
+        (PostgreSQL can use an enum label only once the transaction that added it has committed) and the caller
+        applies the batch again; if not, the value is really too big for the source's type as reflected: False."""
+        if not _is_data_error(exc):
+            return False
+        tables = sorted({item.table for step in steps for item in step.events} & set(self.shapes))
+        if not tables:
+            return False
+        fresh_shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, tables)
+        followed = False
+        for table in tables:
+            shape, fresh = self.shapes[table], fresh_shapes[table]
+            changed = _type_changes(shape, fresh, {})
+            if not changed and not _relabelled(shape, fresh):
+                continue
+            with self._begin() as conn:
+                self._follow_source(conn, fresh, changed)
+            followed = True
+        return followed
 
     def _refuse_type_changes(self, fresh: TableShape, changed: list[tuple[str, str, str]]) -> None:
         """Raise ApplyError, before anything changes, for a type change the destination is not made to follow: a
@@ -861,14 +887,19 @@ class ReplicaApplier:
         """Apply steps in one destination transaction, then acknowledge them to Kafka's group offsets. `more`: another
         batch is ready behind this one (a DuckDB file then stays open for it)."""
         offsets = self._offsets_after(steps)
-        try:
-            with self._begin(hold=more) as conn:
-                self.dialect.begin_batch(conn, snapshot=any(s.xid is None for s in steps))
-                count = self._write(conn, steps, offsets)
-        except OperationalError as exc:
-            raise ServiceUnavailable(f"destination {self.name} failed: {_first_line(exc)}") from exc
-        except (DBAPIError, NoMatchingRow) as exc:
-            raise ApplyError(f"destination {self.name}: applying {_where(steps)} failed: {_first_line(exc)}") from exc
+        for attempt in (1, 2):
+            try:
+                with self._begin(hold=more) as conn:
+                    self.dialect.begin_batch(conn, snapshot=any(s.xid is None for s in steps))
+                    count = self._write(conn, steps, offsets)
+                break
+            except (OperationalError, psycopg.OperationalError) as exc:
+                raise ServiceUnavailable(f"destination {self.name} failed: {_first_line(exc)}") from exc
+            except (DBAPIError, NoMatchingRow, psycopg.Error, *_duckdb_errors()) as exc:
+                if attempt == 1 and self._source_changed_under(steps, exc):
+                    continue
+                raise ApplyError(f"destination {self.name}: applying {_where(steps)} failed: "
+                                 f"{_first_line(exc)}") from exc
         self._acknowledge(steps, offsets)
         self.stats.rows += count
         self.stats.transactions += sum(1 for s in steps if s.xid is not None)
@@ -1160,6 +1191,57 @@ class ReplicaApplier:
 def _spelled(column: ColumnShape) -> str:
     """A source column's type as its catalog spells it (`numeric(12,4)`): what a change of type is told by."""
     return column.source.sql if column.source is not None else str(column.type)
+
+
+def _type_changes(shape: TableShape, fresh: TableShape, differing: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(column, old type, new type) of the columns whose type differs between the shape a destination was made from
+    and the source's `fresh` one, or whose destination type (`differing`, from its catalog) differs."""
+    changed = [(c.name, _spelled(shape.column(c.name)), _spelled(c)) for c in fresh.columns
+               if c.name in shape.column_names and _spelled(shape.column(c.name)) != _spelled(c)]
+    known = {column for column, _, _ in changed}
+    changed += [(column, stored, _spelled(fresh.column(column))) for column, stored in differing.items()
+                if column not in known and column in fresh.column_names]
+    return changed
+
+
+def _labels(column: ColumnShape) -> tuple[str, ...]:
+    source = column.source.leaf() if column.source is not None else None
+    return source.labels if source is not None else ()
+
+
+def _relabelled(shape: TableShape, fresh: TableShape) -> bool:
+    """Whether an enum column of the table gained labels at the source since the shape was reflected."""
+    return any(_labels(c) != _labels(shape.column(c.name)) for c in fresh.columns if c.name in shape.column_names)
+
+
+def _duckdb_errors() -> tuple[type[BaseException], ...]:
+    import duckdb
+
+    return (duckdb.Error,)
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """A destination's refusal of a value for its column's type (too long, not a label of the enum, out of range):
+    the errors a source's silent column change causes. PostgreSQL's class 22, MariaDB's data errors, DuckDB's
+    conversion errors."""
+    import duckdb
+    from sqlalchemy.exc import DataError
+
+    orig = getattr(exc, "orig", None) or exc
+    return isinstance(exc, DataError) or isinstance(orig, (psycopg.errors.DataError, duckdb.ConversionException,
+                                                             duckdb.InvalidInputException))
+
+
+def _session_ended(exc: BaseException) -> bool:
+    """A destination error that means the session is gone (SQLSTATE class 08, connection exceptions; 57P01-03, the
+    server shutting down or the backend terminated), whatever the driver made of it."""
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None) or ""
+    if state.startswith("08") or state in ("57P01", "57P02", "57P03"):
+        return True
+    # MariaDB (PyMySQL): the server has gone away, lost connection, connection killed.
+    code = orig.args[0] if getattr(orig, "args", None) and isinstance(orig.args[0], int) else None
+    return code in (2006, 2013, 1927, 4031)
 
 
 def _first_line(exc: BaseException) -> str:

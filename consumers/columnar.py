@@ -18,6 +18,7 @@ primary-key update inside one event, a truncate, or changes decoded one by one (
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import numpy as np
@@ -179,8 +180,11 @@ def apply_duckdb(conn: Any, quote: Callable[[str], str], target: str, history: s
             run(f"DELETE FROM {target} t USING (SELECT {picks}, {CHANGE_LSN} FROM {last} WHERE {OP} = 'd') s "
                 f"WHERE {match} AND t.{lsn} < s.{CHANGE_LSN}")
     finally:
-        conn.unregister(last)
-        conn.unregister(stage)
+        # In a transaction a failed statement aborted, DuckDB refuses these too: the first error is the one to
+        # report, and the connection is closed with the transaction (Arrow views die with it).
+        with contextlib.suppress(Exception):
+            conn.unregister(last)
+            conn.unregister(stage)
 
 
 def last_changes(flat: pa.Table, keys: list[str]) -> pa.Table:

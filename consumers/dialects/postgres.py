@@ -117,9 +117,15 @@ class PostgresDialect(Dialect):
             actions.append(f"created type {source.sql}")
         elif source.category == "enum":
             have = {r[0] for r in raw.execute("select enumlabel from pg_enum where enumtypid = %s", (found[0],))}
-            for label in source.labels:
+            # Each new label in its place (BEFORE the next label it has in the source's order): an enum sorts and
+            # compares by its labels' order, which must be the source's.
+            for n, label in enumerate(source.labels):
                 if label not in have:
-                    raw.execute(sql.SQL("ALTER TYPE {} ADD VALUE IF NOT EXISTS {}").format(name, sql.Literal(label)))
+                    later = next((x for x in source.labels[n + 1:] if x in have), None)
+                    where = sql.SQL(" BEFORE {}").format(sql.Literal(later)) if later is not None else sql.SQL("")
+                    raw.execute(sql.SQL("ALTER TYPE {} ADD VALUE IF NOT EXISTS {}{}").format(
+                        name, sql.Literal(label), where))
+                    have.add(label)
                     actions.append(f"added label {label!r} to type {source.sql}")
 
     def ensure_table(self, conn: Connection, shape: TableShape, shapes: dict[str, TableShape]) -> list[str]:
