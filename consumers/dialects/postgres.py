@@ -10,6 +10,10 @@ from __future__ import annotations
 import hashlib
 import io
 import operator
+import os
+import re
+import secrets
+from pathlib import Path
 from typing import Any, Callable
 
 import psycopg
@@ -385,32 +389,35 @@ class PostgresAnalyticsDialect(PostgresDialect):
                        self.prepared(shape, history_rows(shape, events), list(shape.column_names)))
 
     def grant_read_only(self, conn: Connection, role: str, password: str | None) -> list[str]:
-        """Create the role when absent (LOGIN with the password given, else NOLOGIN), read-only by default, allowed
-        to read the replicated tables and their histories, and the tables created in their schemas later. A role of
-        that name that the applier did not create is refused: changing its login or defaults could lock someone out,
-        and leaving them could leave it able to write."""
+        """Create the role when absent, a LOGIN role with the password given (else with the one generated for it,
+        `reader_password`), read-only by default, allowed to read the replicated tables and their histories, and
+        the tables created in their schemas later. `cdc query` logs in as it: no session of the applier's own user,
+        so no way back to its rights. A role of that name that the applier did not create is refused: changing its
+        login or defaults could lock someone out, and leaving them could leave it able to write. So is a role that
+        was given more than reading since (a member of `pg_read_server_files`, a superuser...)."""
         raw = conn.connection.driver_connection
         who = sql.Identifier(role)
         actions = []
         found = raw.execute("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s",
                             (role,)).fetchone()
         if found is None:
-            raw.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(who))
+            raw.execute(sql.SQL("CREATE ROLE {} LOGIN").format(who))
             raw.execute(sql.SQL("COMMENT ON ROLE {} IS {}").format(who, sql.Literal(READ_ONLY_ROLE_COMMENT)))
             actions.append(f"created read-only role {role}")
         elif found[0] != READ_ONLY_ROLE_COMMENT:
             raise ConfigError(f"read_only_role: the role {role} already exists and was not created by cdc; name "
                               "another role, or drop that one")
-        if password:
-            # Hashed here, so that the password itself never reaches the server (nor its statement log).
-            secret = raw.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
-            raw.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(who, sql.Literal(secret)))
-        else:
-            raw.execute(sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(who))
-        # For sessions that log in as the role; `cdc query` takes it with SET ROLE and opens READ ONLY itself.
+        excess = read_only_role_excess(raw, role)
+        if excess:
+            raise ConfigError(f"read_only_role: the role {role} may do more than read ({', '.join(excess)}); "
+                              "take that away from it (REVOKE, ALTER ROLE), or name another role")
+        if not password:
+            password = reader_password(conn.engine.url, role, create=True)
+        # Hashed here, so that the password itself never reaches the server (nor its statement log).
+        secret = raw.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
+        raw.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(who, sql.Literal(secret)))
+        # For every session of the role, `cdc query`'s (which also begins its transactions READ ONLY) and others.
         raw.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(who))
-        if not raw.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (role,)).fetchone()[0]:
-            raw.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(who))  # so that `cdc query` may SET ROLE to it
         tables = list(self._tables.values())
         for schema in sorted({table.schema for table in tables if table.schema}):
             raw.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), who))
@@ -420,6 +427,68 @@ class PostgresAnalyticsDialect(PostgresDialect):
             names = [*map(_identifier, tables), *map(self._history, tables)]
             raw.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(", ").join(names), who))
         return actions
+
+
+# What a read-only role must not have: each attribute, and any membership (`pg_read_server_files`,
+# `pg_execute_server_program`, `pg_read_all_data`, another user's role...), would let a query read files, run
+# programs or reach beyond the replicated tables.
+_ROLE_EXCESS = """
+SELECT array_remove(ARRAY[CASE WHEN r.rolsuper THEN 'SUPERUSER' END, CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END,
+                          CASE WHEN r.rolcreatedb THEN 'CREATEDB' END, CASE WHEN r.rolreplication THEN 'REPLICATION' END,
+                          CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END], NULL)
+       || ARRAY(SELECT 'member of ' || g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+                WHERE m.member = r.oid ORDER BY g.rolname)
+FROM pg_roles r WHERE r.rolname = %s
+"""
+
+
+def read_only_role_excess(raw: psycopg.Connection, role: str) -> list[str]:
+    """What the role may do beyond reading the tables granted to it: attributes and role memberships, by name."""
+    found = raw.execute(_ROLE_EXCESS, (role,)).fetchone()
+    return list(found[0]) if found else []
+
+
+def reader_password_file(url: Any, role: str) -> Path:
+    """Where the password generated for a read-only role is kept: `$CDC_HOME/secrets/read-only-roles/`, one file
+    per role and server (roles belong to a PostgreSQL cluster, not to one database)."""
+    from infra.stack import state_home
+
+    server = f"{url.host or url.query.get('host') or 'localhost'}_{url.port or 5432}"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{role}@{server}")
+    return state_home() / "secrets" / "read-only-roles" / name
+
+
+def reader_password(url: Any, role: str, *, create: bool) -> str | None:
+    """The password generated for a read-only role (which has none in the pipeline file), from its file; with
+    `create`, one is generated and kept when there is none yet. The file is the owner's only (0600, in 0700
+    directories) and written whole or not at all: a temporary file linked into place, so that two appliers
+    preparing the same role at once end with one password, the first one's."""
+    path = reader_password_file(url, role)
+    if path.exists():
+        text = path.read_text().strip()
+        if text:
+            return text
+        if create:
+            path.unlink()  # emptied by hand: a new one
+    if not create:
+        return None
+    path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # secrets/
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    password = secrets.token_urlsafe(32)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, password.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        password = path.read_text().strip()  # another applier was first
+    finally:
+        temporary.unlink()
+    return password
 
 
 def _identifier(table: Table, suffix: str = "") -> sql.Identifier:

@@ -16,8 +16,10 @@ import psycopg
 import pytest
 import yaml
 from psycopg import errors
+from sqlalchemy import make_url
 
 from cdc import config
+from consumers.dialects.postgres import reader_password_file
 from producers import capture
 from tests.integration.pipelines import pipeline_data, purge
 from tests.integration.test_replica import CDC, rows
@@ -38,7 +40,8 @@ READER_PASSWORD = "reader-" + uuid.uuid4().hex[:12]
 @pytest.fixture
 def lake(stack, source_db, tmp_path):
     """A source with two tables and its connector; two PostgreSQL analytics destinations: `lake` with a named
-    read-only role that logs in with a password from the environment, and one with the default, NOLOGIN, role."""
+    read-only role that logs in with a password from the environment, and one with the default role, which logs in
+    with the password `cdc run` generates for it."""
     with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
         conn.execute(SCHEMA)
     suffix = uuid.uuid4().hex[:8]
@@ -65,6 +68,7 @@ def lake(stack, source_db, tmp_path):
                 conn.execute(f'drop database if exists "{database}" with (force)')
             for role in (reader, f"cdc_reader_{mart}"):
                 conn.execute(f'drop role if exists "{role}"')
+        reader_password_file(make_url(stack.postgres_url()), f"cdc_reader_{mart}").unlink(missing_ok=True)
 
 
 def cdc(path, *args: str) -> subprocess.CompletedProcess:
@@ -196,12 +200,13 @@ def test_postgres_analytics_replica_history_and_read_only_role(stack, source_db,
         # No foreign keys on analytics tables.
         assert conn.execute("select count(*) from pg_constraint where contype = 'f'").fetchone() == (0,)
 
-    # The read-only role: a LOGIN role with the configured password, read-only by default, SELECT only.
+    # The read-only roles: LOGIN roles (with the configured password, or a generated one), read-only by default,
+    # SELECT only.
     with psycopg.connect(stack.postgres_url()) as conn:
         assert conn.execute("select rolcanlogin, rolconfig from pg_roles where rolname = %s",
                             (reader,)).fetchone() == (True, ["default_transaction_read_only=on"])
         assert conn.execute("select rolcanlogin, rolconfig from pg_roles where rolname = %s",
-                            (f"cdc_reader_{mart}",)).fetchone() == (False, ["default_transaction_read_only=on"])
+                            (f"cdc_reader_{mart}",)).fetchone() == (True, ["default_transaction_read_only=on"])
     reader_url = f"postgresql://{reader}:{READER_PASSWORD}@127.0.0.1:{stack.ports['postgres']}/{databases['lake']}"
     expected = rows(source, "account")
     with psycopg.connect(reader_url) as conn:
