@@ -85,6 +85,10 @@ HOLD_S = 5.0
 READER_WINDOW_S = 0.2
 # Kafka prefetch budget of one applier, shared out among its partitions (see the consumer's settings).
 PREFETCH_BUDGET_KB = 64 * 1024
+# Waiting for a schema registry that cannot answer: the first wait, doubled each attempt up to the last.
+REGISTRY_RETRY_FIRST_S = 0.5
+REGISTRY_RETRY_MAX_S = 30.0
+REGISTRY_REMIND_S = 30.0  # an outage is one line, repeated at most this often
 
 
 class ApplyError(CdcError, Terminal):
@@ -126,6 +130,8 @@ class ReplicaApplier:
         self.registry = RegistryClient(pipeline.kafka.schema_registry_url)
         self.decoder = AvroDecoder(self.registry)
         self.batch_decoder = BatchDecoder(self.decoder)
+        # Since when (epoch) decoding waits for a schema registry that cannot answer (`_registry_patiently`), or None.
+        self.registry_down_since: float | None = None
         self._converters: dict[int, values.RowConverter] = {}
         # Columns the source gained: what rows from before them hold there (_column_origin), and which columns
         # each writer schema lacks (_absent_columns).
@@ -415,9 +421,10 @@ class ReplicaApplier:
         transaction_ids: list[str] = []
         for schema_id, indexes in groups.items():
             try:
-                frame = self.batch_decoder.frame(schema_id, column if len(indexes) == n else column.take(indexes))
-            except CdcError:
-                frame = None  # the registry: `_feed` meets the same failure and reports it
+                frame = self._registry_patiently(lambda: self.batch_decoder.frame(
+                    schema_id, column if len(indexes) == n else column.take(indexes)))
+            except (CdcError, ValueError):
+                frame = None  # an unknown schema id...: `_feed` meets the same failure, and follows on_error
             if frame is None:
                 continue
             taken = runs.envelope_table(frame) if self.dialect.columnar else None
@@ -505,6 +512,14 @@ class ReplicaApplier:
                 and offset < self.skip_applied.get((topic, partition), 0))
 
     def _feed(self, msg: Any) -> None:
+        """Decode one message and hand it to the assembler. A message that cannot be decoded (schemas.codec.
+        Undecodable: bad framing, a schema id the registry does not know, bytes that do not read, not a Debezium
+        record) follows `on_error`: `stop` raises a DecodeError naming topic, partition, offset and why;
+        `dead-letter` sends it to the dead-letter topic (the reason in its record and headers) and goes on. On a
+        data topic it leaves a hole where it was (its transaction is applied without it, `force_next`); on the
+        transaction topic it may have been an END record, whose transaction's events are then given up when they
+        stand in the way (`TransactionAssembler.add_lost_marker`). A registry that cannot answer is no reason to
+        blame the message: waited for (`_registry_patiently`)."""
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         self.read_positions[topic, partition] = offset + 1
         raw = msg.value()
@@ -512,25 +527,58 @@ class ReplicaApplier:
             return  # a tombstone: the delete before it carries the change
         try:
             schema_id = self.decoder.schema_id(raw)
-            value = self.decoder.decode(raw)
+            value = self._registry_patiently(lambda: self.decoder.decode(raw))
             if topic == self.pipeline.transaction_topic:
                 marker = marker_from_record(value, offset)
                 if not self._skipped(topic, partition, offset, marker.commit_ts_ms):
                     self.assembler.add_marker(marker)
                 return
             # The record key (the root id) is not needed to apply: rows carry their keys. Not decoding it saves
-            # a second Avro read per message.
+            # a second Avro read per message (and a key that does not decode is then no reason to stop).
             event = from_envelope(value, None, topic=topic, partition=partition, offset=offset, schema_id=schema_id)
             self._converter(schema_id, event.table)
         except (ValueError, TypeError, KeyError, EOFError, IndexError) as exc:
             error = DecodeError(f"cannot decode: {exc}", topic=topic, partition=partition, offset=offset)
-            if self.policy != "dead-letter" or topic == self.pipeline.transaction_topic:
+            if self.policy != "dead-letter":
                 raise error from exc
             self._dead_letter(str(error), topic, partition, offset, msg.key(), raw, None)
-            self.assembler.add_hole(topic, partition, offset)
+            if topic == self.pipeline.transaction_topic:
+                self.assembler.add_lost_marker(offset)
+            else:
+                self.assembler.add_hole(topic, partition, offset)
             return
         if not self._skipped(topic, partition, offset, event.commit_ts_ms):
             self.assembler.add_event(event)
+
+    def _registry_patiently(self, call: Callable[[], Any]) -> Any:
+        """`call()` (a decode), again and again while the schema registry cannot answer (ServiceUnavailable:
+        unreachable, 5xx, lost its storage), with backoff, said in one line at most every 30 s: a registry outage
+        is not the messages' fault, and dead-lettering good data for it would lose it. Raises ServiceUnavailable
+        when the applier is stopped meanwhile."""
+        delay = REGISTRY_RETRY_FIRST_S
+        said = 0.0
+        while True:
+            try:
+                result = call()
+            except ServiceUnavailable as exc:
+                now = time.time()
+                if self.registry_down_since is None:
+                    self.registry_down_since = now
+                if now - said >= REGISTRY_REMIND_S:
+                    said = now
+                    since = time.strftime("%H:%M:%S", time.gmtime(self.registry_down_since))
+                    self.echo(f"{self.name}: schema registry unreachable since {since} UTC, retrying "
+                              f"({_first_line(exc)})")
+                if self._stop.wait(delay):
+                    raise ServiceUnavailable(f"destination {self.name}: stopped while the schema registry could "
+                                             f"not answer: {_first_line(exc)}") from exc
+                delay = min(delay * 2, REGISTRY_RETRY_MAX_S)
+                continue
+            if self.registry_down_since is not None:
+                self.echo(f"{self.name}: schema registry reachable again after "
+                          f"{time.time() - self.registry_down_since:.0f} s")
+                self.registry_down_since = None
+            return result
 
     # -- applying -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -1152,9 +1200,14 @@ class ReplicaApplier:
         """Events of a transaction given up that arrived after all: dead-lettered, never applied out of order."""
         late, self.assembler.late = self.assembler.late, []
         for event in runs.expand(late):
-            self._dead_letter(f"an event of source transaction {event.xid}, which was dead-lettered as incomplete, "
-                              "arrived after it was given up", event.topic, event.partition, event.offset, None, None,
-                              _event_json(event))
+            if event.xid in self.assembler.orphaned:
+                reason = (f"an event of source transaction {event.xid}, whose END record was lost (a record of "
+                          f"{self.pipeline.transaction_topic} did not decode and was dead-lettered): it cannot be "
+                          "known complete, so it is dead-lettered, not applied")
+            else:
+                reason = (f"an event of source transaction {event.xid}, which was dead-lettered as incomplete, "
+                          "arrived after it was given up")
+            self._dead_letter(reason, event.topic, event.partition, event.offset, None, None, _event_json(event))
 
     def _record_error(self, error: str) -> None:
         """Leave why this applier stopped in the destination, for `cdc lag` (best effort: it may be unreachable)."""

@@ -14,6 +14,19 @@ arrived (Debezium also counts the signalling table's rows, which the connector f
 
 The assembler takes change events one at a time, or runs of them (consumers.runs.ChangeRun: consecutive changes of
 one partition and one transaction), which it treats alike: each counts for `count` changes.
+
+Redelivery. Debezium delivers at least once: after a crash of Connect or of the broker, whole transactions arrive
+again, as new messages (the same events, and their END records again). A copy read before its original was taken
+is counted with it, and the copy's END finds those events waiting (counts are taken off as events are taken, not
+forgotten); copies right behind their originals in a partition are taken with them, and the surplus is credited to
+the copy's END, which then completes with what is left. The destination absorbs the copies (the LSN guard of the
+current state, and histories that do not store a change twice).
+
+A record of the transaction topic that does not decode (dead-lettered, `add_lost_marker`) may have been an END
+record: its transaction's events then never complete. Since the transaction topic is in commit order, an event
+that stands in front of a complete transaction's events in a partition, and whose transaction has no END record
+known, can only belong to such a lost END (only ever assumed once a record was lost): its transaction is given up,
+like one dead-lettered as incomplete (`late`, for the applier to dead-letter; `orphaned` says why).
 """
 
 from __future__ import annotations
@@ -66,6 +79,11 @@ class TransactionAssembler:
     _abandoned: set[str] = field(default_factory=set)
     late: list[Item] = field(default_factory=list)
     _buffered: int = 0  # changes and holes held
+    # Events taken beyond what their transaction's END counted (a redelivered copy right behind its original), per
+    # transaction id: the copy's END record completes with that many fewer.
+    _credit: dict[str, int] = field(default_factory=dict)
+    _lost_markers: int = 0  # records of the transaction topic that did not decode (dead-lettered)
+    orphaned: set[str] = field(default_factory=set)  # transactions given up because their END record was lost
 
     # -- input
     def add_event(self, event: Item) -> None:
@@ -87,6 +105,11 @@ class TransactionAssembler:
     def add_marker(self, marker: TransactionMarker) -> None:
         if marker.status == "END":
             self._ends.append(marker)
+
+    def add_lost_marker(self, offset: int) -> None:
+        """A record of the transaction topic did not decode (it was dead-lettered): it may have been an END record,
+        whose transaction's events are then given up when they stand in the way (see the module's docstring)."""
+        self._lost_markers += 1
 
     @property
     def buffered(self) -> int:
@@ -117,7 +140,7 @@ class TransactionAssembler:
         return sum(n for table, n in marker.event_counts.items() if table in self.tables)
 
     def _complete(self, marker: TransactionMarker) -> bool:
-        return self._pending_by_xid.get(marker.xid, 0) >= self._needed(marker)
+        return self._pending_by_xid.get(marker.xid, 0) + self._credit.get(marker.xid, 0) >= self._needed(marker)
 
     @property
     def holes(self) -> int:
@@ -152,6 +175,7 @@ class TransactionAssembler:
                           forced: bool = False) -> tuple[list[Item], list[Item]]:
         """The snapshot reads that come before the transaction in its partitions, and the transaction's events."""
         needed = self._needed(marker)
+        known = {m.xid for m in self._ends}
         before: list[Item] = []
         events: list[Item] = []
         taken = 0
@@ -169,16 +193,47 @@ class TransactionAssembler:
                 elif head.xid is None:
                     before.append(queue.popleft())  # read before the transaction was written: applied first
                     self._buffered -= head.count
+                elif head.xid in self._abandoned or (
+                        self._lost_markers and head.xid not in known
+                        and any(getattr(item, "xid", None) == marker.xid for item in queue)):
+                    # A transaction given up, or one whose END record was lost: it stands in front of this
+                    # transaction's events (so it committed before it), and no END of it is known. Never applied.
+                    # (Only in front of them: at the head of another partition may be a later transaction whose END
+                    # is not read yet.)
+                    if head.xid not in self._abandoned:
+                        self._abandoned.add(head.xid)
+                        self.orphaned.add(head.xid)
+                        self._pending_by_xid.pop(head.xid, None)
+                        self._arrived_by_xid.pop(head.xid, None)
+                    self.late.append(queue.popleft())
+                    self._buffered -= head.count
                 else:
                     break
-        if taken < needed and not forced:
+        credit = self._credit.pop(marker.xid, 0)
+        if taken + credit < needed and not forced:
             later = [(k, q[0]) for k, q in self._partitions.items() if q and not isinstance(q[0], _Hole)]
             raise AssemblyError(
                 f"source transaction {marker.xid} has {self._pending_by_xid.get(marker.xid, 0)} events buffered "
                 f"but only {taken} are at the front of their partitions; other transactions come first in "
                 f"{', '.join(f'{k[0]}[{k[1]}]@{e.offset} (tx {e.xid})' for k, e in later[:3])}")
-        self._pending_by_xid.pop(marker.xid, None)
-        self._arrived_by_xid.pop(marker.xid, None)
+        if forced:
+            self._pending_by_xid.pop(marker.xid, None)
+            self._arrived_by_xid.pop(marker.xid, None)
+        else:
+            # Taken off, not forgotten: a redelivered copy of this transaction read already is counted there too.
+            left = self._pending_by_xid.get(marker.xid, 0) - taken
+            if left > 0:
+                self._pending_by_xid[marker.xid] = left
+                arrived = self._arrived_by_xid.get(marker.xid, {})
+                for event in events:
+                    arrived[event.table] = arrived.get(event.table, 0) - event.count
+                    if arrived[event.table] <= 0:
+                        del arrived[event.table]
+            else:
+                self._pending_by_xid.pop(marker.xid, None)
+                self._arrived_by_xid.pop(marker.xid, None)
+            if taken + credit > needed:
+                self._credit[marker.xid] = taken + credit - needed  # a copy right behind its original: taken along
         # Runs sort first (they have neither): their changes are ordered where they are written (consumers.runs).
         events.sort(key=lambda e: (e.tx_order or 0, e.lsn or 0))
         return before, events
