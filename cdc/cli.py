@@ -226,12 +226,54 @@ def run(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port",
                                                help="Serve this process's Prometheus metrics on 127.0.0.1:PORT."),
+    watch_connector: bool = typer.Option(True, "--watch-connector/--no-watch-connector",
+                                         help="Restart the pipeline's failed Debezium tasks while running "
+                                              "(checked every --watch-every seconds, with backoff)."),
+    watch_every: float = typer.Option(10.0, "--watch-every", min=1.0,
+                                      help="Seconds between two looks at the connector's status."),
 ) -> None:
-    """Run the consumers of the named destinations (all by default)."""
+    """Run the consumers of the named destinations (all by default).
+
+    A destination that restarts is reconnected to (with backoff), and the applier takes its writer lock again before
+    writing; an outage of Kafka is one line every 30 s, and the progress line says BLOCKED meanwhile."""
     from consumers import runner
 
     _run(lambda: runner.run(_pipeline(), destinations or [], until_caught_up=until_caught_up, timeout=timeout,
-                            echo=_echo, metrics_port=metrics_port))
+                            echo=_echo, metrics_port=metrics_port, watch_connector=watch_connector,
+                            watch_every=watch_every))
+
+
+@connectors_app.command("watch")
+def connectors_watch(
+    every: float = typer.Option(10.0, "--every", min=1.0, help="Seconds between two looks at the status."),
+    once: bool = typer.Option(False, "--once", help="Look once (restarting what failed), then exit."),
+) -> None:
+    """Restart the connector's failed tasks whenever they fail (with backoff: 30 s, doubled up to 10 min), a line
+    each time. `cdc run` does the same while it runs; this is for when the appliers run elsewhere. Ctrl-C stops."""
+    import signal
+    import threading
+
+    from producers.watch import ConnectorWatch
+
+    def body() -> int:
+        pipeline = _pipeline()
+        watch = ConnectorWatch(pipeline.kafka.connect_url, pipeline.connector_name, _echo)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            if once:
+                status = watch.check()
+                return 0 if status is not None and status.running else 1
+            _echo(f"watching connector {pipeline.connector_name} every {every:g} s")
+            try:
+                watch.run(stop, every)
+            except KeyboardInterrupt:
+                pass
+            return 0
+        finally:
+            watch.close()
+
+    _run(body)
 
 
 @app.command("verify")

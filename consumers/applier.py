@@ -43,6 +43,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import logging
 import signal
 import threading
 import time
@@ -53,7 +54,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import psycopg
 import pyarrow as pa
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from sqlalchemy import bindparam, create_engine, inspect
 from sqlalchemy.pool import NullPool
@@ -66,6 +67,7 @@ from consumers import columnar, runs, values
 from consumers.dialects import Dialect, dialect_for
 from consumers.dialects.base import NoMatchingRow, SchemaChangeError
 from consumers.dialects.duckdb import when_free
+from consumers.outage import Outage, clock
 from consumers.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
 from consumers.plan import dependency_order, net_changes, primary_key, self_referencing_order
 from consumers.shapes import LSN_COLUMN, ColumnShape, TableShape, reflect_shapes
@@ -89,6 +91,25 @@ PREFETCH_BUDGET_KB = 64 * 1024
 REGISTRY_RETRY_FIRST_S = 0.5
 REGISTRY_RETRY_MAX_S = 30.0
 REGISTRY_REMIND_S = 30.0  # an outage is one line, repeated at most this often
+# How often an idle applier makes sure the session holding its writer lock is still alive: a destination restarted
+# while nothing was written must be noticed (and the lock re-taken) before a second applier can take it.
+LOCK_CHECK_S = 1.0
+# Reconnecting to a destination that went away: the first wait, doubled each attempt up to the last.
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 30.0
+# While Kafka is unreachable, how often the applier asks it whether it is back (when no message says so).
+KAFKA_PROBE_S = 5.0
+
+# librdkafka's own log lines (one per failed connection attempt, ~20 a second in an outage) go to this logger,
+# silent unless a user configures logging: `Outage` turns the failures into one line every 30 s instead.
+KAFKA_LOG = logging.getLogger("cdc.librdkafka")
+KAFKA_LOG.addHandler(logging.NullHandler())
+KAFKA_LOG.propagate = False
+
+
+class DestinationLost(ServiceUnavailable):
+    """The destination's session ended (a restart, a terminated backend): the writer lock went with it. `run`
+    reconnects, re-takes the lock and resumes from the offsets the destination stored."""
 
 
 class ApplyError(CdcError, Terminal):
@@ -187,6 +208,15 @@ class ReplicaApplier:
         self._held: Any = None
         self._held_since = 0.0
         self._reopen_at = 0.0
+        # The writer lock's session is also the one every write goes through (`_begin`), one transaction at a time:
+        # a write can then never happen without the lock (if the session dies, so does the write).
+        self._lock_guard = threading.RLock()
+        self._lock_checked = 0.0
+        # Outages, as one line each (consumers/outage.py); `blocked` says why nothing is applied meanwhile.
+        self.kafka = Outage("Kafka")
+        self.destination_outage = Outage(f"destination {destination_name}")
+        self._kafka_probed = 0.0
+        self._kafka_fatal: KafkaError | None = None
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     @property
@@ -213,38 +243,155 @@ class ReplicaApplier:
         beside it) would write the same rows, and a replay would empty tables under the other. PostgreSQL and
         MariaDB: a lock of the database session (an advisory lock; a user lock), named after the pipeline and the
         destination, which the database releases when the session ends, however the process ends. A DuckDB file
-        admits one writing process by itself."""
+        admits one writing process by itself.
+
+        The session that holds the lock is also the one the applier writes through (`_begin`): if it ends (the
+        destination restarted, the backend was terminated), the lock and any transaction in flight end with it, so
+        no write can happen without the lock; `run` then reconnects and takes the lock again (`_recover`)."""
         if self._writer_lock is not None or self.dialect.writer_lock_sql is None:
             return
-        conn = self.engine.connect()
-        try:
-            free = self.dialect.try_writer_lock(conn, self.pipeline.pipeline, self.name)
-            conn.commit()  # the lock is the session's: not left idle in a transaction
-        except OperationalError as exc:
-            conn.close()
-            raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
-        except BaseException:
-            conn.close()
-            raise
-        if not free:
-            conn.invalidate()
-            conn.close()
-            raise DestinationBusy(self.name, self.pipeline.pipeline)
-        self._writer_lock = conn
+        with self._lock_guard:
+            try:
+                conn = self.engine.connect()
+            except OperationalError as exc:
+                raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
+            try:
+                free = self.dialect.try_writer_lock(conn, self.pipeline.pipeline, self.name)
+                conn.commit()  # the lock is the session's: not left idle in a transaction
+            except OperationalError as exc:
+                conn.invalidate()
+                conn.close()
+                raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
+            except BaseException:
+                conn.invalidate()
+                conn.close()
+                raise
+            if not free:
+                conn.invalidate()
+                conn.close()
+                raise DestinationBusy(self.name, self.pipeline.pipeline)
+            self._writer_lock = conn
+            self._lock_checked = time.monotonic()
 
     def _unclaim(self) -> None:
-        conn, self._writer_lock = self._writer_lock, None
-        if conn is not None:
-            conn.invalidate()  # the session ends, and the lock with it (a pooled connection would keep both)
-            conn.close()
+        with self._lock_guard:
+            conn, self._writer_lock = self._writer_lock, None
+            if conn is not None:
+                try:
+                    conn.invalidate()  # the session ends, and the lock with it (a pooled connection would keep both)
+                    conn.close()
+                except Exception:  # noqa: BLE001 - a session already gone is what was wanted
+                    pass
+
+    def _lock_session(self) -> Any:
+        """The connection holding the writer lock, taking the lock first when this applier has none."""
+        if self._writer_lock is None:
+            self.claim()
+        return self._writer_lock
+
+    def _check_lock(self) -> None:
+        """Between batches: is the writer lock's session still alive? Raise DestinationLost when it is not (the
+        lock ended with it). Skipped while a batch is being written (its outcome says the same)."""
+        if self._writer_lock is None or time.monotonic() - self._lock_checked < LOCK_CHECK_S:
+            return
+        if not self._lock_guard.acquire(blocking=False):
+            return
+        try:
+            conn = self._writer_lock
+            if conn is None:
+                return
+            try:
+                conn.exec_driver_sql("select 1")
+                conn.rollback()
+            except DBAPIError as exc:
+                self._unclaim()
+                raise DestinationLost(f"destination {self.name}: the session holding its writer lock ended "
+                                      f"({_first_line(exc)})") from exc
+            self._lock_checked = time.monotonic()
+        finally:
+            self._lock_guard.release()
+
+    @property
+    def blocked(self) -> str | None:
+        """Why nothing can be applied right now (an outage), or None: for the progress line and `cdc lag`."""
+        return self.destination_outage.describe() or self.kafka.describe()
+
+    def _kafka_error(self, error: KafkaError) -> None:
+        """librdkafka's error callback (called from consume()): a fatal error stops the applier in `_poll`; any
+        other is an outage that librdkafka retries by itself, told in one line every 30 s (consumers/outage.py)."""
+        if error.fatal():
+            self._kafka_fatal = error
+            return
+        line = self.kafka.failed(error.str())
+        if line:
+            self.echo(f"{self.name}: {line}")
+
+    def _kafka_config(self) -> dict[str, Any]:
+        """What every Kafka client of the applier shares: the bootstrap servers, and errors and logs that become
+        one line per outage instead of librdkafka's stream of them."""
+        return {"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "error_cb": self._kafka_error,
+                "logger": KAFKA_LOG, "log.connection.close": False}
+
+    def _admin_client(self) -> AdminClient:
+        """An admin client, silent (log_level 0): it is never polled, so callbacks would pile up unserved; its
+        failures reach the caller as exceptions, and the consumer's error callback tells an outage."""
+        return AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "log_level": 0})
+
+    def _recover(self, lost: BaseException, deadline: float | None) -> None:
+        """The destination went away (DestinationLost): reconnect with backoff, a line per attempt (at most 30 s
+        apart), take the writer lock again, and resume from the offsets the destination stored (what was read but
+        not committed there is read again: a batch whose commit was cut off is found applied, or applied again).
+        Another applier holding the lock by then stops this one: two must never write the same destination."""
+        self.destination_outage.failed(_first_line(lost))
+        self.echo(f"{self.name}: lost the destination ({_first_line(lost)}); its writer lock went with its session, "
+                  "nothing is written until it is taken again; reconnecting")
+        self._unclaim()
+        self._release()
+        if self.consumer is not None:
+            self.consumer.close()
+            self.consumer = None
+        self.assembler = TransactionAssembler(frozenset(self.pipeline.source.tables))
+        self.read_positions.clear()
+        self.applied_positions.clear()
+        self._retry = []
+        self._incomplete = None
+        with self._group_lock:
+            self._group_offsets = {}
+        delay = RECONNECT_FIRST_S
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                self.prepare()
+            except DestinationBusy as busy:
+                raise CdcError(
+                    f"destination {self.name}: this applier lost its writer lock when the destination's session "
+                    f"ended ({_first_line(lost)}), and another applier holds it now; stopping so that only one "
+                    "writes the destination", hint="one applier at a time: two would write the same rows") from busy
+            except (ServiceUnavailable, OperationalError, KafkaException) as exc:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise CdcError(f"destination {self.name} still unreachable at the end of the timeout: "
+                                   f"{_first_line(exc)}") from exc
+                if self.consumer is not None:  # prepared up to the consumer, then failed
+                    self.consumer.close()
+                    self.consumer = None
+                self.echo(f"{self.name}: destination still unreachable (attempt {attempt}, down since "
+                          f"{clock(self.destination_outage.since or time.time())} UTC): {_first_line(exc)}; "
+                          f"next attempt in {delay:.1f} s")
+                self._stop.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            self.destination_outage.recovered()
+            self.echo(f"{self.name}: reconnected to the destination (attempt {attempt}) and took its writer lock "
+                      "again; resuming from its stored offsets")
+            return
 
     def prepare(self) -> None:
         """Create the offsets table and the replicated tables as needed, then position the consumer."""
         self.claim()
         # Kafka's metadata is asked for while the databases are: its first request sets up connections (0.1 to
         # 0.2 s that every `cdc run` would otherwise wait for). The admin client also serves end_offsets later.
-        self._admin = admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
-                                           "log_level": 3})
+        self._admin = admin = self._admin_client()
         answer: dict[str, Any] = {}
 
         def ask() -> None:
@@ -263,7 +410,7 @@ class ReplicaApplier:
         known = answer["topics"]
         partitions = sum(len(known[t].partitions) for t in self.topics if t in known)
         self.consumer = Consumer({
-            "bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
+            **self._kafka_config(),
             "group.id": self.group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -311,7 +458,7 @@ class ReplicaApplier:
         if not partitions:
             return {}
         if self._admin is None:
-            self._admin = AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "log_level": 3})
+            self._admin = self._admin_client()
         request = {TopicPartition(t, p): spec for t, p in partitions}
         return {(tp.topic, tp.partition): future.result().offset
                 for tp, future in self._admin.list_offsets(request, request_timeout=10).items()}
@@ -584,7 +731,25 @@ class ReplicaApplier:
     @contextlib.contextmanager
     def _begin(self, *, hold: bool = False) -> Iterator[Any]:
         """A destination transaction (committed when the block ends, rolled back if it raises). With `hold`, the
-        connection stays open for the next one (a DuckDB file only, for at most HOLD_S; see `_release`)."""
+        connection stays open for the next one (a DuckDB file only, for at most HOLD_S; see `_release`).
+
+        PostgreSQL and MariaDB: the transaction runs in the session holding the writer lock (`claim`), one at a
+        time. If that session is gone (the destination restarted, the backend was terminated), the lock is gone
+        too: the transaction fails with it and DestinationLost is raised, never a write on another session."""
+        if self.dialect.writer_lock_sql is not None:
+            with self._lock_guard:
+                conn = self._lock_session()
+                try:
+                    with conn.begin():
+                        yield conn
+                except DBAPIError as exc:
+                    if exc.connection_invalidated or conn.invalidated or conn.closed or _session_ended(exc):
+                        self._unclaim()
+                        raise DestinationLost(f"destination {self.name}: its session ended "
+                                              f"({_first_line(exc)})") from exc
+                    raise
+                self._lock_checked = time.monotonic()  # the session just answered
+            return
         conn, self._held = self._held, None
         if conn is None:
             if time.monotonic() < self._reopen_at:
@@ -1051,6 +1216,8 @@ class ReplicaApplier:
         # Short waits: at a modest rate a long one would hold each batch back (latency); at a high rate the
         # batch fills first anyway.
         messages = self.consumer.consume(self.poll_messages, 0.05)
+        if self._kafka_fatal is not None:
+            raise ServiceUnavailable(f"Kafka consumer failed: {self._kafka_fatal.str()}")
         good = []
         for msg in messages:
             if msg.error() is not None:
@@ -1058,20 +1225,86 @@ class ReplicaApplier:
                     raise ServiceUnavailable(f"Kafka consumer failed: {msg.error()}")
                 continue
             good.append(msg)
+        if good:
+            self._kafka_answered()
+        elif self.kafka.down:
+            self._probe_kafka()
         self._feed_batch(good)
         return len(messages)
 
+    def _kafka_answered(self) -> None:
+        line = self.kafka.recovered()
+        if line:
+            self.echo(f"{self.name}: {line}")
+
+    def _probe_kafka(self) -> None:
+        """During an outage with nothing arriving (an idle pipeline gives no message to tell that Kafka is back):
+        ask for the cluster's metadata now and then; the reminder line when one is due."""
+        assert self.consumer is not None
+        if time.monotonic() - self._kafka_probed >= KAFKA_PROBE_S:
+            self._kafka_probed = time.monotonic()
+            try:
+                self.consumer.list_topics(self.pipeline.transaction_topic, timeout=1.0)
+            except KafkaException as exc:
+                line = self.kafka.failed(_kafka_reason(exc))
+            else:
+                self._kafka_answered()
+                return
+        else:
+            line = self.kafka.tick()
+        if line:
+            self.echo(f"{self.name}: {line}")
+
     def run(self, *, until_caught_up: bool = False, timeout: float | None = None,
             progress: Callable[["ReplicaApplier"], None] | None = None) -> None:
+        """Apply until stopped (or caught up, or the timeout). A destination that goes away is waited for and
+        reconnected to, its writer lock taken again (`_recover`); Kafka outages are waited out by the consumer."""
+        deadline = time.monotonic() + timeout if timeout else None
         if self.consumer is None:
-            self.prepare()
-        assert self.consumer is not None
+            self._prepare_waiting_for_kafka(deadline, progress)
+            if self.consumer is None:  # stopped while waiting
+                return
         quiet_garbage_collector()
         if until_caught_up:
             with psycopg.connect(psycopg_conninfo(self.pipeline.source.sqlalchemy_url), autocommit=True) as conn:
                 self._watermark = insert_watermark(conn, self.pipeline.source.signal_table)
             self._watermark_applied = False  # a second run on the same applier waits for its own watermark
-        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            try:
+                self._loop(until_caught_up=until_caught_up, deadline=deadline, timeout=timeout, progress=progress)
+                break
+            except DestinationLost as lost:
+                self._recover(lost, deadline)
+                if self.consumer is None:  # stopped while reconnecting
+                    break
+        self._commit_group_offsets()
+        if progress:
+            progress(self)
+
+    def _prepare_waiting_for_kafka(self, deadline: float | None,
+                                   progress: Callable[["ReplicaApplier"], None] | None) -> None:
+        """`prepare`, waiting for a Kafka that does not answer (one line every 30 s, the progress line BLOCKED)
+        rather than exiting: an applier is a service, started with or before the broker as often as after it."""
+        while not self._stop.is_set():
+            try:
+                self.prepare()
+            except KafkaException as exc:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ServiceUnavailable(f"Kafka at {self.pipeline.kafka.bootstrap_servers} did not answer: "
+                                             f"{_kafka_reason(exc)}") from exc
+                line = self.kafka.failed(_kafka_reason(exc))
+                if line:
+                    self.echo(f"{self.name}: {line}")
+                if progress:
+                    progress(self)
+                self._stop.wait(KAFKA_PROBE_S)
+                continue
+            self._kafka_answered()
+            return
+
+    def _loop(self, *, until_caught_up: bool, deadline: float | None, timeout: float | None,
+              progress: Callable[["ReplicaApplier"], None] | None) -> None:
+        assert self.consumer is not None
         last_progress = 0.0
         # A batch is written by a worker thread while this one reads and decodes the next: the destination's work
         # (the columnar path leaves little else to a write) overlaps ours. Only reading overlaps: the next steps are
@@ -1112,17 +1345,19 @@ class ReplicaApplier:
                     self._apply_with_policy(steps, may_wait=False)  # nothing more will come: the failure is real
                 if in_flight is None:
                     self._release()  # nothing to write: readers may have the file
+                    self._check_lock()  # idle: a destination restarted meanwhile is noticed now, not at the next write
                 arrived = False
                 self._commit_group_offsets()
                 if progress and time.monotonic() - last_progress >= 1:
                     progress(self)
                     last_progress = time.monotonic()
                 if until_caught_up and in_flight is None and self._watermark_applied \
-                        and self._caught_up_to_watermark():
+                        and not self.kafka.down and self._caught_up_to_watermark():
                     break
                 if deadline and time.monotonic() > deadline:
                     raise CdcError(f"{self.name}: not caught up after {timeout:.0f} s "
-                                   f"(waiting for source transaction {self.assembler.waiting_for or '-'})")
+                                   f"(waiting for source transaction {self.assembler.waiting_for or '-'}"
+                                   + (f"; {self.blocked}" if self.blocked else "") + ")")
             if in_flight is not None:
                 future, in_flight = in_flight, None
                 future.result()
@@ -1135,9 +1370,6 @@ class ReplicaApplier:
                 in_flight.exception()  # failing here: the batch in flight still commits or rolls back whole first
             writer.shutdown(wait=True)
             self._release()
-        self._commit_group_offsets()
-        if progress:
-            progress(self)
 
     def _incomplete_transaction(self) -> list[Step]:
         """Called while the next source transaction to apply is missing events and nothing else can be applied.
@@ -1283,6 +1515,11 @@ def _is_data_error(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", None) or exc
     return isinstance(exc, DataError) or isinstance(orig, (psycopg.errors.DataError, duckdb.ConversionException,
                                                              duckdb.InvalidInputException))
+
+
+def _kafka_reason(exc: KafkaException) -> str:
+    error = exc.args[0] if exc.args else None
+    return error.str() if isinstance(error, KafkaError) else str(exc)
 
 
 def _session_ended(exc: BaseException) -> bool:

@@ -1,4 +1,5 @@
-"""`cdc run`: one applier per destination, each in its own thread, with a progress line and clean shutdown."""
+"""`cdc run`: one applier per destination, each in its own thread, with a progress line and clean shutdown, and a
+watcher that restarts the pipeline's failed Debezium tasks (producers/watch.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ def _progress_printer(echo: Callable[[str], None]) -> Callable[[ReplicaApplier],
 
     def show(applier: ReplicaApplier) -> None:
         s = applier.stats
-        line = (f"{applier.name}: {s.rows} rows, {s.transactions} source transactions, "
-                f"{s.rows_per_second:,.0f} rows/s, lag {applier.lag_seconds():.1f} s")
+        line = f"{applier.name}: {s.rows} rows, {s.transactions} source transactions, {s.rows_per_second:,.0f} rows/s, "
+        blocked = applier.blocked
+        # While an outage lasts the lag is unknown (nothing new can be read or written): say so, never "0.0 s".
+        line += f"BLOCKED: {blocked}" if blocked else f"lag {applier.lag_seconds():.1f} s"
         if tty:
             sys.stdout.write("\r" + line.ljust(100))
             sys.stdout.flush()
@@ -31,7 +34,10 @@ def _progress_printer(echo: Callable[[str], None]) -> Callable[[ReplicaApplier],
 
 
 def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout: float | None,
-        echo: Callable[[str], None], metrics_port: int | None = None) -> int:
+        echo: Callable[[str], None], metrics_port: int | None = None, watch_connector: bool = True,
+        watch_every: float | None = None) -> int:
+    """Run the appliers of `names` (all by default). `watch_connector`: also restart the pipeline's failed Debezium
+    tasks while they run (a run that waits to catch up would otherwise wait for a task that never comes back)."""
     chosen = names or list(pipeline.destinations)
     if not chosen:
         raise ConfigError("destinations: the pipeline file has no destination to run")
@@ -71,9 +77,16 @@ def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout:
         signal.signal(signal.SIGTERM, stop_all)
     for t in threads:
         t.start()
+    watching = threading.Event()
+    if watch_connector:
+        from producers.watch import CHECK_EVERY_S, watch_in_background
+
+        watch_in_background(pipeline.kafka.connect_url, pipeline.connector_name, echo, watching,
+                            every=watch_every or CHECK_EVERY_S)
     while any(t.is_alive() for t in threads):
         for t in threads:
             t.join(timeout=0.5)
+    watching.set()
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     for a in appliers:

@@ -1,0 +1,253 @@
+"""Self-healing on the real stack, without disturbing it: a destination that restarts (a private PostgreSQL cluster
+of the test's own), the applier's lock session terminated, a Debezium task failed (this test's connector only), and
+a Kafka that does not answer (a closed port)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from infra import stack as stack_mod
+from producers import capture
+from producers.connect import ConnectClient
+from tests.integration.pipelines import CDC, caught_up, pipeline_data, purge, write_pipeline
+from tests.integration.test_replica import HIERARCHIES, SCHEMA, TABLES, rows, workload
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 120.0, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def private_pg(tmp_path_factory):
+    """A PostgreSQL cluster of this test's own (the stack's own functions start it), on a port of its own: this one
+    may be restarted and have its backends terminated without touching the shared stack."""
+    home = tmp_path_factory.mktemp("private-pg")
+    layout = stack_mod.StackLayout(home, stack_mod.artifacts_dir(), {**stack_mod.DEFAULT_PORTS,
+                                                                    "postgres": _free_port()})
+    stack_mod._start_postgres(layout, stack_mod.pg_bindir())
+    with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
+        conn.execute("create database dest")
+    yield layout
+    stack_mod._stop_postgres(layout)
+    shutil.rmtree(stack_mod._pg_root(layout), ignore_errors=True)
+
+
+def restart_immediately(layout) -> None:
+    """pg_ctl restart -m immediate: every session dies at once, as in a crash, and the server comes back."""
+    proc = subprocess.run(stack_mod._as_user("postgres", [
+        str(stack_mod.pg_bindir() / "pg_ctl"), "-D", str(stack_mod._pg_data(layout)), "-l",
+        str(stack_mod._pg_root(layout) / "postgres.log"), "-o", f"-p {layout.ports['postgres']}", "-m", "immediate",
+        "-w", "-t", "60", "restart"]), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class Applier:
+    """`cdc run` as a user starts it, its output collected as it comes."""
+
+    def __init__(self, path: Path, *args: str) -> None:
+        self.proc = subprocess.Popen([CDC, "-c", str(path), "run", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=ENV)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(60)
+        self._reader.join(10)
+        return code
+
+
+@pytest.fixture
+def healing(stack, source_db, private_pg, tmp_path):
+    """The replica sample's source on the shared stack, its connector, and a destination on the private cluster."""
+    source = stack.postgres_url(source_db)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    destination = private_pg.postgres_url("dest")
+    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
+                         destinations={"state": {"kind": "replica", "url": destination}})
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    yield path, pipeline, source, destination
+    purge(pipeline)
+
+
+def equal(source: str, destination: str) -> bool:
+    try:
+        return all(rows(source, t) == rows(destination, t) for t in ("school", "person", "enrollment", "attendance"))
+    except (psycopg.Error, AssertionError):
+        return False
+
+
+def lock_holders(destination: str) -> list[int]:
+    with psycopg.connect(destination, autocommit=True) as conn:
+        return [r[0] for r in conn.execute("select pid from pg_locks where locktype = 'advisory' and granted")]
+
+
+RECONNECTED = r"reconnected to the destination .* took its writer lock again"
+LOST = r"lost the destination"
+
+
+def test_destination_restarts_and_a_terminated_lock_session(healing, private_pg):
+    path, pipeline, source, destination = healing
+    applier = Applier(path, "state", "--no-watch-connector")
+    try:
+        wait_for("the snapshot at the destination", lambda: equal(source, destination), timeout=180)
+        [holder] = wait_for("the writer lock", lambda: lock_holders(destination))
+
+        # 1. A restart while the applier is idle: it notices within about a second, reconnects, takes the lock again.
+        restart_immediately(private_pg)
+        wait_for("the reconnection after an idle restart", lambda: applier.count(RECONNECTED) >= 1, timeout=90)
+        assert applier.count(LOST) >= 1, applier.output
+        assert applier.proc.poll() is None, applier.output
+        [new_holder] = wait_for("the writer lock, again", lambda: lock_holders(destination))
+        assert new_holder != holder
+
+        # ... so a second `cdc run` of the same destination started after the restart is refused.
+        second = subprocess.run([CDC, "-c", str(path), "run", "state", "--no-watch-connector"], capture_output=True,
+                                text=True, timeout=120, env=ENV)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "another applier is writing it" in second.stderr, second.stdout + second.stderr
+
+        # 2. A restart while the applier is applying a workload: nothing lost, nothing applied twice.
+        done = threading.Event()
+        writer = threading.Thread(target=lambda: (workload(source, 400, seed=11), done.set()))
+        writer.start()
+        time.sleep(2)
+        restarts = applier.count(RECONNECTED)
+        restart_immediately(private_pg)
+        writer.join()
+        wait_for("the reconnection after a restart under load", lambda: applier.count(RECONNECTED) > restarts,
+                 timeout=90)
+        wait_for("the destination equal to the source after the restart under load",
+                 lambda: equal(source, destination), timeout=180)
+
+        # 3. The lock's session terminated (pg_terminate_backend): the applier takes it again and keeps applying.
+        [holder] = lock_holders(destination)
+        reconnections = applier.count(RECONNECTED)
+        with psycopg.connect(destination, autocommit=True) as conn:
+            assert conn.execute("select pg_terminate_backend(%s)", (holder,)).fetchone()[0]
+        wait_for("the reconnection after the lock session was terminated",
+                 lambda: applier.count(RECONNECTED) > reconnections, timeout=60)
+        workload(source, 100, seed=12)
+        wait_for("the destination equal to the source after the lock session was terminated",
+                 lambda: equal(source, destination), timeout=120)
+
+        # 4. The lock's session terminated and the lock taken by someone else before the applier gets it back: it
+        # stops, saying why, and writes nothing more.
+        [holder] = lock_holders(destination)
+        key = f"cdc {pipeline.pipeline} state"
+        with psycopg.connect(destination, autocommit=True) as thief:
+            thief.execute("select pg_terminate_backend(%s)", (holder,))
+            assert thief.execute("select pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)).fetchone()[0]
+            with psycopg.connect(destination, autocommit=True) as conn:
+                before = conn.execute("select sum(next_offset) from _cdc_offsets").fetchone()[0]
+            workload(source, 50, seed=13)
+            code = applier.proc.wait(60)
+            assert code == 1, applier.output
+            applier._reader.join(10)
+            assert "this applier lost its writer lock" in applier.output, applier.output
+            assert "another applier holds it now" in applier.output, applier.output
+            time.sleep(3)
+            with psycopg.connect(destination, autocommit=True) as conn:
+                after = conn.execute("select sum(next_offset) from _cdc_offsets").fetchone()[0]
+            assert after == before, "the applier wrote without its lock"
+    finally:
+        applier.stop()
+    # A new applier, once the lock is free, converges (what was read before the stop is applied now).
+    caught_up(path)
+    assert equal(source, destination)
+
+
+def test_a_failed_debezium_task_is_restarted_by_cdc_run(healing):
+    """The connector's walsender on the source, terminated (this pipeline's slot only): the task fails, as after a
+    source restart; `cdc run` restarts it and rows keep arriving."""
+    path, pipeline, source, destination = healing
+    applier = Applier(path, "state", "--watch-every", "2")
+    try:
+        wait_for("the snapshot at the destination", lambda: equal(source, destination), timeout=180)
+        with ConnectClient(pipeline.kafka.connect_url) as connect:
+            with psycopg.connect(source, autocommit=True) as conn:
+                killed = conn.execute("select pg_terminate_backend(active_pid) from pg_replication_slots "
+                                      "where slot_name = %s and active_pid is not null",
+                                      (pipeline.slot_name,)).fetchall()
+            assert killed == [(True,)]
+            workload(source, 50, seed=21)
+            wait_for("the restart line", lambda: applier.count(r"capture: connector .*FAILED.*restarting") >= 1,
+                     timeout=180)
+            wait_for("the connector running again", lambda: applier.count(r"running again after") >= 1,
+                     timeout=180)
+            assert connect.status(pipeline.connector_name).running
+        workload(source, 50, seed=22)
+        wait_for("the destination equal to the source after the task was restarted",
+                 lambda: equal(source, destination), timeout=180)
+        assert applier.proc.poll() is None, applier.output
+    finally:
+        applier.stop()
+
+
+def test_a_kafka_outage_is_one_line_per_interval(stack, source_db, tmp_path, private_pg):
+    """A pipeline whose Kafka does not answer (a closed port): one clear line, not librdkafka's stream of them, and
+    the progress line says the applier is blocked (not `lag 0.0 s`)."""
+    source = stack.postgres_url(source_db)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("create table item (id integer primary key, name text)")
+    data = pipeline_data(stack, source_db, ["public.item"],
+                         destinations={"state": {"kind": "replica", "url": private_pg.postgres_url("dest")}})
+    data["kafka"]["bootstrap_servers"] = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    path = tmp_path / "pipeline.yaml"
+    write_pipeline(path, data)
+    applier = Applier(path, "state", "--no-watch-connector")
+    time.sleep(25)
+    assert applier.proc.poll() is None, applier.output  # waiting for Kafka, not exited
+    applier.stop()
+    lines = applier.lines
+    unreachable = [line for line in lines if re.search(r"Kafka unreachable since \d\d:\d\d:\d\d, retrying", line)
+                   and "BLOCKED" not in line]
+    assert unreachable, applier.output
+    assert len(unreachable) <= 2, applier.output  # in 25 s: the first line, at most one reminder (30 s apart)
+    assert any("BLOCKED: Kafka unreachable since" in line for line in lines), applier.output
+    assert not any("lag 0.0 s" in line for line in lines), applier.output
+    # librdkafka's own lines (`%3|...|FAIL|...`) do not reach the output: a handful of lines in all
+    assert not [line for line in lines if line.startswith("%")], applier.output
+    assert len(lines) < 12, applier.output
