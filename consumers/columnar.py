@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from consumers.dialects.base import new_changes_sql
 from consumers.runs import ChangeRun
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 from consumers.values import _MAX_DAYS, _MAX_US, _MIN_DAYS, _MIN_US, PLACEHOLDER, RowConverter
@@ -157,15 +158,24 @@ def apply_duckdb(conn: Any, quote: Callable[[str], str], target: str, history: s
         # Fetched to the end: DuckDB refuses the next statement while a result is unfinished.
         return conn.execute(statement).fetchall()
 
-    stage, last = f"_cdc_columnar_{id(flat)}", f"_cdc_last_{id(flat)}"
+    values_as = ", ".join(f"CAST({quote(c)} AS {column_types[c]}) AS {quote(c)}" for c in columns)
+    stage, last, unique = f"_cdc_columnar_{id(flat)}", f"_cdc_last_{id(flat)}", f"_cdc_unique_{id(flat)}"
     final = last_changes(flat, list(shape.primary_key))
     conn.register(stage, flat)
     conn.register(last, final)
     try:
+        # A change the history holds already (Debezium re-sent its transaction) is not stored again: the anti-join
+        # of base.new_changes_sql, on the batch's rows with repeats inside it dropped first (history_changes).
+        changes, repeats = history_changes(flat, list(shape.primary_key))
+        if repeats:
+            conn.register(unique, changes)
+        lsns = pc.min_max(flat.column(CHANGE_LSN))
+        fresh = new_changes_sql(shape, quote, history, "s", lsn_range=(lsns["min"].as_py(), lsns["max"].as_py()))
         run(f"INSERT INTO {history} ({names}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts) "
-            f"SELECT {values}, {OP}, {CHANGE_LSN}, {TX_ID}, "
-            f"CASE WHEN {COMMIT_MS} IS NULL THEN NULL ELSE epoch_ms({COMMIT_MS})::TIMESTAMPTZ END "
-            f"FROM {stage} ORDER BY {SEQ}")
+            f"SELECT {names}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts FROM ("
+            f"SELECT {values_as}, {OP} AS _cdc_op, {CHANGE_LSN} AS _cdc_lsn, {TX_ID} AS _cdc_tx_id, "
+            f"CASE WHEN {COMMIT_MS} IS NULL THEN NULL ELSE epoch_ms({COMMIT_MS})::TIMESTAMPTZ END AS _cdc_commit_ts, "
+            f"{SEQ} FROM {unique if repeats else stage}) s WHERE {fresh} ORDER BY {SEQ}")
         keys = ", ".join(quote(c) for c in shape.primary_key)
         lsn = quote(LSN_COLUMN)
         sets = [f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in shape.primary_key]
@@ -185,6 +195,21 @@ def apply_duckdb(conn: Any, quote: Callable[[str], str], target: str, history: s
         with contextlib.suppress(Exception):
             conn.unregister(last)
             conn.unregister(stage)
+            conn.unregister(unique)
+
+
+def history_changes(flat: pa.Table, keys: list[str]) -> tuple[pa.Table, bool]:
+    """The rows of `flat` (flat_images) with each change once, and whether some were repeats: a change is its key,
+    LSN and op (and, for reads without a position, its commit time), as base.distinct_changes counts it. The
+    columnar path only takes tables with a key."""
+    read_time = pc.if_else(pc.equal(flat.column(CHANGE_LSN), SNAPSHOT_LSN), flat.column(COMMIT_MS),
+                           pa.scalar(None, flat.schema.field(COMMIT_MS).type))
+    identity = flat.select([*keys, CHANGE_LSN, OP]).append_column("_cdc_read_time", read_time)
+    firsts = identity.append_column(SEQ, flat.column(SEQ)).group_by(
+        identity.column_names, use_threads=False).aggregate([(SEQ, "min")])
+    if firsts.num_rows == flat.num_rows:
+        return flat, False
+    return flat.filter(pc.is_in(flat.column(SEQ), value_set=firsts.column(f"{SEQ}_min"))), True
 
 
 def last_changes(flat: pa.Table, keys: list[str]) -> pa.Table:

@@ -74,6 +74,52 @@ def history_rows(shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> l
     return rows
 
 
+def distinct_changes(shape: TableShape, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History records (history_rows) with each change once: Debezium delivers at least once, and a transaction
+    re-sent after a crash can land in the batch of its original. A change is its key, `_cdc_lsn` and `_cdc_op`
+    (and, for reads without a position, its read time), as `cdc verify` counts duplicates. A table without a key is
+    left as it is: equal rows changed at one position (a COPY into it) are several changes, and its copies in one
+    batch cannot be told from them."""
+    if not shape.primary_key:
+        return rows
+    seen: set[Any] = set()
+    out = []
+    for row in rows:
+        identity = (*(row[c] for c in shape.primary_key), row["_cdc_lsn"], row["_cdc_op"],
+                    row["_cdc_commit_ts"] if row["_cdc_lsn"] == SNAPSHOT_LSN else None)
+        try:
+            fresh = identity not in seen
+        except TypeError:  # an unhashable key value (an array): its text stands in for it
+            identity = repr(identity)
+            fresh = identity not in seen
+        if fresh:
+            seen.add(identity)
+            out.append(row)
+    return out
+
+
+def new_changes_sql(shape: TableShape, quote: Callable[[str], str], history: str, stage: str,
+                    text: Callable[[str], str] = lambda expression: expression,
+                    lsn_range: tuple[int, int] | None = None) -> str:
+    """SQL condition on the alias `stage` (a history record to store): the history table `history` does not hold
+    that change yet (same key, `_cdc_lsn` and `_cdc_op`; for reads without a position, same read time), the
+    anti-join that keeps histories exact under redelivery. A table without a key is matched on its whole row, its
+    snapshot reads never (equal rows read at one position are several rows). `text` turns a column expression into
+    one with equality (PostgreSQL's json has none). `lsn_range`, the batch's lowest and highest `_cdc_lsn`, as
+    constants: DuckDB then skips the row groups of the history outside it by their statistics (a history is
+    appended in about source order), instead of reading the whole history for every batch."""
+    within = f" AND h._cdc_lsn BETWEEN {int(lsn_range[0])} AND {int(lsn_range[1])}" if lsn_range else ""
+    if shape.primary_key:
+        match = [f"h.{quote(c)} = {stage}.{quote(c)}" for c in shape.primary_key]
+    else:
+        match = [f"{text('h.' + quote(c))} IS NOT DISTINCT FROM {text(stage + '.' + quote(c))}"
+                 for c in shape.column_names]
+    exists = (f"EXISTS (SELECT 1 FROM {history} h WHERE h._cdc_lsn = {stage}._cdc_lsn "
+              f"AND h._cdc_op = {stage}._cdc_op AND {' AND '.join(match)} AND ({stage}._cdc_lsn <> {SNAPSHOT_LSN} "
+              f"OR h._cdc_commit_ts IS NOT DISTINCT FROM {stage}._cdc_commit_ts){within})")
+    return f"NOT {exists}" if shape.primary_key else f"({stage}._cdc_op = 'r' OR NOT {exists})"
+
+
 # Types whose text is never empty. A delete's before image (replica identity DEFAULT) holds only the key; Debezium fills
 # a NOT NULL column's required field with "" there, which such a column cannot take (an enum, a uuid, JSON ...).
 _NEVER_EMPTY = frozenset({"enum", "uuid", "json", "jsonb", "hstore", "xml", "inet", "cidr", "macaddr", "macaddr8",

@@ -29,7 +29,8 @@ from sqlalchemy.types import JSON, LargeBinary, Text, TypeEngine
 from consumers import columnar
 from consumers.dialects import types
 from consumers.dialects.base import (
-    HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, SchemaChangeError, history_rows, without_fillers,
+    HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, SchemaChangeError, distinct_changes, history_rows, new_changes_sql,
+    without_fillers,
 )
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
@@ -215,11 +216,14 @@ class DuckDBDialect(Dialect):
         conn.exec_driver_sql(f"DELETE FROM {conn.dialect.identifier_preparer.quote(self.table(shape).name)}")
 
     def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
-        """Every change of the batch, in order: the row after it (before it, for a delete)."""
+        """Every change of the batch, in order: the row after it (before it, for a delete). A change the history
+        holds already (Debezium re-sent its transaction) is not stored again: one INSERT ... SELECT with an
+        anti-join (base.new_changes_sql), and repeats inside the batch dropped first (base.distinct_changes)."""
         if not events:
             return
         columns = list(shape.column_names)
-        rows = self.prepared(shape, history_rows(shape, events), columns)
+        records = distinct_changes(shape, history_rows(shape, events))
+        rows = self.prepared(shape, records, columns)
         table = self.table(shape)
         prep = _ALWAYS_QUOTED
         all_columns = [*columns, *HISTORY_COLUMNS]
@@ -229,8 +233,12 @@ class DuckDBDialect(Dialect):
             casts = ", ".join(
                 f"CAST({prep.quote(c)} AS {table.c[c].type.compile(dialect=conn.dialect)}) AS {prep.quote(c)}"
                 for c in columns)
-            conn.exec_driver_sql(f"INSERT INTO {history} ({', '.join(prep.quote(c) for c in all_columns)}) "
-                                 f"SELECT {casts}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts FROM {stage}")
+            lsns = [r["_cdc_lsn"] for r in records]
+            fresh = new_changes_sql(shape, prep.quote, history, "s", lsn_range=(min(lsns), max(lsns)))
+            names = ", ".join(prep.quote(c) for c in all_columns)
+            conn.exec_driver_sql(f"INSERT INTO {history} ({names}) SELECT {names} FROM (SELECT {casts}, _cdc_op, "
+                                 f"_cdc_lsn, _cdc_tx_id, _cdc_commit_ts, row_number() OVER () AS _cdc_seq "
+                                 f"FROM {stage}) s WHERE {fresh} ORDER BY _cdc_seq")
         finally:
             self._unregister(conn, stage)
 

@@ -28,7 +28,7 @@ from cdc.errors import ConfigError
 from consumers import columnar
 from consumers.dialects import types as t
 from consumers.dialects.base import (
-    HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, history_rows, without_fillers,
+    HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, distinct_changes, history_rows, new_changes_sql, without_fillers,
 )
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
@@ -362,6 +362,7 @@ class PostgresAnalyticsDialect(PostgresDialect):
                               f"{MAX_IDENTIFIER_BYTES}-byte identifiers; it cannot go to a PostgreSQL analytics replica")
         actions = super().ensure_table(conn, shape, shapes)
         if inspect(conn).has_table(history, schema=table.schema):
+            self._index_changes(conn, shape, table)  # a history from before the index (it is cheap when there)
             return actions
         # The source's columns, all nullable (a delete's before image may hold only the key), then the change's.
         raw = conn.connection.driver_connection
@@ -373,6 +374,7 @@ class PostgresAnalyticsDialect(PostgresDialect):
         # For "row X as of time T": the newest history row of a key at or before T.
         raw.execute(sql.SQL("CREATE INDEX ON {} ({})").format(
             self._history(table), sql.SQL(", ").join(map(sql.Identifier, [*shape.primary_key, "_cdc_commit_ts"]))))
+        self._index_changes(conn, shape, table)
         return [*actions, f"created table {'.'.join(filter(None, (table.schema, history)))}"]
 
     def add_column(self, conn: Connection, table: Table, column: Column) -> None:
@@ -383,10 +385,38 @@ class PostgresAnalyticsDialect(PostgresDialect):
     def _typed_tables(self, table: Table) -> list[sql.Identifier]:
         return [_identifier(table), self._history(table)]
 
+    def _index_changes(self, conn: Connection, shape: TableShape, table: Table) -> None:
+        """The index `append_history`'s anti-join looks changes up by (key, `_cdc_lsn`), named after the history
+        (PostgreSQL's 63-byte names: a digest, not the table's name)."""
+        name = "_cdc_changes_" + hashlib.sha1(f"{table.schema}.{table.name}{HISTORY_SUFFIX}".encode()).hexdigest()[:16]
+        conn.connection.driver_connection.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
+            sql.Identifier(name), self._history(table),
+            sql.SQL(", ").join(map(sql.Identifier, [*shape.primary_key, "_cdc_lsn"]))))
+
     def append_history(self, conn: Connection, shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> None:
-        if events:
-            self._copy(conn, self._history(self.table(shape)), [*shape.column_names, *HISTORY_COLUMNS],
-                       self.prepared(shape, history_rows(shape, events), list(shape.column_names)))
+        """Every change of the batch, the row after it (before it, for a delete). A change the history holds
+        already (Debezium re-sent its transaction) is not stored again: COPY into a staging table, repeats inside
+        the batch dropped first (base.distinct_changes), then one INSERT ... SELECT with an anti-join on the
+        history's (key, `_cdc_lsn`) index (base.new_changes_sql)."""
+        if not events:
+            return
+        table = self.table(shape)
+        columns = list(shape.column_names)
+        stage = self._staging(conn, table, columns, "history", (
+            ("_cdc_op", "text"), ("_cdc_lsn", "bigint"), ("_cdc_tx_id", "text"), ("_cdc_commit_ts", "timestamptz")))
+        rows = self.prepared(shape, distinct_changes(shape, history_rows(shape, events)), columns)
+        names = [*columns, *HISTORY_COLUMNS]
+        self._copy(conn, stage, names, rows)
+        raw = conn.connection.driver_connection
+        if len(rows) >= LARGE_BATCH:
+            raw.execute(sql.SQL("ANALYZE {}").format(stage))  # the planner knows nothing of fresh staging rows
+        history = self._history(table).as_string(raw)
+        quote = lambda name: sql.Identifier(name).as_string(raw)  # noqa: E731
+        fresh = new_changes_sql(shape, quote, history, "s", text=lambda expression: f"({expression})::text")
+        listed = sql.SQL(", ").join(map(sql.Identifier, names))
+        raw.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} AS s WHERE {}").format(
+            self._history(table), listed, listed, stage, sql.SQL(fresh)))
+        raw.execute(sql.SQL("TRUNCATE {}").format(stage))
 
     def grant_read_only(self, conn: Connection, role: str, password: str | None) -> list[str]:
         """Create the role when absent, a LOGIN role with the password given (else with the one generated for it,
@@ -454,7 +484,7 @@ def reader_password_file(url: Any, role: str) -> Path:
     from infra.stack import state_home
 
     server = f"{url.host or url.query.get('host') or 'localhost'}_{url.port or 5432}"
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{role}@{server}")
+    name = re.sub(r"[^A-Za-z0-9_.@-]", "_", f"{role}@{server}")
     return state_home() / "secrets" / "read-only-roles" / name
 
 
