@@ -319,8 +319,10 @@ def verify_command(
 @app.command("resync")
 def resync_command(
     table: str = typer.Argument(..., help="The table: public.person, \"Ops\".\"Person\", or Ops.Person."),
-    ids: str = typer.Option(..., "--ids", help="Comma-separated primary-key values; a composite key's values "
-                            "joined by ':' (1:a,2:b), or JSON for values holding ',' or ':' ([[1, \"a,b\"]])."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated primary-key values; a composite key's "
+                                      "values joined by ':' (1:a,2:b), or JSON for values holding ',' or ':' "
+                                      "([[1, \"a,b\"]]). Left out for a table without a primary key: the whole "
+                                      "table is re-synced."),
     destination: Optional[str] = typer.Option(None, "--dest", help="The destination to check (default: first replica)."),
     with_members: bool = typer.Option(False, "--with-members", help="Also the member rows of these roots."),
     with_parents: bool = typer.Option(False, "--with-parents", help="Re-sync the parents of these rows first."),

@@ -705,7 +705,8 @@ padding:.2em .6em}}</style></head><body><h1>Verification summary: destination {_
 def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda line: None) -> None:  # noqa: ANN001
     """Make the destination agree: re-sync every missing or different key from the source (through Debezium and
     the running applier), and delete the rows that exist only at the destination. A table without a primary key
-    cannot be re-synced row by row (nothing names a row): it is refused with what to do instead."""
+    (nothing names a row) is brought back whole by resync.sync_keyless: its source table is locked against writers
+    for a few seconds while the destination catches up and its surplus and missing copies are fixed."""
     from consumers import resync
 
     refused = []
@@ -718,8 +719,18 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
             if table.error or table.rows_equal:  # histories are not repaired here, only reported
                 continue
             if table.keyless:
-                refused.append(f"{table.table} has no primary key: its rows cannot be re-synced one by one; "
-                               f"rebuild it with `cdc replay {report.destination} --tables {table.table}`")
+                # No key names a row: the table is brought back whole, aligned with the stream (resync.sync_keyless);
+                # the copies this report counted may have moved since, so it compares again under its lock.
+                try:
+                    request = resync.sync_keyless(pipeline, table.table, destination=report.destination,
+                                                  requested_by="cdc verify --fix", wait=wait, echo=echo)
+                except CdcError as exc:  # the others are still fixed
+                    refused.append(f"{table.table}: {exc}")
+                    continue
+                echo(f"{table.table}: re-sync request {request.id} {request.state}, {len(request.keys)} differing "
+                     "row(s) brought back")
+                if request.state != "complete":
+                    refused.append(f"{table.table}: " + "; ".join(r.reason for r in request.results if not r.ok))
                 continue
             shape = shapes[table.table]
             if table.extra:

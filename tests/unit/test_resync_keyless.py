@@ -1,0 +1,42 @@
+"""How `cdc resync` reads a keyless table's source rows as the applier's values (consumers.resync._keyless_values):
+Debezium's interval text, dates outside Python's range as text, and a refusal naming a column it cannot copy."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+
+import pytest
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.types import Date, Integer, Text
+
+from cdc.errors import ConfigError
+from consumers.resync import _keyless_values
+from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
+from consumers.dialects.types import interval_words
+
+
+def shape(*columns: tuple[str, object]) -> TableShape:
+    return TableShape("public.log", tuple(ColumnShape(n, t, True) for n, t in columns), ())
+
+
+def test_values_come_as_the_applier_has_them():
+    values = _keyless_values(shape(("n", Integer()), ("spent", pg.INTERVAL()), ("day", Date()), ("meta", pg.JSONB()),
+                                   ("msg", Text())), "pg")
+    assert values.exprs[0] == '"n"'
+    assert values.exprs[-2:] == ['"meta"::text', '"msg"']
+    # n, six interval parts, date (native, text), meta, msg
+    row = values.build((7, Decimal(1), Decimal(-2), Decimal(3), Decimal(4), Decimal(5), Decimal("6.789000"),
+                        None, "infinity", '{"a": 1}', "x"))
+    assert row == {"n": 7, "spent": "P1Y-2M3DT4H5M6.789000S", "day": "infinity", "meta": '{"a": 1}', "msg": "x",
+                   LSN_COLUMN: SNAPSHOT_LSN}
+    # The interval text is what the dialects read from Debezium.
+    assert interval_words(row["spent"]).startswith("1 years -2 months 3 days")
+    assert values.build((1, None, None, None, None, None, None, date(2026, 1, 1), None, None, None))["day"] == \
+        date(2026, 1, 1)
+    assert values.build((1, None, None, None, None, None, None, None, None, None, None))["spent"] is None
+
+
+def test_a_column_it_cannot_copy_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"public.log has no primary key.*column where \(MONEY\).*cdc replay pg"):
+        _keyless_values(shape(("n", Integer()), ("where", pg.MONEY())), "pg")
