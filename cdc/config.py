@@ -235,8 +235,9 @@ class Destination(_Model):
     # Take over destination tables that exist but were not made by the applier (no `_cdc_lsn`), when their columns
     # and primary key are the source's: emptied and refilled by the snapshot, on the pipeline's first run there.
     adopt_existing_tables: bool = False
-    # PostgreSQL analytics destinations only: the role their users read with (`cdc query` takes it with SET ROLE).
-    # Filled with `default_read_only_role(<destination name>)` when absent; a password makes it a LOGIN role.
+    # PostgreSQL analytics destinations only: the role their users read with, and `cdc query` logs in as. Filled
+    # with `default_read_only_role(<destination name>)` when absent; without a password `cdc run` generates one
+    # (consumers.dialects.postgres.reader_password).
     read_only_role: str | None = None
     read_only_password: SecretStr | None = None
 
@@ -257,7 +258,7 @@ class Destination(_Model):
     @field_validator("read_only_password", mode="before")
     @classmethod
     def _password(cls, v: Any) -> Any:
-        return None if v == "" else v  # `${READER_PASSWORD:-}` unset: no password, a NOLOGIN role
+        return None if v == "" else v  # `${READER_PASSWORD:-}` unset: no password given, one is generated
 
     @property
     def is_postgres_analytics(self) -> bool:

@@ -159,9 +159,8 @@ def _postgres(name: str, destination: Destination, statement: str,
     password = configured.get_secret_value() if configured else reader_password(url, role, create=False)
     if not password:
         raise CdcError(f"destinations.{name}: no password for the read-only role {role}, which `cdc query` logs in "
-                       f"as: read_only_password is not set and {reader_password_file(url, role)} does not exist",
-                       hint=f"set destinations.{name}.read_only_password, or run `cdc run {name}` here once: it "
-                            "generates the password and keeps it in that file")
+                       f"as: read_only_password is not set and {reader_password_file(url, role)} does not exist "
+                       f"(`cdc run {name}` generates it on this machine)")
     reader = url.set(username=role, password=password)
     try:
         conn = psycopg.connect(psycopg_conninfo(reader), connect_timeout=10,
