@@ -726,11 +726,13 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
             started = time.monotonic()
             try:
                 src.exec_driver_sql(f"LOCK TABLE {_source_table(shape)} IN SHARE MODE")
-            except Exception as exc:  # noqa: BLE001 - a lock not granted in time is the answer, said plainly
-                if "lock timeout" not in str(exc):
-                    raise
-                raise CdcError(f"resync: could not lock {table} against writers within {KEYLESS_LOCK_WAIT_S} s (a "
-                               "long transaction writes it); nothing was changed, try again") from None
+            except Exception as exc:  # noqa: BLE001 - a lock not granted is the answer, said plainly
+                if "lock timeout" in str(exc):
+                    raise CdcError(f"resync: could not lock {table} against writers within {KEYLESS_LOCK_WAIT_S} s "
+                                   "(a long transaction writes it); nothing was changed, try again") from None
+                # e.g. no UPDATE, DELETE or TRUNCATE privilege, which LOCK ... IN SHARE MODE needs
+                raise CdcError(f"resync: could not lock {table} against writers: "
+                               f"{str(exc).splitlines()[0]}; nothing was changed") from None
             echo(f"resync {request_id}: {table} locked against writers at the source; waiting for {dest} to apply "
                  "everything committed before")
             _applied_through_now(pipeline, dst_engine, dialect, dest, min(wait, KEYLESS_HOLD_S), echo)
@@ -768,7 +770,11 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
         failure = None
     except Exception as exc:
         failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise
+        if isinstance(exc, CdcError):
+            raise
+        # A database error (the destination refused a value, a connection dropped): the destination transaction
+        # rolled back, nothing half-done; said as this table's failure so that `--fix` goes on with the others.
+        raise CdcError(f"resync: {table} at {dest}: {type(exc).__name__}: {failure}") from exc
     finally:
         src_engine.dispose()
         dst_engine.dispose()
