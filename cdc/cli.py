@@ -69,7 +69,7 @@ def stack_up() -> None:
 
     def body() -> int:
         layout = stack.up(_echo)
-        for name, url in layout.urls().items():
+        for name, url in layout.masked_urls().items():
             typer.echo(f"  {name:16} {url}")
         typer.echo(f"  state and logs   {layout.home}")
         return 0

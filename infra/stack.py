@@ -9,6 +9,10 @@ Layout of the state directory (`$CDC_HOME`, default `./.cdc`):
     kafka/                server.properties, cluster id and the KRaft log directories
     registry/             Apicurio's working directory (its schemas live in the `registry` database)
     connect/              worker.properties of the Kafka Connect distributed worker
+    secrets/<connector>/  one file per connector secret (`cdc connectors apply`), read by Connect's config provider
+
+Everything the launcher writes there is its owner's only (files 0600, directories 0700); the state directory itself
+is 0711 when it holds the database servers' directories, whose system users must be able to reach them.
 
 The Java artifacts are laid out by Maven (`infra/pom.xml`) under `infra/target/stack` (or `$CDC_STACK_ARTIFACTS`);
 they are not state, and several state directories can share them.
@@ -21,6 +25,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,6 +47,8 @@ PG_PASSWORD = "cdc"
 # The second destination dialect's server gets the same kind of account, with every privilege (databases included).
 MARIADB_USER = "cdc"
 MARIADB_PASSWORD = "cdc"
+# The environment variable that gives the schema registry its database password (see _start_registry).
+REGISTRY_PASSWORD_ENV = "APICURIO_DATASOURCE_PASSWORD"
 
 DEFAULT_PORTS = {
     "postgres": 5432,
@@ -70,6 +77,12 @@ MIN_FREE_DISK = 1 << 30
 
 def state_home() -> Path:
     return Path(os.environ.get("CDC_HOME") or Path.cwd() / ".cdc").resolve()
+
+
+def secrets_dir(home: Path | None = None) -> Path:
+    """Where `cdc connectors apply` stores connector secrets, one directory per connector, owner-only, for the Kafka
+    Connect worker's DirectoryConfigProvider (the only directory the worker lets it read)."""
+    return (home or state_home()) / "secrets"
 
 
 def artifacts_dir() -> Path:
@@ -118,6 +131,10 @@ class StackLayout:
             "connect": f"http://127.0.0.1:{p['connect']}",
         }
 
+    def masked_urls(self) -> dict[str, str]:
+        """The endpoints for printing: passwords replaced by `***` (as cdc.config.masked_url writes them)."""
+        return {name: mask_url(url) for name, url in self.urls().items()}
+
     def postgres_url(self, database: str = "postgres", driver: str = "") -> str:
         scheme = f"postgresql+{driver}" if driver else "postgresql"
         return f"{scheme}://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{self.ports['postgres']}/{database}"
@@ -125,6 +142,11 @@ class StackLayout:
     def mariadb_url(self, database: str = "") -> str:
         """A SQLAlchemy URL of the stack's MariaDB; without a database, the connection has no default database."""
         return f"mysql+pymysql://{MARIADB_USER}:{MARIADB_PASSWORD}@127.0.0.1:{self.ports['mariadb']}/{database}"
+
+
+def mask_url(url: str) -> str:
+    """A URL with the password of its user part replaced by `***`."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/]*@", r"\1:***@", url)
 
 
 def _env_ports(names: list[str]) -> dict[str, int]:
@@ -219,14 +241,15 @@ def _wait(component: str, layout: StackLayout, check: Callable[[], bool], pid: i
     )
 
 
-def _spawn(layout: StackLayout, component: str, argv: list[str], cwd: Path) -> int:
+def _spawn(layout: StackLayout, component: str, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> int:
     layout.log(component).parent.mkdir(parents=True, exist_ok=True)
     layout.pidfile(component).parent.mkdir(parents=True, exist_ok=True)
     with open(layout.log(component), "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
     layout.pidfile(component).write_text(f"{proc.pid}\n")
     return proc.pid
@@ -631,12 +654,39 @@ def _stop_mariadb(layout: StackLayout, timeout: float = 60.0) -> None:
 # Kafka, the schema registry and Kafka Connect
 
 
-def _render(template: str, target: Path, values: dict[str, object]) -> None:
+def _rendered(template: str, values: dict[str, object]) -> str:
     text = (TEMPLATES / template).read_text()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", str(value))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
+    return text
+
+
+def _render(template: str, target: Path, values: dict[str, object]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(target, _rendered(template, values))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a state file readable by its owner only (0600 from its creation)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def protect_state(layout: StackLayout) -> None:
+    """Make the launcher's own state its owner's only: stack.json and rendered configurations 0600, its directories
+    0700. The database servers' directories belong to their system users and are left as they are; the state
+    directory stays reachable (0711, not listable) for those users when it holds them."""
+    home = layout.home
+    servers_inside = any((home / name).exists() and not (home / name).is_symlink() for name in ("postgres", "mariadb"))
+    os.chmod(home, 0o711 if servers_inside and os.geteuid() == 0 else 0o700)
+    for name in ("connect", "kafka", "registry", "logs", "run", "secrets", "transforms-build"):
+        if (home / name).is_dir() and not (home / name).is_symlink():
+            os.chmod(home / name, 0o700)
+    for path in (home / "stack.json", home / "connect" / "worker.properties", home / "kafka" / "server.properties"):
+        if path.is_file():
+            os.chmod(path, 0o600)
 
 
 def _java_opts(heap_mb: int) -> list[str]:
@@ -666,7 +716,7 @@ def _start_kafka(layout: StackLayout, java: str) -> int:
         )
         if proc.returncode != 0:
             raise StackError("kafka", "formatting the KRaft log directory failed", log_tail=proc.stdout + proc.stderr)
-    return _spawn(layout, "kafka", [java, *_java_opts(512), "-cp", libs, "kafka.Kafka", str(config)], home)
+    return _spawn(layout, "kafka", [java, *_java_opts(1024), "-cp", libs, "kafka.Kafka", str(config)], home)
 
 
 def _kafka_healthy(layout: StackLayout) -> bool:
@@ -697,7 +747,6 @@ def _start_registry(layout: StackLayout, java: str) -> int:
         "apicurio.storage.sql.kind": "postgresql",
         "apicurio.datasource.url": f"jdbc:postgresql://127.0.0.1:{p['postgres']}/registry",
         "apicurio.datasource.username": PG_USER,
-        "apicurio.datasource.password": PG_PASSWORD,
         "apicurio.datasource.jdbc.initial-size": 2,
         "apicurio.datasource.jdbc.min-size": 2,
         "apicurio.datasource.jdbc.max-size": 20,
@@ -710,7 +759,14 @@ def _start_registry(layout: StackLayout, java: str) -> int:
     if not jars:
         raise StackError("schema_registry", f"no Apicurio runner jar under {layout.artifacts / 'registry'}")
     argv = [java, *_java_opts(384), *(f"-D{k}={v}" for k, v in props.items()), "-jar", str(jars[-1])]
-    return _spawn(layout, "schema_registry", argv, home)
+    # The password from the environment (Quarkus maps APICURIO_DATASOURCE_PASSWORD to apicurio.datasource.password),
+    # not the command line, which every user of the machine can read (`ps`); a process's environment is its owner's.
+    return _spawn(layout, "schema_registry", argv, home, env={REGISTRY_PASSWORD_ENV: PG_PASSWORD})
+
+
+def registry_stale(layout: StackLayout, pid: int) -> bool:
+    """Whether a running registry was started with its database password on the command line (by an older launcher)."""
+    return "apicurio.datasource.password=" in _cmdline(pid)
 
 
 def _registry_healthy(layout: StackLayout) -> bool:
@@ -722,13 +778,25 @@ def _registry_healthy(layout: StackLayout) -> bool:
         return False
 
 
+def _connect_values(layout: StackLayout) -> dict[str, object]:
+    return {"bootstrap": layout.kafka_bootstrap, "port": layout.ports["connect"],
+            "plugins": layout.artifacts / "plugins", "home": layout.home / "connect", "secrets": secrets_dir(layout.home)}
+
+
+def connect_config_current(layout: StackLayout) -> bool:
+    """Whether the running worker was started with the worker configuration this checkout renders (Connect reads it
+    only when it starts: a worker without the secrets config provider could not start a connector)."""
+    config = layout.home / "connect" / "worker.properties"
+    try:
+        return config.read_text() == _rendered("connect-worker.properties", _connect_values(layout))
+    except OSError:
+        return False
+
+
 def _start_connect(layout: StackLayout, java: str) -> int:
     home = layout.home / "connect"
     config = home / "worker.properties"
-    _render("connect-worker.properties", config, {
-        "bootstrap": layout.kafka_bootstrap, "port": layout.ports["connect"],
-        "plugins": layout.artifacts / "plugins", "home": home,
-    })
+    _render("connect-worker.properties", config, _connect_values(layout))
     libs = f"{layout.artifacts / 'kafka' / 'libs'}/*"
     argv = [java, *_java_opts(768), "-cp", libs, "org.apache.kafka.connect.cli.ConnectDistributed", str(config)]
     return _spawn(layout, "connect", argv, home)
@@ -764,6 +832,7 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
     process starts, so a failed `up` leaves nothing half-started behind it.
     """
     layout = StackLayout.resolve()
+    # Not 0700 yet: the database servers' system users must reach their directories inside it (protect_state).
     layout.home.mkdir(parents=True, exist_ok=True)
     running = {name: component_pid(layout, name) for name in COMPONENTS}
     if running["connect"] and (layout.home / "stack.json").exists() and not transforms_current(layout):
@@ -773,6 +842,18 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
         _stop_pid(running["connect"])
         layout.pidfile("connect").unlink(missing_ok=True)
         running["connect"] = None
+    if running["connect"] and (layout.home / "stack.json").exists() and not connect_config_current(layout):
+        # The worker reads its configuration when it starts; one started from an older template (without the config
+        # provider that reads connector secrets) could not start a connector `cdc connectors apply` writes now.
+        echo("connect: restarting with the updated worker configuration")
+        _stop_pid(running["connect"])
+        layout.pidfile("connect").unlink(missing_ok=True)
+        running["connect"] = None
+    if running["schema_registry"] and registry_stale(layout, running["schema_registry"]):
+        echo("schema_registry: restarting to take its database password from the environment, not the command line")
+        _stop_pid(running["schema_registry"])
+        layout.pidfile("schema_registry").unlink(missing_ok=True)
+        running["schema_registry"] = None
     if all(running.values()):
         echo(f"stack: already running under {layout.home}")
     to_start = [name for name in COMPONENTS if not running[name]]
@@ -797,9 +878,8 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
             ensure_artifacts(layout, echo)
         if "connect" in to_start:
             ensure_transforms(layout, java, echo)
-        (layout.home / "stack.json").write_text(
-            json.dumps({"ports": layout.ports, "artifacts": str(layout.artifacts)}, indent=2) + "\n"
-        )
+        _write_private(layout.home / "stack.json",
+                       json.dumps({"ports": layout.ports, "artifacts": str(layout.artifacts)}, indent=2) + "\n")
         started: dict[str, int | None] = {}
         t0 = time.monotonic()
         # Staged so that independent components boot at the same time: the registry needs PostgreSQL,
@@ -829,6 +909,7 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
             if not HEALTH[name](layout):
                 raise StackError(name, "running but failing its health check", log_tail=_log_tail(layout.log(name)))
             echo(f"{name}: already running (pid {running[name]})")
+    protect_state(layout)
     return layout
 
 
@@ -841,11 +922,12 @@ def status() -> dict[str, object]:
         components[name] = {
             "state": "healthy" if healthy else ("unhealthy" if pid else "stopped"),
             "pid": pid,
-            "url": layout.urls()[name],
+            "url": layout.masked_urls()[name],
             "log": str(layout.log(name)),
         }
+    # Masked: this is what `cdc stack status [--json]` prints (the stack's credentials are in infra/stack.py).
     return {
-        **layout.urls(),
+        **layout.masked_urls(),
         "kafka_bootstrap_servers": layout.kafka_bootstrap,
         "home": str(layout.home),
         "healthy": all(c["state"] == "healthy" for c in components.values()),

@@ -5,15 +5,16 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import psycopg
 
 from cdc.config import Pipeline, topic_safe
-from cdc.errors import CdcError
+from cdc.errors import CdcError, ConnectError
 from consumers.dialects.types import check_pipeline
 from producers import debezium, topics
-from producers.connect import ConnectClient, ConnectorStatus
+from producers.connect import ConnectClient, ConnectorStatus, changed_secrets, remove_secrets, write_secrets
 from producers.source_admin import (
     SourceIdentity, TableInfo, describe_tables, drop_publication, drop_slot, ensure_publication, ensure_signal_table,
     partitions_not_full, psycopg_conninfo, send_incremental_snapshot, set_replica_identity_full, source_identity,
@@ -60,9 +61,36 @@ def desired_config(pipeline: Pipeline) -> dict[str, str]:
     return _desired(pipeline)[0]
 
 
+def secrets_directory(pipeline: Pipeline) -> Path:
+    """Where the connector's secrets are stored for Connect to read (the local stack's state directory)."""
+    from infra.stack import secrets_dir
+
+    return secrets_dir() / pipeline.connector_name
+
+
+def _secret_changes(pipeline: Pipeline, current: dict[str, str] | None, desired: dict[str, str],
+                    changes: list[tuple[str, str | None, str | None]]) -> list[tuple[str, str | None, str | None]]:
+    """Secrets whose stored value is not the pipeline file's: the configuration holds the same reference, but the
+    running connector must restart to read the new value."""
+    if current is None:
+        return []
+    listed = {key for key, _, _ in changes}
+    return [(key, "********", "******** (a new value)") for key in
+            changed_secrets(secrets_directory(pipeline), debezium.secret_values(pipeline))
+            if key not in listed and debezium.is_reference(desired.get(key, ""))]
+
+
+def _reference_hint(pipeline: Pipeline) -> str:
+    return (f"The connector's password is a reference to {secrets_directory(pipeline)}, which the Kafka Connect worker "
+            f"at {pipeline.kafka.connect_url} must resolve with its `{debezium.SECRETS_PROVIDER}` config provider "
+            f"(config.providers={debezium.SECRETS_PROVIDER}, DirectoryConfigProvider, allowed.paths holding that "
+            "directory, read access to it): a worker without it passes the reference itself as the password. "
+            "`cdc stack up` restarts the local stack's worker with it.")
+
+
 def _desired(pipeline: Pipeline) -> tuple[dict[str, str], dict[str, TableInfo]]:
     tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
-    config = debezium.connector_config(pipeline, tables)
+    config = debezium.connector_config(pipeline, tables, secrets=str(secrets_directory(pipeline)))
     check_pipeline(pipeline, config)  # columns a destination cannot hold: refused here, never at the first write
     return config, tables
 
@@ -85,7 +113,9 @@ def _captured(config: dict[str, str]) -> set[str]:
 def diff(pipeline: Pipeline) -> list[tuple[str, str | None, str | None]]:
     desired = desired_config(pipeline)
     with ConnectClient(pipeline.kafka.connect_url) as connect:
-        return diff_configs(connect.config(pipeline.connector_name), desired)
+        current = connect.config(pipeline.connector_name)
+    changes = diff_configs(current, desired)
+    return changes + _secret_changes(pipeline, current, desired, changes)
 
 
 def check_routes(pipeline: Pipeline, config: dict[str, str]) -> None:
@@ -230,6 +260,7 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
         check_plugins(pipeline, connect, desired)
         current = connect.config(name)
         changes = diff_configs(current, desired)
+        changes += _secret_changes(pipeline, current, desired, changes)
         report = ApplyReport(name, "created" if current is None else ("updated" if changes else "unchanged"), changes)
 
         admin = topics.admin_client(pipeline.kafka.bootstrap_servers)
@@ -258,6 +289,9 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
             partitions = partitions_not_full(conn, debezium.full_identity_tables(pipeline, tables))
             set_replica_identity_full(conn, [p for p, _ in partitions])
             report.identity_set = [p for p, _ in partitions]
+            # Before the connector (re)starts: Connect reads the files when it hands the connector its configuration.
+            write_secrets(secrets_directory(pipeline), {k: v for k, v in debezium.secret_values(pipeline).items()
+                                                        if debezium.is_reference(desired.get(k, ""))})
             if changes and current is not None:
                 # Stop first, so that once the connector runs again it is surely the new configuration that
                 # runs: a signal sent while the old task still streams would be handled by the old task.
@@ -267,7 +301,12 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
                 connect.resume(name)
             elif changes:
                 connect.put_config(name, desired)
-            connect.wait_running(name, timeout=wait)
+            try:
+                connect.wait_running(name, timeout=wait)
+            except ConnectError as exc:
+                if any(debezium.is_reference(desired.get(key, "")) for key in debezium.SECRET_KEYS):
+                    exc.hint = _reference_hint(pipeline)
+                raise
             if current is not None:
                 added = sorted(_captured(desired) - _captured(current) - {pipeline.source.signal_table})
                 if added:
@@ -340,6 +379,8 @@ def delete(pipeline: Pipeline, *, purge: bool) -> list[str]:
             done.append(f"connector {pipeline.connector_name}: deleted")
         else:
             done.append(f"connector {pipeline.connector_name}: not found")
+    if remove_secrets(secrets_directory(pipeline)):
+        done.append(f"connector {name}: stored secrets removed")
     if purge:
         try:
             conn = psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True)

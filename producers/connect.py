@@ -1,9 +1,13 @@
-"""A client for the Kafka Connect REST API: connectors, their status and tasks, lifecycle calls and offsets."""
+"""A client for the Kafka Connect REST API (connectors, their status and tasks, lifecycle calls and offsets), and the
+secrets files a worker reads through its config provider instead of holding passwords in connector configurations."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -162,3 +166,50 @@ class ConnectClient:
         state = f"{last.state}, tasks {[t['state'] for t in last.tasks]}" if last else "absent"
         raise ConnectError(f"connector {name!r} not running after {timeout:.0f} s ({state})",
                            connector=name, endpoint=self._path(name, "/status"), status=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# secrets files (Kafka's DirectoryConfigProvider reads `<directory>/<key>`)
+
+
+def _stored(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")  # bytes: no newline translation
+    except FileNotFoundError:
+        return None
+
+
+def changed_secrets(directory: Path, values: dict[str, str]) -> list[str]:
+    """The keys whose file under `directory` is missing or holds another value (nothing is written)."""
+    return [key for key, value in values.items() if _stored(directory / key) != value]
+
+
+def write_secrets(directory: Path, values: dict[str, str]) -> list[str]:
+    """Store each value in `<directory>/<key>`, readable by its owner only; returns the keys whose value changed.
+
+    The directory is made 0700 and each file 0600 from its creation (never briefly readable by others), replaced
+    atomically so that a Connect worker reading it meanwhile sees the old value or the new one."""
+    if not values:
+        return []
+    changed = changed_secrets(directory, values)
+    # The directory and its parent (the root of every connector's secrets) are the owner's only.
+    for level in (directory.parent, directory):
+        level.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(level, 0o700)
+    for key in values:
+        target = directory / key
+        if key in changed or (target.stat().st_mode & 0o077):
+            temporary = directory / f".{key}.tmp-{os.getpid()}"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(values[key].encode("utf-8"))
+            os.replace(temporary, target)
+    return changed
+
+
+def remove_secrets(directory: Path) -> bool:
+    """Forget a connector's secrets (its directory); False when there were none."""
+    if not directory.exists():
+        return False
+    shutil.rmtree(directory)
+    return True

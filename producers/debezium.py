@@ -52,8 +52,13 @@ DROP_KEY_DEFAULTS = "cdc.transforms.DropKeyDefaults"
 # The prefix of the logical decoding message each heartbeat writes (heartbeat.action.query).
 HEARTBEAT_PREFIX = "cdc-heartbeat"
 INTEGER_TYPES = {"smallint": 16, "integer": 32, "bigint": 64}
-# Settings whose values are secrets: masked whenever a configuration is printed.
+# Settings whose values are secrets: masked whenever a configuration is printed, and given to Connect as references.
 SECRET_KEYS = ("database.password",)
+# The alias of Kafka's DirectoryConfigProvider in the worker's configuration (infra/templates/connect-worker.properties):
+# `${dir:<directory>:<file>}` is replaced by the file's content when Connect hands the configuration to the connector,
+# so Connect's config topic and its REST API hold the reference, never the password. A directory of one file per
+# secret, not a properties file: a password is stored as it is, with no escaping to get wrong.
+SECRETS_PROVIDER = "dir"
 
 
 def avro_name(name: str) -> str:
@@ -181,8 +186,26 @@ def full_identity_tables(pipeline: Pipeline, tables: dict[str, TableInfo]) -> li
     return members + [t for t in pipeline.standalone_tables if not tables[t].primary_key]
 
 
-def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str, str]:
-    """The complete connector configuration, as Kafka Connect stores it (every value a string)."""
+def secret_values(pipeline: Pipeline) -> dict[str, str]:
+    """The connector's secret settings and their values (written to files, never into the configuration)."""
+    password = pipeline.source.sqlalchemy_url.password
+    return {"database.password": password} if password else {}
+
+
+def secret_reference(directory: str, key: str) -> str:
+    """The config-provider reference Connect resolves to the content of `<directory>/<key>`."""
+    # Connect's variable syntax is `${provider:path:key}`, with no escaping: a path holding ':' or '}' cannot be named.
+    if ":" in directory or "}" in directory or "{" in directory:
+        raise ConfigError(f"the connector secrets directory {directory!r} holds ':', '{{' or '}}', which a Kafka "
+                          "Connect config reference cannot name; choose another state directory (CDC_HOME)")
+    return "${%s:%s:%s}" % (SECRETS_PROVIDER, directory, key)
+
+
+def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo], secrets: str | None = None) -> dict[str, str]:
+    """The complete connector configuration, as Kafka Connect stores it (every value a string).
+
+    With `secrets` (the directory `cdc connectors apply` writes `secret_values` to, one file each), every secret is
+    a reference to its file; without it (pure tests), the values themselves."""
     keys = hierarchy_keys(pipeline, tables)
     url = pipeline.source.sqlalchemy_url
     prefix = pipeline.pipeline
@@ -194,7 +217,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         "database.hostname": url.host or "localhost",
         "database.port": str(url.port or 5432),
         "database.user": url.username or "",
-        "database.password": url.password or "",
+        "database.password": url.password or "",  # replaced by its reference below when `secrets` is given
         "database.dbname": url.database or "",
         "topic.prefix": prefix,
         "plugin.name": "pgoutput",
@@ -313,8 +336,16 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[s
         config[f"transforms.h{i}route.replacement"] = f"{prefix}.{name}"
     config["transforms"] = ",".join(transforms)
     config["predicates"] = ",".join(predicates)
+    if secrets is not None:
+        for key in secret_values(pipeline):
+            config[key] = secret_reference(secrets, key)
     return config
 
 
+def is_reference(value: str) -> bool:
+    return value.startswith("${") and value.endswith("}")
+
+
 def masked(config: dict[str, str]) -> dict[str, str]:
-    return {k: ("********" if k in SECRET_KEYS and v else v) for k, v in config.items()}
+    """The configuration for printing: secrets masked, references to them shown (they hold no secret)."""
+    return {k: ("********" if k in SECRET_KEYS and v and not is_reference(v) else v) for k, v in config.items()}

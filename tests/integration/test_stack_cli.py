@@ -40,7 +40,7 @@ def test_status_json_prints_every_endpoint_as_a_url(stack):
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["postgres"].startswith("postgresql://") and info["kafka"].startswith("kafka://")
-    assert info["mariadb"].startswith("mysql+pymysql://cdc:cdc@127.0.0.1:")
+    assert info["mariadb"].startswith("mysql+pymysql://cdc:***@127.0.0.1:")  # passwords masked (issue 15)
     assert info["schema_registry"].endswith("/apis/ccompat/v7") and info["connect"].startswith("http://")
     assert all(c["state"] == "healthy" for c in info["components"].values())
 
