@@ -217,6 +217,7 @@ class ReplicaApplier:
         self.destination_outage = Outage(f"destination {destination_name}")
         self._kafka_probed = 0.0
         self._kafka_fatal: KafkaError | None = None
+        self._blocked_recorded: float | None = None  # the Kafka outage recorded in `_cdc_status` (its start)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     @property
@@ -343,8 +344,8 @@ class ReplicaApplier:
         not committed there is read again: a batch whose commit was cut off is found applied, or applied again).
         Another applier holding the lock by then stops this one: two must never write the same destination."""
         self.destination_outage.failed(_first_line(lost))
-        self.echo(f"{self.name}: lost the destination ({_first_line(lost)}); its writer lock went with its session, "
-                  "nothing is written until it is taken again; reconnecting")
+        self.echo(f"{self.name}: lost the destination ({_first_line(lost.__cause__ or lost)}); its writer lock went "
+                  "with its session, nothing is written until it is taken again; reconnecting")
         self._unclaim()
         self._release()
         if self.consumer is not None:
@@ -366,8 +367,9 @@ class ReplicaApplier:
             except DestinationBusy as busy:
                 raise CdcError(
                     f"destination {self.name}: this applier lost its writer lock when the destination's session "
-                    f"ended ({_first_line(lost)}), and another applier holds it now; stopping so that only one "
-                    "writes the destination", hint="one applier at a time: two would write the same rows") from busy
+                    f"ended ({_first_line(lost.__cause__ or lost)}), and another applier holds it now; stopping so "
+                    "that only one writes the destination",
+                    hint="one applier at a time: two would write the same rows") from busy
             except (ServiceUnavailable, OperationalError, KafkaException) as exc:
                 if deadline is not None and time.monotonic() > deadline:
                     raise CdcError(f"destination {self.name} still unreachable at the end of the timeout: "
@@ -1229,6 +1231,8 @@ class ReplicaApplier:
             self._kafka_answered()
         elif self.kafka.down:
             self._probe_kafka()
+        if (self.kafka.since is None) != (self._blocked_recorded is None):
+            self._record_blocked()
         self._feed_batch(good)
         return len(messages)
 
@@ -1236,6 +1240,20 @@ class ReplicaApplier:
         line = self.kafka.recovered()
         if line:
             self.echo(f"{self.name}: {line}")
+
+    def _record_blocked(self) -> None:
+        """Say in the destination's `_cdc_status` that a Kafka outage blocks this applier, for `cdc lag` (BLOCKED,
+        consumers/lag.py reads the "blocked: " prefix), and clear it when the outage ends. Best effort."""
+        blocked = self.kafka.describe()
+        try:
+            with self._begin() as conn:
+                self.dialect.record_error(conn, self.pipeline.pipeline,
+                                          f"blocked: {blocked} UTC, retrying ({self.kafka.detail})" if blocked else None)
+        except DestinationLost:
+            raise  # `run` reconnects
+        except Exception as exc:  # noqa: BLE001 - the outage line was printed; its record is a convenience
+            self.echo(f"{self.name}: could not record the outage at the destination: {_first_line(exc)}")
+        self._blocked_recorded = self.kafka.since
 
     def _probe_kafka(self) -> None:
         """During an outage with nothing arriving (an idle pipeline gives no message to tell that Kafka is back):
@@ -1295,11 +1313,15 @@ class ReplicaApplier:
                 line = self.kafka.failed(_kafka_reason(exc))
                 if line:
                     self.echo(f"{self.name}: {line}")
+                if self._blocked_recorded is None:
+                    self._record_blocked()
                 if progress:
                     progress(self)
                 self._stop.wait(KAFKA_PROBE_S)
                 continue
             self._kafka_answered()
+            if self._blocked_recorded is not None:
+                self._record_blocked()
             return
 
     def _loop(self, *, until_caught_up: bool, deadline: float | None, timeout: float | None,

@@ -15,7 +15,10 @@ Arithmetic
 
 Status rules (per destination, over the samples of the window, oldest first; the first rule that holds wins)
 -----------------------------------------------------------------------------------------------------------
-1. ERROR: the connector or one of its tasks is FAILED, the connector does not exist, Kafka Connect does not
+1. BLOCKED: the applier runs but waits for a service that does not answer (Kafka, the schema registry): it says
+   so in the destination's `_cdc_status` (ReplicaApplier), or Kafka does not answer `cdc lag` either. The lag is
+   unknown then, never "0".
+   ERROR: the connector or one of its tasks is FAILED, the connector does not exist, Kafka Connect does not
    answer, or the destination's offsets cannot be read. Nothing reaches the destination then, whatever its lag.
 2. OK: the latest lag is 0. A caught-up consumer is fine whether it runs or not: liveness does not matter then.
    OK is said only then: a destination with unapplied messages is never OK (rules 3-6, or BEHIND).
@@ -44,8 +47,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-OK, BEHIND, WARN, STALL, STOP, ERROR = "OK", "BEHIND", "WARN", "STALL", "STOP", "ERROR"
-STATUSES = (OK, BEHIND, WARN, STALL, STOP, ERROR)
+OK, BEHIND, WARN, STALL, STOP, BLOCKED, ERROR = "OK", "BEHIND", "WARN", "STALL", "STOP", "BLOCKED", "ERROR"
+STATUSES = (OK, BEHIND, WARN, STALL, STOP, BLOCKED, ERROR)
+# What a running applier writes in its destination's `_cdc_status` while an outage blocks it (ReplicaApplier), and
+# the start of a DestinationSample's error that says so.
+BLOCKED_RECORD = "blocked: "
+BLOCKED_PREFIX = "applier blocked: "
 # Connector and task states of Kafka Connect that mean the capture side failed.
 FAILED_STATES = {"FAILED"}
 
@@ -150,6 +157,8 @@ def judge(history: Sequence[DestinationSample], source: SourceState | None, *, s
     latest = history[-1]
     if source is not None and source.failure:
         return Verdict(ERROR, source.failure)
+    if latest.error and latest.error.startswith(BLOCKED_PREFIX):
+        return Verdict(BLOCKED, latest.error[len(BLOCKED_PREFIX):])
     if latest.error:
         return Verdict(ERROR, latest.error)
     if latest.lag_messages == 0:
@@ -233,7 +242,7 @@ def report(samples: dict[str, Sequence[DestinationSample]], source: SourceState,
 
 def worst(statuses: Iterable[str]) -> str:
     """The most severe status (for a one-word summary); OK when there are none."""
-    order = {OK: 0, BEHIND: 1, WARN: 2, STALL: 3, STOP: 4, ERROR: 5}
+    order = {OK: 0, BEHIND: 1, WARN: 2, STALL: 3, STOP: 4, BLOCKED: 5, ERROR: 6}
     return max(statuses, key=lambda s: order.get(s, 0), default=OK)
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable
-from consumers.lag import DestinationSample, PartitionLag, SourceState, applied_offset
+from consumers.lag import BLOCKED_PREFIX, BLOCKED_RECORD, DestinationSample, PartitionLag, SourceState, applied_offset
 from consumers.shapes import OFFSETS_TABLE, STATUS_TABLE
 from producers.connect import ConnectClient
 from producers.source_admin import psycopg_conninfo
@@ -231,6 +231,8 @@ class LagProbe:
             return {}, None, f"destination {name} cannot be read: {' '.join(str(exc).split())[:300]}"
         stored = {(r.topic, int(r.kafka_partition)): int(r.next_offset) for r in rows}
         times = [_epoch(r.updated_at) for r in rows if r.updated_at is not None]
+        if stopped and stopped.startswith(BLOCKED_RECORD):  # running, but waiting for an outage to end
+            return stored, (max(times) if times else None), BLOCKED_PREFIX + stopped[len(BLOCKED_RECORD):]
         return stored, (max(times) if times else None), (f"applier stopped: {stopped}" if stopped else None)
 
     # -- the source -----------------------------------------------------------------------------------------------------

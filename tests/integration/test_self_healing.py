@@ -178,7 +178,8 @@ def test_destination_restarts_and_a_terminated_lock_session(healing, private_pg)
         [holder] = lock_holders(destination)
         key = f"cdc {pipeline.pipeline} state"
         with psycopg.connect(destination, autocommit=True) as thief:
-            thief.execute("select pg_terminate_backend(%s)", (holder,))
+            # waits (up to 5 s) for the backend to be gone, then takes the lock before the applier notices (1 s)
+            assert thief.execute("select pg_terminate_backend(%s, 5000)", (holder,)).fetchone()[0]
             assert thief.execute("select pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)).fetchone()[0]
             with psycopg.connect(destination, autocommit=True) as conn:
                 before = conn.execute("select sum(next_offset) from _cdc_offsets").fetchone()[0]
@@ -194,6 +195,7 @@ def test_destination_restarts_and_a_terminated_lock_session(healing, private_pg)
             assert after == before, "the applier wrote without its lock"
     finally:
         applier.stop()
+        print(applier.output)
     # A new applier, once the lock is free, converges (what was read before the stop is applied now).
     caught_up(path)
     assert equal(source, destination)
@@ -251,3 +253,8 @@ def test_a_kafka_outage_is_one_line_per_interval(stack, source_db, tmp_path, pri
     # librdkafka's own lines (`%3|...|FAIL|...`) do not reach the output: a handful of lines in all
     assert not [line for line in lines if line.startswith("%")], applier.output
     assert len(lines) < 12, applier.output
+    # ... and the destination says so, for `cdc lag` (BLOCKED)
+    with psycopg.connect(private_pg.postgres_url("dest")) as conn:
+        [(status,)] = conn.execute("select error from _cdc_status").fetchall()
+    assert re.match(r"blocked: Kafka unreachable since \d\d:\d\d:\d\d UTC, retrying", status), status
+    print(applier.output)

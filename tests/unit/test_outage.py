@@ -79,3 +79,14 @@ def test_the_progress_line_says_blocked_not_lag_0(monkeypatch):
     lines.clear()
     _progress_printer(lines.append)(_Applier(None))
     assert lines == ["state: 10 rows, 2 source transactions, 5 rows/s, lag 0.0 s"]
+
+
+def test_cdc_lag_says_blocked_when_the_applier_recorded_an_outage():
+    from consumers.lag import BLOCKED, BLOCKED_PREFIX, DestinationSample, PartitionLag, judge, worst
+
+    parts = (PartitionLag("p.person", 0, 5, 9),)
+    blocked = DestinationSample("state", 100.0, parts, 90.0,
+                                BLOCKED_PREFIX + "Kafka unreachable since 17:40:02 UTC, retrying")
+    verdict = judge([blocked], None)
+    assert (verdict.status, verdict.reason) == (BLOCKED, "Kafka unreachable since 17:40:02 UTC, retrying")
+    assert worst(["STOP", BLOCKED]) == BLOCKED and worst([BLOCKED, "ERROR"]) == "ERROR"
