@@ -738,8 +738,17 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
                 with connect(engine) as conn:
                     stored = _stored_types(conn, name, dialect.table(shape).schema, dialect.table(shape).name)
                     side = _Side(conn, name, table_sql(name, dialect.table(shape)), shape, stored)
+                    history = _history_sql(name, dialect.table(shape))[0] if dialect.keeps_history else None
+                    position = _source_position(pipeline) if history else None
+                    columns = ", ".join(quote(name, c) for c in side.columns)
                     for start in range(0, len(handles), 1000):
                         listed = ", ".join(side.canon.literal(h) for h in handles[start:start + 1000])
+                        if history:
+                            # An analytics history ends each deleted row with a delete, at the source's current
+                            # position, so that it still replays to the current state.
+                            raw_query(conn, f"INSERT INTO {history} ({columns}, {', '.join(HISTORY_COLUMNS)}) "
+                                            f"SELECT {columns}, 'd', {position}, 'cdc verify --fix', CURRENT_TIMESTAMP "
+                                            f"FROM {side.table} WHERE {side.key_text} IN ({listed})", fetch=False)
                         raw_query(conn, f"DELETE FROM {side.table} WHERE {side.key_text} IN ({listed})", fetch=False)
                     conn.commit()
                 echo(f"{table.table}: deleted {len(table.extra)} rows that exist only at the destination")
@@ -801,6 +810,14 @@ class HistoryReport:
                 "inconsistent_keys": self.inconsistent_keys,
                 "inconsistent_examples": [{"key": k, "why": w} for k, w in zip(self.inconsistent_keys, self.why)],
                 "checked": self.checked, "note": self.note, "error": self.error, "equal": self.equal}
+
+
+def _source_position(pipeline: Pipeline) -> int:
+    """The source's current WAL position, as Debezium numbers LSNs (`_cdc_lsn`)."""
+    from producers.source_admin import psycopg_conninfo
+
+    with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url)) as conn:
+        return int(conn.execute("select pg_current_wal_lsn() - '0/0'").fetchone()[0])
 
 
 def _history_sql(engine: str, table: Any) -> tuple[str, str | None, str]:

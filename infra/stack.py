@@ -727,7 +727,8 @@ def _kafka_healthy(layout: StackLayout) -> bool:
         return False
     admin = AdminClient({"bootstrap.servers": layout.kafka_bootstrap, "log_level": 0})
     try:
-        metadata = admin.list_topics(timeout=3)
+        # Metadata of every topic: thousands on a machine that ran the tests, seconds when it is busy.
+        metadata = admin.list_topics(timeout=15)
     except KafkaException:
         return False
     return bool(metadata.brokers)

@@ -13,7 +13,7 @@ import psycopg
 from cdc.config import Pipeline, topic_safe
 from cdc.errors import CdcError, ConnectError
 from consumers.dialects.types import check_pipeline
-from producers import debezium, topics
+from producers import debezium, partitions, topics
 from producers.connect import ConnectClient, ConnectorStatus, changed_secrets, remove_secrets, write_secrets
 from producers.source_admin import (
     SourceIdentity, TableInfo, describe_tables, drop_publication, drop_slot, ensure_publication, ensure_signal_table,
@@ -35,6 +35,7 @@ class ApplyReport:
     identity_set: list[str] = field(default_factory=list)  # partitions given REPLICA IDENTITY FULL
     warnings: list[str] = field(default_factory=list)
     snapshot_requested: list[str] = field(default_factory=list)
+    partitions_followed: list[str] = field(default_factory=list)  # partitioned tables under the event trigger
 
     def lines(self) -> list[str]:
         out = [f"topic {name}: deleted (--reset-topics)" for name in self.topics_deleted]
@@ -43,6 +44,9 @@ class ApplyReport:
         out += [f"topic {name}: created" for name in self.topics_created]
         out += [f"partition {name}: replica identity FULL" for name in self.identity_set]
         out += [f"incremental snapshot requested for {', '.join(self.snapshot_requested)}"] if self.snapshot_requested else []
+        if self.partitions_followed:
+            out.append(f"partitions attached to or detached from {', '.join(self.partitions_followed)}: followed "
+                       "(event trigger)")
         out += [f"warning: {w}" for w in self.warnings]
         return out
 
@@ -289,6 +293,7 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
             partitions = partitions_not_full(conn, debezium.full_identity_tables(pipeline, tables))
             set_replica_identity_full(conn, [p for p, _ in partitions])
             report.identity_set = [p for p, _ in partitions]
+            _follow_partitions(pipeline, conn, tables, report)
             # Before the connector (re)starts: Connect reads the files when it hands the connector its configuration.
             write_secrets(secrets_directory(pipeline), {k: v for k, v in debezium.secret_values(pipeline).items()
                                                         if debezium.is_reference(desired.get(k, ""))})
@@ -332,14 +337,47 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
     return report
 
 
+def _follow_partitions(pipeline: Pipeline, conn: psycopg.Connection, tables: dict[str, TableInfo],
+                       report: ApplyReport) -> None:
+    """Install (or refresh, or remove) the event trigger that follows partitions attached, detached or dropped
+    later (producers.partitions); without a superuser, say what is then not followed."""
+    parents = partitions.partitioned(conn, list(pipeline.source.tables))
+    if not parents:
+        if partitions.can_install(conn):
+            partitions.uninstall(conn, pipeline.pipeline, pipeline.source.signal_table)
+        return
+    if not partitions.can_install(conn):
+        report.warnings.append(
+            f"{', '.join(parents)}: rows of a partition ATTACHed later, or DETACHed or DROPped, are not followed (the "
+            "event trigger that follows them needs a superuser source login): re-sync the table after such a change "
+            "(`cdc verify --fix`)")
+        return
+    full = set(debezium.full_identity_tables(pipeline, tables))
+    members = {m for h in pipeline.hierarchies.values() for m in h.members}
+    partitions.install(conn, pipeline.pipeline, pipeline.source.signal_table, [
+        partitions.Parent(t, blocking=t in members or not tables[t].primary_key, full_identity=t in full)
+        for t in parents])
+    report.partitions_followed = parents
+
+
 def identity_problems(pipeline: Pipeline) -> list[str]:
-    """Partitions (created or attached after the last `apply`) of tables that need REPLICA IDENTITY FULL."""
+    """Partitions (created or attached after the last `apply`) of tables that need REPLICA IDENTITY FULL, and
+    partitions that left a captured table taking rows the destinations still hold (producers.partitions)."""
     tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
         found = partitions_not_full(conn, debezium.full_identity_tables(pipeline, tables))
+        left = partitions.departures(conn, pipeline.pipeline, pipeline.source.signal_table,
+                                     list(pipeline.destinations))
     return [f"partition {p} of {parent} lacks REPLICA IDENTITY FULL (PostgreSQL does not pass it on to partitions "
             "created or attached later): its updates and deletes carry an incomplete old row; run `cdc connectors "
-            "apply`" for p, parent in found]
+            "apply`" for p, parent in found] + [departure.describe() for departure in left]
+
+
+def verified_equal(pipeline: Pipeline, destination: str, tables: list[str]) -> None:
+    """`cdc verify` found `destination` equal to the source on `tables`: partitions that left them are resolved
+    there."""
+    with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
+        partitions.mark_resolved(conn, pipeline.pipeline, pipeline.source.signal_table, destination, tables)
 
 
 def topic_problems(pipeline: Pipeline) -> list[tuple[str, str]]:
@@ -394,4 +432,7 @@ def delete(pipeline: Pipeline, *, purge: bool) -> list[str]:
                 done.append(f"replication slot {pipeline.slot_name}: dropped")
             if drop_publication(conn, pipeline.publication_name):
                 done.append(f"publication {pipeline.publication_name}: dropped")
+            if partitions.can_install(conn) and partitions.uninstall(conn, pipeline.pipeline,
+                                                                     pipeline.source.signal_table):
+                done.append("event trigger following partitions: dropped")
     return done
