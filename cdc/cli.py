@@ -41,12 +41,20 @@ def _echo(line: str) -> None:
     typer.echo(line)
 
 
+def _cut_lines(message: str) -> str:
+    """Every line of an error cut to a readable length: a name given on the command line (up to 128 KiB) or read from
+    a database is echoed by many messages, and one place keeps them all short (long enough for a list of tables)."""
+    from cdc.config import cut
+
+    return "\n".join(cut(line, 2000) for line in message.splitlines())
+
+
 def _run(action: Callable[[], int | None]) -> None:
     """Run a command body; our errors become a message on stderr and the contract's exit status."""
     try:
         code = action()
     except CdcError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_cut_lines(str(exc))}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except Exception as exc:  # noqa: BLE001 - only library errors are turned into messages; the rest re-raised
         # Errors of the libraries we talk through (psycopg, SQLAlchemy, confluent-kafka, httpx) that reached here

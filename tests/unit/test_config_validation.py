@@ -170,3 +170,16 @@ def test_cdc_with_a_10_mb_pipeline_name_prints_a_short_error(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr) < 600, len(proc.stderr)
     assert "(10,000,000 characters)" in proc.stderr
+
+
+def test_a_huge_name_on_the_command_line_is_cut_in_the_error(tmp_path):
+    """Names given as arguments (up to 128 KiB each) are echoed by many messages; `cdc` cuts every error line."""
+    d = data()
+    d["source"]["url"] = "postgresql://cdc:cdc@127.0.0.1:1/none"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(d))
+    proc = subprocess.run([CDC, "-c", str(path), "run", "d" * 100_000], capture_output=True, text=True, timeout=60,
+                          env={"DB_PASSWORD": "x", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "no destination named 'ddd" in proc.stderr
+    assert len(proc.stderr) < 2100 and "characters)" in proc.stderr, len(proc.stderr)
