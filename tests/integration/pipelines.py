@@ -94,4 +94,14 @@ def require_plugins(stack: StackLayout, *classes: str) -> None:
 
 
 def purge(pipeline: Pipeline) -> None:
+    """Delete the test pipeline's connector, slot and publication, and its topics: thousands of topics left by a run
+    of the suite slow the broker's metadata requests and fill its heap."""
     capture.delete(pipeline, purge=True)
+    from producers import topics
+
+    admin = topics.admin_client(pipeline.kafka.bootstrap_servers)
+    prefix = pipeline.pipeline + "."
+    mine = [t for t in topics.existing_topics(admin)
+            if t.startswith(prefix) or t == f"__debezium-heartbeat.{pipeline.pipeline}"]
+    if mine:
+        admin.delete_topics(mine, operation_timeout=30)  # not waited for: nothing reads them again
