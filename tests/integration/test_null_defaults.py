@@ -138,9 +138,9 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
     assert None not in image(c5, "after").values() and image(u5, "after") == nulls
 
 
-def without_the_transform(pipeline, tables):
+def without_the_transform(pipeline, tables, **options):
     """The connector configuration an earlier release made: no DropOptionalDefaults."""
-    config = ORIGINAL_CONFIG(pipeline, tables)
+    config = ORIGINAL_CONFIG(pipeline, tables, **options)
     config["transforms"] = ",".join(t for t in config["transforms"].split(",") if t != "nulls")
     del config["transforms.nulls.type"]
     return config
