@@ -447,7 +447,7 @@ def _prepare_postgres(layout: StackLayout, bindir: Path) -> None:
     if (data / "PG_VERSION").exists():
         return
     pwfile = root / "pwfile"
-    pwfile.write_text(PG_PASSWORD + "\n")
+    _write_private(pwfile, PG_PASSWORD + "\n")  # owner-only from its creation, until initdb has read it
     if os.geteuid() == 0:
         shutil.chown(pwfile, "postgres", "postgres")
     proc = subprocess.run(
