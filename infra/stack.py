@@ -228,6 +228,21 @@ def _port_free(port: int) -> bool:
     return True
 
 
+# Components `up` restarts when they stay unhealthy while running (their state lives in PostgreSQL or Kafka), and
+# how long it gives one to recover by itself first (after its database or broker came back).
+RESTARTABLE = ("schema_registry", "connect")
+RECOVER_S = 30.0
+
+
+def _recovers(layout: StackLayout, component: str) -> bool:
+    deadline = time.monotonic() + RECOVER_S
+    while not HEALTH[component](layout):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+    return True
+
+
 def _wait(component: str, layout: StackLayout, check: Callable[[], bool], pid: int | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -855,6 +870,14 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
         _stop_pid(running["schema_registry"])
         layout.pidfile("schema_registry").unlink(missing_ok=True)
         running["schema_registry"] = None
+    for name in RESTARTABLE:
+        if running[name] and not _recovers(layout, name):
+            # A registry whose database restarted can keep failing on connections its pool holds; a Connect worker
+            # can stay unhealthy after its broker came back. Both keep their state elsewhere (PostgreSQL, Kafka).
+            echo(f"{name}: running but unhealthy for {RECOVER_S:.0f} s: restarting it")
+            _stop_pid(running[name])
+            layout.pidfile(name).unlink(missing_ok=True)
+            running[name] = None
     if all(running.values()):
         echo(f"stack: already running under {layout.home}")
     to_start = [name for name in COMPONENTS if not running[name]]
