@@ -423,8 +423,9 @@ class PostgresAnalyticsDialect(PostgresDialect):
         `reader_password`), read-only by default, allowed to read the replicated tables and their histories, and
         the tables created in their schemas later. `cdc query` logs in as it: no session of the applier's own user,
         so no way back to its rights. A role of that name that the applier did not create is refused: changing its
-        login or defaults could lock someone out, and leaving them could leave it able to write. So is a role that
-        was given more than reading since (a member of `pg_read_server_files`, a superuser...)."""
+        login or defaults could lock someone out, and leaving them could leave it able to write. A role given more
+        than reading since (a member of `pg_read_server_files`, a superuser...) is said so, not refused: the applier
+        goes on replicating, and `cdc query` refuses to run as that role until it is taken away."""
         raw = conn.connection.driver_connection
         who = sql.Identifier(role)
         actions = []
@@ -439,8 +440,8 @@ class PostgresAnalyticsDialect(PostgresDialect):
                               "another role, or drop that one")
         excess = read_only_role_excess(raw, role)
         if excess:
-            raise ConfigError(f"read_only_role: the role {role} may do more than read ({', '.join(excess)}); "
-                              "take that away from it (REVOKE, ALTER ROLE), or name another role")
+            actions.append(f"WARNING: read-only role {role} may do more than read ({', '.join(excess)}): `cdc query` "
+                           "refuses to run as it until that is taken away (REVOKE, ALTER ROLE)")
         if not password:
             password = reader_password(conn.engine.url, role, create=True)
         # Hashed here, so that the password itself never reaches the server (nor its statement log).

@@ -201,6 +201,10 @@ def test_postgres_a_role_given_more_than_reading_is_refused(replicas):
     try:
         refused(query(replicas, "pg", "select pg_read_file('/etc/passwd')"),
                 f"the read-only role {role} may do more than read", "member of pg_read_server_files")
+        # The applier says so when it prepares the destination, and goes on replicating.
+        run = caught_up(replicas["path"])
+        assert f"pg: WARNING: read-only role {role} may do more than read (member of pg_read_server_files)" \
+            in run.stdout, run.stdout
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'revoke pg_read_server_files from "{role}"')
