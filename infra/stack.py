@@ -813,6 +813,10 @@ def _start_connect(layout: StackLayout, java: str) -> int:
     home = layout.home / "connect"
     config = home / "worker.properties"
     _render("connect-worker.properties", config, _connect_values(layout))
+    # The worker refuses to start when a config provider's allowed path does not exist (Kafka's AllowedPaths).
+    secrets = secrets_dir(layout.home)
+    secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(secrets, 0o700)
     libs = f"{layout.artifacts / 'kafka' / 'libs'}/*"
     argv = [java, *_java_opts(768), "-cp", libs, "org.apache.kafka.connect.cli.ConnectDistributed", str(config)]
     return _spawn(layout, "connect", argv, home)

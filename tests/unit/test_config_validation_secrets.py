@@ -153,3 +153,12 @@ def test_a_registry_started_with_its_password_on_the_command_line_is_stale(tmp_p
         for proc in (old, new):
             proc.kill()
             proc.wait()
+
+
+def test_the_worker_starts_with_its_secrets_directory_made(tmp_path, monkeypatch):
+    """Kafka's DirectoryConfigProvider refuses to start the worker when an allowed path does not exist (seen: "Path
+    .../secrets does not exist"), so a new state directory gets it before Connect starts."""
+    monkeypatch.setattr(stack, "_spawn", lambda *args, **kwargs: 0)
+    layout = stack.StackLayout(tmp_path / "home", tmp_path / "artifacts")
+    stack._start_connect(layout, "java")
+    assert stack.secrets_dir(layout.home).is_dir() and mode(stack.secrets_dir(layout.home)) == 0o700
