@@ -637,8 +637,22 @@ def _applied_through_now(pipeline: Pipeline, dst_engine: Any, dialect: Any, dest
         if time.monotonic() > deadline:
             raise CdcError(f"the destination {destination} has not applied the source's changes up to now within "
                            f"{seconds:.0f} s ({topic} applied up to offset {applied}, the watermark is at {marker}): "
-                           f"is `cdc run {destination}` running?")
+                           + (f"its applier stopped: {stopped}" if (stopped := _stopped(dst_engine, dialect, pipeline))
+                              else f"is `cdc run {destination}` running, and keeping up?"))
         time.sleep(0.5)  # short looks: a DuckDB file is the applier's only while nobody else has it open
+
+
+def _stopped(engine: Any, dialect: Any, pipeline: Pipeline) -> str | None:
+    """Why the destination's applier says it stopped (what `cdc lag` shows), if it says so."""
+    from sqlalchemy import select
+
+    try:
+        with verify.connect(engine) as dst:
+            row = dst.execute(select(dialect.status.c.error).where(
+                dialect.status.c.pipeline == pipeline.pipeline)).first()
+    except Exception:  # noqa: BLE001 - no status table: the applier never recorded a stop
+        return None
+    return str(row[0]).splitlines()[0] if row is not None and row[0] else None
 
 
 @dataclass
