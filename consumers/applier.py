@@ -1185,10 +1185,17 @@ class ReplicaApplier:
         record = {"pipeline": self.pipeline.pipeline, "destination": self.name, "error": error, "topic": topic,
                   "partition": partition, "offset": offset, "key": key, "value": value, "event_json": event_json,
                   "failed_at_ms": int(time.time() * 1000)}
+        failures: list[Any] = []
         self._producer.produce(self.dead_letter_topic, value=self._dead_letters.encode(record), key=key,
                                headers={"cdc.error": error[:1000], "cdc.topic": topic,
-                                        "cdc.partition": str(partition), "cdc.offset": str(offset)})
-        self._producer.flush(30)
+                                        "cdc.partition": str(partition), "cdc.offset": str(offset)},
+                               on_delivery=lambda err, _msg: failures.append(err) if err is not None else None)
+        left = self._producer.flush(30)
+        if failures or left:
+            # The applier goes past a dead-lettered message: one whose dead letter was not written would be lost.
+            raise ServiceUnavailable(f"destination {self.name}: could not write the dead letter of "
+                                     f"{topic}[{partition}]@{offset} to {self.dead_letter_topic}: "
+                                     f"{failures[0] if failures else 'not acknowledged within 30 s'}")
         self.echo(f"{self.name}: dead-lettered {topic}[{partition}]@{offset}: {error.splitlines()[0]}")
 
     # -- the loop -------------------------------------------------------------------------------------------------
