@@ -496,6 +496,7 @@ padding:.2em .6em}}</style></head><body>
 # destination (and into the topic for every later replay), where a snapshot read of a keyless row is an insert.
 # So the source's rows are copied to the ONE destination being fixed, directly, at a moment when that destination is
 # known to hold exactly the source's changes of the table up to that moment:
+# 0. a watermark is awaited without any lock: a destination that is not applying is refused before writers wait;
 # 1. the source table is locked against writers (SHARE: readers go on, writers wait, nothing is lost);
 # 2. a watermark transaction is committed at the source, and the fix waits until the destination's applier has
 #    applied it: every change of the table committed before the lock has then been applied, and no later one exists;
@@ -735,6 +736,9 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
     failure: str | None = "interrupted"
     try:
         with src_engine.connect() as src:
+            # First without the lock: a destination whose applier is not running (or far behind) is found, or
+            # caught up, before any writer has to wait.
+            _applied_through_now(pipeline, dst_engine, dialect, dest, wait, echo)
             _session(src, "postgresql")
             src.exec_driver_sql(f"SET LOCAL lock_timeout = '{KEYLESS_LOCK_WAIT_S}s'")
             started = time.monotonic()
