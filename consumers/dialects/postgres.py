@@ -480,13 +480,15 @@ def read_only_role_excess(raw: psycopg.Connection, role: str) -> list[str]:
 
 
 def reader_password_file(url: Any, role: str) -> Path:
-    """Where the password generated for a read-only role is kept: `$CDC_HOME/secrets/read-only-roles/`, one file
+    """Where the password generated for a read-only role is kept: `$CDC_HOME/read-only-roles/`, one file
     per role and server (roles belong to a PostgreSQL cluster, not to one database)."""
     from infra.stack import state_home
 
     server = f"{url.host or url.query.get('host') or 'localhost'}_{url.port or 5432}"
     name = re.sub(r"[^A-Za-z0-9_.@-]", "_", f"{role}@{server}")
-    return state_home() / "secrets" / "read-only-roles" / name
+    # Not under `secrets/`: the Kafka Connect worker may read that directory (its config provider), and a connector
+    # configuration could name a file there.
+    return state_home() / "read-only-roles" / name
 
 
 def reader_password(url: Any, role: str, *, create: bool) -> str | None:
@@ -503,8 +505,7 @@ def reader_password(url: Any, role: str, *, create: bool) -> str | None:
             path.unlink()  # emptied by hand: a new one
     if not create:
         return None
-    path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # secrets/
-    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     password = secrets.token_urlsafe(32)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
