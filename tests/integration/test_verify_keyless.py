@@ -189,6 +189,7 @@ def test_verify_fix_brings_a_table_without_a_key_back_on_every_engine_while_the_
             # Writers of the table waited while it was locked: seconds, not the whole run.
             held = float(re.search(r"unlocked after ([\d.]+) s", fixed.stderr).group(1))
             assert held < 20, fixed.stderr
+            print(f"{kind}: the source table was locked {held} s")
 
         # `cdc resync TABLE` without --ids does the same for one destination.
         plant("postgresql", urls["postgresql"])
