@@ -67,7 +67,7 @@ from consumers import columnar, runs, values
 from consumers.dialects import Dialect, dialect_for
 from consumers.dialects.base import NoMatchingRow, SchemaChangeError
 from consumers.dialects.duckdb import when_free
-from consumers.outage import Outage, clock
+from consumers.outage import REMIND_EVERY_S, Outage, clock
 from consumers.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
 from consumers.plan import dependency_order, net_changes, primary_key, self_referencing_order
 from consumers.shapes import LSN_COLUMN, ColumnShape, TableShape, reflect_shapes
@@ -105,6 +105,11 @@ KAFKA_PROBE_S = 5.0
 KAFKA_LOG = logging.getLogger("cdc.librdkafka")
 KAFKA_LOG.addHandler(logging.NullHandler())
 KAFKA_LOG.propagate = False
+
+
+# librdkafka's error codes that mean the brokers cannot be reached (it retries them by itself).
+_KAFKA_OUTAGE_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE,
+                                 KafkaError._TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError._MSG_TIMED_OUT})
 
 
 class DestinationLost(ServiceUnavailable):
@@ -218,6 +223,7 @@ class ReplicaApplier:
         self._kafka_probed = 0.0
         self._kafka_fatal: KafkaError | None = None
         self._blocked_recorded: float | None = None  # the Kafka outage recorded in `_cdc_status` (its start)
+        self._kafka_said: dict[int, float] = {}  # Kafka errors other than outages: when each kind was last said
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     @property
@@ -322,6 +328,13 @@ class ReplicaApplier:
         other is an outage that librdkafka retries by itself, told in one line every 30 s (consumers/outage.py)."""
         if error.fatal():
             self._kafka_fatal = error
+            return
+        if error.code() not in _KAFKA_OUTAGE_CODES:
+            # Something else (an authorization refused...): said too, at most once per 30 s for each kind.
+            said = self._kafka_said.get(error.code())
+            if said is None or time.monotonic() - said >= REMIND_EVERY_S:
+                self._kafka_said[error.code()] = time.monotonic()
+                self.echo(f"{self.name}: Kafka reported: {error.str()}")
             return
         line = self.kafka.failed(error.str())
         if line:
@@ -1320,8 +1333,7 @@ class ReplicaApplier:
                 line = self.kafka.failed(_kafka_reason(exc))
                 if line:
                     self.echo(f"{self.name}: {line}")
-                if self._blocked_recorded is None:
-                    self._record_blocked()
+                self._record_blocked()  # again each time: `prepare` clears the destination's status
                 if progress:
                     progress(self)
                 self._stop.wait(KAFKA_PROBE_S)

@@ -14,12 +14,14 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
 from infra import stack as stack_mod
 from producers import capture
 from producers.connect import ConnectClient
+from producers.debezium import registry_native_url
 from tests.integration.pipelines import CDC, caught_up, pipeline_data, purge, write_pipeline
 from tests.integration.test_replica import HIERARCHIES, SCHEMA, TABLES, rows, workload
 
@@ -201,31 +203,48 @@ def test_destination_restarts_and_a_terminated_lock_session(healing, private_pg)
     assert equal(source, destination)
 
 
+def _value_artifact(pipeline, table: str) -> tuple[str, str]:
+    """(group, id) of a table's value schema in Apicurio (the converter registers one per record type)."""
+    registry = registry_native_url(pipeline.kafka.schema_registry_url)
+    found = httpx.get(f"{registry}/search/artifacts", params={"group": f"{pipeline.pipeline}.{table}",
+                                                               "limit": 100}).json()
+    [artifact] = [(a["groupId"], a["id"]) for a in found["artifacts"] if a["id"] == "Envelope"]
+    return artifact
+
+
 def test_a_failed_debezium_task_is_restarted_by_cdc_run(healing):
-    """The connector's walsender on the source, terminated (this pipeline's slot only): the task fails, as after a
-    source restart; `cdc run` restarts it and rows keep arriving."""
+    """This pipeline's connector only: its value schema for public.school gets a BACKWARD compatibility rule in the
+    registry, and the source makes an incompatible change (a NOT NULL column without default): the converter is
+    refused and the task FAILS, as Connect leaves it (it never retries a failed task). Once the rule is gone, the
+    watcher of `cdc run` restarts the task (with backoff, reported) and rows keep arriving."""
     path, pipeline, source, destination = healing
     applier = Applier(path, "state", "--watch-every", "2")
+    registry = registry_native_url(pipeline.kafka.schema_registry_url)
     try:
         wait_for("the snapshot at the destination", lambda: equal(source, destination), timeout=180)
+        group, artifact = _value_artifact(pipeline, "public.school")
+        rules = f"{registry}/groups/{group}/artifacts/{artifact}/rules"
+        assert httpx.post(rules, json={"type": "COMPATIBILITY", "config": "BACKWARD"}).status_code == 204
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute("alter table school add column rank integer not null default 0")
+            conn.execute("alter table school alter column rank drop default")
+            conn.execute("insert into school values (6, 'school 6', 3)")
         with ConnectClient(pipeline.kafka.connect_url) as connect:
-            with psycopg.connect(source, autocommit=True) as conn:
-                killed = conn.execute("select pg_terminate_backend(active_pid) from pg_replication_slots "
-                                      "where slot_name = %s and active_pid is not null",
-                                      (pipeline.slot_name,)).fetchall()
-            assert killed == [(True,)]
-            workload(source, 50, seed=21)
-            wait_for("the restart line", lambda: applier.count(r"capture: connector .*FAILED.*restarting") >= 1,
-                     timeout=180)
-            wait_for("the connector running again", lambda: applier.count(r"running again after") >= 1,
-                     timeout=180)
+            wait_for("the task to fail", lambda: connect.status(pipeline.connector_name).failed_traces, timeout=120)
+            wait_for("the restart line", lambda: applier.count(r"capture: connector .*task 0 FAILED.*restarting"),
+                     timeout=60)
+            assert httpx.delete(f"{rules}/COMPATIBILITY").status_code == 204
+            wait_for("the connector running again", lambda: applier.count(r"running again after"), timeout=180)
             assert connect.status(pipeline.connector_name).running
         workload(source, 50, seed=22)
         wait_for("the destination equal to the source after the task was restarted",
                  lambda: equal(source, destination), timeout=180)
+        # the change the task failed on arrived too (columns by name: id, name, rank; the workload moves ids)
+        assert [rank for _, name, rank in rows(destination, "school") if name == "school 6"] == [3]
         assert applier.proc.poll() is None, applier.output
     finally:
         applier.stop()
+        print(applier.output)
 
 
 def test_a_kafka_outage_is_one_line_per_interval(stack, source_db, tmp_path, private_pg):
