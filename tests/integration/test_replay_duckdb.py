@@ -253,11 +253,15 @@ def test_replays_and_backups_refuse_destinations_they_cannot_rebuild(tmp_path):
                                        "connect_url": "http://127.0.0.1:1"},
             "source": {"url": "postgresql://u@127.0.0.1:1/s", "tables": ["public.t"]},
             "destinations": {"pg_lake": {"kind": "analytics", "url": "postgresql://u@127.0.0.1:1/lake"},
-                             "memory": {"kind": "analytics", "url": "duckdb:///:memory:"}}}
+                             "lake": {"kind": "analytics", "url": f"duckdb:///{tmp_path / 'lake.duckdb'}"}}}
     pipeline = config.parse(data, env={})
     for name, problem in (("pg_lake", "not supported for a postgresql analytics destination"),
-                          ("memory", "need a DuckDB file"), ("nope", "no destination named 'nope'")):
+                          ("nope", "no destination named 'nope'")):
         with pytest.raises(ConfigError, match=problem):
             replay_mod.replay(pipeline, name)
     with pytest.raises(ConfigError, match="choose one"):
-        replay_mod.replay(pipeline, "memory", shadow=True, from_snapshot=True)
+        replay_mod.replay(pipeline, "lake", shadow=True, from_snapshot=True)
+    # An in-memory DuckDB (nothing to replay into, or back up) is refused when the file loads.
+    data["destinations"]["memory"] = {"kind": "analytics", "url": "duckdb:///:memory:"}
+    with pytest.raises(ConfigError, match="destinations.memory.url"):
+        config.parse(data, env={})
