@@ -885,13 +885,19 @@ class ReplicaApplier:
             schema_ids = {item.schema_id for _, item in changes}
             if shape is None or len(schema_ids) != 1 or not all(isinstance(i, runs.ChangeRun) for _, i in changes):
                 continue
-            batch = columnar.runs_table(changes, snapshot_steps)
-            flat = columnar.flat_images(batch, shape, self._converters[schema_ids.pop()]) if batch else None
-            if flat is not None:
+            converter = self._converters[schema_ids.pop()]
+            # In parts (columnar.chunks): a large source transaction's are written one after the other.
+            for part in columnar.chunks(changes):
+                batch = columnar.runs_table(part, snapshot_steps)
+                flat = columnar.flat_images(batch, shape, converter) if batch else None
+                del batch
+                if flat is None:
+                    break  # this part and the rest go to the general path, after the parts written (order kept)
                 self.dialect.apply_columnar(conn, shape, flat)
-                done.add(table)
-                self.stats.columnar_rows += runs.count(item for _, item in changes)
-        return [(n, item) for n, item in entries if item.table not in done] if done else entries
+                del flat
+                done.update(id(item) for _, item in part)
+                self.stats.columnar_rows += runs.count(item for _, item in part)
+        return [(n, item) for n, item in entries if id(item) not in done] if done else entries
 
     def _offsets_after(self, steps: list[Step]) -> dict[tuple[str, int], int]:
         """Next offsets after these steps (data partitions and the transaction topic), computed once per batch."""

@@ -48,6 +48,9 @@ _TEMPORAL = {"io.debezium.time.MicroTimestamp": (pa.timestamp("us"), _MIN_US, _M
 # PostgreSQL types, for a staging table), then its transaction id and commit time (epoch ms).
 SEQ, OP, CHANGE_LSN, TX_ID, COMMIT_MS = "_cdc_seq", "_cdc_op", "_cdc_change_lsn", "_cdc_xid", "_cdc_commit_ms"
 STAGE_COLUMNS = ((SEQ, "bigint"), (OP, "text"), (CHANGE_LSN, "bigint"))
+# Changes of one table written at a time (`chunks`): a batch of ordinary size is one part; a large source transaction
+# (1,000,000 rows) is written in parts, each gathered from its runs (read back from disk when they were spilled).
+CHUNK_CHANGES = 50_000
 
 
 def runs_table(runs: list[tuple[int, ChangeRun]], snapshot_steps: set[int]) -> pa.Table | None:
@@ -61,9 +64,11 @@ def runs_table(runs: list[tuple[int, ChangeRun]], snapshot_steps: set[int]) -> p
     frames: dict[int, tuple[pa.Table, list[np.ndarray], list[int], list[int], list[int]]] = {}
     place = 0
     for step, run in runs:
-        entry = frames.get(id(run.frame))
+        # A spilled run's rows come back from disk as a table of its own (kept in `frames`, so ids stay unique).
+        key = id(run.frame) if run.spilled is None else -1 - len(frames)
+        entry = frames.get(key)
         if entry is None:
-            entry = frames[id(run.frame)] = (run.frame, [], [], [], [])
+            entry = frames[key] = (run.arrow(), [], [], [], [])
         entry[1].append(run.rows)
         entry[2].append(step)
         entry[3].append(run.count)
@@ -96,6 +101,25 @@ def runs_table(runs: list[tuple[int, ChangeRun]], snapshot_steps: set[int]) -> p
         "_lsn": pc.fill_null(table.column("_lsn"), SNAPSHOT_LSN).cast(pa.int64()),
         "_xid": pc.fill_null(table.column("_xid"), ""), "_ts": table.column("_ts").cast(pa.int64()),
         "_seq": pa.array(seq)})
+
+
+def chunks(runs: list[tuple[int, ChangeRun]], limit: int | None = None) -> list[list[tuple[int, ChangeRun]]]:
+    """A batch's runs of one table (see runs_table) cut, in their order, into parts of about `limit` changes
+    (CHUNK_CHANGES by default), each written on its own in the same destination transaction: what one write holds
+    in memory (the gathered rows, their images, the CSV or DuckDB's working set) stays bounded whatever the size of
+    a source transaction. Sound because the order is kept: a key's changes are in one partition, whose runs come
+    in offset order, and each part is written after the one before it (the LSN guard of the upserts and deletes,
+    and the history's anti-join, see the earlier parts, written in the same transaction)."""
+    limit = limit or CHUNK_CHANGES
+    parts: list[list[tuple[int, ChangeRun]]] = [[]]
+    held = 0
+    for entry in runs:
+        if held >= limit:
+            parts.append([])
+            held = 0
+        parts[-1].append(entry)
+        held += entry[1].count
+    return parts
 
 
 def supports(shape: TableShape, converter: RowConverter) -> bool:
@@ -159,23 +183,29 @@ def apply_duckdb(conn: Any, quote: Callable[[str], str], target: str, history: s
         return conn.execute(statement).fetchall()
 
     values_as = ", ".join(f"CAST({quote(c)} AS {column_types[c]}) AS {quote(c)}" for c in columns)
-    stage, last, unique = f"_cdc_columnar_{id(flat)}", f"_cdc_last_{id(flat)}", f"_cdc_unique_{id(flat)}"
+    stage, last, gone = f"_cdc_columnar_{id(flat)}", f"_cdc_last_{id(flat)}", f"_cdc_gone_{id(flat)}"
     final = last_changes(flat, list(shape.primary_key))
-    conn.register(stage, flat)
-    conn.register(last, final)
+
+    def stream(table: pa.Table) -> pa.RecordBatchReader:
+        # Registered as a stream read once, by one statement: a registered table stays referenced by DuckDB until
+        # the transaction ends (its view, dropped, is kept for the transaction), so a large source transaction
+        # written in parts (chunks) would hold every part's rows until its commit; a stream's batches are let go
+        # as they are read.
+        return pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
+
+    # A change the history holds already (Debezium re-sent its transaction) is not stored again: the anti-join of
+    # base.new_changes_sql, on the batch's rows with repeats inside it dropped first (history_changes).
+    changes, _ = history_changes(flat, list(shape.primary_key))
+    conn.register(stage, stream(changes))
+    conn.register(last, stream(final))
     try:
-        # A change the history holds already (Debezium re-sent its transaction) is not stored again: the anti-join
-        # of base.new_changes_sql, on the batch's rows with repeats inside it dropped first (history_changes).
-        changes, repeats = history_changes(flat, list(shape.primary_key))
-        if repeats:
-            conn.register(unique, changes)
         lsns = pc.min_max(flat.column(CHANGE_LSN))
         fresh = new_changes_sql(shape, quote, history, "s", lsn_range=(lsns["min"].as_py(), lsns["max"].as_py()))
         run(f"INSERT INTO {history} ({names}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts) "
             f"SELECT {names}, _cdc_op, _cdc_lsn, _cdc_tx_id, _cdc_commit_ts FROM ("
             f"SELECT {values_as}, {OP} AS _cdc_op, {CHANGE_LSN} AS _cdc_lsn, {TX_ID} AS _cdc_tx_id, "
             f"CASE WHEN {COMMIT_MS} IS NULL THEN NULL ELSE epoch_ms({COMMIT_MS})::TIMESTAMPTZ END AS _cdc_commit_ts, "
-            f"{SEQ} FROM {unique if repeats else stage}) s WHERE {fresh} ORDER BY {SEQ}")
+            f"{SEQ} FROM {stage}) s WHERE {fresh} ORDER BY {SEQ}")
         keys = ", ".join(quote(c) for c in shape.primary_key)
         lsn = quote(LSN_COLUMN)
         sets = [f"{quote(c)} = EXCLUDED.{quote(c)}" for c in columns if c not in shape.primary_key]
@@ -184,10 +214,11 @@ def apply_duckdb(conn: Any, quote: Callable[[str], str], target: str, history: s
             f"WHERE {OP} <> 'd' ON CONFLICT ({keys}) DO UPDATE SET {', '.join(sets)} "
             f"WHERE {target}.{lsn} < EXCLUDED.{lsn} OR EXCLUDED.{lsn} = {SNAPSHOT_LSN}")
         if pc.any(pc.equal(final.column(OP), "d")).as_py():
+            conn.register(gone, stream(final))
             match = " AND ".join(f"t.{quote(c)} = s.k{i}" for i, c in enumerate(shape.primary_key))
             picks = ", ".join(f"CAST({quote(c)} AS {column_types[c]}) AS k{i}"
                               for i, c in enumerate(shape.primary_key))
-            run(f"DELETE FROM {target} t USING (SELECT {picks}, {CHANGE_LSN} FROM {last} WHERE {OP} = 'd') s "
+            run(f"DELETE FROM {target} t USING (SELECT {picks}, {CHANGE_LSN} FROM {gone} WHERE {OP} = 'd') s "
                 f"WHERE {match} AND t.{lsn} < s.{CHANGE_LSN}")
     finally:
         # In a transaction a failed statement aborted, DuckDB refuses these too: the first error is the one to
@@ -195,7 +226,7 @@ def apply_duckdb(conn: Any, quote: Callable[[str], str], target: str, history: s
         with contextlib.suppress(Exception):
             conn.unregister(last)
             conn.unregister(stage)
-            conn.unregister(unique)
+            conn.unregister(gone)
 
 
 def history_changes(flat: pa.Table, keys: list[str]) -> tuple[pa.Table, bool]:

@@ -14,6 +14,9 @@ takes a prefix of each partition (consumers.transactions) holds for runs as it d
 
 from __future__ import annotations
 
+import os
+import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
@@ -105,6 +108,39 @@ def split(partitions: np.ndarray, groups: np.ndarray, transactions: np.ndarray,
     return starts.tolist(), [*starts[1:].tolist(), n], order
 
 
+class SpillFile:
+    """Arrow tables set aside on disk, in one anonymous temporary file, and read back by their place in it. The runs
+    of a source transaction too large to hold until its END are kept here (TransactionAssembler); the file goes
+    away with the last run pointing into it (the system deletes an anonymous temporary file when it is closed).
+    Written from the reading thread and read from the writing thread: positional reads and writes, no shared
+    file position."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="cdc-spill-")
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def put(self, table: pa.Table) -> tuple[int, int]:
+        """Write `table`; its place (offset, size) in the file."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        data = sink.getvalue()
+        with self._lock:
+            at = self._end
+            self._end += data.size
+        written = 0
+        while written < data.size:  # pwrite may write less than asked
+            written += os.pwrite(self._file.fileno(), memoryview(data)[written:], at + written)
+        return at, data.size
+
+    def get(self, at: int, size: int) -> pa.Table:
+        data = os.pread(self._file.fileno(), size, at)
+        if len(data) != size:
+            raise OSError(f"spill file: {len(data)} of {size} bytes read back at {at}")
+        return pa.ipc.open_stream(data).read_all()
+
+
 @dataclass(slots=True, eq=False)
 class ChangeRun:
     """`count` consecutive changes of one partition, one source transaction (xid; None for snapshot reads) and one
@@ -117,9 +153,10 @@ class ChangeRun:
     table: str
     xid: str | None
     schema_id: int
-    frame: pa.Table
+    frame: pa.Table | None  # None once spilled
     rows: np.ndarray
     offsets: np.ndarray
+    spilled: tuple[SpillFile, int, int] | None = None  # where its rows are on disk (spill), rows then 0..count-1
     # The assembler orders a transaction's events by these; a run's own order is kept by the columnar write, which
     # orders by the rows' values (consumers.columnar.runs_table).
     tx_order: ClassVar[None] = None
@@ -137,11 +174,27 @@ class ChangeRun:
             return None
         keep = self.offsets >= offset  # offsets increase along a run
         return ChangeRun(self.topic, self.partition, int(self.offsets[keep][0]), self.last_offset, self.table,
-                         self.xid, self.schema_id, self.frame, self.rows[keep], self.offsets[keep])
+                         self.xid, self.schema_id, self.frame, self.rows[keep], self.offsets[keep], self.spilled)
+
+    def spill(self, file: SpillFile) -> None:
+        """Move the run's rows to `file`, out of memory (and out of the poll's table it pointed into)."""
+        if self.spilled is not None:
+            return
+        part = self.frame.take(pa.array(self.rows, pa.int64()))
+        self.spilled = (file, *file.put(part))
+        self.frame = None
+        self.rows = np.arange(len(self.rows), dtype=np.int64)
+
+    def arrow(self) -> pa.Table:
+        """The Arrow table `rows` index into: the poll's, or the run's own read back from its spill file."""
+        if self.spilled is None:
+            return self.frame
+        file, at, size = self.spilled
+        return file.get(at, size)
 
     def events(self) -> list[ChangeEvent]:
         """The run as ChangeEvents, for the general path."""
-        part = self.frame.take(pa.array(self.rows, pa.int64()))
+        part = self.arrow().take(pa.array(self.rows, pa.int64()))
         ops, befores, afters, lsns, tx_ids, orders, commit_ts, snapshots = (
             part.column(c).to_pylist() for c in ("_op", "before", "after", "_lsn", "_txid", "_order", "_ts",
                                                  "_snapshot"))

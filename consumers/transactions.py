@@ -37,9 +37,14 @@ from typing import Iterable, Union
 
 from cdc.errors import CdcError, Terminal
 from consumers.events import ChangeEvent, TransactionMarker
-from consumers.runs import ChangeRun, count as changes
+from consumers.runs import ChangeRun, SpillFile, count as changes
 
 Item = Union[ChangeEvent, ChangeRun]
+
+# Changes of one source transaction held in memory: past this many, its runs go to disk (ChangeRun.spill) until its
+# END, so that what the applier holds does not grow with the size of a transaction (the write reads them back in
+# parts, consumers.columnar.chunks). Runs only: events (the general path's) stay in memory.
+SPILL_AT = 50_000
 
 
 class AssemblyError(CdcError, Terminal):
@@ -84,6 +89,9 @@ class TransactionAssembler:
     _credit: dict[str, int] = field(default_factory=dict)
     _lost_markers: int = 0  # records of the transaction topic that did not decode (dead-lettered)
     orphaned: set[str] = field(default_factory=set)  # transactions given up because their END record was lost
+    spill_at: int = SPILL_AT
+    _spilling: set[str] = field(default_factory=set)  # transactions whose runs go to disk as they arrive
+    _spill: SpillFile | None = None  # where they go (it lives as long as a run points into it)
 
     # -- input
     def add_event(self, event: Item) -> None:
@@ -96,6 +104,32 @@ class TransactionAssembler:
             self._pending_by_xid[event.xid] = self._pending_by_xid.get(event.xid, 0) + event.count
             arrived = self._arrived_by_xid.setdefault(event.xid, {})
             arrived[event.table] = arrived.get(event.table, 0) + event.count
+            if isinstance(event, ChangeRun):
+                self._spill_runs(event)
+
+    def _spill_runs(self, run: ChangeRun) -> None:
+        """Runs of a transaction holding more than `spill_at` changes go to disk: the one that crosses the line
+        takes the ones held before it along, later ones go as they arrive."""
+        xid = run.xid
+        if xid not in self._spilling:
+            if self._pending_by_xid.get(xid, 0) < self.spill_at:
+                return
+            self._spilling.add(xid)
+            if self._spill is None:
+                self._spill = SpillFile()
+            for queue in self._partitions.values():
+                for item in queue:
+                    if isinstance(item, ChangeRun) and item.xid == xid:
+                        item.spill(self._spill)
+            return
+        assert self._spill is not None
+        run.spill(self._spill)
+
+    def _spilled(self, xid: str) -> None:
+        """A transaction taken or given up: no more of its runs go to disk; the file is let go once none does."""
+        self._spilling.discard(xid)
+        if not self._spilling:
+            self._spill = None  # its runs still hold it until they are written
 
     def add_hole(self, topic: str, partition: int, offset: int) -> None:
         self._partitions.setdefault((topic, partition), deque()).append(_Hole(topic, partition, offset))
@@ -205,10 +239,14 @@ class TransactionAssembler:
                         self.orphaned.add(head.xid)
                         self._pending_by_xid.pop(head.xid, None)
                         self._arrived_by_xid.pop(head.xid, None)
+                        if self._spilling:
+                            self._spilled(head.xid)
                     self.late.append(queue.popleft())
                     self._buffered -= head.count
                 else:
                     break
+        if self._spilling:
+            self._spilled(marker.xid)
         credit = self._credit.pop(marker.xid, 0)
         if taken + credit < needed and not forced:
             later = [(k, q[0]) for k, q in self._partitions.items() if q and not isinstance(q[0], _Hole)]
