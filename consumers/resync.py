@@ -30,6 +30,7 @@ from cdc.errors import CdcError, ConfigError
 from consumers import verify
 from consumers.compare import equal, jsonable, kind_of, normal, normal_row
 from consumers.dialects import dialect_for
+from consumers.dialects.base import HISTORY_COLUMNS
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape, reflect_shapes
 from consumers.verify import resolve_table
 from producers.connect import ConnectClient
@@ -764,7 +765,8 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
                 d_side = verify._Side(dst, engine, dst_sql, shape, stored)
                 delta = _keyless_delta(s_side, d_side)
                 if delta:
-                    _apply_delta(src, dst, dialect, shape, s_side, d_side, values, delta)
+                    _apply_delta(src, dst, dialect, shape, s_side, d_side, values, delta,
+                                 verify._history_sql(engine, target)[0] if dialect.keeps_history else None)
                     dst.commit()
                 after = _keyless_delta(s_side, d_side)
                 dst.rollback()
@@ -819,16 +821,31 @@ def _session(conn: Any, engine: str) -> None:
         conn.exec_driver_sql("SET time_zone = '+00:00'")
 
 
+_FIXING_LSN = -2  # marks the copies inserted by this transaction until their history rows are written
+
+
 def _apply_delta(src: Any, dst: Any, dialect: Any, shape: TableShape, s_side: Any, d_side: Any,
-                 values: _KeylessValues, delta: _Delta) -> None:
-    """Delete the surplus copies and insert the missing ones, in the destination connection's transaction."""
+                 values: _KeylessValues, delta: _Delta, history: str | None = None) -> None:
+    """Delete the surplus copies and insert the missing ones, in the destination connection's transaction. An
+    analytics destination's `history` (quoted) gets a delete for each copy deleted, at the source's current position
+    (one apart each: copies are distinct changes), and a snapshot read (`r`, no position) for each copy inserted, so
+    that it still tells how the table came to hold what it holds."""
     from consumers.plan import KeylessChange
 
     d_md5 = d_side.canon.md5(d_side.row_text)
+    engine = d_side.canon.engine
+    columns = ", ".join(verify.quote(engine, c) for c in d_side.columns)
+    names = f"{columns}, {', '.join(HISTORY_COLUMNS)}"
+    position = int(verify.raw_query(src, "SELECT pg_current_wal_lsn() - '0/0'")[0][0]) if history else 0
     cursor = dst.connection.driver_connection.cursor()
     try:
         for _, handle, copies in delta.delete:
             where = f"{d_md5} = {d_side.canon.literal(handle)}"
+            if history:
+                cursor.execute(f"INSERT INTO {history} ({names}) SELECT {columns}, 'd', {position} + row_number() "
+                               f"OVER (), 'cdc resync', CURRENT_TIMESTAMP FROM {d_side.table} WHERE {where} "
+                               f"LIMIT {copies}")
+                position += copies
             if dialect.row_id is not None:  # one of equal rows, by the engine's row id (PostgreSQL ctid, DuckDB rowid)
                 statement = (f"DELETE FROM {d_side.table} WHERE {dialect.row_id} IN (SELECT {dialect.row_id} FROM "
                              f"{d_side.table} WHERE {where} LIMIT {copies})")
@@ -854,5 +871,12 @@ def _apply_delta(src: Any, dst: Any, dialect: Any, shape: TableShape, s_side: An
     for row, handle, copies in delta.insert:
         if handle not in by_handle:
             raise CdcError(f"resync: the source row {row} of {shape.name} is gone although the table is locked")
-        changes += [KeylessChange("insert", None, dict(by_handle[handle])) for _ in range(copies)]
+        changes += [KeylessChange("insert", None, {**by_handle[handle], LSN_COLUMN: _FIXING_LSN if history
+                                                   else SNAPSHOT_LSN}) for _ in range(copies)]
     dialect.apply_keyless(dst, shape, changes)
+    if history:
+        lsn = verify.quote(engine, LSN_COLUMN)
+        verify.raw_query(dst, f"INSERT INTO {history} ({names}) SELECT {columns}, 'r', {SNAPSHOT_LSN}, 'cdc resync', "
+                              f"CURRENT_TIMESTAMP FROM {d_side.table} WHERE {lsn} = {_FIXING_LSN}", fetch=False)
+        verify.raw_query(dst, f"UPDATE {d_side.table} SET {lsn} = {SNAPSHOT_LSN} WHERE {lsn} = {_FIXING_LSN}",
+                         fetch=False)

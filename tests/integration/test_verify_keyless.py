@@ -220,6 +220,16 @@ def test_verify_fix_brings_a_table_without_a_key_back_on_every_engine_while_the_
             assert got == want, (kind, "missing", want - got, "extra", got - want)
             final = cdc(path, "verify", dest, "--json")
             assert final.returncode == 0, (kind, final.stdout, final.stderr)
+        # The analytics history tells what the fix did: a delete for each surplus copy (one position each), a
+        # snapshot read for each copy inserted.
+        with duckdb.connect(duck, read_only=True) as conn:
+            done = conn.execute("""select _cdc_op, level, msg, _cdc_lsn from "public.log__history"
+                                   where _cdc_tx_id = 'cdc resync' order by 2, 3""").fetchall()
+        assert sorted((op, level, msg) for op, level, msg, _ in done) == [
+            ("d", 2, "changed"), ("d", 4, "dup"), ("d", 9, "stray"), ("r", 1, "start"), ("r", 2, "warn"),
+            ("r", 3, None)], done
+        assert len({lsn for op, *_, lsn in done if op == "d"}) == 3 and all(lsn > 0 for op, *_, lsn in done
+                                                                            if op == "d"), done
         history = [h for h in json.loads(cdc(path, "history", "--json").stdout) if h["table"] == "public.log"]
         assert len(history) == 5 and all(h["state"] == "complete" for h in history), history
         assert sorted(h["destination"] for h in history) == ["duck", "maria", "maria", "pg", "pg"]
