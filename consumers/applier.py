@@ -757,8 +757,9 @@ class ReplicaApplier:
                 try:
                     with conn.begin():
                         yield conn
-                except DBAPIError as exc:
-                    if exc.connection_invalidated or conn.invalidated or conn.closed or _session_ended(exc):
+                except Exception as exc:
+                    # Through SQLAlchemy (DBAPIError) or straight from the driver (the columnar path's COPY).
+                    if getattr(exc, "connection_invalidated", False) or _session_ended(exc) or _broken(conn):
                         self._unclaim()
                         raise DestinationLost(f"destination {self.name}: its session ended "
                                               f"({_first_line(exc)})") from exc
@@ -1567,6 +1568,18 @@ def _is_data_error(exc: BaseException) -> bool:
 def _kafka_reason(exc: KafkaException) -> str:
     error = exc.args[0] if exc.args else None
     return error.str() if isinstance(error, KafkaError) else str(exc)
+
+
+def _broken(conn: Any) -> bool:
+    """Whether a destination connection's session is gone (the driver knows it after a failure SQLAlchemy did not
+    see: psycopg's `broken`, PyMySQL's `open`)."""
+    if conn.invalidated or conn.closed:
+        return True
+    try:
+        raw = conn.connection.dbapi_connection
+    except Exception:  # noqa: BLE001 - no driver connection left
+        return True
+    return bool(getattr(raw, "broken", False) or getattr(raw, "closed", False) or getattr(raw, "open", True) is False)
 
 
 def _session_ended(exc: BaseException) -> bool:
