@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -277,3 +278,79 @@ def test_a_kafka_outage_is_one_line_per_interval(stack, source_db, tmp_path, pri
         [(status,)] = conn.execute("select error from _cdc_status").fetchall()
     assert re.match(r"blocked: Kafka unreachable since \d\d:\d\d:\d\d UTC, retrying", status), status
     print(applier.output)
+
+
+@pytest.fixture
+def private_kafka(tmp_path_factory):
+    """A Kafka broker of this test's own (started by the stack's own functions, on ports of its own): this one may be
+    killed and started again without touching the shared stack."""
+    home = tmp_path_factory.mktemp("private-kafka")
+    layout = stack_mod.StackLayout(home, stack_mod.artifacts_dir(), {
+        **stack_mod.DEFAULT_PORTS, "kafka": _free_port(), "kafka_controller": _free_port()})
+    java = stack_mod.find_java()
+    state = {"pid": None}
+
+    def start() -> None:
+        state["pid"] = stack_mod._start_kafka(layout, java)
+        stack_mod._wait("kafka", layout, lambda: stack_mod._kafka_healthy(layout), state["pid"], 120)
+
+    def kill() -> None:
+        os.killpg(state["pid"], signal.SIGKILL)
+        wait_for("the private broker to die", lambda: not stack_mod._alive(state["pid"]), timeout=30)
+
+    start()
+    yield layout, start, kill
+    if state["pid"] and stack_mod._alive(state["pid"]):
+        stack_mod._stop_pid(state["pid"])
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_broker_outage_under_a_running_applier_is_one_line_and_blocked(stack, source_db, destination_db, tmp_path,
+                                                                          private_kafka):
+    """`cdc run` applying from a broker that is then killed: one line and a reminder at most every 30 s (not
+    librdkafka's ~20 a second), the progress line and the destination's status (for `cdc lag`) say BLOCKED; when the
+    broker is back, one line says so, the status is cleared and rows flow again."""
+    layout, start, kill = private_kafka
+    source = stack.postgres_url(source_db)
+    destination = stack.postgres_url(destination_db)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("create table item (id integer primary key, name text)")
+    data = pipeline_data(stack, source_db, ["public.item"],
+                         destinations={"state": {"kind": "replica", "url": destination}})
+    data["kafka"]["bootstrap_servers"] = layout.kafka_bootstrap
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    # No connector: only the topics the applier reads, on the private broker.
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": layout.kafka_bootstrap, "log_level": 0})
+    for future in admin.create_topics([NewTopic(t, 1, 1) for t in pipeline.data_topics + [pipeline.transaction_topic]]
+                                      ).values():
+        future.result(30)
+    del admin  # it would keep reconnecting to the broker killed below
+    applier = Applier(path, "state", "--no-watch-connector")
+    try:
+        wait_for("the applier's first progress line", lambda: applier.count(r"state: 0 rows.*lag "), timeout=120)
+        kill()
+        killed_at = len(applier.lines)
+        time.sleep(45)
+        during = applier.lines[killed_at:]
+        first = [line for line in during if re.match(r"state: Kafka unreachable since \d\d:\d\d:\d\d, retrying", line)]
+        assert 1 <= len(first) <= 2, applier.output  # 45 s: the first line and one reminder 30 s later
+        assert any("BLOCKED: Kafka unreachable since" in line for line in during), applier.output
+        assert not any(re.search(r"lag \d", line) for line in during), applier.output
+        assert not any(line.startswith("%") for line in during), applier.output  # librdkafka's own lines
+        assert len(during) <= 10, applier.output
+        with psycopg.connect(destination) as conn:
+            [(status,)] = conn.execute("select error from _cdc_status").fetchall()
+        assert status.startswith("blocked: Kafka unreachable since"), status
+        assert applier.proc.poll() is None, applier.output
+
+        start()
+        wait_for("the line saying Kafka is back", lambda: applier.count(r"state: Kafka reachable again at"),
+                 timeout=120)
+        with psycopg.connect(destination) as conn:
+            assert conn.execute("select count(*) from _cdc_status").fetchone()[0] == 0
+    finally:
+        applier.stop()
+        print(applier.output)
