@@ -309,7 +309,7 @@ def test_a_broker_outage_under_a_running_applier_is_one_line_and_blocked(stack, 
                                                                           private_kafka):
     """`cdc run` applying from a broker that is then killed: one line and a reminder at most every 30 s (not
     librdkafka's ~20 a second), the progress line and the destination's status (for `cdc lag`) say BLOCKED; when the
-    broker is back, one line says so, the status is cleared and rows flow again."""
+    broker is back, one line says so and the status is cleared (the pipeline has no connector: no rows to flow)."""
     layout, start, kill = private_kafka
     source = stack.postgres_url(source_db)
     destination = stack.postgres_url(destination_db)
