@@ -321,7 +321,9 @@ class ReplicaApplier:
     @property
     def blocked(self) -> str | None:
         """Why nothing can be applied right now (an outage), or None: for the progress line and `cdc lag`."""
-        return self.destination_outage.describe() or self.kafka.describe()
+        registry = getattr(self, "registry_down_since", None)  # set while decoding waits (`_registry_patiently`)
+        return (self.destination_outage.describe() or self.kafka.describe()
+                or (f"schema registry unreachable since {clock(registry)}" if registry is not None else None))
 
     def _kafka_error(self, error: KafkaError) -> None:
         """librdkafka's error callback (called from consume()): a fatal error stops the applier in `_poll`; any
