@@ -1308,7 +1308,10 @@ class ReplicaApplier:
         reconnected to, its writer lock taken again (`_recover`); Kafka outages are waited out by the consumer."""
         deadline = time.monotonic() + timeout if timeout else None
         if self.consumer is None:
-            self._prepare_waiting_for_kafka(deadline, progress)
+            try:
+                self._prepare_waiting_for_kafka(deadline, progress)
+            except DestinationLost as lost:  # the session ended while the destination was being prepared
+                self._recover(lost, deadline)
             if self.consumer is None:  # stopped while waiting
                 return
         quiet_garbage_collector()

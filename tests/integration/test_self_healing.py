@@ -354,3 +354,63 @@ def test_a_broker_outage_under_a_running_applier_is_one_line_and_blocked(stack, 
     finally:
         applier.stop()
         print(applier.output)
+
+
+def test_mariadb_lock_session_killed(stack, source_db, mariadb_database, tmp_path):
+    """MariaDB: the applier's lock session KILLed (only that session, on the shared server): the applier takes the
+    lock again and keeps applying, and `cdc verify` finds the destination equal to the source."""
+    import json
+
+    from sqlalchemy import create_engine, text
+
+    source = stack.postgres_url(source_db)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
+                         destinations={"state": {"kind": "replica", "url": mariadb_database}})
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    engine = create_engine(mariadb_database)
+    key = f"cdc {pipeline.pipeline} state"
+
+    def holder():
+        with engine.connect() as conn:
+            return conn.execute(text("select is_used_lock(:k)"), {"k": key}).scalar()
+
+    applier = Applier(path, "state", "--no-watch-connector")
+    try:
+        wait_for("the applier at work", lambda: applier.count(r"state: \d+ rows"), timeout=120)
+        first = wait_for("the writer lock", holder, timeout=30)
+        with engine.connect() as conn:
+            conn.execute(text(f"kill {int(first)}"))
+        wait_for("the reconnection after the KILL", lambda: applier.count(RECONNECTED) >= 1, timeout=60)
+        second = wait_for("the writer lock, again", holder, timeout=30)
+        assert second != first
+        workload(source, 200, seed=31)
+        caught = caught_up_busy(path)
+        assert "another applier is writing it" in caught, caught  # the running applier holds the lock
+        time.sleep(1)
+        deadline = time.monotonic() + 180
+        while True:
+            verify = subprocess.run([CDC, "-c", str(path), "verify", "state", "--json"], capture_output=True,
+                                    text=True, timeout=300, env=ENV)
+            report = json.loads(verify.stdout) if verify.stdout.strip().startswith("{") else {}
+            if report.get("equal") or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        assert report.get("equal"), verify.stdout + verify.stderr
+        assert applier.proc.poll() is None, applier.output
+    finally:
+        applier.stop()
+        engine.dispose()
+        purge(pipeline)
+        print(applier.output)
+
+
+def caught_up_busy(path: Path) -> str:
+    """A second applier of the destination: refused while the first holds the lock (its message)."""
+    run = subprocess.run([CDC, "-c", str(path), "run", "state", "--until-caught-up", "--timeout", "60",
+                          "--no-watch-connector"], capture_output=True, text=True, timeout=120, env=ENV)
+    assert run.returncode == 1, run.stdout + run.stderr
+    return run.stderr
