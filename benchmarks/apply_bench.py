@@ -842,6 +842,30 @@ def _widen(row: str) -> str:
     return "|".join(cells)
 
 
+def write_section(path: Path, marks: tuple[str, str], preamble: str, table_header: str, details_heading: str,
+                  row: str, details_text: str) -> None:
+    """Add a run at the top of another harness's own section of RESULTS.md (between its two `marks`, after this
+    harness's details, which this harness's writer keeps as they are): a new section at the end of the file the
+    first time, else its table gains `row` on top and its details `details_text` on top."""
+    mark_rows, mark_details = marks
+    if not path.exists():  # this harness's skeleton first, so that its writer finds its markers later
+        path.write_text(RESULTS_PREAMBLE + "\n" + MARK_ROWS + "\n" + TABLE_HEADER + "\n## Details\n\n" + MARK_DETAILS
+                        + "\n")
+    text = path.read_text()
+    if MARK_ROWS not in text or MARK_DETAILS not in text:
+        raise RuntimeError(f"{path} lacks apply_bench's markers; move it away and run again")
+    if mark_rows not in text or mark_details not in text:
+        text = (text.rstrip("\n") + "\n\n" + preamble + mark_rows + "\n" + table_header + row + "\n"
+                + details_heading + mark_details + "\n\n" + details_text)
+    else:
+        before, rest = text.split(mark_rows, 1)
+        table, after = rest.split(mark_details, 1)
+        old_rows = [line + "\n" for line in table.splitlines() if line.startswith("|")][3:]  # header, -, target
+        text = (before + mark_rows + "\n" + table_header + row + "".join(old_rows) + "\n" + details_heading
+                + mark_details + "\n\n" + details_text + after.lstrip("\n"))
+    path.write_text(text.rstrip("\n") + "\n")
+
+
 def write_results(report: Report, path: Path = RESULTS) -> None:
     """Rewrite the preamble and the table header, put the new row and details first, keep older runs below."""
     old_rows: list[str] = []

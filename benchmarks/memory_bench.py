@@ -262,20 +262,8 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
     """Add the run at the top of this harness's own section, at the end of the file. The other harnesses' writers
     keep whatever follows their own sections, so this one survives their runs; only the text between this
     harness's markers is rewritten here."""
-    if not path.exists():
-        path.write_text(apply_bench.RESULTS_PREAMBLE + "\n" + apply_bench.MARK_ROWS + "\n" + apply_bench.TABLE_HEADER
-                        + "\n## Details\n\n" + apply_bench.MARK_DETAILS + "\n")
-    text = path.read_text()
-    if MARK_ROWS not in text or MARK_DETAILS not in text:
-        text = (text.rstrip("\n") + "\n\n" + SECTION_PREAMBLE + MARK_ROWS + "\n" + TABLE_HEADER + table_row(report)
-                + "\n" + DETAILS_HEADING + MARK_DETAILS + "\n\n" + details(report))
-    else:
-        before, rest = text.split(MARK_ROWS, 1)
-        table, after = rest.split(MARK_DETAILS, 1)
-        old_rows = [line + "\n" for line in table.splitlines() if line.startswith("|")][3:]  # header, -, target
-        text = (before + MARK_ROWS + "\n" + TABLE_HEADER + table_row(report) + "".join(old_rows) + "\n"
-                + DETAILS_HEADING + MARK_DETAILS + "\n\n" + details(report) + after.lstrip("\n"))
-    path.write_text(text.rstrip("\n") + "\n")
+    apply_bench.write_section(path, (MARK_ROWS, MARK_DETAILS), SECTION_PREAMBLE, TABLE_HEADER, DETAILS_HEADING,
+                              table_row(report), details(report))
 
 
 # ---------------------------------------------------------------------------------------------------------------

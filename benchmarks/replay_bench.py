@@ -428,22 +428,8 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
     apply_bench.write_results rewrites the file from its own two markers and keeps everything after its details
     marker as the older details (its new details go in front of them), so a section placed after them survives
     its runs untouched. Here only the text between this harness's own markers is rewritten."""
-    if not path.exists():  # apply_bench's skeleton first, so that its writer finds its markers later
-        path.write_text(apply_bench.RESULTS_PREAMBLE + "\n" + apply_bench.MARK_ROWS + "\n" + apply_bench.TABLE_HEADER
-                        + "\n## Details\n\n" + apply_bench.MARK_DETAILS + "\n")
-    text = path.read_text()
-    if apply_bench.MARK_ROWS not in text or apply_bench.MARK_DETAILS not in text:
-        raise RuntimeError(f"{path} lacks apply_bench's markers; move it away and run again")
-    if MARK_ROWS not in text or MARK_DETAILS not in text:
-        text = (text.rstrip("\n") + "\n\n" + SECTION_PREAMBLE + MARK_ROWS + "\n" + TABLE_HEADER + table_row(report)
-                + "\n" + DETAILS_HEADING + MARK_DETAILS + "\n\n" + details(report))
-    else:
-        before, rest = text.split(MARK_ROWS, 1)
-        table, after = rest.split(MARK_DETAILS, 1)
-        old_rows = [line + "\n" for line in table.splitlines() if line.startswith("|")][3:]  # header, -, target
-        text = (before + MARK_ROWS + "\n" + TABLE_HEADER + table_row(report) + "".join(old_rows) + "\n"
-                + DETAILS_HEADING + MARK_DETAILS + "\n\n" + details(report) + after.lstrip("\n"))
-    path.write_text(text.rstrip("\n") + "\n")
+    apply_bench.write_section(path, (MARK_ROWS, MARK_DETAILS), SECTION_PREAMBLE, TABLE_HEADER, DETAILS_HEADING,
+                              table_row(report), details(report))
 
 
 # ---------------------------------------------------------------------------------------------------------------
