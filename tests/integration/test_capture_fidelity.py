@@ -141,7 +141,7 @@ def test_a_partitioned_table_is_snapshotted_once_and_streamed_as_its_parent(stac
             conn.execute("insert into payment values (200, 1, '2026-02-02', 1), (201, 2, '2026-03-03', 2)")
             conn.commit()
             # Attached empty: rows a table already holds when it is attached are no change to PostgreSQL (it
-            # writes none), so they are not captured; the README says to re-sync such rows.
+            # writes none): see test_partitions_later for the event trigger that follows them.
             conn.execute("create table payment_2023 (like payment)")
             conn.execute("alter table payment attach partition payment_2023 "
                          "for values from ('2023-01-01') to ('2024-01-01')")
