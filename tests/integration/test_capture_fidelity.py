@@ -178,6 +178,12 @@ def test_a_partitioned_hierarchy_member_keeps_its_root_id_in_deletes_and_moves(s
         execute(source, "delete from payment where id = 3", "update payment set paid = '2025-06-01' where id = 4",
                 "create table payment_2026 partition of payment for values from ('2026-01-01') to ('2027-01-01')",
                 "insert into payment values (400, 2, '2026-05-05', 1)")
+        # A partition created later gets FULL from the pipeline's event trigger (producers.partitions)...
+        with psycopg.connect(source) as conn:
+            assert conn.execute("select relreplident from pg_class where oid = 'payment_2026'::regclass"
+                                ).fetchone()[0] == "f"
+        # ... and one that lost it (or one of a source without the trigger, no superuser) is named by `status`.
+        execute(source, "alter table payment_2026 replica identity default")
         status = cdc(path, "connectors", "status")
         again = cdc(path, "connectors", "apply")
         execute(source, "delete from payment where id = 400")

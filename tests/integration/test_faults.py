@@ -1,5 +1,5 @@
-"""Faults of the shared stack during a workload (issue 15): the broker, then PostgreSQL (source and destination at
-once), SIGKILLed while `cdc run` applies and the source writes. Each ends with the replica equal to the source by
+"""Faults of the shared stack during a workload (issue 15): the broker, PostgreSQL (source and destination at once)
+and the Kafka Connect worker, each SIGKILLed while `cdc run` applies and the source writes. Each ends with the replica equal to the source by
 plain SQL, the analytics history free of duplicates (`cdc verify`), and the workload's invariant (the sum of
 balances) intact at the destination.
 
@@ -129,4 +129,18 @@ def test_postgresql_sigkilled_during_a_workload_loses_and_repeats_nothing(stack,
         stack_mod.up(echo=lambda line: None)
 
     _run_through(path, pipeline, source, kill_postgres)
+    _assert_level(path, source, destination)
+
+
+def test_connect_sigkilled_during_a_workload_loses_and_repeats_nothing(stack, faulted):
+    """Debezium re-sends what it had not committed to its offsets when the worker comes back (at least once): the
+    replica and the analytics history must still hold each change once."""
+    path, pipeline, source, destination = faulted
+
+    def kill_connect() -> None:
+        os.kill(stack_mod.component_pid(stack, "connect"), signal.SIGKILL)
+        time.sleep(3)
+        stack_mod.up(echo=lambda line: None)
+
+    _run_through(path, pipeline, source, kill_connect)
     _assert_level(path, source, destination)

@@ -165,7 +165,8 @@ def test_redelivered_transactions_are_recorded_once_in_the_histories(stack, sour
                 (pipeline.pipeline,)).fetchall())
         for (topic, partition), end in ends.items():
             if topic in pipeline.data_topics:
-                assert stored.get((topic, partition)) == end, (topic, partition, stored, ends)
+                # (an empty partition has nothing to store: no row, read as 0)
+                assert stored.get((topic, partition), 0) == end, (topic, partition, stored, ends)
         for destination in ("lake", "pglake", "fresh"):
             _verify(path, destination)
     finally:
