@@ -398,6 +398,23 @@ def lifecycle(pipeline: Pipeline, action: str) -> None:
             getattr(connect, action)(pipeline.connector_name)
 
 
+def _stand_in(pipeline: Pipeline, connect: ConnectClient, done: list[str]) -> bool:
+    """A connector deleted without purge (or lost with Connect's configuration) leaves its offsets under its name, and
+    a connector created later with the name would resume from them: from a position a re-created source database
+    never had ("no longer available on the server"). Connect resets only the offsets of an existing, stopped
+    connector, so one is created STOPPED (it runs nothing) to reset them. True when it was; when it cannot be (the
+    source is gone, say), said in `done`."""
+    name = pipeline.connector_name
+    try:
+        write_secrets(secrets_directory(pipeline), debezium.secret_values(pipeline))
+        connect.create_stopped(name, desired_config(pipeline))
+    except CdcError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        done.append(f"connector {name}: not found; offsets it may have left were not reset ({first})")
+        return False
+    return True
+
+
 def delete(pipeline: Pipeline, *, purge: bool) -> list[str]:
     """Delete the connector; with purge, also its source offsets, replication slot and publication.
 
@@ -408,7 +425,10 @@ def delete(pipeline: Pipeline, *, purge: bool) -> list[str]:
     done = []
     name = pipeline.connector_name
     with ConnectClient(pipeline.kafka.connect_url) as connect:
-        if purge and connect.status(name) is not None:
+        exists = connect.status(name) is not None
+        if purge and not exists:
+            exists = _stand_in(pipeline, connect, done)
+        if purge and exists:
             connect.stop(name)
             connect.wait_state(name, "STOPPED")
             connect.reset_offsets(name)

@@ -110,6 +110,11 @@ class ConnectClient:
         """Create the connector, or update its configuration: PUT is idempotent in Connect."""
         return self._call("PUT", self._path(name, "/config"), connector=name, json=config)
 
+    def create_stopped(self, name: str, config: dict[str, str]) -> None:
+        """Create the connector in the STOPPED state: it runs no task, and its stored offsets can be reset."""
+        self._call("POST", "/connectors", connector=name,
+                   json={"name": name, "config": config, "initial_state": "STOPPED"})
+
     def pause(self, name: str) -> None:
         self._call("PUT", self._path(name, "/pause"), connector=name)
 
