@@ -106,15 +106,18 @@ def _assert_level(path, source: str, destination: str) -> None:
             assert "0 duplicate row(s)" in verified.stdout, verified.stdout
 
 
+def _sigkill(stack, component: str, down_s: float):
+    """A fault: SIGKILL the stack's `component`, leave it down `down_s` seconds, then `cdc stack up` again."""
+    def fault() -> None:
+        os.kill(stack_mod.component_pid(stack, component), signal.SIGKILL)
+        time.sleep(down_s)
+        stack_mod.up(echo=lambda line: None)
+    return fault
+
+
 def test_a_broker_sigkilled_during_a_workload_loses_and_repeats_nothing(stack, faulted):
     path, pipeline, source, destination = faulted
-
-    def kill_broker() -> None:
-        os.kill(stack_mod.component_pid(stack, "kafka"), signal.SIGKILL)
-        time.sleep(5)
-        stack_mod.up(echo=lambda line: None)
-
-    printed = _run_through(path, pipeline, source, kill_broker)
+    printed = _run_through(path, pipeline, source, _sigkill(stack, "kafka", 5))
     assert "Kafka unreachable" in printed or "unreachable" in printed.lower(), printed[-2000:]
     _assert_level(path, source, destination)
 
@@ -122,13 +125,7 @@ def test_a_broker_sigkilled_during_a_workload_loses_and_repeats_nothing(stack, f
 def test_postgresql_sigkilled_during_a_workload_loses_and_repeats_nothing(stack, faulted):
     """The source and both PostgreSQL-held parts (the replica, the registry's storage) go down at once."""
     path, pipeline, source, destination = faulted
-
-    def kill_postgres() -> None:
-        os.kill(stack_mod.component_pid(stack, "postgres"), signal.SIGKILL)
-        time.sleep(3)
-        stack_mod.up(echo=lambda line: None)
-
-    _run_through(path, pipeline, source, kill_postgres)
+    _run_through(path, pipeline, source, _sigkill(stack, "postgres", 3))
     _assert_level(path, source, destination)
 
 
@@ -136,11 +133,5 @@ def test_connect_sigkilled_during_a_workload_loses_and_repeats_nothing(stack, fa
     """Debezium re-sends what it had not committed to its offsets when the worker comes back (at least once): the
     replica and the analytics history must still hold each change once."""
     path, pipeline, source, destination = faulted
-
-    def kill_connect() -> None:
-        os.kill(stack_mod.component_pid(stack, "connect"), signal.SIGKILL)
-        time.sleep(3)
-        stack_mod.up(echo=lambda line: None)
-
-    _run_through(path, pipeline, source, kill_connect)
+    _run_through(path, pipeline, source, _sigkill(stack, "connect", 3))
     _assert_level(path, source, destination)
