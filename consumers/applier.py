@@ -1372,6 +1372,8 @@ class ReplicaApplier:
                 arrived = arrived or polled > 0
                 if self.assembler.late:
                     self._dead_letter_late()
+                if self.assembler.superseded:
+                    self._say_superseded()
                 backlog = polled >= self.poll_messages and self.assembler.buffered < self.batch_events
                 if in_flight is not None:
                     if not in_flight.done() and polled and self.assembler.buffered < self.batch_events:
@@ -1480,6 +1482,15 @@ class ReplicaApplier:
             self._apply_with_policy(steps, may_wait=False)
         self._skip(given_up)
         return []
+
+    def _say_superseded(self) -> None:
+        """Events of a delivery cut short by a crash were set aside for their transaction's copy (see
+        consumers.transactions): said once per transaction, since a copy that never came would be a loss."""
+        superseded, self.assembler.superseded = self.assembler.superseded, {}
+        for xid, count in superseded.items():
+            self.echo(f"{self.name}: source transaction {xid}: {count} change(s) of a delivery cut short (Connect or "
+                      "the broker stopped before its END record) set aside; Debezium re-sends it whole and the copy "
+                      "is applied")
 
     def _dead_letter_late(self) -> None:
         """Events of a transaction given up that arrived after all: dead-lettered, never applied out of order."""

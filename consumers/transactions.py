@@ -22,6 +22,12 @@ forgotten); copies right behind their originals in a partition are taken with th
 the copy's END, which then completes with what is left. The destination absorbs the copies (the LSN guard of the
 current state, and histories that do not store a change twice).
 
+A delivery cut short: when Connect or the broker dies after some of a transaction's events were written but before
+its END record was, those events stay in their partitions, and Debezium re-sends that transaction whole behind the
+earlier ones it re-sends. Such events then stand in front of a complete transaction's events with no END record known
+(the ordering argument says whatever stands there committed before, so its END would have been read): they are set
+aside (`superseded`), no longer counted, and the copy is applied when its own END record comes.
+
 A record of the transaction topic that does not decode (dead-lettered, `add_lost_marker`) may have been an END
 record: its transaction's events then never complete. Since the transaction topic is in commit order, an event
 that stands in front of a complete transaction's events in a partition, and whose transaction has no END record
@@ -89,6 +95,9 @@ class TransactionAssembler:
     _credit: dict[str, int] = field(default_factory=dict)
     _lost_markers: int = 0  # records of the transaction topic that did not decode (dead-lettered)
     orphaned: set[str] = field(default_factory=set)  # transactions given up because their END record was lost
+    # Events of deliveries cut short, set aside because a copy of their transaction follows: xid -> changes (the
+    # applier says so and clears it).
+    superseded: dict[str, int] = field(default_factory=dict)
     spill_at: int = SPILL_AT
     _spilling: set[str] = field(default_factory=set)  # transactions whose runs go to disk as they arrive
     _spill: SpillFile | None = None  # where they go (it lives as long as a run points into it)
@@ -227,6 +236,13 @@ class TransactionAssembler:
                 elif head.xid is None:
                     before.append(queue.popleft())  # read before the transaction was written: applied first
                     self._buffered -= head.count
+                elif (head.xid not in self._abandoned and not self._lost_markers and head.xid not in known
+                        and any(getattr(item, "xid", None) == marker.xid for item in queue)):
+                    # A delivery cut short (Connect or the broker crashed after some of its events, before its END
+                    # record): Debezium re-sends the transaction whole, behind the ones it re-sends first, this one
+                    # among them. Set aside, not given up: its copy is applied when its END record comes.
+                    queue.popleft()
+                    self._supersede(head)
                 elif head.xid in self._abandoned or (
                         self._lost_markers and head.xid not in known
                         and any(getattr(item, "xid", None) == marker.xid for item in queue)):
@@ -275,6 +291,24 @@ class TransactionAssembler:
         # Runs sort first (they have neither): their changes are ordered where they are written (consumers.runs).
         events.sort(key=lambda e: (e.tx_order or 0, e.lsn or 0))
         return before, events
+
+    def _supersede(self, item: Item) -> None:
+        """An event of an earlier, cut-short delivery of its transaction: no longer counted for it (its copy's
+        END record waits for the copy's events), and noted in `superseded` for the applier to say so."""
+        xid = item.xid
+        self._buffered -= item.count
+        left = self._pending_by_xid.get(xid, 0) - item.count
+        if left > 0:
+            self._pending_by_xid[xid] = left
+        else:
+            self._pending_by_xid.pop(xid, None)
+        arrived = self._arrived_by_xid.get(xid, {})
+        arrived[item.table] = arrived.get(item.table, 0) - item.count
+        if arrived[item.table] <= 0:
+            del arrived[item.table]
+        if not arrived:
+            self._arrived_by_xid.pop(xid, None)
+        self.superseded[xid] = self.superseded.get(xid, 0) + item.count
 
     def ready(self, max_events: int | None = None) -> list[Step]:
         """The steps that can be applied now, in order; at least one whole transaction even past `max_events`."""

@@ -129,11 +129,6 @@ def test_postgresql_sigkilled_during_a_workload_loses_and_repeats_nothing(stack,
     _assert_level(path, source, destination)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, issue 15: Connect killed between a transaction's events and its END record leaves those events at "
-    "the front of their partitions with no END; Debezium re-sends the transaction whole after later ones, and the "
-    "assembler stops ('has N events buffered but only 0 are at the front of their partitions') instead of setting "
-    "the partial original aside for its copy. Seen in 1 of 4 runs."))
 def test_connect_sigkilled_during_a_workload_loses_and_repeats_nothing(stack, faulted):
     """Debezium re-sends what it had not committed to its offsets when the worker comes back (at least once): the
     replica and the analytics history must still hold each change once."""
