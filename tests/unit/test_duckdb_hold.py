@@ -1,9 +1,12 @@
-"""The applier keeps a DuckDB file open between batches only while behind, and never shuts readers out for long."""
+"""The applier keeps a DuckDB file open between batches only while behind, and never shuts readers out for long.
+
+Time is a fake clock here (the applier module's `time`): the tests say what happens in which order as the clock
+moves, never how long the machine took."""
 
 import subprocess
 import sys
-import time
 
+import pytest
 import yaml
 
 from cdc import config
@@ -11,14 +14,47 @@ from consumers import applier as applier_module
 from consumers.applier import ReplicaApplier
 
 
-def make_applier(tmp_path):
+class Clock:
+    """Stands in for the `time` module inside the applier: `sleep` moves the clock and is written to `events`,
+    beside the connections the applier opens, so a test can read the order of the two."""
+
+    def __init__(self, events: list) -> None:
+        self.now = 1000.0
+        self.events = events
+        self.on_sleep = lambda: None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.events.append(("sleep", seconds))
+        self.on_sleep()
+        self.now += seconds
+
+
+@pytest.fixture
+def lake(tmp_path, monkeypatch):
+    """An analytics applier on a DuckDB file, on a fake clock; yields (applier, file, clock, events)."""
     data = {"pipeline": "hold", "kafka": {"bootstrap_servers": "127.0.0.1:1", "schema_registry_url": "http://127.0.0.1:1",
                                           "connect_url": "http://127.0.0.1:1"},
             "source": {"url": "postgresql://u:p@127.0.0.1:1/db", "tables": ["public.t"]},
             "destinations": {"lake": {"kind": "analytics", "url": f"duckdb:///{tmp_path / 'lake.duckdb'}"}}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data))
-    return ReplicaApplier(config.load(path, env={}), "lake"), tmp_path / "lake.duckdb"
+    events: list = []
+    clock = Clock(events)
+    monkeypatch.setattr(applier_module, "time", clock)
+    applier = ReplicaApplier(config.load(path, env={}), "lake")
+    connect = applier._connect
+
+    def counted_connect():
+        events.append(("connect",))
+        return connect()
+
+    monkeypatch.setattr(applier, "_connect", counted_connect)
+    yield applier, tmp_path / "lake.duckdb", clock, events
+    applier._release()
+    applier.engine.dispose()
 
 
 def reader_gets_in(path) -> bool:
@@ -27,8 +63,8 @@ def reader_gets_in(path) -> bool:
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-def test_the_file_stays_open_between_batches_while_behind_and_is_let_go_after(tmp_path):
-    a, path = make_applier(tmp_path)
+def test_the_file_stays_open_between_batches_while_behind_and_is_let_go_after(lake):
+    a, path, clock, events = lake
     with a._begin() as conn:
         conn.exec_driver_sql("create table t (x integer)")
     assert reader_gets_in(path), "a batch with nothing behind it closes the file"
@@ -37,21 +73,35 @@ def test_the_file_stays_open_between_batches_while_behind_and_is_let_go_after(tm
     assert not reader_gets_in(path), "behind: the file should stay open for the next batch"
     with a._begin(hold=True) as conn:  # the next batch uses the held connection and sees the last one's rows
         assert conn.exec_driver_sql("select count(*) from t").scalar() == 1
+    assert events == [("connect",), ("connect",)], "the second batch reused the held connection, nobody waited"
     a._release()
     assert reader_gets_in(path)
-    a.engine.dispose()
 
 
-def test_after_holding_the_file_long_enough_readers_get_a_window(tmp_path, monkeypatch):
-    monkeypatch.setattr(applier_module, "HOLD_S", 0.0)
-    monkeypatch.setattr(applier_module, "READER_WINDOW_S", 1.5)
-    a, path = make_applier(tmp_path)
+def test_after_holding_the_file_long_enough_readers_get_a_window(lake):
+    a, path, clock, events = lake
     with a._begin(hold=True) as conn:
         conn.exec_driver_sql("create table t (x integer)")
+        clock.now += applier_module.HOLD_S  # a batch that ends HOLD_S after the file was opened
     assert reader_gets_in(path), "held for HOLD_S: the file is closed"
-    started = time.monotonic()
+    window: list[bool] = []
+    clock.on_sleep = lambda: window.append(reader_gets_in(path))
     with a._begin(hold=True) as conn:
         conn.exec_driver_sql("insert into t values (1)")
-    assert time.monotonic() - started >= 1.0, "the next batch should have left readers their window first"
-    a._release()
-    a.engine.dispose()
+    # The next batch left readers their window first (the file closed the while), then opened the file again.
+    assert events == [("connect",), ("sleep", pytest.approx(applier_module.READER_WINDOW_S)), ("connect",)]
+    assert window == [True], "a reader could open the file during the window"
+    with a._begin(hold=True) as conn:  # opened just now: held again, no window owed
+        assert conn.exec_driver_sql("select count(*) from t").scalar() == 1
+    assert events[3:] == [], "within HOLD_S the held connection serves the next batch"
+
+
+def test_a_window_that_has_passed_already_is_not_waited_for(lake):
+    a, path, clock, events = lake
+    with a._begin(hold=True) as conn:
+        conn.exec_driver_sql("create table t (x integer)")
+        clock.now += applier_module.HOLD_S
+    clock.now += applier_module.READER_WINDOW_S  # readers had their window while the applier did other work
+    with a._begin(hold=True) as conn:
+        conn.exec_driver_sql("insert into t values (1)")
+    assert events == [("connect",), ("connect",)]
