@@ -19,6 +19,7 @@ The figures are printed and prepended to benchmarks/RESULTS.md (newest run first
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -29,11 +30,12 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 import yaml
@@ -181,8 +183,10 @@ def code_version() -> str:
         return "unknown (no git)"
     if not commit:
         return "unknown (not a git checkout)"
-    return commit + (" with uncommitted changes in " + ", ".join(sorted({line[3:].split("/")[0] for line in
-                                                                          dirty.splitlines() if line})) if dirty.strip() else "")
+    if not dirty.strip():
+        return commit
+    return commit + " with uncommitted changes in " + ", ".join(sorted({line[3:].split("/")[0]
+                                                                        for line in dirty.splitlines() if line}))
 
 
 def percentile(ordered: list[float], p: float) -> float:
@@ -573,10 +577,8 @@ def _delete_groups(bootstrap: str, groups: list[str]) -> None:
     admin = admin_client(bootstrap)  # kept referenced: the futures never complete once the client is collected
     try:
         for future in admin.delete_consumer_groups(groups, request_timeout=15).values():
-            try:
+            with contextlib.suppress(Exception):  # a group that never committed does not exist
                 future.result(timeout=30)
-            except Exception:  # noqa: BLE001 - a group that never committed does not exist
-                pass
     except Exception as exc:  # noqa: BLE001 - hygiene only
         log(f"cleanup: deleting consumer groups {groups} failed: {exc}")
 
@@ -622,7 +624,7 @@ class KafkaStamps(threading.Thread):
 
 def bench_latency(layout: Any, config_path: Path, topic: str, source_url: str, destination_url: str, rate: float,
                   seconds: float, rows_per_transaction: int) -> LatencyResult:
-    out = tempfile.TemporaryFile()
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - the applier's output, read and closed once it exits
     applier = subprocess.Popen([CDC, "-c", str(config_path), "run", "replica"], stdout=out, stderr=subprocess.STDOUT)
     stamps: KafkaStamps | None = None
     try:
@@ -712,13 +714,14 @@ def bench_latency(layout: Any, config_path: Path, topic: str, source_url: str, d
     result = LatencyResult(
         rate=rate, achieved_rate=len(committed) / span if span > 0 else math.nan, seconds=seconds,
         rows=len(committed), rows_per_transaction=rows_per_transaction, seen=len(latencies),
-        p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99), max_ms=latencies[-1] if latencies else math.nan,
+        p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
+        max_ms=latencies[-1] if latencies else math.nan,
         capture_p50_ms=percentile(capture, 50) if capture else None,
         capture_p99_ms=percentile(capture, 99) if capture else None,
         apply_p50_ms=percentile(apply, 50) if apply else None, apply_p99_ms=percentile(apply, 99) if apply else None,
         applier_rss_mb=usage.ru_maxrss / 1024, applier_exit=applier.returncode)
-    log(f"latency: {result.seen:,} of {result.rows:,} rows seen; p50 {result.p50_ms:.0f} ms, p99 {result.p99_ms:.0f} ms, "
-        f"max {result.max_ms:.0f} ms at {result.achieved_rate:,.0f} rows/s")
+    log(f"latency: {result.seen:,} of {result.rows:,} rows seen; p50 {result.p50_ms:.0f} ms, "
+        f"p99 {result.p99_ms:.0f} ms, max {result.max_ms:.0f} ms at {result.achieved_rate:,.0f} rows/s")
     if result.seen < result.rows:
         raise RuntimeError(f"latency: only {result.seen} of {result.rows} rows reached the destination")
     if applier.returncode != 0:
@@ -939,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     from producers import capture
     from producers.topics import admin_client, delete_topics
 
-    report = Report(datetime.now(timezone.utc), args, machine_info(), args.rows)
+    report = Report(datetime.now(UTC), args, machine_info(), args.rows)
     log(f"machine: {report.machine}")
     layout = stack.up(echo=lambda line: log(f"stack: {line}"))
     run_id = uuid.uuid4().hex[:8]
@@ -1019,8 +1022,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                      pipeline.signal_topic])
             except Exception as exc:  # noqa: BLE001
                 log(f"cleanup: deleting topics failed: {exc}")
-            _delete_groups(layout.kafka_bootstrap, [f"cdc-{pipeline.pipeline}-replica", f"cdc-{pipeline.pipeline}-profile",
-                                                    f"{pipeline.pipeline}-signal"])
+            _delete_groups(layout.kafka_bootstrap, [f"cdc-{pipeline.pipeline}-replica",
+                                                    f"cdc-{pipeline.pipeline}-profile", f"{pipeline.pipeline}-signal"])
         dbs.drop_all()
 
     print_summary(TABLE_HEADER + table_row(report), details(report))

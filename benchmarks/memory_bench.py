@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,23 @@ import yaml
 
 from benchmarks import apply_bench
 from benchmarks.apply_bench import (
-    CDC, REPO, RESULTS, SOURCE_SCHEMA, TABLE, TARGET_RSS_MB, TRANSACTION_ROWS, Databases, _delete_groups, _mark, _n,
-    checksum, load_source, log, machine_info, pipeline_data, run_measured, wait_for_topic,
+    CDC,
+    REPO,
+    RESULTS,
+    SOURCE_SCHEMA,
+    TABLE,
+    TARGET_RSS_MB,
+    TRANSACTION_ROWS,
+    Databases,
+    _delete_groups,
+    _mark,
+    checksum,
+    load_source,
+    log,
+    machine_info,
+    pipeline_data,
+    run_measured,
+    wait_for_topic,
 )
 from benchmarks.replay_bench import duckdb_checksum, said, settle, timeout_for
 
@@ -297,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CDC_HOME", str(REPO / ".cdc"))
     from infra import stack
 
-    report = Report(datetime.now(timezone.utc), args, machine_info(), args.rows)
+    report = Report(datetime.now(UTC), args, machine_info(), args.rows)
     log(f"machine: {report.machine}")
     layout = stack.up(echo=lambda line: log(f"stack: {line}"))
     run_id = uuid.uuid4().hex[:8]

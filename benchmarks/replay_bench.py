@@ -33,11 +33,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 import yaml
@@ -45,8 +46,25 @@ from confluent_kafka import Consumer, TopicPartition
 
 from benchmarks import apply_bench
 from benchmarks.apply_bench import (
-    CDC, CHECKSUM, REPO, RESULTS, SOURCE_SCHEMA, TABLE, TRANSACTION_ROWS, Databases, _delete_groups, _mark, _n,
-    checksum, inserted_rows, load_source, log, machine_info, pipeline_data, run_measured, sustained_rate,
+    CDC,
+    CHECKSUM,
+    REPO,
+    RESULTS,
+    SOURCE_SCHEMA,
+    TABLE,
+    TRANSACTION_ROWS,
+    Databases,
+    _delete_groups,
+    _mark,
+    _n,
+    checksum,
+    inserted_rows,
+    load_source,
+    log,
+    machine_info,
+    pipeline_data,
+    run_measured,
+    sustained_rate,
     wait_for_topic,
 )
 
@@ -317,8 +335,8 @@ TABLE_HEADER = (
     "| date (UTC) | machine | N | DuckDB ingestion rows/s | net of fixed cost / sustained, rows/s | "
     "PostgreSQL full replay | DuckDB replay | peak RSS: ingestion / PG replay |\n"
     "|---|---|---|---|---|---|---|---|\n"
-    f"| **target** | | | ≥ {TARGET_DUCKDB_ROWS_PER_S:,} | ≥ {TARGET_DUCKDB_ROWS_PER_S:,} | < {TARGET_REPLAY_S:.0f} s for "
-    f"{TARGET_REPLAY_ROWS:,} rows (scaled linearly for other N) | | |\n"
+    f"| **target** | | | ≥ {TARGET_DUCKDB_ROWS_PER_S:,} | ≥ {TARGET_DUCKDB_ROWS_PER_S:,} | "
+    f"< {TARGET_REPLAY_S:.0f} s for {TARGET_REPLAY_ROWS:,} rows (scaled linearly for other N) | | |\n"
 )
 
 
@@ -415,8 +433,8 @@ Newest run first. Figures marked ✓ meet their target, ✗ miss it. Rows/s coun
 updates) per second of wall time of the whole command, start-up included (from 2026-11-30 on, the median of three
 ingestions, each into an empty file; before, one); "net" takes out the wall time of the same command with nothing
 to apply; "sustained" is the rate while the applier's committed offsets went from 10 %
-to 90 % of the changes (rows older than that column give the net figure alone). The replay target is 30 s for 1,000,000 changes, scaled linearly for other N
-(so small runs, where the fixed cost dominates, are judged harshly).
+to 90 % of the changes (rows older than that column give the net figure alone). The replay target is 30 s for
+1,000,000 changes, scaled linearly for other N (so small runs, where the fixed cost dominates, are judged harshly).
 
 """
 DETAILS_HEADING = "### Replay and analytics ingestion: details\n\n"
@@ -465,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     from producers import capture
     from producers.topics import admin_client, delete_topics
 
-    report = Report(datetime.now(timezone.utc), args, machine_info(), args.rows)
+    report = Report(datetime.now(UTC), args, machine_info(), args.rows)
     log(f"machine: {report.machine}")
     layout = stack.up(echo=lambda line: log(f"stack: {line}"))
     run_id = uuid.uuid4().hex[:8]
@@ -545,8 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                                *(f"{pipeline.pipeline}.{d}.dead-letter" for d in (LAKE, REPLICA))])
             except Exception as exc:  # noqa: BLE001
                 log(f"cleanup: deleting topics failed: {exc}")
-            _delete_groups(layout.kafka_bootstrap, [f"cdc-{pipeline.pipeline}-{LAKE}",
-                                                    f"cdc-{pipeline.pipeline}-{REPLICA}", f"{pipeline.pipeline}-signal"])
+            groups = [f"cdc-{pipeline.pipeline}-{name}" for name in (LAKE, REPLICA)] + [f"{pipeline.pipeline}-signal"]
+            _delete_groups(layout.kafka_bootstrap, groups)
         dbs.drop_all()
         shutil.rmtree(work, ignore_errors=True)  # the DuckDB file (and its .wal) and the pipeline file
 

@@ -118,8 +118,8 @@ def run(kind: str, layout, source_db: str, rows: int, differences: list[int], wo
             touched = {k[0] for v in total.values() for k in v}
             if count < 0:
                 gone = {k[0] for k in total["missing"]}
-                new = {"different": [[k] for k in range(1, rows + 1) if k not in gone and [k] not in total["different"]],
-                       "missing": [], "extra": []}
+                different = [[k] for k in range(1, rows + 1) if k not in gone and [k] not in total["different"]]
+                new = {"different": different, "missing": [], "extra": []}
                 todo = [f"update {quoted} set name = concat(name, '!')"]
             else:
                 new = {k: [x for x in v if x[0] not in touched] for k, v in plant(kind, quoted, rows, count).items()}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from datetime import datetime
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import typer
 
@@ -20,12 +22,12 @@ connectors_app = typer.Typer(help="Manage the pipeline's Debezium connector over
                              no_args_is_help=True)
 app.add_typer(connectors_app, name="connectors")
 
-_state: dict[str, Optional[str]] = {"config": None}
+_state: dict[str, str | None] = {"config": None}
 
 
 @app.callback()
 def _options(
-    config: Optional[str] = typer.Option(None, "-c", "--config", envvar="CDC_CONFIG",
+    config: str | None = typer.Option(None, "-c", "--config", envvar="CDC_CONFIG",
                                          help="The pipeline file (default: pipeline.yaml)."),
 ) -> None:
     _state["config"] = config
@@ -228,11 +230,11 @@ def connectors_delete(
 
 @app.command("run")
 def run(
-    destinations: Optional[list[str]] = typer.Argument(None, help="Destinations to feed (default: all replicas)."),
+    destinations: list[str] | None = typer.Argument(None, help="Destinations to feed (default: all replicas)."),
     until_caught_up: bool = typer.Option(False, "--until-caught-up",
                                          help="Exit 0 once every change committed before the call is applied."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port",
+    timeout: float | None = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
+    metrics_port: int | None = typer.Option(None, "--metrics-port",
                                                help="Serve this process's Prometheus metrics on 127.0.0.1:PORT."),
     watch_connector: bool = typer.Option(True, "--watch-connector/--no-watch-connector",
                                          help="Restart the pipeline's failed Debezium tasks while running "
@@ -273,10 +275,8 @@ def connectors_watch(
                 status = watch.check()
                 return 0 if status is not None and status.running else 1
             _echo(f"watching connector {pipeline.connector_name} every {every:g} s")
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 watch.run(stop, every)
-            except KeyboardInterrupt:
-                pass
             return 0
         finally:
             watch.close()
@@ -286,12 +286,12 @@ def connectors_watch(
 
 @app.command("verify")
 def verify_command(
-    destination: Optional[str] = typer.Argument(None, help="The destination (default: the first replica)."),
-    tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated tables (default: all captured)."),
+    destination: str | None = typer.Argument(None, help="The destination (default: the first replica)."),
+    tables: str | None = typer.Option(None, "--tables", help="Comma-separated tables (default: all captured)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, with the differing keys."),
     settle: float = typer.Option(2.0, "--settle", help="Seconds to wait before re-checking differing keys, so that "
                                  "changes still in flight are not reported."),
-    html_file: Optional[str] = typer.Option(None, "--html", help="Also write the summary as an HTML page."),
+    html_file: str | None = typer.Option(None, "--html", help="Also write the summary as an HTML page."),
     fix: bool = typer.Option(False, "--fix", help="Re-sync every differing key and delete rows found only at the "
                              "destination (needs `cdc run` running), then verify again."),
 ) -> None:
@@ -331,14 +331,14 @@ def verify_command(
 @app.command("resync")
 def resync_command(
     table: str = typer.Argument(..., help="The table: public.person, \"Ops\".\"Person\", or Ops.Person."),
-    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated primary-key values; a composite key's "
+    ids: str | None = typer.Option(None, "--ids", help="Comma-separated primary-key values; a composite key's "
                                       "values joined by ':' (1:a,2:b), or JSON for values holding ',' or ':' "
                                       "([[1, \"a,b\"]]). Left out for a table without a primary key: the whole "
                                       "table is re-synced."),
-    destination: Optional[str] = typer.Option(None, "--dest", help="The destination to check (default: first replica)."),
+    destination: str | None = typer.Option(None, "--dest", help="The destination to check (default: first replica)."),
     with_members: bool = typer.Option(False, "--with-members", help="Also the member rows of these roots."),
     with_parents: bool = typer.Option(False, "--with-parents", help="Re-sync the parents of these rows first."),
-    requested_by: Optional[str] = typer.Option(None, "--as", help="Who asks (default: the OS user)."),
+    requested_by: str | None = typer.Option(None, "--as", help="Who asks (default: the OS user)."),
     wait: float = typer.Option(120.0, "--wait", help="Seconds to wait for the rows to reach the destination."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -397,8 +397,8 @@ def history_list(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
 def history_show(
     request_id: int = typer.Argument(...),
     as_json: bool = typer.Option(False, "--json"),
-    csv_file: Optional[str] = typer.Option(None, "--csv", help="Write the per-key report as CSV to this file."),
-    html_file: Optional[str] = typer.Option(None, "--html", help="Write a one-page HTML report to this file."),
+    csv_file: str | None = typer.Option(None, "--csv", help="Write the per-key report as CSV to this file."),
+    html_file: str | None = typer.Option(None, "--html", help="Write a one-page HTML report to this file."),
 ) -> None:
     """One request with its per-key results."""
     from pathlib import Path
@@ -421,7 +421,7 @@ def history_show(
 
 
 @history_app.command("clear")
-def history_clear(before: Optional[str] = typer.Option(None, "--before", help="Only requests before this date.")) -> None:
+def history_clear(before: str | None = typer.Option(None, "--before", help="Only requests before this date.")) -> None:
     """Delete the history (or the part of it before a date)."""
 
     from consumers import resync as resync_mod
@@ -443,8 +443,14 @@ class _ReplayProgress:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TextColumn("messages"),
                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -476,7 +482,7 @@ class _ReplayProgress:
 def replay_command(
     destination: str = typer.Argument(..., help="The destination to rebuild: a PostgreSQL replica or a DuckDB "
                                       "analytics file."),
-    tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated tables (default: all captured)."),
+    tables: str | None = typer.Option(None, "--tables", help="Comma-separated tables (default: all captured)."),
     from_: str = typer.Option("earliest", "--from", help="`earliest` (empty the scope, apply the whole history), "
                               "or an ISO-8601 time: keep the tables and re-apply every change committed since."),
     shadow: bool = typer.Option(False, "--shadow", help="Rebuild into a new schema (PostgreSQL) or file (DuckDB) "
@@ -485,7 +491,7 @@ def replay_command(
                                        "history: empty the scope and take a fresh Debezium snapshot of it."),
     make_backup: bool = typer.Option(True, "--backup/--no-backup", help="Back up the tables (PostgreSQL) or the "
                                      "file (DuckDB) first (default)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Give up (exit 1) after this many seconds."),
 ) -> None:
     """Rebuild a destination from the topics: back up, empty the scope, apply from the start until caught up."""
     from consumers import replay as replay_mod
@@ -524,13 +530,12 @@ app.add_typer(backups_app, name="backups")
 @backups_app.command("list")
 def backups_list(destination: str = typer.Argument(...)) -> None:
     """The backups of a destination, newest first: id, time (UTC), where, the tables the replay replaced."""
-    from datetime import timezone
 
     from consumers import backups as backups_mod
 
     def body() -> int:
         for b in backups_mod.list_backups(_pipeline(), destination):
-            typer.echo(f"{b.id:5}  {b.created_at.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}  {b.location}  "
+            typer.echo(f"{b.id:5}  {b.created_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {b.location}  "
                        f"{', '.join(b.tables)}")
         return 0
 
@@ -570,7 +575,7 @@ def backups_prune(destination: str = typer.Argument(...),
 @app.command("query")
 def query_command(
     sql_text: str = typer.Argument(..., metavar="SQL", help="The query to run on the analytics replica."),
-    destination: Optional[str] = typer.Option(None, "--dest", help="The analytics destination (default: the first)."),
+    destination: str | None = typer.Option(None, "--dest", help="The analytics destination (default: the first)."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as a JSON list of objects."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds the statement may run before it is stopped."),
 ) -> None:
@@ -613,13 +618,13 @@ app.add_typer(hierarchy_app, name="hierarchy")
 
 @hierarchy_app.command("suggest")
 def hierarchy_suggest(
-    url: Optional[str] = typer.Option(None, "--url",
+    url: str | None = typer.Option(None, "--url",
                                       help="SQLAlchemy URL of the source (default: source.url of the pipeline file)."),
-    tables: Optional[str] = typer.Option(None, "--tables", help="Comma-separated schema-qualified tables "
+    tables: str | None = typer.Option(None, "--tables", help="Comma-separated schema-qualified tables "
                                          "(default: source.tables of the pipeline file)."),
     all_tables: bool = typer.Option(False, "--all", help="Every table of every schema of the source (but the "
                                     "system's; partitions count as their parent), read in one pass."),
-    schemas: Optional[list[str]] = typer.Option(None, "--schema", help="With --all, only this schema (repeat it, "
+    schemas: list[str] | None = typer.Option(None, "--schema", help="With --all, only this schema (repeat it, "
                                                 "or separate names by commas); implies --all."),
 ) -> None:
     """Print a proposed `hierarchies` section for the pipeline file: roots at the tables that own rows (not at
@@ -648,10 +653,11 @@ def hierarchy_suggest(
 
 
 from cdc.lag_cli import lag_app
+
 app.add_typer(lag_app, name="lag")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:], prog_name="cdc")
 
 

@@ -147,7 +147,7 @@ class SourceSettings(_Model):
         return v
 
     @model_validator(mode="after")
-    def _signal_not_captured(self) -> "SourceSettings":
+    def _signal_not_captured(self) -> SourceSettings:
         if self.signal_table in self.tables:
             raise _FieldError("source.tables", f"{self.signal_table!r} is the signalling table (source.signal_table); "
                               "it cannot also be a captured table")
@@ -251,8 +251,8 @@ class Destination(_Model):
     @classmethod
     def _role(cls, v: str | None) -> str | None:
         if v is not None and (not ROLE_RE.match(v) or v in _RESERVED_ROLES):
-            raise ValueError(f"{shown(v)} is not a usable role name (lower-case letters, digits and '_', starting with a "
-                             "letter or '_', at most 63 characters, not `pg_...` nor a reserved word)")
+            raise ValueError(f"{shown(v)} is not a usable role name (lower-case letters, digits and '_', starting "
+                             "with a letter or '_', at most 63 characters, not `pg_...` nor a reserved word)")
         return v
 
     @field_validator("read_only_password", mode="before")
@@ -333,13 +333,13 @@ class Pipeline(_Model):
             role = dest.read_only_role or default_read_only_role(name)
             if role == dest.sqlalchemy_url.username:
                 # The role is made read-only by default: the applier itself would lose the right to write.
-                raise _FieldError(f"{where}.read_only_role", f"{shown(role)} is the user of destinations.{name}.url; the "
-                                  "read-only role must be another role")
+                raise _FieldError(f"{where}.read_only_role", f"{shown(role)} is the user of destinations.{name}.url; "
+                                  "the read-only role must be another role")
             checked[name] = dest.model_copy(update={"read_only_role": role})
         return checked
 
     @model_validator(mode="after")
-    def _hierarchies_cover_captured_tables(self) -> "Pipeline":
+    def _hierarchies_cover_captured_tables(self) -> Pipeline:
         captured = set(self.source.tables)
         owner: dict[str, str] = {}
         for name, h in self.hierarchies.items():

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psycopg
 from psycopg import sql
@@ -35,9 +35,11 @@ SAMPLE_ROWS = 103  # rows of the sample database: 3 schools, 20 persons, 20 enro
 # A few source transactions that touch every table and every kind of change.
 WORKLOAD = [
     # a new person with an enrollment and attendance, in one transaction
-    """insert into person (id, first_name, last_name, email, balance) values (101, 'Ada', 'Lovelace', 'ada@example.org', 50);
+    """insert into person (id, first_name, last_name, email, balance)
+         values (101, 'Ada', 'Lovelace', 'ada@example.org', 50);
        insert into enrollment (id, person_id, school_id, grade, start_date) values (101, 101, 2, 9, '2026-09-01');
-       insert into attendance (id, person_id, enrollment_id, day, status) values (1001, 101, 101, '2026-09-02', 'present');""",
+       insert into attendance (id, person_id, enrollment_id, day, status)
+         values (1001, 101, 101, '2026-09-02', 'present');""",
     # a transfer of balance between two persons: the total stays constant at every commit
     """update person set balance = balance - 25, updated_at = now() where id = 1;
        update person set balance = balance + 25, updated_at = now() where id = 2;""",
@@ -245,9 +247,9 @@ def show_lag(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo:
     # `cdc run` for every destination keeps going in the background (`cdc stack down` stops it with the stack),
     # like a deployed pipeline: the lag below is that of running consumers.
     if not (layout.home / "run" / "demo-run.pid").exists():
-        log = open(layout.home / "logs" / "demo-run.log", "ab")
-        runner = subprocess.Popen([sys.executable, "-m", "cdc.cli", "run"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(layout.home / "logs" / "demo-run.log", "ab") as log:  # the child keeps its own copy
+            runner = subprocess.Popen([sys.executable, "-m", "cdc.cli", "run"], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         (layout.home / "run" / "demo-run.pid").write_text(f"{runner.pid}\n")
         time.sleep(5)
     echo("\n== cdc lag (with `cdc run` running in the background)")
@@ -267,9 +269,10 @@ def show_lag(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo:
     with socket.socket() as s:
         taken = s.connect_ex(("127.0.0.1", port)) == 0
     if not taken:
-        log = open(layout.home / "logs" / "lag-serve.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "cdc.cli", "lag", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(layout.home / "logs" / "lag-serve.log", "ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen([sys.executable, "-m", "cdc.cli", "lag", "serve", "--port", str(port)], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
         # `cdc stack down` stops it with the stack.
         (layout.home / "run" / "lag-serve.pid").write_text(f"{proc.pid}\n")
     echo(f"== live lag page and Prometheus metrics: {url} (and {url}metrics); `cdc lag serve` runs in the "

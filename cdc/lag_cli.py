@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -73,7 +73,7 @@ def render(doc: dict[str, Any], *, partitions: bool = True, wide: bool = False):
 @lag_app.callback()
 def lag(
     ctx: typer.Context,
-    destinations: Optional[list[str]] = typer.Option(None, "--destination", "-d",
+    destinations: list[str] | None = typer.Option(None, "--destination", "-d",
                                                      help="Only these destinations (default: all)."),
     watch: bool = typer.Option(False, "--watch", help="Refresh live, keeping a sliding window, until Ctrl-C."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (stable field names)."),

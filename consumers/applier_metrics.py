@@ -10,7 +10,7 @@ Names (labels pipeline and destination; partition metrics add topic and partitio
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

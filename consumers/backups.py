@@ -19,11 +19,12 @@ import json
 import os
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sqlalchemy import create_engine, inspect, text
 
@@ -121,7 +122,7 @@ def restore(pipeline: Pipeline, destination: str, backup_id: int) -> Backup:
 
 def prune(pipeline: Pipeline, destination: str, older_than: timedelta = DEFAULT_RETENTION) -> list[Backup]:
     store = store_for(pipeline, destination)
-    cutoff = datetime.now(timezone.utc) - older_than
+    cutoff = datetime.now(UTC) - older_than
     old = [b for b in store.list() if b.created_at < cutoff]
     store.drop(old)
     return old
@@ -155,7 +156,7 @@ class SchemaBackups(BackupStore):
     def take(self, tables: list[str]) -> Backup:
         """Copy the tables (and the pipeline's stored offsets) into a new timestamped schema."""
         shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, tables)
-        schema = f"_cdc_backup_{datetime.now(timezone.utc):%Y%m%d_%H%M%S_%f}"
+        schema = f"_cdc_backup_{datetime.now(UTC):%Y%m%d_%H%M%S_%f}"
         with self._transaction() as conn:
             dialect = dialect_for(conn.engine)
             prep = conn.dialect.identifier_preparer
@@ -236,7 +237,7 @@ class FileBackups(BackupStore):
         self.directory.mkdir(exist_ok=True)
         taken = [int(p.name.split("-", 1)[0]) for p in self.directory.iterdir() if p.name.split("-", 1)[0].isdigit()]
         backup_id = max(taken, default=0) + 1
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return backup_id, now, self.directory / f"{backup_id:04d}-{now:%Y%m%dT%H%M%SZ}.duckdb"
 
     def _record(self, backup_id: int, created_at: datetime, path: Path, tables: list[str]) -> Backup:

@@ -39,17 +39,33 @@ import re
 import struct
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.types import (
-    ARRAY, JSON, BigInteger, Boolean, Date, DateTime, Double, Enum, Float, Integer, Interval, LargeBinary, Numeric,
-    SmallInteger, String, Time, TypeEngine, Uuid,
+    ARRAY,
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Double,
+    Enum,
+    Float,
+    Integer,
+    Interval,
+    LargeBinary,
+    Numeric,
+    SmallInteger,
+    String,
+    Time,
+    TypeEngine,
+    Uuid,
 )
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EPOCH_DATE = date(1970, 1, 1)
 # Debezium's MicroDuration (io.debezium.time.MicroDuration): a month is 365.25 / 12 = 30.4375 days.
 MONTH_MICROS = 2_629_800_000_000
@@ -62,7 +78,7 @@ class Kind:
 
     name: str  # int, bool, float4, float8, numeric, char, text, uuid, bytes, timestamp, date, time, interval, json,
     #            array, other
-    element: "Kind | None" = None  # arrays: the element's kind
+    element: Kind | None = None  # arrays: the element's kind
     scale: int | None = None  # numeric(p, s)
     sql_type: str | None = None  # "other" kinds: the source type's name (inet, int4range...)
 
@@ -79,7 +95,7 @@ def kind_of(type_: TypeEngine) -> Kind:
         return Kind("bits", scale=type_.length if not type_.varying else None)
     if isinstance(type_, Boolean):
         return Kind("bool")
-    if isinstance(type_, (SmallInteger, Integer, BigInteger)) or isinstance(type_, pg.OID):
+    if isinstance(type_, (SmallInteger, Integer, BigInteger, pg.OID)):
         return Kind("int")
     if isinstance(type_, pg.REAL) or (isinstance(type_, Float) and not isinstance(type_, Double)
                                      and type_.precision is not None and type_.precision <= 24):
@@ -209,7 +225,7 @@ def _bytes(kind: Kind, v: Any) -> str:
 
 def _micros(d: datetime) -> int:
     if d.tzinfo is None:
-        d = d.replace(tzinfo=timezone.utc)
+        d = d.replace(tzinfo=UTC)
     delta = d - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, ClassVar, Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 OPS = {"c": "create", "u": "update", "d": "delete", "r": "read", "t": "truncate"}
 
@@ -43,7 +44,7 @@ class ChangeEvent:
     def commit_time(self) -> datetime | None:
         if self.commit_ts_ms is None:
             return None
-        return datetime.fromtimestamp(self.commit_ts_ms / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(self.commit_ts_ms / 1000, tz=UTC)
 
     @property
     def last_offset(self) -> int:

@@ -44,8 +44,9 @@ apart, `cdc lag --watch` and `cdc lag serve` keep a sliding window.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 OK, BEHIND, WARN, STALL, STOP, BLOCKED, ERROR = "OK", "BEHIND", "WARN", "STALL", "STOP", "BLOCKED", "ERROR"
 STATUSES = (OK, BEHIND, WARN, STALL, STOP, BLOCKED, ERROR)

@@ -12,18 +12,19 @@ The judging and the arithmetic are in `consumers/lag.py`; this module only gathe
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from sqlalchemy import column, create_engine, inspect, select, table
-from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable
@@ -235,7 +236,7 @@ class LagProbe:
             return stored, (max(times) if times else None), BLOCKED_PREFIX + stopped[len(BLOCKED_RECORD):]
         return stored, (max(times) if times else None), (f"applier stopped: {stopped}" if stopped else None)
 
-    # -- the source -----------------------------------------------------------------------------------------------------
+    # -- the source ----------------------------------------------------------------------------------------------
     def source_state(self) -> SourceState:
         retained, active = self.slot()
         try:
@@ -249,7 +250,8 @@ class LagProbe:
         return SourceState(status.state, tuple(status.tasks), retained, active)
 
     def slot(self) -> tuple[int | None, bool | None]:
-        """WAL the pipeline's replication slot retains (current LSN - restart_lsn), in bytes, and whether it is active."""
+        """WAL the pipeline's replication slot retains (current LSN - restart_lsn), in bytes, and whether it is
+        active."""
         try:
             with psycopg.connect(psycopg_conninfo(self.pipeline.source.sqlalchemy_url), autocommit=True,
                                  connect_timeout=int(self.timeout)) as conn:
@@ -261,10 +263,8 @@ class LagProbe:
         return (int(row[0]) if row[0] is not None else None, bool(row[1])) if row else (None, None)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):
             self._reader.close()
-        except RuntimeError:
-            pass
         self._registry.close()
         for engine in self._engines.values():
             engine.dispose()
@@ -274,7 +274,7 @@ class LagProbe:
 def _epoch(value: Any) -> float:
     if isinstance(value, datetime):
         # MariaDB's DATETIME comes back naive; the applier writes UTC.
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
     return float(value)
 
 

@@ -1,4 +1,4 @@
-"""`cdc query`: one read-only statement on an analytics replica, DuckDB or PostgreSQL, behind walls its SQL cannot climb.
+"""`cdc query`: one read-only statement on an analytics replica (DuckDB or PostgreSQL), behind walls it cannot climb.
 
 Whoever types the statement is treated as hostile: it may read the replicated tables and their histories, nothing
 else, and change nothing, on the destination or on the machine.

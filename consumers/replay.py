@@ -20,9 +20,10 @@ PostgreSQL in a new schema (`_replay_shadow`), DuckDB in a new file beside the l
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 from pydantic import SecretStr
@@ -32,8 +33,16 @@ from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
 from consumers.applier import ReplicaApplier
 from consumers.backups import (
-    Backup, FileBackups, SchemaBackups, check_not_written, copy_database, destination_kind, duckdb_path, fold_wal,
-    remove_database, store_for,
+    Backup,
+    FileBackups,
+    SchemaBackups,
+    check_not_written,
+    copy_database,
+    destination_kind,
+    duckdb_path,
+    fold_wal,
+    remove_database,
+    store_for,
 )
 from consumers.dialects import Dialect, dialect_for
 from consumers.dialects.base import HISTORY_SUFFIX
@@ -203,7 +212,7 @@ def _empty(conn: Any, dialect: Dialect, shapes: dict[str, TableShape], *, since_
     insp = inspect(conn)
     # Half a millisecond of slack: history times come from milliseconds through a float.
     since = None if since_ms is None else \
-        datetime.fromtimestamp(since_ms // 1000, tz=timezone.utc) + timedelta(microseconds=since_ms % 1000 * 1000 - 500)
+        datetime.fromtimestamp(since_ms // 1000, tz=UTC) + timedelta(microseconds=since_ms % 1000 * 1000 - 500)
     for name in reversed(dependency_order(shapes)):
         table = dialect.table(shapes[name])
         if since is None and insp.has_table(table.name, schema=table.schema):
@@ -285,7 +294,7 @@ def _replay_shadow(pipeline: Pipeline, destination: str, chosen: list[str], shap
     serving, then swap them in one transaction. Readers see the old tables or the new ones, whole: the swap holds each
     table's exclusive lock only for renames, and PostgreSQL re-resolves a waiting query's table names after it.
     The old tables move into a backup schema (recorded like any replay's backup) unless --no-backup."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     shadow = f"_cdc_shadow_{now:%Y%m%d_%H%M%S_%f}"
     with applier.engine.begin() as conn:
         conn.execute(text(f'create schema "{shadow}"'))
@@ -362,7 +371,7 @@ def _replay_shadow_file(pipeline: Pipeline, destination: str, chosen: list[str],
     does it: the tables outside the scope, and whatever other pipelines keep in the file, come along as they are,
     and the copy's stored offsets say where each table stands, as they do in the live file."""
     store = FileBackups(pipeline, destination)
-    shadow = store.live.with_name(f"{store.live.name}.shadow-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}")
+    shadow = store.live.with_name(f"{store.live.name}.shadow-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}")
     if store.live.exists():
         copy_database(store.live, shadow)
     echo(f"replay: building {', '.join(chosen)} in {shadow} while {store.live} keeps serving")

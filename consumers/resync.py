@@ -16,9 +16,10 @@ import io
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -219,9 +220,9 @@ def _normal_key(shape: TableShape, key: list[Any]) -> tuple:
     return tuple(normal(kind_of(shape.column(c).type), v) for c, v in zip(shape.primary_key, key))
 
 
-def resync(pipeline: Pipeline, table: str, raw_ids: str | list[Any] | None = None, *, keys: list[list[Any]] | None = None,
-           destination: str | None = None, with_members: bool = False, with_parents: bool = False,
-           requested_by: str | None = None, wait: float = 120.0,
+def resync(pipeline: Pipeline, table: str, raw_ids: str | list[Any] | None = None, *,
+           keys: list[list[Any]] | None = None, destination: str | None = None, with_members: bool = False,
+           with_parents: bool = False, requested_by: str | None = None, wait: float = 120.0,
            echo: Callable[[str], None] = lambda line: None) -> SyncRequest:
     table = resolve_table(table, pipeline.source.tables)
     dest = destination or next((n for n, d in pipeline.destinations.items() if d.kind == "replica"), None)
@@ -342,7 +343,7 @@ def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape
         else:
             request.results.append(KeyResult(key, True))
     request.state = "complete" if all(r.ok for r in request.results) else "failed"
-    request.completed_at = datetime.now(timezone.utc)
+    request.completed_at = datetime.now(UTC)
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
         conn.execute(sql.SQL("update {} set state = %s, results = %s, completed_at = %s where id = %s").format(
             _history_table(pipeline)),
@@ -801,7 +802,7 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
         if failure is not None:
             request.results.append(KeyResult([], False, failure))
         request.state = "complete" if failure is None and all(r.ok for r in request.results) else "failed"
-        request.completed_at = datetime.now(timezone.utc)
+        request.completed_at = datetime.now(UTC)
         with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
             conn.execute(sql.SQL("update {} set state = %s, keys = %s, results = %s, completed_at = %s "
                                  "where id = %s").format(_history_table(pipeline)),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError

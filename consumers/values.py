@@ -68,9 +68,10 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from datetime import date, datetime, time, timedelta, timezone
+from collections.abc import Callable, Mapping
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import MAX_PREC, Context, Decimal
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from cdc.errors import CdcError, Terminal
 
@@ -124,7 +125,7 @@ _MAX_DAYS = date.max.toordinal() - _EPOCH_ORDINAL
 _DAY_US = 86_400_000_000
 _MIN_US = _MIN_DAYS * _DAY_US
 _MAX_US = (_MAX_DAYS + 1) * _DAY_US - 1
-_UTC = timezone.utc
+_UTC = UTC
 
 # How Debezium 3.6 sends PostgreSQL's +/-infinity (observed on both of its paths; see the module docstring).
 # Timestamps: these micro- (or milli-) second counts, from PGStatement.DATE_POSITIVE_INFINITY.
@@ -239,7 +240,7 @@ def _zoned_timestamp(text: str) -> datetime | str:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        if text == INFINITY or text == NEG_INFINITY:
+        if text in (INFINITY, NEG_INFINITY):
             return text
         match = _WIDE_ISO.fullmatch(text)
         if match is None:
@@ -299,7 +300,7 @@ class _Placeholders:
         # Java bytes are signed: that is what the connector puts in an int/bigint/date array.
         self.int_list = [b - 256 if b > 127 else b for b in raw]
         self.uuid_list = [str(uuid.UUID(bytes=hashlib.md5(raw).digest(), version=3))]
-        self.hstore_json = '{"%s":"%s"}' % (text, text)
+        self.hstore_json = f'{{"{text}":"{text}"}}'
         self.hstore_map = {text: text}
 
 
@@ -479,7 +480,7 @@ def _value_converter(schema: Any, names: Mapping[str, dict], namespace: str | No
         if ph is None:
             return None
         hstore = ph.hstore_json  # hstore, in its default json mode, is a Json field too
-        return lambda v: UNAVAILABLE if v == text or v == hstore else v
+        return lambda v: UNAVAILABLE if v in (text, hstore) else v
     if base == "string":
         return _guarded(text, None)
     if base == "bytes":
@@ -532,7 +533,7 @@ class RowConverter:
         self._converters = tuple(converters)
         self._renames: tuple[tuple[str, str], ...] = ()
 
-    def rename(self, real_names: Mapping[str, str]) -> "RowConverter":
+    def rename(self, real_names: Mapping[str, str]) -> RowConverter:
         """Key rows by real column names: Debezium writes a character Avro forbids in a name as "_", and the
         caller, which knows the table's real columns, says which field is which ({avro name: real name})."""
         self._renames = tuple((a, r) for a, r in real_names.items() if a != r and a in self.columns)

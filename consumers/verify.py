@@ -27,14 +27,16 @@ are only reported here, never repaired (`--fix` re-syncs current-state rows only
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 from sqlalchemy import create_engine, text
@@ -67,7 +69,7 @@ class TableReport:
     seconds: float = 0.0
     # The canonical key text of each reported key (row hash for keyless rows): how fix and recheck find them.
     handles: dict[str, dict[tuple, str]] = field(default_factory=dict, repr=False)
-    history: "HistoryReport | None" = None  # analytics destinations: what the check of the table's history found
+    history: HistoryReport | None = None  # analytics destinations: what the check of the table's history found
 
     @property
     def distinct_keys(self) -> int:
@@ -237,14 +239,14 @@ class _Side:
         fetched = [self.fetch_exprs[i] for i in self.key_index] if self.light else self.fetch_exprs
         return f"SELECT {key} AS k, {c.hash60(row_md5)} AS h, {', '.join(fetched)} FROM {self.table}"
 
-    def bucket_expr(self, b: "Bucketing") -> str:
+    def bucket_expr(self, b: Bucketing) -> str:
         if b.width is not None:
             div = {"postgresql": "/", "mariadb": "DIV", "duckdb": "//"}[self.canon.engine]
             return f"(({self.int_key} - ({b.lo})) {div} {b.width})"
         key = self.key_text if self.key_text is not None else self.row_text
         return f"substr({self.canon.md5(key)}, 1, {b.digits})"
 
-    def buckets(self, b: "Bucketing") -> dict[Any, tuple[int, int]]:
+    def buckets(self, b: Bucketing) -> dict[Any, tuple[int, int]]:
         """(count, hash aggregate) per bucket. Keyed rows are unique, so their hashes are XORed (cheap, and no
         two rows cancel); a keyless table may hold a row twice, which XOR would cancel, so its hashes are summed."""
         c = self.canon
@@ -253,7 +255,7 @@ class _Side:
         sql = f"SELECT {self.bucket_expr(b)} AS b, count(*), {agg} FROM {self.table} GROUP BY 1"
         return {_bucket_value(r[0]): (int(r[1]), int(r[2] or 0)) for r in self._run(sql)}
 
-    def rows(self, b: "Bucketing", buckets: list[Any] | None) -> list[tuple]:
+    def rows(self, b: Bucketing, buckets: list[Any] | None) -> list[tuple]:
         """(key text, row hash, values...) of the rows in these buckets (all rows for None)."""
         sql = self._inner()
         if buckets is not None:
@@ -589,10 +591,8 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
 
 
 def _reset(conn: Connection) -> None:
-    try:
+    with contextlib.suppress(Exception):  # the connection is only read; a failed rollback leaves nothing behind
         conn.rollback()
-    except Exception:  # noqa: BLE001 - the connection is only read; a failed rollback leaves nothing behind
-        pass
 
 
 def _recheck(src: Connection, dst: Connection, engine: str, target: _Target, report: TableReport,
@@ -826,7 +826,8 @@ def _history_sql(engine: str, table: Any) -> tuple[str, str | None, str]:
     return ".".join(quote(engine, p) for p in ([table.schema] if table.schema else []) + [name]), table.schema, name
 
 
-def check_history(conn: Connection, engine: str, target: _Target, history: tuple[str, str | None, str]) -> HistoryReport:
+def check_history(conn: Connection, engine: str, target: _Target,
+                  history: tuple[str, str | None, str]) -> HistoryReport:
     """Check one table's history inside the destination, set-based:
 
     1. No duplicates: no two history rows for the same change, i.e. the same source position (`_cdc_lsn`), key and

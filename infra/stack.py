@@ -21,6 +21,7 @@ they are not state, and several state directories can share them.
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import hashlib
 import json
@@ -32,9 +33,9 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from cdc.errors import StackError
 
@@ -98,7 +99,7 @@ class StackLayout:
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
 
     @classmethod
-    def resolve(cls) -> "StackLayout":
+    def resolve(cls) -> StackLayout:
         """The recorded layout of a stack that was started here, else one built from the environment."""
         home = state_home()
         recorded = home / "stack.json"
@@ -280,10 +281,8 @@ def _stop_pid(pid: int, timeout: float = 30.0) -> None:
         if not _alive(pid):
             return
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -650,18 +649,14 @@ def _stop_mariadb(layout: StackLayout, timeout: float = 60.0) -> None:
     if pid is not None:
         # Only the server itself: runuser, its parent, answers a signal by killing the server two seconds later,
         # which could cut a clean shutdown short. It exits on its own once the server has.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + timeout
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         if _alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     layout.pidfile("mariadb").unlink(missing_ok=True)
 
 
@@ -735,8 +730,8 @@ def _start_kafka(layout: StackLayout, java: str) -> int:
 
 
 def _kafka_healthy(layout: StackLayout) -> bool:
-    from confluent_kafka.admin import AdminClient
     from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     if _port_free(layout.ports["kafka"]):
         return False
@@ -796,7 +791,8 @@ def _registry_healthy(layout: StackLayout) -> bool:
 
 def _connect_values(layout: StackLayout) -> dict[str, object]:
     return {"bootstrap": layout.kafka_bootstrap, "port": layout.ports["connect"],
-            "plugins": layout.artifacts / "plugins", "home": layout.home / "connect", "secrets": secrets_dir(layout.home)}
+            "plugins": layout.artifacts / "plugins", "home": layout.home / "connect",
+            "secrets": secrets_dir(layout.home)}
 
 
 def connect_config_current(layout: StackLayout) -> bool:

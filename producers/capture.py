@@ -1,12 +1,12 @@
-"""Capture management: `cdc connectors apply/diff/status/...` from the pipeline file, over the Kafka Connect REST API."""
+"""Capture management: `cdc connectors apply/diff/status/...` from the pipeline file, over Kafka Connect's REST API."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import psycopg
 
@@ -16,8 +16,18 @@ from consumers.dialects.types import check_pipeline
 from producers import debezium, partitions, topics
 from producers.connect import ConnectClient, ConnectorStatus, changed_secrets, remove_secrets, write_secrets
 from producers.source_admin import (
-    SourceIdentity, TableInfo, describe_tables, drop_publication, drop_slot, ensure_publication, ensure_signal_table,
-    partitions_not_full, psycopg_conninfo, send_incremental_snapshot, set_replica_identity_full, source_identity,
+    SourceIdentity,
+    TableInfo,
+    describe_tables,
+    drop_publication,
+    drop_slot,
+    ensure_publication,
+    ensure_signal_table,
+    partitions_not_full,
+    psycopg_conninfo,
+    send_incremental_snapshot,
+    set_replica_identity_full,
+    source_identity,
 )
 
 
@@ -43,7 +53,8 @@ class ApplyReport:
         out += [f"  {format_change(c)}" for c in self.changes if self.action == "updated"]
         out += [f"topic {name}: created" for name in self.topics_created]
         out += [f"partition {name}: replica identity FULL" for name in self.identity_set]
-        out += [f"incremental snapshot requested for {', '.join(self.snapshot_requested)}"] if self.snapshot_requested else []
+        if self.snapshot_requested:
+            out.append(f"incremental snapshot requested for {', '.join(self.snapshot_requested)}")
         if self.partitions_followed:
             out.append(f"partitions attached to or detached from {', '.join(self.partitions_followed)}: followed "
                        "(event trigger)")
@@ -325,12 +336,12 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
     if echo:
         for line in report.lines():
             echo(line)
-    if current is None and pipeline.source.snapshot_mode in ("initial", "when_needed") and settle > 0:
-        if not _wait_for_snapshot(pipeline, notified, settle):
-            report.warnings.append(f"the snapshot is still running after {settle:.0f} s; `cdc connectors status` "
-                                   "checks the topics again")
-            if echo:
-                echo(f"warning: {report.warnings[-1]}")
+    if (current is None and pipeline.source.snapshot_mode in ("initial", "when_needed") and settle > 0
+            and not _wait_for_snapshot(pipeline, notified, settle)):
+        report.warnings.append(f"the snapshot is still running after {settle:.0f} s; `cdc connectors status` "
+                               "checks the topics again")
+        if echo:
+            echo(f"warning: {report.warnings[-1]}")
     stray = unplanned_topics(pipeline, topics.existing_topics(admin))
     if stray:
         raise CaptureError(unplanned_message(pipeline, stray))

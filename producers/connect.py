@@ -44,7 +44,7 @@ class ConnectClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "ConnectClient":
+    def __enter__(self) -> ConnectClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

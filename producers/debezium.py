@@ -54,10 +54,11 @@ HEARTBEAT_PREFIX = "cdc-heartbeat"
 INTEGER_TYPES = {"smallint": 16, "integer": 32, "bigint": 64}
 # Settings whose values are secrets: masked whenever a configuration is printed, and given to Connect as references.
 SECRET_KEYS = ("database.password",)
-# The alias of Kafka's DirectoryConfigProvider in the worker's configuration (infra/templates/connect-worker.properties):
-# `${dir:<directory>:<file>}` is replaced by the file's content when Connect hands the configuration to the connector,
-# so Connect's config topic and its REST API hold the reference, never the password. A directory of one file per
-# secret, not a properties file: a password is stored as it is, with no escaping to get wrong.
+# The alias of Kafka's DirectoryConfigProvider in the worker's configuration
+# (infra/templates/connect-worker.properties): `${dir:<directory>:<file>}` is replaced by the file's content when
+# Connect hands the configuration to the connector, so Connect's config topic and its REST API hold the reference,
+# never the password. A directory of one file per secret, not a properties file: a password is stored as it is,
+# with no escaping to get wrong.
 SECRETS_PROVIDER = "dir"
 
 
@@ -121,7 +122,8 @@ def routed_topic(config: dict[str, str], table: str) -> str:
             regex = config[f"transforms.{name}.regex"]
             if re.fullmatch(regex, topic):
                 replacement = config[f"transforms.{name}.replacement"]
-                topic = re.sub(regex, lambda _: replacement, topic, count=1)
+                # Taken as it is (a function: re.sub would read backslashes in a replacement string).
+                topic = re.sub(regex, lambda _, text=replacement: text, topic, count=1)
     return topic
 
 
@@ -198,7 +200,7 @@ def secret_reference(directory: str, key: str) -> str:
     if ":" in directory or "}" in directory or "{" in directory:
         raise ConfigError(f"the connector secrets directory {directory!r} holds ':', '{{' or '}}', which a Kafka "
                           "Connect config reference cannot name; choose another state directory (CDC_HOME)")
-    return "${%s:%s:%s}" % (SECRETS_PROVIDER, directory, key)
+    return f"${{{SECRETS_PROVIDER}:{directory}:{key}}}"
 
 
 def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo], secrets: str | None = None) -> dict[str, str]:

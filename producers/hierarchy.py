@@ -32,8 +32,8 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import yaml
 from sqlalchemy import create_engine, inspect, text
@@ -463,7 +463,9 @@ class _Analysis:
         return "; ".join(notes)
 
     def unjoinable_reason(self, name: str) -> str:
-        successors = lambda t: sorted({k.parent for k in self.links_from[t] if k.parent not in self.reference})
+        def successors(t: str) -> list[str]:
+            return sorted({k.parent for k in self.links_from[t] if k.parent not in self.reference})
+
         reached = _walk(successors, name)
         nearest = sorted((reached[r][0], self._rank(r), r) for r in self.roots if r in reached)
         if nearest:

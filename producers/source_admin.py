@@ -1,4 +1,4 @@
-"""Source-side administration: what the captured tables look like (SQLAlchemy reflection), slots, publications, signals."""
+"""Source-side administration: the captured tables' shape (SQLAlchemy reflection), slots, publications, signals."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def split_table(table: str) -> tuple[str, str]:
     return schema, name
 
 
-def describe_tables(url: URL, tables: tuple[str, ...] | list[str], source: str = "source.tables") -> dict[str, TableInfo]:
+def describe_tables(url: URL, tables: tuple[str, ...] | list[str],
+                    source: str = "source.tables") -> dict[str, TableInfo]:
     """Reflect the captured tables; a table that does not exist is a configuration error naming it."""
     engine = create_engine(url.set(drivername="postgresql+psycopg"), pool_pre_ping=False)
     try:

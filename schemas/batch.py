@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import json
-from typing import Any, Sequence
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -174,7 +175,8 @@ def _bodies(column: pa.BinaryArray) -> pa.Buffer:
     return stripped.buffers()[2].slice(start, end - start)
 
 
-def extract(frame: Any, paths: Sequence[tuple[str, ...]], arrow: Sequence[str] = ()) -> tuple[list[list[Any]], Any] | None:
+def extract(frame: Any, paths: Sequence[tuple[str, ...]],
+            arrow: Sequence[str] = ()) -> tuple[list[list[Any]], Any] | None:
     """`BatchDecoder.columns` of a decoded frame. A path naming a field the schema lacks gives a column of None."""
     try:
         out = []

@@ -1,4 +1,4 @@
-"""Registry-framed Avro decoding: writer schemas fetched by id from a Confluent-compatible registry, parsed once, cached.
+"""Registry-framed Avro decoding: writer schemas fetched by id from a Confluent-compatible registry, parsed once.
 
 What a message that cannot be decoded raises says whose fault it is, because the applier's `on_error` policy rests on
 it: `Undecodable` (a ValueError) for the message itself (framing too short or not magic byte 0, a schema id the

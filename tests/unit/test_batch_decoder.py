@@ -59,7 +59,8 @@ ENVELOPE = {
 
 
 def row(i):
-    return {"id": i * 7919 - 2**40, "small": None if i % 3 == 0 else -i, "name": ["", "é ☃ 名前", None, "x" * 300][i % 4],
+    return {"id": i * 7919 - 2**40, "small": None if i % 3 == 0 else -i,
+            "name": ["", "é ☃ 名前", None, "x" * 300][i % 4],
             "price": None if i % 5 == 0 else Decimal(f"{i * 13 - 500}.{i % 100:02d}"),
             "amount": None if i % 2 else {"scale": i % 4, "value": (i * 1000003).to_bytes(8, "big", signed=True)},
             "ok": i % 2 == 0, "ratio": i / 7, "single": i * 0.25, "blob": None if i % 4 else bytes(range(i % 256)),
@@ -70,7 +71,8 @@ def row(i):
 def envelope(i):
     op = "cdur"[i % 4]
     return {"before": row(i) if op in "ud" else None, "after": None if op == "d" else row(i + 1),
-            "source": {"ts_ms": 1_795_000_000_000 + i, "snapshot": None if i % 9 == 0 else ("true" if op == "r" else "false"),
+            "source": {"ts_ms": 1_795_000_000_000 + i,
+                       "snapshot": None if i % 9 == 0 else ("true" if op == "r" else "false"),
                        "schema": "public", "table": "thing", "lsn": None if i % 11 == 0 else 10_000 + i},
             "transaction": None if op == "r" else {"id": f"{900 + i // 10}:{10_000 + i}", "total_order": i % 10 + 1},
             "op": op}
@@ -152,5 +154,6 @@ def test_schemas_read_differently_are_left_to_fastavro(field_type, reason):
     with pytest.raises(Unsupported, match=reason):
         polars_schema(schema)
     decoder = AvroDecoder(Registry({5: schema}))
-    value = {"f": 5} if "timestamp" in reason else {"f": Decimal("1.25")} if "precision" in reason else {"f": {"a": "b"}}
+    value = ({"f": 5} if "timestamp" in reason else {"f": Decimal("1.25")} if "precision" in reason
+             else {"f": {"a": "b"}})
     assert BatchDecoder(decoder).columns(5, [framed(5, value, schema)], [("f",)]) is None

@@ -157,7 +157,8 @@ def test_topics_under_the_prefix_outside_the_plan_are_named_with_their_table():
                 "district.notification", "district._source", "district.state.dead-letter", "districts.public.x",
                 "district.public.enrollment", "district.old.dead-letter"}
     found = unplanned_topics(pipeline, existing)
-    assert found == [("district.old.dead-letter", "old.dead-letter"), ("district.public.enrollment", "public.enrollment")]
+    assert found == [("district.old.dead-letter", "old.dead-letter"),
+                     ("district.public.enrollment", "public.enrollment")]
     assert unplanned_message(pipeline, found[1:]) == (
         "topic district.public.enrollment is not planned by pipeline 'district': it holds events of table "
         "public.enrollment that no applier reads")

@@ -5,8 +5,22 @@ from __future__ import annotations
 import pytest
 
 from consumers.lag import (
-    BEHIND, ERROR, OK, STALL, STOP, WARN, DestinationSample, History, PartitionLag, SourceState, applied_offset, judge,
-    partition_lag_seconds, report, window, worst,
+    BEHIND,
+    ERROR,
+    OK,
+    STALL,
+    STOP,
+    WARN,
+    DestinationSample,
+    History,
+    PartitionLag,
+    SourceState,
+    applied_offset,
+    judge,
+    partition_lag_seconds,
+    report,
+    window,
+    worst,
 )
 
 RUNNING = SourceState("RUNNING", ({"id": 0, "state": "RUNNING"},), slot_retained_bytes=1024, slot_active=True)

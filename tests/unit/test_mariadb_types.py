@@ -16,7 +16,11 @@ from sqlalchemy.schema import CreateTable
 
 from cdc.errors import ConfigError
 from consumers.dialects.mariadb import (
-    MariaDBDialect, adapt_mariadb_type, children_first, parents_first, value_converter,
+    MariaDBDialect,
+    adapt_mariadb_type,
+    children_first,
+    parents_first,
+    value_converter,
 )
 from consumers.shapes import ColumnShape, ForeignKeyShape, TableShape
 

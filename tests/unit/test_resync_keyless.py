@@ -11,9 +11,9 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.types import Date, Integer, Text
 
 from cdc.errors import ConfigError
+from consumers.dialects.types import interval_words
 from consumers.resync import _keyless_values
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
-from consumers.dialects.types import interval_words
 
 
 def shape(*columns: tuple[str, object]) -> TableShape:

@@ -39,7 +39,8 @@ def test_messages_are_grouped_by_the_schema_id_of_their_framing():
               b"\x00\x00", b"\x00\x00\x00\x00\x07z"]
     data = np.array([True, True, True, True, True, False])
     # None (a tombstone), a wrong magic byte, too short, and a message of the transaction topic: in no group.
-    assert {k: v.tolist() for k, v in runs.schema_groups(pa.array(framed, pa.binary()), data).items()} == {7: [0], 256: [3]}
+    groups = runs.schema_groups(pa.array(framed, pa.binary()), data)
+    assert {k: v.tolist() for k, v in groups.items()} == {7: [0], 256: [3]}
     codes, data = runs.partition_codes(["a", "tx", "a", "b"], [0, 0, 3, 0], "tx")
     assert len(set(codes.tolist())) == 4 and data.tolist() == [True, False, True, True]
 

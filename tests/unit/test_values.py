@@ -5,7 +5,7 @@ import hashlib
 import io
 import pickle
 import uuid
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
 import fastavro
@@ -13,8 +13,15 @@ import pytest
 
 from cdc.errors import CdcError, Terminal
 from consumers.values import (
-    INFINITY, NEG_INFINITY, PLACEHOLDER, UNAVAILABLE, RowConverter, RowSchemaError, ValueConversionError,
-    converters_for_envelope, unavailable_columns,
+    INFINITY,
+    NEG_INFINITY,
+    PLACEHOLDER,
+    UNAVAILABLE,
+    RowConverter,
+    RowSchemaError,
+    ValueConversionError,
+    converters_for_envelope,
+    unavailable_columns,
 )
 
 PH_BYTES = PLACEHOLDER.encode()
@@ -152,15 +159,15 @@ def test_a_row_round_tripped_through_fastavro_converts_to_bindable_values(conv):
         "day": date(1969, 7, 20), "clock": time(23, 59, 59, 999999), "clock_ms": time(1, 2, 3, 456000),
         "clock_ns": time(1, 2, 3, 456789), "ts": datetime(1900, 1, 1, 12, 34, 56, 123456),
         "ts_ms": datetime(2000, 1, 1, 0, 0, 0, 123000), "ts_ns": datetime(2017, 7, 14, 2, 40, 0, 123456),
-        "tstz": datetime(2024, 2, 29, 18, 29, 59, 654321, tzinfo=timezone.utc),
-        "timetz": time(10, 0, tzinfo=timezone.utc), "span": timedelta(days=-1, seconds=1),
+        "tstz": datetime(2024, 2, 29, 18, 29, 59, 654321, tzinfo=UTC),
+        "timetz": time(10, 0, tzinfo=UTC), "span": timedelta(days=-1, seconds=1),
         "js": '{"a": [1, 2.5, null]}', "uid": uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
         "blob": b"\x00\xff\x10", "ints": [1, None, 3], "longs": [2**40], "smalls": [1, 2], "texts": ["x", "y z", None],
         "days": [date(1970, 1, 1), None, date(1969, 12, 31)],
         "uids": [uuid.UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), None],
         "nums": [Decimal("1.5"), Decimal("-2"), None], "mood": "happy", "bits": b"\x05", "hs": {"k": "v", "n": None},
     }
-    assert row["ts"].tzinfo is None and row["tstz"].tzinfo is timezone.utc
+    assert row["ts"].tzinfo is None and row["tstz"].tzinfo is UTC
     assert row["numv"].as_tuple().exponent == -37  # exact: no rounding to the default 28 digits
 
 
@@ -213,14 +220,14 @@ def test_decimals_are_exact(conv, column, raw, expected):
     ("ts_ms", -1, datetime(1969, 12, 31, 23, 59, 59, 999000)),
     ("tstz", "infinity", INFINITY),
     ("tstz", "-infinity", NEG_INFINITY),
-    ("tstz", "2024-01-01T00:00:00Z", datetime(2024, 1, 1, tzinfo=timezone.utc)),
-    ("tstz", "2024-01-01T02:00:00+02:00", datetime(2024, 1, 1, tzinfo=timezone.utc)),
-    ("tstz", "0001-01-01T00:00:00.000000Z", datetime(1, 1, 1, tzinfo=timezone.utc)),
+    ("tstz", "2024-01-01T00:00:00Z", datetime(2024, 1, 1, tzinfo=UTC)),
+    ("tstz", "2024-01-01T02:00:00+02:00", datetime(2024, 1, 1, tzinfo=UTC)),
+    ("tstz", "0001-01-01T00:00:00.000000Z", datetime(1, 1, 1, tzinfo=UTC)),
     ("tstz", "-0043-03-15T12:00:00.000000Z", "0044-03-15 12:00:00.000000+00 BC"),
     ("tstz", "+10000-01-01T00:00:00Z", "10000-01-01 00:00:00+00"),
     ("clock", 0, time(0)),
     ("clock", 86_400_000_000, "24:00:00"),
-    ("timetz", "23:00:00.5Z", time(23, 0, 0, 500000, tzinfo=timezone.utc)),
+    ("timetz", "23:00:00.5Z", time(23, 0, 0, 500000, tzinfo=UTC)),
     ("span", 0, timedelta(0)),
     ("span", 37_091_106_789_000, timedelta(days=429, seconds=25506, microseconds=789000)),
 ])
