@@ -63,7 +63,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from cdc.config import Destination, Pipeline
 from cdc.errors import CdcError, DecodeError, DestinationBusy, ServiceUnavailable, Terminal
-from consumers import columnar, runs, values
+from consumers import columnar, plan, runs, values
 from consumers.dialects import Dialect, dialect_for
 from consumers.dialects.base import NoMatchingRow, SchemaChangeError
 from consumers.dialects.duckdb import when_free
@@ -815,7 +815,9 @@ class ReplicaApplier:
         if self.dialect.columnar:
             entries = self._write_columnar(conn, entries, steps)
         events = self._events(entries, steps)
-        phases = net_changes(events, self.shapes, self.convert)
+        # Keyless changes Debezium re-sent: out of both (`events` keeps, for the history, those applied earlier).
+        events, state_events = self._keyless_once(conn, events, steps)
+        phases = net_changes(state_events, self.shapes, self.convert)
         if self.dialect.keeps_history:
             history: dict[str, list] = {}
             for event in events:
@@ -855,6 +857,55 @@ class ReplicaApplier:
                     rows += self.dialect.delete(conn, self.shapes[table], keys)
         self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
         return count
+
+    _applied_pruned_at = 0.0  # when `_keyless_once` last pruned the applied-transactions records (monotonic)
+
+    def _keyless_once(self, conn: Any, events: list[ChangeEvent],
+                      steps: list[Step]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
+        """Each change of a table without a primary key applied once, whatever Debezium re-sends (docs/applier.md,
+        "Tables without a primary key under redelivery"). Returns the batch's events without repeats (a copy taken
+        along with its original), and those to apply to the current state: without the keyless changes of
+        transactions the destination recorded as applied. The history gets those too: its anti-join absorbs copies,
+        and a replay `--from TIME` that emptied it since then needs them. The transactions whose keyless changes
+        are applied are recorded in this same destination transaction; one lookup and one multi-row insert a batch,
+        nothing for a batch without keyless changes."""
+        if not plan.has_keyless(events, self.shapes):
+            return events, events
+        events, repeats = plan.keyless_repeats(events, self.shapes)
+        pipeline = self.pipeline.pipeline
+        xids = plan.keyless_xids(events, self.shapes)
+        records = [plan.AppliedRecord(r.source_table, r.xid, r.first_lsn, r.last_lsn, r.end_offset)
+                   for r in self.dialect.load_applied(conn, pipeline, xids)]
+        state, skipped = plan.already_applied(events, self.shapes, records, self._applied_position)
+        end_offsets: dict[str, int] = {}
+        for step in steps:
+            if step.xid is not None and step.marker_offset is not None:
+                end_offsets[step.xid] = min(step.marker_offset, end_offsets.get(step.xid, step.marker_offset))
+        self.dialect.record_applied(conn, pipeline, plan.applied_records(state, self.shapes, end_offsets))
+        if time.monotonic() - self._applied_pruned_at >= plan.APPLIED_PRUNE_EVERY_S:
+            cutoff = plan.applied_cutoff(events)
+            if cutoff is not None:
+                self.dialect.prune_applied(conn, pipeline, cutoff)
+                self._applied_pruned_at = time.monotonic()
+        if repeats or skipped:
+            again = sorted({e.xid for e in [*repeats, *skipped]}, key=lambda x: (len(x), x))
+            named = ", ".join(again[:5]) + (f" and {len(again) - 5} more" if len(again) > 5 else "")
+            self.echo(f"{self.name}: {len(repeats) + len(skipped)} re-sent keyless change(s) of source "
+                      f"transaction(s) {named} already applied: skipped")
+        return events, state
+
+    def _applied_position(self, table: str) -> int:
+        """The transaction topic's offset up to which the destination holds `table`'s changes: an applied-transaction
+        record whose END record is before it still holds (plan.already_applied). The stored offset, or more where a
+        replay left the table as it was: outside a partial replay's scope, the offsets applied before it; in a
+        replay `--from TIME`, which empties nothing, the offsets applied before it."""
+        tx = (self.pipeline.transaction_topic, 0)
+        position = self.applied_positions.get(tx, 0)
+        if self.replay_scope is not None and table not in self.replay_scope[0]:
+            position = max(position, self.replay_scope[1].get(tx, 0))
+        if self.skip_before_ms is not None:
+            position = max(position, self.skip_applied.get(tx, 0))
+        return position
 
     @staticmethod
     def _events(entries: list[tuple[int, Any]], steps: list[Step]) -> list[ChangeEvent]:

@@ -12,6 +12,7 @@ Truncates split the batch into phases, because they must happen between the chan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Mapping
 
 from consumers.events import ChangeEvent
@@ -129,6 +130,120 @@ def _keyless_change(event: ChangeEvent, convert: Converter) -> KeylessChange | N
         if value is UNAVAILABLE and before.get(column, UNAVAILABLE) is not UNAVAILABLE:
             after[column] = before[column]  # an unchanged TOASTed value: the old row holds it
     return KeylessChange("update", before, after)
+
+
+# -- tables without a primary key under redelivery ------------------------------------------------------------------
+# Debezium delivers at least once: after a crash of Connect or of the broker, whole source transactions arrive again.
+# A table with a key absorbs the copies (the `_cdc_lsn` guard); a table without one would take a re-sent insert as a
+# second row, and a re-sent update or delete of a row already gone would stop the applier. So a keyless change is
+# applied once per destination: a repeat within a batch (a copy taken along with its original) is dropped here, and
+# a transaction the destination recorded as applied (shapes.APPLIED_TABLE) has its keyless changes skipped.
+
+
+# How long a destination keeps the record of a transaction whose keyless changes it applied, in source commit time (the
+# newest applied commit time minus this). A copy stands in Kafka right behind the transactions committed shortly after
+# its original: Debezium re-sends from the last source offset Connect committed (offset.flush.interval.ms, 60 s by
+# default) and the transactions it had not yet sent. So when an applier reads a copy, the newest commit it has applied
+# is minutes, at worst hours (Connect far behind the source when it crashed), after the original's commit, however
+# long the applier itself was stopped: measured in source time, not wall-clock time, a week is a wide margin. Pruned
+# at most every APPLIED_PRUNE_EVERY_S seconds, within a batch with keyless changes.
+APPLIED_RETENTION = timedelta(days=7)
+APPLIED_PRUNE_EVERY_S = 600.0
+
+
+@dataclass(frozen=True)
+class AppliedRecord:
+    """A source transaction whose changes of one keyless table a destination applied: its xid, the LSNs of those
+    changes (a re-sent copy has the same ones), and `end_offset`, where its END record is in the transaction topic:
+    the record holds only while the destination's stored offsets are past it (a replay or a restore that moves them
+    back voids it, and the transaction is applied again)."""
+
+    table: str
+    xid: str
+    first_lsn: int
+    last_lsn: int
+    end_offset: int
+    commit_ts_ms: int | None = None
+
+
+def _keyless(event: ChangeEvent, shapes: Mapping[str, TableShape]) -> bool:
+    """A change (or truncate) of a table without a primary key, inside a source transaction."""
+    shape = shapes.get(event.table)
+    return shape is not None and not shape.primary_key and event.xid is not None
+
+
+def has_keyless(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape]) -> bool:
+    return any(_keyless(e, shapes) for e in events)
+
+
+def keyless_repeats(events: list[ChangeEvent],
+                    shapes: Mapping[str, TableShape]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
+    """(kept, dropped): the events with each keyless change once. A change is (transaction, table, its place in the
+    transaction, LSN): Debezium's `total_order` tells apart the changes one statement made at one LSN (a COPY, a
+    multi-row insert of equal rows), which are several real changes; a re-sent copy has the same four. A change
+    without a place (no transaction metadata) is kept: nothing could tell its copy from a second equal change."""
+    seen: set[tuple] = set()
+    kept: list[ChangeEvent] = []
+    dropped: list[ChangeEvent] = []
+    for event in events:
+        if event.tx_order is not None and _keyless(event, shapes):
+            identity = (event.xid, event.table, event.tx_order, event.lsn)
+            if identity in seen:
+                dropped.append(event)
+                continue
+            seen.add(identity)
+        kept.append(event)
+    return kept, dropped
+
+
+def keyless_xids(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape]) -> list[str]:
+    """The transactions of the batch with keyless changes: those whose records are looked up."""
+    return sorted({e.xid for e in events if _keyless(e, shapes)})
+
+
+def applied_cutoff(events: Iterable[ChangeEvent]) -> datetime | None:
+    """Records of transactions committed before this are pruned (APPLIED_RETENTION before the newest commit)."""
+    newest = max((e.commit_ts_ms for e in events if e.commit_ts_ms), default=None)
+    return None if newest is None else datetime.fromtimestamp(newest / 1000, tz=timezone.utc) - APPLIED_RETENTION
+
+
+def already_applied(events: list[ChangeEvent], shapes: Mapping[str, TableShape], records: Iterable[AppliedRecord],
+                    position: Callable[[str], int]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
+    """(to apply, skipped): a keyless change is skipped when a record of its transaction and table holds (its END
+    record is before `position(table)`, the destination's stored offset of the transaction topic) and covers its
+    LSN. The LSN check keeps a transaction id used again (32-bit ids wrap around) from passing for a copy."""
+    covered: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for r in records:
+        if r.end_offset < position(r.table):
+            covered.setdefault((r.xid, r.table), []).append((r.first_lsn, r.last_lsn))
+    if not covered:
+        return events, []
+    kept: list[ChangeEvent] = []
+    skipped: list[ChangeEvent] = []
+    for event in events:
+        ranges = covered.get((event.xid, event.table)) if _keyless(event, shapes) and event.lsn is not None else None
+        if ranges and any(low <= event.lsn <= high for low, high in ranges):
+            skipped.append(event)
+        else:
+            kept.append(event)
+    return kept, skipped
+
+
+def applied_records(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape],
+                    end_offsets: Mapping[str, int]) -> list[AppliedRecord]:
+    """One record per (transaction, keyless table) of the changes about to be applied; `end_offsets`: each
+    transaction's END record offset in the transaction topic."""
+    spans: dict[tuple[str, str], list[Any]] = {}
+    for event in events:
+        if not _keyless(event, shapes) or event.lsn is None or event.xid not in end_offsets:
+            continue
+        span = spans.get((event.xid, event.table))
+        if span is None:
+            spans[event.xid, event.table] = [event.lsn, event.lsn, event.commit_ts_ms]
+        else:
+            span[0], span[1] = min(span[0], event.lsn), max(span[1], event.lsn)
+    return [AppliedRecord(table, xid, low, high, end_offsets[xid], commit)
+            for (xid, table), (low, high, commit) in spans.items()]
 
 
 def dependency_order(shapes: Mapping[str, TableShape], edges: Mapping[str, set[str]] | None = None) -> list[str]:

@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from sqlalchemy import (
-    BigInteger, Column, DateTime, ForeignKeyConstraint, Integer, MetaData, PrimaryKeyConstraint, String, Table, Text,
-    and_, inspect, literal_column, select, text,
+    BigInteger, Column, DateTime, ForeignKeyConstraint, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table,
+    Text, and_, inspect, literal_column, select, text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateSchema
@@ -25,7 +25,9 @@ from sqlalchemy.types import TypeEngine
 from cdc.errors import CdcError, Terminal
 from consumers.events import ChangeEvent
 from consumers.dialects.types import SourceType
-from consumers.shapes import LSN_COLUMN, OFFSETS_TABLE, SNAPSHOT_LSN, STATUS_TABLE, ColumnShape, TableShape
+from consumers.shapes import (
+    APPLIED_TABLE, LSN_COLUMN, OFFSETS_TABLE, SNAPSHOT_LSN, STATUS_TABLE, ColumnShape, TableShape,
+)
 from consumers.values import UNAVAILABLE
 
 # The analytics replica's change history: table `t` gets `t__history` with t's columns and these.
@@ -186,6 +188,22 @@ class Dialect(ABC):
             Column("error", Text, nullable=False),
             Column("updated_at", DateTime(timezone=True), nullable=False),
         )
+        # The source transactions whose keyless changes were applied here (shapes.APPLIED_TABLE), written in the same
+        # transaction as the rows and offsets. `end_offset`: where the transaction's END record is in the transaction
+        # topic; a record counts only while the stored offsets are past it (a replay or a restore that moves them
+        # back makes it void). Looked up by (pipeline, xid), pruned by source commit time.
+        self.applied = Table(
+            APPLIED_TABLE, self.metadata,
+            Column("pipeline", String(200), primary_key=True),
+            Column("xid", String(64), primary_key=True),
+            Column("source_table", String(255), primary_key=True),
+            Column("first_lsn", BigInteger, nullable=False),
+            Column("last_lsn", BigInteger, nullable=False),
+            Column("end_offset", BigInteger, nullable=False),
+            Column("committed_at", DateTime(timezone=True)),
+            Column("applied_at", DateTime(timezone=True), nullable=False),
+            Index("_cdc_applied_committed", "pipeline", "committed_at"),
+        )
         self._tables: dict[str, Table] = {}
         # (source table, column) of each column ensure_table added to an existing table: the applier fills them.
         self.added_columns: list[tuple[str, str]] = []
@@ -268,6 +286,8 @@ class Dialect(ABC):
 
     def ensure_offsets_table(self, conn: Connection) -> None:
         self.offsets.create(conn, checkfirst=True)
+        # Beside the offsets: never relocated (a shadow replay's records are checked against the shadow's offsets).
+        self.applied.create(conn, checkfirst=True)
 
     def table(self, shape: TableShape) -> Table:
         """The SQLAlchemy Table of a shape at the destination (with `_cdc_lsn`), built once."""
@@ -501,6 +521,37 @@ class Dialect(ABC):
 
     @abstractmethod
     def upsert_offsets_statement(self) -> Any: ...
+
+    # -- source transactions whose keyless changes were applied (shapes.APPLIED_TABLE) -----------------------------
+    def load_applied(self, conn: Connection, pipeline: str, xids: list[str]) -> list[Any]:
+        """The records of these source transactions: rows with xid, source_table, first_lsn, last_lsn, end_offset."""
+        t = self.applied
+        found: list[Any] = []
+        for at in range(0, len(xids), 1000):  # bounded IN lists (a batch of one-row transactions holds thousands)
+            found += conn.execute(select(t.c.xid, t.c.source_table, t.c.first_lsn, t.c.last_lsn, t.c.end_offset)
+                                  .where(t.c.pipeline == pipeline, t.c.xid.in_(xids[at:at + 1000]))).all()
+        return found
+
+    def record_applied(self, conn: Connection, pipeline: str, records: list[Any]) -> None:
+        """Record (consumers.plan.AppliedRecord) the source transactions whose keyless changes this transaction
+        applies, replacing older records of the same ones (a replay applies them again)."""
+        if not records:
+            return
+        now = datetime.now(timezone.utc)
+        conn.execute(self.upsert_applied_statement(), [
+            {"pipeline": pipeline, "xid": r.xid, "source_table": r.table, "first_lsn": r.first_lsn,
+             "last_lsn": r.last_lsn, "end_offset": r.end_offset, "applied_at": now,
+             "committed_at": datetime.fromtimestamp(r.commit_ts_ms / 1000, tz=timezone.utc)
+             if r.commit_ts_ms else None} for r in records])
+
+    def upsert_applied_statement(self) -> Any:
+        raise NotImplementedError(f"{self.name} destinations do not record applied transactions")
+
+    def prune_applied(self, conn: Connection, pipeline: str, committed_before: datetime) -> int:
+        """Forget the records of source transactions committed before `committed_before`; how many went."""
+        t = self.applied
+        result = conn.execute(t.delete().where(t.c.pipeline == pipeline, t.c.committed_at < committed_before))
+        return max(result.rowcount or 0, 0)
 
     # -- the applier's status -------------------------------------------------------------------------------------
     def record_error(self, conn: Connection, pipeline: str, error: str | None) -> None:

@@ -269,6 +269,33 @@ class DuckDBDialect(Dialect):
         finally:
             raw.unregister(name)
 
+    def record_applied(self, conn: Connection, pipeline: str, records: list[Any]) -> None:
+        # One statement from Arrow, as store_offsets: the driver would run an executemany row by row.
+        if not records:
+            return
+        now = datetime.now(timezone.utc)
+        rows = pa.table({
+            "pipeline": pa.array([pipeline] * len(records), pa.string()),
+            "xid": pa.array([r.xid for r in records], pa.string()),
+            "source_table": pa.array([r.table for r in records], pa.string()),
+            "first_lsn": pa.array([r.first_lsn for r in records], pa.int64()),
+            "last_lsn": pa.array([r.last_lsn for r in records], pa.int64()),
+            "end_offset": pa.array([r.end_offset for r in records], pa.int64()),
+            "committed_at": pa.array([datetime.fromtimestamp(r.commit_ts_ms / 1000, tz=timezone.utc)
+                                      if r.commit_ts_ms else None for r in records], pa.timestamp("us", tz="UTC")),
+            "applied_at": pa.array([now] * len(records), pa.timestamp("us", tz="UTC"))})
+        raw = conn.connection.driver_connection
+        name = f"_cdc_applied_{uuid.uuid4().hex[:12]}"
+        raw.register(name, rows)
+        try:
+            target = conn.dialect.identifier_preparer.format_table(self.applied)
+            raw.execute(f"INSERT INTO {target} SELECT * FROM {name} ON CONFLICT (pipeline, xid, source_table) DO UPDATE "
+                        "SET first_lsn = EXCLUDED.first_lsn, last_lsn = EXCLUDED.last_lsn, end_offset = "
+                        "EXCLUDED.end_offset, committed_at = EXCLUDED.committed_at, applied_at = EXCLUDED.applied_at"
+                        ).fetchall()
+        finally:
+            raw.unregister(name)
+
     def upsert_offsets_statement(self) -> Any:
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 

@@ -88,6 +88,7 @@ class MariaDBDialect(Dialect):
             )
         super().__init__(engine)
         _table_options(self.offsets)
+        _table_options(self.applied)
 
     # -- naming and types ---------------------------------------------------------------------------------------
     def destination_name(self, shape: TableShape) -> tuple[str | None, str]:
@@ -290,6 +291,11 @@ class MariaDBDialect(Dialect):
         stmt = mysql_insert(self.offsets)
         return stmt.on_duplicate_key_update(next_offset=stmt.inserted.next_offset,
                                             updated_at=stmt.inserted.updated_at)
+
+    def upsert_applied_statement(self) -> Any:
+        stmt = mysql_insert(self.applied)
+        return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in (
+            "first_lsn", "last_lsn", "end_offset", "committed_at", "applied_at")})
 
     # -- values -------------------------------------------------------------------------------------------------
     def column_converter(self, column: ColumnShape) -> Callable[[Any], Any] | None:

@@ -340,6 +340,9 @@ class PostgresDialect(Dialect):
             set_={"next_offset": stmt.excluded.next_offset, "updated_at": stmt.excluded.updated_at},
         )
 
+    def upsert_applied_statement(self) -> Any:
+        return applied_upsert(self.applied)
+
 
 class PostgresAnalyticsDialect(PostgresDialect):
     name = "postgresql analytics"
@@ -521,6 +524,14 @@ def reader_password(url: Any, role: str, *, create: bool) -> str | None:
     finally:
         temporary.unlink()
     return password
+
+
+def applied_upsert(applied: Table) -> Any:
+    """INSERT ... ON CONFLICT of the applied-transactions table (base.Dialect.record_applied); DuckDB speaks it too."""
+    stmt = pg_insert(applied)
+    return stmt.on_conflict_do_update(
+        index_elements=[applied.c.pipeline, applied.c.xid, applied.c.source_table],
+        set_={c: stmt.excluded[c] for c in ("first_lsn", "last_lsn", "end_offset", "committed_at", "applied_at")})
 
 
 def _identifier(table: Table, suffix: str = "") -> sql.Identifier:
