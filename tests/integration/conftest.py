@@ -1,4 +1,5 @@
-"""The real local stack, started once per test session (and stopped afterwards only if this session started it)."""
+"""Fixtures shared by the integration tests, registered once: the real local stack, started once per test session
+(and stopped afterwards only if this session started it), fresh databases, and the sample source with its replica."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import psycopg
 import pytest
 
 from infra import stack as stack_mod
+from producers import capture
 from producers.connect import ConnectClient
-from producers.source_admin import drop_slot, slots_of_database
 from schemas.codec import AvroDecoder, RegistryClient
+from tests.integration.pipelines import fresh_database, pipeline_data, purge, write_pipeline
+from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,18 +43,6 @@ def decoder(stack):
     registry.close()
 
 
-def fresh_database(stack, prefix: str):
-    """A new, uniquely named PostgreSQL database; dropped afterwards with whatever slot still points at it."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')
-    yield name
-    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-        for slot in slots_of_database(conn, name):
-            drop_slot(conn, slot)
-        conn.execute(f'drop database if exists "{name}" with (force)')
-
-
 @pytest.fixture
 def source_db(stack):
     """A fresh source database."""
@@ -77,3 +68,23 @@ def mariadb_database(stack):
     with admin.begin() as conn:
         conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
     admin.dispose()
+
+
+@pytest.fixture
+def replica(stack, source_db, tmp_path):
+    """A source with the sample schema, its connector, and an empty PostgreSQL destination `state`; yields
+    (pipeline file, source URL, destination URL)."""
+    with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    destination = f"dst_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
+        conn.execute(f'create database "{destination}"')
+    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
+                         destinations={"state": {"kind": "replica", "url": stack.postgres_url(destination)}})
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, data)
+    capture.apply(pipeline)
+    yield path, stack.postgres_url(source_db), stack.postgres_url(destination)
+    purge(pipeline)
+    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{destination}" with (force)')

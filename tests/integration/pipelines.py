@@ -1,4 +1,5 @@
-"""Helpers for integration tests: pipeline files pointed at the test stack, and reading what reached Kafka."""
+"""Helpers for integration tests: pipeline files pointed at the test stack, fresh databases, running `cdc`, and
+reading what reached Kafka and the destinations."""
 
 from __future__ import annotations
 
@@ -15,7 +16,21 @@ from psycopg import sql
 from cdc import config
 from cdc.config import Pipeline
 from infra.stack import StackLayout
-from producers import capture
+from producers import capture, topics
+from producers.source_admin import drop_slot, slots_of_database
+
+
+def fresh_database(stack: StackLayout, prefix: str):
+    """A new, uniquely named PostgreSQL database (a generator: yields its name); dropped afterwards with whatever
+    slot still points at it."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    yield name
+    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
+        for slot in slots_of_database(conn, name):
+            drop_slot(conn, slot)
+        conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 def pipeline_data(stack: StackLayout, database: str, tables: list[str], *, name: str | None = None,
@@ -97,11 +112,64 @@ def purge(pipeline: Pipeline) -> None:
     """Delete the test pipeline's connector, slot and publication, and its topics: thousands of topics left by a run
     of the suite slow the broker's metadata requests and fill its heap."""
     capture.delete(pipeline, purge=True)
-    from producers import topics
-
     admin = topics.admin_client(pipeline.kafka.bootstrap_servers)
     prefix = pipeline.pipeline + "."
     mine = [t for t in topics.existing_topics(admin)
             if t.startswith(prefix) or t == f"__debezium-heartbeat.{pipeline.pipeline}"]
     if mine:
         admin.delete_topics(mine, operation_timeout=30)  # not waited for: nothing reads them again
+
+
+def pipeline_topics_now(stack: StackLayout, pipeline: Pipeline) -> list[str]:
+    """The pipeline's topics that exist at the broker now, sorted."""
+    admin = topics.admin_client(stack.kafka_bootstrap)
+    return sorted(t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.pipeline}."))
+
+
+def assert_nothing_created(stack: StackLayout, connect: Any, pipeline: Pipeline, database: str) -> None:
+    """A refused `cdc connectors apply` left nothing behind: no connector, slot, publication or topic."""
+    assert connect.status(pipeline.connector_name) is None
+    with psycopg.connect(stack.postgres_url(database)) as conn:
+        assert conn.execute("select slot_name from pg_replication_slots where slot_name = %s",
+                            (pipeline.slot_name,)).fetchall() == []
+        assert conn.execute("select pubname from pg_publication where pubname = %s",
+                            (pipeline.publication_name,)).fetchall() == []
+    assert pipeline_topics_now(stack, pipeline) == []
+
+
+def expire_history(stack: StackLayout, path: Path, table: str) -> None:
+    """Delete every record of the topic holding `table`, as if retention had expired the whole history."""
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    topic = config.load(path, env={}).topic_of(table)
+    probe = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "replay-test"})
+    cut = [TopicPartition(topic, p, probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+           for p in range(6)]
+    probe.close()
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    for future in admin.delete_records([tp for tp in cut if tp.offset > 0]).values():
+        future.result()
+
+
+def destination_rows(url: str, table: str, columns: list[str], order: str = "") -> list[tuple]:
+    """A table's rows at a destination (PostgreSQL, MariaDB or a DuckDB file), read with plain SQL; sorted."""
+    if url.startswith("duckdb:///"):
+        import duckdb
+
+        with duckdb.connect(url.removeprefix("duckdb:///"), read_only=True) as conn:
+            cols = ", ".join(f'"{c}"' for c in columns)
+            return sorted(conn.execute(f'select {cols} from "public.{table}"').fetchall(), key=repr)
+    if url.startswith("mysql"):
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                cols = ", ".join(f"`{c}`" for c in columns)
+                return sorted((tuple(r) for r in conn.execute(text(f"select {cols} from `{table}`"))), key=repr)
+        finally:
+            engine.dispose()
+    with psycopg.connect(url) as conn:
+        cols = ", ".join(f'"{c}"' for c in columns)
+        return sorted(conn.execute(f'select {cols} from public."{table}"').fetchall(), key=repr)

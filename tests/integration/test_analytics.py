@@ -12,8 +12,8 @@ import duckdb
 import psycopg
 
 from producers import capture
-from tests.integration.pipelines import pipeline_data, purge, write_pipeline
-from tests.integration.test_replica import CDC, HIERARCHIES, SCHEMA, TABLES, workload
+from tests.integration.pipelines import CDC, pipeline_data, purge, write_pipeline
+from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES, workload
 
 
 def test_analytics_replica_history_and_read_only_queries(stack, source_db, tmp_path):

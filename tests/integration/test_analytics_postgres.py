@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import time
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
 import psycopg
@@ -21,29 +20,20 @@ from sqlalchemy import make_url
 from cdc import config
 from consumers.dialects.postgres import reader_password_file
 from producers import capture
-from tests.integration.pipelines import pipeline_data, purge
-from tests.integration.test_replica import CDC, rows
+from tests.integration.pipelines import CDC, pipeline_data, purge
+from tests.integration.sample import NAMES, SCHEMA, TABLES, rows, workload
 
-SCHEMA = """
-create table account (id bigint primary key, owner text not null, balance numeric(12, 2) not null,
-                      opened date not null);
-create table entry (id bigint primary key, account_id bigint not null references account (id),
-                    amount numeric(12, 2) not null, note text);
-alter table entry replica identity full;  -- so that Debezium's delete events carry the whole row
-insert into account select g, 'owner ' || g, 100, date '2025-01-01' + g from generate_series(1, 20) g;
-insert into entry select g, 1 + g % 20, g, null from generate_series(1, 40) g;
-"""
-TABLES = ["public.account", "public.entry"]
 READER_PASSWORD = "reader-" + uuid.uuid4().hex[:12]
 
 
 @pytest.fixture
 def lake(stack, source_db, tmp_path):
-    """A source with two tables and its connector; two PostgreSQL analytics destinations: `lake` with a named
+    """A source with the sample schema and its connector; two PostgreSQL analytics destinations: `lake` with a named
     read-only role that logs in with a password from the environment, and one with the default role, which logs in
     with the password `cdc run` generates for it."""
     with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
         conn.execute(SCHEMA)
+        conn.execute("alter table enrollment replica identity full")  # Debezium's delete events carry the whole row
     suffix = uuid.uuid4().hex[:8]
     databases = [f"ana_{suffix}", f"mart_{suffix}"]
     mart = f"mart_{suffix}"
@@ -87,37 +77,9 @@ def as_of(url: str, table: str, key: int, at: datetime) -> tuple | None:
     """The row `key` of `table` as of `at`, from its history with plain SQL: None when it did not exist."""
     with psycopg.connect(url) as conn:
         found = conn.execute(
-            f"select owner, balance, _cdc_op from public.{table}__history where id = %s and _cdc_commit_ts <= %s "
+            f"select name, balance, _cdc_op from public.{table}__history where id = %s and _cdc_commit_ts <= %s "
             "order by _cdc_commit_ts desc, _cdc_lsn desc limit 1", (key, at)).fetchone()
     return None if found is None or found[2] == "d" else found[:2]
-
-
-def workload(url: str, transactions: int, seed: int) -> None:
-    """Multi-table source transactions: inserts, updates and deletes of accounts and their entries."""
-    rng = random.Random(seed)
-    with psycopg.connect(url, autocommit=True) as conn:
-        next_id = 1000
-        for _ in range(transactions):
-            with conn.transaction():
-                accounts = [r[0] for r in conn.execute("select id from account where id > 3 order by id")]
-                target = rng.choice(accounts)
-                kind = rng.choice(["entry", "entry", "open", "close", "twice", "note"])
-                if kind == "entry":
-                    next_id += 1
-                    amount = Decimal(rng.randint(-500, 500)) / 10
-                    conn.execute("insert into entry values (%s, %s, %s, %s)", (next_id, target, amount, "w"))
-                    conn.execute("update account set balance = balance + %s where id = %s", (amount, target))
-                elif kind == "open":
-                    next_id += 1
-                    conn.execute("insert into account values (%s, %s, 0, current_date)", (next_id, f"new {next_id}"))
-                elif kind == "close" and len(accounts) > 5:
-                    conn.execute("delete from entry where account_id = %s", (target,))
-                    conn.execute("delete from account where id = %s", (target,))
-                elif kind == "twice":  # one row changed twice in one transaction: same commit time, two LSNs
-                    conn.execute("update account set balance = balance + 1 where id = %s", (target,))
-                    conn.execute("update account set owner = %s where id = %s", (f"owner {rng.random()}", target))
-                else:
-                    conn.execute("update entry set note = %s where account_id = %s", (f"seen {rng.random()}", target))
 
 
 def test_postgres_analytics_replica_history_and_read_only_role(stack, source_db, lake):
@@ -133,25 +95,26 @@ def test_postgres_analytics_replica_history_and_read_only_role(stack, source_db,
     assert f"lake: created read-only role {reader}" in first.stdout
     assert f"{mart}: created read-only role cdc_reader_{mart}" in first.stdout
 
-    # A scripted life of account 1 and of a new account 500, each step committed before a known moment.
+    # A scripted life of person 1 and of a new person 500, each step committed before a known moment.
     with psycopg.connect(source, autocommit=True) as conn:
         before = moment(conn)
-        conn.execute("update account set owner = 'alice', balance = 10 where id = 1")
+        conn.execute("update person set name = 'alice', balance = 10 where id = 1")
         t_alice = moment(conn)
-        with conn.transaction():  # one source transaction over both tables
-            conn.execute("update account set owner = 'bob', balance = 20 where id = 1")
-            conn.execute("insert into account values (500, 'carol', 5, current_date)")
-            conn.execute("insert into entry values (900, 500, 5, 'first')")
+        with conn.transaction():  # one source transaction over both tables, person 1 changed twice in it
+            conn.execute("update person set name = 'bob' where id = 1")
+            conn.execute("update person set balance = 20 where id = 1")  # same commit time, a later LSN
+            conn.execute("insert into person (id, name, balance) values (500, 'carol', 5)")
+            conn.execute("insert into enrollment values (900, 500, 1, 5, date '2025-09-01')")
         t_bob = moment(conn)
-        conn.execute("update account set balance = 30 where id = 1")
-        conn.execute("update account set owner = 'dave' where id = 500")
+        conn.execute("update person set balance = 30 where id = 1")
+        conn.execute("update person set name = 'dave' where id = 500")
         t_thirty = moment(conn)
         with conn.transaction():
-            conn.execute("delete from entry where account_id = 500")
-            conn.execute("delete from account where id = 500")
+            conn.execute("delete from enrollment where person_id = 500")
+            conn.execute("delete from person where id = 500")
         t_gone = moment(conn)
-        conn.execute("update account set owner = 'erin' where id = 1")
-    workload(source, 120, seed=3)
+        conn.execute("update person set name = 'erin' where id = 1")
+    workload(source, 120, seed=3)  # never renames or deletes person 1
 
     # A second run prepares again (the role and its grants are idempotent) and applies the rest.
     result = cdc(path, "run", "--until-caught-up", "--timeout", "240")
@@ -159,42 +122,44 @@ def test_postgres_analytics_replica_history_and_read_only_role(stack, source_db,
     assert "created read-only role" not in result.stdout
 
     # The current state equals the source, row by row, both sides read with plain SQL.
-    for table in ("account", "entry"):
+    for table in NAMES:
         source_rows = rows(source, table)
-        assert len(source_rows) > 20
+        assert len(source_rows) > 20 or table == "school", table
         assert rows(lake_url, table) == source_rows, table
         assert rows(stack.postgres_url(databases[mart]), table) == source_rows, table
 
     # "The value of row X as of time T", for the scripted sequence.
-    assert as_of(lake_url, "account", 1, before) == ("owner 1", Decimal("100.00"))
-    assert as_of(lake_url, "account", 1, t_alice) == ("alice", Decimal("10.00"))
-    assert as_of(lake_url, "account", 1, t_bob) == ("bob", Decimal("20.00"))
-    assert as_of(lake_url, "account", 1, t_thirty) == ("bob", Decimal("30.00"))
-    assert as_of(lake_url, "account", 1, t_gone) == ("bob", Decimal("30.00"))
-    assert as_of(lake_url, "account", 500, t_alice) is None
-    assert as_of(lake_url, "account", 500, t_bob) == ("carol", Decimal("5.00"))
-    assert as_of(lake_url, "account", 500, t_thirty) == ("dave", Decimal("5.00"))
-    assert as_of(lake_url, "account", 500, t_gone) is None
+    assert as_of(lake_url, "person", 1, before) == ("person 1", Decimal("1000.00"))
+    assert as_of(lake_url, "person", 1, t_alice) == ("alice", Decimal("10.00"))
+    assert as_of(lake_url, "person", 1, t_bob) == ("bob", Decimal("20.00"))
+    assert as_of(lake_url, "person", 1, t_thirty) == ("bob", Decimal("30.00"))
+    assert as_of(lake_url, "person", 1, t_gone) == ("bob", Decimal("30.00"))
+    assert as_of(lake_url, "person", 500, t_alice) is None
+    assert as_of(lake_url, "person", 500, t_bob) == ("carol", Decimal("5.00"))
+    assert as_of(lake_url, "person", 500, t_thirty) == ("dave", Decimal("5.00"))
+    assert as_of(lake_url, "person", 500, t_gone) is None
     # The history's newest version of every key is the current state: the whole history, in the right order.
-    newest = ("select id, owner, balance, opened from (select distinct on (id) * from public.account__history "
-              "order by id, _cdc_commit_ts desc, _cdc_lsn desc) h where _cdc_op <> 'd' order by id")
+    newest = ("select id, name, balance, mentor_id, updated_at from (select distinct on (id) * "
+              "from public.person__history order by id, _cdc_commit_ts desc, _cdc_lsn desc) h where _cdc_op <> 'd' "
+              "order by id")
     with psycopg.connect(source) as conn:
-        current = conn.execute("select id, owner, balance, opened from account order by id").fetchall()
+        current = conn.execute("select id, name, balance, mentor_id, updated_at from person order by id").fetchall()
     with psycopg.connect(lake_url) as conn:
         assert conn.execute(newest).fetchall() == current
-        assert conn.execute("select count(*) from public.account__history h where _cdc_lsn is null "
+        assert conn.execute("select count(*) from public.person__history h where _cdc_lsn is null "
                             "or _cdc_commit_ts is null or _cdc_op not in ('r', 'c', 'u', 'd')").fetchone() == (0,)
 
     with psycopg.connect(lake_url) as conn:
         # Every change in order; a delete with the row as it was (the whole row with REPLICA IDENTITY FULL, only
         # the key otherwise); a snapshot read as `r`; the changes of one source transaction under one id.
-        assert conn.execute("select _cdc_op from public.account__history where id = 500 "
+        assert conn.execute("select _cdc_op from public.person__history where id = 500 "
                             "order by _cdc_lsn").fetchall() == [("c",), ("u",), ("d",)]
-        assert conn.execute("select account_id, amount, note, _cdc_op from public.entry__history where id = 900 "
-                            "order by _cdc_lsn").fetchall() == [(500, 5, "first", "c"), (500, 5, "first", "d")]
-        assert conn.execute("select count(*) from public.entry__history where _cdc_op = 'r'").fetchone() == (40,)
-        tx = conn.execute("select distinct _cdc_tx_id from public.account__history where id = 500 and _cdc_op = 'c' "
-                          "union select distinct _cdc_tx_id from public.entry__history where id = 900 "
+        first = (500, 1, 5, date(2025, 9, 1))
+        assert conn.execute("select person_id, school_id, grade, started, _cdc_op from public.enrollment__history "
+                            "where id = 900 order by _cdc_lsn").fetchall() == [(*first, "c"), (*first, "d")]
+        assert conn.execute("select count(*) from public.enrollment__history where _cdc_op = 'r'").fetchone() == (50,)
+        tx = conn.execute("select distinct _cdc_tx_id from public.person__history where id = 500 and _cdc_op = 'c' "
+                          "union select distinct _cdc_tx_id from public.enrollment__history where id = 900 "
                           "and _cdc_op = 'c'").fetchall()
         assert len(tx) == 1 and tx[0][0]
         # No foreign keys on analytics tables.
@@ -208,49 +173,49 @@ def test_postgres_analytics_replica_history_and_read_only_role(stack, source_db,
         assert conn.execute("select rolcanlogin, rolconfig from pg_roles where rolname = %s",
                             (f"cdc_reader_{mart}",)).fetchone() == (True, ["default_transaction_read_only=on"])
     reader_url = f"postgresql://{reader}:{READER_PASSWORD}@127.0.0.1:{stack.ports['postgres']}/{databases['lake']}"
-    expected = rows(source, "account")
+    expected = rows(source, "person")
     with psycopg.connect(reader_url) as conn:
-        assert conn.execute("select count(*) from public.account").fetchone() == (len(expected),)
-        assert conn.execute("select count(*) > 0 from public.entry__history").fetchone() == (True,)
+        assert conn.execute("select count(*) from public.person").fetchone() == (len(expected),)
+        assert conn.execute("select count(*) > 0 from public.enrollment__history").fetchone() == (True,)
         with pytest.raises(errors.ReadOnlySqlTransaction):
-            conn.execute("update public.account set balance = 0")
+            conn.execute("update public.person set balance = 0")
         conn.rollback()
         conn.read_only = False  # even a transaction it makes read-write cannot write: it holds SELECT only
         with pytest.raises(errors.InsufficientPrivilege):
-            conn.execute("update public.account set balance = 0")
+            conn.execute("update public.person set balance = 0")
         conn.rollback()
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("select * from _cdc_offsets")
 
     # `cdc query`: reads as the read-only role, in the DuckDB path's output format.
-    read = cdc(path, "query", "select count(*) as n, sum(balance) as total from public.account", "--json")
+    read = cdc(path, "query", "select count(*) as n, sum(balance) as total from public.person", "--json")
     assert read.returncode == 0, read.stderr
     with psycopg.connect(source) as conn:
-        n, total = conn.execute("select count(*), sum(balance) from account").fetchone()
+        n, total = conn.execute("select count(*), sum(balance) from person").fetchone()
     assert json.loads(read.stdout) == [{"n": n, "total": str(total)}]
-    text = cdc(path, "query", "select current_user as who, owner from public.account where id = 1")
+    text = cdc(path, "query", "select current_user as who, name from public.person where id = 1")
     assert text.returncode == 0, text.stderr
-    assert text.stdout.splitlines() == ["who\towner", f"{reader}\terin"]
-    mart_read = cdc(path, "query", "--dest", mart, "select current_user as who, count(*) as n from public.entry "
+    assert text.stdout.splitlines() == ["who\tname", f"{reader}\terin"]
+    mart_read = cdc(path, "query", "--dest", mart, "select current_user as who, count(*) as n from public.enrollment "
                     "group by 1")
     assert mart_read.returncode == 0, mart_read.stderr
-    assert mart_read.stdout.splitlines()[1] == f"cdc_reader_{mart}\t{len(rows(source, 'entry'))}"
+    assert mart_read.stdout.splitlines()[1] == f"cdc_reader_{mart}\t{len(rows(source, 'enrollment'))}"
 
     # Writes are refused with one clear line and exit 1, and so are the tricks around the role; nothing changes.
-    for statement in ("insert into public.account values (9999, 'x', 0, current_date)",
-                      "update public.account set balance = 0",
-                      "delete from public.entry",
+    for statement in ("insert into public.person values (9999, 'x', 0, null, now())",
+                      "update public.person set balance = 0",
+                      "delete from public.enrollment",
                       "create table public.intruder (i int)",
-                      "drop table public.account",
-                      "truncate public.entry",
-                      "do $$ begin execute 'reset role'; delete from public.account; end $$",
-                      "with gone as (delete from public.account returning 1) select count(*) from gone"):
+                      "drop table public.person",
+                      "truncate public.enrollment",
+                      "do $$ begin execute 'reset role'; delete from public.person; end $$",
+                      "with gone as (delete from public.person returning 1) select count(*) from gone"):
         refused = cdc(path, "query", statement)
         assert refused.returncode == 1, (statement, refused.stdout, refused.stderr)
         assert refused.stderr.startswith("error: the analytics replica is read-only: "), (statement, refused.stderr)
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    for statement in ("reset role; delete from public.account", "commit; delete from public.account",
-                      "set transaction read write; update public.account set balance = 0"):
+    for statement in ("reset role; delete from public.person", "commit; delete from public.person",
+                      "set transaction read write; update public.person set balance = 0"):
         refused = cdc(path, "query", statement)
         assert refused.returncode == 1, (statement, refused.stdout, refused.stderr)
         assert "one statement at a time" in refused.stderr, (statement, refused.stderr)
@@ -258,8 +223,8 @@ def test_postgres_analytics_replica_history_and_read_only_role(stack, source_db,
     assert lifted.returncode == 1 and "read-write mode" in lifted.stderr, lifted.stderr
     private = cdc(path, "query", "select * from _cdc_offsets")
     assert private.returncode == 1 and "permission denied" in private.stderr, private.stderr
-    assert rows(lake_url, "account") == expected
-    assert rows(lake_url, "entry") == rows(source, "entry")
+    assert rows(lake_url, "person") == expected
+    assert rows(lake_url, "enrollment") == rows(source, "enrollment")
     with psycopg.connect(lake_url) as conn:
         assert conn.execute("select to_regclass('public.intruder')").fetchone() == (None,)
 

@@ -15,7 +15,15 @@ from confluent_kafka import Consumer, Producer
 
 from producers import capture
 from schemas.codec import AvroDecoder, RegistryClient
-from tests.integration.pipelines import caught_up, cdc, execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import (
+    caught_up,
+    cdc,
+    destination_rows,
+    execute,
+    pipeline_data,
+    purge,
+    write_pipeline,
+)
 
 GHOST_XID = "987654321"
 
@@ -108,29 +116,6 @@ def test_a_transaction_whose_events_never_arrive_is_named_within_the_grace_perio
         assert lag["destinations"][0]["status"] != "ERROR", lag
     finally:
         purge(pipeline)
-
-
-def destination_rows(url: str, table: str, columns: list[str], order: str = "") -> list[tuple]:
-    """A table's rows at a destination (PostgreSQL, MariaDB or a DuckDB file), read with plain SQL; sorted."""
-    if url.startswith("duckdb:///"):
-        import duckdb
-
-        with duckdb.connect(url.removeprefix("duckdb:///"), read_only=True) as conn:
-            cols = ", ".join(f'"{c}"' for c in columns)
-            return sorted(conn.execute(f'select {cols} from "public.{table}"').fetchall(), key=repr)
-    if url.startswith("mysql"):
-        from sqlalchemy import create_engine, text
-
-        engine = create_engine(url)
-        try:
-            with engine.connect() as conn:
-                cols = ", ".join(f"`{c}`" for c in columns)
-                return sorted((tuple(r) for r in conn.execute(text(f"select {cols} from `{table}`"))), key=repr)
-        finally:
-            engine.dispose()
-    with psycopg.connect(url) as conn:
-        cols = ", ".join(f'"{c}"' for c in columns)
-        return sorted(conn.execute(f'select {cols} from public."{table}"').fetchall(), key=repr)
 
 
 @pytest.fixture

@@ -15,27 +15,18 @@ from consumers.stream import ChangeStream
 from producers import capture, topics
 from producers.debezium import OPTIONAL_FIELDS
 from tests.integration.pipelines import (
-    caught_up, cdc, connect_plugins, execute, pipeline_data, purge, require_plugins, table_rows, write_pipeline,
+    assert_nothing_created,
+    caught_up,
+    cdc,
+    connect_plugins,
+    execute,
+    pipeline_data,
+    pipeline_topics_now,
+    purge,
+    require_plugins,
+    table_rows,
+    write_pipeline,
 )
-
-
-
-
-
-def pipeline_topics_now(stack, pipeline) -> list[str]:
-    admin = topics.admin_client(stack.kafka_bootstrap)
-    return sorted(t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.pipeline}."))
-
-
-def assert_nothing_created(stack, connect, pipeline, database: str) -> None:
-    assert connect.status(pipeline.connector_name) is None
-    with psycopg.connect(stack.postgres_url(database)) as conn:
-        assert conn.execute("select slot_name from pg_replication_slots where slot_name = %s",
-                            (pipeline.slot_name,)).fetchall() == []
-        assert conn.execute("select pubname from pg_publication where pubname = %s",
-                            (pipeline.publication_name,)).fetchall() == []
-    assert pipeline_topics_now(stack, pipeline) == []
-
 
 # -- 1. routes match whole names; no topic outside the plan
 

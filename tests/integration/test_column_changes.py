@@ -10,8 +10,7 @@ import psycopg
 import pytest
 
 from producers import capture
-from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
-from tests.integration.test_applier_fidelity import destination_rows
+from tests.integration.pipelines import destination_rows, execute, pipeline_data, purge, write_pipeline
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import psycopg
 
 from consumers.applier import ReplicaApplier
 from producers import capture
-from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
-from tests.integration.test_replica import CDC
+from tests.integration.pipelines import CDC, execute, pipeline_data, purge, write_pipeline
 
 SCHEMA = """
 create type mood as enum ('sad', 'ok', 'happy');

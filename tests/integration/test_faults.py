@@ -19,16 +19,8 @@ import pytest
 
 from infra import stack as stack_mod
 from producers import capture
-from tests.integration.pipelines import cdc, pipeline_data, purge, write_pipeline
-from tests.integration.test_replica import (
-    CDC,
-    HIERARCHIES,
-    SCHEMA,
-    TABLES,
-    TOTAL,
-    rows,
-    workload,
-)
+from tests.integration.pipelines import CDC, cdc, pipeline_data, purge, write_pipeline
+from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES, TOTAL, rows, workload
 
 
 @pytest.fixture

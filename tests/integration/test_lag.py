@@ -21,8 +21,8 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from producers import capture
 from producers.connect import ConnectClient
-from tests.integration.pipelines import caught_up, pipeline_data, purge, write_pipeline
-from tests.integration.test_replica import CDC, HIERARCHIES, SCHEMA, TABLES, cdc, workload
+from tests.integration.pipelines import CDC, caught_up, cdc, pipeline_data, purge, write_pipeline
+from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES, workload
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"

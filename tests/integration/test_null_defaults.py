@@ -12,9 +12,16 @@ from producers import capture
 from producers.connect import ConnectClient
 from producers.debezium import DROP_OPTIONAL_DEFAULTS
 from tests.integration.pipelines import (
-    caught_up, connect_plugins, execute, pipeline_data, purge, require_plugins, table_rows, write_pipeline,
+    assert_nothing_created,
+    caught_up,
+    connect_plugins,
+    execute,
+    pipeline_data,
+    purge,
+    require_plugins,
+    table_rows,
+    write_pipeline,
 )
-
 
 # Each nullable column has a default that Debezium can put into the field's schema (a constant).
 COLUMNS = {
@@ -184,7 +191,6 @@ def test_a_connect_without_the_transform_is_refused_before_anything_is_created(s
     if DROP_OPTIONAL_DEFAULTS in connect_plugins(stack):
         pytest.skip("this Kafka Connect has the project's transforms")
     from cdc.errors import CdcError
-    from tests.integration.test_capture_fidelity import assert_nothing_created
 
     execute(stack.postgres_url(source_db), SCHEMA)
     pipeline = write_pipeline(tmp_path / "pipeline.yaml", pipeline_data(stack, source_db, ["public.item"]))

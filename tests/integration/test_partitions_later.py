@@ -10,8 +10,16 @@ import time
 import psycopg
 
 from producers import capture
-from tests.integration.pipelines import caught_up, cdc, execute, pipeline_data, purge, table_rows, write_pipeline
-from tests.integration.test_applier_fidelity import destination_rows
+from tests.integration.pipelines import (
+    caught_up,
+    cdc,
+    destination_rows,
+    execute,
+    pipeline_data,
+    purge,
+    table_rows,
+    write_pipeline,
+)
 
 SCHEMA = """
 create table customer (id integer primary key, name text not null);

@@ -19,9 +19,8 @@ from sqlalchemy import make_url
 
 from consumers.dialects.postgres import reader_password_file
 from producers import capture
-from tests.integration.conftest import fresh_database
-from tests.integration.pipelines import CDC, caught_up, pipeline_data, purge, write_pipeline
-from tests.integration.test_replica import rows
+from tests.integration.pipelines import CDC, caught_up, fresh_database, pipeline_data, purge, write_pipeline
+from tests.integration.sample import rows
 
 SCHEMA = """
 create table account (id bigint primary key, owner text not null, balance numeric(12, 2) not null);

@@ -5,28 +5,21 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 
 import psycopg
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from infra.stack import StackLayout
-from tests.integration.test_replica import CDC, assert_equal, replica, rows, workload  # noqa: F401 - fixture
-
-TABLES = ("school", "person", "enrollment", "attendance")
+from tests.integration.pipelines import CDC, cdc, expire_history
+from tests.integration.sample import NAMES, assert_equal, changes_around_a_time, rows, workload
 
 
 def snapshot(url: str) -> dict[str, list[tuple]]:
-    return {t: rows(url, t) for t in TABLES}
+    return {t: rows(url, t) for t in NAMES}
 
 
-def cdc(path, *args, timeout=600):
-    return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=timeout)
-
-
-def test_full_and_partial_replays_rebuild_and_backups_restore_exactly(replica):  # noqa: F811
+def test_full_and_partial_replays_rebuild_and_backups_restore_exactly(replica):
     path, source, destination = replica
     workload(source, 300, seed=6)
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
@@ -63,7 +56,7 @@ def test_full_and_partial_replays_rebuild_and_backups_restore_exactly(replica): 
     assert_equal(source, destination)
 
 
-def test_replay_refuses_when_retention_deleted_the_start_of_the_history(replica, stack):  # noqa: F811
+def test_replay_refuses_when_retention_deleted_the_start_of_the_history(replica, stack):
     path, source, destination = replica
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
     from cdc import config
@@ -89,10 +82,10 @@ def table_states(url: str) -> dict[str, tuple]:
     """Per table: row count and a checksum of every row's text, read in one statement each."""
     with psycopg.connect(url, autocommit=True) as conn:
         return {t: conn.execute(f"select count(*), coalesce(sum(hashtext(x::text)::bigint), 0) from "
-                                f"(select * from {t}) x").fetchone() for t in TABLES}
+                                f"(select * from {t}) x").fetchone() for t in NAMES}
 
 
-def test_shadow_replay_serves_the_old_tables_whole_until_an_atomic_swap(replica):  # noqa: F811
+def test_shadow_replay_serves_the_old_tables_whole_until_an_atomic_swap(replica):
     path, source, destination = replica
     workload(source, 300, seed=11)
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
@@ -122,7 +115,7 @@ def test_shadow_replay_serves_the_old_tables_whole_until_an_atomic_swap(replica)
     assert old != new
     assert len(seen) > 5, "the reader hardly ran during the replay"
     for state in seen:
-        for table in TABLES:
+        for table in NAMES:
             # Each table as it was before, or as rebuilt: never empty, never half-built.
             assert state[table] in (old[table], new[table]), f"{table}: a reader saw {state[table]}"
     assert seen[0] == old
@@ -140,23 +133,7 @@ def test_shadow_replay_serves_the_old_tables_whole_until_an_atomic_swap(replica)
     assert_equal(source, destination)
 
 
-def changes_around_a_time(source: str, seed: int) -> tuple[int, datetime, int]:
-    """A workload, then a time, then one more attendance row: (the last attendance id written before the time, the
-    time, the id written after it)."""
-    workload(source, 50, seed=seed)
-    with psycopg.connect(source, autocommit=True) as conn:
-        early = conn.execute("select max(id) from attendance").fetchone()[0]
-    time.sleep(1.5)
-    since = datetime.now(timezone.utc)
-    time.sleep(1.5)
-    with psycopg.connect(source, autocommit=True) as conn:
-        late = 9_000_001
-        person, enrollment = conn.execute("select person_id, id from enrollment order by id limit 1").fetchone()
-        conn.execute("insert into attendance values (%s, %s, %s, current_date, 'late')", (late, person, enrollment))
-    return early, since, late
-
-
-def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):  # noqa: F811
+def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):
     path, source, destination = replica
     early, since, late = changes_around_a_time(source, seed=13)
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
@@ -173,7 +150,7 @@ def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):
         person, enrollment = conn.execute("select person_id, id from enrollment order by id limit 1").fetchone()
         conn.execute("insert into attendance values (9000002, %s, %s, current_date, 'unapplied')", (person, enrollment))
     time.sleep(1.5)
-    later = datetime.now(timezone.utc)
+    later = datetime.now(UTC)
     behind = cdc(path, "replay", "state", "--from", later.isoformat(), "--no-backup")
     assert behind.returncode == 0, behind.stdout + behind.stderr
     with psycopg.connect(destination) as conn:
@@ -183,22 +160,7 @@ def test_replay_from_a_time_reapplies_only_the_changes_committed_since(replica):
     assert bad.returncode == 2 and "--from: 'yesterday' is neither `earliest` nor an ISO-8601 time" in bad.stderr
 
 
-def expire_history(stack: StackLayout, path: Path, table: str) -> None:
-    """Delete every record of the topic holding `table`, as if retention had expired the whole history."""
-    from cdc import config
-    from confluent_kafka import Consumer
-
-    topic = config.load(path, env={}).topic_of(table)
-    probe = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": "replay-test"})
-    cut = [TopicPartition(topic, p, probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-           for p in range(6)]
-    probe.close()
-    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
-    for future in admin.delete_records([tp for tp in cut if tp.offset > 0]).values():
-        future.result()
-
-
-def test_replay_from_a_fresh_snapshot_when_retention_deleted_the_history(replica, stack):  # noqa: F811
+def test_replay_from_a_fresh_snapshot_when_retention_deleted_the_history(replica, stack):
     path, source, destination = replica
     workload(source, 100, seed=14)
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0
@@ -216,7 +178,7 @@ def test_replay_from_a_fresh_snapshot_when_retention_deleted_the_history(replica
     assert_equal(source, destination)
 
 
-def test_one_applier_at_a_time_writes_a_destination(replica):  # noqa: F811
+def test_one_applier_at_a_time_writes_a_destination(replica):
     path, source, destination = replica
     workload(source, 50, seed=8)
     assert cdc(path, "run", "--until-caught-up", "--timeout", "300").returncode == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -17,9 +17,8 @@ from cdc import config
 from cdc.errors import ConfigError
 from consumers import replay as replay_mod
 from producers import capture
-from tests.integration.pipelines import pipeline_data, purge, write_pipeline
-from tests.integration.test_replay import TABLES as NAMES, cdc, changes_around_a_time, expire_history
-from tests.integration.test_replica import HIERARCHIES, SCHEMA, TABLES, rows, workload
+from tests.integration.pipelines import cdc, expire_history, pipeline_data, purge, write_pipeline
+from tests.integration.sample import HIERARCHIES, NAMES, SCHEMA, TABLES, changes_around_a_time, rows, workload
 
 
 @pytest.fixture
@@ -152,7 +151,7 @@ def test_full_and_partial_replays_of_a_duckdb_file_and_its_backups(lake):
 
     # Prune: only backups older than the retention period go (backup 1 made 40 days old in its manifest).
     data = json.loads(manifest.read_text())
-    data["created_at"] = (datetime.now(timezone.utc) - timedelta(days=40)).isoformat()
+    data["created_at"] = (datetime.now(UTC) - timedelta(days=40)).isoformat()
     manifest.write_text(json.dumps(data))
     pruned = cdc(path, "backups", "prune", "lake")
     assert pruned.returncode == 0 and "1 backups dropped" in pruned.stdout, pruned.stdout + pruned.stderr

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ from producers import capture
 from producers.connect import ConnectClient
 from producers.debezium import registry_native_url
 from tests.integration.pipelines import CDC, caught_up, pipeline_data, purge, write_pipeline
-from tests.integration.test_replica import HIERARCHIES, SCHEMA, TABLES, rows, workload
+from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES, rows, workload
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

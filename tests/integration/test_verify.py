@@ -337,7 +337,7 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_databa
     float, interval, JSON and array values, a char key and a uuid key are named exactly."""
     import hashlib
 
-    from tests.integration import test_type_zoo as zoo
+    from tests.integration import type_zoo as zoo
 
     source = stack.postgres_url(source_db)
     execute(source, zoo.SCHEMA)

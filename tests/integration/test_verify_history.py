@@ -12,8 +12,7 @@ import duckdb
 import psycopg
 
 from producers import capture
-from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
-from tests.integration.test_verify import CDC
+from tests.integration.pipelines import CDC, execute, pipeline_data, purge, write_pipeline
 
 SCHEMA = """
 create table item (id int primary key, name text not null, price numeric(8, 2), meta jsonb, tags text[]);

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import subprocess
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from uuid import UUID
 
@@ -26,9 +26,7 @@ from sqlalchemy import create_engine
 
 from cdc.errors import ConfigError
 from producers import capture
-from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
-from tests.integration.test_capture_fidelity import assert_nothing_created
-from tests.integration.test_replica import CDC
+from tests.integration.pipelines import CDC, assert_nothing_created, execute, pipeline_data, purge, write_pipeline
 
 SHIFT_LOG, STAND, NOTES = "Ops.Shift Log", "Ops.Zähler's Stand", "Ops.Notes; v2"
 
@@ -151,7 +149,7 @@ def canonical(kind: str, value):
         if isinstance(value, str):
             value = datetime.fromisoformat(value)
         # MariaDB holds the UTC wall time without a zone
-        return value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+        return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
     if kind == "date":
         return value
     if kind == "text":
@@ -246,10 +244,9 @@ def test_a_wild_schema_reaches_every_destination_equal_to_the_source(stack, conn
     try:
         run_and_compare("after the snapshot")
         execute(source, *WORKLOAD)
-        with psycopg.connect(source) as conn:
-            with conn.transaction():
-                for statement in EVERY_TABLE:
-                    conn.execute(statement)
+        with psycopg.connect(source) as conn, conn.transaction():
+            for statement in EVERY_TABLE:
+                conn.execute(statement)
         run_and_compare("after the workload")
     finally:
         purge(pipeline)
