@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from typing import Any
 import typer
 
 from cdc.errors import CdcError, ConfigError
+from cdc.lag_cli import lag_app
 
 app = typer.Typer(help="Change-data-capture pipeline: Debezium on Kafka Connect into destination databases.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -23,14 +26,54 @@ connectors_app = typer.Typer(help="Manage the pipeline's Debezium connector over
 app.add_typer(connectors_app, name="connectors")
 
 _state: dict[str, str | None] = {"config": None}
+CONFIG_HELP = "The pipeline file (default: $CDC_CONFIG, else pipeline.yaml)."
 
 
 @app.callback()
-def _options(
-    config: str | None = typer.Option(None, "-c", "--config", envvar="CDC_CONFIG",
-                                         help="The pipeline file (default: pipeline.yaml)."),
-) -> None:
+def _options(config: str | None = typer.Option(None, "-c", "--config", help=CONFIG_HELP)) -> None:
+    # $CDC_CONFIG is read by cdc.config.load when no file is named here: this state holds only what was typed.
     _state["config"] = config
+
+
+def _config_given(config: str | None) -> None:
+    """-c/--config given after a command: the same as before it; given twice, both must name the same file."""
+    if config is None:
+        return
+    if _state["config"] not in (None, config):
+        raise typer.BadParameter(f"{_state['config']!r} before the command and {config!r} after it; give one",
+                                 param_hint="-c/--config")
+    _state["config"] = config
+
+
+def _with_config_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The command with a -c/--config option of its own, so that the option may follow the command's name
+    (`cdc lag -c p.yaml`) as well as precede it (`cdc -c p.yaml lag`). typer reads the options from the signature."""
+    signature = inspect.signature(command, eval_str=True)
+    option = inspect.Parameter("cdc_config", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+                               default=typer.Option(None, "-c", "--config", help=CONFIG_HELP))
+
+    @functools.wraps(command)
+    def with_config(*args: Any, cdc_config: str | None = None, **kwargs: Any) -> Any:
+        _config_given(cdc_config)
+        return command(*args, **kwargs)
+
+    with_config.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), option])
+    return with_config
+
+
+def _config_option_everywhere(typer_app: typer.Typer) -> None:
+    """Give every command and sub-command group of `typer_app` the -c/--config option (see _with_config_option)."""
+    for command in typer_app.registered_commands:
+        command.callback = _with_config_option(command.callback)
+    for group in typer_app.registered_groups:
+        sub = group.typer_instance
+        if sub is None:
+            continue
+        if sub.registered_callback is None:
+            sub.callback()(lambda: None)  # a group level for the option: `cdc stack -c p.yaml status`
+        sub.registered_callback.callback = _with_config_option(sub.registered_callback.callback)
+        _config_option_everywhere(sub)
 
 
 def _pipeline():
@@ -652,9 +695,8 @@ def hierarchy_suggest(
     _run(body)
 
 
-from cdc.lag_cli import lag_app
-
 app.add_typer(lag_app, name="lag")
+_config_option_everywhere(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,10 +97,15 @@ class KafkaSettings(_Model):
     @field_validator("bootstrap_servers")
     @classmethod
     def _servers(cls, v: str) -> str:
-        for server in v.split(","):
-            if not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", server.strip()):
-                raise ValueError(f"each server must be host:port, got {shown(server.strip())}")
-        return v
+        # `kafka://host:port` is taken too, as `cdc stack status` prints the broker (every endpoint as a URL), and
+        # handed on as the host:port that Kafka's clients take.
+        servers = [server.strip() for server in v.split(",")]
+        plain = [re.sub(r"^kafka://(.*?)/?$", r"\1", server, flags=re.IGNORECASE) for server in servers]
+        for server, written in zip(plain, servers):
+            if not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", server):
+                raise ValueError(f"each server must be host:port, got {shown(written)} (kafka://host:port is taken "
+                                 "too)")
+        return v if plain == servers else ",".join(plain)
 
     @field_validator("schema_registry_url")
     @classmethod
@@ -467,7 +473,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "missing":
         return "is required"

@@ -186,7 +186,7 @@ def extract(frame: Any, paths: Sequence[tuple[str, ...]],
                 continue
             series = frame.get_column(path[0])
             for name in path[1:]:
-                if name not in {f.name for f in series.dtype.fields}:  # type: ignore[union-attr]
+                if name not in {f.name for f in series.dtype.fields}:
                     series = None
                     break
                 series = series.struct.field(name)
