@@ -1,14 +1,21 @@
 """Keyless changes applied once under Debezium's redelivery, the pure part (consumers.plan): repeats within a batch,
 records of applied transactions, and what a record must not swallow (pure)."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import BigInteger, Integer, Text
 
 from consumers.events import ChangeEvent
 from consumers.plan import (
-    APPLIED_RETENTION, AppliedRecord, already_applied, applied_cutoff, applied_records, has_keyless, keyless_repeats,
-    keyless_xids, net_changes,
+    APPLIED_RETENTION,
+    AppliedRecord,
+    already_applied,
+    applied_cutoff,
+    applied_records,
+    has_keyless,
+    keyless_repeats,
+    keyless_xids,
+    net_changes,
 )
 from consumers.shapes import ColumnShape, TableShape
 
@@ -84,6 +91,6 @@ def test_records_span_each_transactions_keyless_changes_per_table():
 def test_records_are_pruned_a_retention_before_the_newest_commit():
     newest = 1_700_000_000_000
     cutoff = applied_cutoff([ev("7", 1, 100, commit=newest - 5000), ev("8", 1, 110, commit=newest)])
-    assert cutoff == datetime.fromtimestamp(newest / 1000, tz=timezone.utc) - APPLIED_RETENTION
+    assert cutoff == datetime.fromtimestamp(newest / 1000, tz=UTC) - APPLIED_RETENTION
     assert APPLIED_RETENTION >= timedelta(days=1)
     assert applied_cutoff([ev(None, None, None, op="r", commit=None)]) is None
