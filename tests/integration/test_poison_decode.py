@@ -192,6 +192,11 @@ def test_an_unreachable_registry_is_waited_for_not_dead_lettered(stack, item_pip
         said = "".join(lines)
         assert "schema registry unreachable since" in said and "retrying" in said, said
         time.sleep(3)  # a few retries: none of them may dead-letter the waiting change
+        # The destination says the applier is blocked, for `cdc lag` (BLOCKED, not "lag 0.0 s").
+        lag = subprocess.run([CDC, "-c", str(away), "lag"], capture_output=True, text=True, env=_env(False),
+                             timeout=60)
+        said_lag = " ".join((lag.stdout + lag.stderr).split())
+        assert "BLOCKED (the schema registry unreachable since" in said_lag, said_lag
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
