@@ -9,12 +9,15 @@ import json
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cdc.errors import CdcError, ConfigError
 from cdc.lag_cli import lag_app
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 app = typer.Typer(help="Change-data-capture pipeline: Debezium on Kafka Connect into destination databases.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -65,13 +68,15 @@ def _with_config_option(command: Callable[..., Any]) -> Callable[..., Any]:
 def _config_option_everywhere(typer_app: typer.Typer) -> None:
     """Give every command and sub-command group of `typer_app` the -c/--config option (see _with_config_option)."""
     for command in typer_app.registered_commands:
-        command.callback = _with_config_option(command.callback)
+        if command.callback is not None:
+            command.callback = _with_config_option(command.callback)
     for group in typer_app.registered_groups:
         sub = group.typer_instance
         if sub is None:
             continue
-        if sub.registered_callback is None:
+        if sub.registered_callback is None or sub.registered_callback.callback is None:
             sub.callback()(lambda: None)  # a group level for the option: `cdc stack -c p.yaml status`
+        assert sub.registered_callback is not None and sub.registered_callback.callback is not None
         sub.registered_callback.callback = _with_config_option(sub.registered_callback.callback)
         _config_option_everywhere(sub)
 
@@ -140,7 +145,7 @@ def stack_status(as_json: bool = typer.Option(False, "--json", help="Print the e
         if as_json:
             typer.echo(json.dumps(info, indent=2))
         else:
-            for name, comp in info["components"].items():  # type: ignore[union-attr]
+            for name, comp in info["components"].items():  # type: ignore[attr-defined]
                 pid = f"pid {comp['pid']}" if comp["pid"] else ""
                 typer.echo(f"{name:16} {comp['state']:10} {comp['url']:52} {pid}")
             typer.echo(f"state and logs: {info['home']}")
@@ -498,7 +503,7 @@ class _ReplayProgress:
         self.bar = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TextColumn("messages"),
                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                             TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-        self.task = None
+        self.task: TaskID | None = None
         self.start: dict[tuple[str, int], int] = {}
 
     def __call__(self, applier: Any) -> None:
@@ -510,6 +515,7 @@ class _ReplayProgress:
             self.start = {tp: applier.applied_positions.get(tp, 0) for tp in ends}
             self.bar.start()
             self.task = self.bar.add_task("replay", total=1, rate="")
+        assert self.task is not None
         total = sum(max(0, end - self.start.get(tp, 0)) for tp, end in ends.items())
         done = sum(max(0, min(applier.read_positions.get(tp, 0), end) - self.start.get(tp, 0))
                    for tp, end in ends.items())

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from cdc.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 lag_app = typer.Typer(help="Consumer lag per destination and partition, in messages and seconds.",
                       invoke_without_command=True)
@@ -44,8 +47,10 @@ def render(doc: dict[str, Any], *, partitions: bool = True, wide: bool = False):
 
     colors = {"OK": "green", "BEHIND": "cyan", "WARN": "yellow", "STALL": "magenta", "STOP": "red", "ERROR": "bold red"}
     table = Table(title=f"lag of pipeline {doc['pipeline']}", title_justify="left")
-    for name, justify in [("destination", "left"), ("status", "left"), ("topic", "left"), ("part.", "right"),
-                          ("applied", "right"), ("end", "right"), ("lag msgs", "right"), ("lag", "right")]:
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("destination", "left"), ("status", "left"), ("topic", "left"), ("part.", "right"), ("applied", "right"),
+        ("end", "right"), ("lag msgs", "right"), ("lag", "right")]
+    for name, justify in columns:
         # Names are folded onto more lines when the terminal is narrow, never cut with an ellipsis: a cut topic
         # name (`district.…`) does not say which topic lags. --wide keeps each on one line.
         table.add_column(name, justify=justify, overflow="fold", no_wrap=wide,

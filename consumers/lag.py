@@ -44,7 +44,7 @@ apart, `cdc lag --watch` and `cdc lag serve` keep a sliding window.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,7 +200,7 @@ def window(history: Iterable[DestinationSample], seconds: float) -> list[Destina
     return samples[-2:] if len(inside) < 2 else inside
 
 
-def report(samples: dict[str, Sequence[DestinationSample]], source: SourceState, *, pipeline: str,
+def report(samples: Mapping[str, Sequence[DestinationSample]], source: SourceState, *, pipeline: str,
            stop_after: float = 30.0) -> dict[str, Any]:
     """The `cdc lag --json` document (field names are a contract: see DESIGN.md, "JSON outputs")."""
     destinations = []
