@@ -32,8 +32,10 @@ What the source does without a change event, and what cannot complete, is never 
 - Tables without a primary key (captured with REPLICA IDENTITY FULL) are applied change by change: an insert adds
   a row, an update or delete changes exactly one row equal to the whole before image (duplicates stay duplicates),
   and one that matches no row stops. They have no per-row LSN guard: applying them once rests on the offsets stored
-  in the same transaction (exactly once for the replica), and a replay empties them first like every table. The
-  analytics replica stores them the same way (a table without a key, duplicates as rows) beside their history.
+  in the same transaction, and, since Debezium re-sends transactions after a crash, on the record of the source
+  transactions whose keyless changes were applied (`_keyless_once`, `_cdc_applied_transactions`); a replay empties
+  them first like every table. The analytics replica stores them the same way (a table without a key, duplicates as
+  rows) beside their history.
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ _KAFKA_OUTAGE_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_
 class DestinationLost(ServiceUnavailable):
     """The destination's session ended (a restart, a terminated backend): the writer lock went with it. `run`
     reconnects, re-takes the lock and resumes from the offsets the destination stored."""
+
+
+class DestinationUnreachable(ServiceUnavailable):
+    """The destination refused the connection or is starting or stopping (not a login or a database that does not
+    exist): waited for, like a broker that does not answer, when `cdc run` starts."""
 
 
 class ApplyError(CdcError, Terminal):
@@ -259,7 +266,8 @@ class ReplicaApplier:
             try:
                 conn = self.engine.connect()
             except OperationalError as exc:
-                raise ServiceUnavailable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
+                unreachable = DestinationUnreachable if _unreachable(exc) else ServiceUnavailable
+                raise unreachable(f"destination {self.name} did not answer: {_first_line(exc)}") from exc
             try:
                 free = self.dialect.try_writer_lock(conn, self.pipeline.pipeline, self.name)
                 conn.commit()  # the lock is the session's: not left idle in a transaction
@@ -359,8 +367,12 @@ class ReplicaApplier:
         not committed there is read again: a batch whose commit was cut off is found applied, or applied again).
         Another applier holding the lock by then stops this one: two must never write the same destination."""
         self.destination_outage.failed(_first_line(lost))
-        self.echo(f"{self.name}: lost the destination ({_first_line(lost.__cause__ or lost)}); its writer lock went "
-                  "with its session, nothing is written until it is taken again; reconnecting")
+        if isinstance(lost, DestinationUnreachable):
+            self.echo(f"{self.name}: the destination does not answer ({_first_line(lost.__cause__ or lost)}); "
+                      "waiting for it: nothing is written until it answers and its writer lock is taken")
+        else:
+            self.echo(f"{self.name}: lost the destination ({_first_line(lost.__cause__ or lost)}); its writer lock "
+                      "went with its session, nothing is written until it is taken again; reconnecting")
         self._unclaim()
         self._release()
         if self.consumer is not None:
@@ -870,7 +882,7 @@ class ReplicaApplier:
         and a replay `--from TIME` that emptied it since then needs them. The transactions whose keyless changes
         are applied are recorded in this same destination transaction; one lookup and one multi-row insert a batch,
         nothing for a batch without keyless changes."""
-        if True or not plan.has_keyless(events, self.shapes):  # H7 NEGATIVE CHECK
+        if not plan.has_keyless(events, self.shapes):
             return events, events
         events, repeats = plan.keyless_repeats(events, self.shapes)
         pipeline = self.pipeline.pipeline
@@ -1363,7 +1375,10 @@ class ReplicaApplier:
         if self.consumer is None:
             try:
                 self._prepare_waiting_for_kafka(deadline, progress)
-            except DestinationLost as lost:  # the session ended while the destination was being prepared
+            except (DestinationLost, DestinationUnreachable) as lost:
+                # The session ended while the destination was being prepared, or it was not up yet: an applier is a
+                # service, started with or before its destination as often as after it. (A wrong login or database
+                # name is not waited for.)
                 self._recover(lost, deadline)
             if self.consumer is None:  # stopped while waiting
                 return
@@ -1632,6 +1647,22 @@ def _is_data_error(exc: BaseException) -> bool:
     orig = getattr(exc, "orig", None) or exc
     return isinstance(exc, DataError) or isinstance(orig, (psycopg.errors.DataError, duckdb.ConversionException,
                                                              duckdb.InvalidInputException))
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A connection error that waiting can mend: refused, timed out, the server starting or shutting down. Not a
+    login refused or a database that does not exist (those are the pipeline file's to fix)."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, psycopg.Error):
+        if orig.sqlstate is not None:
+            return orig.sqlstate.startswith(("08", "57P"))
+        # libpq gives no SQLSTATE for a connection refused by the server itself, only its message: "FATAL" when
+        # the server answered (a login refused, a database that does not exist), unless it was starting or stopping.
+        said = str(orig)
+        return "FATAL:" not in said or any(state in said for state in (
+            "starting up", "shutting down", "in recovery", "too many clients"))
+    code = orig.args[0] if orig.args and isinstance(orig.args[0], int) else None
+    return code in (2002, 2003, 2006, 2013)  # MariaDB: cannot connect (socket, TCP), server gone, lost
 
 
 def _kafka_reason(exc: KafkaException) -> str:

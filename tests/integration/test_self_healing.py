@@ -413,3 +413,29 @@ def caught_up_busy(path: Path) -> str:
                           "--no-watch-connector"], capture_output=True, text=True, timeout=120, env=ENV)
     assert run.returncode == 1, run.stdout + run.stderr
     return run.stderr
+
+
+def test_a_destination_down_when_cdc_run_starts_is_waited_for(healing, private_pg):
+    """`cdc run` started before its destination: it says so, waits, and applies once the destination is up. A wrong
+    password is not waited for: it is the pipeline file's to fix, and said at once."""
+    path, pipeline, source, destination = healing
+    stack_mod._stop_postgres(private_pg)
+    applier = Applier(path, "state", "--no-watch-connector")
+    try:
+        wait_for("the line saying the destination does not answer",
+                 lambda: applier.count(r"the destination does not answer .*waiting for it") >= 1, timeout=90)
+        time.sleep(3)
+        assert applier.proc.poll() is None, applier.output  # waiting, not exited
+        stack_mod._start_postgres(private_pg, stack_mod.pg_bindir())
+        wait_for("the connection once the destination is up", lambda: applier.count(RECONNECTED) >= 1, timeout=120)
+        wait_for("the destination equal to the source", lambda: equal(source, destination), timeout=180)
+    finally:
+        applier.stop()
+        print(applier.output)
+    wrong = path.with_name("wrong-password.yaml")
+    wrong.write_text(path.read_text().replace(destination, destination.replace("://cdc:cdc@", "://nobody:x@")))
+    assert "nobody" in wrong.read_text()
+    refused = subprocess.run([CDC, "-c", str(wrong), "run", "state", "--no-watch-connector"], capture_output=True,
+                             text=True, timeout=120, env=ENV)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "nobody" in refused.stderr and "does not answer" not in refused.stdout, refused.stdout + refused.stderr
