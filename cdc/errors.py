@@ -89,3 +89,14 @@ class DecodeError(CdcError, Terminal):
         self.topic = topic
         self.partition = partition
         self.offset = offset
+
+
+def first_line(error: BaseException | str, limit: int = 500) -> str:
+    """The reason an error gives, as one line for a log or a message: a driver's own error when SQLAlchemy wraps it
+    (`.orig`), its first line that says something, whitespace collapsed, at most `limit` characters; the error's type
+    when it says nothing (an empty message must not become an empty reason, or an IndexError)."""
+    text = error if isinstance(error, str) else str(getattr(error, "orig", None) or error)
+    line = next((" ".join(x.split()) for x in text.splitlines() if x.strip()), "")
+    if not line:
+        return "" if isinstance(error, str) else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

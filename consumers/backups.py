@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import create_engine, inspect, text
 
 from cdc.config import Pipeline
-from cdc.errors import CdcError, ConfigError, DestinationBusy
+from cdc.errors import CdcError, ConfigError, DestinationBusy, first_line
 from consumers.dialects import dialect_for
 from consumers.plan import dependency_order
 from consumers.shapes import OFFSETS_TABLE, reflect_shapes
@@ -308,7 +308,7 @@ def _read_only(path: Path) -> Iterator[None]:
     try:
         conn = duckdb.connect(str(path), read_only=True)
     except duckdb.Error as exc:
-        message = _first_line(exc)
+        message = first_line(exc)
         if "lock" in message.lower():
             raise CdcError(f"{path} is being written by another process; stop `cdc run` for this destination first "
                            f"({message})") from None
@@ -332,7 +332,7 @@ def fold_wal(path: Path) -> None:
     try:
         conn = when_free(lambda: duckdb.connect(str(path)), READERS_PATIENCE_S)
     except duckdb.Error as exc:
-        raise CdcError(f"cannot open {path} to fold its write-ahead log in: {_first_line(exc)}",
+        raise CdcError(f"cannot open {path} to fold its write-ahead log in: {first_line(exc)}",
                        hint="stop `cdc run` for this destination, and the readers of the file") from None
     try:
         conn.execute("CHECKPOINT")
@@ -384,6 +384,3 @@ def replace_database(new: Path, live: Path, *, keep_old_at: Path | None = None) 
                 keep_old_at.unlink(missing_ok=True)  # perhaps still a name of the live file: it must not stay
             raise
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from cdc.config import Pipeline
-from cdc.errors import CdcError, ConfigError, ServiceUnavailable
+from cdc.errors import CdcError, ConfigError, ServiceUnavailable, first_line
 from consumers.lag import BLOCKED_PREFIX, BLOCKED_RECORD, DestinationSample, PartitionLag, SourceState, applied_offset
 from consumers.shapes import OFFSETS_TABLE, STATUS_TABLE
 from producers.connect import ConnectClient
@@ -229,7 +229,7 @@ class LagProbe:
                 stopped = (conn.execute(select(_STATUS.c.error).where(_STATUS.c.pipeline == self.pipeline.pipeline))
                            .scalar() if inspect(conn).has_table(STATUS_TABLE) else None)
         except (SQLAlchemyError, CdcError, ImportError) as exc:
-            return {}, None, f"destination {name} cannot be read: {' '.join(str(exc).split())[:300]}"
+            return {}, None, f"destination {name} cannot be read: {first_line(exc, 300)}"
         stored = {(r.topic, int(r.kafka_partition)): int(r.next_offset) for r in rows}
         times = [_epoch(r.updated_at) for r in rows if r.updated_at is not None]
         if stopped and stopped.startswith(BLOCKED_RECORD):  # running, but waiting for an outage to end
@@ -244,7 +244,7 @@ class LagProbe:
                                backoff=0.5) as connect:
                 status = connect.status(self.pipeline.connector_name)
         except CdcError as exc:
-            return SourceState("UNKNOWN", (), retained, active, error=str(exc).splitlines()[0])
+            return SourceState("UNKNOWN", (), retained, active, error=first_line(exc))
         if status is None:
             return SourceState("MISSING", (), retained, active)
         return SourceState(status.state, tuple(status.tasks), retained, active)

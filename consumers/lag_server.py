@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cdc.config import Pipeline
-from cdc.errors import CdcError
+from cdc.errors import CdcError, first_line
 from consumers.lag import STATUSES, History, report
 from consumers.lag_probe import LagProbe
 
@@ -66,7 +66,7 @@ class LagServer:
         except CdcError as exc:
             with self._lock:
                 self.errors += 1
-                self.last_error = str(exc).splitlines()[0]
+                self.last_error = first_line(exc)
             return
         with self._lock:
             for s in samples.values():

@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 from cdc.config import Destination, masked_url
-from cdc.errors import CdcError, ConfigError, ServiceUnavailable
+from cdc.errors import CdcError, ConfigError, ServiceUnavailable, first_line
 
 READ_ONLY = "the analytics replica is read-only"
 # How long one statement may run, unless `cdc query --timeout` says otherwise.
@@ -55,9 +55,6 @@ def run(name: str, destination: Destination, statement: str,
         return _postgres(name, destination, statement, timeout_s)
     raise ConfigError(f"destinations.{name}: `cdc query` reads DuckDB and PostgreSQL replicas, not {backend!r}")
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _seconds(timeout_s: float) -> str:
@@ -103,12 +100,12 @@ def _duckdb(destination: Destination, statement: str, timeout_s: float) -> tuple
         conn = when_free(lambda: duckdb.connect(url.database or ":memory:", read_only=True, config=DUCKDB_LOCKED),
                          WRITER_PATIENCE_S)
     except duckdb.Error as exc:
-        raise CdcError(f"cannot open the analytics replica {url.database}: {_first_line(exc)}") from None
+        raise CdcError(f"cannot open the analytics replica {url.database}: {first_line(exc)}") from None
     try:
         try:
             parsed = conn.extract_statements(statement)
         except duckdb.Error as exc:
-            raise CdcError(f"query failed: {_first_line(exc)}") from None
+            raise CdcError(f"query failed: {first_line(exc)}") from None
         if not parsed:
             raise QueryRefused("`cdc query` was given no statement")
         if len(parsed) > 1:
@@ -130,9 +127,9 @@ def _duckdb(destination: Destination, statement: str, timeout_s: float) -> tuple
                 from None
         except duckdb.PermissionException as exc:  # enable_external_access = false
             raise QueryRefused(f"refused: `cdc query` reads nothing outside the analytics replica: "
-                               f"{_first_line(exc)}") from None
+                               f"{first_line(exc)}") from None
         except duckdb.Error as exc:
-            message = _first_line(exc)
+            message = first_line(exc)
             if "read-only" in message:
                 raise QueryRefused(f"{READ_ONLY}: {message}") from None
             raise CdcError(f"query failed: {message}") from None
@@ -166,7 +163,7 @@ def _postgres(name: str, destination: Destination, statement: str,
         conn = psycopg.connect(psycopg_conninfo(reader), connect_timeout=10,
                                options=f"-c statement_timeout={int(timeout_s * 1000)}")
     except psycopg.OperationalError as exc:
-        message = _first_line(exc)
+        message = first_line(exc)
         if "authentication failed" in message or "not permitted to log in" in message:
             raise CdcError(f"destinations.{name}: the read-only role {role} cannot log in: {message}",
                            hint=f"`cdc run {name}` creates the role and sets its password when it prepares the "
@@ -184,17 +181,17 @@ def _postgres(name: str, destination: Destination, statement: str,
             columns = [d.name for d in cursor.description or []]
             return columns, cursor.fetchall() if columns else []
         except errors.ReadOnlySqlTransaction as exc:
-            raise QueryRefused(f"{READ_ONLY}: {_first_line(exc)}") from None
+            raise QueryRefused(f"{READ_ONLY}: {first_line(exc)}") from None
         except errors.InsufficientPrivilege as exc:
-            raise QueryRefused(f"the read-only role {role} may not do that: {_first_line(exc)}") from None
+            raise QueryRefused(f"the read-only role {role} may not do that: {first_line(exc)}") from None
         except errors.QueryCanceled as exc:
             raise QueryRefused(f"query stopped after {_seconds(timeout_s)} (`cdc query --timeout` sets the limit): "
-                               f"{_first_line(exc)}") from None
+                               f"{first_line(exc)}") from None
         except errors.SyntaxError as exc:
             if "multiple commands" in str(exc):
-                raise QueryRefused(f"`cdc query` runs one statement at a time: {_first_line(exc)}") from None
-            raise CdcError(f"query failed: {_first_line(exc)}") from None
+                raise QueryRefused(f"`cdc query` runs one statement at a time: {first_line(exc)}") from None
+            raise CdcError(f"query failed: {first_line(exc)}") from None
         except psycopg.Error as exc:
-            raise CdcError(f"query failed: {_first_line(exc)}") from None
+            raise CdcError(f"query failed: {first_line(exc)}") from None
     finally:
         conn.close()  # without a commit: the server rolls the transaction back

@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 from sqlalchemy import text
 
 from cdc.config import Pipeline
-from cdc.errors import CdcError, ConfigError
+from cdc.errors import CdcError, ConfigError, first_line
 from consumers import verify
 from consumers.compare import equal, jsonable, kind_of, normal, normal_row
 from consumers.dialects import dialect_for
@@ -752,7 +752,7 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
                                    "(a long transaction writes it); nothing was changed, try again") from None
                 # e.g. no UPDATE, DELETE or TRUNCATE privilege, which LOCK ... IN SHARE MODE needs
                 raise CdcError(f"resync: could not lock {table} against writers: "
-                               f"{str(exc).splitlines()[0]}; nothing was changed") from None
+                               f"{first_line(exc)}; nothing was changed") from None
             echo(f"resync {request_id}: {table} locked against writers at the source; waiting for {dest} to apply "
                  "everything committed before")
             _applied_through_now(pipeline, dst_engine, dialect, dest, min(wait, KEYLESS_HOLD_S), echo)
@@ -790,7 +790,7 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
             echo(f"resync {request_id}: {table} at {dest} already equals the source ({delta.source_rows} rows)")
         failure = None
     except Exception as exc:
-        failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        failure = first_line(exc)
         if isinstance(exc, CdcError):
             raise
         # A database error (the destination refused a value, a connection dropped): the destination transaction

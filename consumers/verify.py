@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from cdc.config import Pipeline
-from cdc.errors import CdcError, ConfigError
+from cdc.errors import CdcError, ConfigError, first_line
 from consumers.compare import Canon, Kind, equal, jsonable, kind_of, normal, normal_row
 from consumers.dialects import dialect_for
 from consumers.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX
@@ -488,7 +488,7 @@ def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Conne
         except (NoSuchTableError, ProgrammingError, psycopg.errors.UndefinedTable) as exc:
             reports[name].error = ("the source has no such table (source.tables names it)"
                                    if isinstance(exc, NoSuchTableError) or "does not exist" in str(exc)
-                                   else f"cannot be read at the source: {str(exc).splitlines()[0]}")
+                                   else f"cannot be read at the source: {first_line(exc)}")
     dialect = dialect_for(dst.engine, pipeline.destinations[destination].kind)
     targets = {}
     for name in chosen:
@@ -551,7 +551,7 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
                 try:
                     fetched[name] = _compare(s_side, d_side, report, pool)
                 except Exception as exc:  # noqa: BLE001 - reported per table, never skipped in silence
-                    report.error = f"could not be compared: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                    report.error = f"could not be compared: {type(exc).__name__}: {first_line(exc)}"
                     _reset(src)
                     _reset(dst)
                 report.queries = s_side.queries + d_side.queries
@@ -567,7 +567,7 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
                 except Exception as exc:  # noqa: BLE001 - reported per table, never skipped in silence
                     reports[name].history = HistoryReport(
                         table=target.history[2], error=f"could not be checked: {type(exc).__name__}: "
-                                                       f"{str(exc).splitlines()[0]}")
+                                                       f"{first_line(exc)}")
                     _reset(dst)
                 h = reports[name].history
                 echo(f"{name}: history {h.rows} rows, {h.duplicates} duplicate(s), {h.inconsistent} inconsistent "

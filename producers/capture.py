@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 
 from cdc.config import Pipeline, topic_safe
-from cdc.errors import CdcError, ConnectError
+from cdc.errors import CdcError, ConnectError, first_line
 from consumers.dialects.types import check_pipeline
 from producers import debezium, partitions, topics
 from producers.connect import ConnectClient, ConnectorStatus, changed_secrets, remove_secrets, write_secrets
@@ -420,8 +420,7 @@ def _stand_in(pipeline: Pipeline, connect: ConnectClient, done: list[str]) -> bo
         write_secrets(secrets_directory(pipeline), debezium.secret_values(pipeline))
         connect.create_stopped(name, desired_config(pipeline))
     except Exception as exc:  # noqa: BLE001 - best effort: whatever stops it (a source gone), the delete goes on
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        done.append(f"connector {name}: not found; offsets it may have left were not reset ({first})")
+        done.append(f"connector {name}: not found; offsets it may have left were not reset ({first_line(exc)})")
         return False
     return True
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from cdc.errors import CdcError
+from cdc.errors import CdcError, first_line
 from consumers.outage import Outage
 from producers.connect import ConnectClient, ConnectorStatus
 
@@ -49,7 +49,7 @@ class ConnectorWatch:
         try:
             status = self.client.status(self.connector)
         except CdcError as exc:
-            line = self.connect.failed(str(exc).splitlines()[0])
+            line = self.connect.failed(first_line(exc))
             if line:
                 self.echo(f"capture: {line}")
             return None
@@ -86,7 +86,7 @@ class ConnectorWatch:
         try:
             self.client.restart(self.connector, include_tasks=True, only_failed=True)
         except CdcError as exc:
-            self.echo(f"capture: restarting connector {self.connector} failed: {str(exc).splitlines()[0]}")
+            self.echo(f"capture: restarting connector {self.connector} failed: {first_line(exc)}")
         self._next_restart = now + self._backoff
         self._backoff = min(self._backoff * 2, self.max_backoff)
         return status

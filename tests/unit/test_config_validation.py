@@ -183,3 +183,15 @@ def test_a_huge_name_on_the_command_line_is_cut_in_the_error(tmp_path):
     assert proc.returncode == 2
     assert "no destination named 'ddd" in proc.stderr
     assert len(proc.stderr) < 2100 and "characters)" in proc.stderr, len(proc.stderr)
+
+
+def test_an_error_gives_its_reason_in_one_line():
+    from sqlalchemy.exc import OperationalError
+
+    from cdc.errors import first_line
+
+    assert first_line(ValueError("\n  first   line \n second")) == "first line"
+    assert first_line(ValueError("")) == "ValueError"  # an empty message says at least what it was
+    wrapped = OperationalError("SELECT 1", {}, RuntimeError("connection refused\nIs the server running?"))
+    assert first_line(wrapped) == "connection refused"  # the driver's own words, not SQLAlchemy's wrapping
+    assert len(first_line("x" * 10_000)) == 500 and first_line("x" * 10_000).endswith("...")
