@@ -1,5 +1,6 @@
 """`cdc run`: one applier per destination, each in its own thread, with a progress line and clean shutdown, and a
-watcher that restarts the pipeline's failed Debezium tasks (producers/watch.py)."""
+watcher that restarts the pipeline's failed Debezium tasks (producers/watch.py). A destination that fails stops
+alone; the run ends with its error once the others stop."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from cdc.config import Pipeline
-from cdc.errors import CdcError, ConfigError
+from cdc.errors import CdcError, ConfigError, first_line
 from consumers.applier import ReplicaApplier
 
 
@@ -53,13 +54,26 @@ def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout:
         serve(appliers, metrics_port)
         echo(f"metrics: http://127.0.0.1:{metrics_port}/metrics")
 
+    finished: set[str] = set()
+
     def work(applier: ReplicaApplier) -> None:
         try:
             applier.run(until_caught_up=until_caught_up, timeout=timeout, progress=_progress_printer(echo))
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
-            for other in appliers:
-                other.stop()
+            finished.add(applier.name)
+            # One destination's failure is its own (a poison change under `on_error: stop`, a type it cannot
+            # follow): the others go on replicating, and the run ends with this error (exit 1) when they stop.
+            # Its reason is in its `_cdc_status` too, so `cdc lag` shows it ERROR meanwhile.
+            others = [a.name for a in appliers if a.name not in finished]
+            if others:
+                echo(f"{applier.name}: stopped: {first_line(exc)}; {', '.join(others)} "
+                     f"{'goes' if len(others) == 1 else 'go'} on")
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
+                for other in appliers:
+                    other.stop()
+        finally:
+            finished.add(applier.name)
 
     threads = [threading.Thread(target=work, args=(a,), name=f"applier-{a.name}") for a in appliers]
     from consumers.applier import install_signal_handlers
@@ -94,6 +108,8 @@ def run(pipeline: Pipeline, names: list[str], *, until_caught_up: bool, timeout:
              + (f" ({a.stats.columnar_rows} through the columnar path)" if a.stats.columnar_rows else ""))
         a.close()
     if errors:
+        if len(errors) > 1:
+            echo(f"{len(errors)} destinations stopped with an error; the first is below")
         if isinstance(errors[0], CdcError):
             raise errors[0]
         raise CdcError(f"applier failed: {errors[0]!r}") from errors[0]
