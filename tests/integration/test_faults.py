@@ -1,7 +1,7 @@
 """Faults of the shared stack during a workload (issue 15): the broker, PostgreSQL (source and destination at once)
-and the Kafka Connect worker, each SIGKILLed while `cdc run` applies and the source writes. Each ends with the replica equal to the source by
-plain SQL, the analytics history free of duplicates (`cdc verify`), and the workload's invariant (the sum of
-balances) intact at the destination.
+and the Kafka Connect worker, each SIGKILLed while `cdc run` applies and the source writes. Each ends with the
+replica equal to the source by plain SQL, the analytics history free of duplicates (`cdc verify`), and the
+workload's invariant (the sum of balances) intact at the destination.
 
 These kill processes every other test shares: the stack is brought back (`cdc stack up`) before each test ends."""
 

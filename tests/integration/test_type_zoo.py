@@ -74,8 +74,8 @@ def test_every_type_reaches_every_destination_equal_to_the_source(stack, source_
             expected = read_postgres(source, table)
             assert expected, table
             assert_equal(f"{where}, PostgreSQL replica:", expected, read_postgres(destination, table), table)
-            assert_equal(f"{where}, MariaDB replica:", as_mariadb(table, expected), read_mariadb(mariadb_database, table),
-                         table)
+            assert_equal(f"{where}, MariaDB replica:", as_mariadb(table, expected),
+                         read_mariadb(mariadb_database, table), table)
             assert_equal(f"{where}, DuckDB analytics:", as_duckdb(table, expected), read_duckdb(lake, table), table)
 
     try:
@@ -109,7 +109,8 @@ def test_every_type_reaches_every_destination_equal_to_the_source(stack, source_
 
 GENERATED = """
 create table gen (id int primary key, a int, t text,
-                  twice int generated always as (a * 2) stored, shout text generated always as (upper(t) || '!') stored);
+                  twice int generated always as (a * 2) stored,
+                  shout text generated always as (upper(t) || '!') stored);
 insert into gen (id, a, t) select i, i, 'row ' || i from generate_series(1, 20) i;
 create type mood as enum ('sad', 'ok');
 create table odd (k float8 primary key, vb varbit(8), spans interval[], moods mood[]);

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import duckdb
 import psycopg
@@ -17,9 +15,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from producers import capture
-from tests.integration.pipelines import execute, pipeline_data, purge, write_pipeline
-
-CDC = str(Path(sys.executable).parent / "cdc")
+from tests.integration.pipelines import CDC, execute, pipeline_data, purge, write_pipeline
 
 UUIDS = [str(uuid.UUID(int=i * 7919 + 1)) for i in range(1, 41)]
 
@@ -111,7 +107,9 @@ def test_verify_and_fix_every_shape_on_every_engine(stack, source_db, destinatio
         "maria": {"kind": "replica", "url": mariadb_database},
         "duck": {"kind": "analytics", "url": f"duckdb:///{duck}"}}))
     capture.apply(pipeline)
-    cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
+    def cdc(*args):
+        return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
+
     names = {"postgresql": "pg", "mariadb": "maria", "duckdb": "duck"}
     applier = None
     try:
@@ -180,7 +178,8 @@ def keyless_destination(kind: str, url: str, rows: list[str]) -> None:
                                  "_cdc_lsn bigint)")
             rows = [r.replace("+00'", "'") for r in rows]
         else:
-            conn.exec_driver_sql("create table log (logged timestamptz, level int, msg text, score real, _cdc_lsn bigint)")
+            conn.exec_driver_sql("create table log (logged timestamptz, level int, msg text, score real, "
+                                 "_cdc_lsn bigint)")
         for row in rows:
             conn.exec_driver_sql(f"insert into log values ({row}, 0)")
     engine.dispose()
@@ -198,7 +197,9 @@ def test_a_table_without_a_key_is_compared_as_a_multiset(stack, source_db, desti
     dest_url = f"duckdb:///{url}" if kind == "duckdb" else url
     write_pipeline(path, pipeline_data(stack, source_db, ["public.log"],
                                        destinations={"d": {"kind": "replica", "url": dest_url}}))
-    cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+    def cdc(*args):
+        return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+
     keyless_destination(kind, url, same)
     clean = cdc("verify", "d", "--json")
     assert clean.returncode == 0, clean.stdout + clean.stderr
@@ -273,7 +274,9 @@ def test_fix_resync_and_history(stack, source_db, destination_db, tmp_path):
         # dead-letter: a re-synced child whose parent is missing must not stop the replica.
         destinations={"copy": {"kind": "replica", "url": url, "on_error": "dead-letter"}}))
     capture.apply(pipeline)
-    cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+    def cdc(*args):
+        return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+
     assert cdc("run", "--until-caught-up", "--timeout", "240").returncode == 0
 
     # With no applier running, a re-sync names that cause (not a guess).
@@ -355,7 +358,9 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_databa
         "pg": {"kind": "replica", "url": urls["postgresql"]}, "maria": {"kind": "replica", "url": mariadb_database},
         "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}}))
     capture.apply(pipeline)
-    cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
+    def cdc(*args):
+        return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
+
     names = {"postgresql": "pg", "mariadb": "maria", "duckdb": "lake"}
     try:
         run = cdc("run", "--until-caught-up", "--timeout", "300")
@@ -365,12 +370,15 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_databa
         independent: dict[str, dict[str, str | None]] = {kind: {} for kind in names}
         for table in zoo.COLUMNS:
             expected = zoo.read_postgres(source, table)
-            for kind, read in (("postgresql", lambda: (expected, zoo.read_postgres(urls["postgresql"], table))),
-                               ("mariadb", lambda: (zoo.as_mariadb(table, expected),
-                                                    zoo.read_mariadb(mariadb_database, table))),
-                               ("duckdb", lambda: (expected, zoo.read_duckdb(lake, table)))):
+            for kind in names:
                 try:
-                    zoo.assert_equal(kind, *read(), table)
+                    if kind == "mariadb":
+                        want, got = zoo.as_mariadb(table, expected), zoo.read_mariadb(mariadb_database, table)
+                    else:
+                        want = expected
+                        got = (zoo.read_postgres(urls[kind], table) if kind == "postgresql"
+                               else zoo.read_duckdb(lake, table))
+                    zoo.assert_equal(kind, want, got, table)
                     independent[kind][f"public.{table}"] = None
                 except AssertionError as exc:
                     independent[kind][f"public.{table}"] = str(exc).splitlines()[0]
@@ -388,7 +396,8 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_databa
             if all(v is None for v in independent[kind].values()):
                 assert clean.returncode == 0, (kind, clean.stderr)
 
-        # Rows the zoo's workload left alone (it changes ids divisible by 5 and 7, deletes those by 11, W05 and n % 3 = 0).
+        # Rows the zoo's workload left alone (it changes ids divisible by 5 and 7, deletes those by 11, W05 and
+        # n % 3 = 0).
         uuid2 = str(uuid.UUID(hashlib.md5(b"2").hexdigest()))
         plants = {
             "postgresql": ["update zoo set f4 = f4 + 1 where id = 2", "update zoo set iv = iv + interval '1 month' "
@@ -402,7 +411,7 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_databa
                        "update \"public.zoo\" set ta = ['x'] where id = 6"],
         }
         for kind, statements in plants.items():
-            table = lambda t: f'"public.{t}"' if kind == "duckdb" else t  # noqa: E731
+            table = lambda t, kind=kind: f'"public.{t}"' if kind == "duckdb" else t  # noqa: E731
             statements = statements + [f"delete from {table('char_key')} where rtrim(code) = 'W05X'",
                                        f"delete from {table('uuid_key')} where n = 2"]
             if kind == "duckdb":

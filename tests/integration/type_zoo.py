@@ -71,7 +71,8 @@ select i, 1901 + i % 255, 'c' || i, (array['sad', 'ok', 'happy'])[1 + i % 3]::mo
        polygon(box(point(0, 0), point(i, 3))), circle(point(i, i), i / 8.0),
        md5(i::text)::uuid, ('{"b": ' || i || ', "a": [1, 2.5, "é\"q"], "b": null}')::json,
        ('{"k": {"n": [' || i || ', false, null]}, "s": "\\u00e9"}')::jsonb,
-       i * interval '1 day 02:03:04.5' + (i % 13) * interval '1 mon' - (i % 3) * interval '1 year', i / 3.0, i * 1.0e-5 - 1e300 * (i % 2), (i * 1.1)^10 / 3, i / 7.0, i * 1000,
+       i * interval '1 day 02:03:04.5' + (i % 13) * interval '1 mon' - (i % 3) * interval '1 year', i / 3.0,
+       i * 1.0e-5 - 1e300 * (i % 2), (i * 1.1)^10 / 3, i / 7.0, i * 1000,
        lpad(i::text, 3, 'x'), 'vc ' || i, 'line ' || i || E' with ''quotes'' \\ and\ttabs ✓',
        '00:00:00'::time + i * interval '7 minutes 3.25 seconds', ('12:00:00+0' || (i % 5))::timetz,
        '1969-07-20 20:17:40'::timestamp + i * interval '1 day 1 microsecond',
@@ -81,7 +82,8 @@ select i, 1901 + i % 255, 'c' || i, (array['sad', 'ok', 'happy'])[1 + i % 3]::mo
        array[md5(i::text)::uuid, md5((i + 1)::text)::uuid], array[('{"a": ' || i || '}')::jsonb, 'null'::jsonb],
        array[i / 3.0, null, -i], array['2020-01-01'::date + i, null],
        array['2020-01-01 00:00:00+00'::timestamptz + i * interval '1 minute'], array[i * 0.5, -0.0, 1e-300],
-       array[i % 2 = 0, null], array[('10.0.0.' || (i % 256))::inet], array['ab', 'c', lpad(i::text, 3, '0')]::char(3)[],
+       array[i % 2 = 0, null], array[('10.0.0.' || (i % 256))::inet],
+       array['ab', 'c', lpad(i::text, 3, '0')]::char(3)[],
        array[hstore('k', i::text), hstore('e"', null)], array[int4range(i, null), 'empty']
 from generate_series(FIRST, LAST) i;
 """
@@ -147,7 +149,8 @@ COLUMNS = {
         ("pt", "numbers", "pt::text"), ("ln", "numbers", "ln::text"), ("ls", "numbers", "ls::text"),
         ("bx", "numbers", "bx::text"), ("pth", "numbers", "pth::text"), ("pg", "numbers", "pg::text"),
         ("cr", "numbers", "cr::text"), ("u", "uuid", None), ("js", "json", "js::text"), ("jb", "json", "jb::text"),
-        ("iv", "interval", INTERVAL_PARTS), ("f4", "f4", None), ("f8", "f8", None), ("n", "num", None), ("n52", "num", None),
+        ("iv", "interval", INTERVAL_PARTS), ("f4", "f4", None), ("f8", "f8", None), ("n", "num", None),
+        ("n52", "num", None),
         ("n0", "num", None), ("c5", "char", None), ("vc", "text", None), ("t", "text", None), ("tm", "time", None),
         ("ttz", "timetz", None), ("ts", "ts", None), ("tstz", "tstz", None), ("d", "date", None),
         ("by", "bytes", None),
