@@ -107,6 +107,7 @@ def test_verify_and_fix_every_shape_on_every_engine(stack, source_db, destinatio
         "maria": {"kind": "replica", "url": mariadb_database},
         "duck": {"kind": "analytics", "url": f"duckdb:///{duck}"}}))
     capture.apply(pipeline)
+
     def cdc(*args):
         return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
 
@@ -197,6 +198,7 @@ def test_a_table_without_a_key_is_compared_as_a_multiset(stack, source_db, desti
     dest_url = f"duckdb:///{url}" if kind == "duckdb" else url
     write_pipeline(path, pipeline_data(stack, source_db, ["public.log"],
                                        destinations={"d": {"kind": "replica", "url": dest_url}}))
+
     def cdc(*args):
         return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
 
@@ -274,6 +276,7 @@ def test_fix_resync_and_history(stack, source_db, destination_db, tmp_path):
         # dead-letter: a re-synced child whose parent is missing must not stop the replica.
         destinations={"copy": {"kind": "replica", "url": url, "on_error": "dead-letter"}}))
     capture.apply(pipeline)
+
     def cdc(*args):
         return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
 
@@ -358,6 +361,7 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_databa
         "pg": {"kind": "replica", "url": urls["postgresql"]}, "maria": {"kind": "replica", "url": mariadb_database},
         "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}}))
     capture.apply(pipeline)
+
     def cdc(*args):
         return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
 
