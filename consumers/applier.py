@@ -819,7 +819,10 @@ class ReplicaApplier:
             scope, applied_before = self.replay_scope
             kept = []
             for n, item in entries:
-                part = item if item.table in scope else item.since(applied_before.get((item.topic, item.partition), 0))
+                since = applied_before.get((item.topic, item.partition), 0)
+                # A run keeps its changes from `since` on; an event (decoded one by one) is kept or not.
+                part = item if item.table in scope else item.since(since) if isinstance(item, runs.ChangeRun) else \
+                    item if item.offset >= since else None
                 if part is not None:
                     kept.append((n, part))
             entries = kept

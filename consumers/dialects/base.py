@@ -455,7 +455,8 @@ class Dialect(ABC):
         """Apply a table's changes without a primary key (consumers.plan.KeylessChange), one by one in source order:
         an insert adds a row; an update or a delete changes exactly one row equal to the change's before image.
         Such rows carry no position to compare, so a change is never skipped as older: what makes them apply once
-        is the stored offsets, written in the same transaction (the applier's exactly-once). A before image that
+        is the stored offsets, written in the same transaction (the applier's exactly-once), and the applier's record
+        of applied transactions against Debezium's re-sent copies (`record_applied`). A before image that
         matches no row means the destination no longer equals the source: raised, never passed over."""
         table = self.table(shape)
         columns = list(shape.column_names)
