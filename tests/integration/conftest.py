@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from cdc.config import Pipeline
 from infra import stack as stack_mod
 from producers import capture
 from producers.connect import ConnectClient
@@ -71,20 +72,32 @@ def mariadb_database(stack):
 
 
 @pytest.fixture
-def replica(stack, source_db, tmp_path):
-    """A source with the sample schema, its connector, and an empty PostgreSQL destination `state`; yields
-    (pipeline file, source URL, destination URL)."""
-    with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    destination = f"dst_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-        conn.execute(f'create database "{destination}"')
-    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
-                         destinations={"state": {"kind": "replica", "url": stack.postgres_url(destination)}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
-    yield path, stack.postgres_url(source_db), stack.postgres_url(destination)
-    purge(pipeline)
-    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{destination}" with (force)')
+def sample_pipeline(stack, source_db, tmp_path):
+    """A factory: `make(destinations)` loads the sample schema into a fresh source database, writes a pipeline file
+    of the sample's tables and hierarchy with those destinations, and applies its connector; it returns (pipeline
+    file, pipeline, source URL). Whatever it made is purged afterwards."""
+    made = []
+
+    def make(destinations: dict) -> tuple[Path, Pipeline, str]:
+        source = stack.postgres_url(source_db)
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(SCHEMA)
+        path = tmp_path / "pipeline.yaml"
+        pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
+                                                      destinations=destinations))
+        made.append(pipeline)
+        capture.apply(pipeline)
+        return path, pipeline, source
+
+    yield make
+    for pipeline in made:
+        purge(pipeline)
+
+
+@pytest.fixture
+def replica(stack, destination_db, sample_pipeline):
+    """The sample source, its connector, and an empty PostgreSQL destination `state`; yields (pipeline file, source
+    URL, destination URL)."""
+    destination = stack.postgres_url(destination_db)
+    path, _, source = sample_pipeline({"state": {"kind": "replica", "url": destination}})
+    return path, source, destination

@@ -245,17 +245,16 @@ def test_a_role_the_applier_did_not_create_is_left_alone_and_refused(stack):
         assert type(dialect_for(engine)) is PostgresDialect  # replicas keep their dialect
         dialect = dialect_for(engine, "analytics")
         assert isinstance(dialect, PostgresAnalyticsDialect)
-        with pytest.raises(ConfigError, match=f"the role {outsider} already exists and was not created by cdc"):
-            with engine.begin() as conn:
-                dialect.grant_read_only(conn, outsider, None)
+        with (pytest.raises(ConfigError, match=f"the role {outsider} already exists and was not created by cdc"),
+              engine.begin() as conn):
+            dialect.grant_read_only(conn, outsider, None)
         with psycopg.connect(stack.postgres_url()) as conn:
             assert conn.execute("select rolcanlogin, rolconfig from pg_roles where rolname = %s",
                                 (outsider,)).fetchone() == (True, None)
         # A table whose history table's name PostgreSQL would truncate is refused before anything is created.
         long = TableShape(f"public.{'t' * 56}", (ColumnShape("id", BigInteger(), False),), ("id",))
-        with pytest.raises(ConfigError, match="longer than PostgreSQL's 63-byte identifiers"):
-            with engine.begin() as conn:
-                dialect.ensure_table(conn, long, {long.name: long})
+        with pytest.raises(ConfigError, match="longer than PostgreSQL's 63-byte identifiers"), engine.begin() as conn:
+            dialect.ensure_table(conn, long, {long.name: long})
     finally:
         engine.dispose()
         with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:

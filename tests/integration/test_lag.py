@@ -10,7 +10,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -30,23 +29,12 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture
-def lagging(stack, source_db, tmp_path):
+def lagging(stack, destination_db, sample_pipeline):
     """A source with the sample schema and its connector, a replica destination, caught up once (the snapshot)."""
-    with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    destination = f"dst_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-        conn.execute(f'create database "{destination}"')
-    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
-                         destinations={"state": {"kind": "replica", "url": stack.postgres_url(destination)}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline, source = sample_pipeline({"state": {"kind": "replica",
+                                                        "url": stack.postgres_url(destination_db)}})
     caught_up(path, 300)
-    yield path, pipeline, stack.postgres_url(source_db)
-    purge(pipeline)
-    with psycopg.connect(stack.postgres_url(), autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{destination}" with (force)')
+    return path, pipeline, source
 
 
 def lag_json(path: Path, *args: str) -> tuple[int, dict]:

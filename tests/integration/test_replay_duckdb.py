@@ -10,29 +10,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
-import psycopg
 import pytest
 
 from cdc import config
 from cdc.errors import ConfigError
 from consumers import replay as replay_mod
-from producers import capture
-from tests.integration.pipelines import cdc, expire_history, pipeline_data, purge, write_pipeline
-from tests.integration.sample import HIERARCHIES, NAMES, SCHEMA, TABLES, changes_around_a_time, rows, workload
+from tests.integration.pipelines import cdc, expire_history
+from tests.integration.sample import NAMES, TABLES, changes_around_a_time, rows, workload
 
 
 @pytest.fixture
-def lake(stack, source_db, tmp_path):
+def lake(sample_pipeline, tmp_path):
     """A source with the sample schema, its connector, and a DuckDB analytics destination `lake` (no file yet)."""
-    with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
-        conn.execute(SCHEMA)
     file = tmp_path / "analytics.duckdb"
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES, destinations={
-        "lake": {"kind": "analytics", "url": f"duckdb:///{file}"}}))
-    capture.apply(pipeline)
-    yield path, stack.postgres_url(source_db), file
-    purge(pipeline)
+    path, _, source = sample_pipeline({"lake": {"kind": "analytics", "url": f"duckdb:///{file}"}})
+    return path, source, file
 
 
 def read(file: Path, statement: str) -> list[tuple]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -13,9 +12,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from producers import capture
 from schemas.codec import AvroDecoder, RegistryClient
-from tests.integration.pipelines import pipeline_data, purge, write_pipeline
-
-CDC = str(Path(sys.executable).parent / "cdc")
+from tests.integration.pipelines import CDC, pipeline_data, purge, write_pipeline
 
 HOSTILE = '''
 create schema "Odd Schema";
@@ -25,7 +22,8 @@ create table public."Parent-Table" ("ID" bigint primary key, "Name" text not nul
 create table public."child Table" (id bigint primary key,
                                       "Parent ID" bigint not null references public."Parent-Table" ("ID"),
                                       "user" text);
-insert into "Odd Schema"."Weird Table" values (1, 'a', 1, 'it''s', 'ça', '2020-01-01'), (2, null, null, null, null, null);
+insert into "Odd Schema"."Weird Table" values (1, 'a', 1, 'it''s', 'ça', '2020-01-01'),
+                                              (2, null, null, null, null, null);
 insert into public."Parent-Table" values (1, 'first'), (2, 'second');
 insert into public."child Table" values (10, 1, 'x'), (11, 2, 'y');
 '''
