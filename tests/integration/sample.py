@@ -57,9 +57,11 @@ def assert_equal(source: str, destination: str) -> None:
 def workload(url: str, transactions: int, seed: int, stop: threading.Event | None = None) -> int:
     """Multi-table source transactions on the sample schema that keep the sum of balances (TOTAL) constant at every
     commit: transfers, a person created with their rows, a person deleted with theirs (their balance to an heir),
-    member updates, primary-key updates of a member row and of a referenced row (cascaded by the source). The same
-    `seed` makes the same choices; different seeds write different child ids, so workloads can run side by side.
-    Stops early when `stop` is set; returns the number of transactions committed."""
+    member updates, primary-key updates of a member row and of a referenced row (cascaded by the source); it never
+    renames a person and never deletes person 1 (tests script their history). The same
+    `seed` makes the same choices (which rows they hit is the database's `random()`); the child rows of different
+    seeds take their ids from separate ranges, so one source can take several workloads in a row. Stops early when
+    `stop` is set; returns the number of transactions committed."""
     rng = random.Random(seed)
     done = 0
     with psycopg.connect(url, autocommit=True) as conn:  # each `transaction()` block is a source transaction
