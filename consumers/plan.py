@@ -173,7 +173,10 @@ def _keyless(event: ChangeEvent, shapes: Mapping[str, TableShape]) -> bool:
 
 
 def has_keyless(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape]) -> bool:
-    return any(_keyless(e, shapes) for e in events)
+    """Whether the batch has keyless changes in transactions (without looking at its events when no table lacks a
+    key: the common pipeline pays nothing)."""
+    keyless = {name for name, shape in shapes.items() if not shape.primary_key}
+    return bool(keyless) and any(e.table in keyless and e.xid is not None for e in events)
 
 
 def keyless_repeats(events: list[ChangeEvent],
