@@ -232,7 +232,7 @@ def test_keyless_changes_are_applied_once_whatever_debezium_resends(stack, decod
         # table (its offsets go back before them), and the copies in the topics are still applied once; a partial
         # replay leaves the other tables as they were, records and all.
         for name, *how in (("pg",), ("duck",), ("pg", "--tables", "public.ledger"),
-                           ("pg2", "--tables", "public.account")):
+                           ("pg2", "--tables", "public.account"), ("pg2", "--shadow"), ("duck2", "--shadow")):
             replayed = cdc(path, "replay", name, *how, "--no-backup", "--timeout", "240")
             assert replayed.returncode == 0, replayed.stdout + replayed.stderr
             _equal_everywhere(source, {name: kinds[name]}, path)
