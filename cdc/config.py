@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -285,6 +286,93 @@ class Destination(_Model):
         return url
 
 
+
+class SyncTable(_Model):
+    """One table of a sync's scope: which rows are in it, which never sync, and how rows are matched."""
+
+    # A SQL predicate over the table's columns (e.g. `id between 1000000000 and 1999999999`); absent: every row.
+    where: str | None = None
+    # Rows that never sync, in either direction (personalised dashboards): a SQL predicate.
+    exclude: str | None = None
+    # Match rows by these columns (a natural key, e.g. [name]) instead of by primary key: a source row takes the id of
+    # the destination row of the same name, and the foreign keys that reference the table follow it.
+    match_by: tuple[str, ...] = ()
+
+    @field_validator("where", "exclude")
+    @classmethod
+    def _predicate(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("is empty; leave it out, or write a SQL predicate (e.g. id between 1 and 9)")
+        if v is not None and ";" in v:
+            raise ValueError(f"{shown(v)}: a predicate is one SQL expression, without ';'")
+        return v
+
+    @field_validator("match_by", mode="before")
+    @classmethod
+    def _match_by(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return (v,)
+        return v
+
+
+class SyncObjects(_Model):
+    """Schema objects that sync by name pattern (shell-style, case-insensitive: `CT_*`, `qview_*`)."""
+
+    # Tables created at the destination when missing, and their columns; also columns of this name pattern in any
+    # table of both sides (`CT_*` columns added to a product table).
+    tables: tuple[str, ...] = ()
+    views: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()
+    procedures: tuple[str, ...] = ()
+
+
+class Sync(_Model):
+    """A configuration sync: the scope of `source` that replaces the same scope at `destination` (cdc sync)."""
+
+    source: SecretStr
+    destination: SecretStr
+    tables: dict[str, SyncTable] = Field(default_factory=dict)
+    objects: SyncObjects = Field(default_factory=SyncObjects)
+    retention_days: int = Field(30, ge=1)
+
+    @field_validator("source", "destination")
+    @classmethod
+    def _url(cls, v: SecretStr) -> SecretStr:
+        url = _sqlalchemy_url(v.get_secret_value())
+        if url.drivername not in SOURCE_SCHEMES:
+            raise ValueError(f"a sync reads and writes PostgreSQL (postgresql://...), got a {shown(url.drivername)} "
+                             "URL")
+        if not url.database:
+            raise ValueError("the URL names no database")
+        return v
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _tables(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, (list, tuple)):  # a plain list of tables: every row of each
+            return {t: {} for t in v}
+        if isinstance(v, dict):
+            for table in v:
+                if not isinstance(table, str) or not TABLE_RE.match(table):
+                    raise ValueError(f"{shown(table)} is not schema-qualified (write schema.table)")
+                _identifier_lengths(table)
+            return {t: ({} if s is None else s) for t, s in v.items()}
+        raise ValueError("must be a mapping of schema.table to its scope (where:, exclude:, match_by:)")
+
+    @property
+    def source_url(self) -> URL:
+        return make_url(self.source.get_secret_value()).set(drivername="postgresql+psycopg")
+
+    @property
+    def destination_url(self) -> URL:
+        return make_url(self.destination.get_secret_value()).set(drivername="postgresql+psycopg")
+
+    def retention(self) -> timedelta:
+        return timedelta(days=self.retention_days)
+
+
 class Pipeline(_Model):
     pipeline: str = Field(pattern=NAME_RE, max_length=100)
     kafka: KafkaSettings
@@ -292,6 +380,8 @@ class Pipeline(_Model):
     hierarchies: dict[str, Hierarchy] = Field(default_factory=dict)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     topics: TopicSettings = Field(default_factory=TopicSettings)
+    # Configuration syncs between environments (cdc sync; docs/sync.md).
+    syncs: dict[str, Sync] = Field(default_factory=dict)
 
     @field_validator("hierarchies")
     @classmethod
@@ -299,6 +389,15 @@ class Pipeline(_Model):
         for name in v:
             if not re.match(NAME_RE, name) or len(name) > MAX_NAME_CHARS:
                 raise ValueError(f"hierarchy name {shown(name)} may only hold letters, digits, '_' and '-', at most "
+                                 f"{MAX_NAME_CHARS} characters (it becomes part of a topic name)")
+        return v
+
+    @field_validator("syncs")
+    @classmethod
+    def _sync_names(cls, v: dict[str, Sync]) -> dict[str, Sync]:
+        for name in v:
+            if not re.match(NAME_RE, name) or len(name) > MAX_NAME_CHARS:
+                raise ValueError(f"sync name {shown(name)} may only hold letters, digits, '_' and '-', at most "
                                  f"{MAX_NAME_CHARS} characters (it becomes part of a topic name)")
         return v
 
@@ -412,7 +511,16 @@ class Pipeline(_Model):
         data["source"]["url"] = masked_url(self.source.sqlalchemy_url)
         for name, dest in self.destinations.items():
             data["destinations"][name]["url"] = masked_url(dest.sqlalchemy_url)
+        for name, sync in self.syncs.items():
+            data["syncs"][name]["source"] = masked_url(sync.source_url)
+            data["syncs"][name]["destination"] = masked_url(sync.destination_url)
         return data
+
+    def sync(self, name: str) -> Sync:
+        """The sync named `name`, or a ConfigError listing the known ones."""
+        if name not in self.syncs:
+            raise ConfigError(f"syncs: no sync named {shown(name)} (known: {', '.join(self.syncs) or 'none'})")
+        return self.syncs[name]
 
 
 class _FieldError(ValueError):
