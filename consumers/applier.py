@@ -183,6 +183,8 @@ class ReplicaApplier:
         else:
             self.engine = create_engine(url, pool_size=2, pool_pre_ping=True)
         self.dialect: Dialect = dialect_for(self.engine, self.destination.kind)
+        if self._holds_file:
+            self.dialect.limit_memory()  # DuckDB's memory bounded; raised when a batch needs more (apply)
         self.shapes: dict[str, TableShape] = {}
         self.order: list[str] = []
         self.assembler = TransactionAssembler(frozenset(pipeline.source.tables))
@@ -1191,16 +1193,26 @@ class ReplicaApplier:
         """Apply steps in one destination transaction, then acknowledge them to Kafka's group offsets. `more`: another
         batch is ready behind this one (a DuckDB file then stays open for it)."""
         offsets = self._offsets_after(steps)
-        for attempt in (1, 2):
+        attempt = 1
+        while True:
             try:
-                with self._begin(hold=more) as conn:
-                    self.dialect.begin_batch(conn, snapshot=any(s.xid is None for s in steps))
-                    count = self._write(conn, steps, offsets)
+                try:
+                    with self._begin(hold=more) as conn:
+                        self.dialect.begin_batch(conn, snapshot=any(s.xid is None for s in steps))
+                        count = self._write(conn, steps, offsets)
+                except Exception as exc:
+                    # DuckDB out of its memory limit (rolled back): the limit is raised and the batch tried again.
+                    raised = self._holds_file and self.dialect.memory_exhausted(exc)
+                    if not raised:
+                        raise
+                    self.echo(f"{self.name}: {raised}")
+                    continue
                 break
             except (OperationalError, psycopg.OperationalError) as exc:
                 raise ServiceUnavailable(f"destination {self.name} failed: {_first_line(exc)}") from exc
             except (DBAPIError, NoMatchingRow, psycopg.Error, *_duckdb_errors()) as exc:
                 if attempt == 1 and self._source_changed_under(steps, exc):
+                    attempt = 2
                     continue
                 raise ApplyError(f"destination {self.name}: applying {_where(steps)} failed: "
                                  f"{_first_line(exc)}") from exc
