@@ -701,6 +701,191 @@ def hierarchy_suggest(
     _run(body)
 
 
+sync_app = typer.Typer(help="Configuration sync between environments: a scope of a source database replaces the same "
+                       "scope at a destination, backed up first (docs/sync.md).", no_args_is_help=True)
+app.add_typer(sync_app, name="sync")
+
+
+def _print_sync_plan(result: Any) -> None:
+    for name in result.order:
+        p = result.tables[name]
+        typer.echo(f"{name}: {len(p.deletes)} to delete, {len(p.inserts)} to insert, {len(p.updates)} to update, "
+                   f"{p.unchanged} unchanged" + (f", {len(p.matched)} matched by name" if p.matched else ""))
+        for natural, source_id, dest_id in p.matched:
+            same = "" if source_id != dest_id else " (same id)"
+            typer.echo(f"  matched {', '.join(map(str, natural))}: source id {', '.join(map(str, source_id))} -> "
+                       f"destination id {', '.join(map(str, dest_id))}{same}")
+    for action in result.objects:
+        typer.echo(f"{action.kind} {action.name}: {action.action}")
+        for line in action.ddl.splitlines():
+            typer.echo(f"    {line}")
+    for line in result.drift:
+        typer.echo(f"drift: {line}")
+
+
+@sync_app.command("plan")
+def sync_plan(name: str = typer.Argument(..., help="The sync (syncs.<name> in the pipeline file)."),
+              as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    """What `cdc sync apply` would change, per table and schema object (with DDL); exit 1 when anything would."""
+    from consumers.sync import apply as sync_mod
+
+    def body() -> int:
+        result = sync_mod.dry_run(name, _pipeline().sync(name))
+        if as_json:
+            typer.echo(json.dumps(result.as_json(), indent=2, default=str))
+        else:
+            _print_sync_plan(result)
+            typer.echo(f"{result.changes} changes" if result.changes else "nothing to change")
+        return 1 if result.changes else 0
+
+    _run(body)
+
+
+class _SyncProgress:
+    """A progress bar on a terminal, one line per table and action otherwise."""
+
+    def __init__(self) -> None:
+        self.terminal = sys.stderr.isatty()
+        self.bar: Any = None
+        self.task: Any = None
+        self.last = ""
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.terminal:
+            if what != self.last:
+                typer.echo(f"sync: {what}", err=True)
+                self.last = what
+            return
+        if self.bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("rows"), TimeElapsedColumn(), console=Console(stderr=True))
+            self.bar.start()
+            self.task = self.bar.add_task(what, total=max(total, 1))
+        self.bar.update(self.task, description=what, completed=done, total=max(total, 1))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@sync_app.command("apply")
+def sync_apply(name: str = typer.Argument(..., help="The sync (syncs.<name> in the pipeline file)."),
+               force: bool = typer.Option(False, "--force", help="Sync even though the destination changed the "
+                                          "scope since the last sync (the drift is shown, and overwritten).")) -> None:
+    """Back up the destination's scope, then replace it with the source's in one transaction, with a history
+    entry; anything fails, nothing changed."""
+    from consumers.sync import apply as sync_mod
+
+    def body() -> int:
+        bar = _SyncProgress()
+        try:
+            done = sync_mod.apply(_pipeline(), name, force=force, progress=bar, echo=_echo)
+        finally:
+            bar.close()
+        for line in done.plan.drift:
+            typer.echo(f"drift overwritten: {line}")
+        entry = done.entry
+        assert entry is not None
+        counts = entry.tables
+        typer.echo(f"sync {entry.id} applied: " + ", ".join(
+            f"{t} -{c['deleted']} +{c['inserted']} ~{c['updated']}" for t, c in counts.items())
+            + f"; {len(entry.objects)} schema objects; backup {entry.backup_id} ({entry.backup_schema}); undo with "
+            f"`cdc sync restore {entry.id}`")
+        return 0
+
+    _run(body)
+
+
+def _print_sync_entry(entry: Any, detailed: bool) -> None:
+    totals = {k: sum(c.get(k, 0) for c in entry.tables.values()) for k in ("deleted", "inserted", "updated")}
+    restored = f", restored by {entry.restored_by}" if entry.restored_by else ""
+    what = f"restore of {entry.restores}" if entry.kind == "restore" else "sync"
+    typer.echo(f"{entry.id:5}  {entry.finished_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {entry.sync:16} {what:14} "
+               f"-{totals['deleted']} +{totals['inserted']} ~{totals['updated']}  by {entry.requested_by}"
+               + (" (forced)" if entry.forced else "") + restored)
+    if detailed:
+        typer.echo(f"  from {entry.source}; backup {entry.backup_id} ({entry.backup_schema})")
+        for table, c in entry.tables.items():
+            typer.echo(f"  {table}: {c.get('deleted', 0)} deleted, {c.get('inserted', 0)} inserted, "
+                       f"{c.get('updated', 0)} updated, {c.get('unchanged', 0)} unchanged, {c.get('matched', 0)} "
+                       "matched by name")
+        for action in entry.objects:
+            typer.echo(f"  {action['kind']} {action['name']}: {action['action']}")
+        for line in entry.drift:
+            typer.echo(f"  drift overwritten: {line}")
+
+
+def _sync_entries(name: str | None, entry_id: int | None = None) -> list[Any]:
+    from consumers.sync import apply as sync_mod
+
+    pipeline = _pipeline()
+    syncs = {name: pipeline.sync(name)} if name else pipeline.syncs
+    seen: dict[str, Any] = {}
+    entries = []
+    for sync_name, sync in syncs.items():
+        url = sync.destination_url
+        key = url.render_as_string(hide_password=False)
+        if key in seen and name is None:
+            continue  # several syncs to one destination: its history lists them all once
+        seen[key] = True
+        entries += sync_mod.history(url, None if name is None else sync_name, entry_id)
+    entries = [e for e in entries if e.sync in syncs]
+    return sorted(entries, key=lambda e: (e.finished_at, e.id), reverse=True)
+
+
+@sync_app.command("history")
+def sync_history(name: str | None = typer.Argument(None, help="Only this sync (default: every sync of the file)."),
+                 as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON.")) -> None:
+    """The syncs and restores recorded at the destinations, newest first, with per-table counts."""
+
+    def body() -> int:
+        entries = _sync_entries(name)
+        if as_json:
+            typer.echo(json.dumps([e.as_json() for e in entries], indent=2, default=str))
+        else:
+            for entry in entries:
+                _print_sync_entry(entry, detailed=False)
+        return 0
+
+    _run(body)
+
+
+@sync_app.command("show")
+def sync_show(entry_id: int = typer.Argument(..., metavar="ID"),
+              as_json: bool = typer.Option(False, "--json", help="Print the entry as JSON.")) -> None:
+    """One sync (or restore) with its per-table results, schema objects and backup."""
+
+    def body() -> int:
+        entries = _sync_entries(None, entry_id)
+        if not entries:
+            raise CdcError(f"sync history: no entry {entry_id}")
+        if as_json:
+            typer.echo(json.dumps(entries[0].as_json(), indent=2, default=str))
+        else:
+            _print_sync_entry(entries[0], detailed=True)
+        return 0
+
+    _run(body)
+
+
+@sync_app.command("restore")
+def sync_restore(entry_id: int = typer.Argument(..., metavar="ID"),
+                 name: str | None = typer.Option(None, "--sync", help="The sync the entry belongs to, when several "
+                                                 "syncs share a destination.")) -> None:
+    """Put back the destination's scope and schema objects exactly as they were before sync ID (from its backup)."""
+    from consumers.sync import apply as sync_mod
+
+    def body() -> int:
+        entry = sync_mod.restore(_pipeline(), name, entry_id, echo=_echo)
+        typer.echo(f"sync {entry_id} restored (history entry {entry.id})")
+        return 0
+
+    _run(body)
+
+
 app.add_typer(lag_app, name="lag")
 _config_option_everywhere(app)
 

@@ -384,3 +384,45 @@ def replace_database(new: Path, live: Path, *, keep_old_at: Path | None = None) 
                 keep_old_at.unlink(missing_ok=True)  # perhaps still a name of the live file: it must not stay
             raise
 
+
+
+# -- PostgreSQL: a scope of rows per backup (cdc sync) --------------------------------------------------------------
+
+class ScopeBackups:
+    """Backups of a scope of rows (the rows a configuration sync replaces), in the same `_cdc_backups` table and
+    `_cdc_backup_<time>` schemas as SchemaBackups, under an owner of their own (`<pipeline>.sync.<name>`), so that
+    they are listed, restored and pruned the same way. `take` works in the caller's transaction: the backup exists
+    exactly when what it guards was committed."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+    def take(self, conn: Any, scopes: dict[str, tuple[str, dict[str, Any]]]) -> Backup:
+        """Copy, per table, the rows matching its predicate (SQL and parameters) into a new backup schema."""
+        prep = conn.dialect.identifier_preparer
+        schema = f"_cdc_backup_{datetime.now(UTC):%Y%m%d_%H%M%S_%f}"
+        SchemaBackups.ensure_table(conn)
+        conn.execute(text(f"create schema {prep.quote(schema)}"))
+        for name, (predicate, params) in scopes.items():
+            table_schema, table = name.split(".", 1)
+            conn.execute(text(f"create table {prep.quote(schema)}.{prep.quote(name)} as select * from "
+                              f"{prep.quote(table_schema)}.{prep.quote(table)} where {predicate}"), params)
+        row = conn.execute(text(f'insert into "{BACKUPS_TABLE}" (schema_name, pipeline, tables) '
+                                "values (:s, :p, cast(:t as jsonb)) returning id, created_at"),
+                           {"s": schema, "p": self.owner, "t": json.dumps(list(scopes))}).one()
+        return Backup(row[0], row[1], schema, self.owner, list(scopes))
+
+    def list(self, conn: Any) -> list[Backup]:
+        SchemaBackups.ensure_table(conn)
+        rows = conn.execute(text(f'select id, created_at, schema_name, pipeline, tables from "{BACKUPS_TABLE}" '
+                                 "where pipeline = :p order by id desc"), {"p": self.owner}).all()
+        return [Backup(r[0], r[1], r[2], r[3], list(r[4])) for r in rows]
+
+    def prune(self, conn: Any, older_than: timedelta) -> list[Backup]:
+        """Drop this owner's backups older than the retention period."""
+        cutoff = datetime.now(UTC) - older_than
+        old = [b for b in self.list(conn) if b.created_at < cutoff]
+        for b in old:
+            conn.execute(text(f'drop schema if exists "{b.location}" cascade'))
+            conn.execute(text(f'delete from "{BACKUPS_TABLE}" where id = :i'), {"i": b.id})
+        return old
