@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import yaml
+from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg import sql
 
 from cdc import config
@@ -139,7 +140,6 @@ def assert_nothing_created(stack: StackLayout, connect: Any, pipeline: Pipeline,
 
 def expire_history(stack: StackLayout, path: Path, table: str) -> None:
     """Delete every record of the topic holding `table`, as if retention had expired the whole history."""
-    from confluent_kafka import Consumer, TopicPartition
     from confluent_kafka.admin import AdminClient
 
     topic = config.load(path, env={}).topic_of(table)
@@ -173,3 +173,49 @@ def destination_rows(url: str, table: str, columns: list[str], order: str = "") 
     with psycopg.connect(url) as conn:
         cols = ", ".join(f'"{c}"' for c in columns)
         return sorted(conn.execute(f'select {cols} from public."{table}"').fetchall(), key=repr)
+
+
+def topic_messages(stack: StackLayout, topics: list[str]) -> list:
+    """Every message of the topics, from their beginning to their end now."""
+    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"copy-{uuid.uuid4()}",
+                         "enable.auto.commit": False})
+    metadata = consumer.list_topics(timeout=10)
+    ends = {}
+    for topic in topics:
+        for partition in metadata.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high > low:
+                ends[topic, partition] = (low, high)
+    consumer.assign([TopicPartition(t, p, low) for (t, p), (low, _) in ends.items()])
+    out, done = [], set()
+    while len(done) < len(ends):
+        for m in consumer.consume(500, 1.0):
+            if m.error() is not None:
+                continue
+            tp = (m.topic(), m.partition())
+            if m.offset() < ends[tp][1]:
+                out.append(m)
+            if m.offset() >= ends[tp][1] - 1:
+                done.add(tp)
+    consumer.close()
+    return out
+
+
+def end_offsets(stack: StackLayout, topics: list[str]) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of the topics now."""
+    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"ends-{uuid.uuid4()}"})
+    metadata = consumer.list_topics(timeout=10)
+    ends = {(t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+            for t in topics for p in metadata.topics[t].partitions}
+    consumer.close()
+    return ends
+
+
+def redeliver(stack: StackLayout, messages: list) -> int:
+    """Write exact copies of messages (same topic and partition, key, value bytes and headers), as Debezium's
+    at-least-once delivery does after a crash; returns how many."""
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap, "enable.idempotence": True})
+    for m in messages:
+        producer.produce(m.topic(), key=m.key(), value=m.value(), partition=m.partition(), headers=m.headers())
+    assert producer.flush(30) == 0
+    return len(messages)

@@ -26,7 +26,10 @@ def test_analytics_replica_history_and_read_only_queries(stack, source_db, tmp_p
                                                   destinations={"lake": {"kind": "analytics",
                                                                          "url": f"duckdb:///{file}"}}))
     capture.apply(pipeline)
-    cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+
+    def cdc(*args):
+        return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+
     try:
         # A scripted sequence of values for one row, each committed at a known time.
         moments = []

@@ -8,15 +8,23 @@ the current state (`cdc verify`), and current states equal to the source."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
 
 import duckdb
 import psycopg
-from confluent_kafka import Consumer, Producer, TopicPartition
 
 from producers import capture
-from tests.integration.pipelines import caught_up, cdc, execute, pipeline_data, purge, table_rows, write_pipeline
+from tests.integration.pipelines import (
+    cdc,
+    end_offsets,
+    execute,
+    pipeline_data,
+    purge,
+    redeliver,
+    table_rows,
+    topic_messages,
+    write_pipeline,
+)
 
 SCHEMA = """
 create table item (id bigint primary key, name text not null, price numeric(8, 2));
@@ -46,48 +54,8 @@ LATER = [
 ]
 
 
-def _messages(stack, topics: list[str]) -> list:
-    """Every message of the topics, from their beginning to their end now."""
-    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"copy-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
-    metadata = consumer.list_topics(timeout=10)
-    ends = {}
-    for topic in topics:
-        for partition in metadata.topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            if high > low:
-                ends[topic, partition] = (low, high)
-    consumer.assign([TopicPartition(t, p, low) for (t, p), (low, _) in ends.items()])
-    out, done = [], set()
-    while len(done) < len(ends):
-        for m in consumer.consume(500, 1.0):
-            if m.error() is not None:
-                continue
-            tp = (m.topic(), m.partition())
-            if m.offset() < ends[tp][1]:
-                out.append(m)
-            if m.offset() >= ends[tp][1] - 1:
-                done.add(tp)
-    consumer.close()
-    return out
-
-
-def _ends(stack, topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"ends-{uuid.uuid4()}"})
-    metadata = consumer.list_topics(timeout=10)
-    ends = {(t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-            for t in topics for p in metadata.topics[t].partitions}
-    consumer.close()
-    return ends
-
-
-def _redeliver(stack, messages: list) -> int:
-    """Write exact copies of messages (same topic and partition, key, value bytes and headers)."""
-    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap, "enable.idempotence": True})
-    for m in messages:
-        producer.produce(m.topic(), key=m.key(), value=m.value(), partition=m.partition(), headers=m.headers())
-    assert producer.flush(30) == 0
-    return len(messages)
+# test_keyless_redelivery.py imports these by their old names (until it imports them from pipelines.py).
+_messages, _ends, _redeliver = topic_messages, end_offsets, redeliver
 
 
 def _duck_history(file, table: str, key: str) -> tuple[Counter, list[tuple]]:
@@ -136,7 +104,7 @@ def test_redelivered_transactions_are_recorded_once_in_the_histories(stack, sour
         assert all(max(c.values()) == 1 for c in before.values()), before
 
         # At-least-once: everything Debezium wrote so far (snapshot reads, changes, BEGIN and END records) again.
-        copies = _redeliver(stack, _messages(stack, [*pipeline.data_topics, pipeline.transaction_topic]))
+        copies = redeliver(stack, topic_messages(stack, [*pipeline.data_topics, pipeline.transaction_topic]))
         assert copies > 60
         execute(source, *LATER)
         again = cdc(path, "run", "lake", "pglake", "--until-caught-up", "--timeout", "240")
@@ -158,7 +126,7 @@ def test_redelivered_transactions_are_recorded_once_in_the_histories(stack, sour
             # Every change of the first run is still there once, and the later ones were added.
             assert set(before[table]) < set(pg_history)
         # The copies went through the appliers (the stored offsets are past them), not around them.
-        ends = _ends(stack, [*pipeline.data_topics, pipeline.transaction_topic])
+        ends = end_offsets(stack, [*pipeline.data_topics, pipeline.transaction_topic])
         with psycopg.connect(pg) as conn:
             stored = dict(((t, p), o) for t, p, o in conn.execute(
                 "select topic, kafka_partition, next_offset from _cdc_offsets where pipeline = %s",

@@ -5,7 +5,6 @@ transaction's later changes of a key (in later parts) winning over its earlier o
 from __future__ import annotations
 
 import duckdb
-import psycopg
 
 from consumers import columnar, runs
 from consumers.applier import ReplicaApplier

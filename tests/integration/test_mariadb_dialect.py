@@ -131,9 +131,8 @@ def test_foreign_keys_exist_and_a_child_without_its_parent_is_refused(engine, di
                        "from information_schema.key_column_usage "
                        "where table_schema = database() and referenced_table_name is not null order by column_name")
     assert fks == [("person", "mentor_id", "person", "id"), ("person", "school_id", "school", "id")]
-    with pytest.raises(IntegrityError, match="foreign key constraint fails"):
-        with engine.begin() as conn:
-            dialect.upsert(conn, PERSON, [person(1, 10, school=7)], PERSON_COLUMNS)
+    with pytest.raises(IntegrityError, match="foreign key constraint fails"), engine.begin() as conn:
+        dialect.upsert(conn, PERSON, [person(1, 10, school=7)], PERSON_COLUMNS)
     assert rows(engine, "select count(*) from person") == [(0,)]
 
 
@@ -187,9 +186,8 @@ def test_a_new_source_column_is_added_and_a_dropped_one_is_refused(engine, diale
                      ["id", "name", "motto"])
     assert rows(engine, "select id, name, motto from school") == [(1, "North", "Onward")]
     shrunk = TableShape("public.school", (SCHOOL.columns[0],), ("id",))
-    with pytest.raises(SchemaChangeError, match=r"^school: .*name.*public\.school"):
-        with engine.begin() as conn:
-            MariaDBDialect(engine).ensure_table(conn, shrunk, {shrunk.name: shrunk})
+    with pytest.raises(SchemaChangeError, match=r"^school: .*name.*public\.school"), engine.begin() as conn:
+        MariaDBDialect(engine).ensure_table(conn, shrunk, {shrunk.name: shrunk})
 
 
 def test_offsets_round_trip_per_pipeline(engine, dialect):
@@ -201,11 +199,10 @@ def test_offsets_round_trip_per_pipeline(engine, dialect):
         assert dialect.load_offsets(conn, "district") == {("district.person", 0): 12, ("district.person", 1): 4}
         assert dialect.load_offsets(conn, "other") == {("other.person", 0): 1}
     # Offsets and rows share the destination transaction: a rolled-back one leaves neither behind.
-    with pytest.raises(RuntimeError):
-        with engine.begin() as conn:
-            dialect.upsert(conn, SCHOOL, [{"id": 5, "name": "South", "_cdc_lsn": 1}], ["id", "name"])
-            dialect.store_offsets(conn, "district", {("district.person", 0): 99})
-            raise RuntimeError("crash before commit")
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        dialect.upsert(conn, SCHOOL, [{"id": 5, "name": "South", "_cdc_lsn": 1}], ["id", "name"])
+        dialect.store_offsets(conn, "district", {("district.person", 0): 99})
+        raise RuntimeError("crash before commit")
     with engine.begin() as conn:
         assert dialect.load_offsets(conn, "district")[("district.person", 0)] == 12
     assert rows(engine, "select count(*) from school") == [(0,)]
@@ -215,10 +212,9 @@ def test_truncate_empties_the_table_and_its_referencing_tables_inside_the_transa
     with engine.begin() as conn:
         dialect.upsert(conn, SCHOOL, [{"id": 1, "name": "North", "_cdc_lsn": 10}], ["id", "name"])
         dialect.upsert(conn, PERSON, [person(1, 10), person(2, 10, mentor=1)], PERSON_COLUMNS)
-    with pytest.raises(RuntimeError):
-        with engine.begin() as conn:
-            dialect.truncate(conn, SCHOOL)
-            raise RuntimeError("rolled back")
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        dialect.truncate(conn, SCHOOL)
+        raise RuntimeError("rolled back")
     assert rows(engine, "select count(*) from person") == [(2,)]
     with engine.begin() as conn:
         dialect.truncate(conn, SCHOOL)

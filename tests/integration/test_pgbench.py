@@ -4,7 +4,6 @@ replica through its initial load and a 30-second TPC-B-like run, then compared r
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,9 +11,8 @@ import psycopg
 import pytest
 
 from producers import capture
-from tests.integration.pipelines import pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import CDC, pipeline_data, purge, write_pipeline
 
-CDC = str(Path(sys.executable).parent / "cdc")
 PGBENCH = Path("/usr/lib/postgresql/15/bin/pgbench")
 TABLES = ["public.pgbench_branches", "public.pgbench_tellers", "public.pgbench_accounts", "public.pgbench_history"]
 

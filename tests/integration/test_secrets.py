@@ -8,6 +8,7 @@ import json
 import stat
 import subprocess
 import uuid
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -129,7 +130,7 @@ def test_the_source_password_is_never_stored_or_shown_in_clear(stack, source_rol
 def test_the_registry_password_is_not_on_its_command_line(stack):
     pid = stack_mod.component_pid(stack, "schema_registry")
     assert pid is not None
-    command_line = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    command_line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     assert "apicurio.datasource.url" in command_line  # the right process
     assert "datasource.password" not in command_line
     everything = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout

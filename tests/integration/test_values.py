@@ -10,7 +10,7 @@ import re
 import struct
 import time
 import uuid
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 
 import psycopg
 from confluent_kafka import Consumer
@@ -96,7 +96,7 @@ def assert_same_as_source(converted: dict, source: dict, columns: list[str], whe
             if column == "ts" and got is not None:
                 assert got.tzinfo is None, context
             if column == "tstz" and got is not None:
-                assert got.tzinfo is timezone.utc, context  # the same instant as psycopg's, expressed in UTC
+                assert got.tzinfo is UTC, context  # the same instant as psycopg's, expressed in UTC
 
 
 def iso_timedelta(text: str) -> timedelta:

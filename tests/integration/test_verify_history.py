@@ -64,7 +64,10 @@ def test_histories_replay_to_the_current_state_and_plants_are_named(stack, sourc
         "lake": {"kind": "analytics", "url": f"duckdb:///{file}"},
         "pglake": {"kind": "analytics", "url": pg}}))
     capture.apply(pipeline)
-    cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+
+    def cdc(*args):
+        return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+
     try:
         execute(source, *WORKLOAD)
         caught = cdc("run", "--until-caught-up", "--timeout", "240")
