@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from psycopg import Error as DriverError
 from sqlalchemy import (
     Connection,
     MetaData,
@@ -375,24 +376,21 @@ def _backup_scopes(sync: Sync, result: SyncPlan, conn: Connection) -> dict[str, 
     return scopes
 
 
-def _write_rows(conn: Connection, result: SyncPlan, source: SourceScope, progress: Progress) -> None:
+def _write_rows(conn: Connection, result: SyncPlan, tables: dict[str, Table],
+                foreign_keys: dict[str, tuple[ForeignKey, ...]], progress: Progress) -> None:
+    """Updates and inserts parents first (rows of one table after those they reference), then deletes children
+    first, in chunks. The final state satisfies the foreign keys, so neither step needs a row that is not there: an
+    upserted row references a parent that is already there or written before it, and a deleted parent's children
+    were deleted before it or re-pointed by an update (a form a workflow step no longer uses)."""
     total = sum(p.changes for p in result.tables.values())
     done = 0
-    for name in reversed(result.order):
-        p = result.tables[name]
-        table = source.tables[name]
-        pk = [table.c[c] for c in _KEYS[name]]
-        for start in range(0, len(p.deletes), CHUNK):
-            chunk = p.deletes[start:start + CHUNK]
-            _execute(conn, name, "deleting", delete(table).where(tuple_(*pk).in_(chunk)))
-            done += len(chunk)
-            progress(f"{name}: delete", done, total)
     for name in result.order:
         p = result.tables[name]
-        table = source.tables[name]
+        table = tables[name]
+        pk = [table.c[c] for c in _KEYS[name]]
         shape = TableShape(name, (), _KEYS[name], tuple(ForeignKeyShape(fk.columns, fk.referred_table,
                                                                         fk.referred_columns)
-                                                        for fk in source.foreign_keys[name]))
+                                                        for fk in foreign_keys[name]))
         if p.updates:
             by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for row, _ in p.updates:
@@ -411,6 +409,15 @@ def _write_rows(conn: Connection, result: SyncPlan, source: SourceScope, progres
             _execute(conn, name, "inserting", insert(table), rows[start:start + CHUNK])
             done += len(rows[start:start + CHUNK])
             progress(f"{name}: insert", done, total)
+    for name in reversed(result.order):
+        p = result.tables[name]
+        table = tables[name]
+        pk = [table.c[c] for c in _KEYS[name]]
+        for start in range(0, len(p.deletes), CHUNK):
+            chunk = p.deletes[start:start + CHUNK]
+            _execute(conn, name, "deleting", delete(table).where(tuple_(*pk).in_(chunk)))
+            done += len(chunk)
+            progress(f"{name}: delete", done, total)
 
 
 def _execute(conn: Connection, table: str, doing: str, statement: Any, params: Any = None) -> None:
@@ -433,9 +440,9 @@ def _raw(conn: Connection, statement: str) -> None:
 def _ddl(conn: Connection, action: ObjectAction, statement: str, doing: str) -> None:
     try:
         _raw(conn, statement)
-    except DBAPIError as exc:
+    except DriverError as exc:
         raise CdcError(f"sync: {doing} {action.kind} {action.name} at the destination failed, nothing was changed: "
-                       f"{first_line(exc.orig or exc)}") from None
+                       f"{first_line(exc)}") from None
 
 
 @dataclass
@@ -470,7 +477,7 @@ def apply(pipeline: Pipeline, sync_name: str, *, force: bool = False, progress: 
         for action in result.objects:
             _ddl(conn, action, action.ddl, {"create": "creating", "replace": "replacing", "drop": "dropping"}
                  [action.action])
-        _write_rows(conn, result, source, progress)
+        _write_rows(conn, result, source.tables, source.foreign_keys, progress)
         after = digests(conn, sync, result.order)
         if fail_before_commit is not None:
             fail_before_commit(conn)
@@ -516,45 +523,52 @@ def restore(pipeline: Pipeline, sync_name: str | None, entry_id: int,
 
 def _restore(conn: Connection, sync_name: str, sync: Sync, entry: HistoryEntry,
              echo: Callable[[str], None]) -> HistoryEntry:
+    """The backup synced back like a source: rows that differ updated in place (so that rows outside the scope that
+    reference them keep working), the sync's own rows deleted, the backed-up ones inserted; schema objects undone."""
     started = datetime.now(UTC)
     prep = conn.dialect.identifier_preparer
-    order = [t for t in entry.tables]  # recorded parents first
+    order = list(entry.tables)  # recorded parents first
     _lock(conn, sync_name, order)
     backup = prep.quote(entry.backup_schema or "")
-    insp = inspect(conn)
-    backed_up = {t for t in order if insp.has_table(t, schema=entry.backup_schema)}
-    existing = objects_mod.existing_tables(conn)
     try:
-        for name in reversed(order):  # children first
-            if name not in existing:
-                continue
-            schema, table = name.split(".", 1)
-            pk = insp.get_pk_constraint(table, schema=schema)["constrained_columns"]
-            target = f"{prep.quote(schema)}.{prep.quote(table)}"
-            also = ""
-            if name in backed_up:
-                cols = ", ".join(prep.quote(c) for c in pk)
-                also = f" or ({cols}) in (select {cols} from {backup}.{prep.quote(name)})"
-            conn.execute(text(f"delete from {target} where ({scope_predicate(sync.tables[name])}){also}"))
         for action in reversed(entry.objects):
             if action.get("undo"):
                 _raw(conn, action["undo"])
-        for name in order:  # parents first
-            if name not in backed_up:
-                continue
-            schema, table = name.split(".", 1)
-            cols = ", ".join(prep.quote(c["name"]) for c in insp.get_columns(name, schema=entry.backup_schema))
-            conn.execute(text(f"insert into {prep.quote(schema)}.{prep.quote(table)} ({cols}) select {cols} from "
-                              f"{backup}.{prep.quote(name)}"))
-    except DBAPIError as exc:
-        raise CdcError(f"sync restore {entry.id}: failed, nothing was changed: {first_line(exc.orig or exc)}") from None
+        existing = objects_mod.existing_tables(conn)
+        insp = inspect(conn)
+        names = [t for t in order if t in existing]
+        live = _reflect(conn, names, "destination")
+        inputs, fks = {}, {}
+        for name in names:
+            table = live[name]
+            pk = tuple(c.name for c in table.primary_key.columns)
+            _KEYS[name] = pk
+            fks[name] = tuple(ForeignKey(tuple(fk["constrained_columns"]),
+                                         f"{fk.get('referred_schema') or table.schema}.{fk['referred_table']}",
+                                         tuple(fk["referred_columns"]))
+                              for fk in insp.get_foreign_keys(table.name, schema=table.schema))
+            if insp.has_table(name, schema=entry.backup_schema):
+                saved = [dict(r) for r in conn.execute(text(f"select * from {backup}.{prep.quote(name)}")).mappings()]
+                columns = tuple(c["name"] for c in insp.get_columns(name, schema=entry.backup_schema))
+                keys = ", ".join(prep.quote(c) for c in pk)
+                also = f" or ({keys}) in (select {keys} from {backup}.{prep.quote(name)})"
+            else:
+                saved, columns, also = [], tuple(c.name for c in table.columns), ""
+            now = _read_rows(conn, table, f"({scope_predicate(sync.tables[name])}){also}", "the destination's")
+            inputs[name] = TableInput(name, pk, columns, saved, now, (), fks[name])
+        plans = plan_rows(inputs)
+        _write_rows(conn, SyncPlan(sync_name, names, plans, []), live, fks, lambda *_: None)
+    except (DBAPIError, DriverError) as exc:
+        raise CdcError(f"sync restore {entry.id}: failed, nothing was changed: "
+                       f"{first_line(getattr(exc, 'orig', None) or exc)}") from None
     after = digests(conn, sync, order)
     restore_id = conn.execute(text(
         f'insert into "{HISTORY_TABLE}" (sync, kind, started_at, requested_by, source, backup_id, backup_schema, '
         "tables, digests, restores) values (:sync, 'restore', :started, :by, :source, :backup, :schema, "
         "cast(:tables as jsonb), cast(:digests as jsonb), :restores) returning id"),
         {"sync": sync_name, "started": started, "by": getpass.getuser(), "source": entry.source,
-         "backup": entry.backup_id, "schema": entry.backup_schema, "tables": json.dumps(entry.tables),
+         "backup": entry.backup_id, "schema": entry.backup_schema,
+         "tables": json.dumps({t: plans[t].counts() for t in names}),
          "digests": json.dumps(after), "restores": entry.id}).scalar()
     conn.execute(text(f'update "{HISTORY_TABLE}" set restored_by = :r where id = :i'),
                  {"r": restore_id, "i": entry.id})

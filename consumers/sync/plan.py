@@ -211,7 +211,12 @@ def plan_objects(source: Sequence[Definition], destination: Sequence[Definition]
         elif s.compared != d.compared:
             if s.kind in ("table", "column"):
                 continue  # a different table shape is not rebuilt (data); missing columns arrive as `column`s
-            actions.append(ObjectAction(s.kind, s.name, "replace", s.ddl, before=d.ddl, undo=d.ddl))
+            if s.kind == "view":
+                # `create or replace view` cannot drop or rename a view's columns: the view is made anew.
+                actions.append(ObjectAction(s.kind, s.name, "replace", f"{d.drop};\n{s.ddl}", before=d.ddl,
+                                            undo=f"{s.drop};\n{d.ddl}"))
+            else:
+                actions.append(ObjectAction(s.kind, s.name, "replace", s.ddl, before=d.ddl, undo=d.ddl))
     return actions
 
 

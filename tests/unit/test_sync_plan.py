@@ -87,7 +87,8 @@ def test_objects_created_replaced_dropped_and_tables_never_dropped():
         ("view", "public.qview_gone", "drop"), ("table", "public.ct_new", "create"),
         ("view", "public.qview_b", "replace")]
     replace = actions[2]
-    assert replace.ddl == "create or replace view public.qview_b as select 2"
-    assert replace.undo == "create or replace view public.qview_b as select 1"
+    # A view is made anew (create or replace cannot drop its columns), and so is the old one on restore.
+    assert replace.ddl == "drop view public.qview_b;\ncreate or replace view public.qview_b as select 2"
+    assert replace.undo == "drop view public.qview_b;\ncreate or replace view public.qview_b as select 1"
     assert actions[0].undo == "create or replace view public.qview_gone as select 3"
     assert actions[1].undo == "drop table public.ct_new"
