@@ -5,10 +5,11 @@ too) are written to the topics again, as Debezium re-sends whole transactions af
 broker: copies of transactions already applied, read by the next `cdc run` (across a restart); copies written right
 behind their originals (taken along with them); and everything read in one pass by destinations that start from
 nothing. The keyless table holds legitimate duplicate rows (equal rows inserted by one statement and by one
-transaction), several rows are written at one LSN (a COPY), and is changed by inserts, updates and deletes of one of several equal rows. The PostgreSQL replica, the
-MariaDB replica and the DuckDB analytics replica end equal to the source by an independent multiset comparison
-(plain SQL on each engine), `cdc verify` agrees, the applier says what it skipped, and a replay still rebuilds the
-table from the topics, copies and all."""
+transaction), gets several rows at one LSN (a COPY), and is changed by inserts, updates and deletes of one of
+several equal rows. The PostgreSQL replica, the MariaDB replica and the DuckDB analytics replica end equal to the
+source by an independent multiset comparison (plain SQL on each engine), `cdc verify` agrees, the applier says what
+it skipped, and replays (full, partial, shadow, `--from TIME`) and a backup restored still leave the table equal to
+the source."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import psycopg
@@ -25,8 +26,16 @@ from sqlalchemy import create_engine
 
 from producers import capture
 from tests.integration.conftest import fresh_database
-from tests.integration.pipelines import cdc, execute, pipeline_data, purge, write_pipeline
-from tests.integration.test_history_redelivery import _ends, _messages, _redeliver
+from tests.integration.pipelines import (
+    cdc,
+    end_offsets,
+    execute,
+    pipeline_data,
+    purge,
+    redeliver,
+    topic_messages,
+    write_pipeline,
+)
 
 SCHEMA = """
 create table ledger (who text, amount int, note text);
@@ -43,16 +52,16 @@ ONE = "(select ctid from ledger where {} limit 1)"  # one of equal rows, as an a
 FIRST = [
     "insert into ledger values ('a', 1, 'x'), ('a', 1, 'x'), ('b', 2, 'y')",
     "COPY",
-    f"update ledger set note = 'x2' where ctid = {ONE.format(chr(39) + 'a' + chr(39) + ' = who')}",
-    f"delete from ledger where ctid = {ONE.format('who = ' + chr(39) + 'c' + chr(39))}",
+    "update ledger set note = 'x2' where ctid = " + ONE.format("who = 'a'"),
+    "delete from ledger where ctid = " + ONE.format("who = 'c'"),
     "begin; insert into ledger values ('e', 5, 'tmp'); update account set balance = balance - 5 where id = 1; "
     "delete from ledger where who = 'e'; insert into ledger values ('e', 5, 'kept'), ('e', 5, 'kept'); commit",
     "update ledger set amount = amount + 10 where who = 'c'",
 ]
 SECOND = [  # each copied right behind its original
     "insert into ledger values ('f', 6, 'n'), ('f', 6, 'n')",
-    f"update ledger set note = 'f2' where ctid = {ONE.format('who = ' + chr(39) + 'f' + chr(39))}",
-    f"delete from ledger where ctid = {ONE.format('who = ' + chr(39) + 'a' + chr(39) + ' and note = ' + chr(39) + 'x' + chr(39))}",
+    "update ledger set note = 'f2' where ctid = " + ONE.format("who = 'f'"),
+    "delete from ledger where ctid = " + ONE.format("who = 'a' and note = 'x'"),
     "begin; update account set balance = balance + 5 where id = 2; update ledger set amount = 0 where who = 'b'; "
     "insert into ledger values ('g', 7, null); commit",
     "delete from ledger where who = 'd'",
@@ -64,10 +73,10 @@ def _write(source: str, statement: str) -> None:
     if statement != "COPY":
         execute(source, statement)
         return
-    with psycopg.connect(source, autocommit=True) as conn:
-        with conn.cursor().copy("copy ledger (who, amount, note) from stdin") as copy:
-            for row in COPY_ROWS:
-                copy.write_row(row)
+    with psycopg.connect(source, autocommit=True) as conn, \
+            conn.cursor().copy("copy ledger (who, amount, note) from stdin") as copy:
+        for row in COPY_ROWS:
+            copy.write_row(row)
 
 
 def _read_between(stack, starts: dict, ends: dict) -> list:
@@ -98,12 +107,12 @@ def _write_with_copy_right_behind(stack, decoder, pipeline, source: str, stateme
     """Run one source transaction, wait until Debezium wrote it whole (its END record and the events it counts),
     then write a copy of everything Debezium wrote meanwhile right behind it. Returns the messages copied."""
     topics = [*pipeline.data_topics, pipeline.transaction_topic]
-    before = _ends(stack, topics)
+    before = end_offsets(stack, topics)
     _write(source, statement)
     deadline = time.monotonic() + 60
     while True:
         assert time.monotonic() < deadline, f"Debezium did not write {statement!r} within 60 s"
-        messages = _read_between(stack, before, _ends(stack, topics))
+        messages = _read_between(stack, before, end_offsets(stack, topics))
         counted = 0
         for m in messages:
             if m.topic() == pipeline.transaction_topic and m.value() is not None:
@@ -113,7 +122,7 @@ def _write_with_copy_right_behind(stack, decoder, pipeline, source: str, stateme
                                    if c["data_collection"] in TABLES)
         data = sum(1 for m in messages if m.topic() in pipeline.data_topics and m.value() is not None)
         if counted and data >= counted:
-            return _redeliver(stack, messages)
+            return redeliver(stack, messages)
         time.sleep(0.3)
 
 
@@ -209,10 +218,10 @@ def test_keyless_changes_are_applied_once_whatever_debezium_resends(stack, decod
         _run(path, "pg", "maria", "duck")
         _equal_everywhere(source, {n: kinds[n] for n in ("pg", "maria", "duck")}, path)
 
-        between = datetime.now(timezone.utc)  # for the replay --from TIME below
+        between = datetime.now(UTC)  # for the replay --from TIME below
         time.sleep(0.5)
         # Copies of every transaction applied so far, read by the next run: after a restart of `cdc run`.
-        copies = _redeliver(stack, _messages(stack, [*pipeline.data_topics, pipeline.transaction_topic]))
+        copies = redeliver(stack, topic_messages(stack, [*pipeline.data_topics, pipeline.transaction_topic]))
         assert copies > 20
         # Then transactions each re-sent right behind its original.
         for statement in SECOND:
@@ -247,7 +256,8 @@ def test_keyless_changes_are_applied_once_whatever_debezium_resends(stack, decod
         assert taken.returncode == 0, taken.stdout + taken.stderr
         backup_id = re.search(r"backup (\d+)", taken.stdout + taken.stderr).group(1)
         execute(source, "insert into ledger values ('i', 9, 'x'), ('i', 9, 'x')",
-                "delete from ledger where ctid = " + ONE.format("who = 'i'"), "update ledger set note = 'y' where who = 'i'")
+                "delete from ledger where ctid = " + ONE.format("who = 'i'"),
+                "update ledger set note = 'y' where who = 'i'")
         _run(path, "pg")
         _equal_everywhere(source, {"pg": kinds["pg"]}, path)
         restored = cdc(path, "backups", "restore", "pg", backup_id)
