@@ -12,7 +12,7 @@ Truncates split the batch into phases, because they must happen between the chan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping
 
 from consumers.events import ChangeEvent
@@ -207,7 +207,7 @@ def keyless_xids(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape]
 def applied_cutoff(events: Iterable[ChangeEvent]) -> datetime | None:
     """Records of transactions committed before this are pruned (APPLIED_RETENTION before the newest commit)."""
     newest = max((e.commit_ts_ms for e in events if e.commit_ts_ms), default=None)
-    return None if newest is None else datetime.fromtimestamp(newest / 1000, tz=timezone.utc) - APPLIED_RETENTION
+    return None if newest is None else datetime.fromtimestamp(newest / 1000, tz=UTC) - APPLIED_RETENTION
 
 
 def already_applied(events: list[ChangeEvent], shapes: Mapping[str, TableShape], records: Iterable[AppliedRecord],
