@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import duckdb
@@ -27,7 +27,8 @@ ROW = "'2026-01-01 10:00+00', {level}, {msg}, {score}, 10.50, '{{\"b\": [1, 2.50
 SOURCE = f"""
 create table log (logged timestamptz, level int, msg text, score real, amount numeric(8, 2), meta jsonb, tags text[],
     ok boolean, spent interval, day date);
-insert into log values ({ROW.format(level=1, msg="'start'", score=1.5)}), ({ROW.format(level=1, msg="'start'", score=1.5)}),
+insert into log values ({ROW.format(level=1, msg="'start'", score=1.5)}),
+    ({ROW.format(level=1, msg="'start'", score=1.5)}),
     ({ROW.format(level=1, msg="'start'", score=1.5)}),
     ({ROW.format(level=2, msg="'warn'", score=6.314)}), ({ROW.format(level=2, msg="'warn'", score=6.314)}),
     ('2026-01-01 10:02+00', 3, null, null, null, null, null, null, null, null),
@@ -76,7 +77,7 @@ def plant(kind: str, url: str) -> None:
 def normal(row: tuple) -> tuple:
     logged, level, msg, score, amount, meta, tags, ok, spent, day = row
     if isinstance(logged, datetime):
-        logged = logged.astimezone(timezone.utc).replace(tzinfo=None) if logged.tzinfo else logged
+        logged = logged.astimezone(UTC).replace(tzinfo=None) if logged.tzinfo else logged
     if isinstance(meta, str):
         meta = json.loads(meta)
     if isinstance(tags, str):
@@ -121,8 +122,9 @@ class Writer(threading.Thread):
                 i = 0
                 while not self.stop.is_set():
                     i += 1
-                    conn.execute(f"insert into log values ({ROW.format(level=100 + i % 3, msg=repr(f'c{i}'), score=i)})")
-                    conn.execute(f"insert into log values ({ROW.format(level=100 + i % 3, msg=repr(f'c{i}'), score=i)})")
+                    row = ROW.format(level=100 + i % 3, msg=repr(f'c{i}'), score=i)
+                    conn.execute(f"insert into log values ({row})")
+                    conn.execute(f"insert into log values ({row})")
                     if i % 2 == 0:  # one of two equal rows changed, one of two others deleted
                         conn.execute(f"update log set msg = 'c{i} changed' where ctid = "
                                      f"(select ctid from log where msg = 'c{i}' limit 1)")
