@@ -54,10 +54,6 @@ LATER = [
 ]
 
 
-# test_keyless_redelivery.py imports these by their old names (until it imports them from pipelines.py).
-_messages, _ends, _redeliver = topic_messages, end_offsets, redeliver
-
-
 def _duck_history(file, table: str, key: str) -> tuple[Counter, list[tuple]]:
     lake = duckdb.connect(str(file), read_only=True)
     try:
