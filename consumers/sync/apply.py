@@ -13,21 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import Error as DriverError
-from sqlalchemy import (
-    Connection,
-    MetaData,
-    Table,
-    and_,
-    bindparam,
-    create_engine,
-    delete,
-    insert,
-    inspect,
-    select,
-    text,
-    tuple_,
-    update,
-)
+from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
 from cdc.config import Pipeline, Sync, SyncTable, masked_url
@@ -56,15 +42,37 @@ class SyncDrift(CdcError):
     """The destination changed the scope since the last sync: refused unless forced."""
 
 
+@dataclass(frozen=True)
+class TableMeta:
+    """What a sync needs to know of a table: its columns (in order), primary key and foreign keys."""
+
+    name: str
+    columns: tuple[str, ...]
+    primary_key: tuple[str, ...]
+    foreign_keys: tuple[ForeignKey, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "columns": list(self.columns), "primary_key": list(self.primary_key),
+                "foreign_keys": [[list(fk.columns), fk.referred_table, list(fk.referred_columns)]
+                                 for fk in self.foreign_keys]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TableMeta:
+        return cls(data["name"], tuple(data["columns"]), tuple(data["primary_key"]),
+                   tuple(ForeignKey(tuple(c), t, tuple(r)) for c, t, r in data["foreign_keys"]))
+
+
 @dataclass
 class SourceScope:
-    """What the source holds in scope, read in one REPEATABLE READ snapshot."""
+    """What the source holds in scope, read in one REPEATABLE READ snapshot. Rows are as PostgreSQL's `to_jsonb`
+    writes them (every type in its JSON or text form), so that they travel through Kafka unchanged and are written
+    back by `jsonb_populate_recordset`, which reads each value as its column's type."""
 
-    tables: dict[str, Table]
+    tables: dict[str, TableMeta]
     rows: dict[str, list[dict[str, Any]]]
     definitions: list[Definition]
-    foreign_keys: dict[str, tuple[ForeignKey, ...]]
     read_at: datetime
+    sync_id: str | None = None  # set when the scope came through the sync's topic
 
 
 @dataclass
@@ -96,11 +104,8 @@ class SyncPlan:
         }
 
 
-_KEYS: dict[str, tuple[str, ...]] = {}
-
-
 def _pk(plan: TablePlan, row: dict[str, Any]) -> list[Any]:
-    return [row[c] for c in _KEYS.get(plan.name, ())]
+    return [row[c] for c in plan.primary_key]
 
 
 def _engine(url: Any) -> Any:
@@ -131,8 +136,14 @@ def _not_excluded(settings: SyncTable) -> str:
     return f"not coalesce(({settings.exclude}), false)" if settings.exclude else "true"
 
 
-def _reflect(conn: Connection, names: list[str], side: str) -> dict[str, Table]:
-    metadata = MetaData()
+def _quoted(conn: Connection, name: str) -> str:
+    prep = conn.dialect.identifier_preparer
+    schema, table = name.split(".", 1)
+    return f"{prep.quote(schema)}.{prep.quote(table)}"
+
+
+def _reflect(conn: Connection, names: list[str], side: str) -> dict[str, TableMeta]:
+    """Columns, primary key and foreign keys of the tables that exist (the source must have them all)."""
     tables = {}
     insp = inspect(conn)
     for qualified in names:
@@ -141,81 +152,85 @@ def _reflect(conn: Connection, names: list[str], side: str) -> dict[str, Table]:
             if side == "source":
                 raise CdcError(f"sync: the source has no table {qualified}")
             continue
-        tables[qualified] = Table(name, metadata, schema=schema, autoload_with=conn)
+        tables[qualified] = TableMeta(
+            qualified, tuple(c["name"] for c in insp.get_columns(name, schema=schema)),
+            tuple(insp.get_pk_constraint(name, schema=schema)["constrained_columns"]),
+            tuple(ForeignKey(tuple(fk["constrained_columns"]), f"{fk.get('referred_schema') or schema}."
+                             f"{fk['referred_table']}", tuple(fk["referred_columns"]))
+                  for fk in insp.get_foreign_keys(name, schema=schema)))
     return tables
 
 
-def _read_rows(conn: Connection, table: Table, predicate: str, what: str) -> list[dict[str, Any]]:
-    order = list(table.primary_key.columns) or list(table.columns)
+def _read_rows(conn: Connection, table: TableMeta, predicate: str, what: str,
+               params: dict[str, Any] | None = None, relation: str | None = None) -> list[dict[str, Any]]:
+    """The rows as `to_jsonb` writes them, in key order."""
+    prep = conn.dialect.identifier_preparer
+    order = ", ".join(f"t.{prep.quote(c)}" for c in table.primary_key) or "1"
     try:
-        return [dict(r) for r in conn.execute(select(table).where(text(predicate)).order_by(*order)).mappings()]
+        return [r[0] for r in conn.execute(text(f"select to_jsonb(t) from {relation or _quoted(conn, table.name)} "
+                                                f"as t where {predicate} order by {order}"), params or {})]
     except DBAPIError as exc:
-        raise CdcError(f"sync: reading {what} {table.schema}.{table.name} where {predicate}: "
-                       f"{first_line(exc.orig or exc)}") from None
+        raise CdcError(f"sync: reading {what} {table.name} where {predicate}: {first_line(exc)}") from None
+
+
+def _utc(conn: Connection) -> None:
+    # Timestamps with time zone are written by to_jsonb in the session's zone: the same zone on both sides.
+    conn.execute(text("set local timezone = 'UTC'"))
 
 
 def read_source(sync: Sync) -> SourceScope:
     """The scope of the source, rows and schema objects, in one consistent snapshot."""
     with _connect(sync.source_url, isolation_level="REPEATABLE READ", postgresql_readonly=True) as conn, \
             conn.begin():
+        _utc(conn)
         tables = _reflect(conn, list(sync.tables), "source")
         rows = {name: _read_rows(conn, tables[name], scope_predicate(settings), "the source's")
                 for name, settings in sync.tables.items()}
-        insp = inspect(conn)
-        fks = {}
-        for name, table in tables.items():
-            fks[name] = tuple(ForeignKey(tuple(fk["constrained_columns"]),
-                                         f"{fk.get('referred_schema') or table.schema}.{fk['referred_table']}",
-                                         tuple(fk["referred_columns"]))
-                              for fk in insp.get_foreign_keys(table.name, schema=table.schema))
         definitions = objects_mod.read(conn, sync.objects)
         read_at = conn.execute(text("select now()")).scalar()
     for name, table in tables.items():
-        settings = sync.tables[name]
-        missing = [c for c in settings.match_by if c not in table.columns]
+        missing = [c for c in sync.tables[name].match_by if c not in table.columns]
         if missing:
             raise CdcError(f"syncs: {name}: match_by names {', '.join(missing)}, not a column of the source's table")
-    return SourceScope(tables, rows, definitions, fks, read_at)
+    return SourceScope(tables, rows, definitions, read_at)
 
 
-def _destination_rows(conn: Connection, sync: Sync, name: str, table: Table,
+def _destination_rows(conn: Connection, sync: Sync, table: TableMeta,
                       source_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    settings = sync.tables[name]
+    settings = sync.tables[table.name]
     rows = _read_rows(conn, table, scope_predicate(settings), "the destination's")
     if not settings.match_by:
         return rows
     # Rows matched by name may lie outside the scope (production made its own "Intake" long ago): read them too.
-    naturals = sorted({tuple(r[c] for c in settings.match_by) for r in source_rows}, key=repr)
-    pk = [c.name for c in table.primary_key.columns]
-    have = {tuple(r[c] for c in pk) for r in rows}
-    columns = [table.c[c] for c in settings.match_by]
+    naturals = sorted({json.dumps([r.get(c) for c in settings.match_by]) for r in source_rows})
+    have = {tuple(r[c] for c in table.primary_key) for r in rows}
+    prep = conn.dialect.identifier_preparer
+    match = " and ".join(f"t.{prep.quote(c)} = x.{prep.quote(c)}" for c in settings.match_by)
     for start in range(0, len(naturals), CHUNK):
-        chunk = naturals[start:start + CHUNK]
-        query = select(table).where(tuple_(*columns).in_(chunk), text(_not_excluded(settings)))
-        for r in conn.execute(query).mappings():
-            if tuple(r[c] for c in pk) not in have:
-                rows.append(dict(r))
+        keys = [dict(zip(settings.match_by, json.loads(n))) for n in naturals[start:start + CHUNK]]
+        predicate = (f"exists (select 1 from jsonb_populate_recordset(null::{_quoted(conn, table.name)}, "
+                     f"cast(:keys as jsonb)) x where {match}) and {_not_excluded(settings)}")
+        for r in _read_rows(conn, table, predicate, "the destination's", {"keys": json.dumps(keys)}):
+            if tuple(r[c] for c in table.primary_key) not in have:
+                rows.append(r)
     return rows
 
 
-def _order(names: list[str], fks: dict[str, tuple[ForeignKey, ...]]) -> list[str]:
-    edges = {n: {fk.referred_table for fk in fks.get(n, ())} for n in names}
-    return dependency_order(dict.fromkeys(names), edges)  # type: ignore[arg-type]
+def _order(tables: dict[str, TableMeta]) -> list[str]:
+    edges = {n: {fk.referred_table for fk in t.foreign_keys} for n, t in tables.items()}
+    return dependency_order(dict.fromkeys(tables), edges)  # type: ignore[arg-type]
 
 
 def plan(conn: Connection, sync_name: str, sync: Sync, source: SourceScope) -> SyncPlan:
     """The plan of the sync against the destination as `conn` sees it."""
-    dest_tables = _reflect(conn, list(sync.tables), "destination")
+    _utc(conn)
+    dest_tables = _reflect(conn, list(source.tables), "destination")
     inputs = {}
     for name, table in source.tables.items():
-        pk = tuple(c.name for c in table.primary_key.columns)
-        _KEYS[name] = pk
-        if name not in dest_tables:
-            dest_rows: list[dict[str, Any]] = []
-        else:
-            dest_rows = _destination_rows(conn, sync, name, dest_tables[name], source.rows[name])
-        inputs[name] = TableInput(name, pk, tuple(c.name for c in table.columns), source.rows[name], dest_rows,
-                                  sync.tables[name].match_by, source.foreign_keys[name])
+        dest_rows = (_destination_rows(conn, sync, dest_tables[name], source.rows[name]) if name in dest_tables
+                     else [])
+        inputs[name] = TableInput(name, table.primary_key, table.columns, source.rows[name], dest_rows,
+                                  sync.tables[name].match_by, table.foreign_keys)
     try:
         tables = plan_rows(inputs)
     except PlanError as exc:
@@ -223,8 +238,7 @@ def plan(conn: Connection, sync_name: str, sync: Sync, source: SourceScope) -> S
     existing = objects_mod.existing_tables(conn)
     dest_defs = objects_mod.read(conn, sync.objects)
     src_defs = objects_mod.columns_on(source.definitions, existing)
-    return SyncPlan(sync_name, _order(list(sync.tables), source.foreign_keys), tables,
-                    plan_objects(src_defs, dest_defs))
+    return SyncPlan(sync_name, _order(source.tables), tables, plan_objects(src_defs, dest_defs))
 
 
 def dry_run(sync_name: str, sync: Sync) -> SyncPlan:
@@ -367,7 +381,7 @@ def _backup_scopes(sync: Sync, result: SyncPlan, conn: Connection) -> dict[str, 
         predicate, params = scope_predicate(sync.tables[name]), {}
         matched = [d for _, _, d in result.tables[name].matched]
         if matched:
-            pk = _KEYS[name]
+            pk = result.tables[name].primary_key
             if len(pk) != 1:
                 raise CdcError(f"syncs: {name}: match_by needs a one-column primary key")
             predicate = f"({predicate}) or {prep.quote(pk[0])} = any(:matched)"
@@ -376,56 +390,57 @@ def _backup_scopes(sync: Sync, result: SyncPlan, conn: Connection) -> dict[str, 
     return scopes
 
 
-def _write_rows(conn: Connection, result: SyncPlan, tables: dict[str, Table],
-                foreign_keys: dict[str, tuple[ForeignKey, ...]], progress: Progress) -> None:
+def _write_rows(conn: Connection, result: SyncPlan, tables: dict[str, TableMeta], progress: Progress) -> None:
     """Updates and inserts parents first (rows of one table after those they reference), then deletes children
-    first, in chunks. The final state satisfies the foreign keys, so neither step needs a row that is not there: an
-    upserted row references a parent that is already there or written before it, and a deleted parent's children
-    were deleted before it or re-pointed by an update (a form a workflow step no longer uses)."""
+    first, a statement per chunk of rows given as JSON. The final state satisfies the foreign keys, so neither step
+    needs a row that is not there: an upserted row references a parent that is already there or written before it,
+    and a deleted parent's children were deleted before it or re-pointed by an update."""
+    prep = conn.dialect.identifier_preparer
     total = sum(p.changes for p in result.tables.values())
     done = 0
     for name in result.order:
-        p = result.tables[name]
-        table = tables[name]
-        pk = [table.c[c] for c in _KEYS[name]]
-        shape = TableShape(name, (), _KEYS[name], tuple(ForeignKeyShape(fk.columns, fk.referred_table,
-                                                                        fk.referred_columns)
-                                                        for fk in foreign_keys[name]))
-        if p.updates:
-            by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-            for row, _ in p.updates:
-                by_columns.setdefault(tuple(row), []).append(row)
-            for columns, rows in by_columns.items():
-                statement = update(table).where(and_(*(c == bindparam(f"k_{c.name}") for c in pk))).values(
-                    {c: bindparam(f"v_{c}") for c in columns if c not in _KEYS[name]})
-                params = [{**{f"k_{c}": r[c] for c in _KEYS[name]}, **{f"v_{c}": r[c] for c in columns}}
-                          for r in rows]
-                for start in range(0, len(params), CHUNK):
-                    _execute(conn, name, "updating", statement, params[start:start + CHUNK])
-                    done += len(params[start:start + CHUNK])
-                    progress(f"{name}: update", done, total)
+        p, table = result.tables[name], tables[name]
+        target = _quoted(conn, name)
+        source = f"jsonb_populate_recordset(null::{target}, cast(:rows as jsonb)) as x"
+        on_key = " and ".join(f"t.{prep.quote(c)} = x.{prep.quote(c)}" for c in table.primary_key)
+        values = [c for c in table.columns if c not in table.primary_key]
+        if p.updates and values:
+            statement = (f"update {target} as t set " + ", ".join(f"{prep.quote(c)} = x.{prep.quote(c)}"
+                                                                  for c in values) + f" from {source} where {on_key}")
+            rows = [row for row, _ in p.updates]
+            for start in range(0, len(rows), CHUNK):
+                chunk = rows[start:start + CHUNK]
+                _execute(conn, name, "updating", statement, {"rows": json.dumps(chunk)})
+                done += len(chunk)
+                progress(f"{name}: update", done, total)
+        shape = TableShape(name, (), table.primary_key, tuple(
+            ForeignKeyShape(fk.columns, fk.referred_table, fk.referred_columns) for fk in table.foreign_keys))
         rows = self_referencing_order(shape, p.inserts)
+        columns = ", ".join(prep.quote(c) for c in table.columns)
         for start in range(0, len(rows), CHUNK):
-            _execute(conn, name, "inserting", insert(table), rows[start:start + CHUNK])
-            done += len(rows[start:start + CHUNK])
+            chunk = rows[start:start + CHUNK]
+            _execute(conn, name, "inserting", f"insert into {target} ({columns}) select {columns} from {source}",
+                     {"rows": json.dumps(chunk)})
+            done += len(chunk)
             progress(f"{name}: insert", done, total)
     for name in reversed(result.order):
-        p = result.tables[name]
-        table = tables[name]
-        pk = [table.c[c] for c in _KEYS[name]]
+        p, table = result.tables[name], tables[name]
+        target = _quoted(conn, name)
+        on_key = " and ".join(f"t.{prep.quote(c)} = x.{prep.quote(c)}" for c in table.primary_key)
         for start in range(0, len(p.deletes), CHUNK):
-            chunk = p.deletes[start:start + CHUNK]
-            _execute(conn, name, "deleting", delete(table).where(tuple_(*pk).in_(chunk)))
+            chunk = [dict(zip(table.primary_key, k)) for k in p.deletes[start:start + CHUNK]]
+            _execute(conn, name, "deleting", f"delete from {target} as t using jsonb_populate_recordset("
+                     f"null::{target}, cast(:rows as jsonb)) as x where {on_key}", {"rows": json.dumps(chunk)})
             done += len(chunk)
             progress(f"{name}: delete", done, total)
 
 
-def _execute(conn: Connection, table: str, doing: str, statement: Any, params: Any = None) -> None:
+def _execute(conn: Connection, table: str, doing: str, statement: str, params: dict[str, Any]) -> None:
     try:
-        conn.execute(statement, params) if params is not None else conn.execute(statement)
+        conn.execute(text(statement), params)
     except DBAPIError as exc:
         raise CdcError(f"sync: {doing} rows of {table} at the destination failed, nothing was changed: "
-                       f"{first_line(exc.orig or exc)}") from None
+                       f"{first_line(exc)}") from None
 
 
 def _raw(conn: Connection, statement: str) -> None:
@@ -477,7 +492,7 @@ def apply(pipeline: Pipeline, sync_name: str, *, force: bool = False, progress: 
         for action in result.objects:
             _ddl(conn, action, action.ddl, {"create": "creating", "replace": "replacing", "drop": "dropping"}
                  [action.action])
-        _write_rows(conn, result, source.tables, source.foreign_keys, progress)
+        _write_rows(conn, result, source.tables, progress)
         after = digests(conn, sync, result.order)
         if fail_before_commit is not None:
             fail_before_commit(conn)
@@ -534,30 +549,29 @@ def _restore(conn: Connection, sync_name: str, sync: Sync, entry: HistoryEntry,
         for action in reversed(entry.objects):
             if action.get("undo"):
                 _raw(conn, action["undo"])
+        _utc(conn)
         existing = objects_mod.existing_tables(conn)
         insp = inspect(conn)
         names = [t for t in order if t in existing]
         live = _reflect(conn, names, "destination")
-        inputs, fks = {}, {}
+        inputs = {}
         for name in names:
             table = live[name]
-            pk = tuple(c.name for c in table.primary_key.columns)
-            _KEYS[name] = pk
-            fks[name] = tuple(ForeignKey(tuple(fk["constrained_columns"]),
-                                         f"{fk.get('referred_schema') or table.schema}.{fk['referred_table']}",
-                                         tuple(fk["referred_columns"]))
-                              for fk in insp.get_foreign_keys(table.name, schema=table.schema))
             if insp.has_table(name, schema=entry.backup_schema):
-                saved = [dict(r) for r in conn.execute(text(f"select * from {backup}.{prep.quote(name)}")).mappings()]
-                columns = tuple(c["name"] for c in insp.get_columns(name, schema=entry.backup_schema))
-                keys = ", ".join(prep.quote(c) for c in pk)
-                also = f" or ({keys}) in (select {keys} from {backup}.{prep.quote(name)})"
+                relation = f"{backup}.{prep.quote(name)}"
+                saved_table = TableMeta(name, tuple(c["name"] for c in insp.get_columns(
+                    name, schema=entry.backup_schema)), table.primary_key)
+                saved = _read_rows(conn, saved_table, "true", "the backup of", relation=relation)
+                keys = ", ".join(prep.quote(c) for c in table.primary_key)
+                also = f" or ({keys}) in (select {keys} from {relation})"
             else:
-                saved, columns, also = [], tuple(c.name for c in table.columns), ""
+                saved_table, saved, also = table, [], ""
             now = _read_rows(conn, table, f"({scope_predicate(sync.tables[name])}){also}", "the destination's")
-            inputs[name] = TableInput(name, pk, columns, saved, now, (), fks[name])
+            inputs[name] = TableInput(name, table.primary_key, saved_table.columns, saved, now, (),
+                                      table.foreign_keys)
+            live[name] = TableMeta(name, saved_table.columns, table.primary_key, table.foreign_keys)
         plans = plan_rows(inputs)
-        _write_rows(conn, SyncPlan(sync_name, names, plans, []), live, fks, lambda *_: None)
+        _write_rows(conn, SyncPlan(sync_name, names, plans, []), live, lambda *_: None)
     except (DBAPIError, DriverError) as exc:
         raise CdcError(f"sync restore {entry.id}: failed, nothing was changed: "
                        f"{first_line(getattr(exc, 'orig', None) or exc)}") from None

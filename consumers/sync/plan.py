@@ -44,6 +44,7 @@ class TableInput:
 @dataclass
 class TablePlan:
     name: str
+    primary_key: tuple[str, ...] = ()
     deletes: list[Key] = field(default_factory=list)
     inserts: list[Row] = field(default_factory=list)
     # (row as it will be, the columns that change)
@@ -140,7 +141,7 @@ def plan_rows(tables: Mapping[str, TableInput]) -> dict[str, TablePlan]:
     mappings = id_mappings(tables)
     plans: dict[str, TablePlan] = {}
     for name, t in tables.items():
-        plan = TablePlan(name)
+        plan = TablePlan(name, t.primary_key)
         if not t.primary_key:
             raise PlanError(f"{name}: the table has no primary key; a sync matches rows by key")
         final = remapped(t, mappings)
