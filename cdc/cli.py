@@ -774,15 +774,18 @@ class _SyncProgress:
 @sync_app.command("apply")
 def sync_apply(name: str = typer.Argument(..., help="The sync (syncs.<name> in the pipeline file)."),
                force: bool = typer.Option(False, "--force", help="Sync even though the destination changed the "
-                                          "scope since the last sync (the drift is shown, and overwritten).")) -> None:
-    """Back up the destination's scope, then replace it with the source's in one transaction, with a history
-    entry; anything fails, nothing changed."""
+                                          "scope since the last sync (the drift is shown, and overwritten)."),
+               from_log: str | None = typer.Option(None, "--from-log", metavar="SYNC_ID", help="Apply a past sync "
+                                                   "again, as its topic holds it (its id: `cdc sync show ID`), "
+                                                   "instead of reading the source now.")) -> None:
+    """Write the source's scope to the sync's topic, read it back, back up the destination's scope, then replace
+    it in one transaction with a history entry; anything fails, nothing changed."""
     from consumers.sync import apply as sync_mod
 
     def body() -> int:
         bar = _SyncProgress()
         try:
-            done = sync_mod.apply(_pipeline(), name, force=force, progress=bar, echo=_echo)
+            done = sync_mod.apply(_pipeline(), name, force=force, progress=bar, echo=_echo, from_log=from_log)
         finally:
             bar.close()
         for line in done.plan.drift:
@@ -807,7 +810,8 @@ def _print_sync_entry(entry: Any, detailed: bool) -> None:
                f"-{totals['deleted']} +{totals['inserted']} ~{totals['updated']}  by {entry.requested_by}"
                + (" (forced)" if entry.forced else "") + restored)
     if detailed:
-        typer.echo(f"  from {entry.source}; backup {entry.backup_id} ({entry.backup_schema})")
+        typer.echo(f"  from {entry.source}; backup {entry.backup_id} ({entry.backup_schema})"
+                   + (f"; sync {entry.sync_id} in topic {entry.topic}" if entry.sync_id else ""))
         for table, c in entry.tables.items():
             typer.echo(f"  {table}: {c.get('deleted', 0)} deleted, {c.get('inserted', 0)} inserted, "
                        f"{c.get('updated', 0)} updated, {c.get('unchanged', 0)} unchanged, {c.get('matched', 0)} "

@@ -261,7 +261,10 @@ def ensure_history(conn: Connection) -> None:
         "requested_by text not null, source text not null, source_read_at timestamptz, backup_id bigint, "
         "backup_schema text, forced boolean not null default false, drift jsonb not null default '[]', "
         "tables jsonb not null, digests jsonb not null, objects jsonb not null default '[]', "
-        "restores bigint, restored_by bigint)"))
+        "restores bigint, restored_by bigint, sync_id text, topic text)"))
+    # The sync's event in the log: its id in the sync's topic (cdc sync apply --from-log re-applies it).
+    conn.execute(text(f'alter table "{HISTORY_TABLE}" add column if not exists sync_id text, '
+                      "add column if not exists topic text"))
 
 
 @dataclass
@@ -282,6 +285,8 @@ class HistoryEntry:
     objects: list[dict[str, Any]]
     restores: int | None
     restored_by: int | None
+    sync_id: str | None = None
+    topic: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -291,7 +296,7 @@ class HistoryEntry:
 
 
 _HISTORY_COLUMNS = ("id, sync, kind, started_at, finished_at, requested_by, source, backup_id, backup_schema, "
-                    "forced, drift, tables, digests, objects, restores, restored_by")
+                    "forced, drift, tables, digests, objects, restores, restored_by, sync_id, topic")
 
 
 def history(destination_url: Any, sync_name: str | None = None, entry_id: int | None = None) -> list[HistoryEntry]:
@@ -469,14 +474,27 @@ class Applied:
 
 def apply(pipeline: Pipeline, sync_name: str, *, force: bool = False, progress: Progress | None = None,
           echo: Callable[[str], None] = lambda _: None, fail_before_commit: Callable[[Connection], None] | None = None,
-          source: SourceScope | None = None) -> Applied:
-    """`cdc sync apply`: backup, schema objects, rows and a history entry in one destination transaction."""
+          from_log: str | None = None) -> Applied:
+    """`cdc sync apply`: the source's scope written to the sync's topic and read back from it (or, with `from_log`,
+    a past sync read from the topic), then backup, schema objects, rows and a history entry in one destination
+    transaction."""
+    from consumers.sync import log
+
     sync = pipeline.sync(sync_name)
     progress = progress or (lambda *_: None)
     started = datetime.now(UTC)
-    source = source or read_source(sync)
-    echo(f"source read: {sum(len(r) for r in source.rows.values()):,} rows in scope over {len(source.rows)} tables, "
-         f"{len(source.definitions)} schema objects")
+    topic = log.topic_of(pipeline, sync_name)
+    if from_log is None:
+        read = read_source(sync)
+        echo(f"source read: {sum(len(r) for r in read.rows.values()):,} rows in scope over {len(read.rows)} tables, "
+             f"{len(read.definitions)} schema objects")
+        sync_id, offset = log.publish(pipeline, sync_name, read)
+        echo(f"written to {topic} as sync {sync_id} (offset {offset})")
+        source = log.read(pipeline, sync_name, sync_id, offset)
+    else:
+        source = log.read(pipeline, sync_name, from_log)
+        echo(f"sync {from_log} read from {topic}: {sum(len(r) for r in source.rows.values()):,} rows, read from the "
+             f"source at {source.read_at:%Y-%m-%d %H:%M:%S %Z}")
     with _connect(sync.destination_url) as conn, conn.begin():
         ensure_history(conn)
         _lock(conn, sync_name, list(sync.tables))
@@ -498,15 +516,16 @@ def apply(pipeline: Pipeline, sync_name: str, *, force: bool = False, progress: 
             fail_before_commit(conn)
         entry_id = conn.execute(text(
             f'insert into "{HISTORY_TABLE}" (sync, kind, started_at, requested_by, source, source_read_at, backup_id, '
-            "backup_schema, forced, drift, tables, digests, objects) values (:sync, 'apply', :started, :by, :source, "
-            ":read_at, :backup, :schema, :forced, cast(:drift as jsonb), cast(:tables as jsonb), "
-            "cast(:digests as jsonb), cast(:objects as jsonb)) returning id"),
+            "backup_schema, forced, drift, tables, digests, objects, sync_id, topic) values (:sync, 'apply', :started, "
+            ":by, :source, :read_at, :backup, :schema, :forced, cast(:drift as jsonb), cast(:tables as jsonb), "
+            "cast(:digests as jsonb), cast(:objects as jsonb), :sync_id, :topic) returning id"),
             {"sync": sync_name, "started": started, "by": getpass.getuser(), "source": masked_url(sync.source_url),
              "read_at": source.read_at, "backup": saved.id, "schema": saved.location, "forced": force,
              "drift": json.dumps(result.drift), "tables": json.dumps({t: result.tables[t].counts()
                                                                        for t in result.order}),
              "digests": json.dumps(after),
-             "objects": json.dumps([a.__dict__ for a in result.objects])}).scalar()
+             "objects": json.dumps([a.__dict__ for a in result.objects]), "sync_id": source.sync_id,
+             "topic": topic}).scalar()
         pruned = store.prune(conn, sync.retention())
         if pruned:
             echo(f"{len(pruned)} backups older than {sync.retention_days} days dropped")

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cdc import cli
+from cdc import cli, config
+from consumers.sync import log as sync_log
 from tests.integration.pipelines import fresh_database, pipeline_data
 
 R = 1_000_000_000
@@ -225,6 +226,10 @@ def test_config_sync_end_to_end(environments):
     assert entry["tables"]["public.dd_item"] == {"deleted": 1, "inserted": 1, "updated": 0, "unchanged": 2,
                                                  "matched": 0}
     assert entry["tables"]["public.workgroup"]["matched"] == 2
+    # The sync is an event in the log: its topic holds the scope as it was read from the source.
+    assert entry["topic"].endswith(".sync.config") and entry["sync_id"]
+    logged = sync_log.read(config.load(path), "config", entry["sync_id"])
+    assert {t: len(r) for t, r in logged.rows.items()} == {f"public.{t}": len(scope(source, t)) for t in TABLES}
     shown = cdc(path, "sync", "show", str(entry["id"]))
     assert shown.exit_code == 0 and "public.form_field: 1 deleted, 1 inserted, 1 updated" in shown.stdout, shown.output
 
@@ -247,3 +252,14 @@ def test_config_sync_end_to_end(environments):
     history = json.loads(cdc(path, "sync", "history", "config", "--json").stdout)
     assert [(e["kind"], e["forced"]) for e in history] == [("apply", True), ("restore", False), ("apply", False)]
     assert history[0]["drift"] and history[2]["restored_by"] == history[1]["id"]
+
+    # A past sync re-applied from the log: the source deletes an item, a sync propagates it, and the first sync,
+    # read again from its topic, brings the item back.
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"delete from dd_item where id = {R + 511}")
+    assert cdc(path, "sync", "apply", "config").exit_code == 0
+    assert [r[0] for r in scope(destination, "dd_item")] == [R + 510, R + 512]
+    again = cdc(path, "sync", "apply", "config", "--from-log", entry["sync_id"])
+    assert again.exit_code == 0, again.output
+    assert [r[0] for r in scope(destination, "dd_item")] == [R + 510, R + 511, R + 512]
+    assert all(scope(destination, t) == expected[t] for t in TABLES)

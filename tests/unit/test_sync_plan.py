@@ -92,3 +92,50 @@ def test_objects_created_replaced_dropped_and_tables_never_dropped():
     assert replace.undo == "drop view public.qview_b;\ncreate or replace view public.qview_b as select 1"
     assert actions[0].undo == "create or replace view public.qview_gone as select 3"
     assert actions[1].undo == "drop table public.ct_new"
+
+
+# -- the definition in the pipeline file ---------------------------------------------------------------------------
+
+def pipeline_with(sync: dict) -> dict:
+    return {"pipeline": "p", "kafka": {"bootstrap_servers": "localhost:9092", "schema_registry_url": "http://r",
+                                       "connect_url": "http://c"},
+            "source": {"url": "postgresql://u@h/src", "tables": ["public.t"]}, "syncs": {"config": sync}}
+
+
+BASE = {"source": "postgresql://u@test/db", "destination": "postgresql://u@prod/db"}
+
+
+def test_a_sync_definition_loads_with_its_defaults():
+    from cdc import config
+
+    sync = config.parse(pipeline_with({**BASE, "tables": {
+        "public.workgroup": {"where": "id > 1", "match_by": "name"}, "public.dd_item": None},
+        "objects": {"views": ["qview_*"]}})).sync("config")
+    assert sync.retention_days == 30
+    assert sync.tables["public.workgroup"].match_by == ("name",)
+    assert sync.tables["public.dd_item"].where is None
+    assert sync.objects.views == ("qview_*",)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"tables": {"workgroup": {}}}, "syncs.config.tables: 'workgroup' is not schema-qualified"),
+    ({"tables": {"public.t": {"wher": "id > 1"}}}, "syncs.config.tables['public.t'].wher: is not a known setting"),
+    ({"tables": {"public.t": {"where": "id > 1; drop table x"}}}, "syncs.config.tables['public.t'].where: "),
+    ({"destination": "mysql://u@h/db"}, "syncs.config.destination: a sync reads and writes PostgreSQL"),
+    ({"retention_days": 0}, "syncs.config.retention_days: "),
+])
+def test_mistakes_in_a_sync_definition_name_the_field(change, message):
+    from cdc import config
+    from cdc.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        config.parse(pipeline_with({**BASE, **change}), "p.yaml")
+    assert f"p.yaml: {message}" in str(caught.value)
+
+
+def test_an_unknown_sync_is_refused_with_the_known_ones():
+    from cdc import config
+    from cdc.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"syncs: no sync named 'other' \(known: config\)"):
+        config.parse(pipeline_with(BASE)).sync("other")
