@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="Print the figure only.")
     args = parser.parse_args()
     n, tables = args.rows_per_table, args.tables
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())  # other work on the 2 CPUs shows in the figure
     layout = stack.up(echo=lambda line: None)
     names = [f"sb_src_{uuid.uuid4().hex[:8]}", f"sb_dst_{uuid.uuid4().hex[:8]}"]
     with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
@@ -141,7 +142,7 @@ def main() -> None:
 
         def echo(line: str) -> None:
             phases[line.split(":")[0].split(" ")[0]] = time.perf_counter() - started
-            print(f"  {line}", flush=True)
+            print(f"  {phases[line.split(':')[0].split(' ')[0]]:6.2f} s  {line}", flush=True)
 
         started = time.perf_counter()
         done = sync_apply.apply(pipeline, "bench", echo=echo)
@@ -162,10 +163,14 @@ def main() -> None:
                                                                                        "updated")}
             record(f"| {datetime.now(UTC):%Y-%m-%d %H:%M} | {machine()} | {n * tables:,} rows, {tables} tables | "
                    f"-{counts['deleted']:,} +{counts['inserted']:,} ~{counts['updated']:,} | {apply_s:.2f} s {ok} | "
-                   f"{backup_s:.2f} s | {plan_s:.2f} s | scope equal by SQL, out-of-range untouched (code "
-                   f"{commit()}) |")
+                   f"{backup_s:.2f} s | {plan_s:.2f} s | scope equal by SQL, out-of-range untouched; load average at "
+                   f"start {load} (code {commit()}) |")
             print(f"recorded in {RESULTS}")
     finally:
+        from confluent_kafka.admin import AdminClient
+
+        # The sync's topic of this run is the benchmark's own: not left behind.
+        AdminClient({"bootstrap.servers": layout.kafka_bootstrap}).delete_topics(["syncbench.sync.bench"])
         with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
             for name in names:
                 conn.execute(f'drop database if exists "{name}" with (force)')
