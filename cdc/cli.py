@@ -875,6 +875,26 @@ def sync_show(entry_id: int = typer.Argument(..., metavar="ID"),
     _run(body)
 
 
+@sync_app.command("backups")
+def sync_backups(name: str = typer.Argument(..., help="The sync (syncs.<name> in the pipeline file)."),
+                 prune: bool = typer.Option(False, "--prune", help="Drop the backups older than the sync's "
+                                            "retention_days first (every apply does this too).")) -> None:
+    """The backups syncs took of the destination's scope, newest first: id, time (UTC), schema, tables."""
+    from consumers.sync import apply as sync_mod
+
+    def body() -> int:
+        pipeline = _pipeline()
+        if prune:
+            dropped = sync_mod.prune_backups(pipeline, name)
+            typer.echo(f"{len(dropped)} backups older than {pipeline.sync(name).retention_days} days dropped")
+        for b in sync_mod.backups(pipeline, name):
+            typer.echo(f"{b.id:5}  {b.created_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {b.location}  "
+                       f"{', '.join(b.tables)}")
+        return 0
+
+    _run(body)
+
+
 @sync_app.command("restore")
 def sync_restore(entry_id: int = typer.Argument(..., metavar="ID"),
                  name: str | None = typer.Option(None, "--sync", help="The sync the entry belongs to, when several "

@@ -187,7 +187,7 @@ def read_source(sync: Sync) -> SourceScope:
         rows = {name: _read_rows(conn, tables[name], scope_predicate(settings), "the source's")
                 for name, settings in sync.tables.items()}
         definitions = objects_mod.read(conn, sync.objects)
-        read_at = conn.execute(text("select now()")).scalar()
+        read_at: datetime = conn.execute(text("select now()")).scalar_one()
     for name, table in tables.items():
         missing = [c for c in sync.tables[name].match_by if c not in table.columns]
         if missing:
@@ -303,7 +303,8 @@ def history(destination_url: Any, sync_name: str | None = None, entry_id: int | 
     with _connect(destination_url) as conn, conn.begin():
         if not inspect(conn).has_table(HISTORY_TABLE):
             return []
-        where, params = [], {}
+        where: list[str] = []
+        params: dict[str, Any] = {}
         if sync_name is not None:
             where.append("sync = :s")
             params["s"] = sync_name
@@ -617,3 +618,7 @@ def backups(pipeline: Pipeline, sync_name: str) -> list[Any]:
         return ScopeBackups(_owner(pipeline, sync_name)).list(conn)
 
 
+def prune_backups(pipeline: Pipeline, sync_name: str) -> list[Any]:
+    sync = pipeline.sync(sync_name)
+    with _connect(sync.destination_url) as conn, conn.begin():
+        return ScopeBackups(_owner(pipeline, sync_name)).prune(conn, sync.retention())

@@ -142,10 +142,11 @@ def read(pipeline: Pipeline, sync_name: str, sync_id: str, start: int | None = N
             msg = consumer.poll(TIMEOUT_S)
             if msg is None:
                 raise CdcError(f"sync: reading topic {topic}: nothing arrived for {TIMEOUT_S:.0f} s")
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
                     break
-                raise CdcError(f"sync: reading topic {topic}: {msg.error().str()}")
+                raise CdcError(f"sync: reading topic {topic}: {error.str()}")
             if msg.key() != sync_id.encode():
                 continue
             record = decoder.decode(msg.value())

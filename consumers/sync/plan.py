@@ -201,10 +201,10 @@ def plan_objects(source: Sequence[Definition], destination: Sequence[Definition]
     dst = {(d.kind, d.name): d for d in destination}
     actions: list[ObjectAction] = []
     for key in sorted(dst.keys() - src.keys(), key=lambda k: (_DROP_ORDER.index(k[0]), k[1])):
-        d = dst[key]
-        if d.kind in ("table", "column"):
+        gone = dst[key]
+        if gone.kind in ("table", "column"):
             continue  # never dropped: a table or column at the destination holds data the sync does not own
-        actions.append(ObjectAction(d.kind, d.name, "drop", d.drop, before=d.ddl, undo=d.ddl))
+        actions.append(ObjectAction(gone.kind, gone.name, "drop", gone.drop, before=gone.ddl, undo=gone.ddl))
     for key in sorted(src.keys(), key=lambda k: (_CREATE_ORDER.index(k[0]), k[1])):
         s, d = src[key], dst.get(key)
         if d is None:

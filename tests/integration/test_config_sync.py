@@ -10,6 +10,7 @@ import json
 import psycopg
 import pytest
 import yaml
+from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
 from cdc import cli, config
@@ -110,6 +111,9 @@ def environments(stack, tmp_path):
     yield str(path), stack.postgres_url(source), stack.postgres_url(destination)
     for gen in (source_gen, dest_gen):
         next(gen, None)
+    # The sync's topic is this test's own.
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    admin.delete_topics([f"{data['pipeline']}.sync.config"], operation_timeout=30)
 
 
 def cdc(path: str, *args: str):
@@ -153,6 +157,9 @@ def test_config_sync_end_to_end(environments):
     with psycopg.connect(destination, autocommit=True) as conn:
         conn.execute("alter table dd_item drop constraint no_unknown")
     assert state(destination) == before
+    with psycopg.connect(destination) as conn:  # not even a backup or a history entry
+        assert conn.execute("select count(*) from pg_namespace where nspname like '\\_cdc%'").fetchone()[0] == 0
+        assert conn.execute("select count(*) from pg_tables where tablename like '\\_cdc%'").fetchone()[0] == 0
 
     # The plan: what would change, with the name-matched workgroup and the DDL.
     planned = cdc(path, "sync", "plan", "config", "--json")
@@ -181,6 +188,7 @@ def test_config_sync_end_to_end(environments):
 
     applied = cdc(path, "sync", "apply", "config")
     assert applied.exit_code == 0, applied.output
+    assert "sync: public.dd_item: insert" in applied.stderr  # progress, as plain lines when not on a terminal
     after = state(destination)
 
     # The scope equals the source's, workgroup ids remapped (Intake is production's 42), by plain SQL.
@@ -246,12 +254,21 @@ def test_config_sync_end_to_end(environments):
     assert "public.dd_item: changed at the destination since restore" in refused.stderr
     with psycopg.connect(destination) as conn:
         assert conn.execute(f"select label from dd_item where id = {R + 510}").fetchone()[0] == "Yes!"
+    # A backup older than the retention (30 days) is dropped by the next sync; its sync cannot be restored then.
+    with psycopg.connect(destination, autocommit=True) as conn:
+        conn.execute("update _cdc_backups set created_at = now() - interval '31 days' where id = %s",
+                     (entry["backup_id"],))
     forced = cdc(path, "sync", "apply", "config", "--force")
     assert forced.exit_code == 0, forced.output
     assert all(scope(destination, t) == expected[t] for t in TABLES)
     history = json.loads(cdc(path, "sync", "history", "config", "--json").stdout)
     assert [(e["kind"], e["forced"]) for e in history] == [("apply", True), ("restore", False), ("apply", False)]
     assert history[0]["drift"] and history[2]["restored_by"] == history[1]["id"]
+    listed = cdc(path, "sync", "backups", "config")
+    assert listed.exit_code == 0 and entry["backup_schema"] not in listed.stdout, listed.output
+    assert history[0]["backup_schema"] in listed.stdout
+    gone = cdc(path, "sync", "restore", str(entry["id"]))
+    assert gone.exit_code == 1 and "its backup is gone (kept 30 days)" in gone.stderr, gone.output
 
     # A past sync re-applied from the log: the source deletes an item, a sync propagates it, and the first sync,
     # read again from its topic, brings the item back.
