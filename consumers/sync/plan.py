@@ -117,13 +117,17 @@ def _shown(key: Key) -> str:
     return ", ".join(repr(v) for v in key) if len(key) != 1 else repr(key[0])
 
 
-def remapped(t: TableInput, mappings: Mapping[str, Mapping[Key, Key]]) -> list[Row]:
-    """The table's source rows as the destination will hold them: its own id and the ids it references remapped."""
+def remapped(t: TableInput, mappings: Mapping[str, Mapping[Key, Key]],
+             keys: Mapping[str, tuple[str, ...]] | None = None) -> list[Row]:
+    """The table's source rows as the destination will hold them: its own id and the ids it references remapped.
+    `keys` holds the primary key of each name-matched table: only a foreign key to it follows the new id (one that
+    references the natural key itself needs nothing)."""
     rewrites: list[tuple[tuple[str, ...], Mapping[Key, Key]]] = []
     if t.name in mappings:
         rewrites.append((t.primary_key, mappings[t.name]))
     for fk in t.foreign_keys:
-        if fk.referred_table in mappings and mappings[fk.referred_table]:
+        referred_key = (keys or {}).get(fk.referred_table, fk.referred_columns)
+        if fk.referred_table in mappings and mappings[fk.referred_table] and fk.referred_columns == referred_key:
             rewrites.append((fk.columns, mappings[fk.referred_table]))
     rows = []
     for row in t.source_rows:
@@ -139,12 +143,13 @@ def remapped(t: TableInput, mappings: Mapping[str, Mapping[Key, Key]]) -> list[R
 def plan_rows(tables: Mapping[str, TableInput]) -> dict[str, TablePlan]:
     """Per table: the destination rows to delete, the rows to insert and to update, and the name-matched ids."""
     mappings = id_mappings(tables)
+    keys = {name: t.primary_key for name, t in tables.items()}
     plans: dict[str, TablePlan] = {}
     for name, t in tables.items():
         plan = TablePlan(name, t.primary_key)
         if not t.primary_key:
             raise PlanError(f"{name}: the table has no primary key; a sync matches rows by key")
-        final = remapped(t, mappings)
+        final = remapped(t, mappings, keys)
         wanted: dict[Key, Row] = {}
         for row in final:
             pk = _key(row, t.primary_key, name)

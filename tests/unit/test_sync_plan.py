@@ -61,6 +61,16 @@ def test_name_matched_rows_take_the_destination_id_and_their_dependants_follow()
     assert sorted(r["workgroup_id"] for r in plans["public.workspace"].inserts) == [42, R + 6]
 
 
+def test_a_foreign_key_to_the_natural_key_itself_is_left_alone():
+    tables = workgroups([{"id": R + 5, "name": "Intake"}], [{"id": 42, "name": "Intake"}])
+    tables["public.membership"] = TableInput(
+        "public.membership", ("id",), ("id", "workgroup_name"), [{"id": R + 20, "workgroup_name": "Intake"}], [],
+        foreign_keys=(ForeignKey(("workgroup_name",), "public.workgroup", ("name",)),))
+    plans = plan_rows(tables)
+    assert plans["public.membership"].inserts == [{"id": R + 20, "workgroup_name": "Intake"}]
+    assert [r["workgroup_id"] for r in plans["public.workspace"].inserts][0] == 42
+
+
 def test_two_destination_rows_with_one_name_are_refused_with_the_table_and_name():
     with pytest.raises(PlanError, match=r"public.workgroup: the destination holds two rows with name = 'Intake'"):
         plan_rows(workgroups([{"id": R + 5, "name": "Intake"}],
