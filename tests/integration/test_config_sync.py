@@ -184,6 +184,13 @@ def test_config_sync_end_to_end(environments):
     assert objects["function", "public.c_age(born date)"]["action"] == "replace"
     assert objects["function", "public.c_double(x integer)"]["action"] == "create"
     assert objects["procedure", "public.c_autorun_cleanup()"]["action"] == "create"
+    text_plan = cdc(path, "sync", "plan", "config")
+    assert text_plan.exit_code == 1, text_plan.output
+    for line in ("public.workgroup: 1 to delete, 1 to insert, 0 to update, 2 unchanged, 2 matched by name",
+                 f"  matched Intake: source id {R + 1} -> destination id 42",
+                 "view public.qview_1000000999: drop", "view public.custom_forms: replace",
+                 "    create table public.ct_extra ("):
+        assert line in text_plan.stdout.splitlines(), (line, text_plan.stdout)
     assert state(destination) == before  # a plan changes nothing
 
     applied = cdc(path, "sync", "apply", "config")

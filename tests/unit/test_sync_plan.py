@@ -149,3 +149,18 @@ def test_an_unknown_sync_is_refused_with_the_known_ones():
 
     with pytest.raises(ConfigError, match=r"syncs: no sync named 'other' \(known: config\)"):
         config.parse(pipeline_with(BASE)).sync("other")
+
+
+@pytest.mark.parametrize("command", [["sync", "plan", "config"], ["sync", "history"], ["sync", "restore", "1"]])
+def test_config_option_after_a_sync_command(tmp_path, monkeypatch, command):
+    from typer.testing import CliRunner
+
+    from cdc import cli
+
+    monkeypatch.delenv("CDC_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "p.yaml"
+    path.write_text("pipeline: p\nsyncs: {config: {source: 'mysql://u@h/db'}}\n")
+    result = CliRunner().invoke(cli.app, [*command, "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"{path}: syncs.config.source: a sync reads and writes PostgreSQL" in result.stderr
