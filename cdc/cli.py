@@ -725,12 +725,18 @@ def _print_sync_plan(result: Any) -> None:
 
 @sync_app.command("plan")
 def sync_plan(name: str = typer.Argument(..., help="The sync (syncs.<name> in the pipeline file)."),
-              as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+              as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+              from_log: str | None = typer.Option(None, "--from-log", metavar="SYNC_ID", help="Compare the "
+                                                  "destination with a past sync as its topic holds it, instead of "
+                                                  "with the source now.")) -> None:
     """What `cdc sync apply` would change, per table and schema object (with DDL); exit 1 when anything would."""
     from consumers.sync import apply as sync_mod
+    from consumers.sync import log as sync_log
 
     def body() -> int:
-        result = sync_mod.dry_run(name, _pipeline().sync(name))
+        pipeline = _pipeline()
+        past = sync_log.read(pipeline, name, from_log) if from_log else None
+        result = sync_mod.dry_run(name, pipeline.sync(name), past)
         if as_json:
             typer.echo(json.dumps(result.as_json(), indent=2, default=str))
         else:

@@ -241,9 +241,10 @@ def plan(conn: Connection, sync_name: str, sync: Sync, source: SourceScope) -> S
     return SyncPlan(sync_name, _order(source.tables), tables, plan_objects(src_defs, dest_defs))
 
 
-def dry_run(sync_name: str, sync: Sync) -> SyncPlan:
-    """`cdc sync plan`: what `apply` would do now, changing nothing (the drift it would refuse included)."""
-    source = read_source(sync)
+def dry_run(sync_name: str, sync: Sync, source: SourceScope | None = None) -> SyncPlan:
+    """`cdc sync plan`: what `apply` would do now, changing nothing (the drift it would refuse included); with
+    `source`, what applying that scope (a past sync read from the topic) would do."""
+    source = source or read_source(sync)
     with _connect(sync.destination_url) as conn, conn.begin():
         result = plan(conn, sync_name, sync, source)
         if inspect(conn).has_table(HISTORY_TABLE):

@@ -283,6 +283,9 @@ def test_config_sync_end_to_end(environments):
         conn.execute(f"delete from dd_item where id = {R + 511}")
     assert cdc(path, "sync", "apply", "config").exit_code == 0
     assert [r[0] for r in scope(destination, "dd_item")] == [R + 510, R + 512]
+    compared = cdc(path, "sync", "plan", "config", "--from-log", entry["sync_id"], "--json")
+    assert compared.exit_code == 1, compared.output
+    assert {t["table"]: t["insert"] for t in json.loads(compared.stdout)["tables"]}["public.dd_item"] == [[R + 511]]
     again = cdc(path, "sync", "apply", "config", "--from-log", entry["sync_id"])
     assert again.exit_code == 0, again.output
     assert [r[0] for r in scope(destination, "dd_item")] == [R + 510, R + 511, R + 512]
