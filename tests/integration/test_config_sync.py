@@ -10,11 +10,13 @@ import json
 import psycopg
 import pytest
 import yaml
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
 from cdc import cli, config
 from consumers.sync import log as sync_log
+from schemas.codec import AvroEncoder, RegistryClient
 from tests.integration.pipelines import fresh_database, pipeline_data
 
 R = 1_000_000_000
@@ -290,3 +292,25 @@ def test_config_sync_end_to_end(environments):
     assert again.exit_code == 0, again.output
     assert [r[0] for r in scope(destination, "dd_item")] == [R + 510, R + 511, R + 512]
     assert all(scope(destination, t) == expected[t] for t in TABLES)
+
+
+def test_a_sync_cut_short_in_its_topic_is_never_applied(environments):
+    """A writer that died after some of a sync's records (no manifest): `--from-log` refuses it, nothing changes."""
+    path, _, destination = environments
+    pipeline = config.load(path)
+    topic = sync_log.topic_of(pipeline, "config")
+    sync_log._ensure_topic(pipeline, topic)
+    registry = RegistryClient(pipeline.kafka.schema_registry_url)
+    encoder = AvroEncoder(registry, f"{topic}-value", sync_log.SCHEMA)
+    registry.close()
+    producer = Producer({"bootstrap.servers": pipeline.kafka.bootstrap_servers})
+    table = {"name": "public.dd_list", "columns": ["id", "name"], "primary_key": ["id"], "foreign_keys": []}
+    for kind, body in (("TABLE", table), ("ROWS", [{"id": R + 500, "name": "Changed by a half sync"}])):
+        producer.produce(topic, key=b"cut-short", value=encoder.encode(
+            {"sync_id": "cut-short", "kind": kind, "table": "public.dd_list", "body": json.dumps(body)}))
+    assert producer.flush(30) == 0
+    before = state(destination)
+    refused = cdc(path, "sync", "apply", "config", "--from-log", "cut-short")
+    assert refused.exit_code == 1, refused.output
+    assert f"topic {topic} holds no complete sync cut-short (no manifest: it was cut short)" in refused.stderr
+    assert state(destination) == before
