@@ -1194,6 +1194,7 @@ class ReplicaApplier:
         batch is ready behind this one (a DuckDB file then stays open for it)."""
         offsets = self._offsets_after(steps)
         attempt = 1
+        columnar_rows = self.stats.columnar_rows  # a batch applied again counts its rows once
         while True:
             try:
                 try:
@@ -1206,6 +1207,7 @@ class ReplicaApplier:
                     if not raised:
                         raise
                     self.echo(f"{self.name}: {raised}")
+                    self.stats.columnar_rows = columnar_rows
                     continue
                 break
             except (OperationalError, psycopg.OperationalError) as exc:
@@ -1213,6 +1215,7 @@ class ReplicaApplier:
             except (DBAPIError, NoMatchingRow, psycopg.Error, *_duckdb_errors()) as exc:
                 if attempt == 1 and self._source_changed_under(steps, exc):
                     attempt = 2
+                    self.stats.columnar_rows = columnar_rows
                     continue
                 raise ApplyError(f"destination {self.name}: applying {_where(steps)} failed: "
                                  f"{_first_line(exc)}") from exc

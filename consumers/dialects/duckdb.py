@@ -43,10 +43,13 @@ T = TypeVar("T")
 # the machine's memory, and within it DuckDB keeps what it read or wrote (the tables' blocks, rows not checkpointed
 # yet) until the file is closed. Measured on DuckDB alone (the applier's writes of 1,000,000 changes in parts of
 # 50,000, into a table with a primary key and its history): about 145 MB above the open file without a limit;
-# with 128 MB, 90 (one transaction) to 125 MB (transactions of 50,000) at the same speed; with 64 MB, 77 to 93 MB
-# but its writes took 40 % longer (blocks evicted and read again). Under the limit DuckDB evicts what it can read
-# back or spills to `<file>.tmp`; what must stay in memory (a primary key's ART index, about 8 bytes a key once
-# loaded) is why the limit is raised when a batch needs more (memory_exhausted) rather than fixed.
+# with 128 MB, 90 (one transaction) to 125 MB (transactions of 50,000); with 64 MB, 77 to 93 MB but its writes took
+# 40 % longer. Whole appliers (`cdc run`, 1,000,000 changes, four runs each way): 30-50 MB less at the peak for one
+# transaction at the same CPU time, 50-70 MB less for a backlog of small transactions for about 10 % more CPU time
+# (7.7-8.0 s against 6.9-7.4: evicting and spilling to `<file>.tmp` has a cost; wall times
+# within their noise). Under the limit DuckDB evicts what it can read back or spills; what must stay in memory (a
+# primary key's ART index, about 8 bytes a key once loaded) is why the limit is raised when a batch needs more
+# (memory_exhausted) rather than fixed.
 MEMORY_LIMIT_MB = 128
 # How far the limit is raised at most: DuckDB's own default, 80 % of the machine's memory.
 MEMORY_LIMIT_CAP_MB = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8) // 2**20
