@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from cdc import cli, config
 from consumers.sync import log as sync_log
+from producers import capture
 from schemas.codec import AvroEncoder, RegistryClient
-from tests.integration.pipelines import fresh_database, pipeline_data
+from tests.integration.pipelines import caught_up, fresh_database, pipeline_data, purge, table_rows, write_pipeline
 
 R = 1_000_000_000
 RANGE = f"id between {R} and {2 * R - 1}"
@@ -314,3 +315,44 @@ def test_a_sync_cut_short_in_its_topic_is_never_applied(environments):
     assert refused.exit_code == 1, refused.output
     assert f"topic {topic} holds no complete sync cut-short (no manifest: it was cut short)" in refused.stderr
     assert state(destination) == before
+
+
+def test_a_replica_fed_from_the_destination_follows_the_sync(stack, tmp_path):
+    """The sync's changes at production are committed row changes like any others: a pipeline whose source is
+    production carries them to its replica, which ends equal to production (the issue's "Safety")."""
+    gens = [fresh_database(stack, prefix) for prefix in ("syncsrc", "syncdst", "syncrep")]
+    test_db, prod_db, replica_db = (next(g) for g in gens)
+    pipeline = None
+    try:
+        with psycopg.connect(stack.postgres_url(test_db), autocommit=True) as conn:
+            conn.execute(SCHEMA)
+            conn.execute(SOURCE)
+        with psycopg.connect(stack.postgres_url(prod_db), autocommit=True) as conn:
+            conn.execute(SCHEMA)
+            conn.execute("alter table form add column custom_flag boolean default false")  # rows only, here
+            conn.execute(DESTINATION)
+        tables = {f"public.{t}": {"where": RANGE} for t in TABLES}
+        tables["public.workgroup"]["match_by"] = ["name"]
+        tables["public.dashboard"]["exclude"] = "owner_user is not null"
+        captured = [f"public.{t}" for t in [*TABLES, "client_case"]]
+        path = tmp_path / "production.yaml"
+        pipeline = write_pipeline(path, pipeline_data(
+            stack, prod_db, captured, destinations={"copy": {"kind": "replica", "url": stack.postgres_url(replica_db)}},
+            syncs={"config": {"source": stack.postgres_url(test_db), "destination": stack.postgres_url(prod_db),
+                              "tables": tables}}))
+        capture.apply(pipeline)
+        caught_up(path)
+        applied = cdc(str(path), "sync", "apply", "config")
+        assert applied.exit_code == 0, applied.output
+        caught_up(path)
+        for table in captured:
+            assert table_rows(stack.postgres_url(replica_db), table) == table_rows(stack.postgres_url(prod_db),
+                                                                                   table), table
+        assert [r[0] for r in scope(stack.postgres_url(replica_db), "dd_item")] == [R + 510, R + 511, R + 512]
+    finally:
+        if pipeline is not None:
+            purge(pipeline)
+            AdminClient({"bootstrap.servers": stack.kafka_bootstrap}).delete_topics(
+                [f"{pipeline.pipeline}.sync.config"], operation_timeout=30)
+        for g in gens:
+            next(g, None)
