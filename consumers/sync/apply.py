@@ -258,14 +258,13 @@ def dry_run(sync_name: str, sync: Sync, source: SourceScope | None = None) -> Sy
 def ensure_history(conn: Connection) -> None:
     conn.execute(text(
         f'create table if not exists "{HISTORY_TABLE}" (id bigserial primary key, sync text not null, '
-        "kind text not null, started_at timestamptz not null, finished_at timestamptz not null default now(), "
+        "kind text not null, started_at timestamptz not null, "
+        "finished_at timestamptz not null default clock_timestamp(), "
         "requested_by text not null, source text not null, source_read_at timestamptz, backup_id bigint, "
         "backup_schema text, forced boolean not null default false, drift jsonb not null default '[]', "
         "tables jsonb not null, digests jsonb not null, objects jsonb not null default '[]', "
         "restores bigint, restored_by bigint, sync_id text, topic text)"))
-    # The sync's event in the log: its id in the sync's topic (cdc sync apply --from-log re-applies it).
-    conn.execute(text(f'alter table "{HISTORY_TABLE}" add column if not exists sync_id text, '
-                      "add column if not exists topic text"))
+    # sync_id and topic: the sync's event in the log (`cdc sync apply --from-log` applies it again).
 
 
 @dataclass
