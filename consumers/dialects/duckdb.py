@@ -44,7 +44,7 @@ T = TypeVar("T")
 # yet) until the file is closed. Measured on DuckDB alone (the applier's writes of 1,000,000 changes in parts of
 # 50,000, into a table with a primary key and its history): about 145 MB above the open file without a limit;
 # with 128 MB, 90 (one transaction) to 125 MB (transactions of 50,000); with 64 MB, 77 to 93 MB but its writes took
-# 40 % longer. Whole appliers (`cdc run`, 1,000,000 changes, four runs each way): 30-50 MB less at the peak for one
+# 40 % longer. Whole appliers (`cdc run`, 1,000,000 changes, alternated runs): 30-50 MB less at the peak for one
 # transaction at the same CPU time, 50-70 MB less for a backlog of small transactions for about 10 % more CPU time
 # (7.7-8.0 s against 6.9-7.4: evicting and spilling to `<file>.tmp` has a cost; wall times
 # within their noise). Under the limit DuckDB evicts what it can read back or spills; what must stay in memory (a
