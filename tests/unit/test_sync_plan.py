@@ -164,3 +164,18 @@ def test_config_option_after_a_sync_command(tmp_path, monkeypatch, command):
     result = CliRunner().invoke(cli.app, [*command, "-c", str(path)])
     assert result.exit_code == 2, result.output
     assert f"{path}: syncs.config.source: a sync reads and writes PostgreSQL" in result.stderr
+
+
+def test_the_progress_of_a_sync_on_a_terminal_and_off_it(capsys):
+    from cdc import cli
+
+    bar = cli._SyncProgress()
+    bar.terminal = True  # a rich progress bar
+    for done in (1, 5, 10):
+        bar("public.form: insert", done, 10)
+    bar.close()
+    lines = cli._SyncProgress()
+    lines.terminal = False  # one plain line per table and action
+    for what in ("public.form: insert", "public.form: insert", "public.form_field: delete"):
+        lines(what, 1, 2)
+    assert capsys.readouterr().err.splitlines()[-2:] == ["sync: public.form: insert", "sync: public.form_field: delete"]
