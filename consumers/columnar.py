@@ -19,7 +19,8 @@ primary-key update inside one event, a truncate, or changes decoded one by one (
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

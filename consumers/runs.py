@@ -17,14 +17,16 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from consumers.events import OPS, ChangeEvent, build_events
+
 
 def envelope_table(frame: Any) -> tuple[str, pa.Table] | None:
     """A decoded poll's messages of one writer schema (a polars DataFrame of Debezium envelopes) as the Arrow table
@@ -116,7 +118,7 @@ class SpillFile:
     file position."""
 
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="cdc-spill-")
+        self._file = tempfile.TemporaryFile(prefix="cdc-spill-")  # noqa: SIM115 - lives as long as the runs in it
         self._end = 0
         self._lock = threading.Lock()
 

@@ -1,4 +1,5 @@
-"""What a replicated table looks like at the destination: columns, primary key, foreign keys and checks, from the source."""
+"""What a replicated table looks like at the destination: columns, primary key, foreign keys and checks, from the
+source."""
 
 from __future__ import annotations
 

@@ -38,14 +38,15 @@ like one dead-lettered as incomplete (`late`, for the applier to dead-letter; `o
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Union
 
 from cdc.errors import CdcError, Terminal
 from consumers.events import ChangeEvent, TransactionMarker
-from consumers.runs import ChangeRun, SpillFile, count as changes
+from consumers.runs import ChangeRun, SpillFile
+from consumers.runs import count as changes
 
-Item = Union[ChangeEvent, ChangeRun]
+Item = ChangeEvent | ChangeRun
 
 # Changes of one source transaction held in memory: past this many, its runs go to disk (ChangeRun.spill) until its
 # END, so that what the applier holds does not grow with the size of a transaction (the write reads them back in
@@ -222,7 +223,7 @@ class TransactionAssembler:
         before: list[Item] = []
         events: list[Item] = []
         taken = 0
-        for key, queue in self._partitions.items():
+        for queue in self._partitions.values():
             while queue:
                 head = queue[0]
                 if isinstance(head, _Hole):

@@ -18,8 +18,9 @@ import json
 import os
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from sqlalchemy import BigInteger, Column, DateTime, ForeignKeyConstraint, String, Table, event
@@ -30,12 +31,17 @@ from sqlalchemy.types import JSON, LargeBinary, Text, TypeEngine
 from consumers import columnar
 from consumers.dialects import types
 from consumers.dialects.base import (
-    HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, SchemaChangeError, distinct_changes, history_rows, new_changes_sql,
+    HISTORY_COLUMNS,
+    HISTORY_SUFFIX,
+    Dialect,
+    SchemaChangeError,
+    distinct_changes,
+    history_rows,
+    new_changes_sql,
     without_fillers,
 )
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
-
 
 T = TypeVar("T")
 
@@ -302,7 +308,7 @@ class DuckDBDialect(Dialect):
         # One statement from Arrow: the driver runs an executemany row by row, about 50 ms a batch.
         if not offsets:
             return
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         items = list(offsets.items())
         rows = pa.table({"pipeline": [pipeline] * len(items), "topic": [t for (t, _), _ in items],
                          "kafka_partition": [p for (_, p), _ in items], "next_offset": [o for _, o in items],
@@ -322,7 +328,7 @@ class DuckDBDialect(Dialect):
         # One statement from Arrow, as store_offsets: the driver would run an executemany row by row.
         if not records:
             return
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = pa.table({
             "pipeline": pa.array([pipeline] * len(records), pa.string()),
             "xid": pa.array([r.xid for r in records], pa.string()),
@@ -330,7 +336,7 @@ class DuckDBDialect(Dialect):
             "first_lsn": pa.array([r.first_lsn for r in records], pa.int64()),
             "last_lsn": pa.array([r.last_lsn for r in records], pa.int64()),
             "end_offset": pa.array([r.end_offset for r in records], pa.int64()),
-            "committed_at": pa.array([datetime.fromtimestamp(r.commit_ts_ms / 1000, tz=timezone.utc)
+            "committed_at": pa.array([datetime.fromtimestamp(r.commit_ts_ms / 1000, tz=UTC)
                                       if r.commit_ts_ms else None for r in records], pa.timestamp("us", tz="UTC")),
             "applied_at": pa.array([now] * len(records), pa.timestamp("us", tz="UTC"))})
         raw = conn.connection.driver_connection
@@ -338,7 +344,8 @@ class DuckDBDialect(Dialect):
         raw.register(name, rows)
         try:
             target = conn.dialect.identifier_preparer.format_table(self.applied)
-            raw.execute(f"INSERT INTO {target} SELECT * FROM {name} ON CONFLICT (pipeline, xid, source_table) DO UPDATE "
+            raw.execute(f"INSERT INTO {target} SELECT * FROM {name} "
+                        "ON CONFLICT (pipeline, xid, source_table) DO UPDATE "
                         "SET first_lsn = EXCLUDED.first_lsn, last_lsn = EXCLUDED.last_lsn, end_offset = "
                         "EXCLUDED.end_offset, committed_at = EXCLUDED.committed_at, applied_at = EXCLUDED.applied_at"
                         ).fetchall()

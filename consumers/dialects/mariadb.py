@@ -6,10 +6,11 @@ import heapq
 import json
 import re
 from base64 import b16encode
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import BigInteger, Column, PrimaryKeyConstraint, Table
@@ -540,7 +541,7 @@ def _bindable(value: Any) -> Any:
 def _datetime_value(value: Any) -> Any:
     # DATETIME has no zone: an aware value is stored as UTC.
     if isinstance(value, datetime) and value.tzinfo is not None:
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.astimezone(UTC).replace(tzinfo=None)
     return value
 
 

@@ -13,8 +13,9 @@ import operator
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psycopg
 import pyarrow as pa
@@ -28,7 +29,13 @@ from cdc.errors import ConfigError
 from consumers import columnar
 from consumers.dialects import types as t
 from consumers.dialects.base import (
-    HISTORY_COLUMNS, HISTORY_SUFFIX, Dialect, distinct_changes, history_rows, new_changes_sql, without_fillers,
+    HISTORY_COLUMNS,
+    HISTORY_SUFFIX,
+    Dialect,
+    distinct_changes,
+    history_rows,
+    new_changes_sql,
+    without_fillers,
 )
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
@@ -362,7 +369,8 @@ class PostgresAnalyticsDialect(PostgresDialect):
         history = table.name + HISTORY_SUFFIX
         if len(history.encode()) > MAX_IDENTIFIER_BYTES:
             raise ConfigError(f"{shape.name}: its history table {history!r} would be longer than PostgreSQL's "
-                              f"{MAX_IDENTIFIER_BYTES}-byte identifiers; it cannot go to a PostgreSQL analytics replica")
+                              f"{MAX_IDENTIFIER_BYTES}-byte identifiers; it cannot go to a PostgreSQL analytics "
+                              "replica")
         actions = super().ensure_table(conn, shape, shapes)
         if inspect(conn).has_table(history, schema=table.schema):
             self._index_changes(conn, shape, table)  # a history from before the index (it is cheap when there)
@@ -468,7 +476,8 @@ class PostgresAnalyticsDialect(PostgresDialect):
 # programs or reach beyond the replicated tables.
 _ROLE_EXCESS = """
 SELECT array_remove(ARRAY[CASE WHEN r.rolsuper THEN 'SUPERUSER' END, CASE WHEN r.rolcreaterole THEN 'CREATEROLE' END,
-                          CASE WHEN r.rolcreatedb THEN 'CREATEDB' END, CASE WHEN r.rolreplication THEN 'REPLICATION' END,
+                          CASE WHEN r.rolcreatedb THEN 'CREATEDB' END,
+                          CASE WHEN r.rolreplication THEN 'REPLICATION' END,
                           CASE WHEN r.rolbypassrls THEN 'BYPASSRLS' END], NULL)
        || ARRAY(SELECT 'member of ' || g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
                 WHERE m.member = r.oid ORDER BY g.rolname)

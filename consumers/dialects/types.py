@@ -14,8 +14,9 @@ cannot hold exactly, each with the reason (docs/types.md, "Refused").
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.sql import sqltypes
@@ -58,9 +59,9 @@ class SourceType:
     length: int | None = None  # char(n), varchar(n), bit(n)
     precision: int | None = None  # numeric(p, s)
     scale: int | None = None
-    element: "SourceType | None" = None  # arrays
+    element: SourceType | None = None  # arrays
     labels: tuple[str, ...] = ()  # enums, in sort order
-    fields: tuple[tuple[str, "SourceType"], ...] = ()  # composite types
+    fields: tuple[tuple[str, SourceType], ...] = ()  # composite types
     schema: str | None = None  # enums, composites, extension types
     name: str | None = None
     domain: str | None = None
@@ -72,7 +73,7 @@ class SourceType:
     def is_array(self) -> bool:
         return self.category == "array"
 
-    def leaf(self) -> "SourceType":
+    def leaf(self) -> SourceType:
         """The element type of an array (of arrays), else itself."""
         return self.element.leaf() if self.element is not None else self
 
@@ -294,8 +295,8 @@ def format_refusals(found: Iterable[tuple[str, str, str, str]]) -> str:
     return "\n".join(f"destination {d}: {t}.{c}: {r}" for d, t, c, r in found)
 
 
-__all__ = ["SourceType", "RawType", "describe_checks", "describe_columns", "describe_type", "from_sqlalchemy", "refusals",
-           "backend_of"]
+__all__ = ["RawType", "SourceType", "backend_of", "describe_checks", "describe_columns", "describe_type",
+           "from_sqlalchemy", "refusals"]
 
 
 # --- values Debezium sends that need the source type to be read (shared by the dialects) -----------------------
