@@ -18,10 +18,9 @@ import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from producers import capture
 from producers.connect import ConnectClient
-from tests.integration.pipelines import CDC, caught_up, cdc, pipeline_data, purge, write_pipeline
-from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES, workload
+from tests.integration.pipelines import CDC, caught_up, cdc
+from tests.integration.sample import workload
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -227,31 +226,21 @@ def test_the_page_renders_in_chromium_with_the_numbers_of_lag_json(lagging, tmp_
     assert "cdc_slot_retained_bytes" in metrics and "cdc_lag_seconds" in metrics
 
 
-def test_a_mariadb_destination_reports_its_lag_too(stack, source_db, mariadb_database, tmp_path):
+def test_a_mariadb_destination_reports_its_lag_too(mariadb_database, sample_pipeline):
     """The offsets are read through SQLAlchemy from any dialect; MariaDB's naive DATETIME is UTC."""
-
-    with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
-                         destinations={"mirror": {"kind": "replica", "url": mariadb_database}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
-    try:
-        caught_up(path, 300)
-        finished = time.time()
-        code, doc = lag_json(path, "--window", "1", "--check")
-        dest = doc["destinations"][0]
-        assert code == 0 and dest["status"] == "OK" and dest["lag_messages"] == 0, dest
-        assert abs(dest["last_applied_at"] - finished) < 60
-        workload(stack.postgres_url(source_db), 20, seed=11)
-        time.sleep(3)
-        # One sample (--window 0) cannot tell stuck from moving, but it never says OK with messages waiting.
-        code, doc = lag_json(path, "--window", "0", "--check")
-        dest = doc["destinations"][0]
-        assert code == 1 and dest["status"] == "BEHIND" and dest["lag_messages"] > 0, dest
-        code, doc = lag_json(path, "--window", "1", "--stop-after", "0")
-        dest = doc["destinations"][0]
-        assert dest["status"] == "STOP" and dest["lag_messages"] > 0 and dest["lag_seconds"] > 0, dest
-    finally:
-        purge(pipeline)
+    path, _, source = sample_pipeline({"mirror": {"kind": "replica", "url": mariadb_database}})
+    caught_up(path, 300)
+    finished = time.time()
+    code, doc = lag_json(path, "--window", "1", "--check")
+    dest = doc["destinations"][0]
+    assert code == 0 and dest["status"] == "OK" and dest["lag_messages"] == 0, dest
+    assert abs(dest["last_applied_at"] - finished) < 60
+    workload(source, 20, seed=11)
+    time.sleep(3)
+    # One sample (--window 0) cannot tell stuck from moving, but it never says OK with messages waiting.
+    code, doc = lag_json(path, "--window", "0", "--check")
+    dest = doc["destinations"][0]
+    assert code == 1 and dest["status"] == "BEHIND" and dest["lag_messages"] > 0, dest
+    code, doc = lag_json(path, "--window", "1", "--stop-after", "0")
+    dest = doc["destinations"][0]
+    assert dest["status"] == "STOP" and dest["lag_messages"] > 0 and dest["lag_seconds"] > 0, dest

@@ -12,9 +12,8 @@ import time
 import psycopg
 import pytest
 
-from producers import capture
-from tests.integration.pipelines import CDC, caught_up, cdc, pipeline_data, purge, write_pipeline
-from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES, TOTAL, assert_equal, workload
+from tests.integration.pipelines import CDC, caught_up, cdc
+from tests.integration.sample import TOTAL, assert_equal, workload
 
 
 def test_the_destination_equals_the_source_after_a_multi_table_workload(replica):
@@ -91,32 +90,22 @@ def test_sigterm_finishes_the_batch_in_flight_and_exits_cleanly(replica):
     assert_equal(source, destination)
 
 
-def test_a_mariadb_destination_follows_the_same_workload(stack, source_db, mariadb_database, tmp_path):
+def test_a_mariadb_destination_follows_the_same_workload(mariadb_database, sample_pipeline):
     """The second dialect, end to end: the design is not PostgreSQL-only."""
     from sqlalchemy import create_engine
 
-    with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
-                         destinations={"mirror": {"kind": "replica", "url": mariadb_database}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
-    source = stack.postgres_url(source_db)
-    try:
-        workload(source, 1000, seed=5)
-        caught_up(path, 300)
-        destination = create_engine(mariadb_database)
-        with destination.connect() as conn:
-            for table, columns in [("school", "id, name"), ("person", "id, name, balance, mentor_id"),
-                                   ("enrollment", "id, person_id, school_id, grade, started"),
-                                   ("attendance", "id, person_id, enrollment_id, day, status")]:
-                with psycopg.connect(source) as src:
-                    expected = [tuple(r) for r in src.execute(f"select {columns} from {table} order by id")]
-                got = [tuple(r) for r in conn.exec_driver_sql(f"select {columns} from `{table}` order by id")]
-                assert got == expected, table
-            total = conn.exec_driver_sql("select sum(balance) from person").scalar()
-        destination.dispose()
-        assert total == TOTAL
-    finally:
-        purge(pipeline)
+    path, _, source = sample_pipeline({"mirror": {"kind": "replica", "url": mariadb_database}})
+    workload(source, 1000, seed=5)
+    caught_up(path, 300)
+    destination = create_engine(mariadb_database)
+    with destination.connect() as conn:
+        for table, columns in [("school", "id, name"), ("person", "id, name, balance, mentor_id"),
+                               ("enrollment", "id, person_id, school_id, grade, started"),
+                               ("attendance", "id, person_id, enrollment_id, day, status")]:
+            with psycopg.connect(source) as src:
+                expected = [tuple(r) for r in src.execute(f"select {columns} from {table} order by id")]
+            got = [tuple(r) for r in conn.exec_driver_sql(f"select {columns} from `{table}` order by id")]
+            assert got == expected, table
+        total = conn.exec_driver_sql("select sum(balance) from person").scalar()
+    destination.dispose()
+    assert total == TOTAL
