@@ -916,6 +916,101 @@ def sync_restore(entry_id: int = typer.Argument(..., metavar="ID"),
     _run(body)
 
 
+# -- sites: a master and its satellites (cdc.topology; docs/sites.md) ----------------------------------------------
+topology_app = typer.Typer(help="A topology of sites (a master and satellites): plan and apply its links' "
+                                "connectors and topics. -c names the topology file (default: $CDC_TOPOLOGY, else "
+                                "topology.yaml).", no_args_is_help=True)
+app.add_typer(topology_app, name="topology")
+sites_app = typer.Typer(help="Run a topology's links, and see each site's state. -c names the topology file.",
+                        no_args_is_help=True)
+app.add_typer(sites_app, name="sites")
+
+
+def _topology():
+    from cdc import topology
+
+    return topology.load(_state["config"])
+
+
+@topology_app.command("plan")
+def topology_plan(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]...")) -> None:
+    """Print what `cdc topology apply` would create or change, link by link (changes nothing)."""
+    from producers import sites as sites_mod
+
+    def body() -> int:
+        topo = _topology()
+        for name in sites or []:
+            topo.site(name)
+        for p in sites_mod.plan(topo, sites or None):
+            for line in p.lines():
+                typer.echo(line)
+        return 0
+
+    _run(body)
+
+
+@topology_app.command("apply")
+def topology_apply(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]...")) -> None:
+    """Create or update every link's publication, connector and topics (idempotent); a new satellite gets a full
+    sync of its subset (its connector's snapshot), then incremental changes."""
+    from producers import sites as sites_mod
+
+    def body() -> int:
+        topo = _topology()
+        for name in sites or []:
+            topo.site(name)
+        sites_mod.apply(topo, sites or None, echo=_echo)
+        return 0
+
+    _run(body)
+
+
+@sites_app.command("run")
+def sites_run(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]..."),
+              until_caught_up: bool = typer.Option(False, "--until-caught-up",
+                                                   help="Sync every chosen link once (both ways) and exit."),
+              timeout: float | None = typer.Option(None, "--timeout", help="Give up after this many seconds.")) -> None:
+    """Run the links' appliers per their sync mode (continuous, every N minutes; on-demand links only when their
+    satellite is named or with --until-caught-up)."""
+    from consumers.sites import SitesRunner, chosen_links
+
+    def body() -> int:
+        import signal
+
+        links = chosen_links(_topology(), sites or None, include_on_demand=until_caught_up)
+        if not links:
+            raise ConfigError("no link to run (every chosen satellite syncs on demand: name it, or give "
+                              "--until-caught-up)")
+        runner = SitesRunner(links, _echo, until_caught_up=until_caught_up, timeout=timeout)
+        signal.signal(signal.SIGINT, lambda *_: runner.stop())
+        signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+        return runner.run()
+
+    _run(body)
+
+
+@sites_app.command("status")
+def sites_status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Per site: status, last sync, lag and errors of its links."""
+    from consumers.sites import status
+
+    def body() -> int:
+        doc = status(_topology())
+        if as_json:
+            typer.echo(json.dumps(doc, indent=2, default=str))
+            return 0
+        for site in doc["sites"]:
+            last = (datetime.fromtimestamp(site["last_sync_at"], UTC).isoformat(timespec="seconds")
+                    if site["last_sync_at"] else "never")
+            typer.echo(f"{site['sync_id']:>2} {site['site']:<16} {site['role']:<9} {site['status']:<7} "
+                       f"last sync {last}, lag {site['lag_messages']} messages / {site['lag_seconds']:.1f} s")
+            for error in site["errors"]:
+                typer.echo(f"     error: {error}")
+        return 0
+
+    _run(body)
+
+
 app.add_typer(lag_app, name="lag")
 _config_option_everywhere(app)
 

@@ -1,0 +1,340 @@
+"""The topology file of a deployment of sites (a master, sync id 1, and satellites 2-64), and the pipelines it implies.
+
+A topology is built from ordinary pipelines (DESIGN.md, "Several pipelines, one deployment"):
+- one *up* pipeline per satellite: its source is the satellite, it captures the site-owned tables (only the rows whose
+  site column holds the satellite's sync id) and its one destination is the master;
+- one *down* pipeline per satellite: its source is the master, it captures the master-owned tables of the satellite's
+  subset, and its one destination is that satellite. One per satellite, not one for all, so that every satellite has
+  topics of its own (what per-site Kafka ACLs will grant) and its subset is cut at capture: rows outside it never
+  reach Kafka under the satellite's topics, let alone the satellite.
+
+The ground modules (cdc/config.py, cdc/errors.py) do not import this one; it builds on them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from sqlalchemy.engine import URL, make_url
+
+from cdc import config
+from cdc.config import MAX_ERROR_LINE, NAME_RE, SOURCE_SCHEMES, TABLE_RE, KafkaSettings, Pipeline, cut, shown
+from cdc.errors import ConfigError
+
+DEFAULT_FILE = "topology.yaml"
+MASTER_ID = 1
+MAX_SYNC_ID = 64
+# A column name in a subset's column list or a site column: an identifier, written as the table spells it.
+COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class _FieldError(ValueError):
+    """A cross-field problem, with the field path it belongs to."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _table_name(table: Any) -> str:
+    if not isinstance(table, str) or not TABLE_RE.match(table):
+        raise ValueError(f"{shown(table)} is not schema-qualified (write schema.table)")
+    return table
+
+
+class SyncMode(_Model):
+    """How often a link applies what reached Kafka: all the time, every N minutes, or only when asked."""
+
+    mode: Literal["continuous", "every", "on_demand"] = "continuous"
+    minutes: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        # `sync: continuous`, `sync: on_demand`, `sync: every 15 minutes` are taken as well as the mapping.
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*every\s+(\d+(?:\.\d+)?)\s*(?:m|min|minutes?)?\s*", v)
+            if m:
+                return {"mode": "every", "minutes": float(m.group(1))}
+            return {"mode": v.strip()}
+        return v
+
+    @model_validator(mode="after")
+    def _minutes(self) -> SyncMode:
+        if self.mode == "every" and self.minutes is None:
+            raise ValueError("mode `every` needs `minutes` (e.g. `sync: every 15 minutes`)")
+        if self.mode != "every" and self.minutes is not None:
+            raise ValueError(f"`minutes` only goes with mode `every` (mode is {self.mode!r})")
+        return self
+
+
+class Site(_Model):
+    sync_id: int = Field(ge=1, le=MAX_SYNC_ID)
+    url: SecretStr
+    sync: SyncMode = Field(default_factory=SyncMode)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: SecretStr) -> SecretStr:
+        try:
+            url = make_url(v.get_secret_value())
+        except Exception:
+            raise ValueError("not a database URL (expected e.g. postgresql://user:${PASSWORD}@host:5432/db)") from None
+        if url.drivername not in SOURCE_SCHEMES:
+            raise ValueError(f"a site's database is PostgreSQL (postgresql://...), got a {shown(url.drivername)} URL")
+        if not url.database:
+            raise ValueError("the URL names no database")
+        return v
+
+    @property
+    def sqlalchemy_url(self) -> URL:
+        return make_url(self.url.get_secret_value())
+
+
+class SubsetTable(_Model):
+    """What of one master-owned table a satellite receives: rows by a predicate, and which columns."""
+
+    where: str | None = None
+    columns: tuple[str, ...] | None = None
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("is empty; leave it out (every row), or write a SQL predicate")
+        if v is not None and ";" in v:
+            raise ValueError(f"{shown(v)}: a predicate is one SQL expression, without ';'")
+        return v
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError("must be a non-empty list of column names")
+        for c in v:
+            if not isinstance(c, str) or not COLUMN_RE.match(c):
+                raise ValueError(f"{shown(c)} is not a column name")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a column twice")
+        return v
+
+
+class Topology(_Model):
+    topology: str = Field(pattern=NAME_RE, max_length=40)
+    kafka: KafkaSettings
+    sites: dict[str, Site]
+    # Tables only the master writes, pushed to every satellite (each receiving its subset).
+    master_tables: tuple[str, ...] = ()
+    # Tables every site writes its own rows of: table -> the column holding the writing site's sync id.
+    site_tables: dict[str, str] = Field(default_factory=dict)
+    # Per satellite: the master-owned tables it receives (all of them when the satellite is not listed).
+    subsets: dict[str, dict[str, SubsetTable]] = Field(default_factory=dict)
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v: dict[str, Site]) -> dict[str, Site]:
+        for name in v:
+            if not re.match(NAME_RE, name) or len(name) > 40:
+                raise ValueError(f"site name {shown(name)} may only hold letters, digits, '_' and '-', at most 40 "
+                                 "characters (it becomes part of topic names)")
+        ids: dict[int, str] = {}
+        for name, site in v.items():
+            if site.sync_id in ids:
+                raise _FieldError(f"sites.{name}.sync_id", f"sync id {site.sync_id} is already site "
+                                  f"{ids[site.sync_id]!r}'s (each site has its own, 1 to {MAX_SYNC_ID})")
+            ids[site.sync_id] = name
+        if MASTER_ID not in ids:
+            raise ValueError(f"no site has sync id {MASTER_ID} (the master)")
+        return v
+
+    @field_validator("master_tables", mode="before")
+    @classmethod
+    def _master_tables(cls, v: Any) -> Any:
+        if v is None:
+            return ()
+        if not isinstance(v, (list, tuple)):
+            raise ValueError("must be a list of schema.table names")
+        seen = set()
+        for t in v:
+            _table_name(t)
+            if t in seen:
+                raise ValueError(f"{shown(t)} is listed twice")
+            seen.add(t)
+        return v
+
+    @field_validator("site_tables", mode="before")
+    @classmethod
+    def _site_tables(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of schema.table to the column holding the site's sync id")
+        for t, column in v.items():
+            _table_name(t)
+            if not isinstance(column, str) or not COLUMN_RE.match(column):
+                raise ValueError(f"{shown(t)}: the site column must be a column name, got {shown(column)}")
+        return v
+
+    @field_validator("subsets", mode="before")
+    @classmethod
+    def _subsets_shape(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of satellite name to its tables")
+        out = {}
+        for site, tables in v.items():
+            if isinstance(tables, (list, tuple)):  # a plain list: every row and column of each
+                tables = {t: {} for t in tables}
+            if not isinstance(tables, dict):
+                raise _FieldError(f"subsets.{site}", "must be a mapping of master-owned table to {where:, columns:}")
+            for t in tables:
+                try:
+                    _table_name(t)
+                except ValueError as exc:
+                    raise _FieldError(f"subsets.{site}", str(exc)) from None
+            out[site] = {t: ({} if s is None else s) for t, s in tables.items()}
+        return out
+
+    @model_validator(mode="after")
+    def _cross(self) -> Topology:
+        both = set(self.master_tables) & set(self.site_tables)
+        if both:
+            raise _FieldError("site_tables", f"{', '.join(sorted(both))} also in master_tables: a table is owned by "
+                              "the master or by the sites, not both (two-way tables are not part of this release)")
+        if not self.master_tables and not self.site_tables:
+            raise _FieldError("master_tables", "neither master_tables nor site_tables lists a table: nothing to sync")
+        for site, tables in self.subsets.items():
+            if site not in self.sites:
+                raise _FieldError(f"subsets.{site}", f"no site named {site!r} (sites: {', '.join(self.sites)})")
+            if self.sites[site].sync_id == MASTER_ID:
+                raise _FieldError(f"subsets.{site}", "the master holds everything; subsets are for satellites")
+            for table in tables:
+                if table not in self.master_tables:
+                    raise _FieldError(f"subsets.{site}.{table}", "is not a master-owned table (master_tables); a "
+                                      "satellite receives master-owned tables only")
+        return self
+
+    # -- the pipelines ------------------------------------------------------------------------------------------
+    @property
+    def master(self) -> str:
+        return next(n for n, s in self.sites.items() if s.sync_id == MASTER_ID)
+
+    @property
+    def satellites(self) -> list[str]:
+        return sorted((n for n, s in self.sites.items() if s.sync_id != MASTER_ID), key=lambda n: self.sites[n].sync_id)
+
+    def site(self, name: str) -> Site:
+        if name not in self.sites:
+            raise ConfigError(f"sites: no site named {shown(name)} (known: {', '.join(self.sites)})")
+        return self.sites[name]
+
+    def subset(self, satellite: str) -> dict[str, SubsetTable]:
+        """The master-owned tables a satellite receives, each with its row predicate and columns."""
+        if satellite in self.subsets:
+            return dict(self.subsets[satellite])
+        return {t: SubsetTable() for t in self.master_tables}
+
+    def up_name(self, satellite: str) -> str:
+        return f"{self.topology}-{satellite}-up"
+
+    def down_name(self, satellite: str) -> str:
+        return f"{self.topology}-{satellite}-down"
+
+    def _pipeline(self, name: str, source: Site, tables: list[str], destination: str, target: Site) -> Pipeline:
+        data = {"pipeline": name, "kafka": self.kafka.model_dump(),
+                "source": {"url": source.url.get_secret_value(), "tables": tables, "heartbeat_ms": 1000},
+                "destinations": {destination: {"kind": "replica", "url": target.url.get_secret_value()}}}
+        try:
+            return Pipeline.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"pipeline {name} (from the topology {self.topology}): {exc}") from None
+
+    def up_pipeline(self, satellite: str) -> Pipeline | None:
+        """The satellite's own rows to the master; None when there are no site-owned tables."""
+        if not self.site_tables:
+            return None
+        return self._pipeline(self.up_name(satellite), self.site(satellite), list(self.site_tables), self.master,
+                              self.sites[self.master])
+
+    def down_pipeline(self, satellite: str) -> Pipeline | None:
+        """The master-owned tables of the satellite's subset, to the satellite; None when its subset is empty."""
+        tables = list(self.subset(satellite))
+        if not tables:
+            return None
+        return self._pipeline(self.down_name(satellite), self.sites[self.master], tables, satellite,
+                              self.site(satellite))
+
+    def links(self) -> list[Link]:
+        """Every link of the topology: per satellite its up pipeline and its down pipeline, in sync-id order."""
+        out = []
+        for satellite in self.satellites:
+            for direction, pipeline in (("up", self.up_pipeline(satellite)), ("down", self.down_pipeline(satellite))):
+                if pipeline is not None:
+                    out.append(Link(satellite, direction, pipeline, self.sites[satellite].sync))
+        return out
+
+
+class Link:
+    """One pipeline of the topology: which satellite, which way, and how often it is applied."""
+
+    def __init__(self, satellite: str, direction: str, pipeline: Pipeline, sync: SyncMode) -> None:
+        self.satellite = satellite
+        self.direction = direction
+        self.pipeline = pipeline
+        self.sync = sync
+
+    @property
+    def destination(self) -> str:
+        return next(iter(self.pipeline.destinations))
+
+    def __repr__(self) -> str:
+        return f"Link({self.satellite}, {self.direction}, {self.pipeline.pipeline})"
+
+
+def parse(data: Any, source: str = DEFAULT_FILE, env: dict[str, str] | None = None) -> Topology:
+    """Validate already-loaded YAML data; `source` names the file in messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the file must be a mapping of settings (topology:, kafka:, sites:, ...)")
+    data = config._interpolate(data, "", dict(os.environ) if env is None else env, source)
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            ctx_error = error.get("ctx", {}).get("error")
+            if isinstance(ctx_error, _FieldError):
+                line = f"{source}: {ctx_error.path}: {ctx_error.message}"
+            else:
+                line = f"{source}: {config._field_path(error['loc'])}: {config._describe(error)}"
+            lines.append(cut(line, MAX_ERROR_LINE))
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Topology:
+    """Read and validate a topology file (default: $CDC_TOPOLOGY, else ./topology.yaml)."""
+    environ = dict(os.environ) if env is None else env
+    file = Path(path or environ.get("CDC_TOPOLOGY") or DEFAULT_FILE)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: file not found (name one with -c/--config or $CDC_TOPOLOGY)") from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=config._UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: invalid YAML: {cut(str(exc), MAX_ERROR_LINE)}") from None
+    return parse(data, str(file), environ)

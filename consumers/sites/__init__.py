@@ -1,0 +1,158 @@
+"""Applying a topology of sites: every link's replica applier run per its sync mode (`cdc sites run`), and each
+site's state (`cdc sites status`): last sync, lag and errors of the links that feed it and that it feeds.
+
+A link is an ordinary pipeline with one destination (cdc.topology), so this module only schedules ReplicaAppliers
+and reads LagProbe samples; it formats nothing for people (the command line does).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cdc.errors import CdcError, first_line
+from cdc.topology import Link, Topology
+from consumers import lag as lag_rules
+from consumers.applier import ReplicaApplier
+from consumers.lag_probe import LagProbe
+
+
+def chosen_links(topology: Topology, sites: list[str] | None, *, include_on_demand: bool) -> list[Link]:
+    """The links to run: those of the named satellites (every satellite's by default). On-demand links run only
+    when asked for: their satellite named, or a one-off catch-up (`include_on_demand`)."""
+    for name in sites or []:
+        topology.site(name)  # a ConfigError naming the known sites
+    out = []
+    for link in topology.links():
+        if sites and link.satellite not in sites:
+            continue
+        if link.sync.mode == "on_demand" and not (sites or include_on_demand):
+            continue
+        out.append(link)
+    return out
+
+
+class SitesRunner:
+    """One thread per link. continuous: the applier runs until stopped; every N minutes: it catches up, stops, and
+    starts again N minutes after; on demand: it catches up once. With `until_caught_up`, every link catches up
+    once, whatever its mode, and the run ends (a sync now)."""
+
+    def __init__(self, links: list[Link], echo: Callable[[str], None], *, until_caught_up: bool = False,
+                 timeout: float | None = None) -> None:
+        self.links = links
+        self.echo = echo
+        self.until_caught_up = until_caught_up
+        self.timeout = timeout
+        self._stop = threading.Event()
+        self._current: dict[str, ReplicaApplier] = {}
+        self._lock = threading.Lock()
+        self.errors: dict[str, BaseException] = {}
+        self.rounds: dict[str, int] = {}
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for applier in self._current.values():
+                applier.stop()
+
+    def _once(self, link: Link, *, until_caught_up: bool) -> None:
+        name = link.pipeline.pipeline
+        applier = ReplicaApplier(link.pipeline, link.destination, echo=self.echo)
+        with self._lock:
+            if self._stop.is_set():
+                applier.close()
+                return
+            self._current[name] = applier
+        try:
+            applier.run(until_caught_up=until_caught_up, timeout=self.timeout)
+        finally:
+            with self._lock:
+                self._current.pop(name, None)
+            self.rounds[name] = self.rounds.get(name, 0) + 1
+            self.echo(f"{name}: applied {applier.stats.rows} rows in {applier.stats.transactions} source "
+                      "transactions")
+            applier.close()
+
+    def _work(self, link: Link) -> None:
+        name = link.pipeline.pipeline
+        try:
+            if self.until_caught_up or link.sync.mode == "on_demand":
+                self._once(link, until_caught_up=True)
+            elif link.sync.mode == "continuous":
+                self._once(link, until_caught_up=False)
+            else:
+                interval = (link.sync.minutes or 1) * 60
+                while not self._stop.is_set():
+                    started = time.monotonic()
+                    self._once(link, until_caught_up=True)
+                    self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        except BaseException as exc:  # noqa: BLE001 - reported by run(); the other links go on
+            self.errors[name] = exc
+            self.echo(f"{name}: stopped: {first_line(exc)}")
+
+    def run(self) -> int:
+        threads = [threading.Thread(target=self._work, args=(link,), name=f"link-{link.pipeline.pipeline}")
+                   for link in self.links]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.5)
+        if self.errors:
+            name, exc = next(iter(self.errors.items()))
+            if isinstance(exc, CdcError):
+                raise exc
+            raise CdcError(f"link {name} failed: {exc!r}") from exc
+        return 0
+
+
+def link_status(link: Link) -> dict[str, Any]:
+    """One link's lag (the `cdc lag --json` arithmetic and status rules, from one sample)."""
+    probe = LagProbe(link.pipeline)
+    try:
+        samples, source = probe.sample()
+    finally:
+        probe.close()
+    doc = lag_rules.report({n: [s] for n, s in samples.items()}, source, pipeline=link.pipeline.pipeline)
+    dest = doc["destinations"][0]
+    return {"pipeline": link.pipeline.pipeline, "direction": link.direction, "destination": link.destination,
+            "sync": link.sync.mode if link.sync.mode != "every" else f"every {link.sync.minutes:g} min",
+            "status": dest["status"], "reason": dest["reason"], "lag_messages": dest["lag_messages"],
+            "lag_seconds": dest["lag_seconds"], "last_sync_at": dest["last_applied_at"],
+            "connector_state": doc["source"]["connector_state"], "error": doc["source"]["error"]}
+
+
+def status(topology: Topology) -> dict[str, Any]:
+    """Per site: its links' state; a satellite's `last_sync_at` is the older of its two links' last applied batch
+    (both ways exchanged by then), its status the worst of theirs. The master's is the worst of every up link."""
+    sites = []
+    links = topology.links()
+    by_site: dict[str, list[dict[str, Any]]] = {}
+    for link in links:
+        try:
+            state = link_status(link)
+        except CdcError as exc:
+            state = {"pipeline": link.pipeline.pipeline, "direction": link.direction, "destination": link.destination,
+                     "status": "ERROR", "reason": first_line(exc), "lag_messages": None, "lag_seconds": None,
+                     "last_sync_at": None, "connector_state": None, "error": first_line(exc)}
+        by_site.setdefault(link.satellite, []).append(state)
+    for name, site in sorted(topology.sites.items(), key=lambda kv: kv[1].sync_id):
+        if name == topology.master:
+            mine = [s for states in by_site.values() for s in states if s["direction"] == "up"]
+            role = "master"
+        else:
+            mine = by_site.get(name, [])
+            role = "satellite"
+        times = [s["last_sync_at"] for s in mine]
+        errors = [f"{s['pipeline']}: {s['error'] or s['reason']}" for s in mine if s["status"] == "ERROR"]
+        sites.append({
+            "site": name, "sync_id": site.sync_id, "role": role,
+            "status": lag_rules.worst(s["status"] for s in mine) if mine else "OK",
+            "last_sync_at": (min(times) if times and None not in times else None),
+            "lag_messages": sum(s["lag_messages"] or 0 for s in mine),
+            "lag_seconds": max((s["lag_seconds"] or 0 for s in mine), default=0.0),
+            "errors": errors, "links": mine,
+        })
+    return {"topology": topology.topology, "sites": sites}
