@@ -19,11 +19,10 @@ import psycopg
 import pytest
 
 from infra import stack as stack_mod
-from producers import capture
 from producers.connect import ConnectClient
 from producers.debezium import registry_native_url
-from tests.integration.pipelines import CDC, caught_up, pipeline_data, purge, write_pipeline
-from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES, rows, workload
+from tests.integration.pipelines import CDC, caught_up, pipeline_data, write_pipeline
+from tests.integration.sample import rows, workload
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -99,19 +98,11 @@ class Applier:
 
 
 @pytest.fixture
-def healing(stack, source_db, private_pg, tmp_path):
+def healing(private_pg, sample_pipeline):
     """The replica sample's source on the shared stack, its connector, and a destination on the private cluster."""
-    source = stack.postgres_url(source_db)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(SCHEMA)
     destination = private_pg.postgres_url("dest")
-    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
-                         destinations={"state": {"kind": "replica", "url": destination}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
-    yield path, pipeline, source, destination
-    purge(pipeline)
+    path, pipeline, source = sample_pipeline({"state": {"kind": "replica", "url": destination}})
+    return path, pipeline, source, destination
 
 
 def equal(source: str, destination: str) -> bool:
@@ -355,21 +346,14 @@ def test_a_broker_outage_under_a_running_applier_is_one_line_and_blocked(stack, 
         print(applier.output)
 
 
-def test_mariadb_lock_session_killed(stack, source_db, mariadb_database, tmp_path):
+def test_mariadb_lock_session_killed(mariadb_database, sample_pipeline):
     """MariaDB: the applier's lock session KILLed (only that session, on the shared server): the applier takes the
     lock again and keeps applying, and `cdc verify` finds the destination equal to the source."""
     import json
 
     from sqlalchemy import create_engine, text
 
-    source = stack.postgres_url(source_db)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-    data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
-                         destinations={"state": {"kind": "replica", "url": mariadb_database}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline, source = sample_pipeline({"state": {"kind": "replica", "url": mariadb_database}})
     engine = create_engine(mariadb_database)
     key = f"cdc {pipeline.pipeline} state"
 
@@ -403,7 +387,6 @@ def test_mariadb_lock_session_killed(stack, source_db, mariadb_database, tmp_pat
     finally:
         applier.stop()
         engine.dispose()
-        purge(pipeline)
         print(applier.output)
 
 
