@@ -75,7 +75,8 @@ def run_workload(conn: psycopg.Connection, transactions: int, seed: int = 7) -> 
                 amount = rng.randint(1, 50)
                 conn.execute("update account set balance = balance - %s where id = %s", (amount, a))
                 conn.execute("update account set balance = balance + %s where id = %s", (amount, b))
-                conn.execute("insert into ledger (account_id, amount) values (%s, %s), (%s, %s)", (a, -amount, b, amount))
+                conn.execute("insert into ledger (account_id, amount) values (%s, %s), (%s, %s)",
+                             (a, -amount, b, amount))
                 changes["public.account", "u"] += 2
                 changes["public.ledger", "c"] += 2
             elif kind == "delete":
@@ -96,7 +97,8 @@ def test_changes_are_routed_by_hierarchy_keyed_by_root_and_ordered(stack, decode
     with psycopg.connect(stack.postgres_url(source_db), autocommit=True) as conn:
         conn.execute(SCHEMA)
     pipeline = write_pipeline(tmp_path / "pipeline.yaml",
-                              pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES, topics={"partitions": 4}))
+                              pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
+                                            topics={"partitions": 4}))
     capture.apply(pipeline)
     stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.pipeline}")
     try:
@@ -136,7 +138,10 @@ def test_apply_is_idempotent_and_diff_shows_exactly_the_edit(stack, source_db, t
     data = pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES)
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
-    cdc = lambda *args: subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+
+    def cdc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
+
     try:
         first = cdc("connectors", "apply")
         assert first.returncode == 0, first.stderr

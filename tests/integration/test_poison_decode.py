@@ -14,13 +14,12 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from producers import capture
 from schemas.codec import AvroDecoder, RegistryClient, Undecodable
-from tests.integration.pipelines import CDC, cdc, execute, pipeline_data, purge, table_rows, write_pipeline
+from tests.integration.pipelines import CDC, execute, pipeline_data, purge, table_rows, write_pipeline
 
 UNKNOWN_ID = 987654
 # Confluent framing (magic byte 0, then the schema id) around bytes no schema was ever asked to read.
@@ -85,7 +84,8 @@ def test_an_unknown_schema_id_follows_on_error(stack, item_pipeline, per_message
     assert first.returncode == 0, first.stdout + first.stderr
     topic = pipeline.topic_of("public.item")
     offset = _produce(stack, topic, POISON)
-    execute(source, "insert into item values (21, 'after the poison', 1)", "update item set name = 'changed' where id = 3",
+    execute(source, "insert into item values (21, 'after the poison', 1)",
+            "update item set name = 'changed' where id = 3",
             "delete from item where id = 4")
     result = _run(path, env)
     applied = table_rows(destination, "public.item")
