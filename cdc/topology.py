@@ -255,7 +255,10 @@ class Topology(_Model):
 
     def _pipeline(self, name: str, source: Site, tables: list[str], destination: str, target: Site) -> Pipeline:
         data = {"pipeline": name, "kafka": self.kafka.model_dump(),
-                "source": {"url": source.url.get_secret_value(), "tables": tables, "heartbeat_ms": 1000},
+                # A signalling table per link: the master is the source of every down link, and a signal row
+                # written for one link (a snapshot request, a catch-up marker) would be a change of all the others.
+                "source": {"url": source.url.get_secret_value(), "tables": tables, "heartbeat_ms": 1000,
+                           "signal_table": "public." + signal_table(name)},
                 "destinations": {destination: {"kind": "replica", "url": target.url.get_secret_value()}}}
         try:
             return Pipeline.model_validate(data)
@@ -285,6 +288,12 @@ class Topology(_Model):
                 if pipeline is not None:
                     out.append(Link(satellite, direction, pipeline, self.sites[satellite].sync))
         return out
+
+
+def signal_table(pipeline: str) -> str:
+    """The link's signalling table (unqualified): `cdc_signal_<pipeline>`, a valid unquoted name of at most 63
+    bytes."""
+    return ("cdc_signal_" + re.sub(r"[^a-z0-9_]", "_", pipeline.lower()))[:63]
 
 
 class Link:
