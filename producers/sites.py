@@ -44,8 +44,10 @@ class LinkPlan:
 
     def lines(self) -> list[str]:
         p = self.link.pipeline
-        arrow = f"{self.link.satellite} -> master" if self.link.direction == "up" else f"master -> {self.link.satellite}"
-        out = [f"{p.connector_name} ({arrow}, sync {self._sync()}): {self.state}"]
+        site = self.link.satellite
+        arrow = f"{site} -> master" if self.link.direction == "up" else f"master -> {site}"
+        out = [f"{p.pipeline} ({arrow}, sync {self._sync()}): {self.state}"
+               + (f" (connector {p.connector_name}, {len(self.changes)} settings)" if self.state == "create" else "")]
         for table in p.source.tables:
             extra = []
             if table in self.filters:
@@ -53,7 +55,7 @@ class LinkPlan:
             if self.excluded.get(table):
                 extra.append(f"without columns {', '.join(self.excluded[table])}")
             out.append(f"  {table} -> {p.topic_of(table)}" + (f" ({'; '.join(extra)})" if extra else ""))
-        for key, old, new in self.changes:
+        for key, old, new in (self.changes if self.state == "update" else []):
             out.append(f"  {'+' if old is None else '-' if new is None else '~'} {key}: "
                        f"{old if old is not None else ''}{' -> ' if old is not None and new is not None else ''}"
                        f"{new if new is not None else ''}")
@@ -219,7 +221,8 @@ def prepare_master(topology: Topology) -> list[str]:
         for table in topology.site_tables:
             columns = _columns(conn, table)
             if not columns:
-                raise SitesError(f"site_tables: {table} does not exist at the master ({master.sqlalchemy_url.database})")
+                raise SitesError(f"site_tables: {table} does not exist at the master "
+                                 f"({master.sqlalchemy_url.database})")
             if LSN_COLUMN not in columns:
                 schema, name = split_table(table)
                 conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint NOT NULL DEFAULT 0").format(

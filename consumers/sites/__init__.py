@@ -92,11 +92,28 @@ class SitesRunner:
             self.errors[name] = exc
             self.echo(f"{name}: stopped: {first_line(exc)}")
 
+    def _wait_prepared(self, link: Link, thread: threading.Thread, patience: float = 120.0) -> None:
+        """Links are started one after the other, each once the one before has prepared its destination: several
+        links feed the master, and two appliers creating the same bookkeeping tables (`_cdc_offsets`) at once
+        collide in PostgreSQL's catalog. (A `prepared` event on ReplicaApplier would say it without looking at
+        its reader.)"""
+        deadline = time.monotonic() + patience
+        name = link.pipeline.pipeline
+        while thread.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
+            with self._lock:
+                applier = self._current.get(name)
+            if applier is not None and getattr(applier.reader, "consumer", None) is not None:
+                return
+            if self.rounds.get(name):
+                return  # a round already ended
+            time.sleep(0.1)
+
     def run(self) -> int:
         threads = [threading.Thread(target=self._work, args=(link,), name=f"link-{link.pipeline.pipeline}")
                    for link in self.links]
-        for t in threads:
+        for link, t in zip(self.links, threads):
             t.start()
+            self._wait_prepared(link, t)
         while any(t.is_alive() for t in threads):
             for t in threads:
                 t.join(timeout=0.5)

@@ -226,7 +226,7 @@ def test_master_and_three_satellites(stack, databases, tmp_path):
         status = json.loads(ok(cdc(path, "sites", "status", "--json")).stdout)
         assert [s["site"] for s in status["sites"]] == ["hq", "north", "south", "east"]
         for site in status["sites"]:
-            assert site["status"] == "OK" and site["lag_messages"] == 0 and not site["errors"], json.dumps(site, indent=1)
+            assert site["status"] == "OK" and site["lag_messages"] == 0 and not site["errors"], json.dumps(site)
             assert site["last_sync_at"] is not None, site
     finally:
         topo = topology_mod.load(path, env={})
