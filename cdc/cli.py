@@ -932,6 +932,19 @@ def _topology():
     return topology.load(_state["config"])
 
 
+@contextlib.contextmanager
+def _topology_file_named():
+    """A topology that does not fit its databases (producers.sites.SitesError) is reported with the file's name."""
+    import os
+
+    from producers.sites import SitesError
+
+    try:
+        yield
+    except SitesError as exc:
+        raise SitesError(f"{_state['config'] or os.environ.get('CDC_TOPOLOGY') or 'topology.yaml'}: {exc}") from None
+
+
 @topology_app.command("plan")
 def topology_plan(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]...")) -> None:
     """Print what `cdc topology apply` would create or change, link by link (changes nothing)."""
@@ -941,7 +954,9 @@ def topology_plan(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]..
         topo = _topology()
         for name in sites or []:
             topo.site(name)
-        for p in sites_mod.plan(topo, sites or None):
+        with _topology_file_named():
+            plans = sites_mod.plan(topo, sites or None)
+        for p in plans:
             for line in p.lines():
                 typer.echo(line)
         return 0
@@ -959,7 +974,8 @@ def topology_apply(sites: list[str] = typer.Argument(None, metavar="[SATELLITE].
         topo = _topology()
         for name in sites or []:
             topo.site(name)
-        sites_mod.apply(topo, sites or None, echo=_echo)
+        with _topology_file_named():
+            sites_mod.apply(topo, sites or None, echo=_echo)
         return 0
 
     _run(body)

@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from cdc.config import Pipeline
-from cdc.errors import CdcError
+from cdc.errors import ConfigError
 from cdc.topology import Link, SubsetTable, Topology
 from producers import capture, debezium
 from producers.source_admin import ensure_signal_table, psycopg_conninfo, split_table
@@ -30,8 +30,9 @@ from producers.source_admin import ensure_signal_table, psycopg_conninfo, split_
 LSN_COLUMN = "_cdc_lsn"
 
 
-class SitesError(CdcError):
-    """A topology that cannot be applied as written (a table or column that does not exist, a bad predicate)."""
+class SitesError(ConfigError):
+    """A topology that does not fit its databases (a table or column that does not exist, a bad predicate): bad
+    configuration, exit status 2."""
 
 
 @dataclass
@@ -111,7 +112,22 @@ def _filters(topology: Topology, link: Link) -> tuple[dict[str, str], dict[str, 
                     raise SitesError(f"subsets.{link.satellite}.{table}.columns: the primary key column "
                                      f"{', '.join(map(repr, missing))} must be received (rows are matched by it)")
                 excluded[table] = [c for c in columns if c not in subset.columns]
+                required = _not_null(conn, table, excluded[table])
+                if required:
+                    # The satellite's table has every column of the master's (the applier makes it from the
+                    # source's shape); a column left out arrives as nothing, which a NOT NULL column refuses.
+                    raise SitesError(f"subsets.{link.satellite}.{table}.columns: {', '.join(map(repr, required))} "
+                                     "cannot be left out: NOT NULL at the master, and the satellite's table has the "
+                                     "column (holding NULL where the subset leaves it out)")
     return filters, excluded
+
+
+def _not_null(conn: psycopg.Connection, table: str, columns: list[str]) -> list[str]:
+    schema, name = split_table(table)
+    return [r[0] for r in conn.execute(
+        "select column_name from information_schema.columns where table_schema = %s and table_name = %s "
+        "and is_nullable = 'NO' and column_name = any(%s) order by ordinal_position",
+        (schema, name, columns)).fetchall()]
 
 
 def _primary_key(conn: psycopg.Connection, table: str) -> list[str]:
@@ -236,9 +252,9 @@ def apply(topology: Topology, satellites: list[str] | None = None,
     """Create or update every link's publication, connector and topics (idempotent). A new satellite's down
     connector starts with a snapshot of its subset (its full sync), then streams."""
     say = echo or (lambda line: None)
+    plans = plan(topology, satellites)  # every refusal before anything changes
     for line in prepare_master(topology):
         say(line)
-    plans = plan(topology, satellites)
     for p in plans:
         for line in p.lines():
             say(line)

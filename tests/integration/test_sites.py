@@ -16,7 +16,7 @@ import yaml
 
 from cdc import topology as topology_mod
 from producers import capture
-from tests.integration.pipelines import CDC, fresh_database, purge
+from tests.integration.pipelines import CDC, fresh_database, purge, topic_messages
 
 pytestmark = pytest.mark.integration
 
@@ -182,7 +182,26 @@ def assert_converged(urls, satellites):
                                                                                "public.category")
 
 
-def test_master_and_three_satellites(stack, databases, tmp_path):
+def assert_north_topic_holds_its_subset_only(stack, decoder, name):
+    """What reached Kafka for north (its topic of public.item, from the start): rows of its subset only, and never
+    the cost; a row that left the subset arrives as a delete (an `after` of null)."""
+    topic = f"{name}-north-down.public.item"
+    seen = 0
+    for message in topic_messages(stack, [topic]):
+        record = decoder.decode(message.value())
+        if record is None:
+            continue
+        for image in (record.get("before"), record.get("after")):
+            if image is None:
+                continue
+            seen += 1
+            assert "cost" not in image, image
+            if image is record.get("after"):
+                assert image["region"] in ("all", "north"), record
+    assert seen > 0
+
+
+def test_master_and_three_satellites(stack, databases, decoder, tmp_path):
     urls = databases
     name = f"s{uuid.uuid4().hex[:6]}"
     with psycopg.connect(urls["hq"], autocommit=True) as conn:
@@ -207,8 +226,23 @@ def test_master_and_three_satellites(stack, databases, tmp_path):
         ok(cdc(path, "sites", "run", "--until-caught-up", "--timeout", "240", timeout=400))
         assert_converged(urls, ["north", "south"])
 
-        # south offline: only north's links run while every site keeps working
-        work.round(["north", "south", "east"])
+        # continuous links run in the background while every site works; south is offline meanwhile (its links
+        # not run), then north catches up on what is left
+        import signal
+        import subprocess
+        import time
+
+        background = subprocess.Popen([CDC, "sites", "run", "north", "-c", str(path)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+        try:
+            for _ in range(3):
+                work.round(["north", "south", "east"], n=15)
+                time.sleep(1)
+        finally:
+            background.send_signal(signal.SIGTERM)
+            out, _ = background.communicate(timeout=120)
+        assert background.returncode == 0, out
+        assert f"{name}-north-down: applied" in out, out
         ok(cdc(path, "sites", "run", "north", "--until-caught-up", "--timeout", "240", timeout=400))
         status = json.loads(ok(cdc(path, "sites", "status", "--json")).stdout)
         south = next(s for s in status["sites"] if s["site"] == "south")
@@ -222,6 +256,7 @@ def test_master_and_three_satellites(stack, databases, tmp_path):
         work.round(["north", "south", "east"])
         ok(cdc(path, "sites", "run", "--until-caught-up", "--timeout", "240", timeout=400))
         assert_converged(urls, ["north", "south", "east"])
+        assert_north_topic_holds_its_subset_only(stack, decoder, name)
 
         status = json.loads(ok(cdc(path, "sites", "status", "--json")).stdout)
         assert [s["site"] for s in status["sites"]] == ["hq", "north", "south", "east"]
@@ -235,3 +270,37 @@ def test_master_and_three_satellites(stack, databases, tmp_path):
                 purge(link.pipeline)
             except Exception:  # noqa: BLE001 - the connector of a link never applied
                 capture.delete(link.pipeline, purge=True)
+
+
+@pytest.mark.parametrize("subset, expected", [
+    ({"public.item": {"where": "colour = 'red'"}},
+     "subsets.north.public.item.where: \"colour = 'red'\" is not a predicate over public.item: column \"colour\" "
+     "does not exist"),
+    ({"public.item": {"columns": ["id", "nope"]}}, "subsets.north.public.item.columns: public.item has no column "
+                                                   "'nope'"),
+    ({"public.item": {"columns": ["name", "region"]}}, "subsets.north.public.item.columns: the primary key column "
+                                                       "'id' must be received"),
+    ({"public.item": {"columns": ["id", "region"]}}, "subsets.north.public.item.columns: 'name' cannot be left out: "
+                                                     "NOT NULL at the master"),
+], ids=["bad predicate", "unknown column", "key left out", "not null left out"])
+def test_a_subset_that_does_not_fit_the_master_is_refused_before_anything_changes(stack, connect, databases,
+                                                                                   tmp_path, subset, expected):
+    urls = databases
+    with psycopg.connect(urls["hq"], autocommit=True) as conn:
+        conn.execute(MASTER_SCHEMA)
+    with psycopg.connect(urls["north"], autocommit=True) as conn:
+        conn.execute(SATELLITE_SCHEMA)
+    name = f"s{uuid.uuid4().hex[:6]}"
+    path = topology_file(stack, tmp_path, urls, name, ["north"])
+    data = yaml.safe_load(path.read_text())
+    data["subsets"] = {"north": subset}
+    path.write_text(yaml.safe_dump(data))
+    for command in ("plan", "apply"):
+        run = cdc(path, "topology", command)
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert f"error: {path}: {expected}" in run.stderr, run.stderr
+    assert connect.status(f"{name}-north-down-source") is None
+    assert connect.status(f"{name}-north-up-source") is None
+    # nothing changed at the master either (its site-owned table did not gain _cdc_lsn)
+    assert rows(urls["hq"], "select column_name from information_schema.columns where table_name = 'sale'") == [
+        ("id",), ("item_id",), ("qty",), ("site_id",)]
