@@ -134,3 +134,62 @@ def test_on_demand_links_run_only_when_asked():
     assert {li.satellite for li in chosen_links(topo, ["south"], include_on_demand=False)} == {"south"}
     with pytest.raises(ConfigError, match="no site named 'west'"):
         chosen_links(topo, ["west"], include_on_demand=False)
+
+
+class FakeApplier:
+    """Stands in for ReplicaApplier in the runner's scheduling test: records how it was run."""
+
+    runs: list[tuple[str, bool]] = []
+
+    def __init__(self, pipeline, destination, echo=None):
+        import threading
+        import types
+
+        self.pipeline = pipeline
+        self.stats = types.SimpleNamespace(rows=0, transactions=0)
+        self.reader = types.SimpleNamespace(consumer=object())
+        self._stop = threading.Event()
+
+    def run(self, *, until_caught_up=False, timeout=None):
+        FakeApplier.runs.append((self.pipeline.pipeline, until_caught_up))
+        if not until_caught_up:
+            self._stop.wait(5)
+
+    def stop(self):
+        self._stop.set()
+
+    def close(self):
+        pass
+
+
+def test_the_runner_follows_each_links_sync_mode(monkeypatch):
+    import threading
+    import time
+
+    import consumers.sites as sites_mod
+
+    data = copy.deepcopy(BASE)
+    data["sites"]["north"]["sync"] = {"mode": "every", "minutes": 0.001}  # every 60 ms
+    data["sites"]["south"]["sync"] = "continuous"
+    topo = parse(data)
+    monkeypatch.setattr(sites_mod, "ReplicaApplier", FakeApplier)
+    FakeApplier.runs = []
+    runner = sites_mod.SitesRunner(chosen_links(topo, None, include_on_demand=False), lambda line: None)
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    time.sleep(0.6)
+    runner.stop()
+    thread.join(10)
+    assert not thread.is_alive() and not runner.errors
+    north = [caught for name, caught in FakeApplier.runs if name.startswith("shop-north-")]
+    south = [caught for name, caught in FakeApplier.runs if name.startswith("shop-south-")]
+    assert len(north) >= 6 and all(north)  # both links, round after round, each round until caught up
+    assert south == [False, False]  # continuous: each link's applier started once, running until stopped
+
+    # a sync now: every link once, until caught up, whatever its mode
+    FakeApplier.runs = []
+    runner = sites_mod.SitesRunner(chosen_links(topo, None, include_on_demand=True), lambda line: None,
+                                   until_caught_up=True)
+    assert runner.run() == 0
+    assert sorted(FakeApplier.runs) == [("shop-north-down", True), ("shop-north-up", True),
+                                        ("shop-south-down", True), ("shop-south-up", True)]
