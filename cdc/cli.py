@@ -981,6 +981,22 @@ def topology_apply(sites: list[str] = typer.Argument(None, metavar="[SATELLITE].
     _run(body)
 
 
+@topology_app.command("remove")
+def topology_remove(satellite: str = typer.Argument(..., metavar="SATELLITE"),
+                    purge: bool = typer.Option(False, "--purge", help="Also drop the links' replication slots, "
+                                               "publications and signalling tables.")) -> None:
+    """Delete a satellite's links' connectors (run it before taking the satellite out of the file); topics are
+    kept."""
+    from producers import sites as sites_mod
+
+    def body() -> int:
+        for line in sites_mod.remove(_topology(), satellite, purge=purge):
+            typer.echo(line)
+        return 0
+
+    _run(body)
+
+
 @sites_app.command("run")
 def sites_run(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]..."),
               until_caught_up: bool = typer.Option(False, "--until-caught-up",

@@ -266,3 +266,25 @@ def apply(topology: Topology, satellites: list[str] | None = None,
         if report.topics_created:
             say(f"  topics created: {', '.join(report.topics_created)}")
     return plans
+
+
+def remove(topology: Topology, satellite: str, *, purge: bool) -> list[str]:
+    """Delete a satellite's links' connectors (with purge: their slots, publications and signalling tables too).
+    Topics are kept, as `cdc connectors delete` keeps them: they are the event log."""
+    topology.site(satellite)
+    done = []
+    for link in topology.links():
+        if link.satellite != satellite:
+            continue
+        done.extend(capture.delete(link.pipeline, purge=purge))
+        if purge:
+            pipeline = link.pipeline
+            try:
+                with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
+                    schema, name = split_table(pipeline.source.signal_table)
+                    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, name)))
+                    done.append(f"signalling table {pipeline.source.signal_table}: dropped")
+            except psycopg.OperationalError as exc:
+                done.append(f"source database not reachable, {pipeline.source.signal_table} left: "
+                            f"{str(exc).strip()}")
+    return done

@@ -102,8 +102,13 @@ class SitesRunner:
         while thread.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
             with self._lock:
                 applier = self._current.get(name)
-            if applier is not None and getattr(applier.reader, "consumer", None) is not None:
-                return
+            if applier is not None:
+                reader = getattr(applier, "reader", None)
+                if reader is None:  # an applier without a reader to look at: a fixed pause instead
+                    self._stop.wait(5.0)
+                    return
+                if getattr(reader, "consumer", None) is not None:
+                    return
             if self.rounds.get(name):
                 return  # a round already ended
             time.sleep(0.1)

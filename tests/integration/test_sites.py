@@ -201,7 +201,7 @@ def assert_north_topic_holds_its_subset_only(stack, decoder, name):
     assert seen > 0
 
 
-def test_master_and_three_satellites(stack, databases, decoder, tmp_path):
+def test_master_and_three_satellites(stack, connect, databases, decoder, tmp_path):
     urls = databases
     name = f"s{uuid.uuid4().hex[:6]}"
     with psycopg.connect(urls["hq"], autocommit=True) as conn:
@@ -263,6 +263,19 @@ def test_master_and_three_satellites(stack, databases, decoder, tmp_path):
         for site in status["sites"]:
             assert site["status"] == "OK" and site["lag_messages"] == 0 and not site["errors"], json.dumps(site)
             assert site["last_sync_at"] is not None, site
+
+        # east taken away again: its links' connectors, slots, publications and signalling tables go
+        removed = ok(cdc(path, "topology", "remove", "east", "--purge"))
+        topo = topology_mod.load(path, env={})
+        for link in [li for li in topo.links() if li.satellite == "east"]:
+            p = link.pipeline
+            assert f"connector {p.connector_name}: deleted" in removed.stdout, removed.stdout
+            assert connect.status(p.connector_name) is None
+            source = topo.sites["hq" if link.direction == "down" else "east"].url.get_secret_value()
+            assert rows(source, "select slot_name from pg_replication_slots where slot_name = %s", p.slot_name) == []
+            assert rows(source, "select pubname from pg_publication where pubname = %s", p.publication_name) == []
+            assert rows(source, "select to_regclass(%s) is null", p.source.signal_table) == [(True,)]
+        assert connect.status(f"{name}-north-down-source") is not None  # the others stay
     finally:
         topo = topology_mod.load(path, env={})
         for link in topo.links():
