@@ -264,6 +264,12 @@ def test_master_and_three_satellites(stack, connect, databases, decoder, tmp_pat
             assert site["status"] == "OK" and site["lag_messages"] == 0 and not site["errors"], json.dumps(site)
             assert site["last_sync_at"] is not None, site
 
+        shown = ok(cdc(path, "sites", "status")).stdout.splitlines()
+        assert [line.split()[:4] for line in shown] == [["1", "hq", "master", "OK"], ["2", "north", "satellite", "OK"],
+                                                        ["3", "south", "satellite", "OK"],
+                                                        ["4", "east", "satellite", "OK"]], shown
+        assert all("lag 0 messages / 0.0 s" in line and "last sync never" not in line for line in shown), shown
+
         # east taken away again: its links' connectors, slots, publications and signalling tables go
         removed = ok(cdc(path, "topology", "remove", "east", "--purge"))
         topo = topology_mod.load(path, env={})
