@@ -11,16 +11,128 @@ Truncates split the batch into phases, because they must happen between the chan
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
+from consumers import runs
 from consumers.events import ChangeEvent
 from consumers.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 from consumers.values import UNAVAILABLE
 
+if TYPE_CHECKING:
+    from consumers.transactions import Step
+
 Row = dict[str, Any]
 Converter = Callable[[ChangeEvent, Mapping[str, Any] | None], Row | None]
+Positions = Mapping[tuple[str, int], int]
+
+
+@dataclass(frozen=True)
+class ReplayScope:
+    """What a replay asks of the applier it runs, fixed when the applier is made (consumers.replay).
+
+    - `tables`, `applied_before` (a partial replay): events before the offsets the destination had applied before it
+      (`applied_before`) are applied only to the replayed `tables`; the others already hold them.
+    - `only_tables` (a shadow replay of some tables): the other tables' events are not this applier's to write.
+    - `skip_before_ms`, `skip_applied` (`cdc replay --from TIME`): changes committed before it (epoch ms) that the
+      destination had applied (before `skip_applied`, its stored offsets then) are read past, not applied; those it
+      had not, are. All the events of a source transaction, and its END record, carry its commit time, and stored
+      offsets fall between transactions, so a transaction is kept or skipped whole."""
+
+    tables: frozenset[str] | None = None
+    applied_before: Positions = field(default_factory=dict)
+    only_tables: frozenset[str] | None = None
+    skip_before_ms: int | None = None
+    skip_applied: Positions = field(default_factory=dict)
+
+    def skipped(self, topic: str, partition: int, offset: int, commit_ts_ms: int | None) -> bool:
+        """Whether `cdc replay --from TIME` reads past this change."""
+        return (self.skip_before_ms is not None and (commit_ts_ms or 0) < self.skip_before_ms
+                and offset < self.skip_applied.get((topic, partition), 0))
+
+    def applied_position(self, table: str, transaction_topic: str, stored: int) -> int:
+        """The transaction topic's offset up to which the destination holds `table`'s changes, given its `stored`
+        one: more where a replay left the table as it was (outside a partial replay's scope, and in a replay
+        `--from TIME`, which empties nothing: the offsets applied before it)."""
+        tx = (transaction_topic, 0)
+        if self.tables is not None and table not in self.tables:
+            stored = max(stored, self.applied_before.get(tx, 0))
+        if self.skip_before_ms is not None:
+            stored = max(stored, self.skip_applied.get(tx, 0))
+        return stored
+
+
+NO_SCOPE = ReplayScope()
+
+
+def scoped_entries(steps: list[Step], scope: ReplayScope) -> list[tuple[int, Any]]:
+    """The changes (events or runs) of `steps` this applier writes, each with the number of its step: all of them,
+    but in a shadow replay of some tables only theirs, and in a partial replay the other tables' changes only from
+    the offsets the destination had applied before it."""
+    entries = [(n, item) for n, step in enumerate(steps) for item in step.events]
+    if scope.only_tables is not None:
+        entries = [(n, item) for n, item in entries if item.table in scope.only_tables]
+    if scope.tables is not None:
+        tables, applied_before = scope.tables, scope.applied_before
+        kept = []
+        for n, item in entries:
+            since = applied_before.get((item.topic, item.partition), 0)
+            # A run keeps its changes from `since` on; an event (decoded one by one) is kept or not.
+            part = item if item.table in tables else item.since(since) if isinstance(item, runs.ChangeRun) else \
+                item if item.offset >= since else None
+            if part is not None:
+                kept.append((n, part))
+        entries = kept
+    return entries
+
+
+def ordered_events(entries: list[tuple[int, Any]], steps: list[Step]) -> list[ChangeEvent]:
+    """The general path's changes in apply order: runs become events, and a source transaction's events are
+    ordered as the assembler orders them (it cannot order what is inside a run)."""
+    events: list[ChangeEvent] = []
+    for n, group in itertools.groupby(entries, key=lambda entry: entry[0]):
+        items = [item for _, item in group]
+        taken = runs.expand(items)
+        # Any run, even of one change, was placed first by the assembler (a run has no order of its own): a
+        # member's root-id change (a delete under the old root, a create under the new one, in two
+        # partitions) must not be applied create first.
+        if steps[n].xid is not None and any(isinstance(item, runs.ChangeRun) for item in items):
+            taken.sort(key=lambda e: (e.tx_order or 0, e.lsn or 0))
+        events.extend(taken)
+    return events
+
+
+def history_rows(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape],
+                 convert: Converter) -> dict[str, list[tuple[ChangeEvent, Row]]]:
+    """Per table, the (change, row) pairs a destination that keeps history appends: every change, a delete with its
+    old row; a primary-key update sent as one update (a member whose root id did not change) also ends the old key,
+    as a delete would have said."""
+    history: dict[str, list[tuple[ChangeEvent, Row]]] = {}
+    for event in events:
+        shape = shapes.get(event.table)
+        if shape is None:
+            continue
+        row = convert(event, event.before if event.op == "d" else event.after)
+        if event.op == "u" and event.before is not None and row is not None:
+            before = convert(event, event.before)
+            if before is not None and primary_key(shape, before) != primary_key(shape, row):
+                history.setdefault(event.table, []).append((dataclasses.replace(event, op="d"), before))
+        if row is not None:
+            history.setdefault(event.table, []).append((event, row))
+    return history
+
+
+def end_record_offsets(steps: Iterable[Step]) -> dict[str, int]:
+    """Each source transaction's END record offset in the transaction topic (the first, for a re-sent one)."""
+    offsets: dict[str, int] = {}
+    for step in steps:
+        if step.xid is not None and step.marker_offset is not None:
+            offsets[step.xid] = min(step.marker_offset, offsets.get(step.xid, step.marker_offset))
+    return offsets
 
 
 @dataclass

@@ -11,7 +11,9 @@ A replay, in order:
    events that the destination had already applied (before the stored offsets); beyond them, every table does,
    as in normal running. Re-applying the other tables' old events could bring back rows deleted since.
 Two appliers on one destination would write the same rows: the replay claims the destination before step 2
-(ReplicaApplier.claim) and refuses while a `cdc run` of it is at work.
+(DestinationWriter.claim) and refuses while a `cdc run` of it is at work. What the replay asks of the applier it
+then runs (the tables in scope, the offsets applied before, the time to skip before) is a ReplayScope given to it
+when it is made, with the writer that holds the claim.
 
 `--shadow` builds the new tables elsewhere while the live ones keep serving, then swaps them in atomically:
 PostgreSQL in a new schema (`_replay_shadow`), DuckDB in a new file beside the live one (`_replay_shadow_file`).
@@ -46,8 +48,9 @@ from consumers.backups import (
 )
 from consumers.dialects import Dialect, dialect_for
 from consumers.dialects.base import HISTORY_SUFFIX
-from consumers.plan import dependency_order
+from consumers.plan import NO_SCOPE, ReplayScope, dependency_order
 from consumers.shapes import OFFSETS_TABLE, TableShape, reflect_shapes
+from consumers.writer import DestinationWriter
 
 
 def check_history(pipeline: Pipeline) -> None:
@@ -145,14 +148,15 @@ def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = N
                                    make_backup=make_backup, timeout=timeout, echo=echo, progress=progress)
     # The destination is claimed before anything is saved or emptied (DuckDB's file lock does that for a file):
     # an applier at work beside the replay would change what is saved, and write into what is emptied.
-    applier = None if kind == "duckdb" else ReplicaApplier(pipeline, destination, echo=echo)
+    writer = None if kind == "duckdb" else DestinationWriter(pipeline, destination, echo=echo)
     try:
-        if applier is not None:
-            applier.claim()
+        if writer is not None:
+            writer.claim()
         if shadow:
+            assert writer is not None
             return _replay_shadow(pipeline, destination, chosen, shapes, partial=bool(tables),
                                   make_backup=make_backup, timeout=timeout, echo=echo, progress=progress,
-                                  applier=applier)
+                                  writer=writer)
         saved = store_for(pipeline, destination).take(chosen) if make_backup else None
         if saved:
             echo(f"backup {saved.id}: {len(chosen)} tables saved in {saved.location}")
@@ -160,10 +164,10 @@ def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = N
             echo("backup: nothing to back up (the destination was never written)")
         applier = _rebuild(pipeline, destination, chosen, shapes, partial=bool(tables), start=start,
                            from_snapshot=from_snapshot, timeout=timeout, echo=echo, progress=progress,
-                           applier=applier)
+                           writer=writer)
     except BaseException:
-        if applier is not None:
-            applier.close()  # the claim with it
+        if writer is not None:
+            writer.close()  # the claim with it
         raise
     return saved, applier
 
@@ -171,36 +175,38 @@ def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = N
 def _rebuild(pipeline: Pipeline, destination: str, chosen: list[str], shapes: dict[str, TableShape], *,
              partial: bool, start: datetime | None, from_snapshot: bool, timeout: float | None,
              echo: Callable[[str], None], progress: Callable[[ReplicaApplier], None] | None,
-             applier: ReplicaApplier | None = None) -> ReplicaApplier:
-    """Steps 3 and 4 of the module's docstring, on the destination as `pipeline` names it (by `applier` when the
-    caller has one)."""
-    applier = applier or ReplicaApplier(pipeline, destination, echo=echo)
-    applier.shapes = shapes
+             writer: DestinationWriter | None = None) -> ReplicaApplier:
+    """Steps 3 and 4 of the module's docstring, on the destination as `pipeline` names it (through `writer` when
+    the caller has one: it holds the claim)."""
+    writer = writer or DestinationWriter(pipeline, destination, echo=echo)
     positions = offsets_at(pipeline, start) if start is not None else end_positions(pipeline) if from_snapshot else {}
     # `--from TIME` skips by commit time in whole milliseconds (source.ts_ms): the history cut is the same instant.
     skip_before_ms = int(start.timestamp() * 1000) if start is not None else None
-    with applier.engine.begin() as conn:
-        applier.dialect.ensure_offsets_table(conn)
-        stored = applier.dialect.load_offsets(conn, pipeline.pipeline)
+    with writer.engine.begin() as conn:
+        writer.dialect.ensure_offsets_table(conn)
+        stored = writer.dialect.load_offsets(conn, pipeline.pipeline)
         if start is not None:
             # A destination behind TIME has changes from before it still to apply: read from where it stopped.
             positions = {tp: min(offset, stored.get(tp, 0)) for tp, offset in positions.items()}
-        applier.dialect.begin_batch(conn, snapshot=True)
-        _empty(conn, applier.dialect, {n: shapes[n] for n in chosen}, since_ms=skip_before_ms)
-        applier.dialect.reset_offsets(conn, pipeline.pipeline)
-        applier.dialect.store_offsets(conn, pipeline.pipeline, positions)
+        writer.dialect.begin_batch(conn, snapshot=True)
+        _empty(conn, writer.dialect, {n: shapes[n] for n in chosen}, since_ms=skip_before_ms)
+        writer.dialect.reset_offsets(conn, pipeline.pipeline)
+        writer.dialect.store_offsets(conn, pipeline.pipeline, positions)
     if start is not None:
-        applier.skip_before_ms = skip_before_ms
-        applier.skip_applied = stored
         echo(f"replay: re-applying the changes committed since {start.isoformat()} on top of the tables")
     elif from_snapshot:
         echo(f"replay: emptied {', '.join(chosen)}; asking Debezium for a fresh snapshot of them")
         snapshot_and_wait(pipeline, chosen, timeout=timeout, echo=echo)
     else:
         echo(f"replay: emptied {', '.join(chosen)}; reading the topics from the beginning")
-    if partial:
-        applier.replay_scope = (frozenset(chosen), stored)
-    applier.run(until_caught_up=True, timeout=timeout, progress=progress)
+    scope = ReplayScope(tables=frozenset(chosen) if partial else None, applied_before=stored if partial else {},
+                        skip_before_ms=skip_before_ms, skip_applied=stored if start is not None else {})
+    applier = ReplicaApplier(pipeline, destination, echo=echo, scope=scope, writer=writer)
+    try:
+        applier.run(until_caught_up=True, timeout=timeout, progress=progress)
+    except BaseException:
+        applier.close()
+        raise
     return applier
 
 
@@ -289,25 +295,28 @@ def snapshot_and_wait(pipeline: Pipeline, tables: list[str], *, timeout: float |
 def _replay_shadow(pipeline: Pipeline, destination: str, chosen: list[str], shapes: dict[str, Any], *,
                    partial: bool, make_backup: bool, timeout: float | None, echo: Callable[[str], None],
                    progress: Callable[[ReplicaApplier], None] | None,
-                   applier: ReplicaApplier) -> tuple[Backup | None, ReplicaApplier]:
+                   writer: DestinationWriter) -> tuple[Backup | None, ReplicaApplier]:
     """PostgreSQL: build the scope's tables in a new schema from the start of the topics while the live ones keep
     serving, then swap them in one transaction. Readers see the old tables or the new ones, whole: the swap holds each
     table's exclusive lock only for renames, and PostgreSQL re-resolves a waiting query's table names after it.
     The old tables move into a backup schema (recorded like any replay's backup) unless --no-backup."""
     now = datetime.now(UTC)
     shadow = f"_cdc_shadow_{now:%Y%m%d_%H%M%S_%f}"
-    with applier.engine.begin() as conn:
+    with writer.engine.begin() as conn:
         conn.execute(text(f'create schema "{shadow}"'))
-    applier.dialect.relocate({name: (shadow, name) for name in chosen}, offsets_schema=shadow)
-    if partial:
-        applier.only_tables = frozenset(chosen)
+    writer.dialect.relocate({name: (shadow, name) for name in chosen}, offsets_schema=shadow)
+    scope = ReplayScope(only_tables=frozenset(chosen)) if partial else NO_SCOPE
+    applier = ReplicaApplier(pipeline, destination, echo=echo, scope=scope, writer=writer)
     echo(f"replay: building {', '.join(chosen)} in schema {shadow} while the live tables keep serving")
     try:
         applier.run(until_caught_up=True, timeout=timeout, progress=progress)
         saved = _swap(pipeline, applier, shadow, chosen, shapes, now, keep_old=make_backup)
     except BaseException:
-        with applier.engine.begin() as conn:
-            conn.execute(text(f'drop schema if exists "{shadow}" cascade'))
+        try:
+            with applier.engine.begin() as conn:
+                conn.execute(text(f'drop schema if exists "{shadow}" cascade'))
+        finally:
+            applier.close()  # the claim with it
         raise
     echo("replay: swapped the rebuilt tables in" + (f"; the old ones are backup {saved.id} ({saved.location})"
                                                      if saved else ""))

@@ -307,6 +307,13 @@ class Dialect(ABC):
             self._tables[shape.name] = table
         return table
 
+    def forget_table(self, name: str) -> None:
+        """Drop the Table built for source table `name` (`table`), so that the next call builds it from a new
+        shape under the same name (the source changed the table, consumers.source_follow)."""
+        stale = self._tables.pop(name, None)
+        if stale is not None:
+            self.metadata.remove(stale)
+
     def ensure_table(self, conn: Connection, shape: TableShape, shapes: dict[str, TableShape]) -> list[str]:
         """Create the table when absent (mirroring the source's foreign keys to tables that exist); add columns the
         source gained. Any other difference raises SchemaChangeError naming the table and the change."""

@@ -144,7 +144,7 @@ def test_columns_added_with_a_default_reach_existing_rows_on_every_destination(s
         if appliers:
             for each in appliers:
                 each.run(until_caught_up=True, timeout=240)
-                each._release()
+                each.writer.release()
         else:
             caught_up(path, 240)
         execute(source,

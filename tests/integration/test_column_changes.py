@@ -24,7 +24,7 @@ def destinations(stack, destination_db, mariadb_database, tmp_path):
 def run_all(appliers) -> None:
     for each in appliers:
         each.run(until_caught_up=True, timeout=240)
-        each._release()  # a DuckDB file is read by the test between runs
+        each.writer.release()  # a DuckDB file is read by the test between runs
 
 
 @pytest.mark.parametrize("applier", ["running", "restarted"])

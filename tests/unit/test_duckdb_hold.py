@@ -1,6 +1,6 @@
 """The applier keeps a DuckDB file open between batches only while behind, and never shuts readers out for long.
 
-Time is a fake clock here (the applier module's `time`): the tests say what happens in which order as the clock
+Time is a fake clock here (the writer module's `time`, consumers/writer.py): the tests say what happens in which order as the clock
 moves, never how long the machine took."""
 
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cdc import config
-from consumers import applier as applier_module
+from consumers import writer as writer_module
 from consumers.applier import ReplicaApplier
 
 
@@ -43,18 +43,19 @@ def lake(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(data))
     events: list = []
     clock = Clock(events)
-    monkeypatch.setattr(applier_module, "time", clock)
+    monkeypatch.setattr(writer_module, "time", clock)
     applier = ReplicaApplier(config.load(path, env={}), "lake")
-    connect = applier._connect
+    writer = applier.writer  # where the destination's connections are made and held (consumers/writer.py)
+    connect = writer._connect
 
     def counted_connect():
         events.append(("connect",))
         return connect()
 
-    monkeypatch.setattr(applier, "_connect", counted_connect)
-    yield applier, tmp_path / "lake.duckdb", clock, events
-    applier._release()
-    applier.engine.dispose()
+    monkeypatch.setattr(writer, "_connect", counted_connect)
+    yield writer, tmp_path / "lake.duckdb", clock, events
+    writer.release()
+    applier.close()
 
 
 def reader_gets_in(path) -> bool:
@@ -65,43 +66,43 @@ def reader_gets_in(path) -> bool:
 
 def test_the_file_stays_open_between_batches_while_behind_and_is_let_go_after(lake):
     a, path, clock, events = lake
-    with a._begin() as conn:
+    with a.begin() as conn:
         conn.exec_driver_sql("create table t (x integer)")
     assert reader_gets_in(path), "a batch with nothing behind it closes the file"
-    with a._begin(hold=True) as conn:
+    with a.begin(hold=True) as conn:
         conn.exec_driver_sql("insert into t values (1)")
     assert not reader_gets_in(path), "behind: the file should stay open for the next batch"
-    with a._begin(hold=True) as conn:  # the next batch uses the held connection and sees the last one's rows
+    with a.begin(hold=True) as conn:  # the next batch uses the held connection and sees the last one's rows
         assert conn.exec_driver_sql("select count(*) from t").scalar() == 1
     assert events == [("connect",), ("connect",)], "the second batch reused the held connection, nobody waited"
-    a._release()
+    a.release()
     assert reader_gets_in(path)
 
 
 def test_after_holding_the_file_long_enough_readers_get_a_window(lake):
     a, path, clock, events = lake
-    with a._begin(hold=True) as conn:
+    with a.begin(hold=True) as conn:
         conn.exec_driver_sql("create table t (x integer)")
-        clock.now += applier_module.HOLD_S  # a batch that ends HOLD_S after the file was opened
+        clock.now += writer_module.HOLD_S  # a batch that ends HOLD_S after the file was opened
     assert reader_gets_in(path), "held for HOLD_S: the file is closed"
     window: list[bool] = []
     clock.on_sleep = lambda: window.append(reader_gets_in(path))
-    with a._begin(hold=True) as conn:
+    with a.begin(hold=True) as conn:
         conn.exec_driver_sql("insert into t values (1)")
     # The next batch left readers their window first (the file closed the while), then opened the file again.
-    assert events == [("connect",), ("sleep", pytest.approx(applier_module.READER_WINDOW_S)), ("connect",)]
+    assert events == [("connect",), ("sleep", pytest.approx(writer_module.READER_WINDOW_S)), ("connect",)]
     assert window == [True], "a reader could open the file during the window"
-    with a._begin(hold=True) as conn:  # opened just now: held again, no window owed
+    with a.begin(hold=True) as conn:  # opened just now: held again, no window owed
         assert conn.exec_driver_sql("select count(*) from t").scalar() == 1
     assert events[3:] == [], "within HOLD_S the held connection serves the next batch"
 
 
 def test_a_window_that_has_passed_already_is_not_waited_for(lake):
     a, path, clock, events = lake
-    with a._begin(hold=True) as conn:
+    with a.begin(hold=True) as conn:
         conn.exec_driver_sql("create table t (x integer)")
-        clock.now += applier_module.HOLD_S
-    clock.now += applier_module.READER_WINDOW_S  # readers had their window while the applier did other work
-    with a._begin(hold=True) as conn:
+        clock.now += writer_module.HOLD_S
+    clock.now += writer_module.READER_WINDOW_S  # readers had their window while the applier did other work
+    with a.begin(hold=True) as conn:
         conn.exec_driver_sql("insert into t values (1)")
     assert events == [("connect",), ("connect",)]

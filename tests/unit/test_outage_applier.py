@@ -1,6 +1,6 @@
-"""The applier's Kafka error callback (ReplicaApplier._kafka_error), fed librdkafka's own error objects as a broker
-outage produces them (~20 a second): one line, the applier BLOCKED; other errors said once per 30 s; a fatal one
-kept for `_poll` to raise. No service is contacted: the applier is only constructed."""
+"""The applier's Kafka error callback (ChangeReader.kafka_error, a ReplicaApplier's reader), fed librdkafka's own
+error objects as a broker outage produces them (~20 a second): one line, the applier BLOCKED; other errors said once
+per 30 s; a fatal one kept for `poll` to raise. No service is contacted: the applier is only constructed."""
 
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ def test_a_flood_of_transport_errors_is_one_line_and_blocks(tmp_path):
         assert applier.blocked is None
         refused = "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"
         for _ in range(400):
-            applier._kafka_error(KafkaError(KafkaError._TRANSPORT, refused))
-            applier._kafka_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+            applier.reader.kafka_error(KafkaError(KafkaError._TRANSPORT, refused))
+            applier.reader.kafka_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
         assert len(lines) == 1, lines
         assert lines[0].startswith("state: Kafka unreachable since ") and ", retrying (" in lines[0]
         assert applier.blocked is not None and applier.blocked.startswith("Kafka unreachable since ")
-        applier._kafka_answered()  # a message arrived
+        applier.reader.kafka_answered()  # a message arrived
         assert applier.blocked is None
         assert lines[-1].startswith("state: Kafka reachable again at ")
     finally:
@@ -56,10 +56,10 @@ def test_other_errors_are_said_once_and_a_fatal_one_is_kept(tmp_path):
     applier, lines = _applier(tmp_path)
     try:
         for _ in range(50):
-            applier._kafka_error(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorized"))
+            applier.reader.kafka_error(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorized"))
         assert lines == ["state: Kafka reported: not authorized"]
         assert applier.blocked is None
-        applier._kafka_error(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
-        assert applier._kafka_fatal is not None
+        applier.reader.kafka_error(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+        assert applier.reader.kafka_fatal is not None
     finally:
         applier.close()
