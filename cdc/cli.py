@@ -148,6 +148,8 @@ def stack_status(as_json: bool = typer.Option(False, "--json", help="Print the e
             for name, comp in info["components"].items():  # type: ignore[attr-defined]
                 pid = f"pid {comp['pid']}" if comp["pid"] else ""
                 typer.echo(f"{name:16} {comp['state']:10} {comp['url']:52} {pid}")
+                if comp.get("sasl_url"):  # the sites' authenticated Kafka listener
+                    typer.echo(f"{'':16} {'':10} {comp['sasl_url']}")
             typer.echo(f"state and logs: {info['home']}")
         return 0 if info["healthy"] else 1
 

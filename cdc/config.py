@@ -90,10 +90,38 @@ def masked_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+# A Kafka (SCRAM) user name: it becomes the ACL principal `User:<name>`, so no ':' or ',' or spaces.
+KAFKA_USER_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class KafkaSasl(_Model):
+    """A Kafka login (SASL_PLAINTEXT, SCRAM-SHA-256): the user a pipeline's clients act as. The password is a secret,
+    given by `${ENV}` reference in the file; it is never printed (SecretStr)."""
+
+    username: str
+    password: SecretStr
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v: str) -> str:
+        if not re.match(KAFKA_USER_RE, v):
+            raise ValueError(f"{shown(v)} is not a Kafka user name (letters, digits, '.', '_' and '-', at most 100)")
+        return v
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value():
+            raise ValueError("is empty (give it by reference, e.g. password: ${KAFKA_PASSWORD})")
+        return v
+
+
 class KafkaSettings(_Model):
     bootstrap_servers: str
     schema_registry_url: str
     connect_url: str
+    # Unset: the stack's PLAINTEXT listener, no login. Set: every Kafka client of the pipeline logs in as this user.
+    sasl: KafkaSasl | None = None
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -57,6 +57,8 @@ DEFAULT_PORTS = {
     "mariadb": 3307,
     "kafka": 9092,
     "kafka_controller": 9093,
+    # The SASL_PLAINTEXT + SCRAM-SHA-256 listener the sites' links use (each site a user of its own, ACLs per site).
+    "kafka_sasl": 9094,
     "schema_registry": 8081,
     "schema_registry_management": 8091,
     "connect": 8083,
@@ -68,7 +70,7 @@ JAVA_COMPONENTS = ("kafka", "schema_registry", "connect")
 COMPONENT_PORTS = {
     "postgres": ("postgres",),
     "mariadb": ("mariadb",),
-    "kafka": ("kafka", "kafka_controller"),
+    "kafka": ("kafka", "kafka_controller", "kafka_sasl"),
     "schema_registry": ("schema_registry", "schema_registry_management"),
     "connect": ("connect",),
 }
@@ -121,6 +123,11 @@ class StackLayout:
     @property
     def kafka_bootstrap(self) -> str:
         return f"127.0.0.1:{self.ports['kafka']}"
+
+    @property
+    def kafka_sasl_bootstrap(self) -> str:
+        """The authenticated listener (SASL_PLAINTEXT, SCRAM-SHA-256): no user of its own, each site has one."""
+        return f"127.0.0.1:{self.ports['kafka_sasl']}"
 
     def urls(self) -> dict[str, str]:
         p = self.ports
@@ -711,7 +718,8 @@ def _start_kafka(layout: StackLayout, java: str) -> int:
     home = layout.home / "kafka"
     config = home / "server.properties"
     _render("kafka-server.properties", config, {
-        "port": layout.ports["kafka"], "controller_port": layout.ports["kafka_controller"], "data": home / "data",
+        "port": layout.ports["kafka"], "controller_port": layout.ports["kafka_controller"],
+        "sasl_port": layout.ports["kafka_sasl"], "data": home / "data",
     })
     libs = f"{layout.artifacts / 'kafka' / 'libs'}/*"
     if not (home / "data" / "meta.properties").exists():
@@ -949,10 +957,17 @@ def status() -> dict[str, object]:
             "url": layout.masked_urls()[name],
             "log": str(layout.log(name)),
         }
+        if name == "kafka":
+            components[name]["sasl_url"] = f"kafka://{layout.kafka_sasl_bootstrap} (SASL_PLAINTEXT, SCRAM-SHA-256)"
     # Masked: this is what `cdc stack status [--json]` prints (the stack's credentials are in infra/stack.py).
     return {
         **layout.masked_urls(),
         "kafka_bootstrap_servers": layout.kafka_bootstrap,
+        # The sites' authenticated listener: SCRAM users are per site (`cdc topology apply`), so there is no
+        # password here to print or to hide.
+        "kafka_sasl": f"kafka://{layout.kafka_sasl_bootstrap}",
+        "kafka_sasl_mechanism": "SCRAM-SHA-256",
+        "kafka_sasl_security_protocol": "SASL_PLAINTEXT",
         "home": str(layout.home),
         "healthy": all(c["state"] == "healthy" for c in components.values()),
         "components": components,

@@ -1,0 +1,131 @@
+"""Kafka clients made one way: the settings of a pipeline's Kafka (bootstrap, and a SCRAM login when the pipeline file
+gives `kafka.sasl`), and clear errors when the broker refuses the login or an operation.
+
+Every Consumer, Producer and AdminClient of the project is built from `client_settings`, so a pipeline whose file
+names a Kafka user (a site's link, see docs/sites.md) uses it everywhere, and one without keeps the stack's
+PLAINTEXT listener. librdkafka retries a refused login for ever (a line a second on stderr, calls that time out with
+"transport failure"); the error callback installed here turns it into a KafkaAccessError naming the user instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+
+from cdc.config import KafkaSettings
+from cdc.errors import CdcError, ServiceUnavailable, Terminal
+
+SECURITY_PROTOCOL = "SASL_PLAINTEXT"
+SASL_MECHANISM = "SCRAM-SHA-256"
+# The settings whose values are secrets: never printed (see `shown_settings`).
+SECRET_SETTINGS = ("sasl.password",)
+# Errors of the broker that mean "this user may not": not retried, reported with the user's name.
+AUTHORIZATION_CODES = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "topic",
+    KafkaError.GROUP_AUTHORIZATION_FAILED: "consumer group",
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "cluster",
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "transactional id",
+}
+
+
+class KafkaAccessError(CdcError, Terminal):
+    """Kafka refused a login (wrong user or password) or an operation (no ACL allows it): a configuration problem,
+    exit status 2; retrying would not help."""
+
+    exit_code = 2
+
+
+def _user(kafka: KafkaSettings | str) -> str | None:
+    if isinstance(kafka, KafkaSettings) and kafka.sasl is not None:
+        return kafka.sasl.username
+    return None
+
+
+def _bootstrap(kafka: KafkaSettings | str) -> str:
+    return kafka if isinstance(kafka, str) else kafka.bootstrap_servers
+
+
+def login_error(kafka: KafkaSettings | str, error: KafkaError) -> KafkaAccessError:
+    user = _user(kafka)
+    who = f"Kafka user {user!r}" if user else "the Kafka client (no user: kafka.sasl is not set)"
+    return KafkaAccessError(f"{_bootstrap(kafka)} refused the login of {who}: {error.str()} (check kafka.sasl's "
+                            "username and password, and that `cdc topology apply` created the user)")
+
+
+def access_error(kafka: KafkaSettings | str, error: KafkaError, what: str = "") -> KafkaAccessError | None:
+    """The KafkaAccessError an authorisation error means (naming the user and the topic or group), else None."""
+    if error.code() == KafkaError._AUTHENTICATION:
+        return login_error(kafka, error)
+    kind = AUTHORIZATION_CODES.get(error.code())
+    if kind is None:
+        return None
+    user = _user(kafka)
+    who = f"Kafka user {user!r}" if user else "the Kafka client"
+    target = f" {what}" if what else ""
+    return KafkaAccessError(f"{_bootstrap(kafka)}: {who} is not allowed this on {kind}{target} "
+                            f"({error.name()}: {error.str()}); its ACLs do not grant it")
+
+
+def raise_for_access(kafka: KafkaSettings | str, error: KafkaError | None, what: str = "") -> None:
+    """Raise the KafkaAccessError an error of a message, a delivery or a future means; other errors are left to the
+    caller (they may be transient)."""
+    if error is not None and (exc := access_error(kafka, error, what)) is not None:
+        raise exc
+
+
+def client_settings(kafka: KafkaSettings | str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """librdkafka settings for a client of `kafka` (a pipeline's Kafka settings, or a bare bootstrap string for the
+    stack's PLAINTEXT listener): bootstrap, the SCRAM login when `kafka.sasl` is set, and an error callback that
+    raises KafkaAccessError when the login is refused (from the client's poll/flush). `extra` (librdkafka's names:
+    `{"group.id": ..., "log_level": 3}`) is added as it is; an `error_cb` in it is still called for every other
+    error."""
+    settings: dict[str, Any] = {"bootstrap.servers": _bootstrap(kafka)}
+    if isinstance(kafka, KafkaSettings) and kafka.sasl is not None:
+        settings.update({
+            "security.protocol": SECURITY_PROTOCOL,
+            "sasl.mechanism": SASL_MECHANISM,
+            "sasl.username": kafka.sasl.username,
+            "sasl.password": kafka.sasl.password.get_secret_value(),
+        })
+    settings.update(extra or {})
+    theirs = settings.pop("error_cb", None)
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() == KafkaError._AUTHENTICATION:
+            raise login_error(kafka, error)
+        if theirs is not None:
+            theirs(error)
+
+    settings["error_cb"] = on_error
+    return settings
+
+
+def shown_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as a message or a log may show them: secrets replaced by `***`, callbacks left out."""
+    return {k: ("***" if k in SECRET_SETTINGS else v) for k, v in settings.items() if not callable(v)}
+
+
+def consumer(kafka: KafkaSettings | str, extra: dict[str, Any] | None = None) -> Consumer:
+    return Consumer(client_settings(kafka, extra))
+
+
+def producer(kafka: KafkaSettings | str, extra: dict[str, Any] | None = None) -> Producer:
+    return Producer(client_settings(kafka, extra))
+
+
+def admin(kafka: KafkaSettings | str, extra: dict[str, Any] | None = None) -> AdminClient:
+    return AdminClient(client_settings(kafka, extra))
+
+
+def check_login(kafka: KafkaSettings | str, timeout: float = 15.0) -> None:
+    """Log in once and read the cluster's metadata: a refused login raises KafkaAccessError naming the user at once
+    (librdkafka alone would only time out with "transport failure")."""
+    client = admin(kafka, {"log_level": 0})
+    try:
+        client.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        client.poll(0)  # serves the queued login error, which the callback raises
+        raise ServiceUnavailable(f"{_bootstrap(kafka)}: Kafka did not answer in {timeout:g} s: "
+                               f"{exc.args[0].str() if exc.args else exc}") from None
