@@ -23,7 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from sqlalchemy.engine import URL, make_url
 
 from cdc import config
-from cdc.config import MAX_ERROR_LINE, NAME_RE, SOURCE_SCHEMES, TABLE_RE, KafkaSettings, Pipeline, cut, shown
+from cdc.config import (
+    MAX_ERROR_LINE,
+    NAME_RE,
+    SOURCE_SCHEMES,
+    TABLE_RE,
+    KafkaSasl,
+    KafkaSettings,
+    Pipeline,
+    cut,
+    shown,
+)
 from cdc.errors import ConfigError
 
 DEFAULT_FILE = "topology.yaml"
@@ -82,6 +92,10 @@ class Site(_Model):
     sync_id: int = Field(ge=1, le=MAX_SYNC_ID)
     url: SecretStr
     sync: SyncMode = Field(default_factory=SyncMode)
+    # A satellite's Kafka user ({username, password: ${ENV}}): its links log in as it at `site_bootstrap_servers`, and
+    # `cdc topology apply` creates it with ACLs for the satellite's own topics only. Unset: the satellite's links use
+    # `kafka:` as it is (no login, no ACLs).
+    kafka_user: KafkaSasl | None = None
 
     @field_validator("url")
     @classmethod
@@ -141,6 +155,16 @@ class Topology(_Model):
     site_tables: dict[str, str] = Field(default_factory=dict)
     # Per satellite: the master-owned tables it receives (all of them when the satellite is not listed).
     subsets: dict[str, dict[str, SubsetTable]] = Field(default_factory=dict)
+    # The authenticated Kafka listener (SASL_PLAINTEXT, SCRAM-SHA-256; the local stack's `kafka_sasl` port) at which
+    # the clients acting for a satellite with a `kafka_user` log in. The master's own clients use `kafka:`.
+    site_bootstrap_servers: str | None = None
+
+    @field_validator("site_bootstrap_servers")
+    @classmethod
+    def _site_servers(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        return KafkaSettings._servers(v)
 
     @field_validator("sites")
     @classmethod
@@ -157,6 +181,18 @@ class Topology(_Model):
             ids[site.sync_id] = name
         if MASTER_ID not in ids:
             raise ValueError(f"no site has sync id {MASTER_ID} (the master)")
+        users: dict[str, str] = {}
+        for name, site in v.items():
+            if site.kafka_user is None:
+                continue
+            if site.sync_id == MASTER_ID:
+                raise _FieldError(f"sites.{name}.kafka_user", "the master's clients use `kafka:` (the broker's own "
+                                  "listener); kafka_user is for satellites")
+            if site.kafka_user.username in users:
+                raise _FieldError(f"sites.{name}.kafka_user.username", f"{site.kafka_user.username!r} is already "
+                                  f"site {users[site.kafka_user.username]!r}'s user (each satellite has its own, "
+                                  "which its ACLs are granted to)")
+            users[site.kafka_user.username] = name
         return v
 
     @field_validator("master_tables", mode="before")
@@ -210,6 +246,10 @@ class Topology(_Model):
 
     @model_validator(mode="after")
     def _cross(self) -> Topology:
+        if self.site_bootstrap_servers is None and any(s.kafka_user for s in self.sites.values()):
+            raise _FieldError("site_bootstrap_servers", "is required when a site has a kafka_user: the authenticated "
+                              "listener its links log in at (the local stack's: 127.0.0.1:9094, see "
+                              "`cdc stack status`)")
         both = set(self.master_tables) & set(self.site_tables)
         if both:
             raise _FieldError("site_tables", f"{', '.join(sorted(both))} also in master_tables: a table is owned by "
@@ -253,8 +293,17 @@ class Topology(_Model):
     def down_name(self, satellite: str) -> str:
         return f"{self.topology}-{satellite}-down"
 
-    def _pipeline(self, name: str, source: Site, tables: list[str], destination: str, target: Site) -> Pipeline:
-        data = {"pipeline": name, "kafka": self.kafka.model_dump(),
+    def site_kafka(self, satellite: str) -> KafkaSettings:
+        """The Kafka settings of the clients acting for a satellite: its user at the authenticated listener when it
+        has one, else the topology's `kafka:`."""
+        user = self.site(satellite).kafka_user
+        if user is None:
+            return self.kafka
+        return self.kafka.model_copy(update={"bootstrap_servers": self.site_bootstrap_servers, "sasl": user})
+
+    def _pipeline(self, name: str, source: Site, tables: list[str], destination: str, target: Site,
+                  kafka: KafkaSettings) -> Pipeline:
+        data = {"pipeline": name, "kafka": kafka.model_dump(),
                 # A signalling table per link: the master is the source of every down link, and a signal row
                 # written for one link (a snapshot request, a catch-up marker) would be a change of all the others.
                 "source": {"url": source.url.get_secret_value(), "tables": tables, "heartbeat_ms": 1000,
@@ -269,16 +318,20 @@ class Topology(_Model):
         """The satellite's own rows to the master; None when there are no site-owned tables."""
         if not self.site_tables:
             return None
+        # The master applies the up link (its clients use `kafka:`); the satellite's connector writes its topics
+        # as the satellite's user (Connect's producer overrides, producers/sites.py).
         return self._pipeline(self.up_name(satellite), self.site(satellite), list(self.site_tables), self.master,
-                              self.sites[self.master])
+                              self.sites[self.master], self.kafka)
 
     def down_pipeline(self, satellite: str) -> Pipeline | None:
         """The master-owned tables of the satellite's subset, to the satellite; None when its subset is empty."""
         tables = list(self.subset(satellite))
         if not tables:
             return None
+        # Planned and applied by the master (its topics, its connector); Link.site_pipeline is the same pipeline as
+        # the satellite's applier sees it: read as the satellite's user.
         return self._pipeline(self.down_name(satellite), self.sites[self.master], tables, satellite,
-                              self.site(satellite))
+                              self.site(satellite), self.kafka)
 
     def links(self) -> list[Link]:
         """Every link of the topology: per satellite its up pipeline and its down pipeline, in sync-id order."""
@@ -286,7 +339,10 @@ class Topology(_Model):
         for satellite in self.satellites:
             for direction, pipeline in (("up", self.up_pipeline(satellite)), ("down", self.down_pipeline(satellite))):
                 if pipeline is not None:
-                    out.append(Link(satellite, direction, pipeline, self.sites[satellite].sync))
+                    site_pipeline = pipeline
+                    if direction == "down" and self.sites[satellite].kafka_user is not None:
+                        site_pipeline = pipeline.model_copy(update={"kafka": self.site_kafka(satellite)})
+                    out.append(Link(satellite, direction, pipeline, self.sites[satellite].sync, site_pipeline))
         return out
 
 
@@ -299,11 +355,16 @@ def signal_table(pipeline: str) -> str:
 class Link:
     """One pipeline of the topology: which satellite, which way, and how often it is applied."""
 
-    def __init__(self, satellite: str, direction: str, pipeline: Pipeline, sync: SyncMode) -> None:
+    def __init__(self, satellite: str, direction: str, pipeline: Pipeline, sync: SyncMode,
+                 site_pipeline: Pipeline | None = None) -> None:
         self.satellite = satellite
         self.direction = direction
+        # As the master plans, applies and watches it (its connector, its topics): Kafka as `kafka:` gives it.
         self.pipeline = pipeline
         self.sync = sync
+        # As the link's applier runs it: a down link of a satellite with a kafka_user reads as that user at
+        # site_bootstrap_servers; an up link is applied by the master, as `pipeline`.
+        self.site_pipeline = site_pipeline or pipeline
 
     @property
     def destination(self) -> str:

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from cdc.config import Pipeline
-from cdc.errors import ConfigError
+from cdc import kafka as kafka_clients
+from cdc.config import KafkaSasl, Pipeline
+from cdc.errors import CdcError, ConfigError
 from cdc.topology import Link, SubsetTable, Topology
 from producers import capture, debezium
 from producers.source_admin import ensure_signal_table, psycopg_conninfo, split_table
@@ -42,6 +43,8 @@ class LinkPlan:
     excluded: dict[str, list[str]] = field(default_factory=dict)  # table -> columns kept from the satellite
     changes: list[tuple[str, str | None, str | None]] = field(default_factory=list)
     state: str = "unchanged"  # "create", "update", "unchanged"
+    # Connect's per-connector client overrides: an up link's connector writes as its satellite's Kafka user.
+    overrides: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         p = self.link.pipeline
@@ -140,8 +143,9 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _extra_config(pipeline: Pipeline, filters: dict[str, str], excluded: dict[str, list[str]]) -> dict[str, str]:
-    extra: dict[str, str] = {}
+def _extra_config(pipeline: Pipeline, filters: dict[str, str], excluded: dict[str, list[str]],
+                  overrides: dict[str, str] | None = None) -> dict[str, str]:
+    extra: dict[str, str] = dict(overrides or {})
     if filters:
         tables = sorted(filters)
         extra["snapshot.select.statement.overrides"] = ",".join(tables)
@@ -162,7 +166,7 @@ def _with_subset(plan: LinkPlan) -> Iterator[None]:
     capture.apply has no place for keys of a caller's own yet (a `connector_config(..., extra=)` hook would do);
     until it does, its call of debezium.connector_config is wrapped for the link's pipeline only."""
     original = debezium.connector_config
-    extra = _extra_config(plan.link.pipeline, plan.filters, plan.excluded)
+    extra = _extra_config(plan.link.pipeline, plan.filters, plan.excluded, plan.overrides)
 
     def config(pipeline, tables, secrets=None):  # noqa: ANN001, ANN202 - the wrapped function's own signature
         out = original(pipeline, tables, secrets=secrets)
@@ -184,7 +188,7 @@ def plan(topology: Topology, satellites: list[str] | None = None) -> list[LinkPl
         if satellites and link.satellite not in satellites:
             continue
         filters, excluded = _filters(topology, link)
-        p = LinkPlan(link, filters, excluded)
+        p = LinkPlan(link, filters, excluded, overrides=connector_overrides(topology, link))
         with _with_subset(p):
             p.changes = capture.diff(link.pipeline)
         current = _current(link.pipeline)
@@ -255,12 +259,24 @@ def apply(topology: Topology, satellites: list[str] | None = None,
     plans = plan(topology, satellites)  # every refusal before anything changes
     for line in prepare_master(topology):
         say(line)
+    # The satellites' users and ACLs first: a connector writing as its satellite's user logs in once it starts.
+    for line in apply_access(topology, satellites):
+        say(line)
+    relogin = write_connector_logins(topology, plans)
     for p in plans:
         for line in p.lines():
             say(line)
         _publication(p.link.pipeline, p.filters)
+        existed = p.state != "create"
         with _with_subset(p):
             report = capture.apply(p.link.pipeline, echo=None)
+        if existed and p.link.pipeline.connector_name in relogin and not p.changes:
+            # Same configuration (a reference), a new password behind it: Connect reads it when the task starts.
+            from producers.connect import ConnectClient
+
+            with ConnectClient(p.link.pipeline.kafka.connect_url) as connect:
+                connect.restart(p.link.pipeline.connector_name)
+            say(f"  connector {p.link.pipeline.connector_name}: restarted to log in with its new Kafka password")
         for warning in report.warnings:
             say(f"  warning: {warning}")
         if report.topics_created:
@@ -288,3 +304,175 @@ def remove(topology: Topology, satellite: str, *, purge: bool) -> list[str]:
                 done.append(f"source database not reachable, {pipeline.source.signal_table} left: "
                             f"{str(exc).strip()}")
     return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Authenticated and authorised links: each satellite's Kafka user, its ACLs, its connector's login
+
+# The setting of an up link's connector that holds the satellite's login (a JAAS line with its password): stored as a
+# connector secret (`.cdc/secrets/<connector>/`), the configuration holds only the reference.
+JAAS_KEY = "producer.override.sasl.jaas.config"
+SCRAM_ITERATIONS = 8192
+# Debezium's default heartbeat topic prefix (topic.heartbeat.prefix): `__debezium-heartbeat.<topic.prefix>`.
+HEARTBEAT_TOPIC_PREFIX = "__debezium-heartbeat"
+
+
+def jaas_config(user: KafkaSasl) -> str:
+    """The JAAS line of a SCRAM login (Kafka's Java clients), quotes and backslashes escaped."""
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return (f"org.apache.kafka.common.security.scram.ScramLoginModule required username={quoted(user.username)} "
+            f"password={quoted(user.password.get_secret_value())};")
+
+
+def connector_overrides(topology: Topology, link: Link) -> dict[str, str]:
+    """An up link's connector (capturing at the satellite) writes its topics as the satellite's Kafka user, at the
+    authenticated listener: Connect's `producer.override.*` (the worker's default override policy, All, allows
+    them). The login is a reference to a connector secret, never the password itself. Down links' connectors act
+    for the master and keep the worker's own client."""
+    user = topology.sites[link.satellite].kafka_user
+    if link.direction != "up" or user is None:
+        return {}
+    return {
+        "producer.override.bootstrap.servers": str(topology.site_bootstrap_servers),
+        "producer.override.security.protocol": kafka_clients.SECURITY_PROTOCOL,
+        "producer.override.sasl.mechanism": kafka_clients.SASL_MECHANISM,
+        JAAS_KEY: debezium.secret_reference(str(capture.secrets_directory(link.pipeline)), JAAS_KEY),
+    }
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One ACL: a user may do `operation` on a topic or group, named literally or by prefix."""
+
+    resource: str  # "topic" or "group"
+    name: str
+    pattern: str  # "literal" or "prefixed"
+    operation: str  # "read", "write", "describe"
+
+    def line(self) -> str:
+        what = f"{self.resource}s {self.name}*" if self.pattern == "prefixed" else f"{self.resource} {self.name}"
+        return f"{self.operation} {what}"
+
+
+def site_grants(topology: Topology, satellite: str) -> list[Grant]:
+    """What a satellite's Kafka user may do, and nothing else: write (and describe) its up link's topics (the data
+    and transaction topics under `<up link>.`, its connector's heartbeat topic); read (and describe) its down link's
+    topics, in its applier's consumer group; write its down applier's dead-letter topic."""
+    grants: list[Grant] = []
+    for link in topology.links():
+        if link.satellite != satellite:
+            continue
+        name = link.pipeline.pipeline
+        if link.direction == "up":
+            for op in ("write", "describe"):
+                grants.append(Grant("topic", f"{name}.", "prefixed", op))
+                grants.append(Grant("topic", f"{HEARTBEAT_TOPIC_PREFIX}.{name}", "literal", op))
+        else:
+            for op in ("read", "describe"):
+                grants.append(Grant("topic", f"{name}.", "prefixed", op))
+                # The applier's group (consumers/reader.py: `cdc-<pipeline>-<destination>`), literally: a prefix
+                # could match another satellite's group when one's name starts with another's.
+                grants.append(Grant("group", f"cdc-{name}-{link.destination}", "literal", op))
+            grants.append(Grant("topic", f"{name}.{link.destination}.dead-letter", "literal", "write"))
+    return grants
+
+
+def _binding(user: str, grant: Grant):  # noqa: ANN202 - confluent_kafka's AclBinding
+    from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
+
+    return AclBinding(ResourceType.TOPIC if grant.resource == "topic" else ResourceType.GROUP, grant.name,
+                      ResourcePatternType.PREFIXED if grant.pattern == "prefixed" else ResourcePatternType.LITERAL,
+                      f"User:{user}", "*", AclOperation[grant.operation.upper()], AclPermissionType.ALLOW)
+
+
+def _grant_of(binding) -> Grant | None:  # noqa: ANN001 - confluent_kafka's AclBinding
+    from confluent_kafka.admin import AclPermissionType, ResourcePatternType, ResourceType
+
+    if binding.permission_type != AclPermissionType.ALLOW or binding.host != "*" or \
+            binding.restype not in (ResourceType.TOPIC, ResourceType.GROUP) or \
+            binding.resource_pattern_type not in (ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED):
+        return None
+    return Grant("topic" if binding.restype == ResourceType.TOPIC else "group", binding.name,
+                 "prefixed" if binding.resource_pattern_type == ResourcePatternType.PREFIXED else "literal",
+                 binding.operation.name.lower())
+
+
+def _result(future, what: str, timeout: float = 30.0):  # noqa: ANN001, ANN202 - a confluent_kafka future
+    from confluent_kafka import KafkaException
+
+    try:
+        return future.result(timeout)
+    except KafkaException as exc:
+        error = exc.args[0]
+        raise CdcError(f"Kafka: {what} failed: {error.str() if hasattr(error, 'str') else error}") from None
+
+
+def apply_access(topology: Topology, satellites: list[str] | None = None) -> list[str]:
+    """Each satellite's Kafka user (its SCRAM-SHA-256 credential, set to the topology's password every time) and its
+    ACLs: the ones `site_grants` lists are created, any other ACL of that user is deleted (a user may do what the
+    topology says and nothing else). Done through `kafka:` (the broker's own listener, a super user there)."""
+    from confluent_kafka.admin import (
+        AclBindingFilter,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialUpsertion,
+    )
+
+    chosen = [s for s in topology.satellites if topology.sites[s].kafka_user is not None
+              and (not satellites or s in satellites)]
+    if not chosen:
+        return []
+    admin = kafka_clients.admin(topology.kafka, {"log_level": 3})
+    done: list[str] = []
+    for satellite in chosen:
+        user = topology.sites[satellite].kafka_user
+        assert user is not None
+        upsert = UserScramCredentialUpsertion(
+            user.username, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_256, SCRAM_ITERATIONS),
+            user.password.get_secret_value().encode())
+        for future in admin.alter_user_scram_credentials([upsert]).values():
+            _result(future, f"setting Kafka user {user.username!r}'s password")
+        done.append(f"kafka user {user.username} ({satellite}): SCRAM-SHA-256 credential set")
+        principal = f"User:{user.username}"
+        mine = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, principal, None, AclOperation.ANY,
+                                AclPermissionType.ANY)
+        existing = _result(admin.describe_acls(mine), f"reading {principal}'s ACLs") or []
+        wanted = site_grants(topology, satellite)
+        have = {_grant_of(b): b for b in existing}
+        extra = [b for g, b in have.items() if g is None or g not in wanted]
+        for binding in extra:
+            exact = AclBindingFilter(binding.restype, binding.name, binding.resource_pattern_type, binding.principal,
+                                     binding.host, binding.operation, binding.permission_type)
+            for future in admin.delete_acls([exact]).values():
+                _result(future, f"deleting an ACL of {principal}")
+            grant = _grant_of(binding)
+            done.append(f"  - {principal}: {grant.line() if grant else binding} (not the topology's)")
+        missing = [g for g in wanted if g not in have]
+        if missing:
+            for future in admin.create_acls([_binding(user.username, g) for g in missing]).values():
+                _result(future, f"creating {principal}'s ACLs")
+        for grant in missing:
+            done.append(f"  + {principal}: {grant.line()}")
+    return done
+
+
+def write_connector_logins(topology: Topology, plans: list[LinkPlan]) -> list[str]:
+    """Store each up link's connector login (the JAAS line) as a connector secret before the connector starts;
+    returns the connectors whose stored login changed (a running one must restart to log in again)."""
+    from producers.connect import write_secrets
+
+    changed = []
+    for p in plans:
+        if JAAS_KEY not in p.overrides:
+            continue
+        user = topology.sites[p.link.satellite].kafka_user
+        assert user is not None
+        if write_secrets(capture.secrets_directory(p.link.pipeline), {JAAS_KEY: jaas_config(user)}):
+            changed.append(p.link.pipeline.connector_name)
+    return changed

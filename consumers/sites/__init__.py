@@ -59,7 +59,8 @@ class SitesRunner:
 
     def _once(self, link: Link, *, until_caught_up: bool) -> None:
         name = link.pipeline.pipeline
-        applier = ReplicaApplier(link.pipeline, link.destination, echo=self.echo)
+        # site_pipeline: a down link's applier acts for its satellite (its Kafka user, when it has one).
+        applier = ReplicaApplier(link.site_pipeline, link.destination, echo=self.echo)
         with self._lock:
             if self._stop.is_set():
                 applier.close()
