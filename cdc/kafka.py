@@ -9,6 +9,7 @@ PLAINTEXT listener. librdkafka retries a refused login for ever (a line a second
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -123,9 +124,28 @@ def check_login(kafka: KafkaSettings | str, timeout: float = 15.0) -> None:
     """Log in once and read the cluster's metadata: a refused login raises KafkaAccessError naming the user at once
     (librdkafka alone would only time out with "transport failure")."""
     client = admin(kafka, {"log_level": 0})
-    try:
-        client.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        client.poll(0)  # serves the queued login error, which the callback raises
-        raise ServiceUnavailable(f"{_bootstrap(kafka)}: Kafka did not answer in {timeout:g} s: "
-                               f"{exc.args[0].str() if exc.args else exc}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        # Short metadata requests, the client's error queue served between them: a refused login is an error event,
+        # which the metadata request itself only reports as a "transport failure" once it times out.
+        try:
+            client.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+            return
+        except KafkaException as exc:
+            client.poll(0)  # serves a queued login error, which the callback raises
+            if time.monotonic() >= deadline:
+                error = exc.args[0] if exc.args else exc
+                raise ServiceUnavailable(f"{_bootstrap(kafka)}: Kafka did not answer in {timeout:g} s: "
+                                         f"{error.str() if isinstance(error, KafkaError) else error}") from None
+
+
+def check_topic_access(client: Consumer | Producer | AdminClient, kafka: KafkaSettings | str, topics: list[str],
+                       timeout: float = 15.0) -> None:
+    """Raise KafkaAccessError when the user may not see one of `topics`. A consumer that `assign()`s partitions of a
+    topic it is not authorised for gets nothing at all from librdkafka (the topic is marked in error in its metadata,
+    no message or callback says so): readers ask here first."""
+    for topic in topics:
+        metadata = client.list_topics(topic, timeout=timeout)
+        described = metadata.topics.get(topic)
+        if described is not None and described.error is not None:
+            raise_for_access(kafka, described.error, topic)
