@@ -19,13 +19,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from sqlalchemy import column, create_engine, inspect, select, table
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable, first_line
 from consumers.lag import BLOCKED_PREFIX, BLOCKED_RECORD, DestinationSample, PartitionLag, SourceState, applied_offset
@@ -53,9 +53,7 @@ class LagProbe:
             raise ConfigError(f"destinations: no destination named {unknown[0]!r} "
                               f"(known: {', '.join(pipeline.destinations) or 'none'})")
         self.timeout = timeout
-        bootstrap = pipeline.kafka.bootstrap_servers
-        self._reader = Consumer({
-            "bootstrap.servers": bootstrap,
+        self._reader = kafka_clients.consumer(pipeline.kafka, {
             # A group of its own that never commits: reading must not disturb the appliers' groups.
             "group.id": f"cdc-lag-probe-{pipeline.pipeline}-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
@@ -63,7 +61,7 @@ class LagProbe:
             "enable.partition.eof": False,
             "log_level": 3,
         })
-        self._admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+        self._admin = kafka_clients.admin(pipeline.kafka, {"log_level": 3})
         self._registry = RegistryClient(pipeline.kafka.schema_registry_url)
         self._decoder = AvroDecoder(self._registry)
         self._engines: dict[str, Engine] = {}

@@ -26,6 +26,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from sqlalchemy import text
 
+from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, first_line
 from consumers import verify
@@ -402,12 +403,12 @@ def _why_missing(pipeline: Pipeline, request: SyncRequest, engine: Any, dialect:
 def _sent_since(pipeline: Pipeline, engine: Any, dialect: Any, request: SyncRequest) -> str | None:
     """Whether Debezium wrote the table's topic after the request, and whether the destination applied it: the
     reason when one of them did not happen, None when both did (or Kafka cannot tell)."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import TopicPartition
 
     topic = pipeline.topic_of(request.table)
     since_ms = int(request.requested_at.timestamp() * 1000)
-    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "log_level": 3,
-                         "group.id": f"cdc-resync-{pipeline.pipeline}-{request.id}", "enable.auto.commit": False})
+    consumer = kafka_clients.consumer(pipeline.kafka, {
+        "log_level": 3, "group.id": f"cdc-resync-{pipeline.pipeline}-{request.id}", "enable.auto.commit": False})
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
@@ -602,15 +603,15 @@ def _applied_through_now(pipeline: Pipeline, dst_engine: Any, dialect: Any, dest
                          echo: Callable[[str], None]) -> None:
     """Commit a watermark transaction at the source and return once the destination has applied it (so every
     source transaction committed before it); a CdcError naming the step that did not happen otherwise."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import TopicPartition
 
     from schemas.codec import AvroDecoder, RegistryClient
 
     topic = pipeline.transaction_topic
     deadline = time.monotonic() + seconds
-    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "log_level": 3,
-                         "group.id": f"cdc-resync-watermark-{pipeline.pipeline}", "enable.auto.commit": False,
-                         "enable.partition.eof": False})
+    consumer = kafka_clients.consumer(pipeline.kafka, {
+        "log_level": 3, "group.id": f"cdc-resync-watermark-{pipeline.pipeline}", "enable.auto.commit": False,
+        "enable.partition.eof": False})
     try:
         _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
         with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from cdc import kafka as kafka_clients
+from cdc.config import KafkaSettings
 from cdc.errors import DecodeError, ServiceUnavailable
 from consumers.events import ChangeEvent, from_envelope
 from schemas.codec import AvroDecoder
@@ -15,12 +17,11 @@ from schemas.codec import AvroDecoder
 class ChangeStream:
     """A batch reader over change topics from their start; tombstones are skipped (the delete before them counts)."""
 
-    def __init__(self, bootstrap: str, decoder: AvroDecoder, topics: list[str], *, group: str,
+    def __init__(self, kafka: KafkaSettings | str, decoder: AvroDecoder, topics: list[str], *, group: str,
                  batch_size: int = 500) -> None:
         self._decoder = decoder
         self._batch = batch_size
-        self._consumer = Consumer({
-            "bootstrap.servers": bootstrap,
+        self._consumer = kafka_clients.consumer(kafka, {
             "group.id": group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",

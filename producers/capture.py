@@ -201,7 +201,7 @@ def check_source(pipeline: Pipeline, identity: SourceIdentity, existing: dict[st
     prefix = f"{pipeline.pipeline}."
     mine = sorted(t for t in existing if t.startswith(prefix))
     source = topics.source_topic(pipeline)
-    recorded = _recorded_identity(topics.read_source_record(pipeline.kafka.bootstrap_servers, source)
+    recorded = _recorded_identity(topics.read_source_record(pipeline.kafka, source)
                                   if source in existing else None)
     same = recorded is not None and (recorded.system_identifier, recorded.database_oid) == (
         identity.system_identifier, identity.database_oid)
@@ -209,7 +209,7 @@ def check_source(pipeline: Pipeline, identity: SourceIdentity, existing: dict[st
         return [], False
     # Signals and notifications are messages to and from the connector, not the history appliers read.
     history = [t for t in mine if t not in (source, pipeline.signal_topic, pipeline.notification_topic)]
-    holding = sorted(t for t, n in topics.message_counts(pipeline.kafka.bootstrap_servers, history).items() if n)
+    holding = sorted(t for t, n in topics.message_counts(pipeline.kafka, history).items() if n)
     if not holding or (recorded is None and connector_exists):
         # Nothing recorded yet, by a pipeline that runs (made before sources were recorded): its own history.
         return [], True
@@ -232,12 +232,13 @@ def check_source(pipeline: Pipeline, identity: SourceIdentity, existing: dict[st
 def _wait_for_snapshot(pipeline: Pipeline, start: int, timeout: float) -> bool:
     """Wait until Debezium's notifications after offset `start` say the initial snapshot completed (or was
     skipped); False on timeout."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import TopicPartition
 
+    from cdc import kafka as kafka_clients
     from schemas.codec import AvroDecoder, RegistryClient
 
-    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-apply-snapshot",
-                         "enable.auto.commit": False, "log_level": 3})
+    consumer = kafka_clients.consumer(pipeline.kafka, {"group.id": "cdc-apply-snapshot", "enable.auto.commit": False,
+                                                       "log_level": 3})
     registry = RegistryClient(pipeline.kafka.schema_registry_url)
     decoder = AvroDecoder(registry)
     try:
@@ -278,7 +279,7 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
         changes += _secret_changes(pipeline, current, desired, changes)
         report = ApplyReport(name, "created" if current is None else ("updated" if changes else "unchanged"), changes)
 
-        admin = topics.admin_client(pipeline.kafka.bootstrap_servers)
+        admin = topics.admin_client(pipeline.kafka)
         existing = topics.existing_topics(admin)
         to_delete, record = check_source(pipeline, identity, existing, connector_exists=current is not None,
                                          reset=reset_topics)
@@ -289,11 +290,11 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
         to_create, report.warnings = topics.plan_topics(topics.pipeline_topics(pipeline), existing)
         report.topics_created = topics.create_topics(admin, to_create, pipeline.topics.replication_factor)
         if record:
-            topics.write_source_record(pipeline.kafka.bootstrap_servers, topics.source_topic(pipeline), {
+            topics.write_source_record(pipeline.kafka, topics.source_topic(pipeline), {
                 "system_identifier": identity.system_identifier, "database_oid": identity.database_oid,
                 "database": identity.database})
 
-        notified = topics.message_counts(pipeline.kafka.bootstrap_servers, [pipeline.notification_topic],
+        notified = topics.message_counts(pipeline.kafka, [pipeline.notification_topic],
                                          ends=True).get(pipeline.notification_topic, 0)
         with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
             ensure_signal_table(conn, pipeline.source.signal_table)
@@ -393,7 +394,7 @@ def verified_equal(pipeline: Pipeline, destination: str, tables: list[str]) -> N
 
 def topic_problems(pipeline: Pipeline) -> list[tuple[str, str]]:
     """Unplanned topics under the pipeline's prefix, for `cdc connectors status`."""
-    return unplanned_topics(pipeline, topics.existing_topics(topics.admin_client(pipeline.kafka.bootstrap_servers)))
+    return unplanned_topics(pipeline, topics.existing_topics(topics.admin_client(pipeline.kafka)))
 
 
 def status(pipeline: Pipeline) -> ConnectorStatus | None:

@@ -7,10 +7,11 @@ import json
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from cdc.config import Pipeline
+from cdc import kafka as kafka_clients
+from cdc.config import KafkaSettings, Pipeline
 from cdc.errors import ServiceUnavailable
 
 # The one record of a pipeline's `_source` topic: which source database its topics hold the history of.
@@ -51,8 +52,9 @@ def pipeline_topics(pipeline: Pipeline) -> list[TopicSpec]:
     return specs
 
 
-def admin_client(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+def admin_client(kafka: KafkaSettings | str) -> AdminClient:
+    """An admin client of a pipeline's Kafka (its login when it has one), or of a bare bootstrap string."""
+    return kafka_clients.admin(kafka, {"log_level": 3})
 
 
 def existing_topics(admin: AdminClient, timeout: float = 15.0) -> dict[str, int]:
@@ -136,13 +138,14 @@ def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple
             time.sleep(0.3)
 
 
-def message_counts(bootstrap: str, names: list[str], timeout: float = 15.0, *, ends: bool = False) -> dict[str, int]:
+def message_counts(kafka: KafkaSettings | str, names: list[str], timeout: float = 15.0, *,
+                   ends: bool = False) -> dict[str, int]:
     """Topic -> messages it holds now (log end minus log start, summed over partitions); with `ends`, the sum of
     the log-end offsets instead."""
     if not names:
         return {}
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "cdc-topic-admin", "enable.auto.commit": False,
-                         "log_level": 3})
+    consumer = kafka_clients.consumer(kafka, {"group.id": "cdc-topic-admin", "enable.auto.commit": False,
+                                              "log_level": 3})
     try:
         metadata = consumer.list_topics(timeout=timeout)
         counts = {}
@@ -162,10 +165,10 @@ def message_counts(bootstrap: str, names: list[str], timeout: float = 15.0, *, e
         consumer.close()
 
 
-def read_source_record(bootstrap: str, topic: str, timeout: float = 15.0) -> dict | None:
+def read_source_record(kafka: KafkaSettings | str, topic: str, timeout: float = 15.0) -> dict | None:
     """The latest identity record of a pipeline's `_source` topic; None when the topic is absent or empty."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "cdc-topic-admin", "enable.auto.commit": False,
-                         "log_level": 3})
+    consumer = kafka_clients.consumer(kafka, {"group.id": "cdc-topic-admin", "enable.auto.commit": False,
+                                              "log_level": 3})
     try:
         info = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if info is None or info.error is not None:
@@ -191,8 +194,8 @@ def read_source_record(bootstrap: str, topic: str, timeout: float = 15.0) -> dic
         consumer.close()
 
 
-def write_source_record(bootstrap: str, topic: str, record: dict) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "log_level": 3})
+def write_source_record(kafka: KafkaSettings | str, topic: str, record: dict) -> None:
+    producer = kafka_clients.producer(kafka, {"acks": "all", "log_level": 3})
     errors: list[str] = []
     producer.produce(topic, key=SOURCE_KEY, value=json.dumps(record, sort_keys=True).encode(),
                      on_delivery=lambda err, _msg: errors.append(str(err)) if err else None)

@@ -16,9 +16,10 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import NewTopic
 
+from cdc import kafka as kafka_clients
 from cdc.config import Pipeline, masked_url
 from cdc.errors import CdcError
 from consumers.sync.plan import Definition
@@ -45,7 +46,7 @@ def topic_of(pipeline: Pipeline, sync_name: str) -> str:
 
 
 def _ensure_topic(pipeline: Pipeline, topic: str) -> None:
-    admin = AdminClient({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "log_level": 3})
+    admin = kafka_clients.admin(pipeline.kafka, {"log_level": 3})
     # One partition keeps a sync's records in order; kept forever: the topic is the syncs' audit log.
     futures = admin.create_topics([NewTopic(topic, 1, pipeline.topics.replication_factor,
                                             config={"retention.ms": "-1", "cleanup.policy": "delete"})],
@@ -69,8 +70,8 @@ def publish(pipeline: Pipeline, sync_name: str, scope: Any) -> tuple[str, int]:
         registry.close()
     sync_id = str(uuid.uuid4())
     key = sync_id.encode()
-    producer = Producer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "acks": "all",
-                         "enable.idempotence": True, "linger.ms": 20, "log_level": 3})
+    producer = kafka_clients.producer(pipeline.kafka, {"acks": "all", "enable.idempotence": True, "linger.ms": 20,
+                                                       "log_level": 3})
     errors: list[str] = []
     offsets: list[int] = []
 
@@ -127,8 +128,8 @@ def read(pipeline: Pipeline, sync_name: str, sync_id: str, start: int | None = N
     topic = topic_of(pipeline, sync_name)
     registry = RegistryClient(pipeline.kafka.schema_registry_url)
     decoder = AvroDecoder(registry)
-    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": f"{topic}.reader",
-                         "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})
+    consumer = kafka_clients.consumer(pipeline.kafka, {"group.id": f"{topic}.reader", "enable.auto.commit": False,
+                                                       "enable.partition.eof": True, "log_level": 3})
     tables: dict[str, Any] = {}
     rows: dict[str, list[Any]] = {}
     definitions: list[Definition] = []
