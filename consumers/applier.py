@@ -471,6 +471,8 @@ class ReplicaApplier:
                     self._retry = []
                     self._apply_with_policy(steps, may_wait=False)  # nothing more will come: the failure is real
                 if in_flight is None:
+                    if self.scope.skip_before_ms is not None:
+                        self._store_read_past()
                     writer.release()  # nothing to write: readers may have the file
                     writer.check_lock()  # idle: a destination restarted meanwhile is noticed now, not at the next write
                 arrived = False
@@ -497,6 +499,21 @@ class ReplicaApplier:
                 in_flight.exception()  # failing here: the batch in flight still commits or rolls back whole first
             pool.shutdown(wait=True)
             writer.release()
+
+    def _store_read_past(self) -> None:
+        """`cdc replay --from TIME` reads past the changes committed before TIME that the destination had applied
+        (ReplayScope.skipped), and no step stores their offsets. Once nothing read waits in the assembler (every
+        change read is applied or read past), the positions read are stored as applied: else the next `cdc run`
+        reads them again, and copies Debezium re-sent at the end of a partition wait there for END records its
+        stored offset of the transaction topic is already past. Called between batches, never with one in flight."""
+        assembler = self.reader.assembler
+        if assembler.buffered or assembler.waiting_for or self._retry:
+            return
+        ahead = {tp: position for tp, position in self.reader.read_positions.items()
+                 if position > self.applied_positions.get(tp, 0)}
+        if ahead:
+            self.writer.store_offsets(ahead)
+            self._acknowledge([], ahead)
 
     def _incomplete_transaction(self) -> list[Step]:
         """Called while the next source transaction to apply is missing events and nothing else can be applied.

@@ -266,12 +266,16 @@ def test_keyless_changes_are_applied_once_whatever_debezium_resends(stack, decod
         _run(path, "pg")
         _equal_everywhere(source, {"pg": kinds["pg"]}, path)
         # A replay --from TIME empties nothing: what the table held stays, and the changes it had applied since
-        # TIME are applied again on top, their keyless ones skipped by the records (not inserted twice). (Last: a
-        # `cdc run` after it stalls, a replay issue of its own: the copies from before TIME it reads past at the end
-        # of a partition are not stored as read, and the next run waits for their END records.)
+        # TIME are applied again on top, their keyless ones skipped by the records (not inserted twice).
         replayed = cdc(path, "replay", "duck", "--from", between.isoformat(), "--no-backup", "--timeout", "240")
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
         assert _skipped(replayed.stdout + replayed.stderr).get("duck", 0) >= 11, replayed.stdout + replayed.stderr
+        _equal_everywhere(source, {"duck": kinds["duck"]}, path)
+        # And `cdc run` goes on after it: the copies from before TIME it read past at the end of a partition were
+        # stored as read (else the run reads them again and waits for END records it is already past).
+        execute(source, "insert into ledger values ('j', 10, 'after the replay')")
+        after = cdc(path, "run", "duck", "--until-caught-up", "--timeout", "90")
+        assert after.returncode == 0, after.stdout + after.stderr
         _equal_everywhere(source, {"duck": kinds["duck"]}, path)
     finally:
         purge(pipeline)
