@@ -8,6 +8,7 @@ local tools use works as before."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from cdc import topology
 from cdc.config import KafkaSasl
 from infra import stack as stack_mod
 from producers import sites
+from producers import topics as topics_mod
 
 TOPOLOGY = {
     "topology": "shop",
@@ -199,3 +201,76 @@ def test_the_plaintext_listener_still_serves_the_local_tools(topo, broker):
     assert "shop-south-down.public.item" in proc.stdout.split() and "shop-north-up.public.sale" in proc.stdout.split()
     assert produce(broker.kafka_bootstrap, "shop-south-up.public.sale", b"local") is None
     assert read_one(broker.kafka_bootstrap, "shop-south-up.public.sale", "any-local-group") == b"local"
+
+
+def test_an_up_links_connector_writes_as_its_satellites_user(stack, tmp_path, broker):
+    """`apply` of a satellite with a kafka_user on the real Connect worker: its up connector's producer logs in as
+    the satellite through `producer.override.*` (the login a reference to a connector secret) and writes the
+    satellite's rows to its up topic at the authenticated listener (the private broker's, so the shared broker is not
+    reconfigured); the configuration Connect holds names no password."""
+    import psycopg
+
+    from producers import capture
+    from producers.connect import ConnectClient
+    from tests.integration.pipelines import fresh_database
+
+    name = "auth" + uuid.uuid4().hex[:6]
+    gens = {site: fresh_database(stack, f"{name}_{site}") for site in ("hq", "north")}
+    urls = {site: stack.postgres_url(next(gen)) for site, gen in gens.items()}
+    for url in urls.values():
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("create table public.sale (site_id int not null, id int not null, qty int not null, "
+                         "primary key (site_id, id))")
+    data = copy.deepcopy(TOPOLOGY)
+    data["topology"] = name
+    data["kafka"] = {"bootstrap_servers": broker.kafka_bootstrap,
+                     "schema_registry_url": stack.urls()["schema_registry"], "connect_url": stack.urls()["connect"]}
+    data["site_bootstrap_servers"] = broker.kafka_sasl_bootstrap
+    data["sites"] = {"hq": {"sync_id": 1, "url": urls["hq"]},
+                     "north": {"sync_id": 2, "url": urls["north"],
+                               "kafka_user": {"username": f"{name}-north", "password": "${NORTH_KAFKA_PASSWORD}"}}}
+    data.pop("master_tables")
+    t = topology.parse(data, "topology.yaml", ENV)
+    [link] = t.links()
+    up = link.pipeline
+    # Connect's own topic creation uses the worker's cluster (the shared broker); the private one gets the
+    # heartbeat topic up front, as the worker would have made it there in a one-cluster deployment.
+    admin = kafka_clients.admin(broker.kafka_bootstrap)
+    for future in admin.create_topics([NewTopic(f"__debezium-heartbeat.{up.pipeline}", 1, 1)]).values():
+        future.result(30)
+    try:
+        with psycopg.connect(urls["north"], autocommit=True) as conn:
+            conn.execute("insert into public.sale values (2, 1, 5), (2, 2, 7)")
+        lines = []
+        sites.apply(t, echo=lines.append)
+        assert f"  + User:{name}-north: write topics {up.pipeline}.*" in lines, lines
+        with ConnectClient(stack.urls()["connect"]) as connect:
+            config = connect.config(up.connector_name)
+            assert config["producer.override.sasl.jaas.config"].startswith("${dir:"), config
+            assert ENV["NORTH_KAFKA_PASSWORD"] not in json.dumps(config)
+            connect.wait_running(up.connector_name, timeout=120)
+        with psycopg.connect(urls["north"], autocommit=True) as conn:
+            conn.execute("insert into public.sale values (2, 3, 9)")
+        # The snapshot's two rows and the streamed one, in north's up topic at the private broker.
+        topic = up.topic_of("public.sale")
+        deadline = time.monotonic() + 120
+        counts = {}
+        while time.monotonic() < deadline:
+            counts = topics_mod.message_counts(broker.kafka_bootstrap, [topic])
+            if counts.get(topic, 0) >= 3:
+                break
+            time.sleep(1)
+        assert counts.get(topic, 0) >= 3, counts
+        # Written by north's user: the broker authorised the connector's producer as it (north may write its up
+        # topics, and nothing reached the shared broker's copy of them).
+        assert topics_mod.message_counts(stack.kafka_bootstrap, [topic]).get(topic, 0) == 0
+    finally:
+        capture.delete(up, purge=True)
+        shared = topics_mod.admin_client(stack.kafka_bootstrap)
+        mine = [n for n in topics_mod.existing_topics(shared)
+                if n.startswith(up.pipeline + ".") or n == f"__debezium-heartbeat.{up.pipeline}"]
+        if mine:
+            shared.delete_topics(mine, operation_timeout=30)
+        for gen in gens.values():
+            with pytest.raises(StopIteration):
+                next(gen)
