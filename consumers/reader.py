@@ -4,6 +4,7 @@ change events and runs for the TransactionAssembler, and the outages of Kafka an
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -345,9 +346,8 @@ class ChangeReader:
         transaction_ids: list[str] = []
         for schema_id, indexes in groups.items():
             try:
-                # The lambda is called at once (again while the registry is away), never after the loop moves on.
-                frame = self._registry_patiently(lambda schema_id=schema_id, indexes=indexes: self.batch_decoder.frame(
-                    schema_id, column if len(indexes) == n else column.take(indexes)))
+                frame = self._registry_patiently(functools.partial(
+                    self.batch_decoder.frame, schema_id, column if len(indexes) == n else column.take(indexes)))
             except (CdcError, ValueError):
                 frame = None  # an unknown schema id...: `_feed` meets the same failure, and follows on_error
             if frame is None:

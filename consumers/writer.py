@@ -351,8 +351,8 @@ class DestinationWriter:
         convert = self.follower.convert
         phases = net_changes(state_events, self.shapes, convert)
         if self.dialect.keeps_history:
-            for table, changes in plan.history_rows(events, self.shapes, convert).items():
-                self.dialect.append_history(conn, self.shapes[table], changes)
+            for table, appended in plan.history_rows(events, self.shapes, convert).items():
+                self.dialect.append_history(conn, self.shapes[table], appended)
         for phase in phases:
             for table in phase.truncate_first:
                 self.dialect.truncate(conn, self.shapes[table])
@@ -422,7 +422,7 @@ class DestinationWriter:
         by_table: dict[str, list[tuple[int, runs.ChangeRun]]] = {}
         for n, item in entries:
             by_table.setdefault(item.table, []).append((n, item))
-        done = set()
+        done: set[int] = set()
         snapshot_steps = {n for n, step in enumerate(steps) if step.xid is None}
         for table, changes in by_table.items():
             shape = self.shapes.get(table)
