@@ -182,3 +182,25 @@ def test_an_up_links_connector_writes_as_its_satellite_by_a_secret_reference():
     jaas = sites.jaas_config(config.KafkaSasl(username="u", password='a"b\\c'))
     assert jaas == ('org.apache.kafka.common.security.scram.ScramLoginModule required username="u" '
                     'password="a\\"b\\\\c";')
+
+
+def test_the_stack_has_an_authenticated_listener_and_status_shows_it(tmp_path, monkeypatch):
+    from infra import stack
+
+    monkeypatch.setenv("CDC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CDC_KAFKA_SASL_PORT", "19094")
+    layout = stack.StackLayout.resolve()
+    assert layout.kafka_sasl_bootstrap == "127.0.0.1:19094"
+    assert "kafka_sasl" in stack.COMPONENT_PORTS["kafka"]  # checked free before Kafka starts
+    info = stack.status()
+    assert info["kafka_sasl"] == "kafka://127.0.0.1:19094" and info["kafka_sasl_mechanism"] == "SCRAM-SHA-256"
+    assert info["components"]["kafka"]["sasl_url"].startswith("kafka://127.0.0.1:19094")
+    rendered = stack._rendered("kafka-server.properties", {"port": 1, "controller_port": 2, "sasl_port": 19094,
+                                                           "data": "/d"})
+    props = dict(line.split("=", 1) for line in rendered.splitlines() if line and not line.startswith("#"))
+    assert "SASL_PLAINTEXT://127.0.0.1:19094" in props["listeners"].split(",")
+    assert "SASL_PLAINTEXT://127.0.0.1:19094" in props["advertised.listeners"].split(",")
+    assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-256"
+    assert props["authorizer.class.name"] == "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+    assert props["super.users"] == "User:ANONYMOUS" and props["inter.broker.listener.name"] == "PLAINTEXT"
+    assert "{{" not in rendered
