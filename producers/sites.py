@@ -289,6 +289,8 @@ def remove(topology: Topology, satellite: str, *, purge: bool) -> list[str]:
     Topics are kept, as `cdc connectors delete` keeps them: they are the event log."""
     topology.site(satellite)
     done = []
+    # First its Kafka access: a satellite taken away can no longer log in, nor read or write anything.
+    done.extend(remove_access(topology, satellite))
     for link in topology.links():
         if link.satellite != satellite:
             continue
@@ -476,3 +478,39 @@ def write_connector_logins(topology: Topology, plans: list[LinkPlan]) -> list[st
         if write_secrets(capture.secrets_directory(p.link.pipeline), {JAAS_KEY: jaas_config(user)}):
             changed.append(p.link.pipeline.connector_name)
     return changed
+
+
+def remove_access(topology: Topology, satellite: str) -> list[str]:
+    """A satellite's Kafka user deleted with every ACL of it (nothing when it has no kafka_user)."""
+    from confluent_kafka.admin import (
+        AclBindingFilter,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+        ScramMechanism,
+        UserScramCredentialDeletion,
+    )
+
+    user = topology.site(satellite).kafka_user
+    if user is None:
+        return []
+    admin = kafka_clients.admin(topology.kafka, {"log_level": 3})
+    principal = f"User:{user.username}"
+    mine = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, principal, None, AclOperation.ANY,
+                            AclPermissionType.ANY)
+    deleted = 0
+    for future in admin.delete_acls([mine]).values():
+        deleted += len(_result(future, f"deleting {principal}'s ACLs") or [])
+    done = [f"kafka user {user.username} ({satellite}): {deleted} ACLs deleted"]
+    deletion = UserScramCredentialDeletion(user.username, ScramMechanism.SCRAM_SHA_256)
+    from confluent_kafka import KafkaError, KafkaException
+
+    for future in admin.alter_user_scram_credentials([deletion]).values():
+        try:
+            future.result(30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.RESOURCE_NOT_FOUND:
+                raise CdcError(f"Kafka: deleting Kafka user {user.username!r} failed: {exc.args[0].str()}") from None
+            return [*done, f"kafka user {user.username} ({satellite}): had no credential"]
+    return [*done, f"kafka user {user.username} ({satellite}): credential deleted"]

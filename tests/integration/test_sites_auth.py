@@ -274,3 +274,20 @@ def test_an_up_links_connector_writes_as_its_satellites_user(stack, tmp_path, br
         for gen in gens.values():
             with pytest.raises(StopIteration):
                 next(gen)
+
+
+def test_a_removed_satellite_can_no_longer_log_in(topo, broker):
+    """`cdc topology remove` takes a satellite's Kafka access away first: its ACLs and its user (run last: south's
+    user is gone afterwards)."""
+    south = site_kafka(topo, "south")
+    kafka_clients.check_login(south)
+    lines = sites.remove_access(topo, "south")
+    assert lines[0].startswith("kafka user shop-south (south): ") and "ACLs deleted" in lines[0], lines
+    assert int(lines[0].split(": ")[1].split()[0]) == len(sites.site_grants(topo, "south")), lines
+    assert lines[1] == "kafka user shop-south (south): credential deleted", lines
+    with pytest.raises(kafka_clients.KafkaAccessError, match="'shop-south'"):
+        kafka_clients.check_login(south, timeout=20)
+    # Again: nothing left to delete, said so.
+    assert sites.remove_access(topo, "south")[1] == "kafka user shop-south (south): had no credential"
+    # North is untouched.
+    kafka_clients.check_login(site_kafka(topo, "north"))
