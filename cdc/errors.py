@@ -100,3 +100,11 @@ def first_line(error: BaseException | str, limit: int = 500) -> str:
     if not line:
         return "" if isinstance(error, str) else type(error).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def driver_reason(error: BaseException, limit: int = 500) -> str:
+    """A database driver's error whole, on one line: its DETAIL and HINT lines say which row and why (`Key (id)=(5)
+    already exists`), which `first_line` would drop. The driver's own error when SQLAlchemy wraps it (`.orig`, not
+    the wrapper that repeats the statement and its parameters); at most `limit` characters."""
+    line = " ".join(str(getattr(error, "orig", None) or error).split()) or type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

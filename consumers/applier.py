@@ -61,9 +61,9 @@ from confluent_kafka import KafkaException
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from cdc.config import Destination, Pipeline
-from cdc.errors import CdcError, DestinationBusy, ServiceUnavailable, Terminal
+from cdc.errors import CdcError, DestinationBusy, ServiceUnavailable, Terminal, driver_reason
 from consumers import runs
-from consumers.apply_errors import ApplyError, DestinationLost, DestinationUnreachable, first_line
+from consumers.apply_errors import ApplyError, DestinationLost, DestinationUnreachable
 from consumers.dead_letters import DeadLetterSink, event_json
 from consumers.dialects import Dialect
 from consumers.outage import Outage, clock
@@ -236,7 +236,7 @@ class ReplicaApplier:
         except DestinationLost:
             raise  # `run` reconnects
         except Exception as exc:  # noqa: BLE001 - the outage line was printed; its record is a convenience
-            self.echo(f"{self.name}: could not record the outage at the destination: {first_line(exc)}")
+            self.echo(f"{self.name}: could not record the outage at the destination: {driver_reason(exc)}")
         self._blocked_recorded = outage.since if outage else None
 
     def _record_error(self, error: str) -> None:
@@ -244,7 +244,7 @@ class ReplicaApplier:
         try:
             self.writer.record_status(error)
         except Exception as exc:  # noqa: BLE001 - the error being raised matters more than its record
-            self.echo(f"{self.name}: could not record the error at the destination: {first_line(exc)}")
+            self.echo(f"{self.name}: could not record the error at the destination: {driver_reason(exc)}")
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -259,12 +259,12 @@ class ReplicaApplier:
         apart), take the writer lock again, and resume from the offsets the destination stored (what was read but
         not committed there is read again: a batch whose commit was cut off is found applied, or applied again).
         Another applier holding the lock by then stops this one: two must never write the same destination."""
-        self.destination_outage.failed(first_line(lost))
+        self.destination_outage.failed(driver_reason(lost))
         if isinstance(lost, DestinationUnreachable):
-            self.echo(f"{self.name}: the destination does not answer ({first_line(lost.__cause__ or lost)}); "
+            self.echo(f"{self.name}: the destination does not answer ({driver_reason(lost.__cause__ or lost)}); "
                       "waiting for it: nothing is written until it answers and its writer lock is taken")
         else:
-            self.echo(f"{self.name}: lost the destination ({first_line(lost.__cause__ or lost)}); its writer lock "
+            self.echo(f"{self.name}: lost the destination ({driver_reason(lost.__cause__ or lost)}); its writer lock "
                       "went with its session, nothing is written until it is taken again; reconnecting")
         self.writer.unclaim()
         self.writer.release()
@@ -281,16 +281,16 @@ class ReplicaApplier:
             except DestinationBusy as busy:
                 raise CdcError(
                     f"destination {self.name}: this applier lost its writer lock when the destination's session "
-                    f"ended ({first_line(lost.__cause__ or lost)}), and another applier holds it now; stopping so "
+                    f"ended ({driver_reason(lost.__cause__ or lost)}), and another applier holds it now; stopping so "
                     "that only one writes the destination",
                     hint="one applier at a time: two would write the same rows") from busy
             except (ServiceUnavailable, OperationalError, KafkaException) as exc:
                 if deadline is not None and time.monotonic() > deadline:
                     raise CdcError(f"destination {self.name} still unreachable at the end of the timeout: "
-                                   f"{first_line(exc)}") from exc
+                                   f"{driver_reason(exc)}") from exc
                 self.reader.reset()  # prepared up to the consumer, then failed
                 self.echo(f"{self.name}: destination still unreachable (attempt {attempt}, down since "
-                          f"{clock(self.destination_outage.since or time.time())} UTC): {first_line(exc)}; "
+                          f"{clock(self.destination_outage.since or time.time())} UTC): {driver_reason(exc)}; "
                           f"next attempt in {delay:.1f} s")
                 self._stop.wait(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)

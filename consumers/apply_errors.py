@@ -31,12 +31,6 @@ class ApplyError(CdcError, Terminal):
         self.offsets = offsets
 
 
-def first_line(exc: BaseException) -> str:
-    """A driver's error in one line (its original, not SQLAlchemy's wrapper with the statement)."""
-    orig = getattr(exc, "orig", None) or exc
-    return " ".join(str(orig).split())[:500]
-
-
 def where(steps: list[Any]) -> str:
     """What a batch of steps holds, for an error message: its changes' count, tables and Kafka positions."""
     events = [e for s in steps for e in s.events]

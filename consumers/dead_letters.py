@@ -12,6 +12,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import ServiceUnavailable
 from consumers.events import ChangeEvent
@@ -44,8 +45,8 @@ class DeadLetterSink:
         one whose dead letter was not written would be lost (ServiceUnavailable then)."""
         with self._lock:
             if self._producer is None:
-                self._producer = Producer({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers,
-                                           "enable.idempotence": True, "log_level": 3})
+                self._producer = kafka_clients.producer(self.pipeline.kafka,
+                                                        {"enable.idempotence": True, "log_level": 3})
                 self._encoder = AvroEncoder(self.registry, f"{self.topic}-value", load_schema("dead_letter"))
         assert self._encoder is not None
         record = {"pipeline": self.pipeline.pipeline, "destination": self.name, "error": error, "topic": topic,

@@ -16,10 +16,10 @@ import pyarrow as pa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
-from cdc.errors import CdcError, DecodeError, ServiceUnavailable
+from cdc.errors import CdcError, DecodeError, ServiceUnavailable, driver_reason
 from consumers import columnar, runs, values
-from consumers.apply_errors import first_line
 from consumers.dead_letters import DeadLetterSink
 from consumers.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
 from consumers.outage import REMIND_EVERY_S, Outage
@@ -49,13 +49,12 @@ _KAFKA_OUTAGE_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_
                                  KafkaError._TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError._MSG_TIMED_OUT})
 
 
-def consumer_config(bootstrap_servers: str, group_id: str, *, partitions: int = 1,
-                    **extra: Any) -> dict[str, Any]:
+def consumer_config(group_id: str, *, partitions: int = 1, **extra: Any) -> dict[str, Any]:
     """The settings of a consumer that reads change topics from positions it is given (never from the group's):
     manual assignment, no automatic commits or offset stores, a bounded prefetch shared out among `partitions`.
-    `extra` adds or overrides settings (callbacks, a log level)."""
+    `extra` adds or overrides settings (callbacks, a log level). Where Kafka is and how to log in to it is added by
+    cdc.kafka.client_settings."""
     return {
-        "bootstrap.servers": bootstrap_servers,
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -146,7 +145,7 @@ class ChangeReader:
     def _admin_client(self) -> AdminClient:
         """An admin client, silent (log_level 0): it is never polled, so callbacks would pile up unserved; its
         failures reach the caller as exceptions, and the consumer's error callback tells an outage."""
-        return AdminClient({"bootstrap.servers": self.pipeline.kafka.bootstrap_servers, "log_level": 0})
+        return kafka_clients.admin(self.pipeline.kafka, {"log_level": 0})
 
     def ask_topics(self) -> Callable[[], dict[str, Any]]:
         """Ask Kafka for its topics in the background; returns the call that waits for the answer (or raises).
@@ -177,10 +176,13 @@ class ChangeReader:
         """Make the consumer and assign it every partition of the data topics and of the transaction topic at the
         `stored` offsets (where each partition starts when none is stored); the offsets it starts at, by number."""
         partitions = sum(len(known[t].partitions) for t in self.topics if t in known)
-        self.consumer = Consumer(consumer_config(
-            self.pipeline.kafka.bootstrap_servers, self.group_id, partitions=partitions,
+        self.consumer = kafka_clients.consumer(self.pipeline.kafka, consumer_config(
+            self.group_id, partitions=partitions,
             # Errors and logs that become one line per outage instead of librdkafka's stream of them.
             error_cb=self.kafka_error, logger=KAFKA_LOG, **{"log.connection.close": False}))
+        if self.pipeline.kafka.sasl is not None:
+            # A consumer assigned a topic its user may not read gets nothing at all from librdkafka, and no error.
+            kafka_clients.check_topic_access(self.consumer, self.pipeline.kafka, self.topics)
         for topic in self.topics:
             info = known.get(topic)
             if info is None or info.error is not None:
@@ -486,13 +488,13 @@ class ChangeReader:
             try:
                 result = call()
             except ServiceUnavailable as exc:
-                line = self.registry_outage.failed(first_line(exc))
+                line = self.registry_outage.failed(driver_reason(exc))
                 if line:
                     self.echo(f"{self.name}: {line}")
                 self.on_outage()
                 if self._stop.wait(delay):
                     raise ServiceUnavailable(f"destination {self.name}: stopped while the schema registry could "
-                                             f"not answer: {first_line(exc)}") from exc
+                                             f"not answer: {driver_reason(exc)}") from exc
                 delay = min(delay * 2, REGISTRY_RETRY_MAX_S)
                 continue
             line = self.registry_outage.recovered()

@@ -27,10 +27,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 from pydantic import SecretStr
 from sqlalchemy import inspect, text
 
+from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
 from consumers.applier import ReplicaApplier
@@ -55,7 +56,7 @@ from consumers.writer import DestinationWriter
 
 def check_history(pipeline: Pipeline) -> None:
     """Raise when a topic partition no longer starts at offset 0: its oldest changes are gone."""
-    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-replay-check",
+    consumer = kafka_clients.consumer(pipeline.kafka, {"group.id": "cdc-replay-check",
                          "log_level": 3})
     try:
         metadata = consumer.list_topics(timeout=15)
@@ -95,7 +96,7 @@ def offsets_at(pipeline: Pipeline, when: datetime) -> dict[tuple[str, int], int]
     """Per partition (data topics and the transaction topic), the first offset written at or after `when`; the
     log end where nothing was. Kafka stamps a record when Connect produces it, never before the source commit, so
     every change committed at or after `when` is at or after these offsets."""
-    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-replay-time",
+    consumer = kafka_clients.consumer(pipeline.kafka, {"group.id": "cdc-replay-time",
                          "log_level": 3})
     try:
         metadata = consumer.list_topics(timeout=15)
@@ -116,7 +117,7 @@ def offsets_at(pipeline: Pipeline, when: datetime) -> dict[tuple[str, int], int]
 
 def end_positions(pipeline: Pipeline) -> dict[tuple[str, int], int]:
     """The log-end offset of every data and transaction partition."""
-    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-replay-end",
+    consumer = kafka_clients.consumer(pipeline.kafka, {"group.id": "cdc-replay-end",
                          "log_level": 3})
     try:
         metadata = consumer.list_topics(timeout=15)
@@ -247,7 +248,7 @@ def snapshot_and_wait(pipeline: Pipeline, tables: list[str], *, timeout: float |
     from producers.source_admin import psycopg_conninfo, send_incremental_snapshot
     from schemas.codec import AvroDecoder, RegistryClient
 
-    consumer = Consumer({"bootstrap.servers": pipeline.kafka.bootstrap_servers, "group.id": "cdc-replay-snapshot",
+    consumer = kafka_clients.consumer(pipeline.kafka, {"group.id": "cdc-replay-snapshot",
                          "enable.auto.commit": False, "log_level": 3})
     registry = RegistryClient(pipeline.kafka.schema_registry_url)
     decoder = AvroDecoder(registry)

@@ -26,7 +26,8 @@ OFFSETS_TABLE = "_cdc_offsets"
 STATUS_TABLE = "_cdc_status"
 # The source transactions whose changes of a table without a primary key a destination has applied, per pipeline and
 # table: such rows carry no LSN guard, so a transaction Debezium re-sends (at-least-once) is recognised here instead
-# and its keyless changes are not applied twice (ReplicaApplier._keyless_once; docs/applier.md).
+# and its keyless changes are not applied twice (DestinationWriter._keyless_once, consumers/writer.py;
+# docs/applier.md).
 APPLIED_TABLE = "_cdc_applied_transactions"
 
 

@@ -17,9 +17,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from cdc.config import Destination, Pipeline
-from cdc.errors import DestinationBusy, ServiceUnavailable
+from cdc.errors import DestinationBusy, ServiceUnavailable, driver_reason
 from consumers import columnar, plan, runs, values
-from consumers.apply_errors import ApplyError, DestinationLost, DestinationUnreachable, first_line, located, where
+from consumers.apply_errors import ApplyError, DestinationLost, DestinationUnreachable, located, where
 from consumers.dialects import Dialect, dialect_for
 from consumers.dialects.base import NoMatchingRow
 from consumers.dialects.duckdb import when_free
@@ -125,14 +125,14 @@ class DestinationWriter:
                 conn = self.engine.connect()
             except OperationalError as exc:
                 unreachable = DestinationUnreachable if _unreachable(exc) else ServiceUnavailable
-                raise unreachable(f"destination {self.name} did not answer: {first_line(exc)}") from exc
+                raise unreachable(f"destination {self.name} did not answer: {driver_reason(exc)}") from exc
             try:
                 free = self.dialect.try_writer_lock(conn, self.pipeline.pipeline, self.name)
                 conn.commit()  # the lock is the session's: not left idle in a transaction
             except OperationalError as exc:
                 conn.invalidate()
                 conn.close()
-                raise ServiceUnavailable(f"destination {self.name} did not answer: {first_line(exc)}") from exc
+                raise ServiceUnavailable(f"destination {self.name} did not answer: {driver_reason(exc)}") from exc
             except BaseException:
                 conn.invalidate()
                 conn.close()
@@ -177,7 +177,7 @@ class DestinationWriter:
             except DBAPIError as exc:
                 self.unclaim()
                 raise DestinationLost(f"destination {self.name}: the session holding its writer lock ended "
-                                      f"({first_line(exc)})") from exc
+                                      f"({driver_reason(exc)})") from exc
             self._lock_checked = time.monotonic()
         finally:
             self._lock_guard.release()
@@ -202,7 +202,7 @@ class DestinationWriter:
                     if getattr(exc, "connection_invalidated", False) or _session_ended(exc) or _broken(conn):
                         self.unclaim()
                         raise DestinationLost(f"destination {self.name}: its session ended "
-                                              f"({first_line(exc)})") from exc
+                                              f"({driver_reason(exc)})") from exc
                     raise
                 self._lock_checked = time.monotonic()  # the session just answered
             return
@@ -282,9 +282,9 @@ class DestinationWriter:
                         self.echo(f"{self.name}: {action}")
                 self.dialect.record_error(conn, self.pipeline.pipeline, None)  # running again: no longer stopped
         except OperationalError as exc:
-            raise ServiceUnavailable(f"destination {self.name} did not answer: {first_line(exc)}") from exc
+            raise ServiceUnavailable(f"destination {self.name} did not answer: {driver_reason(exc)}") from exc
         except DBAPIError as exc:
-            raise ApplyError(f"destination {self.name}: preparing its tables failed: {first_line(exc)}") from exc
+            raise ApplyError(f"destination {self.name}: preparing its tables failed: {driver_reason(exc)}") from exc
         self.order = self._dependency_order()
         return stored
 
@@ -330,14 +330,14 @@ class DestinationWriter:
                     self.stats.columnar_rows = columnar_rows
                     continue
             except (OperationalError, psycopg.OperationalError) as exc:
-                raise ServiceUnavailable(f"destination {self.name} failed: {first_line(exc)}") from exc
+                raise ServiceUnavailable(f"destination {self.name} failed: {driver_reason(exc)}") from exc
             except (DBAPIError, NoMatchingRow, psycopg.Error, *_duckdb_errors()) as exc:
                 if attempt == 1 and self.follower.changed_under(steps, exc, self.begin):
                     attempt = 2
                     self.stats.columnar_rows = columnar_rows
                     continue
                 raise ApplyError(f"destination {self.name}: applying {where(steps)} failed: "
-                                 f"{first_line(exc)}", **located(steps)) from exc
+                                 f"{driver_reason(exc)}", **located(steps)) from exc
 
     def _write(self, conn: Any, steps: list[Step], offsets: dict[tuple[str, int], int]) -> int:
         entries = plan.scoped_entries(steps, self.scope)
