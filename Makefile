@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 demo: setup
 	$(BIN)/cdc demo
 
-test: setup
+test: setup lint
 	$(BIN)/pytest tests/unit tests/integration
 
 unit: setup

@@ -10,12 +10,27 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
-    BigInteger, Column, DateTime, ForeignKeyConstraint, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table,
-    Text, and_, inspect, literal_column, select, text,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    and_,
+    inspect,
+    literal_column,
+    select,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.schema import CreateSchema
@@ -23,10 +38,16 @@ from sqlalchemy.sql.elements import quoted_name
 from sqlalchemy.types import TypeEngine
 
 from cdc.errors import CdcError, Terminal
-from consumers.events import ChangeEvent
 from consumers.dialects.types import SourceType
+from consumers.events import ChangeEvent
 from consumers.shapes import (
-    APPLIED_TABLE, LSN_COLUMN, OFFSETS_TABLE, SNAPSHOT_LSN, STATUS_TABLE, ColumnShape, TableShape,
+    APPLIED_TABLE,
+    LSN_COLUMN,
+    OFFSETS_TABLE,
+    SNAPSHOT_LSN,
+    STATUS_TABLE,
+    ColumnShape,
+    TableShape,
 )
 from consumers.values import UNAVAILABLE
 
@@ -70,7 +91,7 @@ def history_rows(shape: TableShape, events: list[tuple[ChangeEvent, dict]]) -> l
         record = {c: None if (v := row.get(c)) is UNAVAILABLE else v for c in shape.column_names}
         record.update(_cdc_op=event.op, _cdc_lsn=event.lsn if event.lsn is not None else SNAPSHOT_LSN,
                       _cdc_tx_id=event.xid or "",
-                      _cdc_commit_ts=datetime.fromtimestamp(event.commit_ts_ms / 1000, tz=timezone.utc)
+                      _cdc_commit_ts=datetime.fromtimestamp(event.commit_ts_ms / 1000, tz=UTC)
                       if event.commit_ts_ms else None)
         rows.append(record)
     return rows
@@ -426,7 +447,7 @@ class Dialect(ABC):
         raise SchemaChangeError(f"{shape.name}.{column}: a {self.name} destination cannot change a column's type")
 
     # -- data -----------------------------------------------------------------------------------------------------
-    def begin_batch(self, conn: Connection, *, snapshot: bool) -> None:
+    def begin_batch(self, conn: Connection, *, snapshot: bool) -> None:  # noqa: B027 - a hook: most need nothing
         """Called first in every destination transaction."""
 
     @abstractmethod
@@ -496,8 +517,8 @@ class Dialect(ABC):
                     {c: v for c, v in after.items() if v is not UNAVAILABLE})
             if conn.execute(statement).rowcount == 0:
                 raise NoMatchingRow(f"{shape.name} has no primary key, and no row of the destination equals the "
-                                    f"before image of {'an' if change.op == 'update' else 'a'} {change.op} ({_abridged(change.before)}): the destination "
-                                    "no longer equals the source")
+                                    f"before image of {'an' if change.op == 'update' else 'a'} {change.op} "
+                                    f"({_abridged(change.before)}): the destination no longer equals the source")
             written += 1
         flush()
         return written
@@ -522,7 +543,7 @@ class Dialect(ABC):
     def store_offsets(self, conn: Connection, pipeline: str, offsets: dict[tuple[str, int], int]) -> None:
         if not offsets:
             return
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows = [{"pipeline": pipeline, "topic": t, "kafka_partition": p, "next_offset": o, "updated_at": now}
                 for (t, p), o in offsets.items()]
         conn.execute(self.upsert_offsets_statement(), rows)
@@ -545,11 +566,11 @@ class Dialect(ABC):
         applies, replacing older records of the same ones (a replay applies them again)."""
         if not records:
             return
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         conn.execute(self.upsert_applied_statement(), [
             {"pipeline": pipeline, "xid": r.xid, "source_table": r.table, "first_lsn": r.first_lsn,
              "last_lsn": r.last_lsn, "end_offset": r.end_offset, "applied_at": now,
-             "committed_at": datetime.fromtimestamp(r.commit_ts_ms / 1000, tz=timezone.utc)
+             "committed_at": datetime.fromtimestamp(r.commit_ts_ms / 1000, tz=UTC)
              if r.commit_ts_ms else None} for r in records])
 
     def upsert_applied_statement(self) -> Any:
@@ -570,7 +591,7 @@ class Dialect(ABC):
         conn.execute(self.status.delete().where(self.status.c.pipeline == pipeline))
         if error is not None:
             conn.execute(self.status.insert().values(pipeline=pipeline, error=error,
-                                                     updated_at=datetime.now(timezone.utc)))
+                                                     updated_at=datetime.now(UTC)))
 
     def reset_offsets(self, conn: Connection, pipeline: str, topics: list[str] | None = None) -> None:
         stmt = self.offsets.delete().where(self.offsets.c.pipeline == pipeline)

@@ -1,7 +1,7 @@
 """The applier keeps a DuckDB file open between batches only while behind, and never shuts readers out for long.
 
-Time is a fake clock here (the writer module's `time`, consumers/writer.py): the tests say what happens in which order as the clock
-moves, never how long the machine took."""
+Time is a fake clock here (the writer module's `time`, consumers/writer.py): the tests say what happens in which order
+as the clock moves, never how long the machine took."""
 
 import subprocess
 import sys
