@@ -276,7 +276,8 @@ def private_kafka(tmp_path_factory):
     killed and started again without touching the shared stack."""
     home = tmp_path_factory.mktemp("private-kafka")
     layout = stack_mod.StackLayout(home, stack_mod.artifacts_dir(), {
-        **stack_mod.DEFAULT_PORTS, "kafka": _free_port(), "kafka_controller": _free_port()})
+        **stack_mod.DEFAULT_PORTS, "kafka": _free_port(), "kafka_controller": _free_port(),
+        "kafka_sasl": _free_port()})  # the shared broker holds the default SASL port
     java = stack_mod.find_java()
     state = {"pid": None}
 
