@@ -24,10 +24,9 @@ current state, and histories that do not store a change twice).
 
 A delivery cut short: when Connect or the broker dies after some of a transaction's events were written but before
 its END record was, those events stay in their partitions, and Debezium re-sends that transaction whole behind the
-earlier ones it re-sends. Such events then stand in front of a complete transaction's events, with no END record
-known or with one that comes later in the transaction topic (the copy's): by the ordering argument, whatever stands
-there and committed before would have been applied already, so they are set aside (`superseded`), no longer counted,
-and the copy is applied when its own END record comes.
+earlier ones it re-sends. Such events then stand in front of a complete transaction's events with no END record known
+(the ordering argument says whatever stands there committed before, so its END would have been read): they are set
+aside (`superseded`), no longer counted, and the copy is applied when its own END record comes.
 
 A record of the transaction topic that does not decode (dead-lettered, `add_lost_marker`) may have been an END
 record: its transaction's events then never complete. Since the transaction topic is in commit order, an event
@@ -238,14 +237,11 @@ class TransactionAssembler:
                 elif head.xid is None:
                     before.append(queue.popleft())  # read before the transaction was written: applied first
                     self._buffered -= head.count
-                elif (head.xid not in self._abandoned and (head.xid in known or not self._lost_markers)
-                        and taken + self._credit.get(marker.xid, 0) < needed
+                elif (head.xid not in self._abandoned and not self._lost_markers and head.xid not in known
                         and any(getattr(item, "xid", None) == marker.xid for item in queue)):
                     # A delivery cut short (Connect or the broker crashed after some of its events, before its END
                     # record): Debezium re-sends the transaction whole, behind the ones it re-sends first, this one
-                    # among them. Set aside, not given up: its copy is applied when its END record comes. Whether
-                    # that END record is read yet or not: one that is comes after this transaction's (it committed
-                    # later), so its events in front of these are an earlier delivery's either way.
+                    # among them. Set aside, not given up: its copy is applied when its END record comes.
                     queue.popleft()
                     self._supersede(head)
                 elif head.xid in self._abandoned or (

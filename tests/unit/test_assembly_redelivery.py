@@ -1,8 +1,9 @@
 """Transaction assembly under Debezium's at-least-once delivery (copies of whole transactions, read before or after
 their originals were taken) and with a record of the transaction topic lost (dead-lettered as undecodable)."""
 
+import pytest
 
-from consumers.transactions import TransactionAssembler, positions_after
+from consumers.transactions import AssemblyError, TransactionAssembler, positions_after
 from tests.unit.test_transactions import TABLES, end, ev
 
 
@@ -46,16 +47,15 @@ def test_a_copy_right_behind_its_original_is_taken_along_and_its_end_record_comp
     assert a.waiting_for is None and a.buffered == 0
 
 
-def test_events_of_a_later_transaction_in_the_way_are_an_earlier_delivery_set_aside():
-    # 6's END comes after 5's, so 6 committed after 5: its events in front of 5's are from an earlier delivery (cut
-    # short); they are set aside, and 6 waits for its copy (named as incomplete if it never comes), not applied early.
+def test_events_of_a_transaction_whose_end_record_is_known_in_the_way_are_a_contradiction():
+    # 6's END comes after 5's, so 6 committed after 5: its events cannot stand in front of 5's.
     a = TransactionAssembler(TABLES)
     a.add_event(ev(0, 0, xid=6, order=1))
     a.add_event(ev(0, 1, xid=5, order=1, key=2))
     a.add_marker(end(5, 2, person=1))
     a.add_marker(end(6, 3, person=1))
-    assert [(s.xid, [e.offset for e in s.events]) for s in a.ready()] == [("5", [1])]
-    assert a.superseded == {"6": 1} and a.waiting_for == "6" and a.missing(a.head) == {"public.person": (1, 0)}
+    with pytest.raises(AssemblyError, match="source transaction 5"):
+        a.ready()
 
 
 def test_a_delivery_cut_short_is_set_aside_and_its_copy_applied_behind_the_copies_before_it():
@@ -124,25 +124,3 @@ def test_a_later_transaction_at_the_front_of_another_partition_is_not_taken_for_
     assert [s.xid for s in a.ready()] == ["5"] and a.late == [] and a.orphaned == set()
     a.add_marker(end(6, 2, person=1))
     assert [s.xid for s in a.ready()] == ["6"]
-
-
-def test_a_delivery_cut_short_is_set_aside_also_when_its_copys_end_record_is_read_already():
-    # Seen under a SIGKILL of Connect: 5 applied; 6 and 7 cut short (events, no END); Debezium re-sent 5, 6, 7 whole
-    # and their END records were all read before 5's copy could be taken: 6 and 7 are known, yet stand in front.
-    a = TransactionAssembler(TABLES)
-    a.add_event(ev(0, 0, xid=5, order=1))
-    a.add_marker(end(5, 0, person=1))
-    assert [s.xid for s in a.ready()] == ["5"]
-    a.add_event(ev(0, 1, xid=6, order=1, key=6))  # cut short
-    a.add_event(ev(1, 0, xid=7, order=1, key=7))  # cut short, another partition
-    a.add_event(ev(0, 2, xid=5, order=1))  # the copies
-    a.add_event(ev(0, 3, xid=6, order=1, key=6))
-    a.add_event(ev(1, 1, xid=7, order=1, key=7))
-    for offset, xid in enumerate([5, 6, 7], start=1):
-        a.add_marker(end(xid, offset, person=1))
-    steps = a.ready()
-    assert [(s.xid, [(e.partition, e.offset) for e in s.events]) for s in steps] == [
-        ("5", [(0, 2)]), ("6", [(0, 3)]), ("7", [(1, 0), (1, 1)])]
-    # 6's cut-short event stood in front of 5's copy: set aside; 7's stood in front of nothing of 5's, and was taken
-    # along with its copy (the same change twice: the destination absorbs it).
-    assert a.superseded == {"6": 1} and a.buffered == 0 and a.waiting_for is None
