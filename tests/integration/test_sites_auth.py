@@ -16,7 +16,7 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AclBinding,
     AclOperation,
@@ -110,6 +110,23 @@ def produce(kafka, topic: str, value: bytes) -> KafkaError | None:
     return reports[0]
 
 
+def _commit(kafka, consumer, msg, topic: str, timeout: float = 30.0) -> None:
+    """Commit `msg` in the consumer's group: the group's ACL is checked here. The first commit may find the group's
+    coordinator still being looked up (_WAIT_COORD): asked again, as a reader does, until it answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            consumer.commit(msg, asynchronous=False)
+            return
+        except KafkaException as exc:
+            error = exc.args[0]
+            kafka_clients.raise_for_access(kafka, error, topic)
+            if error.code() not in (KafkaError._WAIT_COORD, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                                    KafkaError.NOT_COORDINATOR) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def read_one(kafka, topic: str, group: str, timeout: float = 30.0):
     """The first message of partition 0 of `topic`, read in `group`, with access errors raised as
     KafkaAccessError (what a reader built on cdc.kafka does)."""
@@ -125,7 +142,7 @@ def read_one(kafka, topic: str, group: str, timeout: float = 30.0):
                 continue
             kafka_clients.raise_for_access(kafka, msg.error(), topic)
             if msg.error() is None:
-                consumer.commit(msg, asynchronous=False)
+                _commit(kafka, consumer, msg, topic)
                 return msg.value()
         raise AssertionError(f"nothing read from {topic} in {timeout} s")
     finally:
