@@ -223,45 +223,52 @@ class TransactionAssembler:
         before: list[Item] = []
         events: list[Item] = []
         taken = 0
-        for queue in self._partitions.values():
-            while queue:
-                head = queue[0]
-                if isinstance(head, _Hole):
-                    queue.popleft()
-                    self._holes -= 1
-                    self._buffered -= 1
-                elif head.xid == marker.xid:
-                    events.append(queue.popleft())
-                    taken += head.count
-                    self._buffered -= head.count
-                elif head.xid is None:
-                    before.append(queue.popleft())  # read before the transaction was written: applied first
-                    self._buffered -= head.count
-                elif (head.xid not in self._abandoned and not self._lost_markers and head.xid not in known
-                        and any(getattr(item, "xid", None) == marker.xid for item in queue)):
-                    # A delivery cut short (Connect or the broker crashed after some of its events, before its END
-                    # record): Debezium re-sends the transaction whole, behind the ones it re-sends first, this one
-                    # among them. Set aside, not given up: its copy is applied when its END record comes.
-                    queue.popleft()
-                    self._supersede(head)
-                elif head.xid in self._abandoned or (
-                        self._lost_markers and head.xid not in known
-                        and any(getattr(item, "xid", None) == marker.xid for item in queue)):
-                    # A transaction given up, or one whose END record was lost: it stands in front of this
-                    # transaction's events (so it committed before it), and no END of it is known. Never applied.
-                    # (Only in front of them: at the head of another partition may be a later transaction whose END
-                    # is not read yet.)
-                    if head.xid not in self._abandoned:
-                        self._abandoned.add(head.xid)
-                        self.orphaned.add(head.xid)
-                        self._pending_by_xid.pop(head.xid, None)
-                        self._arrived_by_xid.pop(head.xid, None)
-                        if self._spilling:
-                            self._spilled(head.xid)
-                    self.late.append(queue.popleft())
-                    self._buffered -= head.count
-                else:
-                    break
+        # Two sweeps: the first takes what is at the front; only when this transaction still misses events does the
+        # second set aside deliveries cut short that stand in front of them (a copy of this transaction behind
+        # another's events in one partition is no reason, when its own events are at the front of another).
+        for superseding in (False, True):
+            if superseding and taken + self._credit.get(marker.xid, 0) >= needed:
+                break
+            for queue in self._partitions.values():
+                while queue:
+                    head = queue[0]
+                    if isinstance(head, _Hole):
+                        queue.popleft()
+                        self._holes -= 1
+                        self._buffered -= 1
+                    elif head.xid == marker.xid:
+                        events.append(queue.popleft())
+                        taken += head.count
+                        self._buffered -= head.count
+                    elif head.xid is None:
+                        before.append(queue.popleft())  # read before the transaction was written: applied first
+                        self._buffered -= head.count
+                    elif (superseding and head.xid not in self._abandoned and not self._lost_markers
+                            and head.xid not in known and taken + self._credit.get(marker.xid, 0) < needed
+                            and any(getattr(item, "xid", None) == marker.xid for item in queue)):
+                        # A delivery cut short (Connect or the broker crashed after some of its events, before its END
+                        # record): Debezium re-sends the transaction whole, behind the ones it re-sends first, this one
+                        # among them. Set aside, not given up: its copy is applied when its END record comes.
+                        queue.popleft()
+                        self._supersede(head)
+                    elif head.xid in self._abandoned or (
+                            self._lost_markers and head.xid not in known
+                            and any(getattr(item, "xid", None) == marker.xid for item in queue)):
+                        # A transaction given up, or one whose END record was lost: it stands in front of this
+                        # transaction's events (so it committed before it), and no END of it is known. Never applied.
+                        # (Only in front of them: at the head of another partition may be a later transaction whose END
+                        # is not read yet.)
+                        if head.xid not in self._abandoned:
+                            self._abandoned.add(head.xid)
+                            self.orphaned.add(head.xid)
+                            self._pending_by_xid.pop(head.xid, None)
+                            self._arrived_by_xid.pop(head.xid, None)
+                            if self._spilling:
+                                self._spilled(head.xid)
+                        self.late.append(queue.popleft())
+                        self._buffered -= head.count
+                    else:
+                        break
         if self._spilling:
             self._spilled(marker.xid)
         credit = self._credit.pop(marker.xid, 0)

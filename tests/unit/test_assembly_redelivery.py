@@ -124,3 +124,19 @@ def test_a_later_transaction_at_the_front_of_another_partition_is_not_taken_for_
     assert [s.xid for s in a.ready()] == ["5"] and a.late == [] and a.orphaned == set()
     a.add_marker(end(6, 2, person=1))
     assert [s.xid for s in a.ready()] == ["6"]
+
+
+def test_a_copy_behind_a_later_transaction_is_no_reason_to_set_that_one_aside():
+    # Partition 0: 5, 6, 5' (a copy); partition 1: 5's other event. 6's END is not read yet. 5 is taken from the
+    # fronts of both partitions; 6 stays, for its own END record.
+    a = TransactionAssembler(TABLES)
+    a.add_event(ev(0, 0, xid=5, order=1))
+    a.add_event(ev(0, 1, xid=6, order=1, key=6))
+    a.add_event(ev(0, 2, xid=5, order=1))
+    a.add_event(ev(1, 0, xid=5, order=2, key=2))
+    a.add_marker(end(5, 0, person=2))
+    [step] = a.ready()
+    assert step.xid == "5" and sorted((e.partition, e.offset) for e in step.events) == [(0, 0), (1, 0)]
+    assert a.superseded == {}
+    a.add_marker(end(6, 1, person=1))
+    assert [(s.xid, [e.offset for e in s.events]) for s in a.ready()] == [("6", [1])]
