@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -630,8 +630,17 @@ def parse(data: Any, source: str = DEFAULT_FILE, env: dict[str, str] | None = No
         raise ConfigError(f"{source}: the file must be a mapping of settings (pipeline:, kafka:, source:, ...), "
                           f"not {type(data).__name__}")
     data = _interpolate(data, "", dict(os.environ) if env is None else env, source)
+    return validated(Pipeline, data, source)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validated(model: type[ModelT], data: dict[str, Any], source: str) -> ModelT:
+    """`data` validated as `model`, or one ConfigError with a line per problem naming the file and the field (the
+    pipeline file's and the topology file's models alike)."""
     try:
-        return Pipeline.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

@@ -47,13 +47,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
-class _FieldError(ValueError):
-    """A cross-field problem, with the field path it belongs to."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.message = message
+_FieldError = config._FieldError  # the pipeline file's: config.validated names its path
 
 
 def _table_name(table: Any) -> str:
@@ -379,18 +373,7 @@ def parse(data: Any, source: str = DEFAULT_FILE, env: dict[str, str] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the file must be a mapping of settings (topology:, kafka:, sites:, ...)")
     data = config._interpolate(data, "", dict(os.environ) if env is None else env, source)
-    try:
-        return Topology.model_validate(data)
-    except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            ctx_error = error.get("ctx", {}).get("error")
-            if isinstance(ctx_error, _FieldError):
-                line = f"{source}: {ctx_error.path}: {ctx_error.message}"
-            else:
-                line = f"{source}: {config._field_path(error['loc'])}: {config._describe(error)}"
-            lines.append(cut(line, MAX_ERROR_LINE))
-        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+    return config.validated(Topology, data, source)
 
 
 def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Topology:
