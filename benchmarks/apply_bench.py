@@ -452,7 +452,7 @@ def profile_ours(data: dict[str, Any], dbs: Databases, run_id: str, rows: int, o
     except ImportError:
         return "pyinstrument is not installed (.venv/bin/pip install pyinstrument)"
     from cdc import config
-    from consumers.applier import ReplicaApplier
+    from consumers.apply.applier import ReplicaApplier
 
     url = dbs.create(f"bench_prof_{run_id}")
     pipeline = config.parse({**data, "destinations": {"profile": {"kind": "replica", "url": url}}}, "profile")

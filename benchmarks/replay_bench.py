@@ -77,7 +77,7 @@ LAKE = "lake"  # the analytics destination (DuckDB)
 REPLICA = "replica"  # the PostgreSQL replica destination
 DUCKDB_TABLE = '"public.bench_item"'  # the analytics replica names a table as the source does, schema included
 DUCKDB_HISTORY = '"public.bench_item__history"'
-# A replay that the command refuses for this kind of destination (consumers/replay.py's wording, and a few likely
+# A replay that the command refuses for this kind of destination (consumers/ops/replay.py's wording, and a few likely
 # future ones): recorded as "not supported" instead of a failure.
 NOT_SUPPORTED = re.compile(r"not supported|not implemented|destinations only|only so far|no replica destination",
                            re.IGNORECASE)
@@ -256,7 +256,7 @@ def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[
                  bootstrap: str, group: str, topic: str, repeat: int) -> IngestResult:
     """`repeat` ingestions of all the changes, each into an empty DuckDB file and under a consumer group emptied
     first (the sustained rate is read from it); then one more run with nothing to apply (the fixed cost)."""
-    from consumers.backups import remove_database
+    from consumers.ops.backups import remove_database
 
     timeout = timeout_for(rows)
     argv = [CDC, "-c", str(config_path), "run", LAKE, "--until-caught-up", "--timeout", f"{timeout:.0f}"]

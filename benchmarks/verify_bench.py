@@ -25,9 +25,9 @@ import psycopg
 from sqlalchemy import create_engine
 
 from cdc import config
-from consumers import verify
-from consumers.dialects import dialect_for
-from consumers.shapes import reflect_shapes
+from consumers.apply.dialects import dialect_for
+from consumers.apply.shapes import reflect_shapes
+from consumers.ops import verify
 from infra import stack
 
 DDL = ("create table item (id bigint primary key, name text not null, qty integer, price numeric(12, 2), "

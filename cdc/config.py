@@ -38,7 +38,7 @@ SHOWN_CHARS = 120
 # The longest line one configuration error may print, whatever it quotes (a last guard behind `shown`).
 MAX_ERROR_LINE = 1000
 # The SQLAlchemy schemes (dialect+driver) the project can write to, per destination kind; the drivers are the ones
-# it installs (psycopg 3, PyMySQL, duckdb_engine), consumers/dialects has one dialect per database. A DuckDB file
+# it installs (psycopg 3, PyMySQL, duckdb_engine), consumers/apply/dialects has one dialect per database. A DuckDB file
 # of kind replica is written by the DuckDB dialect, as an analytics file is.
 DESTINATION_SCHEMES = {
     "replica": ("postgresql", "postgresql+psycopg", "mysql", "mysql+pymysql", "mariadb", "mariadb+pymysql", "duckdb"),
@@ -272,7 +272,7 @@ class Destination(_Model):
     adopt_existing_tables: bool = False
     # PostgreSQL analytics destinations only: the role their users read with, and `cdc query` logs in as. Filled
     # with `default_read_only_role(<destination name>)` when absent; without a password `cdc run` generates one
-    # (consumers.dialects.postgres.reader_password).
+    # (consumers.apply.dialects.postgres.reader_password).
     read_only_role: str | None = None
     read_only_password: SecretStr | None = None
 

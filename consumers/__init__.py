@@ -1,1 +1,2 @@
-"""Apply: event decoding, transaction assembly, the replica applier, the analytics replica, replay, lag, verify."""
+"""Consumers: apply/ (applying changes), lag/ (measuring it), ops/ (replay, backups, verify, resync, query), and
+the products built on them: sync/ and sites/."""

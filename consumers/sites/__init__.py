@@ -14,9 +14,9 @@ from typing import Any
 
 from cdc.errors import CdcError, first_line
 from cdc.topology import Link, Topology
-from consumers import lag as lag_rules
-from consumers.applier import ReplicaApplier
-from consumers.lag_probe import LagProbe
+from consumers.apply.applier import ReplicaApplier
+from consumers.lag import status as lag_rules
+from consumers.lag.probe import LagProbe
 
 
 def chosen_links(topology: Topology, sites: list[str] | None, *, include_on_demand: bool) -> list[Link]:

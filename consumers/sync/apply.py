@@ -18,9 +18,9 @@ from sqlalchemy.exc import DBAPIError
 
 from cdc.config import Pipeline, Sync, SyncTable, masked_url
 from cdc.errors import CdcError, first_line
-from consumers.backups import ScopeBackups
-from consumers.plan import dependency_order, self_referencing_order
-from consumers.shapes import ForeignKeyShape, TableShape
+from consumers.apply.plan import dependency_order, self_referencing_order
+from consumers.apply.shapes import ForeignKeyShape, TableShape
+from consumers.ops.backups import ScopeBackups
 from consumers.sync import objects as objects_mod
 from consumers.sync.plan import (
     Definition,

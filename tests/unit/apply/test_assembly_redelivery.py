@@ -1,0 +1,142 @@
+"""Transaction assembly under Debezium's at-least-once delivery (copies of whole transactions, read before or after
+their originals were taken) and with a record of the transaction topic lost (dead-lettered as undecodable)."""
+
+import pytest
+
+from consumers.apply.transactions import AssemblyError, TransactionAssembler, positions_after
+from tests.unit.apply.test_transactions import TABLES, end, ev
+
+
+def test_a_copy_read_after_its_original_was_taken_is_a_transaction_again():
+    a = TransactionAssembler(TABLES)
+    a.add_marker(end(5, 1, person=2))
+    a.add_event(ev(0, 0, xid=5, order=1))
+    a.add_event(ev(0, 1, xid=5, order=2))
+    assert [len(s.events) for s in a.ready()] == [2]
+    a.add_event(ev(0, 2, xid=5, order=1))
+    a.add_event(ev(0, 3, xid=5, order=2))
+    a.add_marker(end(5, 2, person=2))
+    [step] = a.ready()
+    assert [e.offset for e in step.events] == [2, 3] and step.marker_offset == 2
+    assert a.buffered == 0 and a.waiting_for is None
+
+
+def test_copies_read_before_their_originals_were_taken_complete_their_own_end_records():
+    # Partition: T5 T6 | T5' T6' (Debezium re-sent both after a crash); the transaction topic: E5 E6 E5' E6'.
+    a = TransactionAssembler(TABLES)
+    for offset, xid in enumerate([5, 6, 5, 6]):
+        a.add_event(ev(0, offset, xid=xid, order=1, key=xid))
+    for offset, xid in enumerate([5, 6, 5, 6]):
+        a.add_marker(end(xid, offset, person=1))
+    steps = a.ready()
+    assert [(s.xid, [e.offset for e in s.events]) for s in steps] == [("5", [0]), ("6", [1]), ("5", [2]), ("6", [3])]
+    assert a.buffered == 0 and a.waiting_for is None
+    assert positions_after(steps) == {("p.person", 0): 4}
+
+
+def test_a_copy_right_behind_its_original_is_taken_along_and_its_end_record_completes_empty():
+    a = TransactionAssembler(TABLES)
+    a.add_event(ev(0, 0, xid=5, order=1))
+    a.add_event(ev(0, 1, xid=5, order=1))  # the copy
+    a.add_marker(end(5, 1, person=1))
+    a.add_marker(end(5, 2, person=1))
+    a.add_event(ev(0, 2, xid=6, order=1, key=2))
+    a.add_marker(end(6, 3, person=1))
+    steps = a.ready()
+    assert [(s.xid, len(s.events)) for s in steps] == [("5", 2), ("5", 0), ("6", 1)]
+    assert a.waiting_for is None and a.buffered == 0
+
+
+def test_events_of_a_transaction_whose_end_record_is_known_in_the_way_are_a_contradiction():
+    # 6's END comes after 5's, so 6 committed after 5: its events cannot stand in front of 5's.
+    a = TransactionAssembler(TABLES)
+    a.add_event(ev(0, 0, xid=6, order=1))
+    a.add_event(ev(0, 1, xid=5, order=1, key=2))
+    a.add_marker(end(5, 2, person=1))
+    a.add_marker(end(6, 3, person=1))
+    with pytest.raises(AssemblyError, match="source transaction 5"):
+        a.ready()
+
+
+def test_a_delivery_cut_short_is_set_aside_and_its_copy_applied_behind_the_copies_before_it():
+    # Partitions: 5 | 7 (cut short: Connect died before 7's END) | 5' 6' 7' (Debezium re-sent from before 5).
+    # The transaction topic: E5 E5' E6' E7'. Seen under a SIGKILL of Connect (tests/integration/apply/test_faults.py).
+    a = TransactionAssembler(TABLES)
+    a.add_event(ev(0, 0, xid=5, order=1))
+    a.add_event(ev(0, 1, xid=7, order=1, key=7))
+    a.add_event(ev(1, 0, xid=7, order=2, key=8))  # the cut-short delivery's event in the other partition
+    a.add_marker(end(5, 0, person=1))
+    assert [s.xid for s in a.ready()] == ["5"]
+    a.add_event(ev(0, 2, xid=5, order=1))
+    a.add_event(ev(0, 3, xid=6, order=1, key=6))
+    a.add_marker(end(5, 1, person=1))
+    a.add_marker(end(6, 2, person=1))
+    steps = a.ready()
+    assert [(s.xid, [e.offset for e in s.events]) for s in steps] == [("5", [2]), ("6", [3])]
+    assert a.superseded == {"7": 1} and a.late == [] and a.orphaned == set()
+    # 7's END record (the copy's) completes with the copy's event here and the cut-short one still in partition 1,
+    # the same change (the destination absorbs its copy, which arrives later).
+    a.add_marker(end(7, 3, person=2))
+    a.add_event(ev(0, 4, xid=7, order=1, key=7))
+    [step] = a.ready()
+    assert step.xid == "7" and sorted((e.partition, e.offset) for e in step.events) == [(0, 4), (1, 0)]
+    a.add_event(ev(1, 1, xid=7, order=2, key=8))  # that copy: set aside once a later transaction's events follow it
+    a.add_event(ev(1, 2, xid=8, order=1, key=9))
+    a.add_marker(end(8, 4, person=1))
+    [step] = a.ready()
+    assert step.xid == "8" and [e.offset for e in step.events] == [2] and a.superseded == {"7": 2}
+    assert a.buffered == 0 and a.waiting_for is None
+    assert positions_after([step]) == {("p.person", 1): 3}
+
+
+def test_events_whose_end_record_was_lost_are_given_up_when_they_stand_in_the_way():
+    a = TransactionAssembler(TABLES)
+    a.add_event(ev(0, 0, xid=4, order=1))  # its END record did not decode
+    a.add_event(ev(1, 0, xid=4, order=2))
+    a.add_event(ev(0, 1, xid=5, order=1, key=2))
+    a.add_lost_marker(1)
+    a.add_marker(end(5, 2, person=1))
+    [step] = a.ready()
+    assert step.xid == "5" and [e.offset for e in step.events] == [1]
+    # Once given up, in every partition: its event where transaction 5 has none went too.
+    assert [(e.partition, e.offset) for e in a.late] == [(0, 0), (1, 0)] and a.orphaned == {"4"}
+    late = ev(2, 0, xid=4, order=3)
+    a.add_event(late)  # and one arriving later still is set aside
+    assert a.late[-1] is late and a.buffered == 0
+
+
+def test_a_transaction_whose_end_record_is_known_is_never_taken_for_an_orphan():
+    a = TransactionAssembler(TABLES)
+    a.add_lost_marker(0)
+    a.add_event(ev(0, 0, xid=4, order=1))
+    a.add_marker(end(4, 1, person=2))  # two events, one arrived: incomplete, not lost
+    a.add_event(ev(0, 1, xid=5, order=1, key=2))
+    a.add_marker(end(5, 2, person=1))
+    assert a.ready() == [] and a.waiting_for == "4" and a.late == []
+
+
+def test_a_later_transaction_at_the_front_of_another_partition_is_not_taken_for_an_orphan():
+    a = TransactionAssembler(TABLES)
+    a.add_lost_marker(0)
+    a.add_event(ev(0, 0, xid=5, order=1))
+    a.add_event(ev(1, 0, xid=6, order=1, key=2))  # committed after 5; its END record is not read yet
+    a.add_marker(end(5, 1, person=1))
+    assert [s.xid for s in a.ready()] == ["5"] and a.late == [] and a.orphaned == set()
+    a.add_marker(end(6, 2, person=1))
+    assert [s.xid for s in a.ready()] == ["6"]
+
+
+def test_a_copy_behind_a_later_transaction_is_no_reason_to_set_that_one_aside():
+    # Partition 0: 5, 6, 5' (a copy); partition 1: 5's other event. 6's END is not read yet. 5 is taken from the
+    # fronts of both partitions; 6 stays, for its own END record.
+    a = TransactionAssembler(TABLES)
+    a.add_event(ev(0, 0, xid=5, order=1))
+    a.add_event(ev(0, 1, xid=6, order=1, key=6))
+    a.add_event(ev(0, 2, xid=5, order=1))
+    a.add_event(ev(1, 0, xid=5, order=2, key=2))
+    a.add_marker(end(5, 0, person=2))
+    [step] = a.ready()
+    assert step.xid == "5" and sorted((e.partition, e.offset) for e in step.events) == [(0, 0), (1, 0)]
+    assert a.superseded == {}
+    a.add_marker(end(6, 1, person=1))
+    assert [(s.xid, [e.offset for e in s.events]) for s in a.ready()] == [("6", [1])]
