@@ -12,7 +12,7 @@ import psycopg
 
 from cdc.config import Pipeline, topic_safe
 from cdc.errors import CdcError, ConnectError, first_line
-from consumers.dialects.types import check_pipeline
+from consumers.apply.dialects.types import check_pipeline
 from producers import debezium, partitions, topics
 from producers.connect import ConnectClient, ConnectorStatus, changed_secrets, remove_secrets, write_secrets
 from producers.source_admin import (

@@ -374,7 +374,7 @@ def site_grants(topology: Topology, satellite: str) -> list[Grant]:
         else:
             for op in ("read", "describe"):
                 grants.append(Grant("topic", f"{name}.", "prefixed", op))
-                # The applier's group (consumers/reader.py: `cdc-<pipeline>-<destination>`), literally: a prefix
+                # The applier's group (consumers/apply/reader.py: `cdc-<pipeline>-<destination>`), literally: a prefix
                 # could match another satellite's group when one's name starts with another's.
                 grants.append(Grant("group", f"cdc-{name}-{link.destination}", "literal", op))
             grants.append(Grant("topic", f"{name}.{link.destination}.dead-letter", "literal", "write"))

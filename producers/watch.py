@@ -5,7 +5,7 @@ A Debezium task fails for good when its source connection breaks (a PostgreSQL r
 and Kafka Connect never retries it by itself; the fix is the one a person would apply by hand, Connect's
 `POST /connectors/<name>/restart?includeTasks=true&onlyFailed=true`. Restarts of a task that fails again are spaced
 out (30 s, doubled up to 10 min) so that a source that stays down is not hammered, and each is reported with the
-first line of the task's trace. Kafka Connect itself not answering is one line every 30 s (consumers/outage.py).
+first line of the task's trace. Kafka Connect itself not answering is one line every 30 s (consumers/apply/outage.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from cdc.errors import CdcError, first_line
-from consumers.outage import Outage
+from consumers.apply.outage import Outage
 from producers.connect import ConnectClient, ConnectorStatus
 
 CHECK_EVERY_S = 10.0
