@@ -136,6 +136,9 @@ class TransactionMarker:
     event_counts: Mapping[str, int]  # schema-qualified table -> events of this transaction (END only)
     commit_ts_ms: int | None
     offset: int
+    # The source's commit LSN, from an END record's id ("txId:lsn": the LSN Debezium last saw, its COMMIT's; the
+    # same in a re-sent copy, and increasing in commit order). None where the id carries none.
+    commit_lsn: int | None = None
 
 
 def marker_from_record(value: Mapping[str, Any], offset: int) -> TransactionMarker:
@@ -144,4 +147,5 @@ def marker_from_record(value: Mapping[str, Any], offset: int) -> TransactionMark
     except (KeyError, TypeError) as exc:
         raise ValueError(f"not a Debezium transaction record (missing {exc})") from None
     counts = {c["data_collection"]: c["event_count"] for c in value.get("data_collections") or ()}
-    return TransactionMarker(status, str(tx_id).split(":", 1)[0], counts, value.get("ts_ms"), offset)
+    xid, _, lsn = str(tx_id).partition(":")
+    return TransactionMarker(status, xid, counts, value.get("ts_ms"), offset, int(lsn) if lsn.isdigit() else None)

@@ -66,6 +66,7 @@ class Step:
     xid: str | None = None  # None for snapshot rows
     commit_ts_ms: int | None = None
     marker_offset: int | None = None  # the END record's offset in the transaction topic
+    commit_lsn: int | None = None  # the source's commit LSN (TransactionMarker.commit_lsn)
 
 
 @dataclass
@@ -199,7 +200,7 @@ class TransactionAssembler:
         marker = self._ends.popleft()
         before, events = self._take_transaction(marker, forced=True)
         self._abandoned.add(marker.xid)
-        return ([Step(before)] if before else []) + [Step(events, marker.xid, marker.commit_ts_ms, marker.offset)]
+        return ([Step(before)] if before else []) + [Step(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn)]
 
     # -- output
     def _take_snapshot_heads(self) -> list[Item]:
@@ -338,7 +339,7 @@ class TransactionAssembler:
             before, events = self._take_transaction(marker)
             if before:
                 steps.append(Step(before))
-            steps.append(Step(events, marker.xid, marker.commit_ts_ms, marker.offset))
+            steps.append(Step(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn))
             count += changes(before) + changes(events)
         return steps
 
