@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from cdc.config import KafkaSettings
@@ -106,6 +106,16 @@ def client_settings(kafka: KafkaSettings | str, extra: dict[str, Any] | None = N
 def shown_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Settings as a message or a log may show them: secrets replaced by `***`, callbacks left out."""
     return {k: ("***" if k in SECRET_SETTINGS else v) for k, v in settings.items() if not callable(v)}
+
+
+def position(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a message a consumer returned without an error, which always has all three
+    (the client types them optional because an error event may lack them)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise KafkaException(f"a consumed message without a position: topic {topic}, partition {partition}, "
+                             f"offset {offset}")
+    return topic, partition, offset
 
 
 def consumer(kafka: KafkaSettings | str, extra: dict[str, Any] | None = None) -> Consumer:

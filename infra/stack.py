@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -879,11 +880,12 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
         layout.pidfile("schema_registry").unlink(missing_ok=True)
         running["schema_registry"] = None
     for name in RESTARTABLE:
-        if running[name] and not _recovers(layout, name):
+        pid = running[name]
+        if pid and not _recovers(layout, name):
             # A registry whose database restarted can keep failing on connections its pool holds; a Connect worker
             # can stay unhealthy after its broker came back. Both keep their state elsewhere (PostgreSQL, Kafka).
             echo(f"{name}: running but unhealthy for {RECOVER_S:.0f} s: restarting it")
-            _stop_pid(running[name])
+            _stop_pid(pid)
             layout.pidfile(name).unlink(missing_ok=True)
             running[name] = None
     if all(running.values()):
@@ -934,7 +936,7 @@ def up(echo: Callable[[str], None] = print) -> StackLayout:
             started["connect"] = _start_connect(layout, java)
         for name in ("mariadb", "schema_registry", "connect"):
             if name in started:
-                _wait(name, layout, lambda n=name: HEALTH[n](layout), started[name], START_TIMEOUT[name])
+                _wait(name, layout, functools.partial(HEALTH[name], layout), started[name], START_TIMEOUT[name])
                 echo(f"{name}: started ({time.monotonic() - t0:.1f} s)")
     for name in COMPONENTS:
         if running[name]:
@@ -990,8 +992,8 @@ def down(echo: Callable[[str], None] = print) -> None:
             echo(f"{pidfile.stem}: stopped")
         pidfile.unlink(missing_ok=True)
     for name in reversed(COMPONENTS):
-        pid = component_pid(layout, name)
-        if pid is None:
+        component = component_pid(layout, name)
+        if component is None:
             echo(f"{name}: not running")
             continue
         if name == "postgres":
@@ -999,6 +1001,6 @@ def down(echo: Callable[[str], None] = print) -> None:
         elif name == "mariadb":
             _stop_mariadb(layout)
         else:
-            _stop_pid(pid)
+            _stop_pid(component)
             layout.pidfile(name).unlink(missing_ok=True)
         echo(f"{name}: stopped")

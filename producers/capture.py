@@ -433,7 +433,7 @@ def delete(pipeline: Pipeline, *, purge: bool) -> list[str]:
     resume from them; purge forgets them (Connect only resets the offsets of a STOPPED connector). Topics are
     kept: they are the event log.
     """
-    done = []
+    done: list[str] = []
     name = pipeline.connector_name
     with ConnectClient(pipeline.kafka.connect_url) as connect:
         exists = connect.status(name) is not None

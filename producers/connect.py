@@ -17,6 +17,9 @@ from cdc.errors import ConnectError, ServiceUnavailable
 
 # Connect answers 409 while the worker group rebalances; the call is safe to repeat a little later.
 _RETRY_STATUSES = {409, 503}
+# Spelled out here: inside ConnectClient, whose method `list` shadows the builtin, `list[...]` is not a type.
+_Plugins = list[dict[str, str]]
+_Offsets = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class ConnectClient:
             return None
         return ConnectorStatus(name=name, state=data["connector"]["state"], tasks=data.get("tasks", []))
 
-    def plugins(self) -> list[dict[str, str]]:
+    def plugins(self) -> _Plugins:
         return self._call("GET", "/connector-plugins", params={"connectorsOnly": "false"})
 
     def offsets(self, name: str) -> dict[str, Any]:
@@ -139,7 +142,7 @@ class ConnectClient:
         """Forget a stopped connector's source offsets (Connect requires the connector to be STOPPED)."""
         self._call("DELETE", self._path(name, "/offsets"), connector=name)
 
-    def alter_offsets(self, name: str, offsets: list[dict[str, Any]]) -> None:
+    def alter_offsets(self, name: str, offsets: _Offsets) -> None:
         self._call("PATCH", self._path(name, "/offsets"), connector=name, json={"offsets": offsets})
 
     # -- waiting

@@ -122,8 +122,8 @@ def routed_topic(config: dict[str, str], table: str) -> str:
             regex = config[f"transforms.{name}.regex"]
             if re.fullmatch(regex, topic):
                 replacement = config[f"transforms.{name}.replacement"]
-                # Taken as it is (a function: re.sub would read backslashes in a replacement string).
-                topic = re.sub(regex, lambda _, text=replacement: text, topic, count=1)
+                # Taken as it is: re.sub reads backslashes in a replacement string, so they are doubled.
+                topic = re.sub(regex, replacement.replace("\\", "\\\\"), topic, count=1)
     return topic
 
 

@@ -289,12 +289,14 @@ class _Analysis:
     # -- step 2
     def _small(self, name: str) -> str | None:
         rows = self.tables[name].rows
-        referencers = [t for link in self.links_to[name] if (t := self.tables[link.child]).rows is not None]
+        # (rows, name) of the tables referencing it whose size is known
+        referencers = [(n, child) for link in self.links_to[name]
+                       if (n := self.tables[(child := link.child)].rows) is not None]
         if rows is None or not referencers:
             return None
-        biggest = max(referencers, key=lambda t: (t.rows or 0, t.name))
-        if rows <= SMALL_TABLE_ROWS and (biggest.rows or 0) >= SMALL_TABLE_RATIO * max(rows, 10):
-            return f"{_rows(rows)} against {_rows(biggest.rows)} in {biggest.name}, which references it"
+        biggest_rows, biggest = max(referencers)
+        if rows <= SMALL_TABLE_ROWS and biggest_rows >= SMALL_TABLE_RATIO * max(rows, 10):
+            return f"{_rows(rows)} against {_rows(biggest_rows)} in {biggest}, which references it"
         return None
 
     def _describes(self, name: str) -> str | None:

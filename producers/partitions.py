@@ -28,7 +28,7 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from producers.source_admin import split_table
+from producers.source_admin import one_row, split_table
 
 KNOWN_TABLE = "cdc_partitions"
 LOG_TABLE = "cdc_partition_log"
@@ -207,8 +207,8 @@ def uninstall(conn: psycopg.Connection, pipeline: str, signal_table: str) -> boo
 
 def _has_log(conn: psycopg.Connection, signal_table: str) -> bool:
     schema, _ = split_table(signal_table)
-    return conn.execute("select to_regclass(%s)", (sql.Identifier(schema, LOG_TABLE).as_string(conn),)).fetchone()[0] \
-        is not None
+    log = sql.Identifier(schema, LOG_TABLE).as_string(conn)
+    return one_row(conn.execute("select to_regclass(%s)", (log,)), "to_regclass")[0] is not None
 
 
 def departures(conn: psycopg.Connection, pipeline: str, signal_table: str, destinations: list[str]) -> list[Departure]:

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -29,6 +30,22 @@ class TableInfo:
     columns: dict[str, Column]
     # A partition (declarative partitioning): the partitioned tables above it, nearest first, schema-qualified.
     partition_of: tuple[str, ...] = ()
+
+
+_Row = TypeVar("_Row", covariant=True)
+
+
+class _Cursor(Protocol[_Row]):
+    def fetchone(self) -> _Row | None: ...
+
+
+def one_row(cursor: _Cursor[_Row], what: str) -> _Row:
+    """The row of a query that returns exactly one (an aggregate, a select of expressions, the current database);
+    none means the object it reads vanished, which is said with `what` rather than as a TypeError on None."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError(f"no row for {what}")
+    return row
 
 
 def split_table(table: str) -> tuple[str, str]:
@@ -208,8 +225,9 @@ class SourceIdentity:
 
 
 def source_identity(conn: psycopg.Connection) -> SourceIdentity:
-    row = conn.execute("select (select system_identifier::text from pg_control_system()), d.oid::bigint, d.datname "
-                       "from pg_database d where d.datname = current_database()").fetchone()
+    row = one_row(conn.execute("select (select system_identifier::text from pg_control_system()), d.oid::bigint, "
+                               "d.datname from pg_database d where d.datname = current_database()"),
+                  "the current database in pg_database")
     return SourceIdentity(row[0], int(row[1]), row[2])
 
 
@@ -221,7 +239,7 @@ def insert_watermark(conn: psycopg.Connection, signal_table: str) -> str:
     """
     schema, name = split_table(signal_table)
     with conn.transaction():
-        xid = conn.execute("select txid_current() % 4294967296").fetchone()[0]
+        xid = one_row(conn.execute("select txid_current() % 4294967296"), "txid_current()")[0]
         conn.execute(sql.SQL("insert into {} (id, type, data) values (%s, 'log', %s)").format(
             sql.Identifier(schema, name)),
             (f"cdc-watermark-{uuid.uuid4()}", json.dumps({"message": f"cdc watermark {xid}"})))

@@ -183,9 +183,10 @@ def read_source_record(kafka: KafkaSettings | str, topic: str, timeout: float = 
             msg = consumer.poll(1.0)
             if msg is None or msg.error() is not None:
                 continue
-            if msg.key() == SOURCE_KEY and msg.value() is not None:
-                latest = json.loads(msg.value())
-            if msg.offset() >= high - 1:
+            value, offset = msg.value(), msg.offset()
+            if msg.key() == SOURCE_KEY and value is not None:
+                latest = json.loads(value)
+            if offset is not None and offset >= high - 1:  # a message read from a partition has an offset
                 return latest
         raise ServiceUnavailable(f"could not read topic {topic} to its end within {timeout:.0f} s")
     except KafkaException as exc:

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import URL
 
 from cdc import config
 from cdc.config import Pipeline
+from cdc.errors import ConfigError
 from consumers.apply.applier import ReplicaApplier
 from consumers.apply.events import ChangeEvent
 from consumers.apply.stream import ChangeStream
 from consumers.ops import verify
 from infra import stack
 from producers import capture, topics
-from producers.source_admin import drop_slot, slots_of_database
+from producers.source_admin import drop_slot, one_row, slots_of_database
 from schemas.codec import AvroDecoder, RegistryClient
 
 SAMPLE_DIR = Path(stack.__file__).resolve().parent / "sample"
@@ -69,6 +71,13 @@ def sample_pipeline(layout: stack.StackLayout, database: str) -> Pipeline:
     return config.load(SAMPLE_PIPELINE, env={**os.environ, **demo_env(layout, database)})
 
 
+def _database(url: URL) -> str:
+    """The database (or DuckDB file) a URL names; the pipeline file's validation already refused one without."""
+    if not url.database:
+        raise ConfigError(f"the sample pipeline's URL {url.render_as_string()} names no database")
+    return url.database
+
+
 def reset_source(layout: stack.StackLayout, pipeline: Pipeline) -> None:
     """Remove what an earlier run left: its background consumers, the connector, slot, publication, topics and
     the sample databases."""
@@ -82,20 +91,20 @@ def reset_source(layout: stack.StackLayout, pipeline: Pipeline) -> None:
             pass
         pidfile.unlink(missing_ok=True)
     capture.delete(pipeline, purge=True)
+    source = _database(pipeline.source.sqlalchemy_url)
     with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
         # Slots of the sample database (this pipeline's, or one left by an older run) block dropping it.
         conn.execute("select pg_terminate_backend(active_pid) from pg_replication_slots "
-                     "where database = %s and active_pid is not null", (pipeline.source.sqlalchemy_url.database,))
-        for slot in slots_of_database(conn, pipeline.source.sqlalchemy_url.database):
+                     "where database = %s and active_pid is not null", (source,))
+        for slot in slots_of_database(conn, source):
             drop_slot(conn, slot, wait=10)
-        conn.execute(sql.SQL("drop database if exists {} with (force)").format(
-            sql.Identifier(pipeline.source.sqlalchemy_url.database)))
-        conn.execute(sql.SQL("create database {}").format(sql.Identifier(pipeline.source.sqlalchemy_url.database)))
+        conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(source)))
+        conn.execute(sql.SQL("create database {}").format(sql.Identifier(source)))
         for dest in pipeline.destinations.values():
+            name = _database(dest.sqlalchemy_url)
             if dest.kind == "analytics":
-                Path(dest.sqlalchemy_url.database).unlink(missing_ok=True)
+                Path(name).unlink(missing_ok=True)
                 continue
-            name = dest.sqlalchemy_url.database
             conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
     admin = topics.admin_client(layout.kafka_bootstrap)
@@ -118,7 +127,7 @@ def live_workload(url: str, transactions: int, seed: int = 11) -> None:
     their rows, persons leaving with theirs, and grade changes."""
     rng = random.Random(seed)
     with psycopg.connect(url, autocommit=True) as conn:
-        next_id = conn.execute("select coalesce(max(id), 0) + 1000 from person").fetchone()[0]
+        next_id = one_row(conn.execute("select coalesce(max(id), 0) + 1000 from person"), "max(id)")[0]
         for _ in range(transactions):
             ids = [r[0] for r in conn.execute("select id from person order by random() limit 2")]
             with conn.transaction():
@@ -161,7 +170,7 @@ def compare(source_url: str, replica_url: str, tables: tuple[str, ...]) -> list[
                 query = sql.SQL("select count(*), coalesce(md5(string_agg(r::text, '|' order by r::text)), '') "
                                 "from (select {} from {}) r").format(
                     sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(schema, table))
-                sums.append(conn.execute(query).fetchone())
+                sums.append(one_row(conn.execute(query), "count(*)"))
         results.append((qualified, sums[0][0], sums[1][0], sums[0] == sums[1]))
     return results
 
@@ -221,7 +230,7 @@ def analyse(pipeline: Pipeline, echo: Callable[[str], None]) -> None:
     applier = ReplicaApplier(pipeline, "lake", echo=lambda line: echo("   " + line))
     applier.run(until_caught_up=True, timeout=120)
     applier.close()
-    path = pipeline.destinations["lake"].sqlalchemy_url.database
+    path = _database(pipeline.destinations["lake"].sqlalchemy_url)
     query = ('select s.name as school, count(*) as pupils, sum(p.balance) as balance from "public.enrollment" e '
              'join "public.person" p on p.id = e.person_id join "public.school" s on s.id = e.school_id '
              'group by s.name order by s.name')
@@ -229,7 +238,7 @@ def analyse(pipeline: Pipeline, echo: Callable[[str], None]) -> None:
     with duckdb.connect(path, read_only=True) as conn:
         for school, pupils, balance in conn.execute(query).fetchall():
             echo(f"   {school:30} {pupils:4} pupils  balance {balance}")
-        changes = conn.execute('select count(*) from "public.person__history"').fetchone()[0]
+        changes = one_row(conn.execute('select count(*) from "public.person__history"'), "count(*)")[0]
     echo(f"   ({changes} changes of public.person in its history table, for point-in-time questions)")
 
 

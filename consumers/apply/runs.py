@@ -180,7 +180,7 @@ class ChangeRun:
 
     def spill(self, file: SpillFile) -> None:
         """Move the run's rows to `file`, out of memory (and out of the poll's table it pointed into)."""
-        if self.spilled is not None:
+        if self.frame is None:  # spilled already: the frame is let go when the rows go to disk
             return
         part = self.frame.take(pa.array(self.rows, pa.int64()))
         self.spilled = (file, *file.put(part))

@@ -93,7 +93,7 @@ def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, T
         # Types SQLAlchemy does not know (point, xml, composites...) are described by the catalog instead.
         warnings.filterwarnings("ignore", r"Did not recognize type", SAWarning)
         with engine.connect() as conn:
-            cursor = conn.connection.driver_connection.cursor()
+            cursor = conn.connection.cursor()  # the pooled psycopg connection's own cursor
             catalog = {t: describe_columns(cursor, t) for t in tables}
             checks = {t: describe_checks(cursor, t) for t in tables}
         for qualified in tables:

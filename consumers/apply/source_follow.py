@@ -19,7 +19,7 @@ from consumers.apply.events import ChangeEvent
 from consumers.apply.shapes import ColumnShape, TableShape, reflect_shapes
 from consumers.apply.transactions import Step
 from producers.debezium import avro_name
-from producers.source_admin import psycopg_conninfo
+from producers.source_admin import one_row, psycopg_conninfo
 
 
 class SourceFollower:
@@ -210,10 +210,11 @@ class SourceFollower:
                 origin: tuple[str, Any] = ("value", None)  # dropped again since: the next change says so
             elif found[0]:
                 missing_text, type_name = found[1], found[2]
-                origin = ("value", source.execute(pg_sql.SQL("select ({}::text::{})[1]").format(
-                    pg_sql.Literal(missing_text), pg_sql.SQL(type_name + "[]"))).fetchone()[0])
-            elif not found[3] or not source.execute(pg_sql.SQL("select exists (select from {} where {} is not null)")
-                                                    .format(relation, pg_sql.Identifier(column))).fetchone()[0]:
+                origin = ("value", one_row(source.execute(pg_sql.SQL("select ({}::text::{})[1]").format(
+                    pg_sql.Literal(missing_text), pg_sql.SQL(type_name + "[]"))), "a missing value")[0])
+            elif not found[3] or not one_row(source.execute(
+                    pg_sql.SQL("select exists (select from {} where {} is not null)").format(
+                        relation, pg_sql.Identifier(column))), "select exists")[0]:
                 origin = ("value", None)
             elif not shape.primary_key:
                 raise ApplyError(

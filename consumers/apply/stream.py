@@ -50,22 +50,21 @@ class ChangeStream:
             events = []
             for msg in messages:
                 err = msg.error()
-                if err is None:
-                    self._positions[msg.topic(), msg.partition()] = msg.offset() + 1
                 if err is not None:
                     if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                         continue  # the connector has not created it yet
                     raise ServiceUnavailable(f"Kafka consumer error: {err}")
-                if msg.value() is None:
+                topic, partition, offset = kafka_clients.position(msg)
+                self._positions[topic, partition] = offset + 1
+                raw, raw_key = msg.value(), msg.key()
+                if raw is None:
                     continue
                 try:
-                    value = self._decoder.decode(msg.value())
-                    key = self._decoder.decode(msg.key()) if msg.key() is not None else None
-                    events.append(from_envelope(value, key, topic=msg.topic(), partition=msg.partition(),
-                                                offset=msg.offset()))
+                    value = self._decoder.decode(raw)
+                    key = self._decoder.decode(raw_key) if raw_key is not None else None
+                    events.append(from_envelope(value, key, topic=topic, partition=partition, offset=offset))
                 except (ValueError, KafkaException) as exc:
-                    raise DecodeError(str(exc), topic=msg.topic(), partition=msg.partition(),
-                                      offset=msg.offset()) from exc
+                    raise DecodeError(str(exc), topic=topic, partition=partition, offset=offset) from exc
             yield events
 
     def collect(self, done: Callable[[list[ChangeEvent]], bool], timeout: float) -> list[ChangeEvent]:

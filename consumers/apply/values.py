@@ -417,7 +417,7 @@ def _guarded(placeholder: Any, convert: Converter | None) -> Converter | None:
 
 
 def _array(items: Converter | None, placeholder: Any) -> Converter:
-    if items is None and placeholder is not None:
+    if items is None:
         return lambda v: UNAVAILABLE if v == placeholder else v
     if placeholder is None:
         return lambda v: [None if x is None else items(x) for x in v]
@@ -493,12 +493,13 @@ def _value_converter(schema: Any, names: Mapping[str, dict], namespace: str | No
         return _array(items, placeholder)
     if base == "map":
         values = _value_converter(props.get("values"), names, namespace, None)
-        hstore = ph.hstore_map if ph else None  # hstore.handling.mode=map
-        if hstore is None:
+        hstore_map = ph.hstore_map if ph else None  # hstore.handling.mode=map
+        if hstore_map is None:
             return None if values is None else lambda v: {k: None if x is None else values(x) for k, x in v.items()}
         if values is None:
-            return lambda v: UNAVAILABLE if v == hstore else v
-        return lambda v: UNAVAILABLE if v == hstore else {k: None if x is None else values(x) for k, x in v.items()}
+            return lambda v: UNAVAILABLE if v == hstore_map else v
+        return lambda v: (UNAVAILABLE if v == hstore_map
+                          else {k: None if x is None else values(x) for k, x in v.items()})
     return None
 
 
