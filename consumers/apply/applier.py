@@ -89,7 +89,8 @@ class ReplicaApplier:
 
     def __init__(self, pipeline: Pipeline, destination_name: str, *, batch_events: int | None = None,
                  poll_messages: int = 5_000, echo: Callable[[str], None] | None = None,
-                 scope: ReplayScope = NO_SCOPE, writer: DestinationWriter | None = None) -> None:
+                 scope: ReplayScope = NO_SCOPE, writer: DestinationWriter | None = None,
+                 screen: Callable[[Any, list[Any], list[Step]], list[Any]] | None = None) -> None:
         self.pipeline = pipeline
         self.name = destination_name
         self.destination: Destination = pipeline.destinations[destination_name]
@@ -108,7 +109,7 @@ class ReplicaApplier:
         self.applied_positions: dict[tuple[str, int], int] = {}
         if writer is None:
             writer = DestinationWriter(pipeline, destination_name, scope=scope, stats=self.stats, stop=self._stop,
-                                       echo=self._say)
+                                       echo=self._say, screen=screen)
         # The writer shares this applier's positions, scope, stats and stop (one made beforehand is adopted).
         writer.applied_positions = self.applied_positions
         writer.scope, writer.stats, writer._stop, writer.echo = scope, self.stats, self._stop, self._say

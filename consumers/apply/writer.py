@@ -66,9 +66,13 @@ class DestinationWriter:
 
     def __init__(self, pipeline: Pipeline, name: str, *, scope: ReplayScope = NO_SCOPE,
                  stats: ApplierStats | None = None, stop: threading.Event | None = None,
-                 echo: Callable[[str], None] | None = None) -> None:
+                 echo: Callable[[str], None] | None = None,
+                 screen: Callable[[Any, list[ChangeEvent], list[Step]], list[ChangeEvent]] | None = None) -> None:
         self.pipeline = pipeline
         self.name = name
+        # A topology of sites' look at each batch's ordered events inside the destination transaction, before
+        # anything is written (consumers/sites/screen.py: echoes dropped, conflicts decided and recorded).
+        self.screen = screen
         self.destination: Destination = pipeline.destinations[name]
         self.shapes: dict[str, TableShape] = {}  # never rebound: the reader and the source follower hold this dict
         self.order: list[str] = []
@@ -343,9 +347,11 @@ class DestinationWriter:
         entries = plan.scoped_entries(steps, self.scope)
         self.follower.check_columns(conn, [item for _, item in entries])
         count = runs.count(item for _, item in entries)
-        if self.dialect.columnar:
+        if self.dialect.columnar and self.screen is None:  # a screen sees every event: no columnar path
             entries = self._write_columnar(conn, entries, steps)
         events = plan.ordered_events(entries, steps)
+        if self.screen is not None:
+            events = self.screen(conn, events, steps)
         # Keyless changes Debezium re-sent: out of both (`events` keeps, for the history, those applied earlier).
         events, state_events = self._keyless_once(conn, events, steps)
         convert = self.follower.convert
