@@ -109,8 +109,10 @@ def reflect_shapes(url: URL, tables: list[str] | tuple[str, ...]) -> dict[str, T
             )
             shapes[qualified] = TableShape(
                 qualified,
+                # A source table that is itself a replica (a two-way table of a topology of sites) holds its
+                # applier's `_cdc_lsn`: that pipeline's bookkeeping, not data, and this destination has its own.
                 tuple(ColumnShape(c.name, c.type, bool(c.nullable), catalog[qualified].get(c.name))
-                      for c in table.columns),
+                      for c in table.columns if c.name != LSN_COLUMN),
                 tuple(c.name for c in table.primary_key.columns),
                 fks,
                 checks[qualified],
