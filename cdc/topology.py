@@ -7,6 +7,8 @@ A topology is built from ordinary pipelines (DESIGN.md, "Several pipelines, one 
   subset, and its one destination is that satellite. One per satellite, not one for all, so that every satellite has
   topics of its own (what per-site Kafka ACLs will grant) and its subset is cut at capture: rows outside it never
   reach Kafka under the satellite's topics, let alone the satellite.
+- two-way (shared) tables travel both ways: in every up pipeline and every down pipeline, with the marker table
+  `public._cdc_origin` (consumers/sites/screen.py: how loops are avoided and conflicts decided).
 
 The ground modules (cdc/config.py, cdc/errors.py) do not import this one; it builds on them.
 """
@@ -41,6 +43,10 @@ MASTER_ID = 1
 MAX_SYNC_ID = 64
 # A column name in a subset's column list or a site column: an identifier, written as the table spells it.
 COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+# Two-way tables: the marker table every site's appliers write, in the same transaction as the rows they apply, and
+# which travels with them (captured in every link of a topology with shared tables): where a transaction came from.
+MARKER_TABLE = "public._cdc_origin"
+POLICIES = ("newer", "priority", "manual")
 
 
 class _Model(BaseModel):
@@ -139,6 +145,51 @@ class SubsetTable(_Model):
         return v
 
 
+class SharedTable(_Model):
+    """A two-way table's conflict policy: `newer` (the later write wins, by the time it was written at its site; a
+    tie goes to the lower sync id), `priority` (the version written at the site first in `priority` wins; sites it
+    does not list come after, by sync id), `manual` (the master holds the incoming version in its queue, keeping its
+    own, until `cdc conflicts resolve`)."""
+
+    policy: Literal["newer", "priority", "manual"] = "newer"
+    priority: tuple[str, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, v: Any) -> Any:
+        # `public.contact: newer`, `public.contact: master wins`, `public.deal: {priority: [hq, north]}`.
+        if v is None:
+            return {}
+        if isinstance(v, str):
+            word = v.strip().replace("_", " ")
+            if word == "master wins":
+                return {"policy": "priority", "priority": ["<master>"]}
+            return {"policy": v.strip()}
+        if isinstance(v, dict) and "priority" in v and "policy" not in v:
+            return {**v, "policy": "priority"}
+        return v
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, (list, tuple)) or not v or not all(isinstance(s, str) for s in v):
+            raise ValueError("must be a non-empty list of site names, highest priority first")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a site twice")
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> SharedTable:
+        if self.policy == "priority" and not self.priority:
+            raise ValueError("policy `priority` needs `priority:`, the sites highest first (e.g. [hq, north, south]), "
+                             "or write `master wins`")
+        if self.policy != "priority" and self.priority:
+            raise ValueError(f"`priority` only goes with policy `priority` (policy is {self.policy!r})")
+        return self
+
+
 class Topology(_Model):
     topology: str = Field(pattern=NAME_RE, max_length=40)
     kafka: KafkaSettings
@@ -149,6 +200,11 @@ class Topology(_Model):
     site_tables: dict[str, str] = Field(default_factory=dict)
     # Per satellite: the master-owned tables it receives (all of them when the satellite is not listed).
     subsets: dict[str, dict[str, SubsetTable]] = Field(default_factory=dict)
+    # Two-way tables: edited at the master and at the satellites, every row at every site; table -> conflict policy.
+    shared_tables: dict[str, SharedTable] = Field(default_factory=dict)
+    # A master-owned table edited at a satellite: `reject` (a trigger `apply` installs at the satellite refuses the
+    # edit), `report` (the edit is kept there and recorded in the satellite's `_cdc_conflicts`); unset: not watched.
+    on_satellite_edit: Literal["reject", "report"] | None = None
     # The authenticated Kafka listener (SASL_PLAINTEXT, SCRAM-SHA-256; the local stack's `kafka_sasl` port) at which
     # the clients acting for a satellite with a `kafka_user` log in. The master's own clients use `kafka:`.
     site_bootstrap_servers: str | None = None
@@ -217,6 +273,24 @@ class Topology(_Model):
                 raise ValueError(f"{shown(t)}: the site column must be a column name, got {shown(column)}")
         return v
 
+    @field_validator("shared_tables", mode="before")
+    @classmethod
+    def _shared_tables(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, (list, tuple)):  # a plain list: every table `newer`
+            v = {t: None for t in v}
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of schema.table to its conflict policy (newer, priority, manual)")
+        for t in v:
+            try:
+                _table_name(t)
+            except ValueError as exc:
+                raise _FieldError("shared_tables", str(exc)) from None
+            if t == MARKER_TABLE:
+                raise _FieldError("shared_tables", f"{t} is the topology's own marker table")
+        return v
+
     @field_validator("subsets", mode="before")
     @classmethod
     def _subsets_shape(cls, v: Any) -> Any:
@@ -247,9 +321,20 @@ class Topology(_Model):
         both = set(self.master_tables) & set(self.site_tables)
         if both:
             raise _FieldError("site_tables", f"{', '.join(sorted(both))} also in master_tables: a table is owned by "
-                              "the master or by the sites, not both (two-way tables are not part of this release)")
-        if not self.master_tables and not self.site_tables:
-            raise _FieldError("master_tables", "neither master_tables nor site_tables lists a table: nothing to sync")
+                              "the master or by the sites, not both (a table both edit is a shared_tables one)")
+        for table, shared in self.shared_tables.items():
+            owner = "master_tables" if table in self.master_tables else "site_tables" if table in self.site_tables \
+                else None
+            if owner:
+                raise _FieldError(f"shared_tables[{table!r}]", f"is also in {owner}: a table is master-owned, "
+                                  "site-owned or shared (edited everywhere), one of the three")
+            for site in shared.priority or ():
+                if site != "<master>" and site not in self.sites:
+                    raise _FieldError(f"shared_tables[{table!r}].priority", f"no site named {site!r} (sites: "
+                                      f"{', '.join(self.sites)})")
+        if not self.master_tables and not self.site_tables and not self.shared_tables:
+            raise _FieldError("master_tables", "neither master_tables, site_tables nor shared_tables lists a table: "
+                              "nothing to sync")
         for site, tables in self.subsets.items():
             if site not in self.sites:
                 raise _FieldError(f"subsets.{site}", f"no site named {site!r} (sites: {', '.join(self.sites)})")
@@ -262,6 +347,20 @@ class Topology(_Model):
         return self
 
     # -- the pipelines ------------------------------------------------------------------------------------------
+    def priority_order(self, table: str) -> list[int]:
+        """A `priority` table's sync ids, highest priority first, then every site it does not list, by sync id."""
+        named = [self.sites[self.master].sync_id if s == "<master>" else self.sites[s].sync_id
+                 for s in self.shared_tables[table].priority or ()]
+        return named + sorted(s.sync_id for s in self.sites.values() if s.sync_id not in named)
+
+    def site_of(self, sync_id: int) -> str | None:
+        return next((n for n, s in self.sites.items() if s.sync_id == sync_id), None)
+
+    @property
+    def shared(self) -> list[str]:
+        """The two-way tables and, when there are any, the marker table that travels with them."""
+        return [*self.shared_tables, MARKER_TABLE] if self.shared_tables else []
+
     @property
     def master(self) -> str:
         return next(n for n, s in self.sites.items() if s.sync_id == MASTER_ID)
@@ -310,16 +409,16 @@ class Topology(_Model):
 
     def up_pipeline(self, satellite: str) -> Pipeline | None:
         """The satellite's own rows to the master; None when there are no site-owned tables."""
-        if not self.site_tables:
+        if not self.site_tables and not self.shared_tables:
             return None
         # The master applies the up link (its clients use `kafka:`); the satellite's connector writes its topics
         # as the satellite's user (Connect's producer overrides, producers/sites.py).
-        return self._pipeline(self.up_name(satellite), self.site(satellite), list(self.site_tables), self.master,
-                              self.sites[self.master], self.kafka)
+        return self._pipeline(self.up_name(satellite), self.site(satellite), [*self.site_tables, *self.shared],
+                              self.master, self.sites[self.master], self.kafka)
 
     def down_pipeline(self, satellite: str) -> Pipeline | None:
         """The master-owned tables of the satellite's subset, to the satellite; None when its subset is empty."""
-        tables = list(self.subset(satellite))
+        tables = [*self.subset(satellite), *self.shared]
         if not tables:
             return None
         # Planned and applied by the master (its topics, its connector); Link.site_pipeline is the same pipeline as

@@ -193,3 +193,63 @@ def test_the_runner_follows_each_links_sync_mode(monkeypatch):
     assert runner.run() == 0
     assert sorted(FakeApplier.runs) == [("shop-north-down", True), ("shop-north-up", True),
                                         ("shop-south-down", True), ("shop-south-up", True)]
+
+
+# -- two-way (shared) tables ---------------------------------------------------------------------------------------
+def shared(**tables):
+    data = copy.deepcopy(BASE)
+    data["shared_tables"] = tables
+    return data
+
+
+def test_shared_tables_travel_both_ways_with_the_marker_table():
+    topo = parse(shared(**{"public.contact": "newer", "public.deal": {"priority": ["south", "hq"]},
+                           "public.note": "manual", "public.price": "master wins"}))
+    policies = {t: (s.policy, s.priority) for t, s in topo.shared_tables.items()}
+    assert policies == {"public.contact": ("newer", None), "public.deal": ("priority", ("south", "hq")),
+                        "public.note": ("manual", None), "public.price": ("priority", ("<master>",))}
+    # sites the order does not name come after it, by sync id
+    assert topo.priority_order("public.deal") == [3, 1, 2]
+    assert topo.priority_order("public.price") == [1, 2, 3]
+    links = {(link.satellite, link.direction): link.pipeline for link in topo.links()}
+    shared_and_marker = ("public.contact", "public.deal", "public.note", "public.price", topology.MARKER_TABLE)
+    assert links["north", "up"].source.tables == ("public.sale", *shared_and_marker)
+    assert links["north", "down"].source.tables == ("public.item", *shared_and_marker)
+    assert links["south", "down"].source.tables == ("public.item", "public.category", *shared_and_marker)
+
+
+def test_a_topology_of_shared_tables_only():
+    data = shared(**{"public.contact": None})
+    data["master_tables"], data["site_tables"], data["subsets"] = [], {}, {}
+    topo = parse(data)
+    assert topo.shared_tables["public.contact"].policy == "newer"
+    assert len(topo.links()) == 4
+    assert topo.on_satellite_edit is None
+    data["on_satellite_edit"] = "reject"
+    assert parse(data).on_satellite_edit == "reject"
+
+
+@pytest.mark.parametrize("tables, extra, expected", [
+    ({"public.contact": "oldest"}, {}, "topo.yaml: shared_tables['public.contact'].policy: Input should be 'newer', "
+                                      "'priority' or 'manual'"),
+    ({"public.contact": {"policy": "priority"}}, {}, "topo.yaml: shared_tables['public.contact']: policy `priority` "
+                                                     "needs `priority:`"),
+    ({"public.contact": {"policy": "newer", "priority": ["hq"]}}, {}, "`priority` only goes with policy `priority`"),
+    ({"public.contact": {"priority": ["hq", "west"]}}, {}, "topo.yaml: shared_tables['public.contact'].priority: no "
+                                                           "site named 'west'"),
+    ({"public.contact": {"priority": ["hq", "hq"]}}, {}, "shared_tables['public.contact'].priority: lists a site "
+                                                         "twice"),
+    ({"public.item": "newer"}, {}, "topo.yaml: shared_tables['public.item']: is also in master_tables"),
+    ({"public.sale": "newer"}, {}, "topo.yaml: shared_tables['public.sale']: is also in site_tables"),
+    ({"contact": "newer"}, {}, "topo.yaml: shared_tables: 'contact' is not schema-qualified"),
+    ({"public._cdc_origin": "newer"}, {}, "shared_tables: public._cdc_origin is the topology's own marker table"),
+    ({"public.contact": "newer"}, {"on_satellite_edit": "ignore"}, "topo.yaml: on_satellite_edit: Input should be "
+                                                                   "'reject' or 'report'"),
+], ids=["unknown policy", "priority without order", "order without priority", "unknown site", "site twice",
+        "master-owned", "site-owned", "unqualified", "marker table", "bad satellite edit policy"])
+def test_shared_table_mistakes_name_the_file_and_field(tables, extra, expected):
+    data = shared(**tables)
+    data.update(extra)
+    with pytest.raises(ConfigError) as info:
+        parse(data)
+    assert expected in str(info.value), str(info.value)
