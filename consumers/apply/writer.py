@@ -18,7 +18,8 @@ from sqlalchemy.pool import NullPool
 
 from cdc.config import Destination, Pipeline
 from cdc.errors import DestinationBusy, ServiceUnavailable, driver_reason
-from consumers.apply import columnar, plan, runs, values
+from consumers.apply import columnar, commit_mark, plan, runs, values
+from consumers.apply.copies import CommitMark, describe, split_copies
 from consumers.apply.dialects import Dialect, dialect_for
 from consumers.apply.dialects.base import NoMatchingRow
 from consumers.apply.dialects.duckdb import when_free
@@ -107,6 +108,10 @@ class DestinationWriter:
         self._lock_guard = threading.RLock()
         self._lock_checked = 0.0
         self._applied_pruned_at = 0.0  # when `_keyless_once` last pruned the applied-transactions records
+        # The last source commit applied here (consumers/apply/copies.py): re-sent copies of transactions up to it
+        # are skipped whole. Read by `prepare`, moved by each batch once it commits.
+        self.mark: CommitMark | None = None
+        self._next_mark: CommitMark | None = None
 
     # -- the writer lock --------------------------------------------------------------------------------------------
     def claim(self) -> None:
@@ -255,6 +260,10 @@ class DestinationWriter:
             with self.begin() as conn:
                 self.dialect.ensure_offsets_table(conn)
                 stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
+                commit_mark.ensure(conn)
+                mark = commit_mark.load(conn, self.pipeline.pipeline)
+                # Void once a replay or a restore moved the offsets back before the END record that set it.
+                self.mark = mark if mark and mark.counts(stored.get((self.pipeline.transaction_topic, 0))) else None
                 # Tables made elsewhere are taken over only on the pipeline's first run here: the snapshot that
                 # refills them is at the start of the topics.
                 self.dialect.adopt = (None if not self.destination.adopt_existing_tables else
@@ -324,7 +333,9 @@ class DestinationWriter:
                 try:
                     with self.begin(hold=more) as conn:
                         self.dialect.begin_batch(conn, snapshot=any(s.xid is None for s in steps))
-                        return self._write(conn, steps, offsets)
+                        written = self._write(conn, steps, offsets)
+                    self.mark = self._next_mark  # committed
+                    return written
                 except Exception as exc:
                     # DuckDB out of its memory limit (rolled back): the limit is raised and the batch tried again.
                     raised = self.holds_file and self.dialect.memory_exhausted(exc)
@@ -344,6 +355,11 @@ class DestinationWriter:
                                  f"{driver_reason(exc)}", **located(steps)) from exc
 
     def _write(self, conn: Any, steps: list[Step], offsets: dict[tuple[str, int], int]) -> int:
+        steps, copies, self._next_mark = split_copies(steps, self.mark)
+        if copies:
+            # Debezium re-sent them after a restart (at least once): applied again, a copy of an update could
+            # re-create a row a later transaction deleted. Their offsets are stored all the same.
+            self.echo(f"{self.name}: skipped {describe(copies)}")
         entries = plan.scoped_entries(steps, self.scope)
         self.follower.check_columns(conn, [item for _, item in entries])
         count = runs.count(item for _, item in entries)
@@ -379,6 +395,8 @@ class DestinationWriter:
                         keys = list(reversed(self_referencing_order(self.shapes[table], keys)))
                     self.dialect.delete(conn, self.shapes[table], keys)
         self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
+        if self._next_mark is not None and self._next_mark != self.mark:
+            commit_mark.store(conn, self.pipeline.pipeline, self._next_mark)
         return count
 
     def _keyless_once(self, conn: Any, events: list[ChangeEvent],
