@@ -9,8 +9,10 @@ import uuid
 
 import duckdb
 import psycopg
+import pyarrow as pa
 import pytest
 
+from consumers.apply import columnar
 from consumers.apply.applier import ReplicaApplier
 from producers import capture
 from tests.integration.pipelines import CDC, execute, pipeline_data, purge, write_pipeline
@@ -236,3 +238,72 @@ def test_a_mariadb_replica_written_by_the_columnar_path_equals_the_general_paths
         for applier in appliers.values():
             applier.close()
         purge(pipeline)
+
+
+def _flat(rows: list[dict], columns: list[str]) -> pa.Table:
+    """A columnar.flat_images table by hand: (seq, op, lsn) then the row image of each change."""
+    data = {columnar.SEQ: [i for i, _ in enumerate(rows)], columnar.OP: [r["op"] for r in rows],
+            columnar.CHANGE_LSN: [r["lsn"] for r in rows], columnar.TX_ID: ["1"] * len(rows),
+            columnar.COMMIT_MS: [0] * len(rows)}
+    data.update({c: [r.get(c) for r in rows] for c in columns})
+    return pa.table(data)
+
+
+def test_mariadb_columnar_writes_keep_the_newer_position_and_check_foreign_keys_before_the_commit(mariadb_database):
+    from sqlalchemy import create_engine
+    from sqlalchemy.dialects import postgresql as pg
+    from sqlalchemy.exc import IntegrityError
+
+    from consumers.apply.dialects import dialect_for
+    from consumers.apply.shapes import ColumnShape, ForeignKeyShape, TableShape
+
+    school = TableShape("public.school", (ColumnShape("id", pg.INTEGER(), False),
+                                          ColumnShape("name", pg.TEXT(), True)), ("id",))
+    pupil = TableShape("public.pupil", (ColumnShape("id", pg.INTEGER(), False),
+                                        ColumnShape("school_id", pg.INTEGER(), True),
+                                        ColumnShape("mentor_id", pg.INTEGER(), True)), ("id",),
+                       (ForeignKeyShape(("school_id",), "public.school", ("id",)),
+                        ForeignKeyShape(("mentor_id",), "public.pupil", ("id",))))
+    engine = create_engine(mariadb_database)
+    dialect = dialect_for(engine)
+    assert dialect.columnar
+    shapes = {s.name: s for s in (school, pupil)}
+    with engine.begin() as conn:
+        dialect.ensure_offsets_table(conn)
+        for shape in shapes.values():
+            dialect.ensure_table(conn, shape, shapes)
+
+    def batch(*writes: tuple[TableShape, list[dict]]) -> None:
+        with engine.begin() as conn:
+            dialect.begin_batch(conn, snapshot=False)
+            for shape, rows in writes:
+                dialect.apply_columnar(conn, shape, _flat(rows, list(shape.column_names)))
+            dialect.store_offsets(conn, "p", {("t", 0): 1})
+
+    def stored(table: str) -> list[tuple]:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(f"select * from {table} order by id")]
+
+    try:
+        # Children first, one referencing another of the batch: the checks are made before the commit.
+        batch((pupil, [{"op": "c", "lsn": 20, "id": 1, "school_id": 1, "mentor_id": 2},
+                       {"op": "c", "lsn": 20, "id": 2, "school_id": 1, "mentor_id": None}]),
+              (school, [{"op": "c", "lsn": 10, "id": 1, "name": "one"}, {"op": "c", "lsn": 10, "id": 2,
+                                                                         "name": "two"}]))
+        assert stored("pupil") == [(1, 1, 2, 20), (2, 1, None, 20)]
+        # The position rule: an older change is not written, a newer one is, a key's last change wins.
+        batch((school, [{"op": "u", "lsn": 5, "id": 1, "name": "old"}, {"op": "u", "lsn": 30, "id": 2, "name": "x"},
+                        {"op": "u", "lsn": 31, "id": 2, "name": "newer"}, {"op": "d", "lsn": 4, "id": 1}]))
+        assert stored("school") == [(1, "one", 10), (2, "newer", 31)]
+        # A reference to nothing: refused, naming the key, and the batch rolled back.
+        with pytest.raises(IntegrityError, match=r"pupil.*FOREIGN KEY \(school_id\) REFERENCES `school`.*\(9\)"):
+            batch((pupil, [{"op": "c", "lsn": 40, "id": 3, "school_id": 9, "mentor_id": None}]))
+        # A parent deleted while a child still references it: refused too.
+        with pytest.raises(IntegrityError, match=r"Cannot delete or update a parent row.*`pupil` still references"):
+            batch((school, [{"op": "d", "lsn": 50, "id": 1}]))
+        # Its children deleted in the same batch (after it, in the writer's order): fine.
+        batch((school, [{"op": "d", "lsn": 50, "id": 1}]),
+              (pupil, [{"op": "d", "lsn": 50, "id": 1}, {"op": "d", "lsn": 50, "id": 2}]))
+        assert stored("school") == [(2, "newer", 31)] and stored("pupil") == []
+    finally:
+        engine.dispose()
