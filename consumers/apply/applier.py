@@ -457,6 +457,7 @@ class ReplicaApplier:
                     reader.commit_group_offsets()
                 if backlog and not self._retry:
                     continue  # fill the batch before writing (each write has a fixed cost)
+                assembler.mark = self.writer.mark  # tells re-sent transactions (deliveries cut short) from new ones
                 steps = self._retry + assembler.ready(self.batch_events)
                 if not steps and not arrived and assembler.holes and assembler.waiting_for \
                         and reader.read_to_end():

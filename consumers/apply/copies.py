@@ -62,6 +62,19 @@ class CommitMark:
 S = TypeVar("S", bound=_Transaction)
 
 
+def is_copy_end(mark: CommitMark | None, commit_lsn: int | None, commit_ts_ms: int | None, end_offset: int) -> bool:
+    """Whether an END record (of consumers.apply.events.TransactionMarker) is a copy's, per `mark`."""
+    return mark is not None and mark.covers(_End(commit_lsn, commit_ts_ms, end_offset))
+
+
+@dataclass(frozen=True)
+class _End:
+    commit_lsn: int | None
+    commit_ts_ms: int | None
+    marker_offset: int
+    xid: str = "end"
+
+
 def mark_of(step: _Transaction) -> CommitMark | None:
     if step.xid is None or step.commit_lsn is None or step.marker_offset is None:
         return None

@@ -28,6 +28,12 @@ earlier ones it re-sends. Such events then stand in front of a complete transact
 (the ordering argument says whatever stands there committed before, so its END would have been read): they are set
 aside (`superseded`), no longer counted, and the copy is applied when its own END record comes.
 
+When the END record of the cut-short transaction's copy was read already, its events in front are no contradiction
+either, provided the transaction they stand in front of is itself a copy of one the destination applied (`mark`,
+consumers/apply/copies.py): Debezium is then re-sending, and what stands in front of a re-sent transaction's events
+in a partition that gave none of them yet is what was written before the crash. They are set aside the same way.
+Without the mark (a transaction never applied) such events are a contradiction still (AssemblyError).
+
 A record of the transaction topic that does not decode (dead-lettered, `add_lost_marker`) may have been an END
 record: its transaction's events then never complete. Since the transaction topic is in commit order, an event
 that stands in front of a complete transaction's events in a partition, and whose transaction has no END record
@@ -42,6 +48,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cdc.errors import CdcError, Terminal
+from consumers.apply.copies import CommitMark, is_copy_end
 from consumers.apply.events import ChangeEvent, TransactionMarker
 from consumers.apply.runs import ChangeRun, SpillFile
 from consumers.apply.runs import count as changes
@@ -101,6 +108,9 @@ class TransactionAssembler:
     # applier says so and clears it).
     superseded: dict[str, int] = field(default_factory=dict)
     spill_at: int = SPILL_AT
+    # The destination's last applied source commit (consumers/apply/copies.py), kept current by the applier: tells
+    # a re-sent transaction from a new one (see the module's docstring on deliveries cut short).
+    mark: CommitMark | None = None
     _spilling: set[str] = field(default_factory=set)  # transactions whose runs go to disk as they arrive
     _spill: SpillFile | None = None  # where they go (it lives as long as a run points into it)
 
@@ -200,7 +210,8 @@ class TransactionAssembler:
         marker = self._ends.popleft()
         before, events = self._take_transaction(marker, forced=True)
         self._abandoned.add(marker.xid)
-        return ([Step(before)] if before else []) + [Step(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn)]
+        step = Step(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn)
+        return ([Step(before)] if before else []) + [step]
 
     # -- output
     def _take_snapshot_heads(self) -> list[Item]:
@@ -220,7 +231,9 @@ class TransactionAssembler:
                           forced: bool = False) -> tuple[list[Item], list[Item]]:
         """The snapshot reads that come before the transaction in its partitions, and the transaction's events."""
         needed = self._needed(marker)
-        known = {m.xid for m in self._ends}
+        known = {m.xid for m in self._ends}  # END records read behind this one's: transactions committed after it
+        resent = is_copy_end(self.mark, marker.commit_lsn, marker.commit_ts_ms, marker.offset)
+        gave: set[tuple[str, int]] = set()  # partitions that gave this transaction events in the first sweep
         before: list[Item] = []
         events: list[Item] = []
         taken = 0
@@ -230,7 +243,7 @@ class TransactionAssembler:
         for superseding in (False, True):
             if superseding and taken + self._credit.get(marker.xid, 0) >= needed:
                 break
-            for queue in self._partitions.values():
+            for key, queue in self._partitions.items():
                 while queue:
                     head = queue[0]
                     if isinstance(head, _Hole):
@@ -241,11 +254,14 @@ class TransactionAssembler:
                         events.append(queue.popleft())
                         taken += head.count
                         self._buffered -= head.count
+                        if not superseding:
+                            gave.add(key)
                     elif head.xid is None:
                         before.append(queue.popleft())  # read before the transaction was written: applied first
                         self._buffered -= head.count
                     elif (superseding and head.xid not in self._abandoned and not self._lost_markers
-                            and head.xid not in known and taken + self._credit.get(marker.xid, 0) < needed
+                            and (head.xid not in known or (resent and key not in gave))
+                            and taken + self._credit.get(marker.xid, 0) < needed
                             and any(getattr(item, "xid", None) == marker.xid for item in queue)):
                         # A delivery cut short (Connect or the broker crashed after some of its events, before its END
                         # record): Debezium re-sends the transaction whole, behind the ones it re-sends first, this one
