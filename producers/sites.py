@@ -24,7 +24,7 @@ from psycopg import sql
 from cdc import kafka as kafka_clients
 from cdc.config import KafkaSasl, Pipeline
 from cdc.errors import CdcError, ConfigError
-from cdc.topology import Link, SubsetTable, Topology
+from cdc.topology import MARKER_TABLE, Link, SubsetTable, Topology
 from producers import capture, debezium
 from producers.source_admin import ensure_signal_table, psycopg_conninfo, split_table
 
@@ -84,10 +84,21 @@ def _filters(topology: Topology, link: Link) -> tuple[dict[str, str], dict[str, 
     source = link.pipeline.source.sqlalchemy_url
     with psycopg.connect(psycopg_conninfo(source), autocommit=True) as conn:
         for table in link.pipeline.source.tables:
+            if table == MARKER_TABLE:
+                excluded[table] = [LSN_COLUMN]  # made by `apply` (prepare_two_way)
+                continue
             columns = _columns(conn, table)
             if not columns:
                 raise SitesError(f"{table} does not exist at {link.pipeline.source.sqlalchemy_url.database} (the "
                                  f"source of link {link.pipeline.pipeline})")
+            if table in topology.shared_tables:
+                if not _primary_key(conn, table):
+                    raise SitesError(f"shared_tables[{table!r}]: {table} has no primary key at "
+                                     f"{link.pipeline.source.sqlalchemy_url.database} (a two-way table's rows are "
+                                     "matched by it)")
+                # Each site's own applier's bookkeeping, not data (consumers/sites/screen.py).
+                excluded[table] = [LSN_COLUMN]
+                continue
             if link.direction == "up":
                 column = topology.site_tables[table]
                 if column not in columns:
@@ -218,7 +229,8 @@ def _publication(pipeline: Pipeline, filters: dict[str, str]) -> None:
         parts.append(part)
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
         ensure_signal_table(conn, pipeline.source.signal_table)
-        for table in filters:
+        # Filtered tables, and every two-way table (conflicts are found by the before image's version).
+        for table in [*filters, *(t for t in pipeline.source.tables if t not in filters and _is_two_way(conn, t))]:
             schema, name = split_table(table)
             conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(sql.Identifier(schema, name)))
         exists = conn.execute("select 1 from pg_publication where pubname = %s",
@@ -229,6 +241,121 @@ def _publication(pipeline: Pipeline, filters: dict[str, str]) -> None:
         else:
             conn.execute(sql.SQL("CREATE PUBLICATION {} FOR {} WITH (publish_via_partition_root = true)").format(
                 sql.Identifier(pipeline.publication_name), sql.SQL(", ").join(parts)))
+
+
+def _is_two_way(conn: psycopg.Connection, table: str) -> bool:
+    if table == MARKER_TABLE:
+        return True
+    schema, name = split_table(table)
+    return bool(conn.execute("select 1 from information_schema.columns where table_schema = %s and table_name = %s "
+                             "and column_name = '_cdc_site'", (schema, name)).fetchone())
+
+
+# -- two-way tables: what every site holds (consumers/sites/screen.py, docs/sites.md "Two-way tables") -------------
+SITE_OBJECTS = """
+create table if not exists public._cdc_origin (
+    pipeline text not null, xid text not null, origin int not null, origin_ts bigint,
+    applied_at timestamptz not null default now(), _cdc_lsn bigint not null default 0, primary key (pipeline, xid));
+alter table public._cdc_origin replica identity full;
+create table if not exists public._cdc_conflicts (
+    id bigserial primary key, table_name text not null, key jsonb, policy text not null, decision text not null,
+    state text not null, local jsonb, incoming jsonb, incoming_op text, local_site int, local_at timestamptz,
+    incoming_site int, incoming_at timestamptz, reason text, pipeline text, xid text,
+    detected_at timestamptz not null default now(), resolved_at timestamptz, resolved_as text);
+"""
+# A local write of a two-way table stamps the row's version: this site's sync id, and when (microseconds). Rows a
+# topology's applier writes keep the version they came with (it sets cdc.applying for its transaction).
+STAMP_FUNCTION = """
+create or replace function public._cdc_stamp() returns trigger language plpgsql as $$
+begin
+    if coalesce(current_setting('cdc.applying', true), '') = '' then
+        new._cdc_site := {sync_id};
+        new._cdc_at := (extract(epoch from clock_timestamp()) * 1000000)::bigint;
+    end if;
+    return new;
+end $$;
+"""
+# A master-owned table edited at a satellite: refused (reject) or kept and recorded (report), unless the satellite's
+# applier is writing it.
+GUARD_FUNCTION = """
+create or replace function public._cdc_master_owned() returns trigger language plpgsql as $$
+begin
+    if coalesce(current_setting('cdc.applying', true), '') <> '' then
+        return coalesce(new, old);
+    end if;
+    if tg_argv[0] = 'reject' then
+        raise exception '%.% is owned by the master (topology {topology}): edit it at the master, not at site {site}',
+            tg_table_schema, tg_table_name using errcode = 'insufficient_privilege';
+    end if;
+    insert into public._cdc_conflicts (table_name, policy, decision, state, local, incoming, incoming_op,
+                                       local_site, local_at, reason)
+    values (tg_table_schema || '.' || tg_table_name, 'on_satellite_edit', 'reported', 'reported',
+            case when tg_op = 'DELETE' then null else to_jsonb(new) - '_cdc_lsn' end,
+            case when tg_op = 'INSERT' then null else to_jsonb(old) - '_cdc_lsn' end, lower(left(tg_op, 1)),
+            {sync_id}, clock_timestamp(),
+            tg_op || ' of a master-owned table at a satellite: kept here, never sent to the master');
+    return coalesce(new, old);
+end $$;
+"""
+
+
+def guard_master_owned(conn: psycopg.Connection, tables: list[str], policy: str, sync_id: int,
+                       topology: str = "") -> list[str]:
+    """The on_satellite_edit trigger on a satellite's master-owned tables that exist (the down link's applier makes
+    them on its first run, and installs it then: consumers/sites/screen.py)."""
+    done = []
+    conn.execute(GUARD_FUNCTION.replace("{topology}", topology.replace("'", "")).replace("{site}", str(sync_id))
+                 .replace("{sync_id}", str(sync_id)))
+    for table in tables:
+        if not _columns(conn, table):
+            continue
+        schema, name = split_table(table)
+        conn.execute(sql.SQL("create or replace trigger _cdc_master_owned before insert or update or delete on {} "
+                             "for each row execute function public._cdc_master_owned({})").format(
+            sql.Identifier(schema, name), sql.Literal(policy)))
+        done.append(f"{table}: a satellite's edit is {'refused' if policy == 'reject' else 'reported'}")
+    return done
+
+
+def prepare_two_way(topology: Topology, satellites: list[str] | None = None) -> list[str]:
+    """Every site of a topology with two-way tables gets the marker and conflicts tables, and each two-way table its
+    bookkeeping columns (`_cdc_lsn` for the applier; the version, `_cdc_site` and `_cdc_at`), REPLICA IDENTITY FULL
+    and the trigger stamping local writes. Satellites with on_satellite_edit get the guard of their master-owned
+    tables. Idempotent."""
+    done: list[str] = []
+    for name, site in sorted(topology.sites.items(), key=lambda kv: kv[1].sync_id):
+        if satellites and name != topology.master and name not in satellites:
+            continue
+        satellite = site.sync_id != topology.sites[topology.master].sync_id
+        guard = satellite and topology.on_satellite_edit is not None
+        if not topology.shared_tables and not guard:
+            continue
+        with psycopg.connect(psycopg_conninfo(site.sqlalchemy_url), autocommit=True) as conn:
+            conn.execute(SITE_OBJECTS)
+            if guard:
+                for line in guard_master_owned(conn, list(topology.subset(name)), str(topology.on_satellite_edit),
+                                               site.sync_id, topology.topology):
+                    done.append(f"{name}: {line}")
+            if not topology.shared_tables:
+                continue
+            conn.execute(STAMP_FUNCTION.replace("{sync_id}", str(site.sync_id)))
+            for table in topology.shared_tables:
+                columns = _columns(conn, table)
+                if not columns:
+                    raise SitesError(f"shared_tables[{table!r}]: {table} does not exist at site {name} "
+                                     f"({site.sqlalchemy_url.database}); a two-way table is made at every site")
+                schema, tname = split_table(table)
+                ident = sql.Identifier(schema, tname)
+                added = [c for c in (LSN_COLUMN, "_cdc_site", "_cdc_at") if c not in columns]
+                conn.execute(sql.SQL("alter table {} add column if not exists {} bigint not null default 0, "
+                                     "add column if not exists _cdc_site int, add column if not exists _cdc_at bigint"
+                                     ).format(ident, sql.Identifier(LSN_COLUMN)))
+                conn.execute(sql.SQL("alter table {} replica identity full").format(ident))
+                conn.execute(sql.SQL("create or replace trigger _cdc_stamp before insert or update on {} for each row "
+                                     "execute function public._cdc_stamp()").format(ident))
+                if added:
+                    done.append(f"{name}: {table} gained {', '.join(added)} (two-way: its version and bookkeeping)")
+    return done
 
 
 def prepare_master(topology: Topology) -> list[str]:
@@ -258,6 +385,8 @@ def apply(topology: Topology, satellites: list[str] | None = None,
     say = echo or (lambda line: None)
     plans = plan(topology, satellites)  # every refusal before anything changes
     for line in prepare_master(topology):
+        say(line)
+    for line in prepare_two_way(topology, satellites):
         say(line)
     # The satellites' users and ACLs first: a connector writing as its satellite's user logs in once it starts.
     for line in apply_access(topology, satellites):

@@ -972,11 +972,12 @@ def sites_run(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]..."),
     def body() -> int:
         import signal
 
-        links = chosen_links(_topology(), sites or None, include_on_demand=until_caught_up)
+        topo = _topology()
+        links = chosen_links(topo, sites or None, include_on_demand=until_caught_up)
         if not links:
             raise ConfigError("no link to run (every chosen satellite syncs on demand: name it, or give "
                               "--until-caught-up)")
-        runner = SitesRunner(links, _echo, until_caught_up=until_caught_up, timeout=timeout)
+        runner = SitesRunner(links, _echo, until_caught_up=until_caught_up, timeout=timeout, topology=topo)
         signal.signal(signal.SIGINT, lambda *_: runner.stop())
         signal.signal(signal.SIGTERM, lambda *_: runner.stop())
         return runner.run()
@@ -997,10 +998,64 @@ def sites_status(as_json: bool = typer.Option(False, "--json")) -> None:
         for site in doc["sites"]:
             last = (datetime.fromtimestamp(site["last_sync_at"], UTC).isoformat(timespec="seconds")
                     if site["last_sync_at"] else "never")
+            waiting = site.get("conflicts_waiting")
+            held = "" if not waiting else f", {waiting} conflict(s) waiting"
             typer.echo(f"{site['sync_id']:>2} {site['site']:<16} {site['role']:<9} {site['status']:<7} "
-                       f"last sync {last}, lag {site['lag_messages']} messages / {site['lag_seconds']:.1f} s")
+                       f"last sync {last}, lag {site['lag_messages']} messages / {site['lag_seconds']:.1f} s{held}")
             for error in site["errors"]:
                 typer.echo(f"     error: {error}")
+        return 0
+
+    _run(body)
+
+
+conflicts_app = typer.Typer(help="Conflicts of a topology's two-way tables: list them, resolve the manual queue. -c "
+                                  "names the topology file.", no_args_is_help=True)
+app.add_typer(conflicts_app, name="conflicts")
+
+
+@conflicts_app.command("list")
+def conflicts_list(site: str | None = typer.Option(None, "--site", help="Only this site's."),
+                   waiting: bool = typer.Option(False, "--waiting", help="Only those held for a decision."),
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every conflict the sites recorded: table, key, both versions with their sites and times, the decision."""
+    from consumers.sites.queue import list_conflicts
+
+    def body() -> int:
+        topo = _topology()
+        if site:
+            topo.site(site)
+        found = list_conflicts(topo, site, "waiting" if waiting else None)
+        if as_json:
+            typer.echo(json.dumps(found, indent=2, default=str))
+            return 0
+        for c in found:
+            local = f"site {c['local_site']} at {c['local_at']}" if c["local"] is not None else "deleted"
+            incoming = "a delete" if c["incoming_op"] == "d" else f"site {c['incoming_site']} at {c['incoming_at']}"
+            typer.echo(f"{c['site']} #{c['id']} {c['table_name']} {json.dumps(c['key'])}: {c['state']}, "
+                       f"{c['decision']} ({c['policy']}); local {local}, incoming {incoming}")
+            if c["reason"]:
+                typer.echo(f"    {c['reason']}")
+        if not found:
+            typer.echo("no conflicts")
+        return 0
+
+    _run(body)
+
+
+@conflicts_app.command("resolve")
+def conflicts_resolve(conflict_id: int = typer.Argument(..., metavar="ID"),
+                      keep: str = typer.Option(..., "--keep", help="local: keep the row as it is; incoming: write "
+                                               "the held version."),
+                      site: str | None = typer.Option(None, "--site", help="The site holding it (the master by "
+                                                      "default: manual conflicts wait there).")) -> None:
+    """Decide a conflict held in the manual queue; the row then flows on to every site as an ordinary change."""
+    from consumers.sites.queue import resolve
+
+    def body() -> int:
+        done = resolve(_topology(), conflict_id, keep, site)
+        typer.echo(f"{done['site']} #{done['id']} {done['table']} {json.dumps(done['key'])}: resolved, "
+                   f"{done['kept']} version kept")
         return 0
 
     _run(body)

@@ -17,6 +17,7 @@ from cdc.topology import Link, Topology
 from consumers.apply.applier import ReplicaApplier
 from consumers.lag import status as lag_rules
 from consumers.lag.probe import LagProbe
+from consumers.sites.screen import SiteScreen
 
 
 def chosen_links(topology: Topology, sites: list[str] | None, *, include_on_demand: bool) -> list[Link]:
@@ -40,8 +41,12 @@ class SitesRunner:
     once, whatever its mode, and the run ends (a sync now)."""
 
     def __init__(self, links: list[Link], echo: Callable[[str], None], *, until_caught_up: bool = False,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, topology: Topology | None = None) -> None:
         self.links = links
+        # With two-way tables or a satellite-edit policy, every applier runs the sites' screen
+        # (consumers/sites/screen.py).
+        self.topology = topology if topology is not None and (
+            topology.shared_tables or topology.on_satellite_edit) else None
         self.echo = echo
         self.until_caught_up = until_caught_up
         self.timeout = timeout
@@ -60,7 +65,10 @@ class SitesRunner:
     def _once(self, link: Link, *, until_caught_up: bool) -> None:
         name = link.pipeline.pipeline
         # site_pipeline: a down link's applier acts for its satellite (its Kafka user, when it has one).
-        applier = ReplicaApplier(link.site_pipeline, link.destination, echo=self.echo)
+        screen = SiteScreen(self.topology, link) if self.topology is not None else None
+        applier = ReplicaApplier(link.site_pipeline, link.destination, echo=self.echo, screen=screen)
+        if screen is not None:
+            screen.convert = applier.writer.follower.convert
         with self._lock:
             if self._stop.is_set():
                 applier.close()
@@ -74,6 +82,10 @@ class SitesRunner:
             self.rounds[name] = self.rounds.get(name, 0) + 1
             self.echo(f"{name}: applied {applier.stats.rows} rows in {applier.stats.transactions} source "
                       "transactions")
+            if screen is not None and (screen.echoes or screen.decided):
+                held = sum(1 for d in screen.decided if d["decision"] == "held")
+                self.echo(f"{name}: {screen.echoes} echoed transaction(s) dropped, {len(screen.decided)} conflict(s) "
+                          f"decided ({held} held for `cdc conflicts resolve`)")
             applier.close()
 
     def _work(self, link: Link) -> None:
@@ -161,6 +173,9 @@ def status(topology: Topology) -> dict[str, Any]:
                      "status": "ERROR", "reason": first_line(exc), "lag_messages": None, "lag_seconds": None,
                      "last_sync_at": None, "connector_state": None, "error": first_line(exc)}
         by_site.setdefault(link.satellite, []).append(state)
+    from consumers.sites.queue import waiting
+
+    waiting_at = waiting(topology) if topology.shared_tables or topology.on_satellite_edit else {}
     for name, site in sorted(topology.sites.items(), key=lambda kv: kv[1].sync_id):
         if name == topology.master:
             mine = [s for states in by_site.values() for s in states if s["direction"] == "up"]
@@ -177,5 +192,7 @@ def status(topology: Topology) -> dict[str, Any]:
             "lag_messages": sum(s["lag_messages"] or 0 for s in mine),
             "lag_seconds": max((s["lag_seconds"] or 0 for s in mine), default=0.0),
             "errors": errors, "links": mine,
+            # Conflicts held for `cdc conflicts resolve` (and satellite edits reported) at the site; None: unreadable.
+            "conflicts_waiting": waiting_at.get(name, 0) if waiting_at else 0,
         })
     return {"topology": topology.topology, "sites": sites}
