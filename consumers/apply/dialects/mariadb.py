@@ -446,6 +446,152 @@ class MariaDBDialect(Dialect):
         self.check_foreign_keys(conn)
         super().store_offsets(conn, pipeline, offsets)
 
+    # -- the columnar path ----------------------------------------------------------------------------------------
+    def begin_batch(self, conn: Connection, *, snapshot: bool) -> None:
+        # What the columnar path wrote around in an earlier batch (committed, or rolled back) is no longer to check.
+        self._unchecked.clear()
+        self._tracking.clear()
+        self._edges.clear()
+
+    def apply_columnar(self, conn: Connection, shape: TableShape, flat: Any) -> None:
+        """A table's changes from Arrow (consumers.apply.columnar.flat_images): each key's last change, as SQL
+        literals built by Arrow (no Python object per value), into a session-local staging table by multi-row
+        INSERTs; then one INSERT ... SELECT ... ON DUPLICATE KEY UPDATE keeping the newer position (the rule `upsert`
+        applies) and one DELETE joined on the keys, unless the stored change is newer (as `delete`).
+
+        Foreign keys: the writer writes the columnar path's tables in any order (a child before its parent, a
+        parent's delete before its children's), and InnoDB checks each row as it is written; so these statements run
+        with the checks off, and what they touched is checked before the offsets are stored, in the same destination
+        transaction (check_foreign_keys): the references of the rows written, and the rows still referencing a key
+        deleted (or a referenced value changed). Only what the batch touched is looked at, so the check costs what
+        the batch costs, not what the tables hold."""
+        table = self.table(shape)
+        prep = conn.dialect.identifier_preparer
+        q = prep.quote_identifier
+        target = prep.format_table(table)
+        columns, pk = list(shape.column_names), list(shape.primary_key)
+        seq, op, change_lsn = columnar.SEQ, columnar.OP, columnar.CHANGE_LSN
+        final = columnar.last_changes(flat, pk)  # the batch's net effect: one row per key, its last change
+        ddl = {c: table.c[c].type.compile(dialect=conn.dialect) for c in columns}
+        stage = q(f"_cdc_stage_{_digest(table.name)}")
+        _temporary_table(conn, stage, [(seq, "BIGINT"), (op, "CHAR(1)"), (change_lsn, "BIGINT"),
+                                       *((c, ddl[c]) for c in columns)], pk)
+        head = f"INSERT INTO {stage} ({', '.join(map(q, [seq, op, change_lsn, *columns]))}) VALUES "
+        backslashes = _backslash_escapes(conn)
+        for start in range(0, final.num_rows, LITERAL_ROWS):
+            # A slice at a time: the literals of a whole part (several copies of its values as text) never all at once.
+            rows = _row_literals(final.slice(start, LITERAL_ROWS), table, shape, backslashes=backslashes)
+            _run_chunks(conn, head, ",", "", (f"({row})" for row in _strings(rows)))
+        del final
+        on_key = " AND ".join(f"t.{q(c)} = s.{q(c)}" for c in pk)
+        lsn = q(LSN_COLUMN)
+        with _foreign_key_checks_off(conn):
+            for fk in self._foreign_keys(conn, table.name):
+                self._track(conn, fk, table, stage, on_key)
+            newer = f"({target}.{lsn} < VALUES({lsn}) OR VALUES({lsn}) = {SNAPSHOT_LSN})"
+            # `_cdc_lsn` assigned last, as in `upsert`: MariaDB evaluates the assignments left to right.
+            sets = [f"{target}.{q(c)} = IF({newer}, VALUES({q(c)}), {target}.{q(c)})" for c in columns if c not in pk]
+            sets.append(f"{target}.{lsn} = GREATEST({target}.{lsn}, VALUES({lsn}))")
+            _execute(conn, f"INSERT INTO {target} ({', '.join(map(q, columns))}, {lsn}) "
+                           f"SELECT {', '.join(f's.{q(c)}' for c in columns)}, s.{q(change_lsn)} FROM {stage} AS s "
+                           f"WHERE s.{q(op)} <> 'd' ON DUPLICATE KEY UPDATE {', '.join(sets)}")
+            _execute(conn, f"DELETE t FROM {target} AS t JOIN {stage} AS s ON {on_key} "
+                           f"WHERE s.{q(op)} = 'd' AND t.{lsn} < s.{q(change_lsn)}")
+        _execute(conn, f"DROP TEMPORARY TABLE {stage}")
+
+    def _foreign_keys(self, conn: Connection, name: str) -> list[_ForeignKey]:
+        """The destination's foreign keys from or to table `name` (its catalog's, as InnoDB enforces them), read once
+        a batch."""
+        found = self._edges.get(name)
+        if found is None:
+            by_constraint: dict[tuple[str, str], _ForeignKey] = {}
+            for constraint, child, column, parent, referred in _execute(conn, (
+                    "SELECT CONSTRAINT_NAME, TABLE_NAME, COLUMN_NAME, REFERENCED_TABLE_NAME, REFERENCED_COLUMN_NAME "
+                    "FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = DATABASE() "
+                    "AND REFERENCED_TABLE_SCHEMA = DATABASE() AND REFERENCED_TABLE_NAME IS NOT NULL AND "
+                    f"(TABLE_NAME = {_Literals(conn)('%s', [name])} OR REFERENCED_TABLE_NAME = "
+                    f"{_Literals(conn)('%s', [name])}) ORDER BY CONSTRAINT_NAME, TABLE_NAME, ORDINAL_POSITION")):
+                fk = by_constraint.setdefault((child, constraint), _ForeignKey(constraint, child, [], parent, []))
+                fk.columns.append(column)
+                fk.referred.append(referred)
+            found = self._edges[name] = list(by_constraint.values())
+        return found
+
+    def _track(self, conn: Connection, fk: _ForeignKey, table: Table, stage: str, on_key: str) -> None:
+        """Note, in a temporary table, what the staged changes of `table` touch of foreign key `fk` (before they are
+        written): as its child, the keys of the rows written; as its parent, the referenced values of the rows
+        deleted or changed. check_foreign_keys looks at those only."""
+        q = conn.dialect.identifier_preparer.quote_identifier
+        op = q(columnar.OP)
+        target = conn.dialect.identifier_preparer.format_table(table)
+        pk = [c.name for c in table.primary_key.columns]
+        for side in ("child", "parent"):
+            if getattr(fk, side) != table.name:
+                continue
+            kept = pk if side == "child" else fk.referred
+            track = q(f"_cdc_fk_{side}_{_digest(fk.child, fk.name)}")
+            if track not in self._tracking:
+                types_ = [(c, table.c[c].type.compile(dialect=conn.dialect)) for c in kept]
+                _temporary_table(conn, track, types_, kept if side == "child" else [])
+                self._tracking.add(track)
+                child, parent = q(fk.child), q(fk.parent)
+                if side == "child":
+                    # Rows of the child written, whose reference (all its columns set: MATCH SIMPLE) finds no parent.
+                    check = (f"SELECT {', '.join(f'c.{q(c)}' for c in fk.columns)} FROM {track} AS w "
+                             f"JOIN {child} AS c ON {' AND '.join(f'c.{q(k)} = w.{q(k)}' for k in pk)} "
+                             f"LEFT JOIN {parent} AS p ON {_pairs(q, 'p', fk.referred, 'c', fk.columns)} "
+                             f"WHERE {' AND '.join(f'c.{q(c)} IS NOT NULL' for c in fk.columns)} "
+                             f"AND p.{q(fk.referred[0])} IS NULL LIMIT 1")
+                else:
+                    # Children still referencing a value no row of the parent holds any more.
+                    check = (f"SELECT {', '.join(f'c.{q(c)}' for c in fk.columns)} FROM {track} AS r "
+                             f"JOIN {child} AS c ON {_pairs(q, 'c', fk.columns, 'r', fk.referred)} "
+                             f"LEFT JOIN {parent} AS p ON {_pairs(q, 'p', fk.referred, 'r', fk.referred)} "
+                             f"WHERE p.{q(fk.referred[0])} IS NULL LIMIT 1")
+                self._unchecked[track] = (fk, side, check)
+            if side == "child":
+                _execute(conn, f"INSERT IGNORE INTO {track} ({', '.join(map(q, pk))}) SELECT "
+                               f"{', '.join(f's.{q(c)}' for c in pk)} FROM {stage} AS s WHERE s.{op} <> 'd'")
+            else:
+                same = " AND ".join(f"t.{q(c)} <=> s.{q(c)}" for c in fk.referred)
+                _execute(conn, f"INSERT INTO {track} ({', '.join(map(q, fk.referred))}) SELECT "
+                               f"{', '.join(f't.{q(c)}' for c in fk.referred)} FROM {target} AS t "
+                               f"JOIN {stage} AS s ON {on_key} WHERE s.{op} = 'd' OR NOT ({same})")
+
+    def check_foreign_keys(self, conn: Connection) -> None:
+        """Check, before the commit, the foreign keys the columnar path wrote around in this batch (apply_columnar);
+        raises IntegrityError, as InnoDB would have, naming the constraint, the tables and the values."""
+        pending, self._unchecked = self._unchecked, {}
+        try:
+            for fk, side, check in pending.values():
+                found = _execute(conn, check).first()
+                if found is None:
+                    continue
+                values = ", ".join(repr(v) for v in found)
+                spelled = (f"(`{fk.child}`, CONSTRAINT `{fk.name}` FOREIGN KEY ({', '.join(fk.columns)}) "
+                           f"REFERENCES `{fk.parent}` ({', '.join(fk.referred)}))")
+                if side == "child":
+                    reason = (f"Cannot add or update a child row: a foreign key constraint fails {spelled}: a row "
+                              f"written references ({values}), which `{fk.parent}` does not hold")
+                else:
+                    reason = (f"Cannot delete or update a parent row: a foreign key constraint fails {spelled}: "
+                              f"`{fk.child}` still references ({values}), which `{fk.parent}` no longer holds")
+                import pymysql
+
+                raise IntegrityError(check, None, pymysql.err.IntegrityError(
+                    1452 if side == "child" else 1451, reason + " (checked before the commit: the columnar path "
+                    "writes with the checks off)"))
+        finally:
+            if self._tracking:
+                _execute(conn, f"DROP TEMPORARY TABLE IF EXISTS {', '.join(sorted(self._tracking))}")
+                self._tracking.clear()
+
+    def store_offsets(self, conn: Connection, pipeline: str, offsets: dict[tuple[str, int], int]) -> None:
+        # The last statement of every batch (writer._write): the foreign keys the columnar path wrote around are
+        # checked here, in the batch's transaction, as PostgreSQL checks its deferred ones at the commit.
+        self.check_foreign_keys(conn)
+        super().store_offsets(conn, pipeline, offsets)
+
     def upsert_offsets_statement(self) -> Any:
         stmt = mysql_insert(self.offsets)
         return stmt.on_duplicate_key_update(next_offset=stmt.inserted.next_offset,
@@ -953,6 +1099,118 @@ def _backslash_escapes(conn: Connection) -> bool:
     return not conn.connection.driver_connection.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
 
 
+_QUOTE = pa.scalar("'", pa.large_string())
+_EMPTY = pa.scalar("", pa.large_string())
+
+
+def _row_literals(flat: pa.Table, table: Table, shape: TableShape, *, backslashes: bool) -> pa.ChunkedArray:
+    """Each row of `flat` (columnar.flat_images) as the text between the parentheses of a VALUES list: SEQ, OP,
+    CHANGE_LSN, then the table's columns, each value as mariadb_converter would bind it (a timestamp with time zone
+    in UTC, char(n) without its trailing spaces, a boolean as 1 or 0); a delete's non-key columns NULL (its before
+    image may hold Debezium's fillers, which are no values)."""
+    is_delete = pc.equal(flat.column(columnar.OP), "d")
+    literals = [_literal(flat.column(columnar.SEQ), sqltypes.BigInteger(), columnar.SEQ, backslashes),
+                _literal(flat.column(columnar.OP), sqltypes.String(), columnar.OP, backslashes),
+                _literal(flat.column(columnar.CHANGE_LSN), sqltypes.BigInteger(), columnar.CHANGE_LSN, backslashes)]
+    for name in shape.column_names:
+        column = flat.column(name)
+        if name not in shape.primary_key:
+            column = pc.if_else(is_delete, pa.scalar(None, column.type), column)
+        literals.append(_literal(column, table.c[name].type, name, backslashes))
+    return pc.binary_join_element_wise(*literals, pa.scalar(",", pa.large_string()))
+
+
+def _literal(column: Any, kind: TypeEngine, name: str, backslashes: bool) -> Any:
+    """One column's values as SQL literals (NULL for a null), computed by Arrow."""
+    arrow = column.type
+    quoted = True
+    if pa.types.is_string(arrow) or pa.types.is_large_string(arrow):
+        if isinstance(kind, sqltypes.DateTime):
+            # Debezium's ZonedTimestamp (ISO-8601 with its zone): DATETIME holds the moment in UTC (_datetime_value).
+            text = column.cast(pa.timestamp("us", "UTC")).cast(pa.timestamp("us")).cast(pa.large_string())
+        else:
+            text = column.cast(pa.large_string())
+            if isinstance(kind, sqltypes.CHAR):
+                text = pc.utf8_rtrim(text, characters=" ")  # _char_value
+            if backslashes:
+                text = pc.replace_substring(text, "\\", "\\\\")
+                text = pc.replace_substring(text, "'", "\\'")
+            else:
+                text = pc.replace_substring(text, "'", "''")
+    elif pa.types.is_boolean(arrow):
+        text, quoted = column.cast(pa.int8()).cast(pa.large_string()), False
+    elif pa.types.is_timestamp(arrow):
+        text = column.cast(pa.timestamp("us", arrow.tz)).cast(pa.timestamp("us")).cast(pa.large_string())
+    elif pa.types.is_date(arrow):
+        text = column.cast(pa.large_string())
+    elif pa.types.is_floating(arrow):
+        column = column.cast(pa.float64())  # a real's exact value, as Python's float of it (DOUBLE holds it)
+        finite = pc.is_finite(column)
+        if not pc.all(pc.or_kleene(finite, pc.is_null(column))).as_py():
+            bad = pc.filter(column, pc.invert(pc.fill_null(finite, True)))[0].as_py()
+            raise ValueConversionError(name, str(arrow), bad, "MariaDB's DOUBLE holds no NaN or infinity")
+        text, quoted = column.cast(pa.large_string()), False
+    elif pa.types.is_integer(arrow) or pa.types.is_decimal(arrow):
+        text, quoted = column.cast(pa.large_string()), False
+    else:
+        text = column.cast(pa.large_string())
+    if quoted:
+        text = pc.binary_join_element_wise(_QUOTE, text, _QUOTE, _EMPTY)
+    return pc.fill_null(text, pa.scalar("NULL", pa.large_string()))
+
+
+def _strings(rows: Any, size: int = CHUNK_ROWS) -> Iterator[str]:
+    """The values of a chunked string array as Python strings, a slice at a time (never all of them at once)."""
+    for chunk in rows.chunks:
+        for start in range(0, len(chunk), size):
+            yield from chunk.slice(start, size).to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the columnar path's helpers (MariaDBDialect.apply_columnar)
+
+
+@dataclass
+class _ForeignKey:
+    """A foreign key of the destination's catalog: `child`.`columns` references `parent`.`referred`."""
+
+    name: str
+    child: str
+    columns: list[str]
+    parent: str
+    referred: list[str]
+
+
+def _digest(*names: str) -> str:
+    return hashlib.sha1("|".join(names).encode()).hexdigest()[:16]
+
+
+def _pairs(q: Callable[[str], str], left: str, lefts: list[str], right: str, rights: list[str]) -> str:
+    return " AND ".join(f"{left}.{q(a)} = {right}.{q(b)}" for a, b in zip(lefts, rights))
+
+
+def _temporary_table(conn: Connection, name: str, columns: list[tuple[str, str]], key: list[str]) -> None:
+    """A session-local table made afresh (neither statement ends the transaction, unlike other DDL in MariaDB),
+    with the destination's collation so that its keys compare as the tables' do."""
+    q = conn.dialect.identifier_preparer.quote_identifier
+    spelled = [f"{q(c)} {kind} {'NOT NULL' if c in key else 'NULL'}" for c, kind in columns]
+    if key:
+        spelled.append(f"PRIMARY KEY ({', '.join(map(q, key))})")
+    _execute(conn, f"DROP TEMPORARY TABLE IF EXISTS {name}")
+    _execute(conn, f"CREATE TEMPORARY TABLE {name} ({', '.join(spelled)}) ENGINE=InnoDB "
+                   f"DEFAULT CHARSET={CHARSET} COLLATE={COLLATION}")
+
+
+def _backslash_escapes(conn: Connection) -> bool:
+    """Whether the session reads a backslash in a string literal as an escape (unless sql_mode has
+    NO_BACKSLASH_ESCAPES), as PyMySQL's own escaping asks the server."""
+    from pymysql.constants import SERVER_STATUS
+
+    return not conn.connection.driver_connection.server_status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+
+
+# Rows of a part turned into SQL literals at a time (apply_columnar).
+LITERAL_ROWS = 5000
 _QUOTE = pa.scalar("'", pa.large_string())
 _EMPTY = pa.scalar("", pa.large_string())
 
