@@ -19,10 +19,8 @@ The figures are printed and prepended to benchmarks/RESULTS.md (newest run first
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -30,7 +28,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,13 +35,43 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import yaml
 from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy.engine import make_url
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
-CDC = str(Path(sys.executable).parent / "cdc")
+from benchmarks.common import (
+    CDC,
+    MARK_DETAILS,
+    MARK_ROWS,
+    RESULTS,
+    RESULTS_PREAMBLE,
+    Databases,
+    attempt,
+    delete_groups,
+    details_head,
+    finish,
+    harness_parser,
+    log,
+    machine_cell,
+    machine_info,
+    mark,
+    number,
+    parse_rows,
+    percentile,
+    run_measured,
+    session,
+    sustained_rate,
+)
+from benchmarks.workload import (
+    CHECKSUM,
+    TRANSACTION_ROWS,
+    BenchPipeline,
+    Checksum,
+    capture_timeout,
+    checksum,
+    inserted_rows,
+    replica,
+    timeout_for,
+)
 
 # The goals this harness checks (they live here, never in tests: a test must not fail on a slow machine).
 TARGET_ROWS_PER_S = 50_000
@@ -53,26 +80,8 @@ TARGET_P99_MS = 500.0
 TARGET_LATENCY_RATE = 2_000
 TARGET_RSS_MB = 300.0
 
-TABLE = "public.bench_item"
-SOURCE_SCHEMA = """
-create table bench_item (id bigint primary key, name text not null, qty integer not null,
-                         price numeric(12, 2) not null, updated_at timestamptz not null default now())
-"""
-CHECKSUM = "select count(*), coalesce(sum(qty), 0), coalesce(sum(price), 0) from bench_item"
-TRANSACTION_ROWS = 1_000  # rows per source transaction in the throughput load
-UPDATE_SHARE = 0.2  # of the N changes, this share are updates of rows inserted before
 LATENCY_BASE = 1_000_000_000  # ids written by the latency phase, clear of the throughput rows
 JDBC_SINK = "io.debezium.connector.jdbc.JdbcSinkConnector"
-
-MARK_ROWS = "<!-- runs: written by benchmarks/apply_bench.py, newest first -->"
-MARK_DETAILS = "<!-- details: written by benchmarks/apply_bench.py, newest first -->"
-
-_T0 = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - _T0:7.1f} s] {message}", flush=True)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # results
@@ -142,135 +151,18 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the machine and small helpers
-
-
-def machine_info() -> dict[str, str]:
-    cpus = len(os.sched_getaffinity(0))
-    mem_kib = 0
-    model = platform.processor() or platform.machine()
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    load = os.getloadavg()
-    return {
-        "cpus": str(cpus),
-        "memory": f"{mem_kib / 1024 / 1024:.1f} GiB",
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "load": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
-        "code": code_version(),
-    }
-
-
-def code_version() -> str:
-    """The commit measured, and whether the working tree differed from it where the measured code lives."""
-    def git(*args: str) -> str:
-        # Not stripped: porcelain lines start with a two-letter status that may begin with a space.
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--", "consumers", "schemas", "producers", "cdc")
-    except OSError:
-        return "unknown (no git)"
-    if not commit:
-        return "unknown (not a git checkout)"
-    if not dirty.strip():
-        return commit
-    return commit + " with uncommitted changes in " + ", ".join(sorted({line[3:].split("/")[0]
-                                                                        for line in dirty.splitlines() if line}))
-
-
-def percentile(ordered: list[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    if not ordered:
-        return math.nan
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def checksum(url: str) -> tuple[int, int, Decimal]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        count, qty, price = conn.execute(CHECKSUM).fetchone()
-    return int(count), int(qty), Decimal(price)
-
-
-class Databases:
-    """The databases this run creates, so that each is dropped at the end whatever happens."""
-
-    def __init__(self, layout: Any) -> None:
-        self.layout = layout
-        self.created: list[str] = []
-
-    def create(self, name: str) -> str:
-        with psycopg.connect(self.layout.postgres_url(), autocommit=True) as conn:
-            conn.execute(f'create database "{name}"')
-        self.created.append(name)
-        return self.layout.postgres_url(name)
-
-    def drop(self, name: str) -> None:
-        from producers.source_admin import drop_slot, slots_of_database
-
-        with psycopg.connect(self.layout.postgres_url(), autocommit=True) as conn:
-            # A slot still pointing at a database prevents dropping it.
-            for slot in slots_of_database(conn, name):
-                drop_slot(conn, slot)
-            conn.execute(f'drop database if exists "{name}" with (force)')
-        if name in self.created:
-            self.created.remove(name)
-
-    def drop_all(self) -> None:
-        for name in list(reversed(self.created)):
-            try:
-                self.drop(name)
-            except Exception as exc:  # noqa: BLE001 - clean up what can be cleaned up
-                log(f"cleanup: dropping database {name} failed: {exc}")
-
-
-@dataclass
-class Measured:
-    returncode: int
-    wall_s: float
-    max_rss_kib: int
-    output: str
-
-
-def run_measured(argv: list[str], timeout: float, on_start: Callable[[], None] | None = None) -> Measured:
-    """Run a command to its end; wall time, exit status, and the child's own peak RSS from wait4's rusage
-    (exact, unlike sampling /proc/<pid>/status, which can miss a short peak)."""
-    with tempfile.TemporaryFile() as out:
-        start = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        if on_start:
-            on_start()
-        killer = threading.Timer(timeout, proc.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        wall = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-        out.seek(0)
-        return Measured(proc.returncode, wall, usage.ru_maxrss, out.read().decode(errors="replace"))
+# watching a destination
 
 
 class Watcher(threading.Thread):
     """Polls a destination's count and checksum; notes when a first row appears and when it equals the source's."""
 
-    def __init__(self, url: str, expected: tuple[int, int, Decimal], interval: float = 0.25) -> None:
+    def __init__(self, url: str, expected: Checksum, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
         self.url, self.expected, self.interval = url, expected, interval
         self.first_row: float | None = None
         self.matched: float | None = None
-        self.last: tuple[int, int, Decimal] | None = None
+        self.last: Checksum | None = None
         self.samples: list[tuple[float, int]] = []  # (when, row count)
         self._halt = threading.Event()
 
@@ -306,30 +198,8 @@ class Watcher(threading.Thread):
         return sustained_rate(self.samples, rows, low, high)
 
 
-def sustained_rate(samples: list[tuple[float, int]], total: int, low: float = 0.1,
-                   high: float = 0.9) -> float | None:
-    """Per second, from (when, count) samples: the slope between the first samples at `low` and at `high` of
-    `total`."""
-    start = next(((t, c) for t, c in samples if c >= total * low), None)
-    end = next(((t, c) for t, c in samples if c >= total * high), None)
-    if start is None or end is None or end[0] <= start[0]:
-        return None
-    return (end[1] - start[1]) / (end[0] - start[0])
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# source, pipeline and topic
-
-
-def pipeline_data(layout: Any, name: str, source_url: str, destinations: dict[str, str]) -> dict[str, Any]:
-    urls = layout.urls()
-    return {
-        "pipeline": name,
-        "kafka": {"bootstrap_servers": layout.kafka_bootstrap, "schema_registry_url": urls["schema_registry"],
-                  "connect_url": urls["connect"]},
-        "source": {"url": source_url, "tables": [TABLE]},
-        "destinations": {n: {"kind": "replica", "url": u} for n, u in destinations.items()},
-    }
+# the connector's polling
 
 
 def set_source_poll_interval(pipeline: Any, milliseconds: int) -> None:
@@ -356,62 +226,12 @@ def source_poll_interval(pipeline: Any) -> str:
     return config.get("poll.interval.ms", "500 (Debezium's default)")
 
 
-def inserted_rows(rows: int) -> int:
-    return max(1, math.ceil(rows * (1 - UPDATE_SHARE)))
-
-
-def load_source(url: str, rows: int) -> tuple[int, int]:
-    """N changes in transactions of TRANSACTION_ROWS rows: inserts first, then updates of the first rows."""
-    inserts = inserted_rows(rows)
-    updates = rows - inserts
-    with psycopg.connect(url, autocommit=True) as conn:  # each statement is one source transaction
-        for start in range(1, inserts + 1, TRANSACTION_ROWS):
-            conn.execute("insert into bench_item (id, name, qty, price) select g, 'item ' || g, g %% 100, "
-                         "(g %% 10000) / 100.0 from generate_series(%s::bigint, %s::bigint) g",
-                         (start, min(start + TRANSACTION_ROWS - 1, inserts)))
-        for start in range(1, updates + 1, TRANSACTION_ROWS):
-            conn.execute("update bench_item set qty = qty + 1, price = price + 1, updated_at = now() "
-                         "where id between %s and %s", (start, min(start + TRANSACTION_ROWS - 1, updates)))
-    return inserts, updates
-
-
-def topic_messages(consumer: Consumer, topic: str) -> int:
-    metadata = consumer.list_topics(topic, timeout=10)
-    total = 0
-    for partition in metadata.topics[topic].partitions:
-        low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10, cached=False)
-        total += high - low
-    return total
-
-
-def wait_for_topic(bootstrap: str, topic: str, expected: int, timeout: float) -> None:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-watermarks-{uuid.uuid4().hex[:8]}",
-                         "log_level": 3})
-    try:
-        deadline = time.monotonic() + timeout
-        last_report = 0.0
-        while True:
-            have = topic_messages(consumer, topic)
-            if have >= expected:
-                if have > expected:
-                    log(f"warning: {topic} holds {have} messages, {expected} expected")
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{topic} holds {have} of {expected} messages after {timeout:.0f} s")
-            if time.monotonic() - last_report > 10:
-                log(f"capture: {have:,} of {expected:,} changes in {topic}")
-                last_report = time.monotonic()
-            time.sleep(0.5)
-    finally:
-        consumer.close()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # throughput: our applier
 
 
-def bench_ours(config_path: Path, url: str, rows: int, expected: tuple[int, int, Decimal]) -> OursResult:
-    timeout = max(600.0, rows / 200)
+def bench_ours(config_path: Path, url: str, rows: int, expected: Checksum) -> OursResult:
+    timeout = timeout_for(rows)
     argv = [CDC, "-c", str(config_path), "run", "replica", "--until-caught-up", "--timeout", f"{timeout:.0f}"]
     watcher = Watcher(url, expected)
     started: dict[str, float] = {}
@@ -461,7 +281,7 @@ def profile_ours(data: dict[str, Any], dbs: Databases, run_id: str, rows: int, o
     try:
         profiler.start()
         started = time.monotonic()
-        applier.run(until_caught_up=True, timeout=max(600.0, rows / 200))
+        applier.run(until_caught_up=True, timeout=timeout_for(rows))
         elapsed = time.monotonic() - started
         profiler.stop()
     finally:
@@ -515,7 +335,7 @@ def jdbc_config(layout: Any, database: str, topic: str, batch_size: int, unnest:
     }
 
 
-def bench_jdbc(layout: Any, dbs: Databases, run_id: str, topic: str, rows: int, expected: tuple[int, int, Decimal],
+def bench_jdbc(layout: Any, dbs: Databases, run_id: str, topic: str, rows: int, expected: Checksum,
                batch_size: int, unnest: bool, tasks: int) -> JdbcResult:
     from producers.connect import ConnectClient
 
@@ -525,7 +345,7 @@ def bench_jdbc(layout: Any, dbs: Databases, run_id: str, topic: str, rows: int, 
     database = f"bench_jdbc_{run_id}_{slug}"
     url = dbs.create(database)
     name = f"bench-jdbc-{run_id}-{slug}"  # also names the sink's consumer group (connect-<name>): fresh per run
-    timeout = max(600.0, rows / 100)
+    timeout = capture_timeout(rows)
     watcher = Watcher(url, expected)
     with ConnectClient(layout.urls()["connect"]) as connect:
         try:
@@ -561,7 +381,7 @@ def bench_jdbc(layout: Any, dbs: Databases, run_id: str, topic: str, rows: int, 
             _wait_gone(connect, name)
             watcher.stop()
     dbs.drop(database)
-    _delete_groups(layout.kafka_bootstrap, [f"connect-{name}"])
+    delete_groups(layout.kafka_bootstrap, [f"connect-{name}"])
     return result
 
 
@@ -569,18 +389,6 @@ def _wait_gone(connect: Any, name: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while connect.status(name) is not None and time.monotonic() < deadline:
         time.sleep(0.3)
-
-
-def _delete_groups(bootstrap: str, groups: list[str]) -> None:
-    from producers.topics import admin_client
-
-    admin = admin_client(bootstrap)  # kept referenced: the futures never complete once the client is collected
-    try:
-        for future in admin.delete_consumer_groups(groups, request_timeout=15).values():
-            with contextlib.suppress(Exception):  # a group that never committed does not exist
-                future.result(timeout=30)
-    except Exception as exc:  # noqa: BLE001 - hygiene only
-        log(f"cleanup: deleting consumer groups {groups} failed: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -733,14 +541,6 @@ def bench_latency(layout: Any, config_path: Path, topic: str, source_url: str, d
 # the report
 
 
-def _n(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
-
-
-def _mark(ok: bool | None) -> str:
-    return "" if ok is None else (" ✓" if ok else " ✗")
-
-
 TABLE_HEADER = (
     "| date (UTC) | machine | N | ours rows/s | JDBC sink rows/s, best (each tried) | ours / JDBC | "
     "sustained: ours / JDBC (ratio) | our peak RSS | latency p50 / p99 / max |\n"
@@ -752,21 +552,22 @@ TABLE_HEADER = (
 
 
 def table_row(r: Report) -> str:
-    machine = f"{r.machine['cpus']} CPUs, {r.machine['memory']}"
+    machine = machine_cell(r.machine)
     n = f"{r.rows:,}" + (" (quick)" if r.args.quick else "")
-    ours = "failed" if r.ours is None else f"{_n(r.ours.rows_per_s)}{_mark(r.ours.rows_per_s >= TARGET_ROWS_PER_S)}"
+    ours = "failed" if r.ours is None else f"{number(r.ours.rows_per_s)}{mark(r.ours.rows_per_s >= TARGET_ROWS_PER_S)}"
     best = r.best_jdbc
-    tried = "; ".join(f"{j.label}: {_n(j.rows_per_s) if j.rows_per_s else 'failed'}" for j in r.jdbc)
-    jdbc = f"{_n(best.rows_per_s)} ({tried})" if best else (f"failed ({tried})" if r.jdbc else "not run")
+    tried = "; ".join(f"{j.label}: {number(j.rows_per_s) if j.rows_per_s else 'failed'}" for j in r.jdbc)
+    jdbc = f"{number(best.rows_per_s)} ({tried})" if best else (f"failed ({tried})" if r.jdbc else "not run")
     if r.ours and best and best.rows_per_s:
         ratio_value = r.ours.rows_per_s / best.rows_per_s
-        ratio = f"{ratio_value:.1f}x{_mark(ratio_value >= TARGET_RATIO)}"
+        ratio = f"{ratio_value:.1f}x{mark(ratio_value >= TARGET_RATIO)}"
     else:
         ratio = "-"
-    rss = "-" if r.ours is None else f"{r.ours.peak_rss_mb:.0f} MB{_mark(r.ours.peak_rss_mb < TARGET_RSS_MB)}"
+    rss = "-" if r.ours is None else f"{r.ours.peak_rss_mb:.0f} MB{mark(r.ours.peak_rss_mb < TARGET_RSS_MB)}"
     ours_steady = r.ours.sustained if r.ours else None
     jdbc_steady = max((j.sustained for j in r.jdbc if j.sustained), default=None)
-    steady = f"{_n(ours_steady)}{_mark(ours_steady >= TARGET_ROWS_PER_S) if ours_steady else ''} / {_n(jdbc_steady)}"
+    steady = (f"{number(ours_steady)}{mark(ours_steady >= TARGET_ROWS_PER_S) if ours_steady else ''} / "
+              f"{number(jdbc_steady)}")
     if ours_steady and jdbc_steady:
         steady += f" ({ours_steady / jdbc_steady:.1f}x)"
     if r.latency is None:
@@ -774,8 +575,8 @@ def table_row(r: Report) -> str:
     else:
         lat = r.latency
         ok = lat.p99_ms < TARGET_P99_MS if lat.rate >= TARGET_LATENCY_RATE else None
-        latency = (f"{_n(lat.p50_ms)} / {_n(lat.p99_ms)} / {_n(lat.max_ms)} ms at {lat.rate:,.0f} rows/s"
-                   f"{_mark(ok)}")
+        latency = (f"{number(lat.p50_ms)} / {number(lat.p99_ms)} / {number(lat.max_ms)} ms at {lat.rate:,.0f} rows/s"
+                   f"{mark(ok)}")
         if r.args.source_poll_ms:
             latency += f" (Debezium poll.interval.ms overridden: {r.args.source_poll_ms})"
     date = r.started.strftime("%Y-%m-%d %H:%M")
@@ -783,31 +584,28 @@ def table_row(r: Report) -> str:
 
 
 def details(r: Report) -> str:
-    m = r.machine
-    lines = [f"### {r.started.strftime('%Y-%m-%d %H:%M')} UTC, N = {r.rows:,}{' (quick)' if r.args.quick else ''}", ""]
-    lines.append(f"- machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, Python {m['python']}; "
-                 f"load average at start {m['load']} (the stack, and anything else running, share these CPUs)")
-    lines.append(f"- command: `{' '.join(['python -m benchmarks.apply_bench', *sys.argv[1:]])}`; code: {m['code']}")
+    lines = details_head("###", "apply_bench", r.started, r.rows, r.args.quick, r.machine)
     if r.capture_s is not None:
         lines.append(f"- capture (load + Debezium into Kafka, not part of any figure): {r.rows:,} changes in "
                      f"{r.capture_s:.1f} s ({r.rows / r.capture_s:,.0f} rows/s); "
-                     f"{math.ceil(r.rows * (1 - UPDATE_SHARE)):,} inserts then the rest as updates, "
+                     f"{inserted_rows(r.rows):,} inserts then the rest as updates, "
                      f"{TRANSACTION_ROWS:,} rows per source transaction")
     if r.ours:
         o = r.ours
         net = (r.rows / (o.wall_s - o.overhead_s)) if o.overhead_s and o.wall_s > o.overhead_s else None
         lines.append(f"- ours: `cdc run --until-caught-up` as a subprocess, {o.wall_s:.2f} s wall from spawn to exit "
-                     f"= {o.rows_per_s:,.0f} rows/s; destination first showed rows after {_n(o.first_row_s, 1)} s and "
-                     f"matched the source after {_n(o.matched_s, 1)} s; a second run with nothing to apply took "
-                     f"{_n(o.overhead_s, 2)} s, so net of that fixed cost {_n(net)} rows/s; "
-                     f"sustained {_n(o.sustained)} rows/s (the destination's row count from 10 % to 90 % of the "
+                     f"= {o.rows_per_s:,.0f} rows/s; destination first showed rows after "
+                     f"{number(o.first_row_s, 1)} s and "
+                     f"matched the source after {number(o.matched_s, 1)} s; a second run with nothing to apply took "
+                     f"{number(o.overhead_s, 2)} s, so net of that fixed cost {number(net)} rows/s; "
+                     f"sustained {number(o.sustained)} rows/s (the destination's row count from 10 % to 90 % of the "
                      f"inserts, sampled every 250 ms); peak RSS {o.peak_rss_mb:.0f} MB (wait4 ru_maxrss); "
                      f"it said: \"{o.applied_line}\"")
     for j in r.jdbc:
         if j.rows_per_s:
             lines.append(f"- JDBC sink {j.label}: {j.seconds:.2f} s from registering the connector until the "
                          f"destination matched the source = {j.rows_per_s:,.0f} rows/s (first row after "
-                         f"{_n(j.first_row_s, 1)} s), sustained {_n(j.sustained)} rows/s; "
+                         f"{number(j.first_row_s, 1)} s), sustained {number(j.sustained)} rows/s; "
                          f"tasks.max={r.args.jdbc_tasks}, insert.mode=upsert")
         else:
             lines.append(f"- JDBC sink {j.label}: failed: {j.error}")
@@ -815,10 +613,12 @@ def details(r: Report) -> str:
         lat = r.latency
         lines.append(f"- latency: {lat.rows:,} rows in transactions of {lat.rows_per_transaction} at "
                      f"{lat.achieved_rate:,.0f} rows/s achieved ({lat.rate:,.0f} asked) for {lat.seconds:.0f} s; "
-                     f"commit to visible p50 {_n(lat.p50_ms)} ms, p99 {_n(lat.p99_ms)} ms, max {_n(lat.max_ms)} ms; "
-                     f"of which commit to Kafka (Debezium + Connect producer) p50 {_n(lat.capture_p50_ms)} / "
-                     f"p99 {_n(lat.capture_p99_ms)} ms and Kafka to visible (our applier) p50 {_n(lat.apply_p50_ms)} / "
-                     f"p99 {_n(lat.apply_p99_ms)} ms; applier peak RSS {lat.applier_rss_mb:.0f} MB, exit "
+                     f"commit to visible p50 {number(lat.p50_ms)} ms, p99 {number(lat.p99_ms)} ms, "
+                     f"max {number(lat.max_ms)} ms; "
+                     f"of which commit to Kafka (Debezium + Connect producer) p50 {number(lat.capture_p50_ms)} / "
+                     f"p99 {number(lat.capture_p99_ms)} ms and Kafka to visible (our applier) p50 "
+                     f"{number(lat.apply_p50_ms)} / "
+                     f"p99 {number(lat.apply_p99_ms)} ms; applier peak RSS {lat.applier_rss_mb:.0f} MB, exit "
                      f"{lat.applier_exit} on SIGTERM; the connector's poll.interval.ms: {r.source_poll_ms}"
                      f"{' (overridden by --source-poll-ms)' if r.args.source_poll_ms else ''}")
     for error in r.errors:
@@ -828,45 +628,12 @@ def details(r: Report) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-RESULTS_PREAMBLE = """# Benchmark results
-
-Written by `.venv/bin/python -m benchmarks.apply_bench` (what is measured and how: `benchmarks/README.md`).
-Newest run first: each run adds a row at the top of the table and a section at the top of the details.
-Figures marked ✓ meet their target, ✗ miss it. Rows/s count source changes (inserts and updates) applied per
-second of wall time, start-up included.
-"""
-
-
 def _widen(row: str) -> str:
     """A row written before the sustained column existed gets "-" there."""
     cells = row.split("|")
     if len(cells) == 10:  # 8 columns
         cells.insert(7, " - ")
     return "|".join(cells)
-
-
-def write_section(path: Path, marks: tuple[str, str], preamble: str, table_header: str, details_heading: str,
-                  row: str, details_text: str) -> None:
-    """Add a run at the top of another harness's own section of RESULTS.md (between its two `marks`, after this
-    harness's details, which this harness's writer keeps as they are): a new section at the end of the file the
-    first time, else its table gains `row` on top and its details `details_text` on top."""
-    mark_rows, mark_details = marks
-    if not path.exists():  # this harness's skeleton first, so that its writer finds its markers later
-        path.write_text(RESULTS_PREAMBLE + "\n" + MARK_ROWS + "\n" + TABLE_HEADER + "\n## Details\n\n" + MARK_DETAILS
-                        + "\n")
-    text = path.read_text()
-    if MARK_ROWS not in text or MARK_DETAILS not in text:
-        raise RuntimeError(f"{path} lacks apply_bench's markers; move it away and run again")
-    if mark_rows not in text or mark_details not in text:
-        text = (text.rstrip("\n") + "\n\n" + preamble + mark_rows + "\n" + table_header + row + "\n"
-                + details_heading + mark_details + "\n\n" + details_text)
-    else:
-        before, rest = text.split(mark_rows, 1)
-        table, after = rest.split(mark_details, 1)
-        old_rows = [line + "\n" for line in table.splitlines() if line.startswith("|")][3:]  # header, -, target
-        text = (before + mark_rows + "\n" + table_header + row + "".join(old_rows) + "\n" + details_heading
-                + mark_details + "\n\n" + details_text + after.lstrip("\n"))
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def write_results(report: Report, path: Path = RESULTS) -> None:
@@ -886,27 +653,17 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
-def print_summary(table: str, details_text: str) -> None:
-    """A run's results table and details on standard output (both harnesses)."""
-    print()
-    print(table, end="")
-    print()
-    print(details_text, end="")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.apply_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, help="changes to load and apply (default 200,000; 20,000 with --quick)")
+    p = harness_parser("apply_bench", __doc__ or "", "changes to load and apply (default 200,000; 20,000 with --quick)")
     p.add_argument("--latency-rate", type=float, default=TARGET_LATENCY_RATE, help="rows/s the writer commits")
     p.add_argument("--latency-seconds", type=float, help="how long the writer writes (default 30; 10 with --quick; "
                    "0 skips the latency phase)")
     p.add_argument("--latency-transaction-rows", type=int, default=10, help="rows per source transaction in the "
                    "latency phase (default 10)")
-    p.add_argument("--quick", action="store_true", help="a short run to check that everything works")
     p.add_argument("--batch-sizes", default="500,5000", help="JDBC sink batch.size values to try (comma-separated)")
     # Off by default: in Debezium 3.6 the unnest writer fails on a batch holding two changes of one key ("ON
     # CONFLICT DO UPDATE command cannot affect row a second time"), which this workload's updates produce.
@@ -919,14 +676,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(the pipeline's own value otherwise), to see how much of the latency is the capture side's")
     p.add_argument("--profile", action="store_true", help="also run the throughput phase in-process under "
                    "pyinstrument and report where the time goes")
-    p.add_argument("--no-write", action="store_true", help="print the results without touching RESULTS.md")
-    args = p.parse_args(argv)
-    if args.rows is None:
-        args.rows = 20_000 if args.quick else 200_000
+    args = parse_rows(p, argv, quick=20_000, full=200_000)
     if args.latency_seconds is None:
         args.latency_seconds = 10.0 if args.quick else 30.0
-    if args.rows < 1:
-        p.error("--rows must be at least 1")
     try:
         args.batch_sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
     except ValueError:
@@ -936,101 +688,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("CDC_HOME", str(REPO / ".cdc"))
-    from cdc import config
-    from infra import stack
-    from producers import capture
-    from producers.topics import admin_client, delete_topics
-
     report = Report(datetime.now(UTC), args, machine_info(), args.rows)
     log(f"machine: {report.machine}")
-    layout = stack.up(echo=lambda line: log(f"stack: {line}"))
-    run_id = uuid.uuid4().hex[:8]
-    work = Path(os.environ["CDC_HOME"]) / "bench" / run_id
-    work.mkdir(parents=True, exist_ok=True)
-    dbs = Databases(layout)
-    pipeline = None
-    try:
-        source_url = dbs.create(f"bench_src_{run_id}")
-        ours_url = dbs.create(f"bench_ours_{run_id}")
-        with psycopg.connect(source_url, autocommit=True) as conn:
-            conn.execute(SOURCE_SCHEMA)
-        data = pipeline_data(layout, f"bench{run_id}", source_url, {"replica": ours_url})
-        config_path = work / "pipeline.yaml"
-        config_path.write_text(yaml.safe_dump(data, sort_keys=False))
-        pipeline = config.load(config_path, env={})
-        topic = pipeline.topic_of(TABLE)
-        log(f"pipeline {pipeline.pipeline}: creating topics and the Debezium connector")
-        capture.apply(pipeline)
-        if args.source_poll_ms:
-            log(f"pipeline {pipeline.pipeline}: Debezium poll.interval.ms set to {args.source_poll_ms} for this run")
-            set_source_poll_interval(pipeline, args.source_poll_ms)
-        report.source_poll_ms = source_poll_interval(pipeline)
-
-        started = time.monotonic()
-        inserts, updates = load_source(source_url, args.rows)
-        log(f"source: {inserts:,} inserts and {updates:,} updates committed in {time.monotonic() - started:.1f} s")
-        wait_for_topic(layout.kafka_bootstrap, topic, args.rows, timeout=max(600.0, args.rows / 100))
-        report.capture_s = time.monotonic() - started
-        log(f"capture: all {args.rows:,} changes are in {topic} after {report.capture_s:.1f} s")
-        expected = checksum(source_url)
-
+    # The work folder is kept: --profile writes its call trees there.
+    with session("", keep_work=True) as run:
+        layout, run_id, dbs = run.layout, run.run_id, run.dbs
+        pipeline: BenchPipeline | None = None
         try:
-            report.ours = bench_ours(config_path, ours_url, args.rows, expected)
-        except Exception as exc:  # noqa: BLE001 - the other phases still run and are reported
-            report.errors.append(f"ours: {exc}")
-            log(f"ours: FAILED: {exc}")
-        if args.profile:
-            try:
-                report.profile = profile_ours(data, dbs, run_id, args.rows, work)
-            except Exception as exc:  # noqa: BLE001
-                report.errors.append(f"profile: {exc}")
-                log(f"profile: FAILED: {exc}")
+            ours_url = dbs.create(f"bench_ours_{run_id}")
+            pipeline = BenchPipeline(run, run_id, {"replica": replica(ours_url)})
+            topic = pipeline.topic
+            if args.source_poll_ms:
+                log(f"pipeline {pipeline.pipeline.pipeline}: Debezium poll.interval.ms set to {args.source_poll_ms} "
+                    "for this run")
+                set_source_poll_interval(pipeline.pipeline, args.source_poll_ms)
+            report.source_poll_ms = source_poll_interval(pipeline.pipeline)
+            report.capture_s = pipeline.load(args.rows)
+            expected = checksum(pipeline.source_url)
 
-        if not args.skip_jdbc:
-            variants = [(size, False) for size in args.batch_sizes]
-            if args.jdbc_unnest and args.batch_sizes:
-                variants.append((max(args.batch_sizes), True))
-            for size, unnest in variants:
-                try:
-                    report.jdbc.append(bench_jdbc(layout, dbs, run_id, topic, args.rows, expected, size, unnest,
-                                                  args.jdbc_tasks))
-                except Exception as exc:  # noqa: BLE001
-                    report.jdbc.append(JdbcResult(f"batch {size}" + (", unnest" if unnest else ""), size, unnest,
-                                                  error=str(exc)[:300]))
-                    log(f"jdbc: FAILED: {exc}")
+            report.ours = attempt("ours", report.errors,
+                                  lambda: bench_ours(pipeline.config_path, ours_url, args.rows, expected))
+            if args.profile:
+                report.profile = attempt("profile", report.errors,
+                                         lambda: profile_ours(pipeline.data, dbs, run_id, args.rows, run.work))
 
-        if args.latency_seconds > 0 and report.ours is not None:
-            try:
-                report.latency = bench_latency(layout, config_path, topic, source_url, ours_url, args.latency_rate,
-                                               args.latency_seconds, args.latency_transaction_rows)
-            except Exception as exc:  # noqa: BLE001
-                report.errors.append(f"latency: {exc}")
-                log(f"latency: FAILED: {exc}")
-    except Exception as exc:  # noqa: BLE001 - report what was measured before the failure
-        report.errors.append(f"setup: {exc}")
-        log(f"FAILED: {exc}")
-    finally:
-        log("cleanup: connector, slot, publication, topics, consumer groups and databases of this run")
-        if pipeline is not None:
-            try:
-                capture.delete(pipeline, purge=True)
-            except Exception as exc:  # noqa: BLE001
-                log(f"cleanup: deleting the source connector failed: {exc}")
-            try:
-                delete_topics(admin_client(layout.kafka_bootstrap), [*pipeline.data_topics, pipeline.transaction_topic,
-                                                                     pipeline.signal_topic])
-            except Exception as exc:  # noqa: BLE001
-                log(f"cleanup: deleting topics failed: {exc}")
-            _delete_groups(layout.kafka_bootstrap, [f"cdc-{pipeline.pipeline}-replica",
-                                                    f"cdc-{pipeline.pipeline}-profile", f"{pipeline.pipeline}-signal"])
-        dbs.drop_all()
+            if not args.skip_jdbc:
+                variants = [(size, False) for size in args.batch_sizes]
+                if args.jdbc_unnest and args.batch_sizes:
+                    variants.append((max(args.batch_sizes), True))
+                for size, unnest in variants:
+                    try:
+                        report.jdbc.append(bench_jdbc(layout, dbs, run_id, topic, args.rows, expected, size, unnest,
+                                                      args.jdbc_tasks))
+                    except Exception as exc:  # noqa: BLE001
+                        report.jdbc.append(JdbcResult(f"batch {size}" + (", unnest" if unnest else ""), size, unnest,
+                                                      error=str(exc)[:300]))
+                        log(f"jdbc: FAILED: {exc}")
 
-    print_summary(TABLE_HEADER + table_row(report), details(report))
-    if not args.no_write:
-        write_results(report)
-        log(f"results written to {RESULTS.relative_to(REPO)}")
-    return 1 if report.errors or any(j.error for j in report.jdbc) else 0
+            if args.latency_seconds > 0 and report.ours is not None:
+                report.latency = attempt("latency", report.errors, lambda: bench_latency(
+                    layout, pipeline.config_path, topic, pipeline.source_url, ours_url, args.latency_rate,
+                    args.latency_seconds, args.latency_transaction_rows))
+        except Exception as exc:  # noqa: BLE001 - report what was measured before the failure
+            report.errors.append(f"setup: {exc}")
+            log(f"FAILED: {exc}")
+        finally:
+            log("cleanup: connector, slot, publication, topics, consumer groups and databases of this run")
+            if pipeline is not None:
+                pipeline.cleanup(groups=(f"cdc-{pipeline.pipeline.pipeline}-profile",))
+
+    return finish(args.no_write, TABLE_HEADER + table_row(report), details(report), lambda: write_results(report),
+                  bool(report.errors or any(j.error for j in report.jdbc)))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ resident memory is its own ru_maxrss from wait4 (details in benchmarks/README.md
 1. `transaction`: a fresh source database with `bench_item` (bigint key, text, integer, numeric, timestamptz) and
    ONE source transaction inserting N rows; once all N changes are in Kafka, `cdc run replica --until-caught-up`
    into a fresh PostgreSQL database, then `cdc run lake --until-caught-up` into an empty DuckDB file (and, with the
-   `mariadb` phase, `cdc run maria --until-caught-up` into a fresh MariaDB database: the general, per-row path);
+   `mariadb` phase, `cdc run maria --until-caught-up` into a fresh MariaDB database);
    wall time, peak RSS, and the destination checked equal to the source (count, sum(qty), sum(price)).
 2. `ingest`: another fresh source database and pipeline, N changes in transactions of 1,000 rows (80 % inserts,
    then updates, as replay_bench loads them), ingested by `cdc run lake --until-caught-up` into an empty DuckDB
@@ -28,45 +28,52 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import psycopg
-import yaml
 
-from benchmarks import apply_bench
-from benchmarks.apply_bench import (
+from benchmarks.apply_bench import TARGET_RSS_MB
+from benchmarks.common import (
     CDC,
-    REPO,
     RESULTS,
-    SOURCE_SCHEMA,
-    TABLE,
-    TARGET_RSS_MB,
-    TRANSACTION_ROWS,
-    Databases,
-    _delete_groups,
-    _mark,
-    checksum,
-    load_source,
+    Session,
+    attempt,
+    details_head,
+    finish,
+    harness_parser,
     log,
+    machine_cell,
     machine_info,
-    pipeline_data,
+    mark,
+    parse_rows,
     run_measured,
+    session,
+    write_section,
+)
+from benchmarks.workload import (
+    CHECKSUM,
+    BenchPipeline,
+    Checksum,
+    analytics,
+    capture_timeout,
+    checksum,
+    duckdb_checksum,
+    replica,
+    said,
+    settle,
+    timeout_for,
     wait_for_topic,
 )
-from benchmarks.replay_bench import duckdb_checksum, said, settle, timeout_for
 
 LAKE = "lake"  # the analytics destination (DuckDB)
 REPLICA = "replica"  # the PostgreSQL replica destination
-MARIA = "maria"  # the MariaDB replica destination (the general path), phase `mariadb`
+MARIA = "maria"  # the MariaDB replica destination, phase `mariadb`
 PHASES = ("transaction", "ingest")
 
 MARK_ROWS = "<!-- memory runs: written by benchmarks/memory_bench.py, newest first -->"
@@ -158,95 +165,36 @@ class PeakSplit(threading.Thread):
         return self.best
 
 
-class MariaDatabase:
-    """A fresh MariaDB database for the `mariadb` phase, dropped by drop()."""
+def mariadb_checksum(url: str) -> Checksum:
+    from sqlalchemy import create_engine
 
-    def __init__(self, layout: Any, name: str) -> None:
-        from sqlalchemy import create_engine
-
-        self.layout, self.name = layout, name
-        self.admin = create_engine(layout.mariadb_url())
-        with self.admin.begin() as conn:
-            conn.exec_driver_sql(f"create database `{name}`")
-        self.url = layout.mariadb_url(name)
-
-    def checksum(self) -> tuple[int, int, Decimal]:
-        from sqlalchemy import create_engine
-
-        engine = create_engine(self.url)
-        try:
-            with engine.connect() as conn:
-                count, qty, price = conn.exec_driver_sql(
-                    "select count(*), coalesce(sum(qty), 0), coalesce(sum(price), 0) from bench_item").fetchone()
-        finally:
-            engine.dispose()
-        return int(count), int(qty), Decimal(price)
-
-    def drop(self) -> None:
-        try:
-            with self.admin.begin() as conn:
-                conn.exec_driver_sql(f"drop database if exists `{self.name}`")
-        except Exception as exc:  # noqa: BLE001 - clean up what can be cleaned up
-            log(f"cleanup: dropping MariaDB database {self.name} failed: {exc}")
-        self.admin.dispose()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            count, qty, price = conn.exec_driver_sql(CHECKSUM).fetchone()
+    finally:
+        engine.dispose()
+    return int(count), int(qty), Decimal(price)
 
 
-class Pipeline:
-    """A fresh source database with bench_item, a pipeline file with the given destinations and its connector; all
-    of it removed by cleanup()."""
+class Pipeline(BenchPipeline):
+    """A BenchPipeline with a DuckDB analytics destination, and, as asked, a fresh PostgreSQL replica and a fresh
+    MariaDB replica (the session drops their databases)."""
 
-    def __init__(self, layout: Any, dbs: Databases, work: Path, name: str, replica: bool,
-                 mariadb: bool = False) -> None:
-        from cdc import config
-        from producers import capture
-
-        self.layout, self.work, self.name = layout, work, name
-        self.duck_path = work / f"{name}-lake.duckdb"
-        self.pipeline = None
-        self.maria: MariaDatabase | None = None
-        self.source_url = dbs.create(f"bench_src_{name}")
-        self.replica_url = dbs.create(f"bench_replica_{name}") if replica else None
-        with psycopg.connect(self.source_url, autocommit=True) as conn:
-            conn.execute(SOURCE_SCHEMA)
-        data = pipeline_data(layout, f"bench{name}", self.source_url,
-                             {REPLICA: self.replica_url} if replica else {})
-        data["destinations"][LAKE] = {"kind": "analytics", "url": f"duckdb:///{self.duck_path}"}
-        if mariadb:
-            self.maria = MariaDatabase(layout, f"bench_maria_{name}")
-            data["destinations"][MARIA] = {"kind": "replica", "url": self.maria.url}
-        self.config_path = work / f"{name}-pipeline.yaml"
-        self.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
-        self.pipeline = config.load(self.config_path, env={})
-        self.topic = self.pipeline.topic_of(TABLE)
-        log(f"pipeline {self.pipeline.pipeline}: creating topics and the Debezium connector")
-        capture.apply(self.pipeline)
-
-    def cleanup(self) -> None:
-        from producers import capture
-        from producers.topics import admin_client, delete_topics
-
-        if self.maria is not None:
-            self.maria.drop()
-        p = self.pipeline
-        if p is None:
-            return
-        try:
-            capture.delete(p, purge=True)
-        except Exception as exc:  # noqa: BLE001 - clean up what can be cleaned up
-            log(f"cleanup: deleting the source connector failed: {exc}")
-        try:
-            delete_topics(admin_client(self.layout.kafka_bootstrap),
-                          [*p.data_topics, p.transaction_topic, p.signal_topic, p.notification_topic,
-                           f"__debezium-heartbeat.{p.pipeline}",
-                           *(f"{p.pipeline}.{d}.dead-letter" for d in (LAKE, REPLICA, MARIA))])
-        except Exception as exc:  # noqa: BLE001
-            log(f"cleanup: deleting topics failed: {exc}")
-        _delete_groups(self.layout.kafka_bootstrap, [f"cdc-{p.pipeline}-{LAKE}", f"cdc-{p.pipeline}-{REPLICA}",
-                                                     f"cdc-{p.pipeline}-{MARIA}", f"{p.pipeline}-signal"])
+    def __init__(self, run: Session, name: str, replica_db: bool, mariadb: bool = False) -> None:
+        self.duck_path = run.work / f"{name}-lake.duckdb"
+        self.replica_url = run.dbs.create(f"bench_replica_{name}") if replica_db else None
+        self.maria_url = run.dbs.create_mariadb(f"bench_maria_{name}") if mariadb else None
+        destinations = {LAKE: analytics(self.duck_path)}
+        if self.replica_url:
+            destinations[REPLICA] = replica(self.replica_url)
+        if self.maria_url:
+            destinations[MARIA] = replica(self.maria_url)
+        super().__init__(run, name, destinations)
 
 
 def run_applier(p: Pipeline, destination: str, label: str, rows: int,
-                expected: tuple[int, int, Decimal]) -> Run:
+                expected: Checksum) -> Run:
     """`cdc run DEST --until-caught-up` as a subprocess: wall time, peak RSS; the destination must then equal the
     source."""
     timeout = timeout_for(rows)
@@ -260,11 +208,12 @@ def run_applier(p: Pipeline, destination: str, label: str, rows: int,
     history = None
     if destination == LAKE:
         final, history = duckdb_checksum(p.duck_path)
-    elif destination == MARIA:
-        assert p.maria is not None
-        final = p.maria.checksum()
-    else:
+    elif destination == MARIA and p.maria_url:
+        final = mariadb_checksum(p.maria_url)
+    elif p.replica_url:
         final = checksum(p.replica_url)
+    else:
+        raise RuntimeError(f"{label}: the pipeline has no {destination} destination")
     if final != expected:
         raise RuntimeError(f"{label}: the destination differs from the source after catching up: "
                            f"{final} != {expected}")
@@ -276,22 +225,21 @@ def run_applier(p: Pipeline, destination: str, label: str, rows: int,
     return run
 
 
-def phase_transaction(report: Report, layout: Any, dbs: Databases, work: Path, run_id: str,
-                      pipelines: list[Pipeline], destinations: list[str]) -> None:
-    p = Pipeline(layout, dbs, work, f"{run_id}t", replica=REPLICA in destinations, mariadb="mariadb" in destinations)
+def phase_transaction(report: Report, run: Session, pipelines: list[Pipeline], destinations: list[str]) -> None:
+    p = Pipeline(run, f"{run.run_id}t", replica_db=REPLICA in destinations, mariadb="mariadb" in destinations)
     pipelines.append(p)
     rows = report.rows
     started = time.monotonic()
     load_one_transaction(p.source_url, rows)
     log(f"source: {rows:,} inserts committed in ONE transaction in {time.monotonic() - started:.1f} s")
-    wait_for_topic(layout.kafka_bootstrap, p.topic, rows, timeout=max(600.0, rows / 100))
+    wait_for_topic(run.layout.kafka_bootstrap, p.topic, rows, timeout=capture_timeout(rows))
     report.capture_s["transaction"] = time.monotonic() - started
     log(f"capture: all {rows:,} changes are in {p.topic} after {report.capture_s['transaction']:.1f} s")
     expected = checksum(p.source_url)
     settle(p.source_url)
     for destination, key, label in ((REPLICA, "replica", "one transaction, PostgreSQL replica"),
                                     (LAKE, "analytics", "one transaction, DuckDB analytics"),
-                                    (MARIA, "mariadb", "one transaction, MariaDB replica (general path)")):
+                                    (MARIA, "mariadb", "one transaction, MariaDB replica")):
         if key not in destinations:
             continue
         try:
@@ -301,16 +249,11 @@ def phase_transaction(report: Report, layout: Any, dbs: Databases, work: Path, r
             log(f"{label}: FAILED: {exc}")
 
 
-def phase_ingest(report: Report, layout: Any, dbs: Databases, work: Path, run_id: str,
-                 pipelines: list[Pipeline]) -> None:
-    p = Pipeline(layout, dbs, work, f"{run_id}i", replica=False)
+def phase_ingest(report: Report, run: Session, pipelines: list[Pipeline]) -> None:
+    p = Pipeline(run, f"{run.run_id}i", replica_db=False)
     pipelines.append(p)
+    report.capture_s["ingest"] = p.load(report.rows)
     rows = report.rows
-    started = time.monotonic()
-    inserts, updates = load_source(p.source_url, rows)
-    log(f"source: {inserts:,} inserts and {updates:,} updates committed in transactions of {TRANSACTION_ROWS:,}")
-    wait_for_topic(layout.kafka_bootstrap, p.topic, rows, timeout=max(600.0, rows / 100))
-    report.capture_s["ingest"] = time.monotonic() - started
     expected = checksum(p.source_url)
     settle(p.source_url)
     report.runs["ingest"] = run_applier(p, LAKE, "backlog of small transactions, DuckDB analytics", rows, expected)
@@ -323,12 +266,12 @@ def phase_ingest(report: Report, layout: Any, dbs: Databases, work: Path, run_id
 def _cell(run: Run | None) -> str:
     if run is None:
         return "-"
-    return f"{run.peak_rss_mb:.0f} MB{_mark(run.peak_rss_mb < TARGET_RSS_MB)} ({run.ratio:.2f}x), {run.wall_s:.1f} s"
+    return f"{run.peak_rss_mb:.0f} MB{mark(run.peak_rss_mb < TARGET_RSS_MB)} ({run.ratio:.2f}x), {run.wall_s:.1f} s"
 
 
 TABLE_HEADER = (
     "| date (UTC) | machine | N | one transaction of N rows: PostgreSQL replica | one transaction: DuckDB analytics "
-    "| N changes in transactions of 1,000: DuckDB ingestion | one transaction: MariaDB replica (general path) |\n"
+    "| N changes in transactions of 1,000: DuckDB ingestion | one transaction: MariaDB replica |\n"
     "|---|---|---|---|---|---|---|\n"
     f"| **target** | | | peak RSS < {TARGET_RSS_MB:.0f} MB | < {TARGET_RSS_MB:.0f} MB | < {TARGET_RSS_MB:.0f} MB "
     f"| < {TARGET_RSS_MB:.0f} MB |\n"
@@ -336,19 +279,14 @@ TABLE_HEADER = (
 
 
 def table_row(r: Report) -> str:
-    machine = f"{r.machine['cpus']} CPUs, {r.machine['memory']}"
+    machine = machine_cell(r.machine)
     n = f"{r.rows:,}" + (" (quick)" if r.args.quick else "")
     cells = " | ".join(_cell(r.runs.get(k)) for k in ("replica", "analytics", "ingest", "mariadb"))
     return f"| {r.started.strftime('%Y-%m-%d %H:%M')} | {machine} | {n} | {cells} |\n"
 
 
 def details(r: Report) -> str:
-    m = r.machine
-    lines = [f"#### {r.started.strftime('%Y-%m-%d %H:%M')} UTC, N = {r.rows:,}{' (quick)' if r.args.quick else ''}",
-             ""]
-    lines.append(f"- machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, Python {m['python']}; "
-                 f"load average at start {m['load']} (the stack, and anything else running, share these CPUs)")
-    lines.append(f"- command: `{' '.join(['python -m benchmarks.memory_bench', *sys.argv[1:]])}`; code: {m['code']}")
+    lines = details_head("####", "memory_bench", r.started, r.rows, r.args.quick, r.machine)
     for phase, text in (("transaction", "one source transaction of"), ("ingest", "transactions of 1,000 rows,")):
         if phase in r.capture_s:
             lines.append(f"- capture ({text} {r.rows:,} changes; load + Debezium into Kafka, not a figure): "
@@ -360,7 +298,7 @@ def details(r: Report) -> str:
         lines.append(f"- {run.label}: `{run.command}` as a subprocess, {run.wall_s:.2f} s wall from spawn to exit "
                      f"({r.rows / run.wall_s:,.0f} rows/s); peak RSS {run.peak_rss_mb:.0f} MB (wait4 ru_maxrss)"
                      f"{split}, "
-                     f"{run.ratio:.2f} x the {TARGET_RSS_MB:.0f} MB target{_mark(run.peak_rss_mb < TARGET_RSS_MB)}; "
+                     f"{run.ratio:.2f} x the {TARGET_RSS_MB:.0f} MB target{mark(run.peak_rss_mb < TARGET_RSS_MB)}; "
                      f"equal to the source (count, sum(qty), sum(price)){history}; it said: \"{run.said}\"")
     for error in r.errors:
         lines.append(f"- error: {' '.join(error.split())[:1500]}")
@@ -382,7 +320,7 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
     """Add the run at the top of this harness's own section, at the end of the file. The other harnesses' writers
     keep whatever follows their own sections, so this one survives their runs; only the text between this
     harness's markers is rewritten here."""
-    apply_bench.write_section(path, (MARK_ROWS, MARK_DETAILS), SECTION_PREAMBLE, TABLE_HEADER, DETAILS_HEADING,
+    write_section(path, (MARK_ROWS, MARK_DETAILS), SECTION_PREAMBLE, TABLE_HEADER, DETAILS_HEADING,
                               table_row(report), details(report))
 
 
@@ -391,20 +329,13 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memory_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, help="rows of the one transaction, and changes of the backlog (default "
-                   "1,000,000; 50,000 with --quick)")
-    p.add_argument("--quick", action="store_true", help="a short run to check that everything works")
-    p.add_argument("--no-write", action="store_true", help="print the results without touching RESULTS.md")
+    p = harness_parser("memory_bench", __doc__ or "", "rows of the one transaction, and changes of the backlog "
+                       "(default 1,000,000; 50,000 with --quick)")
     p.add_argument("--phases", default="replica,analytics,ingest,mariadb",
                    help="what to measure, comma-separated: replica, analytics and mariadb (the one transaction into "
                         "PostgreSQL, DuckDB and MariaDB), ingest (the backlog of small transactions into DuckDB); "
                         "default all")
-    args = p.parse_args(argv)
-    if args.rows is None:
-        args.rows = 50_000 if args.quick else 1_000_000
-    if args.rows < 1:
-        p.error("--rows must be at least 1")
+    args = parse_rows(p, argv, quick=50_000, full=1_000_000)
     args.phase_list = [x.strip() for x in args.phases.split(",") if x.strip()]
     unknown = set(args.phase_list) - {"replica", "analytics", "ingest", "mariadb"}
     if unknown or not args.phase_list:
@@ -415,43 +346,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("CDC_HOME", str(REPO / ".cdc"))
-    from infra import stack
-
     report = Report(datetime.now(UTC), args, machine_info(), args.rows)
     log(f"machine: {report.machine}")
-    layout = stack.up(echo=lambda line: log(f"stack: {line}"))
-    run_id = uuid.uuid4().hex[:8]
-    work = Path(os.environ["CDC_HOME"]) / "bench" / f"memory-{run_id}"
-    work.mkdir(parents=True, exist_ok=True)
-    dbs = Databases(layout)
-    pipelines: list[Pipeline] = []
-    try:
-        destinations = [d for d in ("replica", "analytics", "mariadb") if d in args.phase_list]
-        if destinations:
-            try:
-                phase_transaction(report, layout, dbs, work, run_id, pipelines, destinations)
-            except Exception as exc:  # noqa: BLE001 - report it; the other phase still runs
-                report.errors.append(f"one transaction: {exc}")
-                log(f"one transaction: FAILED: {exc}")
-        if "ingest" in args.phase_list:
-            try:
-                phase_ingest(report, layout, dbs, work, run_id, pipelines)
-            except Exception as exc:  # noqa: BLE001
-                report.errors.append(f"ingestion: {exc}")
-                log(f"ingestion: FAILED: {exc}")
-    finally:
-        log("cleanup: connectors, slots, publications, topics, consumer groups, databases and DuckDB files of this run")
-        for p in pipelines:
-            p.cleanup()
-        dbs.drop_all()
-        shutil.rmtree(work, ignore_errors=True)
+    with session("memory") as run:
+        pipelines: list[Pipeline] = []
+        try:
+            destinations = [d for d in ("replica", "analytics", "mariadb") if d in args.phase_list]
+            if destinations:
+                attempt("one transaction", report.errors,
+                        lambda: phase_transaction(report, run, pipelines, destinations))
+            if "ingest" in args.phase_list:
+                attempt("ingestion", report.errors, lambda: phase_ingest(report, run, pipelines))
+        finally:
+            # The session then drops the databases and removes the work folder (DuckDB files, pipeline files).
+            log("cleanup: connectors, slots, publications, topics, consumer groups, databases and DuckDB files of "
+                "this run")
+            for p in pipelines:
+                p.cleanup()
 
-    apply_bench.print_summary(TABLE_HEADER + table_row(report), details(report))
-    if not args.no_write:
-        write_results(report)
-        log(f"results written to {RESULTS.relative_to(REPO)}")
-    return 1 if report.errors else 0
+    return finish(args.no_write, TABLE_HEADER + table_row(report), details(report), lambda: write_results(report),
+                  bool(report.errors))
 
 
 if __name__ == "__main__":

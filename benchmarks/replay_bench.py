@@ -26,46 +26,49 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
-import psycopg
-import yaml
 from confluent_kafka import Consumer, TopicPartition
 
-from benchmarks import apply_bench
-from benchmarks.apply_bench import (
+from benchmarks.common import (
     CDC,
-    CHECKSUM,
-    REPO,
     RESULTS,
-    SOURCE_SCHEMA,
-    TABLE,
-    TRANSACTION_ROWS,
-    Databases,
-    _delete_groups,
-    _mark,
-    _n,
-    checksum,
-    inserted_rows,
-    load_source,
+    attempt,
+    delete_groups,
+    details_head,
+    finish,
+    harness_parser,
     log,
+    machine_cell,
     machine_info,
-    pipeline_data,
+    mark,
+    number,
+    parse_rows,
     run_measured,
+    session,
     sustained_rate,
-    wait_for_topic,
+    write_section,
+)
+from benchmarks.workload import (
+    TRANSACTION_ROWS,
+    BenchPipeline,
+    Checksum,
+    analytics,
+    checksum,
+    duckdb_checksum,
+    inserted_rows,
+    replica,
+    said,
+    settle,
+    timeout_for,
 )
 
 # The goals this harness checks (they live here, never in tests: a test must not fail on a slow machine).
@@ -75,8 +78,6 @@ TARGET_REPLAY_ROWS = 1_000_000
 
 LAKE = "lake"  # the analytics destination (DuckDB)
 REPLICA = "replica"  # the PostgreSQL replica destination
-DUCKDB_TABLE = '"public.bench_item"'  # the analytics replica names a table as the source does, schema included
-DUCKDB_HISTORY = '"public.bench_item__history"'
 # A replay that the command refuses for this kind of destination (consumers/ops/replay.py's wording, and a few likely
 # future ones): recorded as "not supported" instead of a failure.
 NOT_SUPPORTED = re.compile(r"not supported|not implemented|destinations only|only so far|no replica destination",
@@ -166,17 +167,6 @@ class Report:
 # helpers
 
 
-def duckdb_checksum(path: Path) -> tuple[tuple[int, int, Decimal], int]:
-    """The analytics replica's current state as the source's CHECKSUM sees it, and its history's row count."""
-    import duckdb
-
-    query = CHECKSUM.replace("from bench_item", f"from {DUCKDB_TABLE}")
-    with duckdb.connect(str(path), read_only=True) as conn:
-        count, qty, price = conn.execute(query).fetchone()
-        history = conn.execute(f"select count(*) from {DUCKDB_HISTORY}").fetchone()[0]
-    return (int(count), int(qty), Decimal(price)), int(history)
-
-
 def no_stdin(argv: list[str]) -> list[str]:
     """The command with its standard input on /dev/null: a confirmation prompt then fails at once instead of
     waiting for an answer (run_measured lets the child inherit ours)."""
@@ -194,34 +184,8 @@ def replay_flags(no_backup: bool) -> list[str]:
     return flags
 
 
-def said(output: str, *words: str) -> list[str]:
-    return [line.strip() for line in output.splitlines() if any(w in line for w in words)]
-
-
-def timeout_for(rows: int) -> float:
-    return max(600.0, rows / 200)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the phases
-
-
-SETTLE_S = 5.0
-
-
-def settle(source_url: str) -> None:
-    """Let the load's own aftermath pass before anything is timed: the source's vacuum and checkpoint of a million
-    changed rows (done now, instead of by autovacuum during a measurement), the kernel's write-back of the
-    hundreds of MB just written to Kafka's and PostgreSQL's files, then a short pause. On this 2-CPU machine the
-    first DuckDB ingestion measured 122,000 rows/s straight after the load and 155,000 after 20 s of rest."""
-    started = time.monotonic()
-    with psycopg.connect(source_url, autocommit=True) as conn:
-        conn.execute(f"VACUUM ANALYZE {TABLE}")
-        conn.execute("CHECKPOINT")
-    os.sync()
-    time.sleep(SETTLE_S)
-    log(f"settle: vacuum, checkpoint, sync and a {SETTLE_S:.0f} s pause took {time.monotonic() - started:.1f} s; "
-        f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 class AppliedWatcher(threading.Thread):
@@ -252,7 +216,7 @@ class AppliedWatcher(threading.Thread):
         self._consumer.close()
 
 
-def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[int, int, Decimal],
+def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: Checksum,
                  bootstrap: str, group: str, topic: str, repeat: int) -> IngestResult:
     """`repeat` ingestions of all the changes, each into an empty DuckDB file and under a consumer group emptied
     first (the sustained rate is read from it); then one more run with nothing to apply (the fixed cost)."""
@@ -262,11 +226,11 @@ def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[
     argv = [CDC, "-c", str(config_path), "run", LAKE, "--until-caught-up", "--timeout", f"{timeout:.0f}"]
     runs: list[IngestRun] = []
     history, applied = 0, ""
-    for attempt in range(1, repeat + 1):
+    for round_ in range(1, repeat + 1):
         remove_database(duck_path)
-        _delete_groups(bootstrap, [group])
+        delete_groups(bootstrap, [group])
         watcher = AppliedWatcher(bootstrap, group, topic)
-        log(f"duckdb ingestion {attempt}/{repeat}: {' '.join(argv[1:])}")
+        log(f"duckdb ingestion {round_}/{repeat}: {' '.join(argv[1:])}")
         try:
             result = run_measured(argv, timeout + 60, on_start=watcher.start)
         finally:
@@ -279,8 +243,9 @@ def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[
         run = IngestRun(result.wall_s, sustained_rate(watcher.samples, rows), result.max_rss_kib / 1024)
         runs.append(run)
         applied = " ".join(said(result.output, "applied"))
-        log(f"duckdb ingestion {attempt}/{repeat}: {rows:,} changes in {run.wall_s:.2f} s = "
-            f"{rows / run.wall_s:,.0f} rows/s, sustained {_n(run.sustained)} rows/s, peak RSS {run.peak_rss_mb:.0f} MB "
+        log(f"duckdb ingestion {round_}/{repeat}: {rows:,} changes in {run.wall_s:.2f} s = "
+            f"{rows / run.wall_s:,.0f} rows/s, sustained {number(run.sustained)} rows/s, "
+            f"peak RSS {run.peak_rss_mb:.0f} MB "
             f"({applied}); history holds {history:,} rows")
     # The same command with nothing left to apply: the fixed cost inside the figure above (interpreter and
     # imports, reflection, opening the file, consumer assignment, the watermark's trip through Debezium, close).
@@ -290,7 +255,7 @@ def bench_ingest(config_path: Path, duck_path: Path, rows: int, expected: tuple[
     return IngestResult(rows=rows, runs=runs, overhead_s=overhead, history_rows=history, said=applied)
 
 
-def catch_up_replica(config_path: Path, url: str, expected: tuple[int, int, Decimal], rows: int) -> float:
+def catch_up_replica(config_path: Path, url: str, expected: Checksum, rows: int) -> float:
     timeout = timeout_for(rows)
     argv = [CDC, "-c", str(config_path), "run", REPLICA, "--until-caught-up", "--timeout", f"{timeout:.0f}"]
     log(f"postgresql replica, catching up (not timed): {' '.join(argv[1:])}")
@@ -345,41 +310,36 @@ def _replay_cell(r: ReplayResult | None, target_s: float | None, rows: int) -> s
         return "failed"
     if not r.supported:
         return "not supported"
-    cell = f"{r.wall_s:.2f} s ({_n(r.rows_per_s)} rows/s)"
+    cell = f"{r.wall_s:.2f} s ({number(r.rows_per_s)} rows/s)"
     if target_s is not None:
-        cell += _mark(r.wall_s < target_s)
+        cell += mark(r.wall_s < target_s)
         if rows != TARGET_REPLAY_ROWS:
             cell += f" (target < {target_s:.2f} s for {rows:,})"
     return cell
 
 
 def table_row(r: Report) -> str:
-    machine = f"{r.machine['cpus']} CPUs, {r.machine['memory']}"
+    machine = machine_cell(r.machine)
     n = f"{r.rows:,}" + (" (quick)" if r.args.quick else "")
     if r.ingest is None:
         ingest = net = "failed"
     else:
-        ingest = f"{_n(r.ingest.rows_per_s)}{_mark(r.ingest.rows_per_s >= TARGET_DUCKDB_ROWS_PER_S)}"
+        ingest = f"{number(r.ingest.rows_per_s)}{mark(r.ingest.rows_per_s >= TARGET_DUCKDB_ROWS_PER_S)}"
         sustained = r.ingest.sustained
-        net = (f"{_n(r.ingest.net_rows_per_s)} / {_n(sustained)}"
-               + (_mark(sustained >= TARGET_DUCKDB_ROWS_PER_S) if sustained is not None else ""))
+        net = (f"{number(r.ingest.net_rows_per_s)} / {number(sustained)}"
+               + (mark(sustained >= TARGET_DUCKDB_ROWS_PER_S) if sustained is not None else ""))
     pg = _replay_cell(r.pg_replay, r.replay_target_s, r.rows)
     if r.pg_replay and r.pg_replay.supported and "--no-backup" in r.replay_flags:
         pg += " (--no-backup)"
     duck = _replay_cell(r.duck_replay, None, r.rows)
     rss_pg = r.pg_replay.peak_rss_mb if r.pg_replay and r.pg_replay.supported else None
-    rss = f"{_n(r.ingest.peak_rss_mb if r.ingest else None)} / {_n(rss_pg)} MB"
+    rss = f"{number(r.ingest.peak_rss_mb if r.ingest else None)} / {number(rss_pg)} MB"
     date = r.started.strftime("%Y-%m-%d %H:%M")
     return f"| {date} | {machine} | {n} | {ingest} | {net} | {pg} | {duck} | {rss} |\n"
 
 
 def details(r: Report) -> str:
-    m = r.machine
-    lines = [f"#### {r.started.strftime('%Y-%m-%d %H:%M')} UTC, N = {r.rows:,}{' (quick)' if r.args.quick else ''}",
-             ""]
-    lines.append(f"- machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory']}, Linux {m['kernel']}, Python {m['python']}; "
-                 f"load average at start {m['load']} (the stack, and anything else running, share these CPUs)")
-    lines.append(f"- command: `{' '.join(['python -m benchmarks.replay_bench', *sys.argv[1:]])}`; code: {m['code']}")
+    lines = details_head("####", "replay_bench", r.started, r.rows, r.args.quick, r.machine)
     if r.capture_s is not None:
         lines.append(f"- capture (load + Debezium into Kafka, not part of any figure): {r.rows:,} changes in "
                      f"{r.capture_s:.1f} s ({r.rows / r.capture_s:,.0f} rows/s); {inserted_rows(r.rows):,} inserts "
@@ -388,13 +348,14 @@ def details(r: Report) -> str:
         i = r.ingest
         history = ("" if i.history_rows == r.rows else
                    f" (NOTE: {r.rows:,} expected, one per change)")
-        each = "; ".join(f"{run.wall_s:.2f} s = {r.rows / run.wall_s:,.0f} rows/s, sustained {_n(run.sustained)}, "
+        each = "; ".join(f"{run.wall_s:.2f} s = {r.rows / run.wall_s:,.0f} rows/s, sustained {number(run.sustained)}, "
                          f"{run.peak_rss_mb:.0f} MB" for run in i.runs)
         lines.append(f"- DuckDB ingestion: `cdc run {LAKE} --until-caught-up` as a subprocess, {len(i.runs)} time(s), "
                      f"each into an empty file ({each}); median {i.wall_s:.2f} s wall from spawn to exit = "
                      f"{i.rows_per_s:,.0f} rows/s; a run with nothing to apply took "
-                     f"{_n(i.overhead_s, 2)} s, so net of that fixed cost {_n(i.net_rows_per_s)} rows/s; sustained "
-                     f"(median) {_n(i.sustained)} rows/s (the consumer group's committed offsets, sampled every 0.1 s, "
+                     f"{number(i.overhead_s, 2)} s, so net of that fixed cost {number(i.net_rows_per_s)} rows/s; "
+                     f"sustained (median) {number(i.sustained)} rows/s (the consumer group's committed offsets, "
+                     f"sampled every 0.1 s, "
                      f"from 10 % to 90 % of the changes); current "
                      f"state equal to the source (count, sum(qty), sum(price)) after every run; history table "
                      f"{i.history_rows:,} rows{history}; peak RSS {i.peak_rss_mb:.0f} MB, the largest (wait4 "
@@ -413,7 +374,7 @@ def details(r: Report) -> str:
             continue
         goal = ""
         if target is not None:
-            goal = (f" (target < {target:.2f} s{_mark(res.wall_s < target)}"
+            goal = (f" (target < {target:.2f} s{mark(res.wall_s < target)}"
                     + (f", {TARGET_REPLAY_S:.0f} s for {TARGET_REPLAY_ROWS:,} scaled linearly to N" if
                        r.rows != TARGET_REPLAY_ROWS else "") + ")")
         extra = f"; history table {res.history_rows:,} rows" if res.history_rows is not None else ""
@@ -446,7 +407,7 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
     apply_bench.write_results rewrites the file from its own two markers and keeps everything after its details
     marker as the older details (its new details go in front of them), so a section placed after them survives
     its runs untouched. Here only the text between this harness's own markers is rewritten."""
-    apply_bench.write_section(path, (MARK_ROWS, MARK_DETAILS), SECTION_PREAMBLE, TABLE_HEADER, DETAILS_HEADING,
+    write_section(path, (MARK_ROWS, MARK_DETAILS), SECTION_PREAMBLE, TABLE_HEADER, DETAILS_HEADING,
                               table_row(report), details(report))
 
 
@@ -455,124 +416,70 @@ def write_results(report: Report, path: Path = RESULTS) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.replay_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, help="changes to load (default 1,000,000; 50,000 with --quick)")
-    p.add_argument("--quick", action="store_true", help="a short run to check that everything works")
+    p = harness_parser("replay_bench", __doc__ or "", "changes to load (default 1,000,000; 50,000 with --quick)")
     p.add_argument("--replay-no-backup", action="store_true", help="time `cdc replay --no-backup` (default: the "
                    "command as it runs by default, backup of the tables included)")
-    p.add_argument("--no-write", action="store_true", help="print the results without touching RESULTS.md")
     p.add_argument("--ingest-runs", type=int, help="DuckDB ingestions to take the median of (default 3; 1 with "
                    "--quick)")
-    args = p.parse_args(argv)
-    if args.rows is None:
-        args.rows = 50_000 if args.quick else 1_000_000
+    args = parse_rows(p, argv, quick=50_000, full=1_000_000)
     if args.ingest_runs is None:
         args.ingest_runs = 1 if args.quick else 3
     if args.ingest_runs < 1:
         p.error("--ingest-runs must be at least 1")
-    if args.rows < 1:
-        p.error("--rows must be at least 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("CDC_HOME", str(REPO / ".cdc"))
-    from cdc import config
-    from infra import stack
-    from producers import capture
-    from producers.topics import admin_client, delete_topics
-
     report = Report(datetime.now(UTC), args, machine_info(), args.rows)
     log(f"machine: {report.machine}")
-    layout = stack.up(echo=lambda line: log(f"stack: {line}"))
-    run_id = uuid.uuid4().hex[:8]
-    work = Path(os.environ["CDC_HOME"]) / "bench" / f"replay-{run_id}"
-    work.mkdir(parents=True, exist_ok=True)
-    duck_path = work / "lake.duckdb"
-    dbs = Databases(layout)
-    pipeline = None
-    try:
-        source_url = dbs.create(f"bench_src_{run_id}")
-        replica_url = dbs.create(f"bench_replica_{run_id}")
-        with psycopg.connect(source_url, autocommit=True) as conn:
-            conn.execute(SOURCE_SCHEMA)
-        data = pipeline_data(layout, f"bench{run_id}", source_url, {REPLICA: replica_url})
-        data["destinations"][LAKE] = {"kind": "analytics", "url": f"duckdb:///{duck_path}"}
-        config_path = work / "pipeline.yaml"
-        config_path.write_text(yaml.safe_dump(data, sort_keys=False))
-        pipeline = config.load(config_path, env={})
-        topic = pipeline.topic_of(TABLE)
-        log(f"pipeline {pipeline.pipeline}: creating topics and the Debezium connector")
-        capture.apply(pipeline)
+    with session("replay") as run:
+        duck_path = run.work / "lake.duckdb"
+        pipeline: BenchPipeline | None = None
+        try:
+            replica_url = run.dbs.create(f"bench_replica_{run.run_id}")
+            pipeline = BenchPipeline(run, run.run_id, {REPLICA: replica(replica_url), LAKE: analytics(duck_path)})
+            config_path = pipeline.config_path
+            report.capture_s = pipeline.load(args.rows)
+            expected = checksum(pipeline.source_url)
+            settle(pipeline.source_url)
+            report.replay_flags = replay_flags(args.replay_no_backup)
 
-        started = time.monotonic()
-        inserts, updates = load_source(source_url, args.rows)
-        log(f"source: {inserts:,} inserts and {updates:,} updates committed in {time.monotonic() - started:.1f} s")
-        wait_for_topic(layout.kafka_bootstrap, topic, args.rows, timeout=max(600.0, args.rows / 100))
-        report.capture_s = time.monotonic() - started
-        log(f"capture: all {args.rows:,} changes are in {topic} after {report.capture_s:.1f} s")
-        expected = checksum(source_url)
-        settle(source_url)
-        report.replay_flags = replay_flags(args.replay_no_backup)
+            def replay(destination: str, label: str, final: Callable[[ReplayResult], tuple]) -> ReplayResult:
+                result = bench_replay(config_path, destination, report.replay_flags, args.rows)
+                got = final(result) if result.supported else expected
+                if got != expected:
+                    raise RuntimeError(f"the {label} replica differs from the source after the replay: "
+                                       f"{got} != {expected}")
+                return result
 
-        def phase(label: str, work: Callable[[], Any]) -> Any:
-            """Run one measured phase; a failure is reported, and the other phases still run."""
-            try:
-                return work()
-            except Exception as exc:  # noqa: BLE001
-                report.errors.append(f"{label}: {exc}")
-                log(f"{label}: FAILED: {exc}")
-                return None
+            def duck_final(result: ReplayResult) -> tuple:
+                final, result.history_rows = duckdb_checksum(duck_path)
+                return final
 
-        def replay(destination: str, label: str, final: Callable[[ReplayResult], tuple]) -> ReplayResult:
-            result = bench_replay(config_path, destination, report.replay_flags, args.rows)
-            got = final(result) if result.supported else expected
-            if got != expected:
-                raise RuntimeError(f"the {label} replica differs from the source after the replay: "
-                                   f"{got} != {expected}")
-            return result
+            group = f"cdc-{pipeline.pipeline.pipeline}-{LAKE}"
+            report.ingest = attempt("duckdb ingestion", report.errors, lambda: bench_ingest(
+                config_path, duck_path, args.rows, expected, run.layout.kafka_bootstrap, group, pipeline.topic,
+                args.ingest_runs))
+            report.catch_up_s = attempt("postgresql catch-up", report.errors,
+                                        lambda: catch_up_replica(config_path, replica_url, expected, args.rows))
+            if report.catch_up_s is not None:
+                report.pg_replay = attempt("postgresql replay", report.errors,
+                                           lambda: replay(REPLICA, "PostgreSQL", lambda r: checksum(replica_url)))
+            report.duck_replay = attempt("duckdb replay", report.errors, lambda: replay(LAKE, "DuckDB", duck_final))
+        except Exception as exc:  # noqa: BLE001 - report what was measured before the failure
+            report.errors.append(f"setup: {exc}")
+            log(f"FAILED: {exc}")
+        finally:
+            # The session then drops the databases and removes the work folder (the DuckDB file, its .wal, the
+            # pipeline file).
+            log("cleanup: connector, slot, publication, topics, consumer groups, databases and DuckDB file of this "
+                "run")
+            if pipeline is not None:
+                pipeline.cleanup()
 
-        def duck_final(result: ReplayResult) -> tuple:
-            final, result.history_rows = duckdb_checksum(duck_path)
-            return final
-
-        report.ingest = phase("duckdb ingestion", lambda: bench_ingest(
-            config_path, duck_path, args.rows, expected, layout.kafka_bootstrap, f"cdc-{pipeline.pipeline}-{LAKE}",
-            topic, args.ingest_runs))
-        report.catch_up_s = phase("postgresql catch-up",
-                                  lambda: catch_up_replica(config_path, replica_url, expected, args.rows))
-        if report.catch_up_s is not None:
-            report.pg_replay = phase("postgresql replay",
-                                     lambda: replay(REPLICA, "PostgreSQL", lambda r: checksum(replica_url)))
-        report.duck_replay = phase("duckdb replay", lambda: replay(LAKE, "DuckDB", duck_final))
-    except Exception as exc:  # noqa: BLE001 - report what was measured before the failure
-        report.errors.append(f"setup: {exc}")
-        log(f"FAILED: {exc}")
-    finally:
-        log("cleanup: connector, slot, publication, topics, consumer groups, databases and DuckDB file of this run")
-        if pipeline is not None:
-            try:
-                capture.delete(pipeline, purge=True)
-            except Exception as exc:  # noqa: BLE001
-                log(f"cleanup: deleting the source connector failed: {exc}")
-            try:
-                delete_topics(admin_client(layout.kafka_bootstrap),
-                              [*pipeline.data_topics, pipeline.transaction_topic, pipeline.signal_topic,
-                               pipeline.notification_topic, f"__debezium-heartbeat.{pipeline.pipeline}",
-                               *(f"{pipeline.pipeline}.{d}.dead-letter" for d in (LAKE, REPLICA))])
-            except Exception as exc:  # noqa: BLE001
-                log(f"cleanup: deleting topics failed: {exc}")
-            groups = [f"cdc-{pipeline.pipeline}-{name}" for name in (LAKE, REPLICA)] + [f"{pipeline.pipeline}-signal"]
-            _delete_groups(layout.kafka_bootstrap, groups)
-        dbs.drop_all()
-        shutil.rmtree(work, ignore_errors=True)  # the DuckDB file (and its .wal) and the pipeline file
-
-    apply_bench.print_summary(TABLE_HEADER + table_row(report), details(report))
-    if not args.no_write:
-        write_results(report)
-        log(f"results written to {RESULTS.relative_to(REPO)}")
-    return 1 if report.errors else 0
+    return finish(args.no_write, TABLE_HEADER + table_row(report), details(report), lambda: write_results(report),
+                  bool(report.errors))
 
 
 if __name__ == "__main__":

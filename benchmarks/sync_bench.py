@@ -13,23 +13,19 @@ Run: .venv/bin/python -m benchmarks.sync_bench [--rows-per-table 10000] [--table
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import subprocess
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import psycopg
 
+from benchmarks.common import RESULTS, Databases, commit, load_average, machine, record_row, start_stack
 from cdc import config
 from consumers.sync import apply as sync_apply
-from infra import stack
 
 R = 1_000_000_000
 TARGET_S = 30.0
-RESULTS = Path(__file__).with_name("RESULTS.md")
 RUNS = "<!-- sync runs: written by benchmarks/sync_bench.py, newest first -->"
 HEADER = ("| date (UTC) | machine | scope | changes | apply (backup included) | source read, planned, backed up "
           "after | plan alone (dry run) | checked |")
@@ -80,30 +76,6 @@ def fingerprint(url: str, tables: int, where: str) -> list[tuple]:
                              f"where {where}").fetchone() for i in range(tables)]
 
 
-def machine() -> str:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPUs, {mem:.1f} GiB"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
-def record(row: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if RUNS not in text:
-        text = text.rstrip("\n") + "\n" + SECTION
-    head, tail = text.split(RUNS, 1)
-    lines = tail.split("\n")
-    # The table's header, separator and target row come first; a new run goes right under them.
-    lines.insert(4, row)
-    RESULTS.write_text(head + RUNS + "\n".join(lines))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows-per-table", type=int, default=10_000)
@@ -111,13 +83,11 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="Print the figure only.")
     args = parser.parse_args()
     n, tables = args.rows_per_table, args.tables
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())  # other work on the 2 CPUs shows in the figure
-    layout = stack.up(echo=lambda line: None)
-    names = [f"sb_src_{uuid.uuid4().hex[:8]}", f"sb_dst_{uuid.uuid4().hex[:8]}"]
-    with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
-        for name in names:
-            conn.execute(f'create database "{name}"')
-    source, destination = (layout.postgres_url(name) for name in names)
+    load = load_average()
+    layout = start_stack(quiet=True)
+    dbs = Databases(layout)
+    source, destination = (dbs.create(name) for name in (f"sb_src_{uuid.uuid4().hex[:8]}",
+                                                         f"sb_dst_{uuid.uuid4().hex[:8]}"))
     print(f"sync_bench on {platform.node()} ({machine()}): {n * tables:,} rows over {tables} tables", flush=True)
     try:
         for url, production in ((source, False), (destination, True)):
@@ -161,19 +131,18 @@ def main() -> None:
         if not args.no_record:
             counts = {k: sum(p.counts()[k] for p in planned.tables.values()) for k in ("deleted", "inserted",
                                                                                        "updated")}
-            record(f"| {datetime.now(UTC):%Y-%m-%d %H:%M} | {machine()} | {n * tables:,} rows, {tables} tables | "
+            row = (f"| {datetime.now(UTC):%Y-%m-%d %H:%M} | {machine()} | {n * tables:,} rows, {tables} tables | "
                    f"-{counts['deleted']:,} +{counts['inserted']:,} ~{counts['updated']:,} | {apply_s:.2f} s {ok} | "
                    f"{backup_s:.2f} s | {plan_s:.2f} s | scope equal by SQL, out-of-range untouched; load average at "
                    f"start {load} (code {commit()}) |")
+            record_row(RESULTS, RUNS, SECTION, row, header_lines=3)  # under the header, separator and target
             print(f"recorded in {RESULTS}")
     finally:
         from confluent_kafka.admin import AdminClient
 
         # The sync's topic of this run is the benchmark's own: not left behind.
         AdminClient({"bootstrap.servers": layout.kafka_bootstrap}).delete_topics(["syncbench.sync.bench"])
-        with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
-            for name in names:
-                conn.execute(f'drop database if exists "{name}" with (force)')
+        dbs.drop_all()
 
 
 if __name__ == "__main__":

@@ -15,20 +15,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import duckdb
 import psycopg
 from sqlalchemy import create_engine
 
+from benchmarks.common import Session, session
 from cdc import config
 from consumers.apply.dialects import dialect_for
 from consumers.apply.shapes import reflect_shapes
 from consumers.ops import verify
-from infra import stack
 
 DDL = ("create table item (id bigint primary key, name text not null, qty integer, price numeric(12, 2), "
        "seen timestamptz)")
@@ -70,20 +68,15 @@ def statements(kind: str, table: str, planted: dict[str, list[list[int]]]) -> li
     return out
 
 
-def run(kind: str, layout, source_db: str, rows: int, differences: list[int], workdir: Path) -> list[str]:
+def run(kind: str, bench: Session, source_db: str, rows: int, differences: list[int]) -> list[str]:
+    layout = bench.layout
     name = f"vb_dst_{uuid.uuid4().hex[:8]}"
     if kind == "postgresql":
-        with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
-            conn.execute(f'create database "{name}"')
-        url = layout.postgres_url(name)
+        url = bench.dbs.create(name)
     elif kind == "mariadb":
-        admin = create_engine(layout.mariadb_url())
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
-        admin.dispose()
-        url = layout.mariadb_url(name)
+        url = bench.dbs.create_mariadb(name)
     else:
-        url = f"duckdb:///{workdir / (name + '.duckdb')}"
+        url = f"duckdb:///{bench.work / (name + '.duckdb')}"
     pipeline = config.parse({
         "pipeline": "verifybench",
         "kafka": {"bootstrap_servers": layout.kafka_bootstrap, "schema_registry_url": layout.urls()["schema_registry"],
@@ -151,14 +144,8 @@ def run(kind: str, layout, source_db: str, rows: int, differences: list[int], wo
                             if target else ""))
             print(lines[-1], flush=True)
     finally:
-        if kind == "postgresql":
-            with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
-                conn.execute(f'drop database if exists "{name}" with (force)')
-        elif kind == "mariadb":
-            admin = create_engine(layout.mariadb_url())
-            with admin.begin() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-            admin.dispose()
+        if kind != "duckdb":
+            bench.dbs.drop(name)
     return lines
 
 
@@ -170,23 +157,17 @@ def main() -> None:
     parser.add_argument("--dialects", default="postgresql,mariadb,duckdb")
     args = parser.parse_args()
     differences = [-1 if x.strip() == "all" else int(x) for x in args.differences.split(",")]
-    layout = stack.up(echo=lambda line: None)
-    src = f"vb_src_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
-        conn.execute(f'create database "{src}"')
-    print(f"verify_bench on {platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
-          flush=True)
-    try:
-        with psycopg.connect(layout.postgres_url(src), autocommit=True) as conn:
+    with session("verify", quiet=True) as bench:
+        src = f"vb_src_{bench.run_id}"
+        bench.dbs.create(src)
+        print(f"verify_bench on {platform.node()} ({os.cpu_count()} CPUs, "
+              f"{platform.processor() or platform.machine()})", flush=True)
+        with psycopg.connect(bench.layout.postgres_url(src), autocommit=True) as conn:
             conn.execute(DDL)
             conn.execute(FILL["postgresql"].format(n=args.rows).replace(", 0 from", " from"))
             conn.execute("vacuum analyze item")
-        with tempfile.TemporaryDirectory() as workdir:
-            for kind in args.dialects.split(","):
-                run(kind.strip(), layout, src, args.rows, differences, Path(workdir))
-    finally:
-        with psycopg.connect(layout.postgres_url(), autocommit=True) as conn:
-            conn.execute(f'drop database if exists "{src}" with (force)')
+        for kind in args.dialects.split(","):
+            run(kind.strip(), bench, src, args.rows, differences)
 
 
 if __name__ == "__main__":
