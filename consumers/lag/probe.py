@@ -20,15 +20,16 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from sqlalchemy import column, create_engine, inspect, select, table
+from sqlalchemy import inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable, first_line
-from consumers.apply.shapes import OFFSETS_TABLE, STATUS_TABLE
+from consumers.apply.dialects import dialect_class
+from consumers.apply.dialects.bookkeeping import OFFSETS as _OFFSETS
+from consumers.apply.dialects.bookkeeping import STATUS as _STATUS
 from consumers.lag.status import (
     BLOCKED_PREFIX,
     BLOCKED_RECORD,
@@ -41,10 +42,6 @@ from producers.connect import ConnectClient
 from producers.source_admin import psycopg_conninfo
 from schemas.codec import AvroDecoder, RegistryClient
 
-# The offsets table as the dialects define it (consumers/apply/dialects/base.py); only the columns read here.
-_OFFSETS = table(OFFSETS_TABLE, column("pipeline"), column("topic"), column("kafka_partition"),
-                 column("next_offset"), column("updated_at"))
-_STATUS = table(STATUS_TABLE, column("pipeline"), column("error"))
 # How far past a BEGIN to look for its END on the transaction topic.
 _MAX_SCAN = 200
 
@@ -211,12 +208,10 @@ class LagProbe:
     def _engine(self, name: str) -> Engine:
         engine = self._engines.get(name)
         if engine is None:
-            url = self.pipeline.destinations[name].driver_url
-            if url.get_backend_name() == "duckdb":
-                # Read-only and never kept open: DuckDB lets one process write (the applier) or several read.
-                engine = create_engine(url, poolclass=NullPool, connect_args={"read_only": True})
-            else:
-                engine = create_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
+            dest = self.pipeline.destinations[name]
+            # A DuckDB file is opened read-only and never kept open (the dialect's reader_engine).
+            engine = dialect_class(dest.driver_url, dest.kind).reader_engine(
+                dest.driver_url, pool_size=1, max_overflow=1, pool_pre_ping=True)
             self._engines[name] = engine
         return engine
 
@@ -225,14 +220,14 @@ class LagProbe:
         try:
             engine = self._engine(name)
             with engine.connect() as conn:
-                if not inspect(conn).has_table(OFFSETS_TABLE):
+                if not inspect(conn).has_table(_OFFSETS.name):
                     return {}, None, None  # the applier never ran here
                 rows = conn.execute(select(_OFFSETS.c.topic, _OFFSETS.c.kafka_partition, _OFFSETS.c.next_offset,
                                            _OFFSETS.c.updated_at)
                                     .where(_OFFSETS.c.pipeline == self.pipeline.pipeline)).all()
                 # Why the applier stopped, if it stopped on an error (ReplicaApplier._record_error).
                 stopped = (conn.execute(select(_STATUS.c.error).where(_STATUS.c.pipeline == self.pipeline.pipeline))
-                           .scalar() if inspect(conn).has_table(STATUS_TABLE) else None)
+                           .scalar() if inspect(conn).has_table(_STATUS.name) else None)
         except (SQLAlchemyError, CdcError, ImportError) as exc:
             return {}, None, f"destination {name} cannot be read: {first_line(exc, 300)}"
         stored = {(r.topic, int(r.kafka_partition)): int(r.next_offset) for r in rows}

@@ -30,9 +30,10 @@ from sqlalchemy import create_engine, inspect, text
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, DestinationBusy, first_line
-from consumers.apply.dialects import dialect_for
+from consumers.apply.dialects import Dialect, dialect_class, dialect_for
+from consumers.apply.dialects.bookkeeping import OFFSETS
 from consumers.apply.plan import dependency_order
-from consumers.apply.shapes import OFFSETS_TABLE, reflect_shapes
+from consumers.apply.shapes import reflect_shapes
 
 BACKUPS_TABLE = "_cdc_backups"
 DEFAULT_RETENTION = timedelta(days=30)
@@ -49,21 +50,22 @@ class Backup:
     tables: list[str]  # the tables the replay replaced
 
 
-def destination_kind(pipeline: Pipeline, destination: str) -> str:
-    """`postgresql` (a PostgreSQL replica) or `duckdb` (a DuckDB analytics file): the destinations that replays and
-    backups know. Anything else is refused before anything is touched."""
+def replayed_dialect(pipeline: Pipeline, destination: str) -> type[Dialect]:
+    """The dialect class of a destination that replays and backups know (its `backups` says how they are kept:
+    "schema", a PostgreSQL replica; "file", a DuckDB analytics file). Anything else is refused before anything is
+    touched."""
     dest = pipeline.destinations.get(destination)
     if dest is None:
         raise ConfigError(f"destinations: no destination named {destination!r} (known: "
                           f"{', '.join(pipeline.destinations) or 'none'})")
-    backend = dest.sqlalchemy_url.get_backend_name()
-    if dest.kind == "replica" and backend == "postgresql":
-        return "postgresql"
-    if dest.kind == "analytics" and backend == "duckdb":
+    dialect = dialect_class(dest.sqlalchemy_url, dest.kind)
+    if dialect.backups is None:
+        raise ConfigError(f"destinations.{destination}: replays and backups are not supported for a "
+                          f"{dest.sqlalchemy_url.get_backend_name()} {dest.kind} destination (so far: PostgreSQL "
+                          "replicas and DuckDB analytics files)")
+    if dialect.holds_file:
         duckdb_path(pipeline, destination)
-        return "duckdb"
-    raise ConfigError(f"destinations.{destination}: replays and backups are not supported for a {backend} "
-                      f"{dest.kind} destination (so far: PostgreSQL replicas and DuckDB analytics files)")
+    return dialect
 
 
 def duckdb_path(pipeline: Pipeline, destination: str) -> Path:
@@ -98,9 +100,7 @@ class BackupStore(ABC):
 
 
 def store_for(pipeline: Pipeline, destination: str) -> BackupStore:
-    if destination_kind(pipeline, destination) == "duckdb":
-        return FileBackups(pipeline, destination)
-    return SchemaBackups(pipeline, destination)
+    return STORES[replayed_dialect(pipeline, destination).backups or ""](pipeline, destination)
 
 
 def backup(pipeline: Pipeline, destination: str, tables: list[str]) -> Backup | None:
@@ -168,8 +168,8 @@ class SchemaBackups(BackupStore):
                 if insp.has_table(table.name, schema=table.schema):
                     conn.execute(text(f"create table {prep.quote(schema)}.{prep.quote(name)} as table "
                                       f"{prep.format_table(table)}"))
-            conn.execute(text(f"create table {prep.quote(schema)}.{prep.quote(OFFSETS_TABLE)} as select * from "
-                              f"{prep.quote(OFFSETS_TABLE)} where pipeline = :p"), {"p": self.pipeline.pipeline})
+            conn.execute(text(f"create table {prep.quote(schema)}.{prep.quote(OFFSETS.name)} as select * from "
+                              f"{prep.quote(OFFSETS.name)} where pipeline = :p"), {"p": self.pipeline.pipeline})
             return self.record(conn, schema, tables)
 
     def list(self) -> list[Backup]:
@@ -195,10 +195,10 @@ class SchemaBackups(BackupStore):
             for name in order:
                 conn.execute(text(f"insert into {prep.format_table(dialect.table(shapes[name]))} "
                                   f"select * from {prep.quote(backup.location)}.{prep.quote(name)}"))
-            conn.execute(text(f"delete from {prep.quote(OFFSETS_TABLE)} where pipeline = :p"),
+            conn.execute(text(f"delete from {prep.quote(OFFSETS.name)} where pipeline = :p"),
                          {"p": self.pipeline.pipeline})
-            conn.execute(text(f"insert into {prep.quote(OFFSETS_TABLE)} select * from "
-                              f"{prep.quote(backup.location)}.{prep.quote(OFFSETS_TABLE)}"))
+            conn.execute(text(f"insert into {prep.quote(OFFSETS.name)} select * from "
+                              f"{prep.quote(backup.location)}.{prep.quote(OFFSETS.name)}"))
 
     def drop(self, backups: list[Backup]) -> None:
         if not backups:
@@ -426,3 +426,7 @@ class ScopeBackups:
             conn.execute(text(f'drop schema if exists "{b.location}" cascade'))
             conn.execute(text(f'delete from "{BACKUPS_TABLE}" where id = :i'), {"i": b.id})
         return old
+
+
+# How each way of keeping backups that a dialect names (Dialect.backups) is done.
+STORES: dict[str, type[BackupStore]] = {"schema": SchemaBackups, "file": FileBackups}

@@ -30,6 +30,7 @@ from typing import Any
 
 from cdc.config import Destination, masked_url
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable, first_line
+from consumers.apply.dialects import dialect_class
 
 READ_ONLY = "the analytics replica is read-only"
 # How long one statement may run, unless `cdc query --timeout` says otherwise.
@@ -48,13 +49,13 @@ def run(name: str, destination: Destination, statement: str,
                           f"{destination.kind}")
     if not timeout_s > 0:
         raise ConfigError(f"--timeout: a number of seconds above 0, not {timeout_s}")
-    backend = destination.sqlalchemy_url.get_backend_name()
-    if backend == "duckdb":
+    dialect = dialect_class(destination.sqlalchemy_url, destination.kind)
+    if dialect.read_only_access == "file":
         return _duckdb(destination, statement, timeout_s)
-    if backend == "postgresql":
+    if dialect.read_only_access == "role":
         return _postgres(name, destination, statement, timeout_s)
-    raise ConfigError(f"destinations.{name}: `cdc query` reads DuckDB and PostgreSQL replicas, not {backend!r}")
-
+    raise ConfigError(f"destinations.{name}: `cdc query` reads DuckDB and PostgreSQL replicas, not "
+                      f"{destination.sqlalchemy_url.get_backend_name()!r}")
 
 
 def _seconds(timeout_s: float) -> str:

@@ -37,8 +37,9 @@ from cdc.errors import CdcError, ConfigError
 from consumers.apply.applier import ReplicaApplier
 from consumers.apply.dialects import Dialect, dialect_for
 from consumers.apply.dialects.base import HISTORY_SUFFIX
+from consumers.apply.dialects.bookkeeping import OFFSETS
 from consumers.apply.plan import NO_SCOPE, ReplayScope, dependency_order
-from consumers.apply.shapes import OFFSETS_TABLE, TableShape, reflect_shapes
+from consumers.apply.shapes import TableShape, reflect_shapes
 from consumers.apply.writer import DestinationWriter
 from consumers.ops.backups import (
     Backup,
@@ -46,10 +47,10 @@ from consumers.ops.backups import (
     SchemaBackups,
     check_not_written,
     copy_database,
-    destination_kind,
     duckdb_path,
     fold_wal,
     remove_database,
+    replayed_dialect,
     store_for,
 )
 
@@ -137,19 +138,19 @@ def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = N
     `from_snapshot`: the history is gone from the topics; empty the scope and take a fresh Debezium snapshot."""
     if sum([start is not None, shadow, from_snapshot]) > 1:
         raise ConfigError("replay: --from TIME, --shadow and --from-snapshot are different ways to replay; choose one")
-    kind = destination_kind(pipeline, destination)
-    if kind == "duckdb":
+    dialect = replayed_dialect(pipeline, destination)
+    if dialect.holds_file:
         check_not_written(duckdb_path(pipeline, destination))
     shapes = reflect_shapes(pipeline.source.sqlalchemy_url, pipeline.source.tables)
-    chosen = _validate_scope(pipeline, tables, shapes, foreign_keys=kind == "postgresql")
+    chosen = _validate_scope(pipeline, tables, shapes, foreign_keys=dialect.mirrors_foreign_keys)
     if start is None and not from_snapshot:
         check_history(pipeline)
-    if shadow and kind == "duckdb":
+    if shadow and dialect.holds_file:
         return _replay_shadow_file(pipeline, destination, chosen, shapes, partial=bool(tables),
                                    make_backup=make_backup, timeout=timeout, echo=echo, progress=progress)
     # The destination is claimed before anything is saved or emptied (DuckDB's file lock does that for a file):
     # an applier at work beside the replay would change what is saved, and write into what is emptied.
-    writer = None if kind == "duckdb" else DestinationWriter(pipeline, destination, echo=echo)
+    writer = None if dialect.holds_file else DestinationWriter(pipeline, destination, echo=echo)
     try:
         if writer is not None:
             writer.claim()
@@ -351,7 +352,7 @@ def _swap(pipeline: Pipeline, applier: ReplicaApplier, shadow: str, chosen: list
             conn.execute(text(f"create schema if not exists {q(schema)}"))
             conn.execute(text(f"alter table {q(shadow)}.{q(name)} set schema {q(schema)}"))
             conn.execute(text(f"alter table {q(schema)}.{q(name)} rename to {q(table.name)}"))
-        conn.execute(text(f"create table {q(backup_schema)}.{q(OFFSETS_TABLE)} as select * from {q(OFFSETS_TABLE)} "
+        conn.execute(text(f"create table {q(backup_schema)}.{q(OFFSETS.name)} as select * from {q(OFFSETS.name)} "
                           "where pipeline = :p"), {"p": pipeline.pipeline})
         old = live.load_offsets(conn, pipeline.pipeline)
         new = applier.dialect.load_offsets(conn, pipeline.pipeline)

@@ -300,7 +300,7 @@ def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape
     deadline = time.monotonic() + wait
     src_engine = verify.source_engine(pipeline)
     dst_engine = verify.destination_engine(pipeline, request.destination)
-    engine = verify._engine_name(dst_engine)
+    backend = verify.backend_of(pipeline, request.destination)
     dialect = dialect_for(dst_engine, pipeline.destinations[request.destination].kind)
     target = dialect.table(shape)
     last: dict[tuple, tuple[tuple | None, tuple | None]] = {}
@@ -308,14 +308,14 @@ def check(pipeline: Pipeline, request: SyncRequest, shapes: dict[str, TableShape
         while True:
             keys = [by_normal[n] for n in pending]
             with verify.connect(dst_engine) as dst:
-                stored = verify._stored_types(dst, engine, target.schema, target.name)
+                stored = backend.catalog_types(dst, target.schema, target.name)
             with src_engine.connect() as src:
-                s_side = verify._Side(src, "postgresql", _source_table(shape), shape, {}, stored)
+                s_side = verify._Side(src, verify.SOURCE, _source_table(shape), shape, {}, stored)
                 s_rows = verify.raw_query(src, s_side._inner() + " WHERE " + _condition(shape, keys)) if keys else []
             texts = [r[0] for r in s_rows]
             with verify.connect(dst_engine) as dst:
-                stored = verify._stored_types(dst, engine, target.schema, target.name)
-                d_side = verify._Side(dst, engine, verify.table_sql(engine, target), shape, stored)
+                stored = backend.catalog_types(dst, target.schema, target.name)
+                d_side = verify._Side(dst, backend, verify.table_sql(backend, target), shape, stored)
                 d_rows = verify.raw_query(dst, d_side._inner() + f" WHERE {d_side.key_text} IN ("
                                           + ", ".join(d_side.canon.literal(t) for t in texts) + ")") \
                     if texts and stored else []
@@ -732,17 +732,17 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
     request = SyncRequest(request_id, requested_at, who, table, [], "in progress", destination=dest)
     src_engine = verify.source_engine(pipeline)
     dst_engine = verify.destination_engine(pipeline, dest, write=True)
-    engine = verify._engine_name(dst_engine)
+    backend = verify.backend_of(pipeline, dest)
     dialect = dialect_for(dst_engine, pipeline.destinations[dest].kind)
     target = dialect.table(shape)
-    dst_sql = verify.table_sql(engine, target)
+    dst_sql = verify.table_sql(backend, target)
     failure: str | None = "interrupted"
     try:
         with src_engine.connect() as src:
             # First without the lock: a destination whose applier is not running (or far behind) is found, or
             # caught up, before any writer has to wait.
             _applied_through_now(pipeline, dst_engine, dialect, dest, wait, echo)
-            _session(src, "postgresql")
+            verify.SOURCE.utc_session(src)
             src.exec_driver_sql(f"SET LOCAL lock_timeout = '{KEYLESS_LOCK_WAIT_S}s'")
             started = time.monotonic()
             try:
@@ -758,17 +758,17 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
                  "everything committed before")
             _applied_through_now(pipeline, dst_engine, dialect, dest, min(wait, KEYLESS_HOLD_S), echo)
             with verify.connect(dst_engine) as dst:
-                _session(dst, engine)
-                stored = verify._stored_types(dst, engine, target.schema, target.name)
+                backend.utc_session(dst)
+                stored = backend.catalog_types(dst, target.schema, target.name)
                 if not stored:
                     raise CdcError(f"resync: the destination {dest} has no table {target.fullname} yet (`cdc run` "
                                    "creates it when it applies the table's first changes)")
-                s_side = verify._Side(src, "postgresql", _source_table(shape), shape, {}, stored)
-                d_side = verify._Side(dst, engine, dst_sql, shape, stored)
+                s_side = verify._Side(src, verify.SOURCE, _source_table(shape), shape, {}, stored)
+                d_side = verify._Side(dst, backend, dst_sql, shape, stored)
                 delta = _keyless_delta(s_side, d_side)
                 if delta:
                     _apply_delta(src, dst, dialect, shape, s_side, d_side, values, delta,
-                                 verify._history_sql(engine, target)[0] if dialect.keeps_history else None)
+                                 verify._history_sql(backend, target)[0] if dialect.keeps_history else None)
                     dst.commit()
                 after = _keyless_delta(s_side, d_side)
                 dst.rollback()
@@ -813,16 +813,6 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
     return request
 
 
-def _session(conn: Any, engine: str) -> None:
-    """The session settings verify's canonical texts are computed under (verify._begin_snapshot, without its
-    snapshot: the fix compares, writes and compares again)."""
-    if engine == "postgresql":
-        conn.exec_driver_sql("SET TimeZone = 'UTC'")
-        conn.exec_driver_sql("SET extra_float_digits = 1")
-    elif engine == "mariadb":
-        conn.exec_driver_sql("SET time_zone = '+00:00'")
-
-
 _FIXING_LSN = -2  # marks the copies inserted by this transaction until their history rows are written
 
 
@@ -835,8 +825,7 @@ def _apply_delta(src: Any, dst: Any, dialect: Any, shape: TableShape, s_side: An
     from consumers.apply.plan import KeylessChange
 
     d_md5 = d_side.canon.md5(d_side.row_text)
-    engine = d_side.canon.engine
-    columns = ", ".join(verify.quote(engine, c) for c in d_side.columns)
+    columns = ", ".join(d_side.backend.quote(c) for c in d_side.columns)
     names = f"{columns}, {', '.join(HISTORY_COLUMNS)}"
     position = int(verify.raw_query(src, "SELECT pg_current_wal_lsn() - '0/0'")[0][0]) if history else 0
     cursor = dst.connection.driver_connection.cursor()
@@ -877,7 +866,7 @@ def _apply_delta(src: Any, dst: Any, dialect: Any, shape: TableShape, s_side: An
                                                    else SNAPSHOT_LSN}) for _ in range(copies)]
     dialect.apply_keyless(dst, shape, changes)
     if history:
-        lsn = verify.quote(engine, LSN_COLUMN)
+        lsn = d_side.backend.quote(LSN_COLUMN)
         verify.raw_query(dst, f"INSERT INTO {history} ({names}) SELECT {columns}, 'r', {SNAPSHOT_LSN}, 'cdc resync', "
                               f"CURRENT_TIMESTAMP FROM {d_side.table} WHERE {lsn} = {_FIXING_LSN}", fetch=False)
         verify.raw_query(dst, f"UPDATE {d_side.table} SET {lsn} = {SNAPSHOT_LSN} WHERE {lsn} = {_FIXING_LSN}",

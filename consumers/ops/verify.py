@@ -39,20 +39,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, first_line
-from consumers.apply.dialects import dialect_for
+from consumers.apply.dialects import Dialect, dialect_class, dialect_for
 from consumers.apply.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX
+from consumers.apply.dialects.postgres import PostgresDialect
 from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape, reflect_shapes
-from consumers.ops.compare import Canon, Kind, equal, jsonable, kind_of, normal, normal_row
+from consumers.ops.compare import Kind, equal, jsonable, kind_of, normal, normal_row
 
 ROWS_PER_BUCKET = 16  # the aim of step 1: a differing bucket costs ~16 rows fetched per side
 FETCH_ALL_BELOW = 20_000  # tables with at most this many rows a side skip step 1: one query fetches them
 DUCKDB_PATIENCE_S = 60.0  # how long to wait for a DuckDB file another process (the applier) writes
+# The source's backend: its canonical texts, quoting and snapshot are PostgreSQL's.
+SOURCE: type[Dialect] = PostgresDialect
 
 
 @dataclass
@@ -193,16 +196,17 @@ def resolve_table(name: str, tables: tuple[str, ...] | list[str]) -> str:
 class _Side:
     """One database's view of one table: bucket aggregates, and rows of chosen buckets with key text and hash."""
 
-    def __init__(self, conn: Connection, engine: str, table_sql: str, shape: TableShape,
+    def __init__(self, conn: Connection, backend: type[Dialect], table_sql: str, shape: TableShape,
                  stored: dict[str, str], peer: dict[str, str] | None = None) -> None:
         self.conn = conn
-        self.canon = Canon(engine)
+        self.backend = backend
+        self.canon = backend.canon()
         self.table = table_sql
         self.columns = [c for c in shape.column_names if c != LSN_COLUMN]
         self.kinds = [kind_of(shape.column(c).type) for c in self.columns]
         self.key_index = [self.columns.index(k) for k in shape.primary_key]
         # Every column name quoted, always: SQLAlchemy's DuckDB preparer leaves DuckDB keywords such as `by` bare.
-        quoted = [quote(engine, c) for c in self.columns]
+        quoted = [backend.quote(c) for c in self.columns]
         # The source's own column types are its reflected ones; where a canonical form depends on what the other
         # side can hold (an interval against MariaDB's microseconds), the source reads `peer`, the destination's.
         if peer is not None:
@@ -241,8 +245,7 @@ class _Side:
 
     def bucket_expr(self, b: Bucketing) -> str:
         if b.width is not None:
-            div = {"postgresql": "/", "mariadb": "DIV", "duckdb": "//"}[self.canon.engine]
-            return f"(({self.int_key} - ({b.lo})) {div} {b.width})"
+            return f"(({self.int_key} - ({b.lo})) {self.canon.int_div} {b.width})"
         key = self.key_text if self.key_text is not None else self.row_text
         return f"substr({self.canon.md5(key)}, 1, {b.digits})"
 
@@ -294,15 +297,9 @@ class Bucketing:
         return _bucket_of(handle, self.digits)
 
 
-def quote(engine: str, name: str) -> str:
-    if engine == "mariadb":
-        return "`" + name.replace("`", "``") + "`"
-    return '"' + name.replace('"', '""') + '"'
-
-
-def table_sql(engine: str, table: Any) -> str:
-    """A destination Table's name, quoted for its engine."""
-    return ".".join(quote(engine, part) for part in ([table.schema] if table.schema else []) + [table.name])
+def table_sql(backend: type[Dialect], table: Any) -> str:
+    """A destination Table's name, quoted for its backend."""
+    return ".".join(backend.quote(part) for part in ([table.schema] if table.schema else []) + [table.name])
 
 
 def raw_query(conn: Connection, sql: str, *, fetch: bool = True) -> list[Any]:
@@ -427,45 +424,27 @@ def source_engine(pipeline: Pipeline) -> Engine:
 
 
 def destination_engine(pipeline: Pipeline, destination: str, *, write: bool = False) -> Engine:
-    url = pipeline.destinations[destination].driver_url
-    if url.get_backend_name() == "duckdb":
-        # Read-only unless writing: DuckDB lets one process write a file or several read it.
-        return create_engine(url, poolclass=NullPool, connect_args={} if write else {"read_only": True})
-    return create_engine(url, poolclass=NullPool)
+    dest = pipeline.destinations[destination]
+    return dialect_class(dest.driver_url, dest.kind).reader_engine(dest.driver_url, write=write)
+
+
+def backend_of(pipeline: Pipeline, destination: str) -> type[Dialect]:
+    """The dialect class of a destination: how its SQL quotes, types and canonical texts are spelled."""
+    dest = pipeline.destinations[destination]
+    return dialect_class(dest.driver_url, dest.kind)
 
 
 def connect(engine: Engine) -> Connection:
-    if engine.url.get_backend_name() == "duckdb":
+    """A reading connection of `destination_engine`, waiting while the applier holds a DuckDB file."""
+    backend = dialect_class(engine.url)  # how it is read does not depend on the destination's kind
+    if backend.holds_file:
         from pathlib import Path
-
-        from consumers.apply.dialects.duckdb import when_free
 
         path = engine.url.database
         if path and path != ":memory:" and not Path(path).exists():
             raise CdcError(f"verify: the DuckDB file {path} does not exist yet (`cdc run` creates it when it applies "
                            "the first changes)")
-        return when_free(engine.connect, DUCKDB_PATIENCE_S)
-    return engine.connect()
-
-
-def _engine_name(engine: Engine) -> str:
-    backend = engine.url.get_backend_name()
-    return "mariadb" if backend in ("mysql", "mariadb") else backend
-
-
-def _stored_types(conn: Connection, engine: str, schema: str | None, table: str) -> dict[str, str]:
-    """The destination columns' own type names (information_schema), lower case; empty when absent."""
-    if engine == "mariadb":
-        rows = conn.execute(text("SELECT column_name, column_type FROM information_schema.columns "
-                                 "WHERE table_schema = COALESCE(:s, database()) AND table_name = :t"),
-                            {"s": schema, "t": table})
-    elif engine == "duckdb":
-        rows = conn.execute(text("SELECT column_name, data_type FROM information_schema.columns "
-                                 "WHERE table_name = :t"), {"t": table})
-    else:
-        rows = conn.execute(text("SELECT column_name, data_type FROM information_schema.columns "
-                                 "WHERE table_schema = :s AND table_name = :t"), {"s": schema or "public", "t": table})
-    return {r[0]: str(r[1]).lower() for r in rows}
+    return backend.connect_reading(engine, DUCKDB_PATIENCE_S)
 
 
 @dataclass
@@ -477,7 +456,7 @@ class _Target:
     history: tuple[str, str | None, str] | None = None  # analytics destinations: the history table (_history_sql)
 
 
-def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Connection, engine: str,
+def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Connection, backend: type[Dialect],
              reports: dict[str, TableReport]) -> dict[str, _Target]:
     from sqlalchemy.exc import NoSuchTableError, ProgrammingError
 
@@ -496,7 +475,7 @@ def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Conne
             continue
         shape = shapes[name]
         table = dialect.table(shape)
-        stored = _stored_types(dst, engine, table.schema, table.name)
+        stored = backend.catalog_types(dst, table.schema, table.name)
         if not stored:
             reports[name].error = (f"the destination {destination} has no table {table.fullname} yet (`cdc run` "
                                    "creates it when it applies the table's first changes)")
@@ -508,20 +487,9 @@ def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Conne
             continue
         reports[name].keyless = not shape.primary_key
         src_sql = f'"{shape.schema.replace(chr(34), chr(34) * 2)}"."{shape.table.replace(chr(34), chr(34) * 2)}"'
-        targets[name] = _Target(shape, src_sql, table_sql(engine, table), stored,
-                                _history_sql(engine, table) if dialect.keeps_history else None)
+        targets[name] = _Target(shape, src_sql, table_sql(backend, table), stored,
+                                _history_sql(backend, table) if dialect.keeps_history else None)
     return targets
-
-
-def _begin_snapshot(conn: Connection, engine: str) -> None:
-    if engine == "postgresql":
-        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
-        conn.exec_driver_sql("SET LOCAL extra_float_digits = 1")
-    elif engine == "mariadb":
-        conn.exec_driver_sql("SET time_zone = '+00:00'")
-        conn.exec_driver_sql("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT")
 
 
 def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None, *, settle: float = 2.0,
@@ -534,20 +502,20 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
         else list(pipeline.source.tables)
     reports = {name: TableReport(name) for name in chosen}
     src_engine, dst_engine = source_engine(pipeline), destination_engine(pipeline, destination)
-    engine = _engine_name(dst_engine)
+    backend = backend_of(pipeline, destination)
     targets: dict[str, _Target] = {}
     fetched: dict[str, tuple[Bucketing, list[Any] | None]] = {}
     try:
         with src_engine.connect() as src, connect(dst_engine) as dst, ThreadPoolExecutor(2) as pool:
             # One snapshot per side, so that every table is compared as of one moment on each side.
-            _begin_snapshot(src, "postgresql")
-            _begin_snapshot(dst, engine)
-            targets = _targets(pipeline, destination, chosen, dst, engine, reports)
+            SOURCE.begin_consistent_read(src)
+            backend.begin_consistent_read(dst)
+            targets = _targets(pipeline, destination, chosen, dst, backend, reports)
             for name, target in targets.items():
                 report = reports[name]
                 started = time.monotonic()
-                s_side = _Side(src, "postgresql", target.src_sql, target.shape, {}, target.stored)
-                d_side = _Side(dst, engine, target.dst_sql, target.shape, target.stored)
+                s_side = _Side(src, SOURCE, target.src_sql, target.shape, {}, target.stored)
+                d_side = _Side(dst, backend, target.dst_sql, target.shape, target.stored)
                 try:
                     fetched[name] = _compare(s_side, d_side, report, pool)
                 except Exception as exc:  # noqa: BLE001 - reported per table, never skipped in silence
@@ -563,7 +531,7 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
                 if target.history is None:
                     continue
                 try:
-                    reports[name].history = check_history(dst, engine, target, target.history)
+                    reports[name].history = check_history(dst, backend, target, target.history)
                 except Exception as exc:  # noqa: BLE001 - reported per table, never skipped in silence
                     reports[name].history = HistoryReport(
                         table=target.history[2], error=f"could not be checked: {type(exc).__name__}: "
@@ -578,10 +546,10 @@ def verify(pipeline: Pipeline, destination: str, tables: list[str] | None = None
             # by now: only what differs in both looks is reported.
             time.sleep(settle)
             with src_engine.connect() as src, connect(dst_engine) as dst, ThreadPoolExecutor(2) as pool:
-                _begin_snapshot(src, "postgresql")
-                _begin_snapshot(dst, engine)
+                SOURCE.begin_consistent_read(src)
+                backend.begin_consistent_read(dst)
                 for name in unequal:
-                    _recheck(src, dst, engine, targets[name], reports[name], fetched[name], pool)
+                    _recheck(src, dst, backend, targets[name], reports[name], fetched[name], pool)
     finally:
         src_engine.dispose()
         dst_engine.dispose()
@@ -595,7 +563,7 @@ def _reset(conn: Connection) -> None:
         conn.rollback()
 
 
-def _recheck(src: Connection, dst: Connection, engine: str, target: _Target, report: TableReport,
+def _recheck(src: Connection, dst: Connection, backend: type[Dialect], target: _Target, report: TableReport,
              fetched: tuple[Bucketing, list[Any] | None], pool: ThreadPoolExecutor) -> None:
     """Compare the reported rows once more; only what differs in both looks stays reported."""
     bucketing, chosen = fetched
@@ -604,8 +572,8 @@ def _recheck(src: Connection, dst: Connection, engine: str, target: _Target, rep
     buckets = None if chosen is None else sorted({h[:bucketing.digits] if report.keyless else bucketing.of(h)
                                                   for h in handles})
     again = TableReport(report.table, keyless=report.keyless)
-    s_side = _Side(src, "postgresql", target.src_sql, target.shape, {}, target.stored)
-    d_side = _Side(dst, engine, target.dst_sql, target.shape, target.stored)
+    s_side = _Side(src, SOURCE, target.src_sql, target.shape, {}, target.stored)
+    d_side = _Side(dst, backend, target.dst_sql, target.shape, target.stored)
     s_side.light = d_side.light = bool(s_side.key_index) and s_side.exact and d_side.exact
     s_f, d_f = pool.submit(s_side.rows, bucketing, buckets), pool.submit(d_side.rows, bucketing, buckets)
     _compare_rows(s_side, s_f.result(), d_f.result(), again)
@@ -711,7 +679,7 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
 
     refused = []
     engine = destination_engine(pipeline, report.destination, write=True)
-    name = _engine_name(engine)
+    backend = backend_of(pipeline, report.destination)
     shapes = reflect_shapes(pipeline.source.sqlalchemy_url, [t.table for t in report.tables if not t.error])
     dialect = dialect_for(engine, pipeline.destinations[report.destination].kind)
     try:
@@ -736,11 +704,11 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
             if table.extra:
                 handles = list(table.handles.get("extra", {}).values())
                 with connect(engine) as conn:
-                    stored = _stored_types(conn, name, dialect.table(shape).schema, dialect.table(shape).name)
-                    side = _Side(conn, name, table_sql(name, dialect.table(shape)), shape, stored)
-                    history = _history_sql(name, dialect.table(shape))[0] if dialect.keeps_history else None
+                    stored = backend.catalog_types(conn, dialect.table(shape).schema, dialect.table(shape).name)
+                    side = _Side(conn, backend, table_sql(backend, dialect.table(shape)), shape, stored)
+                    history = _history_sql(backend, dialect.table(shape))[0] if dialect.keeps_history else None
                     position = _source_position(pipeline) if history else None
-                    columns = ", ".join(quote(name, c) for c in side.columns)
+                    columns = ", ".join(backend.quote(c) for c in side.columns)
                     for start in range(0, len(handles), 1000):
                         listed = ", ".join(side.canon.literal(h) for h in handles[start:start + 1000])
                         if history:
@@ -820,13 +788,13 @@ def _source_position(pipeline: Pipeline) -> int:
         return int(conn.execute("select pg_current_wal_lsn() - '0/0'").fetchone()[0])
 
 
-def _history_sql(engine: str, table: Any) -> tuple[str, str | None, str]:
+def _history_sql(backend: type[Dialect], table: Any) -> tuple[str, str | None, str]:
     """The quoted name of a destination table's history, and its schema and bare name."""
     name = table.name + HISTORY_SUFFIX
-    return ".".join(quote(engine, p) for p in ([table.schema] if table.schema else []) + [name]), table.schema, name
+    return ".".join(backend.quote(p) for p in ([table.schema] if table.schema else []) + [name]), table.schema, name
 
 
-def check_history(conn: Connection, engine: str, target: _Target,
+def check_history(conn: Connection, backend: type[Dialect], target: _Target,
                   history: tuple[str, str | None, str]) -> HistoryReport:
     """Check one table's history inside the destination, set-based:
 
@@ -844,7 +812,7 @@ def check_history(conn: Connection, engine: str, target: _Target,
     """
     h_sql, h_schema, h_name = history
     report = HistoryReport(table=".".join(filter(None, (h_schema, h_name))))
-    stored = _stored_types(conn, engine, h_schema, h_name)
+    stored = backend.catalog_types(conn, h_schema, h_name)
     if not stored:
         # The applier creates a history beside every table it creates; a table made otherwise (by hand, adopted)
         # has none, and there is nothing to check: said, not an alarm.
@@ -856,9 +824,9 @@ def check_history(conn: Connection, engine: str, target: _Target,
     if lacking:
         report.error = f"the history table {report.table} has no column(s) {', '.join(lacking)}"
         return report
-    canon = Canon(engine)
+    canon = backend.canon()
     kinds = {c: kind_of(shape.column(c).type) for c in columns}
-    q = {c: quote(engine, c) for c in columns}
+    q = {c: backend.quote(c) for c in columns}
     key = list(shape.primary_key)
     run = lambda sql: raw_query(conn, sql)  # noqa: E731
     report.rows = int(run(f"SELECT count(*) FROM {h_sql}")[0][0])

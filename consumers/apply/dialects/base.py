@@ -17,15 +17,10 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
-    DateTime,
     ForeignKeyConstraint,
-    Index,
-    Integer,
     MetaData,
     PrimaryKeyConstraint,
-    String,
     Table,
-    Text,
     and_,
     inspect,
     literal_column,
@@ -38,17 +33,10 @@ from sqlalchemy.sql.elements import quoted_name
 from sqlalchemy.types import TypeEngine
 
 from cdc.errors import CdcError, Terminal
+from consumers.apply.dialects import bookkeeping
 from consumers.apply.dialects.types import SourceType
 from consumers.apply.events import ChangeEvent
-from consumers.apply.shapes import (
-    APPLIED_TABLE,
-    LSN_COLUMN,
-    OFFSETS_TABLE,
-    SNAPSHOT_LSN,
-    STATUS_TABLE,
-    ColumnShape,
-    TableShape,
-)
+from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
 from consumers.apply.values import UNAVAILABLE
 
 # The analytics replica's change history: table `t` gets `t__history` with t's columns and these.
@@ -191,40 +179,78 @@ class Dialect(ABC):
     # file).
     writer_lock_sql: str | None = None
 
+    # -- what the operations built on the applier need to know of a backend (class-level: no engine needed) ----
+    # A destination that is one file (DuckDB): one process may write it, or several read it, so every reader opens
+    # it read-only (`reader_engine`) and waits while the applier holds it (`connect_reading`).
+    holds_file = False
+    # How `cdc replay` keeps what it replaces (consumers.ops.backups): "schema" (a backup schema beside the tables),
+    # "file" (a copy of the whole file); None: this destination is not replayed.
+    backups: str | None = None
+    # How `cdc query` reads the destination without being able to change it (consumers.ops.query): "role" (a
+    # session of a read-only role), "file" (the file opened read-only, its engine's walls up); None: not queried.
+    read_only_access: str | None = None
+    # Whether the destination's tables carry the source's foreign keys (a replay's scope must then hold the
+    # tables that reference the ones it empties).
+    mirrors_foreign_keys = True
+
+    @staticmethod
+    def quote(name: str) -> str:
+        """An identifier quoted for this backend's SQL, whatever it is (a reserved word, a quote inside)."""
+        return '"' + name.replace('"', '""') + '"'
+
+    @classmethod
+    def reader_engine(cls, url: Any, *, write: bool = False, **pooling: Any) -> Engine:
+        """An engine for reading the destination beside its applier (verify, `cdc lag`); `pooling`: create_engine's
+        pool arguments (none kept open by default). `write`: it also writes (a resync)."""
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        return create_engine(url, **(pooling or {"poolclass": NullPool}))
+
+    @classmethod
+    def connect_reading(cls, engine: Engine, patience_s: float) -> Connection:
+        """A connection of `reader_engine`, waiting up to `patience_s` where the applier may hold the destination."""
+        return engine.connect()
+
+    @classmethod
+    def catalog_types(cls, conn: Connection, schema: str | None, table: str) -> dict[str, str]:
+        """The table's columns and their types as information_schema names them, lower case; empty when there is no
+        such table (verify reads the stored types to know how to compare a column)."""
+        rows = conn.execute(text("SELECT column_name, data_type FROM information_schema.columns "
+                                 "WHERE table_schema = :s AND table_name = :t"), {"s": schema or "public", "t": table})
+        return {r[0]: str(r[1]).lower() for r in rows}
+
+    @classmethod
+    def utc_session(cls, conn: Connection) -> None:  # noqa: B027 - a hook: DuckDB needs nothing
+        """Set the session so that canonical texts of values (canon.py) are computed alike everywhere: UTC times,
+        floats with all their digits."""
+        return None
+
+    @classmethod
+    def begin_consistent_read(cls, conn: Connection) -> None:
+        """Begin the connection's transaction on one consistent snapshot (repeatable read), in `utc_session`'s
+        settings: verify reads a table twice and must see it unchanged between."""
+        cls.utc_session(conn)
+
+    @classmethod
+    def canon(cls) -> Any:
+        """The SQL of this backend's canonical text of a value (consumers.apply.dialects.canon), for verify."""
+        raise NotImplementedError(f"{cls.name} destinations cannot be compared")
+
+    # DuckDB bounds its memory on the applier's connections; the other backends manage their own.
+    def limit_memory(self, mb: int | None = None) -> None:  # noqa: B027 - a hook: only DuckDB has a limit to set
+        """Hold the destination to `mb` of memory on the connections this dialect's engine opens (DuckDB)."""
+
+    def memory_exhausted(self, exc: BaseException) -> str | None:
+        """When `exc` is the destination out of the memory `limit_memory` set, the limit raised and the line that
+        says so (the batch is then applied again); None otherwise, as always where there is no limit."""
+        return None
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.metadata = MetaData()
-        self.offsets = Table(
-            OFFSETS_TABLE, self.metadata,
-            Column("pipeline", String(200), primary_key=True),
-            Column("topic", String(255), primary_key=True),
-            Column("kafka_partition", Integer, primary_key=True, autoincrement=False),
-            Column("next_offset", BigInteger, nullable=False),
-            Column("updated_at", DateTime(timezone=True), nullable=False),
-        )
-        # Why an applier of a pipeline stopped (a transaction that cannot complete...): `cdc lag` reports it as ERROR.
-        self.status = Table(
-            STATUS_TABLE, self.metadata,
-            Column("pipeline", String(200), primary_key=True),
-            Column("error", Text, nullable=False),
-            Column("updated_at", DateTime(timezone=True), nullable=False),
-        )
-        # The source transactions whose keyless changes were applied here (shapes.APPLIED_TABLE), written in the same
-        # transaction as the rows and offsets. `end_offset`: where the transaction's END record is in the transaction
-        # topic; a record counts only while the stored offsets are past it (a replay or a restore that moves them
-        # back makes it void). Looked up by (pipeline, xid), pruned by source commit time.
-        self.applied = Table(
-            APPLIED_TABLE, self.metadata,
-            Column("pipeline", String(200), primary_key=True),
-            Column("xid", String(64), primary_key=True),
-            Column("source_table", String(255), primary_key=True),
-            Column("first_lsn", BigInteger, nullable=False),
-            Column("last_lsn", BigInteger, nullable=False),
-            Column("end_offset", BigInteger, nullable=False),
-            Column("committed_at", DateTime(timezone=True)),
-            Column("applied_at", DateTime(timezone=True), nullable=False),
-            Index("_cdc_applied_committed", "pipeline", "committed_at"),
-        )
+        # The applier's own tables (offsets, status, applied transactions), declared once in bookkeeping.py.
+        self.offsets, self.status, self.applied = bookkeeping.tables_for(self.metadata)
         self._tables: dict[str, Table] = {}
         # (source table, column) of each column ensure_table added to an existing table: the applier fills them.
         self.added_columns: list[tuple[str, str]] = []

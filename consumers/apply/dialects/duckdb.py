@@ -40,6 +40,7 @@ from consumers.apply.dialects.base import (
     new_changes_sql,
     without_fillers,
 )
+from consumers.apply.dialects.canon import DuckDBCanon
 from consumers.apply.events import ChangeEvent
 from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
 
@@ -83,14 +84,41 @@ class DuckDBDialect(Dialect):
     row_id = "rowid"  # tells duplicate rows of a table without a key apart (Dialect.apply_keyless)
     batch_events = 50_000  # writes open and close the file (readers get it in between): fewer, larger ones
     memory_limit_mb: int | None = None  # set by limit_memory: the applier's connections only
+    holds_file = True  # one process writes the file, or several read it
+    backups = "file"  # a replay keeps a copy of the whole file (consumers.ops.backups.FileBackups)
+    read_only_access = "file"  # `cdc query` opens the file read-only, with DuckDB's own walls up
+    mirrors_foreign_keys = False
 
-    def limit_memory(self, mb: int = MEMORY_LIMIT_MB) -> None:
+    @classmethod
+    def reader_engine(cls, url: Any, *, write: bool = False, **pooling: Any) -> Any:
+        # Read-only unless writing, and never kept open: DuckDB lets one process write (the applier) or several read.
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        return create_engine(url, poolclass=NullPool, connect_args={} if write else {"read_only": True})
+
+    @classmethod
+    def connect_reading(cls, engine: Any, patience_s: float) -> Connection:
+        return when_free(engine.connect, patience_s)  # the applier holds the file while it writes a batch
+
+    @classmethod
+    def catalog_types(cls, conn: Connection, schema: str | None, table: str) -> dict[str, str]:
+        # One flat namespace in the file: by name only.
+        rows = conn.exec_driver_sql("SELECT column_name, data_type FROM information_schema.columns "
+                                    "WHERE table_name = ?", (table,))
+        return {r[0]: str(r[1]).lower() for r in rows}
+
+    @classmethod
+    def canon(cls) -> DuckDBCanon:
+        return DuckDBCanon()
+
+    def limit_memory(self, mb: int | None = None) -> None:
         """Hold DuckDB to `mb` of memory on every connection this dialect's engine opens from now on (the applier's:
         its memory must not grow with the backlog nor with a transaction; `cdc query` and the other readers open
         their own engines). Raised by memory_exhausted when a batch needs more."""
         if self.memory_limit_mb is None:
             event.listen(self.engine, "connect", self._set_memory_limit)
-        self.memory_limit_mb = mb
+        self.memory_limit_mb = MEMORY_LIMIT_MB if mb is None else mb
 
     def _set_memory_limit(self, dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.execute(f"SET memory_limit = '{int(self.memory_limit_mb)}MB'")

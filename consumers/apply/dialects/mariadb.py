@@ -33,6 +33,7 @@ from cdc.errors import ConfigError
 from consumers.apply import columnar
 from consumers.apply.dialects import types
 from consumers.apply.dialects.base import Dialect
+from consumers.apply.dialects.canon import MariaDBCanon
 from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, ForeignKeyShape, TableShape
 from consumers.apply.values import ValueConversionError
 
@@ -80,6 +81,32 @@ class MariaDBDialect(Dialect):
 
     name = "mariadb"
     writer_lock_sql = "SELECT GET_LOCK(:key, 0)"  # a user lock: the session's until it ends
+
+    @staticmethod
+    def quote(name: str) -> str:
+        return "`" + name.replace("`", "``") + "`"
+
+    @classmethod
+    def catalog_types(cls, conn: Connection, schema: str | None, table: str) -> dict[str, str]:
+        # column_type, not data_type: `int(11)`, `decimal(8,2)`, what verify tells numerics and intervals by.
+        rows = conn.execute(sql_text("SELECT column_name, column_type FROM information_schema.columns "
+                                     "WHERE table_schema = COALESCE(:s, database()) AND table_name = :t"),
+                            {"s": schema, "t": table})
+        return {r[0]: str(r[1]).lower() for r in rows}
+
+    @classmethod
+    def utc_session(cls, conn: Connection) -> None:
+        conn.exec_driver_sql("SET time_zone = '+00:00'")
+
+    @classmethod
+    def begin_consistent_read(cls, conn: Connection) -> None:
+        cls.utc_session(conn)
+        conn.exec_driver_sql("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+
+    @classmethod
+    def canon(cls) -> MariaDBCanon:
+        return MariaDBCanon()
 
     def one_row(self, statement: Any, table: Table, match: Callable[[Any], Any]) -> Any:
         # No row id to pick one of duplicate rows by, but UPDATE and DELETE take a LIMIT (Dialect.apply_keyless).

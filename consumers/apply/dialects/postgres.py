@@ -37,6 +37,7 @@ from consumers.apply.dialects.base import (
     new_changes_sql,
     without_fillers,
 )
+from consumers.apply.dialects.canon import PostgresCanon
 from consumers.apply.events import ChangeEvent
 from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
 
@@ -56,6 +57,22 @@ class PostgresDialect(Dialect):
     row_id = "ctid"  # tells duplicate rows of a table without a key apart (Dialect.apply_keyless)
     # Whether a table is created with the source's CHECK constraints (TableShape.checks; docs/types.md).
     copies_checks = True
+    backups = "schema"  # a replay keeps what it replaces in a backup schema (consumers.ops.backups.SchemaBackups)
+
+    @classmethod
+    def utc_session(cls, conn: Connection) -> None:
+        conn.exec_driver_sql("SET TimeZone = 'UTC'")
+        conn.exec_driver_sql("SET extra_float_digits = 1")
+
+    @classmethod
+    def begin_consistent_read(cls, conn: Connection) -> None:
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
+        conn.exec_driver_sql("SET LOCAL extra_float_digits = 1")
+
+    @classmethod
+    def canon(cls) -> PostgresCanon:
+        return PostgresCanon()
 
     # -- types (docs/types.md, "PostgreSQL replica") -----------------------------------------------------------
     def map_type(self, source: t.SourceType, *, key: bool = False) -> Any:
@@ -356,6 +373,9 @@ class PostgresAnalyticsDialect(PostgresDialect):
     keeps_history = True
     columnar = False  # its history is appended by the general path only
     copies_checks = False  # like its foreign keys: only the applier writes here
+    mirrors_foreign_keys = False
+    backups = None  # not replayed (so far)
+    read_only_access = "role"  # `cdc query` logs in as the read-only role grant_read_only prepares
 
     def foreign_key(self, columns, ref: Table, ref_columns) -> ForeignKeyConstraint | None:  # noqa: ANN001
         # Like DuckDB's: only the applier writes here, and it writes whole source transactions.

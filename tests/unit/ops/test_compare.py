@@ -164,9 +164,9 @@ def test_a_name_debezium_cannot_parse_is_refused_before_any_signal():
 
 
 def test_arrays_of_types_carried_as_text_are_read_as_postgresqls_text():
-    from consumers.ops.compare import Canon
+    from consumers.apply.dialects.canon import PostgresCanon
 
     ranges, inets = kind_of(pg.ARRAY(pg.INT4RANGE())), kind_of(pg.ARRAY(pg.INET()))
-    assert Canon("postgresql").fetch(ranges, '"ra"') == '("ra")::text[]'
-    assert Canon("postgresql").fetch(inets, '"ipa"') == '"ipa"'  # inet's text would add /32 to a host
+    assert PostgresCanon().fetch(ranges, '"ra"') == '("ra")::text[]'
+    assert PostgresCanon().fetch(inets, '"ipa"') == '"ipa"'  # inet's text would add /32 to a host
     assert equal(ranges, ["[1,)", "empty"], '["[1,)","empty"]')
