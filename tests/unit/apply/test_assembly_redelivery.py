@@ -4,7 +4,9 @@ their originals were taken) and with a record of the transaction topic lost (dea
 import pytest
 
 from consumers.apply.transactions import AssemblyError, TransactionAssembler, positions_after
-from tests.unit.apply.test_transactions import TABLES, end, ev
+from tests.unit.samples import TRANSACTION_TABLES as TABLES
+from tests.unit.samples import end_marker as end
+from tests.unit.samples import event as ev
 
 
 def test_a_copy_read_after_its_original_was_taken_is_a_transaction_again():

@@ -1,20 +1,9 @@
 """Transaction assembly: whole transactions, commit order, snapshot reads, prefixes of partitions."""
 
-from consumers.apply.events import ChangeEvent, TransactionMarker
 from consumers.apply.transactions import TransactionAssembler, positions_after
-
-TABLES = frozenset({"public.person", "public.enrollment"})
-
-
-def ev(partition, offset, xid=None, order=None, table="public.person", op="c", key=1):
-    return ChangeEvent(topic="p.person", partition=partition, offset=offset, table=table, op=op, key={"id": key},
-                       before=None, after={"id": key}, lsn=offset, tx_id=f"{xid}:{offset}" if xid else None,
-                       tx_order=order, commit_ts_ms=1000, snapshot=xid is None)
-
-
-def end(xid, offset, person=0, enrollment=0, signal=0):
-    counts = {"public.person": person, "public.enrollment": enrollment, "public.cdc_signal": signal}
-    return TransactionMarker("END", str(xid), {k: v for k, v in counts.items() if v}, 1000, offset)
+from tests.unit.samples import TRANSACTION_TABLES as TABLES
+from tests.unit.samples import end_marker as end
+from tests.unit.samples import event as ev
 
 
 def test_a_transaction_is_taken_only_when_all_its_events_arrived():

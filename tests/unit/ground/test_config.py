@@ -9,31 +9,9 @@ import pytest
 
 from cdc import config
 from cdc.errors import ConfigError
+from tests.unit.samples import PIPELINE_ENV as ENV
+from tests.unit.samples import PIPELINE_YAML as VALID
 
-VALID = """\
-pipeline: district
-kafka:
-  bootstrap_servers: localhost:9092
-  schema_registry_url: http://localhost:8081/apis/ccompat/v7
-  connect_url: http://localhost:8083
-source:
-  url: postgresql://cdc:${DB_PASSWORD}@localhost:5432/district
-  tables: [public.school, public.person, public.enrollment, public.attendance]
-hierarchies:
-  person:
-    root: public.person
-    members:
-      public.enrollment: person_id
-      public.attendance: person_id
-destinations:
-  state:
-    kind: replica
-    url: postgresql://cdc@localhost:5432/state
-  analytics:
-    kind: analytics
-    url: duckdb:///analytics.duckdb
-"""
-ENV = {"DB_PASSWORD": "s3cret"}
 # A PostgreSQL analytics destination, appended to VALID's destinations.
 PG_ANALYTICS = "  warehouse:\n    kind: analytics\n    url: postgresql://loader@localhost:5432/warehouse\n"
 

@@ -12,7 +12,8 @@ import yaml
 
 from cdc import config
 from cdc.errors import ConfigError
-from tests.unit.ground.test_config import ENV, VALID
+from tests.unit.samples import PIPELINE_ENV as ENV
+from tests.unit.samples import PIPELINE_YAML as VALID
 
 CDC = str(Path(sys.executable).parent / "cdc")
 

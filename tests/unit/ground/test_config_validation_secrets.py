@@ -17,7 +17,8 @@ from cdc.errors import ConfigError
 from infra import stack
 from producers import debezium
 from producers.connect import changed_secrets, remove_secrets, write_secrets
-from tests.unit.producers.test_debezium_config import PIPELINE, TABLES
+from tests.unit.samples import PIPELINE
+from tests.unit.samples import SOURCE_TABLES as TABLES
 
 PASSWORD = "s3cret:with=odd}chars\\and\r\nnewlines\r"
 

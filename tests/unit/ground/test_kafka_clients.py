@@ -14,7 +14,7 @@ from cdc import config, topology
 from cdc import kafka as kafka_clients
 from cdc.errors import ConfigError
 from producers import sites
-from tests.unit.ground.test_topology import BASE
+from tests.unit.samples import TOPOLOGY as BASE
 
 PIPELINE = {
     "pipeline": "district",

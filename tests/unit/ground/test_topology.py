@@ -12,21 +12,10 @@ from cdc import topology
 from cdc.errors import ConfigError
 from consumers.sites import chosen_links
 from producers.sites import LinkPlan, _extra_config
+from tests.unit.samples import TOPOLOGY, TOPOLOGY_ENV
 
-BASE = {
-    "topology": "shop",
-    "kafka": {"bootstrap_servers": "localhost:9092", "schema_registry_url": "http://localhost:8081",
-              "connect_url": "http://localhost:8083"},
-    "sites": {
-        "hq": {"sync_id": 1, "url": "postgresql://cdc:${HQ_PASSWORD}@localhost:5432/hq"},
-        "north": {"sync_id": 2, "url": "postgresql://cdc@localhost:5432/north", "sync": "every 15 minutes"},
-        "south": {"sync_id": 3, "url": "postgresql://cdc@localhost:5432/south", "sync": "on_demand"},
-    },
-    "master_tables": ["public.item", "public.category"],
-    "site_tables": {"public.sale": "site_id"},
-    "subsets": {"north": {"public.item": {"where": "region = 'north'", "columns": ["id", "name"]}}},
-}
-ENV = {"HQ_PASSWORD": "s3cret"}
+BASE = TOPOLOGY
+ENV = TOPOLOGY_ENV
 
 
 def parse(data, env=ENV):

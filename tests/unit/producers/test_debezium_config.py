@@ -5,31 +5,10 @@ import pytest
 from cdc.config import parse
 from cdc.errors import ConfigError
 from producers.debezium import connector_config, masked, registry_native_url, routed_topic
-from producers.source_admin import Column, TableInfo
-
-PIPELINE = {
-    "pipeline": "district",
-    "kafka": {"bootstrap_servers": "k:9092", "schema_registry_url": "http://r:8081/apis/ccompat/v7",
-              "connect_url": "http://c:8083"},
-    "source": {"url": "postgresql://u:secret@db.local:5433/district",
-               "tables": ["public.school", "public.person", "public.enrollment", "public.attendance"]},
-    "hierarchies": {"person": {"root": "public.person",
-                               "members": {"public.enrollment": "person_id", "public.attendance": "person_id"}}},
-}
-
-
-def table(qualified, pk=("id",), **cols):
-    columns = {"id": Column("id", "bigint", False)}
-    columns.update({c: Column(c, t.rstrip("?"), t.endswith("?")) for c, t in cols.items()})
-    return TableInfo(qualified, pk, columns)
-
-
-TABLES = {
-    "public.school": table("public.school", name="text"),
-    "public.person": table("public.person", name="text"),
-    "public.enrollment": table("public.enrollment", person_id="bigint", school_id="bigint"),
-    "public.attendance": table("public.attendance", person_id="bigint"),
-}
+from producers.source_admin import TableInfo
+from tests.unit.samples import PIPELINE
+from tests.unit.samples import SOURCE_TABLES as TABLES
+from tests.unit.samples import source_table as table
 
 
 def config(tables=TABLES, **overrides):
