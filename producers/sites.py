@@ -195,6 +195,10 @@ def _with_subset(plan: LinkPlan) -> Iterator[None]:
 def plan(topology: Topology, satellites: list[str] | None = None) -> list[LinkPlan]:
     """What `apply` would do for each link (every satellite's, or the named ones'), changing nothing."""
     plans = []
+    # The connector of a link carrying two-way tables captures the marker table too, which must exist for its
+    # configuration to be made: the topology's own bookkeeping tables (empty; nothing of the user's) are created at
+    # every site, the one thing `plan` does.
+    ensure_bookkeeping(topology)
     for link in topology.links():
         if satellites and link.satellite not in satellites:
             continue
@@ -297,6 +301,15 @@ begin
     return coalesce(new, old);
 end $$;
 """
+
+
+def ensure_bookkeeping(topology: Topology) -> None:
+    """The marker and conflicts tables at every site of a topology with two-way tables (idempotent)."""
+    if not topology.shared_tables:
+        return
+    for site in topology.sites.values():
+        with psycopg.connect(psycopg_conninfo(site.sqlalchemy_url), autocommit=True) as conn:
+            conn.execute(SITE_OBJECTS)
 
 
 def guard_master_owned(conn: psycopg.Connection, tables: list[str], policy: str, sync_id: int,

@@ -66,8 +66,10 @@ class SitesRunner:
         name = link.pipeline.pipeline
         # site_pipeline: a down link's applier acts for its satellite (its Kafka user, when it has one).
         screen = SiteScreen(self.topology, link) if self.topology is not None else None
-        applier = ReplicaApplier(link.site_pipeline, link.destination, echo=self.echo, screen=screen)
-        if screen is not None:
+        if screen is None:
+            applier = ReplicaApplier(link.site_pipeline, link.destination, echo=self.echo)
+        else:
+            applier = ReplicaApplier(link.site_pipeline, link.destination, echo=self.echo, screen=screen)
             screen.convert = applier.writer.follower.convert
         with self._lock:
             if self._stop.is_set():
