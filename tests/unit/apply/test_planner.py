@@ -123,3 +123,79 @@ def test_an_apply_error_names_the_table_and_where_in_kafka():
     # Two tables, two partitions: what is not one is not claimed.
     mixed = located(two_transactions())
     assert mixed == {"table": None}
+
+
+# -- collapsing, and the order of writes ------------------------------------------------------------------------------
+
+def test_changes_of_one_row_across_transactions_collapse_to_its_last_state():
+    events = [ev("c", 1, after={"id": 1, "name": "a"}),
+              ev("d", 2, before={"id": 1, "name": "a"}, xid="8"),
+              ev("c", 3, after={"id": 1, "name": "z"}, xid="9"),  # deleted, then created again: its last state
+              ev("u", 4, before={"id": 2, "name": "x"}, after={"id": 2, "name": "y"}, xid="9"),
+              ev("u", 5, before={"id": 2, "name": "y"}, after={"id": 2, "name": "w"}, xid="10"),
+              ev("c", 6, after={"id": 3, "name": "q"}, xid="10"),
+              ev("d", 7, before={"id": 3, "name": "q"}, xid="11")]
+    [phase] = net_changes(events, SHAPES, identity)
+    person = phase.changes["public.person"]
+    # One write per row, with the position of its last change (what an older change is compared against).
+    assert person.upserts == {(1,): {"id": 1, "name": "z", "_cdc_lsn": 103},
+                              (2,): {"id": 2, "name": "w", "_cdc_lsn": 105}}
+    assert person.deletes == {(3,): {"id": 3, "_cdc_lsn": 107}}
+
+
+SCHOOL = TableShape("public.school", (ColumnShape("id", BigInteger(), False),), ("id",))
+ATTENDANCE = TableShape("public.attendance", (ColumnShape("id", BigInteger(), False),
+                                              ColumnShape("enrollment_id", BigInteger(), False)), ("id",),
+                        (ForeignKeyShape(("enrollment_id",), "public.enrollment", ("id",)),))
+GRADED = TableShape("public.enrollment", (ColumnShape("id", BigInteger(), False),
+                                          ColumnShape("person_id", BigInteger(), False),
+                                          ColumnShape("school_id", BigInteger(), False)), ("id",),
+                    (ForeignKeyShape(("person_id",), "public.person", ("id",)),
+                     ForeignKeyShape(("school_id",), "public.school", ("id",))))
+
+
+def test_upserts_go_parents_first_and_deletes_children_first():
+    shapes = {"public.attendance": ATTENDANCE, "public.enrollment": GRADED, "public.person": PERSON,
+              "public.school": SCHOOL}
+    order = plan.dependency_order(shapes)  # the writer's upsert order; its deletes take it reversed
+    assert sorted(order) == sorted(shapes)
+    for child, parents in (("public.enrollment", ("public.person", "public.school")),
+                           ("public.attendance", ("public.enrollment",))):
+        for parent in parents:
+            assert order.index(parent) < order.index(child), order  # a parent's row exists before its child's
+            deletes = list(reversed(order))
+            assert deletes.index(child) < deletes.index(parent), deletes  # a child's row goes before its parent's
+
+
+def test_rows_of_a_self_referencing_table_are_written_parents_first_and_deleted_leaves_first():
+    from consumers.apply.dialects.mariadb import children_first, parents_first, self_references
+
+    tree = TableShape("public.node", (ColumnShape("id", BigInteger(), False),
+                                      ColumnShape("parent", BigInteger(), True)), ("id",),
+                      (ForeignKeyShape(("parent",), "public.node", ("id",)),))
+    rows = [{"id": 3, "parent": 2}, {"id": 2, "parent": 1}, {"id": 1, "parent": None}, {"id": 4, "parent": 1}]
+    # The planner's order (foreign keys checked at commit need none; row by row, MariaDB's, they do).
+    assert [r["id"] for r in plan.self_referencing_order(tree, rows)] == [1, 2, 3, 4]
+    order, cyclic = parents_first(rows, self_references(tree))
+    written = [rows[i]["id"] for i in order]
+    assert sorted(written) == [1, 2, 3, 4] and cyclic == []
+    assert all(written.index(r["parent"]) < written.index(r["id"]) for r in rows if r["parent"] is not None), written
+    # Deletes: in layers, no row deleted while a row still referencing it is left.
+    keys = [{"id": r["id"]} for r in rows]
+    stored = {(r["id"],): r for r in rows}
+    layers, cyclic = children_first(keys, stored, ["id"], self_references(tree))
+    assert [sorted(keys[i]["id"] for i in layer) for layer in layers] == [[3, 4], [2], [1]] and cyclic == []
+
+
+def test_rows_referencing_each_other_are_set_apart_not_looped_over():
+    from consumers.apply.dialects.mariadb import children_first, parents_first, self_references
+
+    pair = TableShape("public.node", (ColumnShape("id", BigInteger(), False),
+                                      ColumnShape("parent", BigInteger(), True)), ("id",),
+                      (ForeignKeyShape(("parent",), "public.node", ("id",)),))
+    rows = [{"id": 1, "parent": 2}, {"id": 2, "parent": 1}, {"id": 3, "parent": None}]
+    order, cyclic = parents_first(rows, self_references(pair))
+    assert [rows[i]["id"] for i in order] == [3] and sorted(rows[i]["id"] for i in cyclic) == [1, 2]
+    layers, cyclic = children_first([{"id": r["id"]} for r in rows], {(r["id"],): r for r in rows}, ["id"],
+                                    self_references(pair))
+    assert layers == [[2]] and sorted(cyclic) == [0, 1]
