@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -15,7 +14,7 @@ from infra import stack as stack_mod
 from producers import capture
 from producers.connect import ConnectClient
 from schemas.codec import AvroDecoder, RegistryClient
-from tests.integration.pipelines import fresh_database, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import fresh_database, fresh_mariadb_database, pipeline_data, purge, write_pipeline
 from tests.integration.sample import HIERARCHIES, SCHEMA, TABLES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,16 +58,7 @@ def destination_db(stack):
 @pytest.fixture
 def mariadb_database(stack):
     """A fresh, uniquely named database on the stack's MariaDB; yields its URL and drops it afterwards."""
-    from sqlalchemy import create_engine
-
-    name = f"dst_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.mariadb_url())
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
-    yield stack.mariadb_url(name)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-    admin.dispose()
+    yield from fresh_mariadb_database(stack)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,22 @@ def fresh_database(stack: StackLayout, prefix: str):
         for slot in slots_of_database(conn, name):
             drop_slot(conn, slot)
         conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+def fresh_mariadb_database(stack: StackLayout, prefix: str = "dst"):
+    """A new, uniquely named database on the stack's MariaDB (a generator: yields its URL); dropped afterwards."""
+    from sqlalchemy import create_engine
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(stack.mariadb_url())
+    try:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
+        yield stack.mariadb_url(name)
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        admin.dispose()
 
 
 def pipeline_data(stack: StackLayout, database: str, tables: list[str], *, name: str | None = None,
@@ -89,6 +106,17 @@ def execute(url: str, *statements: str) -> None:
 def write_pipeline(path: Path, data: dict[str, Any]) -> Pipeline:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return config.load(path, env={})
+
+
+def applied_pipeline(stack: StackLayout, source_db: str, tmp_path: Path, tables: list[str],
+                     **data: Any) -> tuple[Path, Pipeline]:
+    """A pipeline file capturing `tables` of `source_db` (pipeline_data's other settings, destinations and
+    hierarchies, in `data`) written to tmp_path/pipeline.yaml, and its connector applied as `cdc connectors apply`
+    does: (the file, the Pipeline). The caller purges the pipeline."""
+    path = tmp_path / "pipeline.yaml"
+    pipeline = write_pipeline(path, pipeline_data(stack, source_db, tables, **data))
+    capture.apply(pipeline)
+    return path, pipeline
 
 
 def connect_plugins(stack: StackLayout) -> set[str]:
@@ -177,27 +205,39 @@ def destination_rows(url: str, table: str, columns: list[str], order: str = "") 
 
 def topic_messages(stack: StackLayout, topics: list[str]) -> list:
     """Every message of the topics, from their beginning to their end now."""
-    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"copy-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
+    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"copy-{uuid.uuid4()}"})
     metadata = consumer.list_topics(timeout=10)
-    ends = {}
+    starts, ends = {}, {}
     for topic in topics:
         for partition in metadata.topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-            if high > low:
-                ends[topic, partition] = (low, high)
-    consumer.assign([TopicPartition(t, p, low) for (t, p), (low, _) in ends.items()])
+            starts[topic, partition], ends[topic, partition] = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=10)
+    consumer.close()
+    return messages_between(stack, starts, ends)
+
+
+def messages_between(stack: StackLayout, starts: dict[tuple[str, int], int], ends: dict[tuple[str, int], int],
+                     timeout: float = 60) -> list:
+    """The messages of each partition of `ends` from its offset in `starts` (0 where absent) up to its end there."""
+    wanted = {tp: (starts.get(tp, 0), end) for tp, end in ends.items() if end > starts.get(tp, 0)}
+    if not wanted:
+        return []
+    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"copy-{uuid.uuid4()}",
+                         "enable.auto.commit": False})
+    consumer.assign([TopicPartition(t, p, low) for (t, p), (low, _) in wanted.items()])
     out, done = [], set()
-    while len(done) < len(ends):
+    deadline = time.monotonic() + timeout
+    while len(done) < len(wanted) and time.monotonic() < deadline:
         for m in consumer.consume(500, 1.0):
             if m.error() is not None:
                 continue
             tp = (m.topic(), m.partition())
-            if m.offset() < ends[tp][1]:
+            if m.offset() < wanted[tp][1]:
                 out.append(m)
-            if m.offset() >= ends[tp][1] - 1:
+            if m.offset() >= wanted[tp][1] - 1:
                 done.add(tp)
     consumer.close()
+    assert len(done) == len(wanted), f"could not read the messages back within {timeout:.0f} s"
     return out
 
 

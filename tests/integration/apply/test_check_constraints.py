@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import psycopg
 
-from producers import capture
-from tests.integration.pipelines import caught_up, execute, pipeline_data, purge, table_rows, write_pipeline
+from tests.integration.pipelines import (
+    applied_pipeline,
+    caught_up,
+    execute,
+    purge,
+    table_rows,
+)
 
 # An incompressible text of ~40 kB: stored out of line (TOASTed), so an update that leaves it alone does not send it.
 BIG = "(select string_agg(md5(g::text || random()::text), '') from generate_series(1, 1200) g)"
@@ -44,11 +49,8 @@ def checks(url: str) -> dict[str, str]:
 def test_validated_checks_reach_a_postgresql_replica(stack, source_db, destination_db, tmp_path):
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, SCHEMA)
-    data = pipeline_data(stack, source_db, ["public.box"],
-                         destinations={"pg": {"kind": "replica", "url": destination}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.box"],
+                                      destinations={"pg": {"kind": "replica", "url": destination}})
     try:
         first = caught_up(path)
         assert table_rows(destination, "public.box") == table_rows(source, "public.box")

@@ -9,8 +9,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from producers import capture
-from tests.integration.pipelines import destination_rows, execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import applied_pipeline, destination_rows, execute, purge
 
 
 @pytest.fixture
@@ -41,10 +40,8 @@ def test_widened_columns_are_followed_on_every_destination(stack, source_db, des
             "insert into acct select g, g * 1000, 'l' || g, g + 0.25, g from generate_series(1, 50) g",
             "create table keyed (id integer primary key, what text)",
             "insert into keyed values (1, 'one')")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.acct", "public.keyed"],
-                                                  destinations=destinations))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.acct", "public.keyed"],
+                                      destinations=destinations)
     appliers = [ReplicaApplier(pipeline, name) for name in destinations]
     echoed: list[str] = []
     for each in appliers:
@@ -111,9 +108,7 @@ def test_a_dropped_column_still_stops_the_applier_naming_it(stack, source_db, de
     source = stack.postgres_url(source_db)
     execute(source, "create table thing (id integer primary key, keep text, gone integer)",
             "insert into thing values (1, 'a', 1)")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.thing"], destinations=destinations))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.thing"], destinations=destinations)
     appliers = [ReplicaApplier(pipeline, name) for name in destinations]
     try:
         run_all(appliers)
@@ -137,9 +132,7 @@ def test_a_length_only_change_is_followed_by_a_running_applier_and_never_truncat
 
     source = stack.postgres_url(source_db)
     execute(source, "create table word (id integer primary key, w varchar(10))", "insert into word values (1, 'short')")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.word"], destinations=destinations))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.word"], destinations=destinations)
     appliers = [ReplicaApplier(pipeline, name) for name in destinations]
     try:
         run_all(appliers)
@@ -170,9 +163,7 @@ def test_an_enum_label_added_while_the_applier_runs_is_followed_on_every_destina
     execute(source, "create type mood as enum ('sad', 'ok')",
             "create table feeling (id integer primary key, m mood not null)",
             "insert into feeling values (1, 'sad')")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.feeling"], destinations=destinations))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.feeling"], destinations=destinations)
     appliers = [ReplicaApplier(pipeline, name) for name in destinations]
     try:
         run_all(appliers)

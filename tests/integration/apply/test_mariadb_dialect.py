@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from consumers.apply.dialects import SchemaChangeError, dialect_for
 from consumers.apply.dialects.mariadb import MariaDBDialect
 from consumers.apply.shapes import ColumnShape, ForeignKeyShape, TableShape
+from tests.integration.pipelines import fresh_mariadb_database
 
 SCHOOL = TableShape(
     "public.school",
@@ -48,16 +49,10 @@ SHAPES = {s.name: s for s in (SCHOOL, PERSON, KINDS)}
 @pytest.fixture
 def engine(stack):
     """An engine on a fresh, uniquely named database of the stack's MariaDB; dropped afterwards."""
-    name = f"dst_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.mariadb_url())
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
-    engine = create_engine(stack.mariadb_url(name))
-    yield engine
-    engine.dispose()
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-    admin.dispose()
+    for url in fresh_mariadb_database(stack):
+        engine = create_engine(url)
+        yield engine
+        engine.dispose()
 
 
 @pytest.fixture
