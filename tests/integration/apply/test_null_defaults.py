@@ -12,6 +12,7 @@ from producers import capture
 from producers.connect import ConnectClient
 from producers.debezium import DROP_OPTIONAL_DEFAULTS
 from tests.integration.pipelines import (
+    applied_pipeline,
     assert_nothing_created,
     caught_up,
     connect_plugins,
@@ -82,11 +83,8 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
     require_plugins(stack, DROP_OPTIONAL_DEFAULTS)
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, SCHEMA)
-    data = pipeline_data(stack, source_db, ["public.item"],
-                         destinations={"pg": {"kind": "replica", "url": destination}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.item"],
+                                      destinations={"pg": {"kind": "replica", "url": destination}})
     try:
         caught_up(path)
         assert table_rows(destination, "public.item") == table_rows(source, "public.item")
@@ -225,13 +223,10 @@ def test_root_id_columns_with_defaults_keep_one_key_schema_and_null_root_ids(sta
     require_plugins(stack, DROP_OPTIONAL_DEFAULTS)
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, BRANCHES)
-    data = pipeline_data(stack, source_db, ["public.branch", "public.history", "public.note"],
-                         hierarchies={"branch": {"root": "public.branch",
-                                                 "members": {"public.history": "bid", "public.note": "bid"}}},
-                         topics={"partitions": 3}, destinations={"pg": {"kind": "replica", "url": destination}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(
+        stack, source_db, tmp_path, ["public.branch", "public.history", "public.note"],
+        hierarchies={"branch": {"root": "public.branch", "members": {"public.history": "bid", "public.note": "bid"}}},
+        topics={"partitions": 3}, destinations={"pg": {"kind": "replica", "url": destination}})
     try:
         execute(source, "insert into note values (3, null, 'none either')", "update note set bid = null where nid = 2")
         caught_up(path)

@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from producers import capture
 from schemas.codec import AvroDecoder, RegistryClient
-from tests.integration.pipelines import CDC, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import CDC, applied_pipeline, pipeline_data, purge, write_pipeline
 
 HOSTILE = '''
 create schema "Odd Schema";
@@ -59,13 +59,10 @@ def test_hostile_identifiers_replicate(stack, source_db, destination, tmp_path):
     source = stack.postgres_url(source_db)
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(HOSTILE)
-    data = pipeline_data(stack, source_db, HOSTILE_TABLES,
-                         hierarchies={"parent": {"root": "public.Parent-Table",
-                                                 "members": {'public.child Table': "Parent ID"}}},
-                         destinations={"copy": {"kind": "replica", "url": destination}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, HOSTILE_TABLES,
+                                      hierarchies={"parent": {"root": "public.Parent-Table",
+                                                              "members": {'public.child Table': "Parent ID"}}},
+                                      destinations={"copy": {"kind": "replica", "url": destination}})
     try:
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute('update "Odd Schema"."Weird Table" set "Mixed Case" = \'b\', "ünïcødé" = \'日本\' '
@@ -84,10 +81,8 @@ def test_a_column_added_at_the_source_is_added_at_the_destination(stack, source_
     source = stack.postgres_url(source_db)
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("create table item (id bigint primary key, name text); insert into item values (1, 'a')")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"],
-                                                  destinations={"copy": {"kind": "replica", "url": destination}}))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.item"],
+                                      destinations={"copy": {"kind": "replica", "url": destination}})
     try:
         assert run(path, "--until-caught-up", "--timeout", "240").returncode == 0
         with psycopg.connect(source, autocommit=True) as conn:
@@ -158,10 +153,8 @@ def test_cdc_run_serves_its_own_prometheus_metrics(stack, source_db, destination
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("create table item (id bigint primary key, name text); "
                      "insert into item select g, 'i' || g from generate_series(1, 25) g")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"],
-                                                  destinations={"copy": {"kind": "replica", "url": destination}}))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.item"],
+                                      destinations={"copy": {"kind": "replica", "url": destination}})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
