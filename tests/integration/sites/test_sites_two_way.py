@@ -281,3 +281,42 @@ def test_two_way_tables_with_conflicts(stack, connect, databases, tmp_path):
                 purge(link.pipeline)
             except Exception:  # noqa: BLE001 - the connector of a link never applied
                 capture.delete(link.pipeline, purge=True)
+
+
+def test_site_objects_stamp_local_writes_and_report_satellite_edits(stack, databases, tmp_path):
+    """What `cdc topology apply` installs at each site, on PostgreSQL alone: a local write of a shared table is
+    stamped with the site's sync id and time, an applier's (cdc.applying set) keeps the version it carries; with
+    on_satellite_edit: report, a satellite's edit of a master-owned table is kept and recorded, and listed."""
+    from producers.sites import prepare_two_way
+
+    urls = databases
+    for site in SITES:
+        with psycopg.connect(urls[site], autocommit=True) as conn:
+            conn.execute(MASTER_SCHEMA if site == "hq" else SHARED_SCHEMA + "create table public.item "
+                         "(id int primary key, name text not null);")
+    path = topology_file(stack, tmp_path, urls, f"w{uuid.uuid4().hex[:6]}")
+    data = yaml.safe_load(path.read_text())
+    data["on_satellite_edit"] = "report"
+    path.write_text(yaml.safe_dump(data))
+    topo = topology_mod.load(path, env={})
+    done = prepare_two_way(topo)
+    assert "north: public.item: a satellite's edit is reported" in done, done
+    assert prepare_two_way(topo) == [line for line in done if "edit is" in line]  # idempotent: nothing gained again
+
+    with psycopg.connect(urls["north"], autocommit=True) as conn:
+        conn.execute("insert into public.contact (id, name) values (1, 'local')")
+        with conn.transaction():
+            conn.execute("select set_config('cdc.applying', 'test', true)")
+            conn.execute("insert into public.contact (id, name, _cdc_site, _cdc_at) values (2, 'applied', 3, 42)")
+            conn.execute("insert into public.item values (1, 'from the master')")  # the applier: not reported
+        conn.execute("update public.item set name = 'edited at north' where id = 1")
+    stamped = rows(urls["north"], "select id, _cdc_site, _cdc_at from public.contact")
+    assert stamped[0][:2] == (1, 2) and stamped[0][2] > 1_700_000_000_000_000, stamped  # microseconds, now
+    assert stamped[1] == (2, 3, 42)
+    assert rows(urls["north"], "select table_name, state, local ->> 'name', incoming ->> 'name', local_site "
+                "from public._cdc_conflicts") == [("public.item", "reported", "edited at north", "from the master", 2)]
+    listed = json.loads(ok(cdc(path, "conflicts", "list", "--site", "north", "--json")).stdout)
+    assert [(c["site"], c["table_name"], c["state"], c["policy"]) for c in listed] == [
+        ("north", "public.item", "reported", "on_satellite_edit")]
+    bad = cdc(path, "conflicts", "resolve", str(listed[0]["id"]), "--keep", "theirs", "--site", "north")
+    assert bad.returncode == 2 and "--keep: 'theirs' is not local or incoming" in bad.stderr, bad.stderr
