@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
@@ -34,7 +35,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -850,7 +851,30 @@ HEALTH: dict[str, Callable[[StackLayout], bool]] = {
 # the three commands
 
 
+@contextlib.contextmanager
+def _one_at_a_time(echo: Callable[[str], None]) -> Iterator[None]:
+    """One `cdc stack up` or `down` at a time per stack directory. Two at once (two test sessions, a user and a
+    script) would each see a component stopped and each start it: the second then finds its port taken, and the
+    stack's state names a process that is not the one serving."""
+    layout = StackLayout.resolve()
+    layout.home.mkdir(parents=True, exist_ok=True)
+    with open(layout.home / "stack.lock", "a+") as lock:  # not inherited by the servers started (PEP 446)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo(f"stack: another `cdc stack up` or `down` is running under {layout.home}; waiting for it to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def up(echo: Callable[[str], None] = print) -> StackLayout:
+    """Start every component that is not already running and wait until all pass their health checks (one caller
+    at a time: see _one_at_a_time)."""
+    with _one_at_a_time(echo):
+        return _up(echo)
+
+
+def _up(echo: Callable[[str], None]) -> StackLayout:
     """Start every component that is not already running and wait until all pass their health checks.
 
     Everything that can be checked up front (Java, PostgreSQL, MariaDB, disk, every port) is checked before any
@@ -978,6 +1002,11 @@ def status() -> dict[str, object]:
 
 def down(echo: Callable[[str], None] = print) -> None:
     """Stop the processes this stack started, newest first; anything else on the machine is left alone."""
+    with _one_at_a_time(echo):
+        _down(echo)
+
+
+def _down(echo: Callable[[str], None]) -> None:
     layout = StackLayout.resolve()
     # Helpers started beside the stack (the demo's `cdc lag serve`) go first.
     for pidfile in sorted((layout.home / "run").glob("*.pid")):
