@@ -244,19 +244,26 @@ def test_two_way_tables_with_conflicts(stack, connect, databases, tmp_path):
         assert ("manual", "incoming", "decided", "east's note", "north's note", 4, 2) in conflicts_at(
             urls["east"], "public.note", 1)
 
-        shown = ok(cdc(path, "sites", "status")).stdout.splitlines()
-        assert "1 conflict(s) waiting" in shown[0], shown
+        # the manual queue: the deliberate conflict, and those the random edits of notes made, all at the master
         waiting = json.loads(ok(cdc(path, "conflicts", "list", "--waiting", "--json")).stdout)
-        assert [(c["site"], c["table_name"], c["key"], c["incoming"]["body"]) for c in waiting] == [
-            ("hq", "public.note", {"id": 1}, "east's note")], waiting
+        assert all((c["site"], c["table_name"], c["policy"]) == ("hq", "public.note", "manual") for c in waiting), \
+            waiting
+        mine = [c for c in waiting if c["key"] == {"id": 1}]
+        assert [(c["incoming"]["body"], c["incoming_site"], c["local"]["body"]) for c in mine] == [
+            ("east's note", 4, "north's note")], mine
+        shown = ok(cdc(path, "sites", "status")).stdout.splitlines()
+        assert f"{len(waiting)} conflict(s) waiting" in shown[0], shown
         listed = ok(cdc(path, "conflicts", "list", "--site", "hq")).stdout
-        assert f"hq #{waiting[0]['id']} public.note {{\"id\": 1}}: waiting, held (manual)" in listed, listed
+        assert f"hq #{mine[0]['id']} public.note {{\"id\": 1}}: waiting, held (manual)" in listed, listed
         wrong = cdc(path, "conflicts", "resolve", "999999", "--keep", "incoming")
         assert wrong.returncode == 2 and "no conflict 999999 at site hq" in wrong.stderr, wrong.stderr
-        resolved = ok(cdc(path, "conflicts", "resolve", str(waiting[0]["id"]), "--keep", "incoming"))
+        resolved = ok(cdc(path, "conflicts", "resolve", str(mine[0]["id"]), "--keep", "incoming"))
         assert "resolved, incoming version kept" in resolved.stdout, resolved.stdout
-        again = cdc(path, "conflicts", "resolve", str(waiting[0]["id"]), "--keep", "local")
+        again = cdc(path, "conflicts", "resolve", str(mine[0]["id"]), "--keep", "local")
         assert again.returncode == 2 and "is not waiting" in again.stderr, again.stderr
+        for c in waiting:
+            if c is not mine[0]:
+                ok(cdc(path, "conflicts", "resolve", str(c["id"]), "--keep", "local"))
         sync(path)
         assert_same_everywhere(urls)
         for site in SITES:
