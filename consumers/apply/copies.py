@@ -98,7 +98,12 @@ def split_copies(steps: Iterable[S], mark: CommitMark | None) -> tuple[list[S], 
 def describe(copies: list[_Transaction]) -> str:
     """'3 re-sent copies of source transactions already applied (commit LSN 0/16B3748 to 0/16B3A10)'."""
     lsns = [s.commit_lsn for s in copies if s.commit_lsn is not None]
-    span = f" (commit LSN {pg_lsn(min(lsns))} to {pg_lsn(max(lsns))})" if lsns else ""
+    if not lsns:
+        span = ""
+    elif min(lsns) == max(lsns):
+        span = f" (commit LSN {pg_lsn(lsns[0])})"
+    else:
+        span = f" (commit LSN {pg_lsn(min(lsns))} to {pg_lsn(max(lsns))})"
     noun = "copy" if len(copies) == 1 else "copies"
     return f"{len(copies)} re-sent {noun} of source transactions already applied{span}"
 

@@ -121,12 +121,6 @@ def test_postgresql_sigkilled_during_a_workload_loses_and_repeats_nothing(stack,
     _assert_level(path, source, destination)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, issue 15: Debezium re-sends, after the worker's SIGKILL, transactions the destination applied before "
-    "later ones that deleted their rows; a re-sent copy applied alone in a batch re-creates a row whose parent is "
-    "gone (no tombstone guards a deleted key) and the foreign key stops the applier (seen 1 run in 6: a primary-key "
-    "update of attendance, whose enrollment a later transaction deleted). The copy of the delete that follows would "
-    "undo it; the fix is to skip copies of applied transactions (Debezium's source.sequence)."))
 def test_connect_sigkilled_during_a_workload_loses_and_repeats_nothing(stack, faulted):
     """Debezium re-sends what it had not committed to its offsets when the worker comes back (at least once): the
     replica and the analytics history must still hold each change once."""
