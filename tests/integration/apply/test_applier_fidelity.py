@@ -16,6 +16,7 @@ from confluent_kafka import Consumer, Producer
 from producers import capture
 from schemas.codec import AvroDecoder, RegistryClient
 from tests.integration.pipelines import (
+    applied_pipeline,
     caught_up,
     cdc,
     destination_rows,
@@ -71,10 +72,8 @@ def test_a_transaction_whose_events_never_arrive_is_named_within_the_grace_perio
                                                                                   tmp_path, policy):
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, "create table item (id bigint primary key, name text)", "insert into item values (1, 'a')")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"], destinations={
-        "copy": {"kind": "replica", "url": destination, "on_error": policy, "incomplete_transaction_grace_s": 3}}))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.item"], destinations={
+        "copy": {"kind": "replica", "url": destination, "on_error": policy, "incomplete_transaction_grace_s": 3}})
     topic = pipeline.topic_of("public.item")
     try:
         execute(source, "insert into item values (2, 'b')")
@@ -136,9 +135,7 @@ def test_columns_added_with_a_default_reach_existing_rows_on_every_destination(s
     source = stack.postgres_url(source_db)
     execute(source, "create table item (id bigint primary key, name text not null)",
             "insert into item select g, 'item ' || g from generate_series(1, 1000) g")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"], destinations=three_destinations))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.item"], destinations=three_destinations)
     appliers = [ReplicaApplier(pipeline, name) for name in three_destinations] if applier == "running" else []
     try:
         if appliers:
@@ -192,9 +189,7 @@ def test_a_table_without_a_primary_key_replicates_as_a_multiset_on_every_destina
     execute(source, "create table log (who text, what text, n integer, at timestamptz)",
             "insert into log values ('a', 'x', 1, '2025-01-01 10:00+00'), ('a', 'x', 1, '2025-01-01 10:00+00'), "
             "('b', 'y', 2, null), ('c', null, 3, '2025-06-01 12:30:15.25+00')")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.log"], destinations=three_destinations))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.log"], destinations=three_destinations)
     one_of = "ctid = (select ctid from log where {} limit 1)"
     try:
         caught_up(path, 240)
@@ -312,10 +307,8 @@ def test_a_keyless_change_that_matches_no_destination_row_stops_naming_the_table
                                                                                  tmp_path):
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, "create table log (who text, n integer)", "insert into log values ('a', 1), ('b', 2)")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.log"], destinations={
-        "copy": {"kind": "replica", "url": destination}}))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.log"], destinations={
+        "copy": {"kind": "replica", "url": destination}})
     try:
         assert cdc(path, "run", "--until-caught-up", "--timeout", "240").returncode == 0
         execute(destination, "delete from log where who = 'b'")  # someone wrote to the replica

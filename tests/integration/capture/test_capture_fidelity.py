@@ -15,6 +15,7 @@ from consumers.apply.stream import ChangeStream
 from producers import capture, topics
 from producers.debezium import OPTIONAL_FIELDS
 from tests.integration.pipelines import (
+    applied_pipeline,
     assert_nothing_created,
     caught_up,
     cdc,
@@ -42,12 +43,10 @@ insert into film_category select g, 'cat' from generate_series(1, 5) g;
 
 def test_members_whose_names_begin_with_the_roots_reach_the_hierarchy_topic(stack, decoder, source_db, tmp_path):
     execute(stack.postgres_url(source_db), FILM)
-    data = pipeline_data(stack, source_db, ["public.film", "public.film_actor", "public.film_category"],
-                         hierarchies={"film": {"root": "public.film", "members": {"public.film_actor": "film_id",
-                                                                                   "public.film_category": "film_id"}}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(
+        stack, source_db, tmp_path, ["public.film", "public.film_actor", "public.film_category"],
+        hierarchies={"film": {"root": "public.film", "members": {"public.film_actor": "film_id",
+                                                                 "public.film_category": "film_id"}}})
     stream = ChangeStream(stack.kafka_bootstrap, decoder, [f"{pipeline.pipeline}.film"], group=f"t-{pipeline.pipeline}")
     try:
         snapshot = stream.collect(lambda seen: len(seen) >= 25, timeout=120)
@@ -70,9 +69,7 @@ def test_members_whose_names_begin_with_the_roots_reach_the_hierarchy_topic(stac
 
 def test_a_topic_outside_the_plan_is_an_error_naming_its_table(stack, source_db, tmp_path):
     execute(stack.postgres_url(source_db), FILM)
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.film"]))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.film"])
     try:
         admin = topics.admin_client(stack.kafka_bootstrap)
         stray = f"{pipeline.pipeline}.public.film_actor"
@@ -106,11 +103,9 @@ def test_a_partitioned_table_is_snapshotted_once_and_streamed_as_its_parent(stac
                                                                            tmp_path):
     source = stack.postgres_url(source_db)
     execute(source, PAYMENT)
-    data = pipeline_data(stack, source_db, ["public.customer", "public.payment"],
-                         destinations={"pg": {"kind": "replica", "url": stack.postgres_url(destination_db)}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(
+        stack, source_db, tmp_path, ["public.customer", "public.payment"],
+        destinations={"pg": {"kind": "replica", "url": stack.postgres_url(destination_db)}})
     try:
         caught_up(path)
         # Read once: the parent's snapshot reads every partition's rows, and no partition is read again.
@@ -226,13 +221,10 @@ insert into school select g, 's' || g from generate_series(1, 3) g;
 def _truncate_round(stack, source_db, destination_url: str, tmp_path, read) -> None:
     source = stack.postgres_url(source_db)
     execute(source, TRUNCATED)
-    data = pipeline_data(stack, source_db, ["public.person", "public.enrollment", "public.school"],
-                         hierarchies={"person": {"root": "public.person",
-                                                 "members": {"public.enrollment": "person_id"}}},
-                         destinations={"d": {"kind": "replica", "url": destination_url}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(
+        stack, source_db, tmp_path, ["public.person", "public.enrollment", "public.school"],
+        hierarchies={"person": {"root": "public.person", "members": {"public.enrollment": "person_id"}}},
+        destinations={"d": {"kind": "replica", "url": destination_url}})
     try:
         caught_up(path)
         assert len(read("enrollment")) == 10 and len(read("school")) == 3
@@ -386,11 +378,9 @@ def test_member_rows_with_a_null_root_id_replicate_and_join_their_root_later(sta
     require_plugins(stack, OPTIONAL_FIELDS)
     source, destination = stack.postgres_url(source_db), stack.postgres_url(destination_db)
     execute(source, BRANCHES)
-    data = pipeline_data(stack, source_db, ["public.branch", "public.history"], hierarchies=HISTORY,
-                         topics={"partitions": 3}, destinations={"pg": {"kind": "replica", "url": destination}})
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(
+        stack, source_db, tmp_path, ["public.branch", "public.history"], hierarchies=HISTORY,
+        topics={"partitions": 3}, destinations={"pg": {"kind": "replica", "url": destination}})
     try:
         caught_up(path)
         for table in ("public.branch", "public.history"):
@@ -455,7 +445,7 @@ def test_reset_topics_is_refused_while_the_connector_of_the_other_source_exists(
                 "insert into item values (1)")
     data = pipeline_data(stack, source_db, ["public.item"])
     path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, data)
+    pipeline = write_pipeline(path, data)  # written again below, pointed at the other database
     capture.apply(pipeline)
     try:
         config_before = connect.config(pipeline.connector_name)
