@@ -327,3 +327,69 @@ def test_site_objects_stamp_local_writes_and_report_satellite_edits(stack, datab
         ("north", "public.item", "reported", "on_satellite_edit")]
     bad = cdc(path, "conflicts", "resolve", str(listed[0]["id"]), "--keep", "theirs", "--site", "north")
     assert bad.returncode == 2 and "--keep: 'theirs' is not local or incoming" in bad.stderr, bad.stderr
+
+
+def test_the_screen_on_a_real_destination(stack, databases, tmp_path):
+    """The sites' screen (consumers/sites/screen.py) called as the applier calls it, on the master's real database
+    (no Kafka): a satellite's change is kept, its marker written and its position raised above the row's; a re-sent
+    copy is dropped; a transaction a satellite's applier wrote (it carries a marker) is an echo, dropped; a conflict
+    is decided per the table's policy and recorded."""
+    from types import SimpleNamespace
+
+    from consumers.apply.events import ChangeEvent
+    from consumers.apply.transactions import Step
+    from consumers.sites.screen import SiteScreen
+    from producers.sites import prepare_two_way
+
+    urls = databases
+    for site in SITES:
+        with psycopg.connect(urls[site], autocommit=True) as conn:
+            conn.execute(MASTER_SCHEMA if site == "hq" else SHARED_SCHEMA)
+    path = topology_file(stack, tmp_path, urls, f"w{uuid.uuid4().hex[:6]}")
+    topo = topology_mod.load(path, env={})
+    prepare_two_way(topo)
+    link = next(li for li in topo.links() if li.satellite == "north" and li.direction == "up")
+    screen = SiteScreen(topo, link)
+    with psycopg.connect(urls["hq"], autocommit=True) as conn:
+        conn.execute("insert into public.contact (id, name) values (1, 'hq'), (2, 'hq')")
+        conn.execute("update public.contact set _cdc_lsn = 9000 where id = 2")  # written by another link
+    hq = {r[0]: {"id": r[0], "name": r[1], "phone": None, "_cdc_site": r[2], "_cdc_at": r[3]}
+          for r in rows(urls["hq"], "select id, name, _cdc_site, _cdc_at from public.contact")}
+    assert hq[1]["_cdc_site"] == 1
+
+    def event(xid, key, before, name, at, *, table="public.contact", after=None, op="u", lsn=5000):
+        image = after if after is not None else {**before, "name": name, "_cdc_site": 2, "_cdc_at": at}
+        return ChangeEvent(f"{link.pipeline.pipeline}.{table}", 0, 0, table, op, {"id": key}, before, image, lsn,
+                           f"{xid}:{lsn}", 1, 1_800_000_000_000, False)
+
+    def screened(*events):
+        with psycopg.connect(urls["hq"]) as conn:
+            out = screen(SimpleNamespace(connection=SimpleNamespace(driver_connection=conn)), list(events),
+                         [Step(list(events), xid=events[0].xid, commit_ts_ms=1_800_000_000_000)])
+            conn.commit()
+        return out
+
+    later = hq[1]["_cdc_at"] + 1_000_000
+    kept = screened(event("100", 1, hq[1], "north", later), event("100", 2, hq[2], "north", later))
+    assert [(e.before["id"], e.lsn) for e in kept] == [(1, 5001), (2, 9001)]  # above the rows' stored positions
+    assert rows(urls["hq"], "select pipeline, xid, origin from public._cdc_origin") == [
+        (link.pipeline.pipeline, "100", 2)]
+    assert screened(event("100", 1, hq[1], "north", later)) == [] and screen.copies == 1  # a re-sent copy
+
+    marker = {"pipeline": "x", "xid": "7", "origin": 1, "origin_ts": 1, "applied_at": None}
+    echo = screened(event("101", 1, hq[1], "north", later),
+                    event("101", 0, None, "", 0, table="public._cdc_origin", after=marker, op="c"))
+    assert echo == [] and screen.echoes == 1
+
+    # the master's row changed since north last saw it: north's older write loses, a newer one wins (newer)
+    with psycopg.connect(urls["hq"], autocommit=True) as conn:
+        conn.execute("update public.contact set name = 'hq again' where id = 1")
+    assert screened(event("102", 1, hq[1], "north stale", hq[1]["_cdc_at"] + 1)) == []
+    newest = 4_000_000_000_000_000
+    assert len(screened(event("103", 1, hq[1], "north newest", newest))) == 1
+    assert rows(urls["hq"], "select policy, decision, state, local ->> 'name', incoming ->> 'name', xid "
+                "from public._cdc_conflicts") == [  # (sorted)
+        ("newer", "incoming", "decided", "hq again", "north newest", "103"),
+        ("newer", "local", "decided", "hq again", "north stale", "102")]
+    # a marker only for the transactions whose rows are written
+    assert rows(urls["hq"], "select xid from public._cdc_origin") == [("100",), ("103",)]
