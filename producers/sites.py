@@ -330,6 +330,23 @@ def guard_master_owned(conn: psycopg.Connection, tables: list[str], policy: str,
     return done
 
 
+def unguard_master_owned(site, tables: list[str]) -> list[str]:  # noqa: ANN001 - a cdc.topology.Site
+    """on_satellite_edit taken out of the file: the guard triggers an earlier `apply` installed are dropped (nothing
+    is done at a satellite that never had them)."""
+    done = []
+    with psycopg.connect(psycopg_conninfo(site.sqlalchemy_url), autocommit=True) as conn:
+        if not conn.execute("select to_regproc('public._cdc_master_owned') is not null").fetchone()[0]:
+            return []
+        for table in tables:
+            if not _columns(conn, table):
+                continue
+            schema, name = split_table(table)
+            conn.execute(sql.SQL("drop trigger if exists _cdc_master_owned on {}").format(
+                sql.Identifier(schema, name)))
+            done.append(f"{table}: a satellite's edit is no longer watched")
+    return done
+
+
 def prepare_two_way(topology: Topology, satellites: list[str] | None = None) -> list[str]:
     """Every site of a topology with two-way tables gets the marker and conflicts tables, and each two-way table its
     bookkeeping columns (`_cdc_lsn` for the applier; the version, `_cdc_site` and `_cdc_at`), REPLICA IDENTITY FULL
@@ -341,6 +358,8 @@ def prepare_two_way(topology: Topology, satellites: list[str] | None = None) -> 
             continue
         satellite = site.sync_id != topology.sites[topology.master].sync_id
         guard = satellite and topology.on_satellite_edit is not None
+        if satellite and not guard:
+            done.extend(f"{name}: {line}" for line in unguard_master_owned(site, list(topology.subset(name))))
         if not topology.shared_tables and not guard:
             continue
         with psycopg.connect(psycopg_conninfo(site.sqlalchemy_url), autocommit=True) as conn:

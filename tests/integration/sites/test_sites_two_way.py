@@ -328,6 +328,15 @@ def test_site_objects_stamp_local_writes_and_report_satellite_edits(stack, datab
     bad = cdc(path, "conflicts", "resolve", str(listed[0]["id"]), "--keep", "theirs", "--site", "north")
     assert bad.returncode == 2 and "--keep: 'theirs' is not local or incoming" in bad.stderr, bad.stderr
 
+    # the policy taken out of the file: the next apply drops the guard, and an edit is no longer recorded
+    del data["on_satellite_edit"]
+    path.write_text(yaml.safe_dump(data))
+    assert "north: public.item: a satellite's edit is no longer watched" in prepare_two_way(
+        topology_mod.load(path, env={}))
+    with psycopg.connect(urls["north"], autocommit=True) as conn:
+        conn.execute("update public.item set name = 'edited again' where id = 1")
+    assert rows(urls["north"], "select count(*) from public._cdc_conflicts") == [(1,)]
+
 
 def test_the_screen_on_a_real_destination(stack, databases, tmp_path):
     """The sites' screen (consumers/sites/screen.py) called as the applier calls it, on the master's real database
