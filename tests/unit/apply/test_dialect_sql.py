@@ -372,3 +372,30 @@ def test_a_hostile_table_name_stays_inside_its_quotes_in_every_statement(backend
         assert "drop" not in unquoted(sql, quote), sql  # ...and only ever inside a quoted identifier
     escaped = HOSTILE.replace('"', '""') if quote == '"' else HOSTILE
     assert all(escaped in s for s in written), written
+
+
+# -- what the operations ask of a backend (verify, query, replay, lag) -----------------------------------------------
+
+def test_each_backend_says_how_it_is_read_compared_and_backed_up_without_a_connection():
+    from sqlalchemy.engine import make_url
+
+    from consumers.apply.dialects import dialect_class
+    from consumers.ops.compare import Kind
+
+    def of(backend: str, kind: str = "replica") -> Any:
+        return dialect_class(make_url(URLS[backend]), kind)
+
+    replica, warehouse, maria, duck = of("postgresql"), of("postgresql", "analytics"), of("mariadb"), of("duckdb")
+    assert [d.backups for d in (replica, warehouse, maria, duck)] == ["schema", None, None, "file"]
+    assert [d.read_only_access for d in (replica, warehouse, maria, duck)] == [None, "role", None, "file"]
+    assert [d.holds_file for d in (replica, warehouse, maria, duck)] == [False, False, False, True]
+    assert maria.quote("a`b") == "`a``b`" and duck.quote('a"b') == '"a""b"'
+    # The same canonical text (microseconds since the epoch) spelled in each database's SQL.
+    stamp = Kind("timestamp")
+    assert replica.canon().column(stamp, '"t"').startswith('(CASE WHEN isfinite("t") THEN (extract(epoch from "t")')
+    assert maria.canon().column(stamp, "`t`") == \
+        "CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', `t`) AS CHAR)"
+    assert duck.canon().column(stamp, '"t"') == 'CAST(epoch_us("t") AS VARCHAR)'
+    # A DuckDB file that keeps a type as text is read as text, never cast (a failed cast would fail the query).
+    assert duck.canon().column(stamp, '"t"', "VARCHAR") == 'CAST("t" AS VARCHAR)'
+    assert maria.canon().literal("a\\'b") == "'a\\\\''b'"  # MariaDB reads backslashes in literals as escapes
