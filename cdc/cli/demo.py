@@ -18,6 +18,7 @@ from psycopg import sql
 from sqlalchemy.engine import URL
 
 from cdc import config
+from cdc.cli import verify_report
 from cdc.config import Pipeline
 from cdc.errors import ConfigError
 from consumers.apply.applier import ReplicaApplier
@@ -322,7 +323,7 @@ def replicate(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo
         echo(f"   {table:20} source {source_rows:5}  replica {replica_rows:5}  {'equal' if equal else 'DIFFERENT'}")
     echo("\n== cdc verify state")
     report = verify.verify(pipeline, "state", settle=0)
-    for line in verify.render(report).splitlines():
+    for line in verify_report.render(report).splitlines():
         echo("   " + line)
     if not report.equal:
         return 1

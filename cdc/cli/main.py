@@ -307,6 +307,7 @@ def verify_command(
                              "destination (needs `cdc run` running), then verify again."),
 ) -> None:
     """Compare source and destination table by table; exit 1 when anything differs."""
+    from cdc.cli import verify_report
     from consumers.ops import verify as verify_mod
 
     def body() -> int:
@@ -319,7 +320,7 @@ def verify_command(
         if fix and not report.equal:
             # With --json, stdout carries the final report only.
             say = (lambda line: typer.echo(line, err=True)) if as_json else _echo
-            say(verify_mod.render(report))
+            say(verify_report.render(report))
             verify_mod.fix(pipeline, report, echo=say)
             report = verify_mod.verify(pipeline, name, chosen, settle=settle)
         from producers import capture
@@ -329,11 +330,11 @@ def verify_command(
         if html_file:
             from pathlib import Path
 
-            Path(html_file).write_text(verify_mod.render_html(report))
+            Path(html_file).write_text(verify_report.render_html(report))
         if as_json:
             typer.echo(json.dumps(report.as_json(), indent=2, default=str))
         else:
-            typer.echo(verify_mod.render(report))
+            typer.echo(verify_report.render(report))
         return 0 if report.equal else 1
 
     _run(body)
