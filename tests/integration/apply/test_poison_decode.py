@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from producers import capture
 from schemas.codec import AvroDecoder, RegistryClient, Undecodable
-from tests.integration.pipelines import CDC, execute, pipeline_data, purge, table_rows, write_pipeline
+from tests.integration.pipelines import CDC, applied_pipeline, execute, purge, table_rows
 
 UNKNOWN_ID = 987654
 # Confluent framing (magic byte 0, then the schema id) around bytes no schema was ever asked to read.
@@ -65,10 +64,8 @@ def item_pipeline(stack, source_db, destination_db, tmp_path, request):
     source = stack.postgres_url(source_db)
     execute(source, "create table item (id bigint primary key, name text, price numeric(8, 2))",
             "insert into item select g, 'item ' || g, g * 1.25 from generate_series(1, 20) g")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"], destinations={
-        "copy": {"kind": "replica", "url": stack.postgres_url(destination_db), "on_error": policy}}))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.item"], destinations={
+        "copy": {"kind": "replica", "url": stack.postgres_url(destination_db), "on_error": policy}})
     try:
         yield policy, source, stack.postgres_url(destination_db), path, pipeline
     finally:

@@ -14,17 +14,15 @@ from __future__ import annotations
 import duckdb
 import psycopg
 
-from producers import capture
 from tests.integration.pipelines import (
+    applied_pipeline,
     cdc,
     destination_rows,
     execute,
-    pipeline_data,
     purge,
     redeliver,
     table_rows,
     topic_messages,
-    write_pipeline,
 )
 
 SCHEMA = """
@@ -65,12 +63,10 @@ def test_a_copy_of_an_applied_transaction_does_not_bring_back_a_deleted_row(stac
     source = stack.postgres_url(source_db)
     execute(source, SCHEMA)
     lake = tmp_path / "lake.duckdb"
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, TABLES, destinations={
         "replica": {"kind": "replica", "url": stack.postgres_url(destination_db)},
         "maria": {"kind": "replica", "url": mariadb_database},
-        "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}}))
-    capture.apply(pipeline)
+        "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}})
     names = ("replica", "maria", "lake")
     try:
         updated = _xid_of(source, "update child set note = 'changed' where id = 10")

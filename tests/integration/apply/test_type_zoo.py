@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
 
 import psycopg
 import pytest
 
 from cdc.errors import ConfigError
 from producers import capture
-from tests.integration.pipelines import CDC, execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import applied_pipeline, caught_up, execute, pipeline_data, purge, write_pipeline
 from tests.integration.type_zoo import (
     COLUMNS,
     NULL_ROW,
@@ -58,18 +57,14 @@ def test_every_type_reaches_every_destination_equal_to_the_source(stack, source_
         conn.execute("insert into kv select i, hstore(array['k', 'q\"'], array[i::text, null]), 'sad', "
                      "md5(i::text)::uuid, i / 7.0 from generate_series(1, 40) i")
     lake = str(tmp_path / "lake.duckdb")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, TABLES, destinations={
         "pg": {"kind": "replica", "url": stack.postgres_url(destination_db)},
         "maria": {"kind": "replica", "url": mariadb_database},
-        "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}}))
-    capture.apply(pipeline)
+        "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}})
     destination = stack.postgres_url(destination_db)
 
     def run_and_compare(where: str) -> None:
-        result = subprocess.run([CDC, "-c", str(path), "run", "--until-caught-up", "--timeout", "240"],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout + result.stderr
+        caught_up(path, 240)
         for table in COLUMNS:
             expected = read_postgres(source, table)
             assert expected, table
@@ -148,16 +143,12 @@ def test_generated_columns_are_computed_by_a_postgresql_replica_and_refused_else
         assert conn.execute("select count(*) from pg_replication_slots where database = current_database()"
                             ).fetchone() == (0,)
 
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.gen"], destinations={
-        "pg": {"kind": "replica", "url": stack.postgres_url(destination_db)}}))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.gen"], destinations={
+        "pg": {"kind": "replica", "url": stack.postgres_url(destination_db)}})
     try:
         execute(source, "update gen set a = a + 100 where id % 2 = 0", "update gen set t = null where id % 3 = 0",
                 "delete from gen where id % 5 = 0", "insert into gen (id, a, t) values (100, 7, 'new')")
-        result = subprocess.run([CDC, "-c", str(path), "run", "--until-caught-up", "--timeout", "240"],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout + result.stderr
+        caught_up(path, 240)
     finally:
         purge(pipeline)
     query = "select id, a, t, twice, shout from gen order by id"

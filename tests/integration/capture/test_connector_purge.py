@@ -8,17 +8,22 @@ import psycopg
 
 from producers import capture
 from producers.source_admin import drop_slot
-from tests.integration.pipelines import caught_up, cdc, execute, pipeline_data, purge, table_rows, write_pipeline
+from tests.integration.pipelines import (
+    applied_pipeline,
+    caught_up,
+    cdc,
+    execute,
+    purge,
+    table_rows,
+)
 
 
 def test_purge_resets_the_offsets_a_deleted_connector_left(stack, source_db, destination_db, tmp_path):
     source = stack.postgres_url(source_db)
     execute(source, "create table item (id integer primary key, name text)",
             "insert into item select g, 'i' || g from generate_series(1, 5) g")
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.item"], destinations={
-        "pg": {"kind": "replica", "url": stack.postgres_url(destination_db)}}))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.item"], destinations={
+        "pg": {"kind": "replica", "url": stack.postgres_url(destination_db)}})
     try:
         caught_up(path)
         # Deleted without --purge: Connect keeps its offsets. Then its slot goes (the source was re-created, say).

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from producers import capture
-from tests.integration.pipelines import CDC, execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import CDC, applied_pipeline, execute, pipeline_data, purge, write_pipeline
 
 UUIDS = [str(uuid.UUID(int=i * 7919 + 1)) for i in range(1, 41)]
 
@@ -75,6 +75,13 @@ def plant(kind: str, url: str) -> None:
     statements.append(ops)
     if kind == "duckdb":
         statements = [re.sub(r"\b(film_actor|film|token|country)\b", r'"public.\1"', s) for s in statements]
+    run_at(kind, url, statements)
+
+
+def run_at(kind: str, url: str, statements: list[str]) -> None:
+    """Change a destination behind the applier's back (on PostgreSQL with its foreign keys not enforced, as a
+    careless hand would); `url` is a DuckDB file's path for kind duckdb."""
+    if kind == "duckdb":
         with duckdb.connect(url) as conn:
             for s in statements:
                 conn.execute(s)
@@ -101,12 +108,10 @@ def test_verify_and_fix_every_shape_on_every_engine(stack, source_db, destinatio
     execute(stack.postgres_url(source_db), ZOO)
     duck = tmp_path / "analytics.duckdb"
     urls = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_database, "duckdb": str(duck)}
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, TABLES, destinations={
         "pg": {"kind": "replica", "url": urls["postgresql"]},
         "maria": {"kind": "replica", "url": mariadb_database},
-        "duck": {"kind": "analytics", "url": f"duckdb:///{duck}"}}))
-    capture.apply(pipeline)
+        "duck": {"kind": "analytics", "url": f"duckdb:///{duck}"}})
 
     def cdc(*args):
         return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
@@ -356,11 +361,9 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_databa
         conn.execute(zoo.WORKLOAD)
     lake = str(tmp_path / "lake.duckdb")
     urls = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_database, "duckdb": lake}
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, zoo.TABLES, destinations={
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, zoo.TABLES, destinations={
         "pg": {"kind": "replica", "url": urls["postgresql"]}, "maria": {"kind": "replica", "url": mariadb_database},
-        "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}}))
-    capture.apply(pipeline)
+        "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}})
 
     def cdc(*args):
         return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=600)
@@ -418,18 +421,7 @@ def test_verify_on_the_type_zoo(stack, source_db, destination_db, mariadb_databa
             table = lambda t, kind=kind: f'"public.{t}"' if kind == "duckdb" else t  # noqa: E731
             statements = statements + [f"delete from {table('char_key')} where rtrim(code) = 'W05X'",
                                        f"delete from {table('uuid_key')} where n = 2"]
-            if kind == "duckdb":
-                with duckdb.connect(lake) as conn:
-                    for s in statements:
-                        conn.execute(s)
-            else:
-                engine = create_engine(urls[kind])
-                with engine.begin() as conn:
-                    if kind == "postgresql":
-                        conn.exec_driver_sql("set session_replication_role = replica")
-                    for s in statements:
-                        conn.exec_driver_sql(s)
-                engine.dispose()
+            run_at(kind, urls[kind], statements)
             result = cdc("verify", names[kind], "--json", "--settle", "0")
             assert result.returncode == 1, (kind, result.stderr)
             tables = {t["table"]: t for t in json.loads(result.stdout)["tables"]}

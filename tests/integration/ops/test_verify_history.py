@@ -11,8 +11,7 @@ import subprocess
 import duckdb
 import psycopg
 
-from producers import capture
-from tests.integration.pipelines import CDC, execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import CDC, applied_pipeline, execute, purge
 
 SCHEMA = """
 create table item (id int primary key, name text not null, price numeric(8, 2), meta jsonb, tags text[]);
@@ -59,11 +58,9 @@ def test_histories_replay_to_the_current_state_and_plants_are_named(stack, sourc
     execute(source, SCHEMA)
     file = tmp_path / "lake.duckdb"
     pg = stack.postgres_url(destination_db)
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, TABLES, destinations={
         "lake": {"kind": "analytics", "url": f"duckdb:///{file}"},
-        "pglake": {"kind": "analytics", "url": pg}}))
-    capture.apply(pipeline)
+        "pglake": {"kind": "analytics", "url": pg}})
 
     def cdc(*args):
         return subprocess.run([CDC, "-c", str(path), *args], capture_output=True, text=True, timeout=300)
