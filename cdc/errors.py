@@ -53,6 +53,11 @@ class ServiceUnavailable(CdcError, Transient):
     """A service (Kafka, the registry, Kafka Connect, a database) did not answer."""
 
 
+class NotApplied(CdcError, Terminal):
+    """The pipeline's connector or topics do not exist yet: waiting will not make them; `cdc connectors apply`
+    will."""
+
+
 class DestinationBusy(CdcError, Transient):
     """Another applier (a `cdc run`, a `cdc replay`, a backup being restored) is writing the destination."""
 

@@ -1,25 +1,16 @@
 """Where a destination keeps the last source commit it applied (consumers/apply/copies.py says why): one row per
-pipeline in `_cdc_last_commit`, written in the same destination transaction as the rows and the offsets."""
+pipeline in `_cdc_last_commit` (declared with the applier's other tables, dialects/bookkeeping.py), written in the
+same destination transaction as the rows and the offsets."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, MetaData, String, Table, delete, insert, select
+from sqlalchemy import delete, insert, select
 
 from consumers.apply.copies import CommitMark
-
-LAST_COMMIT_TABLE = "_cdc_last_commit"
-
-LAST_COMMIT = Table(
-    LAST_COMMIT_TABLE, MetaData(),
-    Column("pipeline", String(200), primary_key=True),
-    Column("commit_lsn", BigInteger, nullable=False),
-    Column("commit_ts_ms", BigInteger, nullable=False),
-    Column("end_offset", BigInteger, nullable=False),  # the END record's offset in the transaction topic
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-)
+from consumers.apply.dialects.bookkeeping import LAST_COMMIT
 
 
 def ensure(conn: Any) -> None:

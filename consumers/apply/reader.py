@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
-from cdc.errors import CdcError, DecodeError, ServiceUnavailable, driver_reason
+from cdc.errors import CdcError, DecodeError, NotApplied, ServiceUnavailable, driver_reason
 from consumers.apply import columnar, runs, values
 from consumers.apply.dead_letters import DeadLetterSink
 from consumers.apply.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
@@ -186,7 +186,7 @@ class ChangeReader:
         for topic in self.topics:
             info = known.get(topic)
             if info is None or info.error is not None:
-                raise ServiceUnavailable(f"topic {topic} does not exist (run `cdc connectors apply` first)")
+                raise NotApplied(f"topic {topic} does not exist (run `cdc connectors apply` first)")
         starts = self._log_starts([(t, p) for t in self.topics for p in known[t].partitions if (t, p) not in stored])
         assignment = []
         numbered: dict[tuple[str, int], int] = {}

@@ -29,6 +29,7 @@ STATUS_TABLE = "_cdc_status"
 # and its keyless changes are not applied twice (DestinationWriter._keyless_once, consumers/apply/writer.py;
 # docs/applier.md).
 APPLIED_TABLE = "_cdc_applied_transactions"
+LAST_COMMIT_TABLE = "_cdc_last_commit"  # the last source commit applied (consumers/apply/copies.py)
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,18 @@ from cdc.config import Destination, Pipeline
 from cdc.errors import DestinationBusy, ServiceUnavailable, driver_reason
 from consumers.apply import columnar, commit_mark, plan, runs, values
 from consumers.apply.copies import CommitMark, describe, split_copies
-from consumers.apply.dialects import Dialect, dialect_for
+from consumers.apply.dialects import Dialect, dialect_class, dialect_for
 from consumers.apply.dialects.base import NoMatchingRow
 from consumers.apply.dialects.duckdb import when_free
-from consumers.apply.errors import ApplyError, DestinationLost, DestinationUnreachable, located, where
+from consumers.apply.errors import (
+    ApplyError,
+    DestinationLost,
+    DestinationUnreachable,
+    located,
+    session_ended,
+    unreachable,
+    where,
+)
 from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import NO_SCOPE, ReplayScope, dependency_order, net_changes, self_referencing_order
 from consumers.apply.shapes import LSN_COLUMN, TableShape, reflect_shapes
@@ -85,7 +93,7 @@ class DestinationWriter:
         self.follower: SourceFollower  # set by the applier once its reader (the converters) exists
         url = self.destination.driver_url
         # A DuckDB file: one process may write it, or several read it, so the applier holds it only while writing.
-        self.holds_file = url.get_backend_name() == "duckdb"
+        self.holds_file = dialect_class(url, self.destination.kind).holds_file
         if self.holds_file:
             # No pool: batches open and close the file (`begin`), so that readers can open it between them
             # (DuckDB lets one process write, or several read).
@@ -96,8 +104,7 @@ class DestinationWriter:
         else:
             self.engine = create_engine(url, pool_size=2, pool_pre_ping=True)
         self.dialect: Dialect = dialect_for(self.engine, self.destination.kind)
-        if self.holds_file:
-            self.dialect.limit_memory()  # DuckDB's memory bounded; raised when a batch needs more (apply)
+        self.dialect.limit_memory()  # bounded where the database allows (DuckDB); raised when a batch needs more
         self._writer_lock: Any = None  # the connection whose session holds the destination's writer lock (claim)
         # A connection kept open between batches (`begin`), and since when; no new one before `_reopen_at`.
         self._held: Any = None
@@ -133,8 +140,8 @@ class DestinationWriter:
             try:
                 conn = self.engine.connect()
             except OperationalError as exc:
-                unreachable = DestinationUnreachable if _unreachable(exc) else ServiceUnavailable
-                raise unreachable(f"destination {self.name} did not answer: {driver_reason(exc)}") from exc
+                error = DestinationUnreachable if unreachable(exc) else ServiceUnavailable
+                raise error(f"destination {self.name} did not answer: {driver_reason(exc)}") from exc
             try:
                 free = self.dialect.try_writer_lock(conn, self.pipeline.pipeline, self.name)
                 conn.commit()  # the lock is the session's: not left idle in a transaction
@@ -208,7 +215,7 @@ class DestinationWriter:
                         yield conn
                 except Exception as exc:
                     # Through SQLAlchemy (DBAPIError) or straight from the driver (the columnar path's COPY).
-                    if getattr(exc, "connection_invalidated", False) or _session_ended(exc) or _broken(conn):
+                    if getattr(exc, "connection_invalidated", False) or session_ended(exc) or _broken(conn):
                         self.unclaim()
                         raise DestinationLost(f"destination {self.name}: its session ended "
                                               f"({driver_reason(exc)})") from exc
@@ -338,7 +345,7 @@ class DestinationWriter:
                     return written
                 except Exception as exc:
                     # DuckDB out of its memory limit (rolled back): the limit is raised and the batch tried again.
-                    raised = self.holds_file and self.dialect.memory_exhausted(exc)
+                    raised = self.dialect.memory_exhausted(exc)
                     if not raised:
                         raise
                     self.echo(f"{self.name}: {raised}")
@@ -506,22 +513,6 @@ def _duckdb_errors() -> tuple[type[BaseException], ...]:
     return (duckdb.Error,)
 
 
-def _unreachable(exc: BaseException) -> bool:
-    """A connection error that waiting can mend: refused, timed out, the server starting or shutting down. Not a
-    login refused or a database that does not exist (those are the pipeline file's to fix)."""
-    orig = getattr(exc, "orig", None) or exc
-    if isinstance(orig, psycopg.Error):
-        if orig.sqlstate is not None:
-            return orig.sqlstate.startswith(("08", "57P"))
-        # libpq gives no SQLSTATE for a connection refused by the server itself, only its message: "FATAL" when
-        # the server answered (a login refused, a database that does not exist), unless it was starting or stopping.
-        said = str(orig)
-        return "FATAL:" not in said or any(state in said for state in (
-            "starting up", "shutting down", "in recovery", "too many clients"))
-    code = orig.args[0] if orig.args and isinstance(orig.args[0], int) else None
-    return code in (2002, 2003, 2006, 2013)  # MariaDB: cannot connect (socket, TCP), server gone, lost
-
-
 def _broken(conn: Any) -> bool:
     """Whether a destination connection's session is gone (the driver knows it after a failure SQLAlchemy did not
     see: psycopg's `broken`, PyMySQL's `open`)."""
@@ -532,15 +523,3 @@ def _broken(conn: Any) -> bool:
     except Exception:  # noqa: BLE001 - no driver connection left
         return True
     return bool(getattr(raw, "broken", False) or getattr(raw, "closed", False) or getattr(raw, "open", True) is False)
-
-
-def _session_ended(exc: BaseException) -> bool:
-    """A destination error that means the session is gone (SQLSTATE class 08, connection exceptions; 57P01-03, the
-    server shutting down or the backend terminated), whatever the driver made of it."""
-    orig = getattr(exc, "orig", None) or exc
-    state = getattr(orig, "sqlstate", None) or ""
-    if state.startswith("08") or state in ("57P01", "57P02", "57P03"):
-        return True
-    # MariaDB (PyMySQL): the server has gone away, lost connection, connection killed.
-    code = orig.args[0] if getattr(orig, "args", None) and isinstance(orig.args[0], int) else None
-    return code in (2006, 2013, 1927, 4031)

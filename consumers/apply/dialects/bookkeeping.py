@@ -1,13 +1,14 @@
-"""The applier's own tables in a destination, declared once: the stored Kafka offsets, why an applier stopped, and the
-source transactions whose keyless changes were applied. Every reader and writer uses these declarations (the dialects
-write them, `cdc lag` reads them, replays and backups copy them); a dialect takes its own copy (`tables_for`) so that
-it can add its table options or move the offsets aside (a shadow replay) without changing anyone else's."""
+"""The applier's own tables in a destination, declared once: the stored Kafka offsets, why an applier stopped, the
+source transactions whose keyless changes were applied, and the last source commit applied. Every reader and writer
+uses these declarations (the dialects write them, `cdc lag` reads them, replays and backups copy them); a dialect
+takes its own copy (`tables_for`) so that it can add its table options or move the offsets aside (a shadow replay)
+without changing anyone else's."""
 
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Text
 
-from consumers.apply.shapes import APPLIED_TABLE, OFFSETS_TABLE, STATUS_TABLE
+from consumers.apply.shapes import APPLIED_TABLE, LAST_COMMIT_TABLE, OFFSETS_TABLE, STATUS_TABLE
 
 METADATA = MetaData()
 
@@ -49,9 +50,22 @@ APPLIED = Table(
 )
 
 
+# The last source commit applied here (consumers/apply/copies.py: re-sent copies of transactions up to it are
+# skipped), written in the same transaction as the rows and offsets; `end_offset`: its END record's offset in the
+# transaction topic (the mark counts only while the stored offsets are past it).
+LAST_COMMIT = Table(
+    LAST_COMMIT_TABLE, METADATA,
+    Column("pipeline", String(200), primary_key=True),
+    Column("commit_lsn", BigInteger, nullable=False),
+    Column("commit_ts_ms", BigInteger, nullable=False),
+    Column("end_offset", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
 def tables_for(metadata: MetaData) -> tuple[Table, Table, Table]:
     """Copies of (OFFSETS, STATUS, APPLIED) in `metadata`: a dialect's own, which it may give table options."""
     return OFFSETS.to_metadata(metadata), STATUS.to_metadata(metadata), APPLIED.to_metadata(metadata)
 
 
-__all__ = ["APPLIED", "METADATA", "OFFSETS", "STATUS", "tables_for"]
+__all__ = ["APPLIED", "LAST_COMMIT", "METADATA", "OFFSETS", "STATUS", "tables_for"]
