@@ -310,7 +310,8 @@ SECTION_PREAMBLE = """## Applier memory
 Written by `.venv/bin/python -m benchmarks.memory_bench` (what is measured and how: `benchmarks/README.md`).
 Newest run first. Each cell: the applier's peak resident memory (its own `ru_maxrss` from `wait4`), ✓ under the
 300 MB target or ✗ over it, the ratio to the target, and the wall time of the `cdc run --until-caught-up` process
-(start-up included). Every destination was checked equal to its source afterwards.
+(start-up included). Every destination was checked equal to its source afterwards. The MariaDB replica took the
+general (per-row) path until 2026-12-01, the columnar path since.
 
 """
 DETAILS_HEADING = "### Applier memory: details\n\n"
