@@ -24,8 +24,8 @@ from sqlalchemy import create_engine
 
 from benchmarks.common import Session, session
 from cdc import config
+from cdc.source_tables import reflect_tables
 from consumers.apply.dialects import dialect_for
-from consumers.apply.shapes import reflect_shapes
 from consumers.ops import verify
 
 DDL = ("create table item (id bigint primary key, name text not null, qty integer, price numeric(12, 2), "
@@ -86,7 +86,7 @@ def run(kind: str, bench: Session, source_db: str, rows: int, differences: list[
     }, env={})
     lines = []
     try:
-        shapes = reflect_shapes(pipeline.source.sqlalchemy_url, ["public.item"])
+        shapes = reflect_tables(pipeline.source.sqlalchemy_url, ["public.item"])
         engine = create_engine(pipeline.destinations["copy"].driver_url)
         dialect = dialect_for(engine)
         table = dialect.table(shapes["public.item"])

@@ -12,12 +12,12 @@ import psycopg
 
 from cdc.config import Pipeline, topic_safe
 from cdc.errors import CdcError, ConnectError, first_line
+from cdc.source_tables import TableShape
 from consumers.apply.dialects.types import check_pipeline
 from producers import debezium, partitions, topics
 from producers.connect import ConnectClient, ConnectorStatus, changed_secrets, remove_secrets, write_secrets
 from producers.source_admin import (
     SourceIdentity,
-    TableInfo,
     describe_tables,
     drop_publication,
     drop_slot,
@@ -103,7 +103,7 @@ def _reference_hint(pipeline: Pipeline) -> str:
             "`cdc stack up` restarts the local stack's worker with it.")
 
 
-def _desired(pipeline: Pipeline) -> tuple[dict[str, str], dict[str, TableInfo]]:
+def _desired(pipeline: Pipeline) -> tuple[dict[str, str], dict[str, TableShape]]:
     tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
     config = debezium.connector_config(pipeline, tables, secrets=str(secrets_directory(pipeline)))
     check_pipeline(pipeline, config)  # columns a destination cannot hold: refused here, never at the first write
@@ -349,7 +349,7 @@ def apply(pipeline: Pipeline, echo: Callable[[str], None] | None = None, *, wait
     return report
 
 
-def _follow_partitions(pipeline: Pipeline, conn: psycopg.Connection, tables: dict[str, TableInfo],
+def _follow_partitions(pipeline: Pipeline, conn: psycopg.Connection, tables: dict[str, TableShape],
                        report: ApplyReport) -> None:
     """Install (or refresh, or remove) the event trigger that follows partitions attached, detached or dropped
     later (producers.partitions); without a superuser, say what is then not followed."""

@@ -38,7 +38,7 @@ import re
 
 from cdc.config import Pipeline, topic_safe
 from cdc.errors import ConfigError
-from producers.source_admin import TableInfo
+from cdc.source_tables import TableShape
 
 AVRO_CONVERTER = "io.apicurio.registry.utils.converter.AvroConverter"
 RECORD_ID_STRATEGY = "io.apicurio.registry.serde.avro.strategy.RecordIdStrategy"
@@ -127,7 +127,7 @@ def routed_topic(config: dict[str, str], table: str) -> str:
     return topic
 
 
-def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str, tuple[str, str | None, bool]]:
+def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableShape]) -> dict[str, tuple[str, str | None, bool]]:
     """For each hierarchy: the root's key column, the Connect type to cast keys to (None: no cast needed), and
     whether the key field must be made optional (a member's root-id column is nullable).
 
@@ -141,32 +141,32 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
             what = "has no primary key" if not root.primary_key else f"has a composite primary key {root.primary_key}"
             raise ConfigError(f"hierarchies.{name}.root: {h.root!r} {what}; a hierarchy root needs a "
                               "single-column primary key (its root id)")
-        root_col = root.columns[root.primary_key[0]]
-        types = {root_col.type}
+        root_col = root.column(root.primary_key[0])
+        types = {root_col.type_name}
         for member, column in h.members.items():
             where = f"hierarchies.{name}.members[{member!r}]"
             info = tables[member]
-            col = info.columns.get(column)
+            col = info.column(column) if info.has_column(column) else None
             if col is None:
                 raise ConfigError(f"{where}: {member!r} has no column {column!r} "
-                                  f"(its columns: {', '.join(info.columns)})")
+                                  f"(its columns: {', '.join(info.column_names)})")
             if col.nullable:
                 nullable.add(name)
             if not info.primary_key:
                 raise ConfigError(f"{where}: {member!r} has no primary key; the applier needs one to identify rows")
-            types.add(col.type)
+            types.add(col.type_name)
         cast = None
         if len(types) > 1:
             if all(t in INTEGER_TYPES for t in types):
                 cast = "int64"
             else:
-                raise ConfigError(f"hierarchies.{name}: the root id is {root_col.type} in {h.root!r} but the "
-                                  f"members hold it as {', '.join(sorted(types - {root_col.type}))}; "
+                raise ConfigError(f"hierarchies.{name}: the root id is {root_col.type_name} in {h.root!r} but the "
+                                  f"members hold it as {', '.join(sorted(types - {root_col.type_name}))}; "
                                   "they must have one type")
         keys[name] = (root_col.name, cast, name in nullable)
     for table, info in tables.items():
         adjusted: dict[str, str] = {}
-        for column in info.columns:
+        for column in info.column_names:
             other = adjusted.setdefault(avro_name(column), column)
             if other != column:
                 raise ConfigError(f"source.tables: {table!r}: columns {other!r} and {column!r} both become "
@@ -180,7 +180,7 @@ def hierarchy_keys(pipeline: Pipeline, tables: dict[str, TableInfo]) -> dict[str
     return keys
 
 
-def full_identity_tables(pipeline: Pipeline, tables: dict[str, TableInfo]) -> list[str]:
+def full_identity_tables(pipeline: Pipeline, tables: dict[str, TableShape]) -> list[str]:
     """The tables whose changes need their whole old row (REPLICA IDENTITY FULL)."""
     # Without the root id in a delete's before image, a member's delete would have no key; a table without a primary
     # key is told apart by its whole old row, which the applier matches one row by (Dialect.apply_keyless).
@@ -203,7 +203,7 @@ def secret_reference(directory: str, key: str) -> str:
     return f"${{{SECRETS_PROVIDER}:{directory}:{key}}}"
 
 
-def connector_config(pipeline: Pipeline, tables: dict[str, TableInfo], secrets: str | None = None) -> dict[str, str]:
+def connector_config(pipeline: Pipeline, tables: dict[str, TableShape], secrets: str | None = None) -> dict[str, str]:
     """The complete connector configuration, as Kafka Connect stores it (every value a string).
 
     With `secrets` (the directory `cdc connectors apply` writes `secret_values` to, one file each), every secret is

@@ -24,7 +24,8 @@ Roots are the tables that own rows (a customer and its rentals and payments), ne
    ON DELETE CASCADE, then a column that is part of its primary key (a junction such as film_actor belongs to
    the side it is named after), then a name beginning with the root's name, then the root held by more tables.
 
-Everything here is pure except the reflection at the end; each decision carries its reason into the YAML.
+Everything here is pure except the reading of the source at the end (cdc/source_tables.py); each decision carries
+its reason into the YAML.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import yaml
-from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import Connection, Engine, Inspector, make_url
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 
 from cdc.errors import CdcError, ConfigError, ServiceUnavailable
+from cdc.source_tables import ForeignKeyShape, TableShape, reflect_tables, source_url
 
 # Hierarchy names become parts of topic names; the pipeline file accepts only these.
 _HIERARCHY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -55,34 +57,8 @@ LOOKUP_COLUMNS = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the graph model
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    nullable: bool
-
-
-@dataclass(frozen=True)
-class ForeignKey:
-    columns: tuple[str, ...]
-    referred_table: str  # schema-qualified
-    referred_columns: tuple[str, ...]
-    ondelete: str | None = None  # as the source declares it: "CASCADE", "RESTRICT", ...; None for the default
-
-
-@dataclass(frozen=True)
-class SourceTable:
-    name: str  # schema-qualified
-    primary_key: tuple[str, ...]
-    columns: tuple[Column, ...]
-    foreign_keys: tuple[ForeignKey, ...] = ()
-    rows: float | None = None  # the source's row estimate; None when unknown (never analysed, or not PostgreSQL)
-
-    def nullable(self, column: str) -> bool:
-        # A column we were not told about is treated as nullable: the weaker evidence.
-        return next((c.nullable for c in self.columns if c.name == column), True)
+# the graph: cdc/source_tables.py's TableShape, of which the analysis reads the primary key, the columns (names and
+# nullability), the foreign keys (with ON DELETE) and the row estimate (None: unknown, never analysed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,7 +130,7 @@ class _Link:
         return f"{self.parent} ({self.column})"
 
 
-def _single_pk(table: SourceTable) -> str | None:
+def _single_pk(table: TableShape) -> str | None:
     return table.primary_key[0] if len(table.primary_key) == 1 else None
 
 
@@ -175,7 +151,7 @@ def _named_after(child: str, parent: str) -> bool:
     return not nxt.isalnum() or (p[-1].islower() and nxt.isupper())
 
 
-def _link(table: SourceTable, fk: ForeignKey, tables: dict[str, SourceTable]) -> _Link | None:
+def _link(table: TableShape, fk: ForeignKeyShape, tables: dict[str, TableShape]) -> _Link | None:
     referred = tables.get(fk.referred_table)
     if referred is None or referred.name == table.name or len(fk.columns) != 1:
         return None
@@ -186,7 +162,7 @@ def _link(table: SourceTable, fk: ForeignKey, tables: dict[str, SourceTable]) ->
                  (fk.ondelete or "").upper() == "CASCADE", column in table.primary_key)
 
 
-def _why_not_link(table: SourceTable, tables: dict[str, SourceTable]) -> list[str]:
+def _why_not_link(table: TableShape, tables: dict[str, TableShape]) -> list[str]:
     """Plain-words reasons why each foreign key to another captured table is not an ownership link."""
     reasons = []
     for fk in sorted(table.foreign_keys, key=lambda f: (f.columns, f.referred_table)):
@@ -246,7 +222,7 @@ def _hierarchy_names(roots: list[str]) -> dict[str, str]:
 class _Analysis:
     """One run of the four steps of the module docstring over the captured tables; every decision keeps its reason."""
 
-    def __init__(self, tables: Iterable[SourceTable]) -> None:
+    def __init__(self, tables: Iterable[TableShape]) -> None:
         self.tables = {t.name: t for t in tables}
         self.associations: dict[str, list[str]] = {}  # table -> why links with a partner were set aside
         self.links = self._links()
@@ -486,7 +462,7 @@ class _Analysis:
         return f"{pk}, so it cannot be a root; and {fks}"
 
 
-def suggest(tables: Iterable[SourceTable]) -> Suggestion:
+def suggest(tables: Iterable[TableShape]) -> Suggestion:
     """Propose hierarchies over the given (captured) tables, each choice with its reason (module docstring)."""
     an = _Analysis(tables)
     members: dict[str, list[Member]] = {root: [] for root in an.roots}
@@ -557,19 +533,6 @@ def render_yaml(result: Suggestion) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # reflection from the source database
 
-# Row estimates: PostgreSQL's planner statistics, free to read. A partitioned table's own reltuples says nothing
-# useful, so its leaves are summed. -1 (never vacuumed nor analysed) is "unknown".
-_ESTIMATES = text("""
-select n.nspname as schema, c.relname as name, c.relispartition as is_partition,
-       case when c.relkind = 'p'
-            then (select sum(l.reltuples) filter (where l.reltuples >= 0)
-                  from pg_partition_tree(c.oid) t join pg_class l on l.oid = t.relid where t.isleaf)
-            when c.reltuples >= 0 then c.reltuples end as estimate
-from pg_class c join pg_namespace n on n.oid = c.relnamespace
-where c.relkind in ('r', 'p') and n.nspname = any(:schemas)
-""")
-
-
 def _split(name: str) -> tuple[str, str]:
     schema, sep, table = name.partition(".")
     if not sep or not schema or not table:
@@ -579,17 +542,13 @@ def _split(name: str) -> tuple[str, str]:
 
 def _engine(url: str) -> Engine:
     try:
-        parsed = make_url(url)
-        # The pipeline file writes plain postgresql:// URLs; psycopg 3 is the driver this project installs.
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
-        engine = create_engine(parsed)
+        engine = create_engine(source_url(url))
     except (ArgumentError, NoSuchModuleError, ImportError) as exc:
         raise ConfigError(f"--url: not a usable SQLAlchemy URL ({exc})") from None
     return engine
 
 
-def _with_connection(url: str, work: Callable[[Connection], list[SourceTable]]) -> list[SourceTable]:
+def _with_connection(url: str, work: Callable[[Connection], list[TableShape]]) -> list[TableShape]:
     engine = _engine(url)
     shown = engine.url.render_as_string(hide_password=True)
     try:
@@ -603,68 +562,26 @@ def _with_connection(url: str, work: Callable[[Connection], list[SourceTable]]) 
         engine.dispose()
 
 
-def _estimates(conn: Connection, schemas: list[str]) -> dict[tuple[str, str], tuple[float | None, bool]]:
-    """(schema, table) -> (row estimate or None, is a partition); empty for a source that is not PostgreSQL."""
-    if conn.dialect.name != "postgresql":
-        return {}
-    rows = conn.execute(_ESTIMATES, {"schemas": schemas}).mappings()
-    return {(r["schema"], r["name"]): (None if r["estimate"] is None else float(r["estimate"]), r["is_partition"])
-            for r in rows}
+def _graph(shapes: dict[str, TableShape]) -> list[TableShape]:
+    # Schema by schema (sorted), in the order named within each: the order the analysis has always been given.
+    return sorted(shapes.values(), key=lambda t: t.schema)
 
 
-def _reflect(conn: Connection, wanted: dict[str, list[str] | None]) -> list[SourceTable]:
-    """Every wanted table in one pass per kind of object and schema (SQLAlchemy's multi-table reflection).
-
-    wanted: schema -> its table names, or None for all of its tables (partitions left out: they are captured as
-    their parent).
-    """
-    inspector: Inspector = inspect(conn)
-    default_schema = inspector.default_schema_name
-    estimates = _estimates(conn, sorted(wanted))
-    pks = {schema: inspector.get_multi_pk_constraint(schema=schema, filter_names=wanted[schema])
-           for schema in sorted(wanted)}
-    missing = [f"{schema}.{t}" for schema, names in wanted.items() for t in names or []
-               if (schema, t) not in pks[schema]]
-    if missing:
-        raise ConfigError(f"--tables: no such table at the source: {', '.join(missing)}")
-    tables = []
-    for schema in sorted(wanted):
-        names = wanted[schema] or sorted(t for (_, t) in pks[schema]
-                                         if not estimates.get((schema, t), (None, False))[1])
-        columns = inspector.get_multi_columns(schema=schema, filter_names=names)
-        fks = inspector.get_multi_foreign_keys(schema=schema, filter_names=names)
-        for table in names:
-            key = (schema, table)
-            tables.append(SourceTable(
-                f"{schema}.{table}",
-                tuple(pks[schema][key].get("constrained_columns") or ()),
-                tuple(Column(c["name"], bool(c["nullable"])) for c in columns.get(key, [])),
-                tuple(
-                    # PostgreSQL leaves out the schema of a referred table that is on the search path.
-                    ForeignKey(tuple(fk["constrained_columns"]),
-                               f"{fk.get('referred_schema') or default_schema}.{fk['referred_table']}",
-                               tuple(fk["referred_columns"]), (fk.get("options") or {}).get("ondelete"))
-                    for fk in fks.get(key, [])),
-                estimates.get(key, (None, False))[0]))
-    return tables
-
-
-def reflect_source(url: str, tables: list[str]) -> list[SourceTable]:
+def reflect_source(url: str, tables: list[str]) -> list[TableShape]:
     """The graph model of the named source tables; ConfigError naming any that do not exist."""
     if not tables:
         raise ConfigError("--tables: name at least one schema-qualified table")
-    wanted: dict[str, list[str] | None] = {}
-    for name in dict.fromkeys(tables):
-        schema, table = _split(name)
-        wanted.setdefault(schema, []).append(table)  # type: ignore[union-attr]
-    return _with_connection(url, lambda conn: _reflect(conn, wanted))
+    for name in tables:
+        _split(name)
+    return _with_connection(url, lambda conn: _graph(
+        reflect_tables(conn, tables, catalog=False, estimates=True, field_name="--tables")))
 
 
-def reflect_all(url: str, schemas: list[str] | None = None) -> list[SourceTable]:
+def reflect_all(url: str, schemas: list[str] | None = None) -> list[TableShape]:
     """The graph model of every table of the given schemas (default: every schema but the system's), read in one
     pass, so that foreign keys across schemas count."""
 
-    def work(conn: Connection) -> list[SourceTable]:
+    def work(conn: Connection) -> list[TableShape]:
         present = [s for s in inspect(conn).get_schema_names()
                    if s != "information_schema" and not s.startswith("pg_")]
         if schemas:
@@ -672,7 +589,7 @@ def reflect_all(url: str, schemas: list[str] | None = None) -> list[SourceTable]
             if unknown:
                 raise ConfigError(f"--schema: no such schema at the source: {', '.join(unknown)}")
         chosen = list(dict.fromkeys(schemas)) if schemas else present
-        tables = _reflect(conn, {s: None for s in chosen})
+        tables = _graph(reflect_tables(conn, schemas=chosen, catalog=False, estimates=True))
         if not tables:
             raise ConfigError(f"--all: the source has no tables in schema(s) {', '.join(chosen)}")
         return tables

@@ -1,4 +1,4 @@
-"""Source-side administration: the captured tables' shape (SQLAlchemy reflection), slots, publications, signals."""
+"""Source-side administration: the captured tables (cdc/source_tables.py), slots, publications, signals."""
 
 from __future__ import annotations
 
@@ -10,27 +10,10 @@ from typing import Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import URL
 
 from cdc.errors import ConfigError, ServiceUnavailable
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    type: str  # the type as the database names it, lower case (e.g. "bigint", "integer", "text")
-    nullable: bool
-
-
-@dataclass(frozen=True)
-class TableInfo:
-    name: str  # schema-qualified
-    primary_key: tuple[str, ...]
-    columns: dict[str, Column]
-    # A partition (declarative partitioning): the partitioned tables above it, nearest first, schema-qualified.
-    partition_of: tuple[str, ...] = ()
-
+from cdc.source_tables import TableShape, reflect_tables
 
 _Row = TypeVar("_Row", covariant=True)
 
@@ -54,51 +37,15 @@ def split_table(table: str) -> tuple[str, str]:
 
 
 def describe_tables(url: URL, tables: tuple[str, ...] | list[str],
-                    source: str = "source.tables") -> dict[str, TableInfo]:
-    """Reflect the captured tables; a table that does not exist is a configuration error naming it."""
-    engine = create_engine(url.set(drivername="postgresql+psycopg"), pool_pre_ping=False)
+                    source: str = "source.tables") -> dict[str, TableShape]:
+    """The captured tables (cdc/source_tables.py, without the catalog's type descriptions: capture needs keys, column
+    names and types, and partition parents); a table that does not exist is a configuration error naming it."""
     try:
-        insp = inspect(engine)
-        found: dict[str, TableInfo] = {}
-        missing = []
-        for table in tables:
-            schema, name = split_table(table)
-            if not insp.has_table(name, schema=schema):
-                missing.append(table)
-                continue
-            columns = {
-                c["name"]: Column(c["name"], str(c["type"]).lower(), bool(c["nullable"]))
-                for c in insp.get_columns(name, schema=schema)
-            }
-            pk = tuple(insp.get_pk_constraint(name, schema=schema).get("constrained_columns") or ())
-            found[table] = TableInfo(table, pk, columns)
-        if found:
-            with engine.connect() as conn:
-                parents = {t: tuple(a) for t, a in conn.exec_driver_sql(_PARTITION_ANCESTORS)}
-            found = {t: (TableInfo(i.name, i.primary_key, i.columns, parents[t]) if t in parents else i)
-                     for t, i in found.items()}
+        return reflect_tables(url, tables, catalog=False, field_name=source)
+    except ConfigError:
+        raise
     except Exception as exc:
-        if isinstance(exc, ConfigError):
-            raise
         raise ServiceUnavailable(f"cannot read the source database {url.render_as_string()}: {exc}") from exc
-    finally:
-        engine.dispose()
-    if missing:
-        raise ConfigError(f"{source}: {', '.join(repr(t) for t in missing)} "
-                          f"{'does' if len(missing) == 1 else 'do'} not exist at the source ({url.database})")
-    return found
-
-
-# Every partition of the database -> the partitioned tables above it, nearest first.
-_PARTITION_ANCESTORS = """
-select n.nspname || '.' || c.relname,
-       array(select an.nspname || '.' || a.relname
-             from pg_partition_ancestors(c.oid) with ordinality as x(relid, depth)
-             join pg_class a on a.oid = x.relid join pg_namespace an on an.oid = a.relnamespace
-             where x.relid <> c.oid order by x.depth)
-from pg_class c join pg_namespace n on n.oid = c.relnamespace
-where c.relispartition
-"""
 
 
 def psycopg_conninfo(url: URL) -> str:

@@ -11,12 +11,13 @@ from typing import Any
 import psycopg
 
 from cdc.config import Pipeline
+from cdc.source_tables import reflect_tables
 from consumers.apply import values
 from consumers.apply.dialects import Dialect
 from consumers.apply.dialects.base import SchemaChangeError
 from consumers.apply.errors import ApplyError
 from consumers.apply.events import ChangeEvent
-from consumers.apply.shapes import ColumnShape, TableShape, reflect_shapes
+from consumers.apply.shapes import ColumnShape, TableShape
 from consumers.apply.transactions import Step
 from producers.debezium import avro_name
 from producers.source_admin import one_row, psycopg_conninfo
@@ -81,7 +82,7 @@ class SourceFollower:
                 # source is not reflected again (once per table at every start would slow a start of many tables).
                 self._schemas_checked.add(schema_id)
                 continue
-            fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, [table])[table]
+            fresh = reflect_tables(self.pipeline.source.sqlalchemy_url, [table])[table]
             changed = _type_changes(shape, fresh, differing)
             dropped = set(shape.column_names) - set(fresh.column_names)
             if not gained and not changed and not dropped:
@@ -128,7 +129,7 @@ class SourceFollower:
         tables = sorted({item.table for step in steps for item in step.events} & set(self.shapes))
         if not tables:
             return False
-        fresh_shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, tables)
+        fresh_shapes = reflect_tables(self.pipeline.source.sqlalchemy_url, tables)
         followed = False
         for table in tables:
             shape, fresh = self.shapes[table], fresh_shapes[table]

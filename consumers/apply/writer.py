@@ -18,6 +18,7 @@ from sqlalchemy.pool import NullPool
 
 from cdc.config import Destination, Pipeline
 from cdc.errors import DestinationBusy, ServiceUnavailable, driver_reason
+from cdc.source_tables import reflect_tables
 from consumers.apply import columnar, commit_mark, plan, runs, values
 from consumers.apply.copies import CommitMark, describe, split_copies
 from consumers.apply.dialects import Dialect, dialect_class, dialect_for
@@ -34,7 +35,7 @@ from consumers.apply.errors import (
 )
 from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import NO_SCOPE, ReplayScope, dependency_order, net_changes, self_referencing_order
-from consumers.apply.shapes import LSN_COLUMN, TableShape, reflect_shapes
+from consumers.apply.shapes import LSN_COLUMN, TableShape
 from consumers.apply.source_follow import SourceFollower
 from consumers.apply.transactions import Step
 
@@ -260,7 +261,7 @@ class DestinationWriter:
     def prepare(self) -> dict[tuple[str, int], int]:
         """Reflect the source tables, create (or follow) them at the destination; the destination's stored
         offsets."""
-        fresh = reflect_shapes(self.pipeline.source.sqlalchemy_url, self.pipeline.source.tables)
+        fresh = reflect_tables(self.pipeline.source.sqlalchemy_url, self.pipeline.source.tables)
         self.shapes.clear()
         self.shapes.update(fresh)
         try:

@@ -30,10 +30,10 @@ from sqlalchemy import create_engine, inspect, text
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, DestinationBusy, first_line
+from cdc.source_tables import reflect_tables
 from consumers.apply.dialects import Dialect, dialect_class, dialect_for
 from consumers.apply.dialects.bookkeeping import OFFSETS
 from consumers.apply.plan import dependency_order
-from consumers.apply.shapes import reflect_shapes
 
 BACKUPS_TABLE = "_cdc_backups"
 DEFAULT_RETENTION = timedelta(days=30)
@@ -155,7 +155,7 @@ class SchemaBackups(BackupStore):
 
     def take(self, tables: list[str]) -> Backup:
         """Copy the tables (and the pipeline's stored offsets) into a new timestamped schema."""
-        shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, tables)
+        shapes = reflect_tables(self.pipeline.source.sqlalchemy_url, tables)
         schema = f"_cdc_backup_{datetime.now(UTC):%Y%m%d_%H%M%S_%f}"
         with self._transaction() as conn:
             dialect = dialect_for(conn.engine)
@@ -180,7 +180,7 @@ class SchemaBackups(BackupStore):
         return [Backup(r[0], r[1], r[2], r[3], list(r[4])) for r in rows]
 
     def restore(self, backup: Backup) -> None:
-        shapes = reflect_shapes(self.pipeline.source.sqlalchemy_url, backup.tables)
+        shapes = reflect_tables(self.pipeline.source.sqlalchemy_url, backup.tables)
         with self._transaction() as conn:
             dialect = dialect_for(conn.engine)
             # Not under an applier at work: it would write into the tables being put back. The lock is this

@@ -34,12 +34,13 @@ from sqlalchemy import inspect, text
 from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
+from cdc.source_tables import reflect_tables
 from consumers.apply.applier import ReplicaApplier
 from consumers.apply.dialects import Dialect, dialect_for
 from consumers.apply.dialects.base import HISTORY_SUFFIX
 from consumers.apply.dialects.bookkeeping import OFFSETS
 from consumers.apply.plan import NO_SCOPE, ReplayScope, dependency_order
-from consumers.apply.shapes import TableShape, reflect_shapes
+from consumers.apply.shapes import TableShape
 from consumers.apply.writer import DestinationWriter
 from consumers.ops.backups import (
     Backup,
@@ -141,7 +142,7 @@ def replay(pipeline: Pipeline, destination: str, *, tables: list[str] | None = N
     dialect = replayed_dialect(pipeline, destination)
     if dialect.holds_file:
         check_not_written(duckdb_path(pipeline, destination))
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, pipeline.source.tables)
+    shapes = reflect_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
     chosen = _validate_scope(pipeline, tables, shapes, foreign_keys=dialect.mirrors_foreign_keys)
     if start is None and not from_snapshot:
         check_history(pipeline)

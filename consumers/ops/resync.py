@@ -29,9 +29,10 @@ from sqlalchemy import text
 from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, first_line
+from cdc.source_tables import reflect_tables
 from consumers.apply.dialects import dialect_for
 from consumers.apply.dialects.base import HISTORY_COLUMNS
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape, reflect_shapes
+from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 from consumers.ops import verify
 from consumers.ops.compare import equal, jsonable, kind_of, normal, normal_row
 from consumers.ops.verify import resolve_table
@@ -229,7 +230,7 @@ def resync(pipeline: Pipeline, table: str, raw_ids: str | list[Any] | None = Non
     dest = destination or next((n for n, d in pipeline.destinations.items() if d.kind == "replica"), None)
     if dest is None or dest not in pipeline.destinations:
         raise ConfigError(f"destinations: no replica destination {destination or ''!r} to check the re-sync against")
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, pipeline.source.tables)
+    shapes = reflect_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
     shape = shapes[table]
     if not shape.primary_key:
         if keys or raw_ids:
@@ -717,7 +718,7 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
     dest = destination or next((n for n, d in pipeline.destinations.items() if d.kind == "replica"), None)
     if dest is None or dest not in pipeline.destinations:
         raise ConfigError(f"destinations: no destination {destination or ''!r} to re-sync")
-    shape = reflect_shapes(pipeline.source.sqlalchemy_url, [table])[table]
+    shape = reflect_tables(pipeline.source.sqlalchemy_url, [table])[table]
     if shape.primary_key:
         raise ConfigError(f"resync: {table} has a primary key: name the rows with --ids")
     values = _keyless_values(shape, dest)

@@ -45,10 +45,11 @@ from sqlalchemy.pool import NullPool
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, first_line
+from cdc.source_tables import MissingTables, reflect_tables
 from consumers.apply.dialects import Dialect, dialect_class, dialect_for
 from consumers.apply.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX
 from consumers.apply.dialects.postgres import PostgresDialect
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape, reflect_shapes
+from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 from consumers.ops.compare import Kind, equal, jsonable, kind_of, normal, normal_row
 
 ROWS_PER_BUCKET = 16  # the aim of step 1: a differing bucket costs ~16 rows fetched per side
@@ -458,15 +459,15 @@ class _Target:
 
 def _targets(pipeline: Pipeline, destination: str, chosen: list[str], dst: Connection, backend: type[Dialect],
              reports: dict[str, TableReport]) -> dict[str, _Target]:
-    from sqlalchemy.exc import NoSuchTableError, ProgrammingError
+    from sqlalchemy.exc import ProgrammingError
 
     shapes = {}
     for name in chosen:  # one by one: a table missing at the source is that table's error, not everyone's
         try:
-            shapes.update(reflect_shapes(pipeline.source.sqlalchemy_url, [name]))
-        except (NoSuchTableError, ProgrammingError, psycopg.errors.UndefinedTable) as exc:
+            shapes.update(reflect_tables(pipeline.source.sqlalchemy_url, [name]))
+        except (MissingTables, ProgrammingError, psycopg.errors.UndefinedTable) as exc:
             reports[name].error = ("the source has no such table (source.tables names it)"
-                                   if isinstance(exc, NoSuchTableError) or "does not exist" in str(exc)
+                                   if isinstance(exc, MissingTables) or "does not exist" in str(exc)
                                    else f"cannot be read at the source: {first_line(exc)}")
     dialect = dialect_for(dst.engine, pipeline.destinations[destination].kind)
     targets = {}
@@ -608,7 +609,7 @@ def fix(pipeline: Pipeline, report: Report, *, wait: float = 120.0, echo=lambda 
     refused = []
     engine = destination_engine(pipeline, report.destination, write=True)
     backend = backend_of(pipeline, report.destination)
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, [t.table for t in report.tables if not t.error])
+    shapes = reflect_tables(pipeline.source.sqlalchemy_url, [t.table for t in report.tables if not t.error])
     dialect = dialect_for(engine, pipeline.destinations[report.destination].kind)
     try:
         for table in report.tables:

@@ -4,8 +4,9 @@ every test that needs it, so that no test module imports another."""
 
 from __future__ import annotations
 
+from cdc.source_tables import ColumnShape, TableShape
+from consumers.apply.dialects.types import RawType
 from consumers.apply.events import ChangeEvent, TransactionMarker
-from producers.source_admin import Column, TableInfo
 
 # -- a pipeline file -------------------------------------------------------------------------------------------------
 
@@ -46,11 +47,12 @@ PIPELINE = {
 }
 
 
-def source_table(qualified: str, pk: tuple[str, ...] = ("id",), **cols: str) -> TableInfo:
-    """A reflected source table: a bigint `id` and the columns given as name=type (`type?`: nullable)."""
-    columns = {"id": Column("id", "bigint", False)}
-    columns.update({c: Column(c, t.rstrip("?"), t.endswith("?")) for c, t in cols.items()})
-    return TableInfo(qualified, pk, columns)
+def source_table(qualified: str, pk: tuple[str, ...] = ("id",), **cols: str) -> TableShape:
+    """A reflected source table: a bigint `id` and the columns given as name=type (`type?`: nullable); each type is
+    the text the source names it by (RawType prints it back as it is)."""
+    columns = [ColumnShape("id", RawType("bigint"), False)]
+    columns += [ColumnShape(c, RawType(t.rstrip("?")), t.endswith("?")) for c, t in cols.items()]
+    return TableShape(qualified, tuple(columns), pk)
 
 
 # The pipeline's source tables, as the connector configuration reads them.

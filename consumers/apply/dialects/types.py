@@ -346,9 +346,9 @@ def check_pipeline(pipeline: Any, config: Mapping[str, str]) -> None:
     cannot hold exactly: one ConfigError naming every destination, table, column and reason. `config` is the
     connector configuration about to be applied (whether Debezium sends the types it does not know)."""
     from cdc.errors import ConfigError
-    from consumers.apply.shapes import reflect_shapes
+    from cdc.source_tables import reflect_tables
 
-    shapes = reflect_shapes(pipeline.source.sqlalchemy_url, list(pipeline.source.tables))
+    shapes = reflect_tables(pipeline.source.sqlalchemy_url, list(pipeline.source.tables))
     sent = str(config.get("include.unknown.datatypes", "false")).lower() == "true"
     found = [(name, *refusal) for name, destination in pipeline.destinations.items()
              for refusal in refusals(shapes, backend_of(destination.url.get_secret_value()), kind=destination.kind,

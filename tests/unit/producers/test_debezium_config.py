@@ -4,8 +4,8 @@ import pytest
 
 from cdc.config import parse
 from cdc.errors import ConfigError
+from cdc.source_tables import TableShape
 from producers.debezium import connector_config, masked, registry_native_url, routed_topic
-from producers.source_admin import TableInfo
 from tests.unit.samples import PIPELINE
 from tests.unit.samples import SOURCE_TABLES as TABLES
 from tests.unit.samples import source_table as table
@@ -106,13 +106,13 @@ def test_truncates_are_captured_and_heartbeats_write_an_uncaptured_message():
 
 
 def test_a_partition_beside_its_parent_is_refused():
-    tables = {**TABLES, "public.school": TableInfo("public.school", ("id",), TABLES["public.school"].columns,
-                                                   partition_of=("public.person",))}
+    tables = {**TABLES, "public.school": TableShape("public.school", TABLES["public.school"].columns, ("id",),
+                                                    partition_of=("public.person",))}
     with pytest.raises(ConfigError, match=r"source.tables: 'public.school' is a partition of 'public.person', which "
                                           r"is listed too; a partitioned table is captured whole through its parent"):
         config(tables)
-    alone = {**TABLES, "public.school": TableInfo("public.school", ("id",), TABLES["public.school"].columns,
-                                                  partition_of=("public.school_all",))}
+    alone = {**TABLES, "public.school": TableShape("public.school", TABLES["public.school"].columns, ("id",),
+                                                   partition_of=("public.school_all",))}
     assert config(alone)["table.include.list"].startswith(r"public\.school,")
 
 

@@ -4,9 +4,11 @@ import dataclasses
 import random
 
 import yaml
+from sqlalchemy import Integer
 
 from cdc.config import parse
-from producers.hierarchy import Column, ForeignKey, SourceTable, render_yaml, suggest
+from cdc.source_tables import ColumnShape, ForeignKeyShape, TableShape
+from producers.hierarchy import render_yaml, suggest
 
 
 def table(name, pk=("id",), nullable=(), fks=(), extra=()):
@@ -18,10 +20,14 @@ def table(name, pk=("id",), nullable=(), fks=(), extra=()):
     for fk in fks:
         columns, referred, referred_columns = fk if len(fk) == 3 else (*fk, ("id",))
         columns = (columns,) if isinstance(columns, str) else tuple(columns)
-        fk_list.append(ForeignKey(columns, referred, tuple(referred_columns)))
+        fk_list.append(ForeignKeyShape(columns, referred, tuple(referred_columns)))
     names = dict.fromkeys([*pk, *(c for fk in fk_list for c in fk.columns), *extra])
-    return SourceTable(name if "." in name else f"public.{name}", tuple(pk),
-                       tuple(Column(c, c in nullable) for c in names), tuple(fk_list))
+    return TableShape(name if "." in name else f"public.{name}", tuple(column(c, c in nullable) for c in names),
+                      tuple(pk), tuple(fk_list))
+
+
+def column(name, nullable):
+    return ColumnShape(name, Integer(), nullable)  # the analysis reads no type
 
 
 def district():
@@ -167,10 +173,10 @@ def test_a_composite_key_member_still_joins_through_its_root_id_column():
 def test_on_delete_cascade_and_a_key_column_are_ownership_evidence():
     graph = [table("person"), table("school"),
              # deleting a person deletes the enrollment: it is the person's
-             SourceTable("public.enrollment", ("id",),
-                         (Column("id", False), Column("school_id", False), Column("person_id", False)),
-                         (ForeignKey(("school_id",), "public.school", ("id",)),
-                          ForeignKey(("person_id",), "public.person", ("id",), ondelete="CASCADE"))),
+             TableShape("public.enrollment",
+                        (column("id", False), column("school_id", False), column("person_id", False)), ("id",),
+                        (ForeignKeyShape(("school_id",), "public.school", ("id",)),
+                         ForeignKeyShape(("person_id",), "public.person", ("id",), ondelete="CASCADE"))),
              # the person id is part of the badge's key
              table("badge", pk=("person_id", "label"), fks=[("school_id", "public.school"),
                                                             ("person_id", "public.person")])]
@@ -329,11 +335,11 @@ def dvd_rental(rows=True):
         t("film_category", ("film_id", "category_id"), [("film_id", "film"), ("category_id", "category")]),
         t("staff", ("staff_id",), [("address_id", "address"), ("store_id", "store")]),
         # store.manager_staff_id -> staff and staff.store_id -> store: each references the other
-        SourceTable("public.store", ("store_id",), (Column("store_id", False), Column("manager_staff_id", False),
-                                                     Column("address_id", False)),
-                    (ForeignKey(("manager_staff_id",), "public.staff", ("staff_id",)),
-                     ForeignKey(("address_id",), "public.address", ("address_id",))),
-                    float(DVD_ROWS["store"]) if rows else None),
+        TableShape("public.store", (column("store_id", False), column("manager_staff_id", False),
+                                    column("address_id", False)), ("store_id",),
+                   (ForeignKeyShape(("manager_staff_id",), "public.staff", ("staff_id",)),
+                    ForeignKeyShape(("address_id",), "public.address", ("address_id",))),
+                   rows=float(DVD_ROWS["store"]) if rows else None),
         t("customer", ("customer_id",), [("store_id", "store"), ("address_id", "address")]),
         t("inventory", ("inventory_id",), [("film_id", "film"), ("store_id", "store")]),
         t("rental", ("rental_id",), [("inventory_id", "inventory"), ("customer_id", "customer"),
