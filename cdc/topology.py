@@ -62,11 +62,30 @@ def _table_name(table: Any) -> str:
     return table
 
 
-class SyncMode(_Model):
-    """How often a link applies what reached Kafka: all the time, every N minutes, or only when asked."""
+def _seconds(v: Any) -> Any:
+    """A delay: a number of seconds, or `30s`, `30 seconds`, `2m`, `2 minutes`."""
+    if isinstance(v, bool):
+        raise ValueError(f"{shown(v)} is not a delay (write e.g. 30s or 2 minutes)")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?)?\s*", v)
+        if m:
+            return float(m.group(1)) * (60 if (m.group(2) or "s").startswith("m") else 1)
+    raise ValueError(f"{shown(v)} is not a delay (write e.g. 30s or 2 minutes)")
 
-    mode: Literal["continuous", "every", "on_demand"] = "continuous"
+
+class SyncMode(_Model):
+    """How often a link applies what reached Kafka: all the time, every N minutes, only when asked, or when
+    triggered (the mobile CRM's automatic sync): `after_start` seconds after `cdc sites run` starts, `after_change`
+    seconds after a change began waiting in the link's topics, and when the satellite's database answers again after
+    being unreachable. Triggers combine with `every` (`sync: {every: 15 minutes, after_change: 10s}`); on their own
+    the mode is `triggered`."""
+
+    mode: Literal["continuous", "every", "on_demand", "triggered"] = "continuous"
     minutes: float | None = Field(None, gt=0)
+    after_start: float | None = Field(None, ge=0)
+    after_change: float | None = Field(None, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -77,6 +96,22 @@ class SyncMode(_Model):
             if m:
                 return {"mode": "every", "minutes": float(m.group(1))}
             return {"mode": v.strip()}
+        if isinstance(v, dict):
+            v = dict(v)
+            if "every" in v:  # {every: 15 minutes, after_change: 10s}
+                every = v.pop("every")
+                m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:m|min|minutes?)?\s*", str(every))
+                if "mode" in v or "minutes" in v or not m:
+                    raise ValueError(f"every: {shown(every)}: write `every: N minutes` (and no mode/minutes with it)")
+                v.update(mode="every", minutes=float(m.group(1)))
+            for key in ("after_start", "after_change"):
+                if v.get(key) is not None:
+                    try:
+                        v[key] = _seconds(v[key])
+                    except ValueError as exc:
+                        raise ValueError(f"{key}: {exc}") from None
+            if "mode" not in v and (v.get("after_start") is not None or v.get("after_change") is not None):
+                v["mode"] = "triggered"
         return v
 
     @model_validator(mode="after")
@@ -85,7 +120,29 @@ class SyncMode(_Model):
             raise ValueError("mode `every` needs `minutes` (e.g. `sync: every 15 minutes`)")
         if self.mode != "every" and self.minutes is not None:
             raise ValueError(f"`minutes` only goes with mode `every` (mode is {self.mode!r})")
+        triggers = self.after_start is not None or self.after_change is not None
+        if triggers and self.mode in ("continuous", "on_demand"):
+            raise ValueError(f"after_start/after_change trigger a sync; mode {self.mode!r} takes none (they go alone "
+                             "or with `every`)")
+        if self.mode == "triggered" and not triggers:
+            raise ValueError("mode `triggered` needs after_start and/or after_change (e.g. `after_change: 10s`)")
         return self
+
+    @property
+    def scheduled(self) -> bool:
+        """Applied in rounds the scheduler starts (every N minutes, triggered), not all the time or only by hand."""
+        return self.mode in ("every", "triggered")
+
+    def describe(self) -> str:
+        parts = [f"every {self.minutes:g} min"] if self.mode == "every" else [] if self.mode == "triggered" \
+            else [self.mode]
+        if self.after_start is not None:
+            parts.append(f"after start {self.after_start:g}s")
+        if self.after_change is not None:
+            parts.append(f"after change {self.after_change:g}s")
+        if self.mode == "triggered":
+            parts.append("when back online")
+        return ", ".join(parts)
 
 
 class Site(_Model):

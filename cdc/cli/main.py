@@ -896,17 +896,28 @@ def _topology():
     return topology.load(_state["config"])
 
 
+def _topology_file() -> str:
+    import os
+
+    return _state["config"] or os.environ.get("CDC_TOPOLOGY") or "topology.yaml"
+
+
+def _error_book(topo):  # noqa: ANN001, ANN202
+    """The links whose last sync failed (consumers/sites/schedule.py), kept beside the topology file."""
+    from consumers.sites.schedule import ErrorBook, error_book_path
+
+    return ErrorBook(error_book_path(_topology_file(), topo.topology))
+
+
 @contextlib.contextmanager
 def _topology_file_named():
     """A topology that does not fit its databases (producers.sites.SitesError) is reported with the file's name."""
-    import os
-
     from producers.sites import SitesError
 
     try:
         yield
     except SitesError as exc:
-        raise SitesError(f"{_state['config'] or os.environ.get('CDC_TOPOLOGY') or 'topology.yaml'}: {exc}") from None
+        raise SitesError(f"{_topology_file()}: {exc}") from None
 
 
 @topology_app.command("plan")
@@ -966,8 +977,9 @@ def sites_run(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]..."),
               until_caught_up: bool = typer.Option(False, "--until-caught-up",
                                                    help="Sync every chosen link once (both ways) and exit."),
               timeout: float | None = typer.Option(None, "--timeout", help="Give up after this many seconds.")) -> None:
-    """Run the links' appliers per their sync mode (continuous, every N minutes; on-demand links only when their
-    satellite is named or with --until-caught-up)."""
+    """Run the links' appliers per their sync mode (continuous, every N minutes, triggered: after start, after a
+    change, back online; on-demand links only when their satellite is named or with --until-caught-up). A link whose
+    last sync failed waits until its satellite is named here."""
     from consumers.sites import SitesRunner, chosen_links
 
     def body() -> int:
@@ -978,7 +990,8 @@ def sites_run(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]..."),
         if not links:
             raise ConfigError("no link to run (every chosen satellite syncs on demand: name it, or give "
                               "--until-caught-up)")
-        runner = SitesRunner(links, _echo, until_caught_up=until_caught_up, timeout=timeout, topology=topo)
+        runner = SitesRunner(links, _echo, until_caught_up=until_caught_up, timeout=timeout, topology=topo,
+                             book=_error_book(topo), by_hand=sites or None)
         signal.signal(signal.SIGINT, lambda *_: runner.stop())
         signal.signal(signal.SIGTERM, lambda *_: runner.stop())
         return runner.run()
@@ -992,7 +1005,8 @@ def sites_status(as_json: bool = typer.Option(False, "--json")) -> None:
     from consumers.sites import status
 
     def body() -> int:
-        doc = status(_topology())
+        topo = _topology()
+        doc = status(topo, _error_book(topo))
         if as_json:
             typer.echo(json.dumps(doc, indent=2, default=str))
             return 0

@@ -17,6 +17,7 @@ from cdc.topology import Link, Topology
 from consumers.apply.applier import ReplicaApplier
 from consumers.lag import status as lag_rules
 from consumers.lag.probe import LagProbe
+from consumers.sites.schedule import ErrorBook, LinkState, due
 from consumers.sites.screen import SiteScreen
 
 
@@ -36,13 +37,27 @@ def chosen_links(topology: Topology, sites: list[str] | None, *, include_on_dema
 
 
 class SitesRunner:
-    """One thread per link. continuous: the applier runs until stopped; every N minutes: it catches up, stops, and
-    starts again N minutes after; on demand: it catches up once. With `until_caught_up`, every link catches up
-    once, whatever its mode, and the run ends (a sync now)."""
+    """One thread per link. continuous: the applier runs until stopped; on demand: it catches up once; every N
+    minutes and triggered (after_start, after_change, back online): a round (catch up, stop) each time
+    `schedule.due` says so, checked every `tick` seconds. With `until_caught_up`, every link catches up once,
+    whatever its mode, and the run ends (a sync now).
+
+    `book` keeps the links whose last round ended in an error: a scheduled link in it is not started by itself
+    until its satellite is named (`by_hand`: `cdc sites run SITE`), which clears the error and syncs at once."""
 
     def __init__(self, links: list[Link], echo: Callable[[str], None], *, until_caught_up: bool = False,
-                 timeout: float | None = None, topology: Topology | None = None) -> None:
+                 timeout: float | None = None, topology: Topology | None = None, book: ErrorBook | None = None,
+                 by_hand: list[str] | None = None, tick: float = 1.0, recheck: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.links = links
+        self.book = book
+        self.by_hand = set(by_hand or ())
+        self.tick = tick
+        self.recheck = recheck  # how often a scheduled link asks whether its satellite answers (seconds)
+        self.clock = clock
+        self._probes: dict[str, LagProbe] = {}
+        self._seen: dict[str, float] = {}
+        self._idle: set[str] = set()  # scheduled links between rounds
         # With two-way tables or a satellite-edit policy, every applier runs the sites' screen
         # (consumers/sites/screen.py).
         self.topology = topology if topology is not None and (
@@ -95,17 +110,127 @@ class SitesRunner:
         try:
             if self.until_caught_up or link.sync.mode == "on_demand":
                 self._once(link, until_caught_up=True)
+                if self.book is not None:
+                    self.book.clear(name)  # a sync that went through clears the link's last error
             elif link.sync.mode == "continuous":
                 self._once(link, until_caught_up=False)
             else:
-                interval = (link.sync.minutes or 1) * 60
-                while not self._stop.is_set():
-                    started = time.monotonic()
-                    self._once(link, until_caught_up=True)
-                    self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+                self._scheduled(link)
         except BaseException as exc:  # noqa: BLE001 - reported by run(); the other links go on
             self.errors[name] = exc
             self.echo(f"{name}: stopped: {first_line(exc)}")
+            # a one-off sync's failure is recorded too (a scheduled link records its own, in _scheduled)
+            if self.book is not None and (self.until_caught_up or link.sync.mode == "on_demand"):
+                self.book.record(name, first_line(exc))
+        finally:
+            probe = self._probes.pop(name, None)
+            if probe is not None:
+                probe.close()
+
+    # -- scheduled links ----------------------------------------------------------------------------------------
+    def _scheduled(self, link: Link) -> None:
+        """Rounds when `schedule.due` says so; a round that fails blocks the link (recorded in the book) unless the
+        satellite turned out to be unreachable, which only waits for it to answer again."""
+        name = link.pipeline.pipeline
+        state = LinkState(started_at=self.clock())
+        asked = link.satellite in self.by_hand
+        if self.book is not None:
+            if asked:
+                old = self.book.error(name)
+                if old is not None:
+                    self.book.clear(name)
+                    self.echo(f"{name}: its last error cleared, run by hand ({old})")
+            else:
+                state.error = self.book.error(name)
+                if state.error is not None:
+                    self.echo(f"{name}: not started: its last sync ended in an error ({state.error}); "
+                              f"`cdc sites run {link.satellite}` syncs it again")
+        failure: str | None = None
+        checked = float("-inf")
+        while not self._stop.is_set():
+            if state.error is not None:
+                # blocked; the error clears when someone runs the satellite by hand (another process)
+                if self.book is not None and self.book.error(name) is None:
+                    self.echo(f"{name}: its error was cleared; scheduled again")
+                    state.error, failure = None, None
+                self._idle.add(name)
+                self._stop.wait(self.tick)
+                continue
+            now = self.clock()
+            if now >= checked + self.recheck:  # not a connection every tick: the satellite's answer every few s
+                online, checked = self.reachable(link), now
+            else:
+                online = state.online
+            if online != state.online:
+                self.echo(f"{name}: {link.satellite} " + ("answers again: syncing" if online else
+                                                          "does not answer; its sync waits until it does"))
+                state.back_online = online
+            state.online = online
+            oldest = self.oldest_waiting(link) if online and link.sync.after_change is not None else None
+            now = self.clock()
+            reason = "asked by hand" if asked and online else due(link.sync, state, now, oldest)
+            if reason is None:
+                self._idle.add(name)
+                self._stop.wait(self.tick)
+                continue
+            asked, state.back_online, state.last_round_at = False, False, now
+            self.echo(f"{name}: sync ({reason})")
+            try:
+                self._once(link, until_caught_up=True)
+            except Exception as exc:  # noqa: BLE001 - the link is blocked, the other links go on
+                if self._stop.is_set():
+                    break
+                if not self.reachable(link):
+                    state.online, checked = False, self.clock()
+                    self.echo(f"{name}: {link.satellite} does not answer ({first_line(exc)}); its sync waits until "
+                              "it does")
+                    continue
+                failure = state.error = first_line(exc)
+                if self.book is not None:
+                    self.book.record(name, failure)
+                self.echo(f"{name}: sync failed, not started again automatically until `cdc sites run "
+                          f"{link.satellite}`: {failure}")
+            else:
+                if self.book is not None:
+                    self.book.clear(name)
+        if failure is not None:
+            raise CdcError(f"link {name}: its last sync failed: {failure}")
+
+    def reachable(self, link: Link) -> bool:
+        """Does the link's satellite database answer (a connection and `select 1`, 5 s at most)?"""
+        import psycopg
+
+        from producers.source_admin import psycopg_conninfo
+
+        site_db = link.pipeline.source.sqlalchemy_url if link.direction == "up" \
+            else link.pipeline.destinations[link.destination].sqlalchemy_url
+        try:
+            with psycopg.connect(psycopg_conninfo(site_db), connect_timeout=5) as conn:
+                conn.execute("select 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    def oldest_waiting(self, link: Link) -> float | None:
+        """The commit time (epoch seconds) of the oldest change waiting in the link's topics, from the lag probe;
+        None when nothing waits, or when it cannot be read now (said on a line)."""
+        name = link.pipeline.pipeline
+        try:
+            probe = self._probes.get(name)
+            if probe is None:
+                probe = self._probes[name] = LagProbe(link.pipeline)
+            samples, _ = probe.sample()
+        except Exception as exc:  # noqa: BLE001 - Kafka or the destination away for now: no trigger, said
+            self.echo(f"{name}: its lag cannot be read now: {first_line(exc)}")
+            return None
+        sample = samples.get(link.destination)
+        if sample is None or sample.lag_messages <= 0:
+            self._seen.pop(name, None)
+            return None
+        oldest = sample.oldest_unapplied_ts_ms
+        if oldest is None:  # waiting, its commit time unreadable: counted from when it was first seen waiting
+            return self._seen.setdefault(name, self.clock())
+        return oldest / 1000.0
 
     def _wait_prepared(self, link: Link, thread: threading.Thread, patience: float = 120.0) -> None:
         """Links are started one after the other, each once the one before has prepared its destination: several
@@ -124,8 +249,8 @@ class SitesRunner:
                     return
                 if getattr(reader, "consumer", None) is not None:
                     return
-            if self.rounds.get(name):
-                return  # a round already ended
+            if self.rounds.get(name) or name in self._idle:
+                return  # a round already ended, or a scheduled link waiting for its first round
             time.sleep(0.1)
 
     def run(self) -> int:
@@ -155,25 +280,34 @@ def link_status(link: Link) -> dict[str, Any]:
     doc = lag_rules.report({n: [s] for n, s in samples.items()}, source, pipeline=link.pipeline.pipeline)
     dest = doc["destinations"][0]
     return {"pipeline": link.pipeline.pipeline, "direction": link.direction, "destination": link.destination,
-            "sync": link.sync.mode if link.sync.mode != "every" else f"every {link.sync.minutes:g} min",
+            "sync": link.sync.describe(),
             "status": dest["status"], "reason": dest["reason"], "lag_messages": dest["lag_messages"],
             "lag_seconds": dest["lag_seconds"], "last_sync_at": dest["last_applied_at"],
             "connector_state": doc["source"]["connector_state"], "error": doc["source"]["error"]}
 
 
-def status(topology: Topology) -> dict[str, Any]:
+def status(topology: Topology, book: ErrorBook | None = None) -> dict[str, Any]:
     """Per site: its links' state; a satellite's `last_sync_at` is the older of its two links' last applied batch
-    (both ways exchanged by then), its status the worst of theirs. The master's is the worst of every up link."""
+    (both ways exchanged by then), its status the worst of theirs. The master's is the worst of every up link.
+    A link whose last sync ended in an error (`book`) is ERROR with `sync_blocked` holding that error: it is not
+    started automatically until its satellite is run by hand."""
     sites = []
     links = topology.links()
+    blocked = book.read() if book is not None else {}
     by_site: dict[str, list[dict[str, Any]]] = {}
     for link in links:
         try:
             state = link_status(link)
         except CdcError as exc:
             state = {"pipeline": link.pipeline.pipeline, "direction": link.direction, "destination": link.destination,
-                     "status": "ERROR", "reason": first_line(exc), "lag_messages": None, "lag_seconds": None,
-                     "last_sync_at": None, "connector_state": None, "error": first_line(exc)}
+                     "sync": link.sync.describe(), "status": "ERROR", "reason": first_line(exc), "lag_messages": None,
+                     "lag_seconds": None, "last_sync_at": None, "connector_state": None, "error": first_line(exc)}
+        entry = blocked.get(link.pipeline.pipeline)
+        state["sync_blocked"] = entry.get("error") if entry else None
+        if state["sync_blocked"]:
+            state["status"] = "ERROR"
+            state["reason"] = (f"last sync failed: not started automatically until `cdc sites run {link.satellite}`"
+                               f": {state['sync_blocked']}")
         by_site.setdefault(link.satellite, []).append(state)
     from consumers.sites.queue import waiting
 
@@ -186,7 +320,8 @@ def status(topology: Topology) -> dict[str, Any]:
             mine = by_site.get(name, [])
             role = "satellite"
         times = [s["last_sync_at"] for s in mine]
-        errors = [f"{s['pipeline']}: {s['error'] or s['reason']}" for s in mine if s["status"] == "ERROR"]
+        errors = [f"{s['pipeline']}: {s['reason'] if s.get('sync_blocked') else s['error'] or s['reason']}"
+                  for s in mine if s["status"] == "ERROR"]
         sites.append({
             "site": name, "sync_id": site.sync_id, "role": role,
             "status": lag_rules.worst(s["status"] for s in mine) if mine else "OK",

@@ -162,8 +162,9 @@ def test_the_runner_follows_each_links_sync_mode(monkeypatch):
     data["sites"]["south"]["sync"] = "continuous"
     topo = parse(data)
     monkeypatch.setattr(sites_mod, "ReplicaApplier", FakeApplier)
+    monkeypatch.setattr(sites_mod.SitesRunner, "reachable", lambda self, link: True)
     FakeApplier.runs = []
-    runner = sites_mod.SitesRunner(chosen_links(topo, None, include_on_demand=False), lambda line: None)
+    runner = sites_mod.SitesRunner(chosen_links(topo, None, include_on_demand=False), lambda line: None, tick=0.01)
     thread = threading.Thread(target=runner.run)
     thread.start()
     time.sleep(0.6)
