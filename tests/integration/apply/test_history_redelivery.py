@@ -13,17 +13,15 @@ from collections import Counter
 import duckdb
 import psycopg
 
-from producers import capture
 from tests.integration.pipelines import (
+    applied_pipeline,
     cdc,
     end_offsets,
     execute,
-    pipeline_data,
     purge,
     redeliver,
     table_rows,
     topic_messages,
-    write_pipeline,
 )
 
 SCHEMA = """
@@ -85,13 +83,11 @@ def test_redelivered_transactions_are_recorded_once_in_the_histories(stack, sour
     execute(source, SCHEMA)
     lake, fresh = tmp_path / "lake.duckdb", tmp_path / "fresh.duckdb"
     pg = stack.postgres_url(destination_db)
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, TABLES, destinations={
         "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"},
         "pglake": {"kind": "analytics", "url": pg},
         # Run only at the end: it reads each original and its copy in one pass.
-        "fresh": {"kind": "analytics", "url": f"duckdb:///{fresh}"}}))
-    capture.apply(pipeline)
+        "fresh": {"kind": "analytics", "url": f"duckdb:///{fresh}"}})
     try:
         execute(source, *WORKLOAD)
         first = cdc(path, "run", "lake", "pglake", "--until-caught-up", "--timeout", "240")

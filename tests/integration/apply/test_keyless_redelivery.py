@@ -15,26 +15,23 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections import Counter
 from datetime import UTC, datetime
 
-import duckdb
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
-from sqlalchemy import create_engine
 
-from producers import capture
-from tests.integration.conftest import fresh_database
 from tests.integration.pipelines import (
+    applied_pipeline,
     cdc,
+    destination_rows,
     end_offsets,
     execute,
-    pipeline_data,
+    fresh_database,
+    fresh_mariadb_database,
+    messages_between,
     purge,
     redeliver,
     topic_messages,
-    write_pipeline,
 )
 
 SCHEMA = """
@@ -79,30 +76,6 @@ def _write(source: str, statement: str) -> None:
             copy.write_row(row)
 
 
-def _read_between(stack, starts: dict, ends: dict) -> list:
-    """The messages of each partition from `starts` (0 where absent) up to `ends`."""
-    wanted = {tp: (starts.get(tp, 0), end) for tp, end in ends.items() if end > starts.get(tp, 0)}
-    if not wanted:
-        return []
-    consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"copy-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
-    consumer.assign([TopicPartition(t, p, low) for (t, p), (low, _) in wanted.items()])
-    out, done = [], set()
-    deadline = time.monotonic() + 60
-    while len(done) < len(wanted) and time.monotonic() < deadline:
-        for m in consumer.consume(500, 1.0):
-            if m.error() is not None:
-                continue
-            tp = (m.topic(), m.partition())
-            if m.offset() < wanted[tp][1]:
-                out.append(m)
-            if m.offset() >= wanted[tp][1] - 1:
-                done.add(tp)
-    consumer.close()
-    assert len(done) == len(wanted), "could not read the new messages back"
-    return out
-
-
 def _write_with_copy_right_behind(stack, decoder, pipeline, source: str, statement: str) -> int:
     """Run one source transaction, wait until Debezium wrote it whole (its END record and the events it counts),
     then write a copy of everything Debezium wrote meanwhile right behind it. Returns the messages copied."""
@@ -112,7 +85,7 @@ def _write_with_copy_right_behind(stack, decoder, pipeline, source: str, stateme
     deadline = time.monotonic() + 60
     while True:
         assert time.monotonic() < deadline, f"Debezium did not write {statement!r} within 60 s"
-        messages = _read_between(stack, before, end_offsets(stack, topics))
+        messages = messages_between(stack, before, end_offsets(stack, topics))
         counted = 0
         for m in messages:
             if m.topic() == pipeline.transaction_topic and m.value() is not None:
@@ -126,43 +99,13 @@ def _write_with_copy_right_behind(stack, decoder, pipeline, source: str, stateme
         time.sleep(0.3)
 
 
-def _ledger(kind: str, url: str) -> Counter:
+def _ledger(url: str) -> Counter:
     """The destination's ledger rows as a multiset, read with the engine's own plain SQL."""
-    select = "select who, amount, note from "
-    if kind == "duckdb":
-        conn = duckdb.connect(url, read_only=True)
-        try:
-            return Counter(conn.execute(select + '"public.ledger"').fetchall())
-        finally:
-            conn.close()
-    if kind == "mariadb":
-        engine = create_engine(url)
-        try:
-            with engine.connect() as conn:
-                return Counter(tuple(r) for r in conn.exec_driver_sql(select + "ledger").fetchall())
-        finally:
-            engine.dispose()
-    with psycopg.connect(url) as conn:
-        return Counter(conn.execute(select + "ledger").fetchall())
+    return Counter(destination_rows(url, "ledger", ["who", "amount", "note"]))
 
 
-def _accounts(kind: str, url: str) -> list[tuple]:
-    select = "select id, balance from "
-    if kind == "duckdb":
-        conn = duckdb.connect(url, read_only=True)
-        try:
-            return sorted(conn.execute(select + '"public.account"').fetchall())
-        finally:
-            conn.close()
-    if kind == "mariadb":
-        engine = create_engine(url)
-        try:
-            with engine.connect() as conn:
-                return sorted(tuple(r) for r in conn.exec_driver_sql(select + "account").fetchall())
-        finally:
-            engine.dispose()
-    with psycopg.connect(url) as conn:
-        return sorted(conn.execute(select + "account").fetchall())
+def _accounts(url: str) -> list[tuple]:
+    return destination_rows(url, "account", ["id", "balance"])
 
 
 def _run(path, *destinations: str) -> str:
@@ -180,13 +123,13 @@ def _skipped(output: str) -> dict[str, int]:
     return counts
 
 
-def _equal_everywhere(source: str, kinds: dict[str, tuple[str, str]], path) -> None:
-    want, accounts = _ledger("postgresql", source), _accounts("postgresql", source)
+def _equal_everywhere(source: str, urls: dict[str, str], path) -> None:
+    want, accounts = _ledger(source), _accounts(source)
     assert max(want.values()) >= 2  # legitimate duplicates are part of the point
-    for name, (kind, url) in kinds.items():
-        got = _ledger(kind, url)
+    for name, url in urls.items():
+        got = _ledger(url)
         assert got == want, (name, "missing", want - got, "extra", got - want)
-        assert _accounts(kind, url) == accounts, name
+        assert _accounts(url) == accounts, name
         verified = cdc(path, "verify", name, "--json", "--settle", "0")
         if verified.returncode != 0:
             print(name, verified.stdout, verified.stderr)
@@ -199,24 +142,19 @@ def test_keyless_changes_are_applied_once_whatever_debezium_resends(stack, decod
     execute(source, SCHEMA)
     fresh_pg_db = fresh_database(stack, "dst")
     fresh_pg = stack.postgres_url(next(fresh_pg_db))
-    fresh_maria_name = f"dst_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.mariadb_url())
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE `{fresh_maria_name}`")
-    duck, fresh_duck = str(tmp_path / "lake.duckdb"), str(tmp_path / "fresh.duckdb")
-    kinds = {"pg": ("postgresql", stack.postgres_url(destination_db)), "maria": ("mariadb", mariadb_database),
-             "duck": ("duckdb", duck), "pg2": ("postgresql", fresh_pg),
-             "maria2": ("mariadb", stack.mariadb_url(fresh_maria_name)), "duck2": ("duckdb", fresh_duck)}
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
-        name: {"kind": "analytics" if kind == "duckdb" else "replica",
-               "url": f"duckdb:///{url}" if kind == "duckdb" else url} for name, (kind, url) in kinds.items()}))
-    capture.apply(pipeline)
+    fresh_maria_db = fresh_mariadb_database(stack)
+    fresh_maria = next(fresh_maria_db)
+    urls = {"pg": stack.postgres_url(destination_db), "maria": mariadb_database,
+            "duck": f"duckdb:///{tmp_path / 'lake.duckdb'}", "pg2": fresh_pg,
+            "maria2": fresh_maria, "duck2": f"duckdb:///{tmp_path / 'fresh.duckdb'}"}
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, TABLES, destinations={
+        name: {"kind": "analytics" if url.startswith("duckdb") else "replica", "url": url}
+        for name, url in urls.items()})
     try:
         for statement in FIRST:
             _write(source, statement)
         _run(path, "pg", "maria", "duck")
-        _equal_everywhere(source, {n: kinds[n] for n in ("pg", "maria", "duck")}, path)
+        _equal_everywhere(source, {n: urls[n] for n in ("pg", "maria", "duck")}, path)
 
         between = datetime.now(UTC)  # for the replay --from TIME below
         time.sleep(0.5)
@@ -235,7 +173,7 @@ def test_keyless_changes_are_applied_once_whatever_debezium_resends(stack, decod
         said = _run(path, "pg2", "maria2", "duck2")
         print(said)
         assert _skipped(said) == {"pg2": 26, "maria2": 26, "duck2": 26}, said
-        _equal_everywhere(source, kinds, path)
+        _equal_everywhere(source, urls, path)
 
         # A replay re-applies on purpose: the records of applied transactions do not keep it from rebuilding the
         # table (its offsets go back before them), and the copies in the topics are still applied once; a partial
@@ -244,12 +182,12 @@ def test_keyless_changes_are_applied_once_whatever_debezium_resends(stack, decod
                            ("pg2", "--tables", "public.account"), ("pg2", "--shadow"), ("duck2", "--shadow")):
             replayed = cdc(path, "replay", name, *how, "--no-backup", "--timeout", "240")
             assert replayed.returncode == 0, replayed.stdout + replayed.stderr
-            _equal_everywhere(source, {name: kinds[name]}, path)
+            _equal_everywhere(source, {name: urls[name]}, path)
         # And the stream goes on after it.
         execute(source, "insert into ledger values ('h', 8, 'after'), ('h', 8, 'after')",
                 "delete from ledger where ctid = " + ONE.format("who = 'h'"))
-        _run(path, *kinds)
-        _equal_everywhere(source, kinds, path)
+        _run(path, *urls)
+        _equal_everywhere(source, urls, path)
         # A backup put back (its tables and stored offsets as they were) voids the records of what was applied after
         # it: those transactions are applied to the restored table again, once.
         taken = cdc(path, "replay", "pg", "--tables", "public.ledger", "--timeout", "240")
@@ -259,27 +197,25 @@ def test_keyless_changes_are_applied_once_whatever_debezium_resends(stack, decod
                 "delete from ledger where ctid = " + ONE.format("who = 'i'"),
                 "update ledger set note = 'y' where who = 'i'")
         _run(path, "pg")
-        _equal_everywhere(source, {"pg": kinds["pg"]}, path)
+        _equal_everywhere(source, {"pg": urls["pg"]}, path)
         restored = cdc(path, "backups", "restore", "pg", backup_id)
         assert restored.returncode == 0, restored.stdout + restored.stderr
-        assert ("i", 9, "y") not in _ledger("postgresql", kinds["pg"][1])  # as it was before those changes
+        assert ("i", 9, "y") not in _ledger(urls["pg"])  # as it was before those changes
         _run(path, "pg")
-        _equal_everywhere(source, {"pg": kinds["pg"]}, path)
+        _equal_everywhere(source, {"pg": urls["pg"]}, path)
         # A replay --from TIME empties nothing: what the table held stays, and the changes it had applied since
         # TIME are applied again on top, their keyless ones skipped by the records (not inserted twice).
         replayed = cdc(path, "replay", "duck", "--from", between.isoformat(), "--no-backup", "--timeout", "240")
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
         assert _skipped(replayed.stdout + replayed.stderr).get("duck", 0) >= 11, replayed.stdout + replayed.stderr
-        _equal_everywhere(source, {"duck": kinds["duck"]}, path)
+        _equal_everywhere(source, {"duck": urls["duck"]}, path)
         # And `cdc run` goes on after it: the copies from before TIME it read past at the end of a partition were
         # stored as read (else the run reads them again and waits for END records it is already past).
         execute(source, "insert into ledger values ('j', 10, 'after the replay')")
         after = cdc(path, "run", "duck", "--until-caught-up", "--timeout", "90")
         assert after.returncode == 0, after.stdout + after.stderr
-        _equal_everywhere(source, {"duck": kinds["duck"]}, path)
+        _equal_everywhere(source, {"duck": urls["duck"]}, path)
     finally:
         purge(pipeline)
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{fresh_maria_name}`")
-        admin.dispose()
+        next(fresh_maria_db, None)
         next(fresh_pg_db, None)

@@ -12,7 +12,6 @@ multisets of rows (so duplicate rows of the keyless table count), without the co
 
 from __future__ import annotations
 
-import subprocess
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,7 +25,14 @@ from sqlalchemy import create_engine
 
 from cdc.errors import ConfigError
 from producers import capture
-from tests.integration.pipelines import CDC, assert_nothing_created, execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import (
+    assert_nothing_created,
+    caught_up,
+    execute,
+    pipeline_data,
+    purge,
+    write_pipeline,
+)
 
 SHIFT_LOG, STAND, NOTES = "Ops.Shift Log", "Ops.Zähler's Stand", "Ops.Notes; v2"
 
@@ -229,9 +235,7 @@ def test_a_wild_schema_reaches_every_destination_equal_to_the_source(stack, conn
     destination = stack.postgres_url(destination_db)
 
     def run_and_compare(where: str) -> None:
-        result = subprocess.run([CDC, "-c", str(path), "run", "--until-caught-up", "--timeout", "240"],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout + result.stderr
+        caught_up(path, 240)
         for table in TABLES:
             columns = source_columns(source, table)
             expected = read_postgres(source, table, columns)

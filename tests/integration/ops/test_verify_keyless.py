@@ -19,8 +19,15 @@ import psycopg
 from sqlalchemy import create_engine
 
 from consumers.ops import resync, verify
-from producers import capture
-from tests.integration.pipelines import CDC, caught_up, cdc, execute, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import (
+    CDC,
+    applied_pipeline,
+    caught_up,
+    cdc,
+    destination_rows,
+    execute,
+    purge,
+)
 
 ROW = "'2026-01-01 10:00+00', {level}, {msg}, {score}, 10.50, '{{\"b\": [1, 2.50], \"a\": \"x y\"}}', " \
       "'{{a,\"b c\"}}', true, '1 day 02:03:04.5', '2026-01-01'"
@@ -91,22 +98,9 @@ def normal(row: tuple) -> tuple:
 
 
 def rows(kind: str, url: str) -> Counter:
-    select = f"select {', '.join(COLUMNS)} from "
-    if kind == "duckdb":
-        conn = duckdb.connect(url, read_only=True)
-        try:
-            return Counter(normal(r) for r in conn.execute(select + '"public.log"').fetchall())
-        finally:
-            conn.close()
-    if kind == "mariadb":
-        engine = create_engine(url)
-        try:
-            with engine.connect() as conn:
-                return Counter(normal(tuple(r)) for r in conn.exec_driver_sql(select + "log").fetchall())
-        finally:
-            engine.dispose()
-    with psycopg.connect(url) as conn:
-        return Counter(normal(r) for r in conn.execute(select + "log").fetchall())
+    """The table's rows at a destination (a DuckDB file's path, or a database URL) as a multiset, normalised."""
+    url = f"duckdb:///{url}" if kind == "duckdb" else url
+    return Counter(normal(r) for r in destination_rows(url, "log", COLUMNS))
 
 
 class Writer(threading.Thread):
@@ -146,12 +140,10 @@ def test_verify_fix_brings_a_table_without_a_key_back_on_every_engine_while_the_
     duck = str(tmp_path / "analytics.duckdb")
     urls = {"postgresql": stack.postgres_url(destination_db), "mariadb": mariadb_database, "duckdb": duck}
     names = {"postgresql": "pg", "mariadb": "maria", "duckdb": "duck"}
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, ["public.log"], destinations={
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.log"], destinations={
         "pg": {"kind": "replica", "url": urls["postgresql"]},
         "maria": {"kind": "replica", "url": mariadb_database},
-        "duck": {"kind": "analytics", "url": f"duckdb:///{duck}"}}))
-    capture.apply(pipeline)
+        "duck": {"kind": "analytics", "url": f"duckdb:///{duck}"}})
     applier = writer = None
     try:
         caught_up(path)
