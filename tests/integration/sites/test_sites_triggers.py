@@ -1,0 +1,132 @@
+"""Triggered sync of a topology's link (sync: {after_change: N}): `cdc sites run` left running syncs a satellite by
+itself N seconds after a change began waiting in its topics, and not before; a forced full sync (`cdc sites resync`).
+Checked by plain SQL at the satellite."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import uuid
+
+import psycopg
+import pytest
+import yaml
+
+from cdc import topology as topology_mod
+from producers import capture
+from tests.integration.pipelines import CDC, fresh_database, purge
+
+pytestmark = pytest.mark.integration
+
+MASTER_SCHEMA = """
+create table public.item (id int primary key, name text not null, region text not null);
+insert into public.item select i, 'item ' || i, case when i % 2 = 0 then 'north' else 'south' end
+  from generate_series(1, 6) i;
+"""
+DELAY = 8.0
+
+
+@pytest.fixture
+def two_databases(stack):
+    gens = {name: fresh_database(stack, f"trig_{name}") for name in ("hq", "north")}
+    names = {site: next(gen) for site, gen in gens.items()}
+    yield {site: stack.postgres_url(db) for site, db in names.items()}
+    for gen in gens.values():
+        with pytest.raises(StopIteration):
+            next(gen)
+
+
+def write_topology(stack, tmp_path, urls, name, sync):
+    kafka = stack.urls()
+    data = {
+        "topology": name,
+        "kafka": {"bootstrap_servers": stack.kafka_bootstrap, "schema_registry_url": kafka["schema_registry"],
+                  "connect_url": kafka["connect"]},
+        "sites": {"hq": {"sync_id": 1, "url": urls["hq"]},
+                  "north": {"sync_id": 2, "url": urls["north"], "sync": sync}},
+        "master_tables": ["public.item"],
+        "subsets": {"north": {"public.item": {"where": "region = 'north'"}}},
+    }
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def cdc(path, *args, timeout=600):
+    return subprocess.run([CDC, *args, "-c", str(path)], capture_output=True, text=True, timeout=timeout)
+
+
+def ok(run):
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def items(url):
+    with psycopg.connect(url) as conn:
+        if conn.execute("select to_regclass('public.item')").fetchone()[0] is None:
+            return []
+        return sorted(conn.execute("select id, name, region from public.item").fetchall())
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(0.25)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def cleanup(path):
+    topo = topology_mod.load(path, env={})
+    for link in topo.links():
+        try:
+            purge(link.pipeline)
+        except Exception:  # noqa: BLE001 - the connector of a link never applied
+            capture.delete(link.pipeline, purge=True)
+
+
+def test_an_after_change_link_syncs_by_itself_after_its_delay_and_not_before(stack, connect, two_databases,
+                                                                              tmp_path):
+    urls = two_databases
+    with psycopg.connect(urls["hq"], autocommit=True) as conn:
+        conn.execute(MASTER_SCHEMA)
+    name = f"t{uuid.uuid4().hex[:6]}"
+    path = write_topology(stack, tmp_path, urls, name, {"after_change": f"{DELAY:g}s"})
+    expected = lambda: items(urls["hq"]) and [r for r in items(urls["hq"]) if r[2] == "north"]  # noqa: E731
+    runner = None
+    try:
+        ok(cdc(path, "topology", "apply"))
+        log = (tmp_path / "run.log").open("w")
+        runner = subprocess.Popen([CDC, "sites", "run", "-c", str(path)], stdout=log, stderr=subprocess.STDOUT,
+                                  text=True)
+        # the full sync (the snapshot waiting in north's topic) is a change like any other: applied after the delay
+        wait_for(lambda: items(urls["north"]) == expected(), 180, "north holds its subset after the snapshot")
+
+        with psycopg.connect(urls["hq"], autocommit=True) as conn:
+            before = time.monotonic()
+            conn.execute("insert into public.item values (100, 'new', 'north'), (101, 'other', 'south')")
+            conn.execute("update public.item set name = 'renamed' where id = 2")
+        time.sleep(DELAY / 2)
+        assert (100, "new", "north") not in items(urls["north"])  # waiting: not before its delay
+        assert (2, "item 2", "north") in items(urls["north"])
+        arrived = wait_for(lambda: items(urls["north"]) == expected(), 90, "north has the change after the delay")
+        assert arrived - before >= DELAY - 1.0, arrived - before  # the delay counts from the commit (same clock)
+        assert (100, "new", "north") in items(urls["north"]) and (2, "renamed", "north") in items(urls["north"])
+        assert runner.poll() is None  # still running, waiting for the next change
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(120)
+        log.close()
+        out = (tmp_path / "run.log").read_text()
+        assert runner.returncode == 0, out
+        assert f"{name}-north-down: sync (a change waiting {DELAY:g}s)" in out, out
+        assert "not started" not in out and "failed" not in out, out
+
+        status = ok(cdc(path, "sites", "status", "--json")).stdout
+        assert '"sync": "after change 8s, when back online"' in status, status
+    finally:
+        if runner is not None and runner.poll() is None:
+            runner.kill()
+            runner.wait(30)
+        cleanup(path)
