@@ -999,6 +999,32 @@ def sites_run(sites: list[str] = typer.Argument(None, metavar="[SATELLITE]..."),
     _run(body)
 
 
+@sites_app.command("resync")
+def sites_resync(satellite: str = typer.Argument(..., metavar="SATELLITE"),
+                 table: str | None = typer.Option(None, "--table", help="Only this master-owned table of its subset."),
+                 wait: float = typer.Option(300.0, "--wait", help="Seconds to wait for the rows to arrive."),
+                 as_json: bool = typer.Option(False, "--json")) -> None:
+    """A forced full sync: the master re-sends the satellite's subset (of one table, or all) through its down link,
+    this command applies it, and rows outside the subset are deleted; exit 1 unless the satellite ends equal."""
+    from consumers.sites.resync import resync_satellite
+
+    def body() -> int:
+        results = resync_satellite(_topology(), satellite, table, wait=wait,
+                                   echo=(lambda line: typer.echo(line, err=True)) if as_json else _echo)
+        if as_json:
+            typer.echo(json.dumps({"satellite": satellite, "tables": [r.as_json() for r in results]}, indent=2,
+                                  default=str))
+        else:
+            for r in results:
+                typer.echo(f"{r.table}: {'equal' if r.equal else 'NOT equal'} ({r.master_rows} rows in the subset, "
+                           f"{r.deleted} deleted at {satellite})")
+                for line in r.differences:
+                    typer.echo(f"  {line}")
+        return 0 if all(r.equal for r in results) else 1
+
+    _run(body)
+
+
 @sites_app.command("status")
 def sites_status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Per site: status, last sync, lag and errors of its links."""

@@ -44,9 +44,9 @@ def due(sync: SyncMode, state: LinkState, now: float, oldest_waiting_at: float |
         return "back online"
     if sync.after_start is not None and state.last_round_at is None:
         return "after start" if now >= state.started_at + sync.after_start else None
-    if sync.mode == "every" and sync.minutes is not None:
-        if state.last_round_at is None or now >= state.last_round_at + sync.minutes * 60:
-            return f"every {sync.minutes:g} min"
+    if sync.mode == "every" and sync.minutes is not None \
+            and (state.last_round_at is None or now >= state.last_round_at + sync.minutes * 60):
+        return f"every {sync.minutes:g} min"
     if sync.after_change is not None and oldest_waiting_at is not None \
             and now >= oldest_waiting_at + sync.after_change:
         return f"a change waiting {sync.after_change:g}s"

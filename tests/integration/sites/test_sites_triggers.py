@@ -4,6 +4,7 @@ Checked by plain SQL at the satellite."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -129,4 +130,61 @@ def test_an_after_change_link_syncs_by_itself_after_its_delay_and_not_before(sta
         if runner is not None and runner.poll() is None:
             runner.kill()
             runner.wait(30)
+        cleanup(path)
+
+
+def test_a_forced_full_sync_makes_the_satellite_equal_to_its_subset(stack, connect, two_databases, tmp_path):
+    urls = two_databases
+    with psycopg.connect(urls["hq"], autocommit=True) as conn:
+        conn.execute(MASTER_SCHEMA)
+        conn.execute("alter table public.item add column cost numeric(8,2)")
+        conn.execute("update public.item set cost = id * 1.5")
+        conn.execute("create table public.category (id int primary key, name text not null)")
+        conn.execute("insert into public.category values (1, 'one'), (2, 'two')")
+    name = f"t{uuid.uuid4().hex[:6]}"
+    path = write_topology(stack, tmp_path, urls, name, "on_demand")
+    data = yaml.safe_load(path.read_text())
+    data["master_tables"] = ["public.item", "public.category"]
+    data["subsets"]["north"] = {"public.item": {"where": "region = 'north'", "columns": ["id", "name", "region"]},
+                                "public.category": None}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        ok(cdc(path, "topology", "apply"))
+        ok(cdc(path, "sites", "run", "--until-caught-up", "--timeout", "240", timeout=400))
+        subset = "select id, name, region from public.item where region = 'north' order by id"
+        with psycopg.connect(urls["hq"]) as conn:
+            master = conn.execute(subset).fetchall()
+        assert items(urls["north"]) == master and len(master) == 3
+
+        # the satellite's copy damaged by hand: a row gone, one changed, one that the master never had
+        with psycopg.connect(urls["north"], autocommit=True) as conn:
+            conn.execute("delete from public.item where id = 2")
+            conn.execute("update public.item set name = 'damaged' where id = 4")
+            conn.execute("insert into public.item (id, name, region, _cdc_lsn) values (999, 'stray', 'north', 0)")
+            conn.execute("delete from public.category")
+        # and the master moves on meanwhile: the full sync carries its current rows
+        with psycopg.connect(urls["hq"], autocommit=True) as conn:
+            conn.execute("update public.item set name = 'moved on' where id = 6")
+            master = conn.execute(subset).fetchall()
+
+        run = cdc(path, "sites", "resync", "north", "--table", "public.item", "--json", timeout=400)
+        assert run.returncode == 0, run.stdout + run.stderr
+        doc = json.loads(run.stdout)
+        assert doc["tables"] == [{"table": "public.item", "master_rows": 3, "deleted": 1, "equal": True,
+                                  "differences": []}], doc
+        assert items(urls["north"]) == master  # by plain SQL: the subset's rows, nothing else
+        with psycopg.connect(urls["north"]) as conn:
+            assert conn.execute("select count(*) from public.item where cost is not null").fetchone() == (0,)
+            assert conn.execute("select count(*) from public.category").fetchone() == (0,)  # --table: item only
+
+        # the whole subset: every table of it
+        run = ok(cdc(path, "sites", "resync", "north", timeout=400))
+        assert "public.item: equal" in run.stdout and "public.category: equal (2 rows" in run.stdout, run.stdout
+        with psycopg.connect(urls["north"]) as conn:
+            assert conn.execute("select id, name from public.category order by id").fetchall() == [(1, "one"),
+                                                                                                  (2, "two")]
+        # a table outside the subset is refused, naming it
+        bad = cdc(path, "sites", "resync", "north", "--table", "public.sale")
+        assert bad.returncode == 2 and "--table: public.sale is not in north's subset" in bad.stderr, bad.stderr
+    finally:
         cleanup(path)
