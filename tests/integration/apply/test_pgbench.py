@@ -10,8 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from producers import capture
-from tests.integration.pipelines import CDC, pipeline_data, purge, write_pipeline
+from tests.integration.pipelines import applied_pipeline, caught_up, purge
 
 PGBENCH = Path("/usr/lib/postgresql/15/bin/pgbench")
 TABLES = ["public.pgbench_branches", "public.pgbench_tellers", "public.pgbench_accounts", "public.pgbench_history"]
@@ -34,17 +33,13 @@ def test_pgbench_replicates_equal_after_a_run(stack, source_db, destination_db, 
     init = subprocess.run([str(PGBENCH), "-i", "--foreign-keys", "-s", "1", "-q", source],
                           capture_output=True, text=True, timeout=300)
     assert init.returncode == 0, init.stderr
-    path = tmp_path / "pipeline.yaml"
-    pipeline = write_pipeline(path, pipeline_data(stack, source_db, TABLES, destinations={
-        "replica": {"kind": "replica", "url": destination}}))
-    capture.apply(pipeline)
+    path, pipeline = applied_pipeline(stack, source_db, tmp_path, TABLES, destinations={
+        "replica": {"kind": "replica", "url": destination}})
     try:
         bench = subprocess.run([str(PGBENCH), "-T", "30", "-c", "2", "-n", source],
                                capture_output=True, text=True, timeout=300)
         assert bench.returncode == 0, bench.stderr
-        result = subprocess.run([CDC, "-c", str(path), "run", "--until-caught-up", "--timeout", "600"],
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout + result.stderr
+        caught_up(path, 600)
     finally:
         purge(pipeline)
     with psycopg.connect(source) as conn:
