@@ -1025,6 +1025,32 @@ def sites_resync(satellite: str = typer.Argument(..., metavar="SATELLITE"),
     _run(body)
 
 
+@sites_app.command("serve")
+def sites_serve(port: int = typer.Option(9109, "--port", help="Port of the metrics endpoint and the page."),
+                host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+                interval: float = typer.Option(10.0, "--interval", min=1.0,
+                                               help="Seconds between statuses (each probes every link).")) -> None:
+    """Serve the sites' status as Prometheus metrics at /metrics (cdc_site_*), a live page at /, and its JSON feed
+    at /api/sites, until Ctrl-C."""
+    from consumers.lag.server import SitesServer
+    from consumers.sites import status
+
+    def body() -> int:
+        topo = _topology()
+        book = _error_book(topo)
+        server = SitesServer(topo.topology, lambda: status(topo, book), host=host, port=port, interval=interval)
+        typer.echo(f"cdc sites serve: page http://{host}:{server.port}/  metrics http://{host}:{server.port}/metrics")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.close()
+        return 0
+
+    _run(body)
+
+
 @sites_app.command("status")
 def sites_status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Per site: status, last sync, lag and errors of its links."""

@@ -13,6 +13,14 @@ Metrics (all gauges; labels in braces):
 - `cdc_slot_retained_bytes{pipeline,slot}`, `cdc_connector_state{pipeline,connector,state}` (1 for the current state),
   `cdc_connector_task_state{pipeline,connector,task,state}`
 - `cdc_lag_sample_timestamp_seconds{pipeline}`, `cdc_lag_sample_errors_total{pipeline}`
+
+`cdc sites serve` (SitesServer) serves the same page, with a section of sites, from a topology's status document
+(`consumers.sites.status`, passed in as a function: this layer knows nothing of sites), its feed at /api/sites, and:
+- `cdc_site_status{topology,site,link,status}`: 1 for the current status (`link=""`: the site as a whole)
+- `cdc_site_lag_seconds{topology,site,link}`, `cdc_site_lag_messages{topology,site,link}`
+- `cdc_site_last_sync_timestamp_seconds{topology,site,link}` (absent while never synced)
+- `cdc_site_conflicts_waiting{topology,site}`, `cdc_site_sync_blocked{topology,site,link}` (1: its last sync failed)
+- `cdc_sites_sample_timestamp_seconds{topology}`, `cdc_sites_sample_errors_total{topology}`
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -200,13 +209,136 @@ def _handler(server: LagServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0]
+            feed_path = getattr(server, "feed_path", "/api/lag")
             if path == "/metrics":
                 self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
-            elif path == "/api/lag":
-                self._send(200, json.dumps(server.feed()).encode(), "application/json")
+            elif path == feed_path:
+                self._send(200, json.dumps(server.feed(), default=str).encode(), "application/json")
             elif path in ("/", "/index.html"):
-                self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+                # the page polls the feed its <body data-feed> names
+                page = PAGE.read_bytes().replace(b'data-feed="/api/lag"', f'data-feed="{feed_path}"'.encode())
+                self._send(200, page, "text/html; charset=utf-8")
             else:
                 self._send(404, b"not found\n", "text/plain")
 
     return Handler
+
+
+# -- sites (`cdc sites serve`) ---------------------------------------------------------------------------------------
+def site_families(doc: dict[str, Any] | None, errors: int = 0, sampled_at: float | None = None,
+                  topology: str | None = None) -> list[Any]:
+    """The sites' metric families from a status document (`consumers.sites.status`'s shape): pure, so that a
+    made-up document can be checked."""
+    name = topology or (doc or {}).get("topology", "")
+    labels = ["topology", "site", "link"]
+    status = GaugeMetricFamily("cdc_site_status", "1 for the current status of a site (link=\"\") or of one of its "
+                               "links.", labels=[*labels, "status"])
+    lag_secs = GaugeMetricFamily("cdc_site_lag_seconds", "Now minus the commit time of the oldest change not yet "
+                                 "applied (a site: the largest of its links').", labels=labels)
+    lag_msgs = GaugeMetricFamily("cdc_site_lag_messages", "Messages not yet applied (a site: the sum of its links').",
+                                 labels=labels)
+    last = GaugeMetricFamily("cdc_site_last_sync_timestamp_seconds", "When the link last applied a batch (a site: "
+                             "the older of its links', when both ways were last exchanged).", labels=labels)
+    waiting = GaugeMetricFamily("cdc_site_conflicts_waiting", "Conflicts held for `cdc conflicts resolve` and "
+                                "satellite edits reported at the site.", labels=["topology", "site"])
+    blocked = GaugeMetricFamily("cdc_site_sync_blocked", "1 when the link's last sync failed: it is not started "
+                                "automatically until its satellite is run by hand.", labels=labels)
+    stamp = GaugeMetricFamily("cdc_sites_sample_timestamp_seconds", "When the latest status was taken.",
+                              labels=["topology"])
+    failures = CounterMetricFamily("cdc_sites_sample_errors", "Statuses that could not be taken.",
+                                   labels=["topology"])
+    failures.add_metric([name], errors)
+    for site in (doc or {}).get("sites", []):
+        rows = [("", site)] + [(link["pipeline"], link) for link in site.get("links", [])]
+        for link_name, row in rows:
+            key = [name, site["site"], link_name]
+            for s in STATUSES:
+                status.add_metric([*key, s], 1.0 if row.get("status") == s else 0.0)
+            lag_secs.add_metric(key, row.get("lag_seconds") or 0.0)
+            lag_msgs.add_metric(key, row.get("lag_messages") or 0)
+            if row.get("last_sync_at") is not None:
+                last.add_metric(key, row["last_sync_at"])
+            if link_name:
+                blocked.add_metric(key, 1.0 if row.get("sync_blocked") else 0.0)
+        waiting.add_metric([name, site["site"]], site.get("conflicts_waiting") or 0)
+    if doc is not None and sampled_at is not None:
+        stamp.add_metric([name], sampled_at)
+    return [status, lag_secs, lag_msgs, last, waiting, blocked, stamp, failures]
+
+
+class SitesServer:
+    """`cdc sites serve`: takes `sample()` (a topology's status document) every `interval` seconds in a thread and
+    serves it as Prometheus metrics at /metrics, JSON at /api/sites and the lag page's sites section at /."""
+
+    feed_path = "/api/sites"
+
+    def __init__(self, topology: str, sample: Callable[[], dict[str, Any]], *, host: str = "127.0.0.1",
+                 port: int = 9109, interval: float = 10.0) -> None:
+        self.topology = topology
+        self._take = sample
+        self.interval = interval
+        self.latest: dict[str, Any] | None = None
+        self.sampled_at: float | None = None
+        self.last_error: str | None = None
+        self.errors = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.registry = CollectorRegistry()
+        self.registry.register(_SitesCollector(self))
+        self.httpd = ThreadingHTTPServer((host, port), _handler(self))  # type: ignore[arg-type]
+        self.port = self.httpd.server_address[1]
+        self._sampler = threading.Thread(target=self._sample_loop, name="sites-sampler", daemon=True)
+        self._http_thread: threading.Thread | None = None
+
+    def sample_once(self) -> None:
+        try:
+            doc = self._take()
+        except Exception as exc:  # noqa: BLE001 - a database or Kafka away: counted and shown, the server goes on
+            with self._lock:
+                self.errors += 1
+                self.last_error = first_line(exc)
+            return
+        with self._lock:
+            self.latest, self.sampled_at, self.last_error = doc, time.time(), None
+
+    def _sample_loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.sample_once()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def feed(self) -> dict[str, Any]:
+        with self._lock:
+            return {"sites": self.latest, "sampled_at": self.sampled_at, "error": self.last_error,
+                    "interval": self.interval}
+
+    def start(self) -> None:
+        self.sample_once()
+        self._sampler.start()
+        self._http_thread = threading.Thread(target=self.httpd.serve_forever, name="sites-http", daemon=True)
+        self._http_thread.start()
+
+    def serve_forever(self) -> None:
+        self.sample_once()
+        self._sampler.start()
+        self.httpd.serve_forever()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._http_thread is not None:
+            self.httpd.shutdown()
+            self._http_thread.join(timeout=10)
+        self.httpd.server_close()
+        if self._sampler.is_alive():
+            self._sampler.join(timeout=60)
+
+
+class _SitesCollector:
+    def __init__(self, server: SitesServer) -> None:
+        self.server = server
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's protocol
+        s = self.server
+        with s._lock:
+            doc, errors, at = s.latest, s.errors, s.sampled_at
+        yield from site_families(doc, errors, at, s.topology)
