@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 
 import psycopg
@@ -186,5 +187,29 @@ def test_a_forced_full_sync_makes_the_satellite_equal_to_its_subset(stack, conne
         # a table outside the subset is refused, naming it
         bad = cdc(path, "sites", "resync", "north", "--table", "public.sale")
         assert bad.returncode == 2 and "--table: public.sale is not in north's subset" in bad.stderr, bad.stderr
+
+        # the sites in Prometheus and on the page: one real scrape of `cdc sites serve`
+        serve = subprocess.Popen([CDC, "sites", "serve", "--port", "0", "--interval", "2", "-c", str(path)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            first = serve.stdout.readline()
+            assert "metrics http://127.0.0.1:" in first, first + (serve.stdout.read() if serve.poll() else "")
+            base = first.split("metrics ")[1].strip().rsplit("/metrics", 1)[0]
+            metrics = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+            link = f"{name}-north-down"
+            for line in (f'cdc_site_status{{link="",site="north",status="OK",topology="{name}"}} 1.0',
+                         f'cdc_site_status{{link="{link}",site="north",status="OK",topology="{name}"}} 1.0',
+                         f'cdc_site_lag_messages{{link="{link}",site="north",topology="{name}"}} 0.0',
+                         f'cdc_site_conflicts_waiting{{site="north",topology="{name}"}} 0.0',
+                         f'cdc_site_sync_blocked{{link="{link}",site="north",topology="{name}"}} 0.0',
+                         f'cdc_sites_sample_errors_total{{topology="{name}"}} 0.0'):
+                assert line in metrics.splitlines(), (line, metrics)
+            assert f'cdc_site_last_sync_timestamp_seconds{{link="{link}",site="north"' in metrics
+            feed = json.loads(urllib.request.urlopen(base + "/api/sites", timeout=30).read())
+            assert [s["site"] for s in feed["sites"]["sites"]] == ["hq", "north"], feed
+            assert 'data-feed="/api/sites"' in urllib.request.urlopen(base + "/", timeout=30).read().decode()
+        finally:
+            serve.send_signal(signal.SIGINT)
+            serve.wait(60)
     finally:
         cleanup(path)
