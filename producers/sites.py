@@ -303,6 +303,49 @@ end $$;
 """
 
 
+# A site-owned row written at a satellite with another site's id (or none) would be silently left out of capture (the
+# up link's row filter keeps the satellite's own id only): refused at the satellite instead. The column and the sync
+# id are the trigger's arguments (one function for every table of every topology at the site).
+SITE_ROWS_FUNCTION = """
+create or replace function public._cdc_site_owned() returns trigger language plpgsql as $$
+declare
+    site text := to_jsonb(new) ->> tg_argv[0];
+begin
+    if site is distinct from tg_argv[1] then
+        raise exception '%.% holds each site''s own rows: %.% = % is not this site''s sync id (%); write it at its own '
+            'site, or it would never reach the master', tg_table_schema, tg_table_name, tg_table_name, tg_argv[0],
+            coalesce(site, 'null'), tg_argv[1] using errcode = 'check_violation';
+    end if;
+    return new;
+end $$;
+"""
+
+
+def guard_site_rows(topology: Topology, satellites: list[str] | None = None) -> list[str]:
+    """At each satellite, its site-owned tables refuse a row whose site column is not the satellite's sync id
+    (idempotent; a table not made yet at the satellite is skipped: the up link's plan names it)."""
+    done = []
+    for name in topology.satellites:
+        if satellites and name not in satellites or not topology.site_tables:
+            continue
+        site = topology.sites[name]
+        with psycopg.connect(psycopg_conninfo(site.sqlalchemy_url), autocommit=True) as conn:
+            conn.execute(SITE_ROWS_FUNCTION)
+            for table, column in topology.site_tables.items():
+                if not _columns(conn, table):
+                    continue
+                schema, tname = split_table(table)
+                existed = conn.execute("select 1 from pg_trigger where tgrelid = to_regclass(%s) "
+                                       "and tgname = '_cdc_site_owned'",
+                                       (sql.Identifier(schema, tname).as_string(conn),)).fetchone()
+                conn.execute(sql.SQL("create or replace trigger _cdc_site_owned before insert or update on {} "
+                                     "for each row execute function public._cdc_site_owned({}, {})").format(
+                    sql.Identifier(schema, tname), sql.Literal(column), sql.Literal(str(site.sync_id))))
+                if not existed:
+                    done.append(f"{name}: {table} refuses rows whose {column} is not {site.sync_id}")
+    return done
+
+
 def ensure_bookkeeping(topology: Topology) -> None:
     """The marker and conflicts tables at every site of a topology with two-way tables (idempotent)."""
     if not topology.shared_tables:
@@ -419,6 +462,8 @@ def apply(topology: Topology, satellites: list[str] | None = None,
     for line in prepare_master(topology):
         say(line)
     for line in prepare_two_way(topology, satellites):
+        say(line)
+    for line in guard_site_rows(topology, satellites):
         say(line)
     # The satellites' users and ACLs first: a connector writing as its satellite's user logs in once it starts.
     for line in apply_access(topology, satellites):

@@ -213,3 +213,40 @@ def test_a_forced_full_sync_makes_the_satellite_equal_to_its_subset(stack, conne
             serve.wait(60)
     finally:
         cleanup(path)
+
+
+def test_a_satellite_refuses_a_site_owned_row_of_another_site(stack, connect, two_databases, tmp_path):
+    urls = two_databases
+    sale = ("create table public.sale (site_id int, id int not null, qty int not null, "
+            "primary key (id))")
+    with psycopg.connect(urls["hq"], autocommit=True) as conn:
+        conn.execute(MASTER_SCHEMA)
+        conn.execute(sale)
+    with psycopg.connect(urls["north"], autocommit=True) as conn:
+        conn.execute(sale)
+    name = f"t{uuid.uuid4().hex[:6]}"
+    path = write_topology(stack, tmp_path, urls, name, "on_demand")
+    data = yaml.safe_load(path.read_text())
+    data["site_tables"] = {"public.sale": "site_id"}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        applied = ok(cdc(path, "topology", "apply"))
+        assert "north: public.sale refuses rows whose site_id is not 2" in applied.stdout, applied.stdout
+        again = ok(cdc(path, "topology", "apply"))  # idempotent, and said once
+        assert "refuses rows" not in again.stdout, again.stdout
+        with psycopg.connect(urls["north"], autocommit=True) as conn:
+            conn.execute("insert into public.sale values (2, 1, 5)")  # its own: taken
+            for statement in ("insert into public.sale values (3, 2, 5)",
+                              "insert into public.sale values (null, 3, 5)",
+                              "update public.sale set site_id = 1 where id = 1"):
+                with pytest.raises(psycopg.errors.CheckViolation) as info:
+                    conn.execute(statement)
+                assert "public.sale holds each site's own rows: sale.site_id = " in str(info.value), info.value
+                assert "is not this site's sync id (2)" in str(info.value)
+            rows_north = conn.execute("select site_id, id, qty from public.sale").fetchall()
+        assert rows_north == [(2, 1, 5)]
+        ok(cdc(path, "sites", "run", "--until-caught-up", "--timeout", "240", timeout=400))
+        with psycopg.connect(urls["hq"]) as conn:  # what the satellite holds reached the master, nothing lost
+            assert conn.execute("select site_id, id, qty from public.sale").fetchall() == [(2, 1, 5)]
+    finally:
+        cleanup(path)
