@@ -1,5 +1,5 @@
-"""Analytics histories stay exact under Debezium's at-least-once delivery (issue 15), on the real stack: exact copies
-of already-applied Debezium messages (same key, value bytes and headers, the transaction topic's records too) are
+"""Analytics histories stay exact under Debezium's at-least-once delivery on the real stack: exact copies of
+already-applied Debezium messages (same key, value bytes and headers, the transaction topic's records too) are
 written to the topics again, as Debezium re-sends transactions after a crash of Connect or of the broker. The DuckDB
 and PostgreSQL analytics destinations that had applied the originals, and one that reads originals and copies in a
 single pass, end with histories that hold each change once (no duplicate (_cdc_lsn, key, _cdc_op)), that replay to
@@ -78,7 +78,8 @@ def _verify(path, destination: str) -> dict:
     return report
 
 
-def test_redelivered_transactions_are_recorded_once_in_the_histories(stack, source_db, destination_db, tmp_path):
+def test_redelivered_transactions_are_recorded_once_in_the_histories(stack, decoder, source_db, destination_db,
+                                                                      tmp_path):
     source = stack.postgres_url(source_db)
     execute(source, SCHEMA)
     lake, fresh = tmp_path / "lake.duckdb", tmp_path / "fresh.duckdb"
@@ -95,9 +96,15 @@ def test_redelivered_transactions_are_recorded_once_in_the_histories(stack, sour
         before = {t: _duck_history(lake, t, "id")[0] for t in TABLES}
         assert all(max(c.values()) == 1 for c in before.values()), before
 
-        # At-least-once: everything Debezium wrote so far (snapshot reads, changes, BEGIN and END records) again.
-        copies = redeliver(stack, topic_messages(stack, [*pipeline.data_topics, pipeline.transaction_topic]))
-        assert copies > 60
+        # At-least-once: every transaction Debezium wrote so far (its changes, BEGIN and END records) again. Not the
+        # snapshot reads: Debezium never re-sends those as copies once it streams (a snapshot that did not complete
+        # is taken again, reading the rows as they are then), and a copy of one, being outside any transaction,
+        # would bring back rows deleted since (the destination skips copies of whole transactions, their deletes
+        # included: consumers/apply/copies.py).
+        written = topic_messages(stack, [*pipeline.data_topics, pipeline.transaction_topic])
+        copies = redeliver(stack, [m for m in written if m.topic() == pipeline.transaction_topic
+                                   or (m.value() is not None and decoder.decode(m.value()).get("transaction"))])
+        assert copies > 30
         execute(source, *LATER)
         again = cdc(path, "run", "lake", "pglake", "--until-caught-up", "--timeout", "240")
         assert again.returncode == 0, again.stdout + again.stderr
