@@ -35,6 +35,7 @@ def render(report: Report) -> str:
 
 def _history_line(t: TableReport, width: int) -> str:
     h = t.history
+    assert h is not None  # called for tables whose history was checked
     head = f"{t.table:{width}} history {h.table}: "
     if h.error:
         return head + f"ERROR: {h.error}"

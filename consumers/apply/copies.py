@@ -67,12 +67,14 @@ def is_copy_end(mark: CommitMark | None, commit_lsn: int | None, commit_ts_ms: i
     return mark is not None and mark.covers(_End(commit_lsn, commit_ts_ms, end_offset))
 
 
-@dataclass(frozen=True)
+@dataclass
 class _End:
+    """An END record seen as the transaction it closes (the fields the rule reads)."""
+
     commit_lsn: int | None
     commit_ts_ms: int | None
-    marker_offset: int
-    xid: str = "end"
+    marker_offset: int | None
+    xid: str | None = "end"
 
 
 def mark_of(step: _Transaction) -> CommitMark | None:
