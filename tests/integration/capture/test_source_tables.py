@@ -42,7 +42,8 @@ def test_the_applier_reads_everything_capture_and_suggestions_less(source):
         ("id", False, "bigint"), ("name", False, "text"), ("school_id", True, "integer")]
     assert person.checks == (("person_name_check", "CHECK ((length(name) > 0))"),)
     n = enrollment.column("n").source
-    assert n is not None and n.category == "int4" and n.domain == "public.qty"  # the catalog's type, the domain resolved
+    # the catalog's type, the domain resolved to its base type
+    assert n is not None and n.category == "int4" and n.domain == "public.qty"
     assert [(f.columns, f.referred_table, f.referred_columns, f.ondelete) for f in enrollment.foreign_keys] == [
         (("person_id",), "public.person", ("id",), "CASCADE"), (("school_id",), "public.school", ("id",), None)]
 
