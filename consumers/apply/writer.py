@@ -402,6 +402,7 @@ class DestinationWriter:
                     if not self.dialect.supports_deferred_constraints:
                         keys = list(reversed(self_referencing_order(self.shapes[table], keys)))
                     self.dialect.delete(conn, self.shapes[table], keys)
+        self.dialect.end_batch(conn)
         self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
         if self._next_mark is not None and self._next_mark != self.mark:
             commit_mark.store(conn, self.pipeline.pipeline, self._next_mark)
@@ -447,8 +448,8 @@ class DestinationWriter:
 
     def _write_columnar(self, conn: Any, entries: list[tuple[int, Any]], steps: list[Step]) -> list[tuple[int, Any]]:
         """Write what the columnar path takes, table by table (in any order: the dialects with a columnar path
-        have no foreign keys, or check them at commit); returns the entries (step number, events or runs) left for
-        the general path."""
+        have no foreign keys, check them at commit, or in `end_batch`); returns the entries (step number, events
+        or runs) left for the general path."""
         if any(item.op == "t" for _, item in entries if isinstance(item, ChangeEvent)):
             return entries  # a truncate orders the batch into phases: the general path's job, whole
         by_table: dict[str, list[tuple[int, runs.ChangeRun]]] = {}

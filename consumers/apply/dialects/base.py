@@ -476,6 +476,10 @@ class Dialect(ABC):
     def begin_batch(self, conn: Connection, *, snapshot: bool) -> None:  # noqa: B027 - a hook: most need nothing
         """Called first in every destination transaction."""
 
+    def end_batch(self, conn: Connection) -> None:  # noqa: B027 - a hook: most need nothing
+        """Called last in a batch's destination transaction, after its rows and before its offsets: what must hold
+        at the commit is checked here (MariaDB's foreign keys, which its columnar path writes around)."""
+
     @abstractmethod
     def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
         """Insert or update `rows` (which hold at least `columns`, the primary key and `_cdc_lsn`); a row whose

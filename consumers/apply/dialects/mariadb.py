@@ -469,11 +469,10 @@ class MariaDBDialect(Dialect):
                 _execute(conn, f"DROP TEMPORARY TABLE IF EXISTS {', '.join(sorted(self._tracking))}")
                 self._tracking.clear()
 
-    def store_offsets(self, conn: Connection, pipeline: str, offsets: dict[tuple[str, int], int]) -> None:
-        # The last statement of every batch (writer._write): the foreign keys the columnar path wrote around are
-        # checked here, in the batch's transaction, as PostgreSQL checks its deferred ones at the commit.
+    def end_batch(self, conn: Connection) -> None:
+        # The foreign keys the columnar path wrote around are checked in the batch's transaction, as PostgreSQL
+        # checks its deferred ones at the commit.
         self.check_foreign_keys(conn)
-        super().store_offsets(conn, pipeline, offsets)
 
     def upsert_offsets_statement(self) -> Any:
         stmt = mysql_insert(self.offsets)

@@ -274,6 +274,7 @@ def test_mariadb_columnar_writes_keep_the_newer_position_and_check_foreign_keys_
             dialect.begin_batch(conn, snapshot=False)
             for shape, rows in writes:
                 dialect.apply_columnar(conn, shape, _flat(rows, list(shape.column_names)))
+            dialect.end_batch(conn)  # as the writer ends every batch
             dialect.store_offsets(conn, "p", {("t", 0): 1})
 
     def stored(table: str) -> list[tuple]:
