@@ -104,9 +104,10 @@ def _reference_hint(pipeline: Pipeline) -> str:
 
 
 def _desired(pipeline: Pipeline) -> tuple[dict[str, str], dict[str, TableShape]]:
-    tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
+    # With the catalog's types, which the refusal of columns a destination cannot hold reads (one reflection for both).
+    tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables, catalog=True)
     config = debezium.connector_config(pipeline, tables, secrets=str(secrets_directory(pipeline)))
-    check_pipeline(pipeline, config)  # columns a destination cannot hold: refused here, never at the first write
+    check_pipeline(pipeline, config, tables)  # refused here, never at the first write
     return config, tables
 
 

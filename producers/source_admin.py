@@ -36,12 +36,13 @@ def split_table(table: str) -> tuple[str, str]:
     return schema, name
 
 
-def describe_tables(url: URL, tables: tuple[str, ...] | list[str],
-                    source: str = "source.tables") -> dict[str, TableShape]:
-    """The captured tables (cdc/source_tables.py, without the catalog's type descriptions: capture needs keys, column
-    names and types, and partition parents); a table that does not exist is a configuration error naming it."""
+def describe_tables(url: URL, tables: tuple[str, ...] | list[str], source: str = "source.tables", *,
+                    catalog: bool = False) -> dict[str, TableShape]:
+    """The captured tables (cdc/source_tables.py; capture needs keys, column names and types, and partition parents,
+    the catalog's type descriptions only to refuse what a destination cannot hold); a table that does not exist is a
+    configuration error naming it, a source that does not answer ServiceUnavailable."""
     try:
-        return reflect_tables(url, tables, catalog=False, field_name=source)
+        return reflect_tables(url, tables, catalog=catalog, field_name=source)
     except ConfigError:
         raise
     except Exception as exc:

@@ -341,14 +341,13 @@ def elements(convert: Any) -> Any:
     return lambda values: [None if v is None else convert(v) for v in values]
 
 
-def check_pipeline(pipeline: Any, config: Mapping[str, str]) -> None:
+def check_pipeline(pipeline: Any, config: Mapping[str, str], shapes: Mapping[str, Any]) -> None:
     """Refuse, before `cdc connectors apply` changes anything, a pipeline whose captured columns some destination
     cannot hold exactly: one ConfigError naming every destination, table, column and reason. `config` is the
-    connector configuration about to be applied (whether Debezium sends the types it does not know)."""
+    connector configuration about to be applied (whether Debezium sends the types it does not know); `shapes` the
+    captured tables, reflected with the catalog's types (cdc.source_tables.reflect_tables)."""
     from cdc.errors import ConfigError
-    from cdc.source_tables import reflect_tables
 
-    shapes = reflect_tables(pipeline.source.sqlalchemy_url, list(pipeline.source.tables))
     sent = str(config.get("include.unknown.datatypes", "false")).lower() == "true"
     found = [(name, *refusal) for name, destination in pipeline.destinations.items()
              for refusal in refusals(shapes, backend_of(destination.url.get_secret_value()), kind=destination.kind,
