@@ -257,11 +257,11 @@ def run(
 
     A destination that restarts is reconnected to (with backoff), and the applier takes its writer lock again before
     writing; an outage of Kafka is one line every 30 s, and the progress line says BLOCKED meanwhile."""
-    from consumers.apply import runner
+    from consumers.apply import supervisor
 
-    _run(lambda: runner.run(_pipeline(), destinations or [], until_caught_up=until_caught_up, timeout=timeout,
-                            echo=_echo, metrics_port=metrics_port, watch_connector=watch_connector,
-                            watch_every=watch_every))
+    _run(lambda: supervisor.run(_pipeline(), destinations or [], until_caught_up=until_caught_up, timeout=timeout,
+                                echo=_echo, metrics_port=metrics_port, watch_connector=watch_connector,
+                                watch_every=watch_every))
 
 
 @connectors_app.command("watch")

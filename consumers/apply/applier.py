@@ -72,7 +72,7 @@ from consumers.apply.plan import NO_SCOPE, ReplayScope
 from consumers.apply.reader import KAFKA_PROBE_S, ChangeReader, kafka_reason
 from consumers.apply.shapes import LSN_COLUMN, TableShape
 from consumers.apply.source_follow import SourceFollower
-from consumers.apply.transactions import Step, TransactionAssembler, positions_after
+from consumers.apply.transactions import SourceUnit, TransactionAssembler, positions_after
 from consumers.apply.writer import ApplierStats, DestinationWriter
 from producers.source_admin import insert_watermark, psycopg_conninfo
 from schemas.codec import RegistryClient
@@ -90,7 +90,7 @@ class ReplicaApplier:
     def __init__(self, pipeline: Pipeline, destination_name: str, *, batch_events: int | None = None,
                  poll_messages: int = 5_000, echo: Callable[[str], None] | None = None,
                  scope: ReplayScope = NO_SCOPE, writer: DestinationWriter | None = None,
-                 screen: Callable[[Any, list[Any], list[Step]], list[Any]] | None = None) -> None:
+                 screen: Callable[[Any, list[Any], list[SourceUnit]], list[Any]] | None = None) -> None:
         self.pipeline = pipeline
         self.name = destination_name
         self.destination: Destination = pipeline.destinations[destination_name]
@@ -121,7 +121,7 @@ class ReplicaApplier:
                                    on_outage=self._outage_changed, stop=self._stop, echo=self._say)
         writer.follower = SourceFollower(pipeline, destination_name, writer.dialect, writer.shapes,
                                          self.reader.converter, self._say)
-        self._retry: list[Step] = []
+        self._retry: list[SourceUnit] = []
         self._watermark: str | None = None
         self._watermark_applied = False
         # The transaction at the head of the commit order while it is incomplete and nothing else can be applied:
@@ -303,7 +303,7 @@ class ReplicaApplier:
             return
 
     # -- applying -------------------------------------------------------------------------------------------------
-    def _offsets_after(self, steps: list[Step]) -> dict[tuple[str, int], int]:
+    def _offsets_after(self, steps: list[SourceUnit]) -> dict[tuple[str, int], int]:
         """Next offsets after these steps (data partitions and the transaction topic), computed once per batch."""
         offsets = positions_after(steps)
         markers = [s.marker_offset for s in steps if s.marker_offset is not None]
@@ -311,7 +311,7 @@ class ReplicaApplier:
             offsets[self.pipeline.transaction_topic, 0] = max(markers) + 1
         return offsets
 
-    def apply(self, steps: list[Step], *, more: bool = False) -> None:
+    def apply(self, steps: list[SourceUnit], *, more: bool = False) -> None:
         """Apply steps in one destination transaction, then acknowledge them to Kafka's group offsets. `more`: another
         batch is ready behind this one (a DuckDB file then stays open for it)."""
         offsets = self._offsets_after(steps)
@@ -325,13 +325,13 @@ class ReplicaApplier:
         if commit_times:
             self.stats.last_commit_ts_ms = max(commit_times)
 
-    def _acknowledge(self, steps: list[Step], offsets: dict[tuple[str, int], int]) -> None:
+    def _acknowledge(self, steps: list[SourceUnit], offsets: dict[tuple[str, int], int]) -> None:
         self.applied_positions.update(offsets)
         if self._watermark is not None and any(s.xid == self._watermark for s in steps):
             self._watermark_applied = True
         self.reader.acknowledge(offsets)
 
-    def _apply_with_policy(self, steps: list[Step], *, may_wait: bool = True, more: bool = False) -> None:
+    def _apply_with_policy(self, steps: list[SourceUnit], *, may_wait: bool = True, more: bool = False) -> None:
         try:
             self.apply(steps, more=more)
             self._retry = []
@@ -354,7 +354,7 @@ class ReplicaApplier:
                     self._skip(step)
             self._retry = []
 
-    def _skip(self, step: Step) -> None:
+    def _skip(self, step: SourceUnit) -> None:
         """Record a dead-lettered step's offsets as applied, so that the stream goes on past it."""
         offsets = self._offsets_after([step])
         self.writer.store_offsets(offsets)
@@ -518,7 +518,7 @@ class ReplicaApplier:
             self.writer.store_offsets(ahead)
             self._acknowledge([], ahead)
 
-    def _incomplete_transaction(self) -> list[Step]:
+    def _incomplete_transaction(self) -> list[SourceUnit]:
         """Called while the next source transaction to apply is missing events and nothing else can be applied.
         Once every partition has been read to its end with it still incomplete (its END record was read, so its
         events were written before what is at those ends), and the destination's grace period has passed, its

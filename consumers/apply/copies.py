@@ -29,7 +29,7 @@ from typing import Protocol, TypeVar
 
 
 class _Transaction(Protocol):
-    """What the rule reads of a consumers.apply.transactions.Step."""
+    """What the rule reads of a consumers.apply.transactions.SourceUnit."""
 
     xid: str | None
     commit_lsn: int | None

@@ -24,7 +24,7 @@ from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
 from consumers.apply.values import UNAVAILABLE
 
 if TYPE_CHECKING:
-    from consumers.apply.transactions import Step
+    from consumers.apply.transactions import SourceUnit
 
 Row = dict[str, Any]
 Converter = Callable[[ChangeEvent, Mapping[str, Any] | None], Row | None]
@@ -69,7 +69,7 @@ class ReplayScope:
 NO_SCOPE = ReplayScope()
 
 
-def scoped_entries(steps: list[Step], scope: ReplayScope) -> list[tuple[int, Any]]:
+def scoped_entries(steps: list[SourceUnit], scope: ReplayScope) -> list[tuple[int, Any]]:
     """The changes (events or runs) of `steps` this applier writes, each with the number of its step: all of them,
     but in a shadow replay of some tables only theirs, and in a partial replay the other tables' changes only from
     the offsets the destination had applied before it."""
@@ -90,7 +90,7 @@ def scoped_entries(steps: list[Step], scope: ReplayScope) -> list[tuple[int, Any
     return entries
 
 
-def ordered_events(entries: list[tuple[int, Any]], steps: list[Step]) -> list[ChangeEvent]:
+def ordered_events(entries: list[tuple[int, Any]], steps: list[SourceUnit]) -> list[ChangeEvent]:
     """The general path's changes in apply order: runs become events, and a source transaction's events are
     ordered as the assembler orders them (it cannot order what is inside a run)."""
     events: list[ChangeEvent] = []
@@ -126,7 +126,7 @@ def history_rows(events: Iterable[ChangeEvent], shapes: Mapping[str, TableShape]
     return history
 
 
-def end_record_offsets(steps: Iterable[Step]) -> dict[str, int]:
+def end_record_offsets(steps: Iterable[SourceUnit]) -> dict[str, int]:
     """Each source transaction's END record offset in the transaction topic (the first, for a re-sent one)."""
     offsets: dict[str, int] = {}
     for step in steps:

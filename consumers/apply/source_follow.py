@@ -18,7 +18,7 @@ from consumers.apply.dialects.base import SchemaChangeError
 from consumers.apply.errors import ApplyError
 from consumers.apply.events import ChangeEvent
 from consumers.apply.shapes import ColumnShape, TableShape
-from consumers.apply.transactions import Step
+from consumers.apply.transactions import SourceUnit
 from producers.debezium import avro_name
 from producers.source_admin import one_row, psycopg_conninfo
 
@@ -116,7 +116,7 @@ class SourceFollower:
         for _, column in self.dialect.added_columns:
             self.fill_new_column(conn, fresh, column)
 
-    def changed_under(self, steps: list[Step], exc: BaseException,
+    def changed_under(self, steps: list[SourceUnit], exc: BaseException,
                       begin: Callable[[], contextlib.AbstractContextManager[Any]]) -> bool:
         """After a batch failed on a value its destination column cannot hold: did the source change a column of the
         batch's tables in a way no writer schema told (varchar(10) -> varchar(50) is a string in Avro either way; an

@@ -66,8 +66,9 @@ class AssemblyError(CdcError, Terminal):
 
 
 @dataclass
-class Step:
-    """What one apply step consumes: a whole source transaction, or snapshot rows (no transaction)."""
+class SourceUnit:
+    """A unit of the source's history that the applier applies whole, in one destination transaction with others:
+    one source transaction (`xid`), or snapshot reads, which belong to none."""
 
     events: list[Item]
     xid: str | None = None  # None for snapshot rows
@@ -201,7 +202,7 @@ class TransactionAssembler:
     def holes(self) -> int:
         return self._holes
 
-    def force_next(self) -> list[Step]:
+    def force_next(self) -> list[SourceUnit]:
         """Take the transaction at the head of the commit order with the events it has: used only when messages
         of it were dead-lettered (undecodable), or when its missing events will never come and the destination's
         policy is to dead-letter it, so that the rest of the stream goes on without them."""
@@ -210,8 +211,8 @@ class TransactionAssembler:
         marker = self._ends.popleft()
         before, events = self._take_transaction(marker, forced=True)
         self._abandoned.add(marker.xid)
-        step = Step(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn)
-        return ([Step(before)] if before else []) + [step]
+        step = SourceUnit(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn)
+        return ([SourceUnit(before)] if before else []) + [step]
 
     # -- output
     def _take_snapshot_heads(self) -> list[Item]:
@@ -335,9 +336,9 @@ class TransactionAssembler:
             self._arrived_by_xid.pop(xid, None)
         self.superseded[xid] = self.superseded.get(xid, 0) + item.count
 
-    def ready(self, max_events: int | None = None) -> list[Step]:
+    def ready(self, max_events: int | None = None) -> list[SourceUnit]:
         """The steps that can be applied now, in order; at least one whole transaction even past `max_events`."""
-        steps: list[Step] = []
+        steps: list[SourceUnit] = []
         count = 0
         while max_events is None or count < max_events:
             # Snapshot reads go first only once every known transaction is applied: they carry no commit
@@ -345,7 +346,7 @@ class TransactionAssembler:
             if not self._ends:
                 snapshot = self._take_snapshot_heads()
                 if snapshot:
-                    steps.append(Step(snapshot))
+                    steps.append(SourceUnit(snapshot))
                     count += changes(snapshot)
                 break
             marker = self._ends[0]
@@ -354,8 +355,8 @@ class TransactionAssembler:
             self._ends.popleft()
             before, events = self._take_transaction(marker)
             if before:
-                steps.append(Step(before))
-            steps.append(Step(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn))
+                steps.append(SourceUnit(before))
+            steps.append(SourceUnit(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn))
             count += changes(before) + changes(events)
         return steps
 
@@ -364,7 +365,7 @@ class TransactionAssembler:
         return self._ends[0].commit_ts_ms if self._ends else None
 
 
-def positions_after(steps: Iterable[Step]) -> dict[tuple[str, int], int]:
+def positions_after(steps: Iterable[SourceUnit]) -> dict[tuple[str, int], int]:
     """The next offset to read per data partition after these steps (they took a prefix of each partition)."""
     positions: dict[tuple[str, int], int] = {}
     for step in steps:

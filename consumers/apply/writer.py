@@ -37,7 +37,7 @@ from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import NO_SCOPE, ReplayScope, dependency_order, net_changes, self_referencing_order
 from consumers.apply.shapes import LSN_COLUMN, TableShape
 from consumers.apply.source_follow import SourceFollower
-from consumers.apply.transactions import Step
+from consumers.apply.transactions import SourceUnit
 
 # How long a write waits for readers to let go of a DuckDB file before the applier gives up.
 LOCK_PATIENCE_S = 60.0
@@ -77,7 +77,7 @@ class DestinationWriter:
     def __init__(self, pipeline: Pipeline, name: str, *, scope: ReplayScope = NO_SCOPE,
                  stats: ApplierStats | None = None, stop: threading.Event | None = None,
                  echo: Callable[[str], None] | None = None,
-                 screen: Callable[[Any, list[ChangeEvent], list[Step]], list[ChangeEvent]] | None = None) -> None:
+                 screen: Callable[[Any, list[ChangeEvent], list[SourceUnit]], list[ChangeEvent]] | None = None) -> None:
         self.pipeline = pipeline
         self.name = name
         # A topology of sites' look at each batch's ordered events inside the destination transaction, before
@@ -329,7 +329,7 @@ class DestinationWriter:
         return dependency_order(self.shapes, edges)
 
     # -- writing ----------------------------------------------------------------------------------------------------
-    def apply(self, steps: list[Step], offsets: dict[tuple[str, int], int], *, more: bool = False) -> int:
+    def apply(self, steps: list[SourceUnit], offsets: dict[tuple[str, int], int], *, more: bool = False) -> int:
         """Write steps and their next `offsets` in one destination transaction; the changes written. `more`:
         another batch is ready behind this one (a DuckDB file then stays open for it). Raises ApplyError naming
         the batch's tables and Kafka positions, ServiceUnavailable (or DestinationLost) when the destination
@@ -362,7 +362,7 @@ class DestinationWriter:
                 raise ApplyError(f"destination {self.name}: applying {where(steps)} failed: "
                                  f"{driver_reason(exc)}", **located(steps)) from exc
 
-    def _write(self, conn: Any, steps: list[Step], offsets: dict[tuple[str, int], int]) -> int:
+    def _write(self, conn: Any, steps: list[SourceUnit], offsets: dict[tuple[str, int], int]) -> int:
         steps, copies, self._next_mark = split_copies(steps, self.mark)
         if copies:
             # Debezium re-sent them after a restart (at least once): applied again, a copy of an update could
@@ -409,7 +409,7 @@ class DestinationWriter:
         return count
 
     def _keyless_once(self, conn: Any, events: list[ChangeEvent],
-                      steps: list[Step]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
+                      steps: list[SourceUnit]) -> tuple[list[ChangeEvent], list[ChangeEvent]]:
         """Each change of a table without a primary key applied once, whatever Debezium re-sends (docs/applier.md,
         "Tables without a primary key under redelivery"). Returns the batch's events without repeats (a copy taken
         along with its original), and those to apply to the current state: without the keyless changes of
@@ -446,7 +446,8 @@ class DestinationWriter:
         topic = self.pipeline.transaction_topic
         return self.scope.applied_position(table, topic, self.applied_positions.get((topic, 0), 0))
 
-    def _write_columnar(self, conn: Any, entries: list[tuple[int, Any]], steps: list[Step]) -> list[tuple[int, Any]]:
+    def _write_columnar(self, conn: Any, entries: list[tuple[int, Any]],
+                        steps: list[SourceUnit]) -> list[tuple[int, Any]]:
         """Write what the columnar path takes, table by table (in any order: the dialects with a columnar path
         have no foreign keys, check them at commit, or in `end_batch`); returns the entries (step number, events
         or runs) left for the general path."""

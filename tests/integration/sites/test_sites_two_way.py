@@ -346,7 +346,7 @@ def test_the_screen_on_a_real_destination(stack, databases, tmp_path):
     from types import SimpleNamespace
 
     from consumers.apply.events import ChangeEvent
-    from consumers.apply.transactions import Step
+    from consumers.apply.transactions import SourceUnit
     from consumers.sites.screen import SiteScreen
     from producers.sites import prepare_two_way
 
@@ -374,7 +374,7 @@ def test_the_screen_on_a_real_destination(stack, databases, tmp_path):
     def screened(*events):
         with psycopg.connect(urls["hq"]) as conn:
             out = screen(SimpleNamespace(connection=SimpleNamespace(driver_connection=conn)), list(events),
-                         [Step(list(events), xid=events[0].xid, commit_ts_ms=1_800_000_000_000)])
+                         [SourceUnit(list(events), xid=events[0].xid, commit_ts_ms=1_800_000_000_000)])
             conn.commit()
         return out
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from consumers.apply.copies import CommitMark, describe, pg_lsn, split_copies
 from consumers.apply.events import marker_from_record
-from consumers.apply.transactions import Step
+from consumers.apply.transactions import SourceUnit
 
 
-def tx(xid: int, lsn: int, end_offset: int, ts: int | None = None) -> Step:
-    return Step([], str(xid), 1_000 + lsn if ts is None else ts, end_offset, lsn)
+def tx(xid: int, lsn: int, end_offset: int, ts: int | None = None) -> SourceUnit:
+    return SourceUnit([], str(xid), 1_000 + lsn if ts is None else ts, end_offset, lsn)
 
 
 def test_an_end_record_gives_the_commit_lsn_of_its_id():
@@ -37,8 +37,8 @@ def test_a_copy_run_leaves_the_mark_where_it_was():
 
 def test_snapshot_rows_and_ends_without_a_commit_lsn_are_always_applied():
     mark = CommitMark(30, 1030, 5)
-    snapshot = Step([])
-    no_lsn = Step([], "9", 900, 8, None)
+    snapshot = SourceUnit([])
+    no_lsn = SourceUnit([], "9", 900, 8, None)
     kept, copies, after = split_copies([snapshot, no_lsn], mark)
     assert kept == [snapshot, no_lsn] and copies == [] and after == mark
 

@@ -7,7 +7,7 @@ import calendar
 import time
 
 from consumers.apply.outage import Outage, clock
-from consumers.apply.runner import _progress_printer
+from consumers.apply.supervisor import _progress_printer
 
 T0 = calendar.timegm((2026, 11, 30, 17, 40, 2, 0, 0, 0))
 

@@ -8,7 +8,7 @@ from consumers.apply.errors import ApplyError, located, where
 from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import ReplayScope, net_changes
 from consumers.apply.shapes import ColumnShape, ForeignKeyShape, TableShape
-from consumers.apply.transactions import Step
+from consumers.apply.transactions import SourceUnit
 
 PERSON = TableShape("public.person", (ColumnShape("id", BigInteger(), False), ColumnShape("name", Text(), True)),
                     ("id",))
@@ -38,10 +38,10 @@ def planned(steps, scope=plan.NO_SCOPE):
 
 
 def two_transactions():
-    first = Step([ev("c", 1, after={"id": 1, "name": "ann"}),
+    first = SourceUnit([ev("c", 1, after={"id": 1, "name": "ann"}),
                   ev("c", 1, after={"id": 10, "person_id": 1}, table="public.enrollment", topic="d.enrollment")],
                  xid="7", commit_ts_ms=1_000, marker_offset=3)
-    second = Step([ev("u", 2, before={"id": 1, "name": "ann"}, after={"id": 1, "name": "bob"}, xid="8"),
+    second = SourceUnit([ev("u", 2, before={"id": 1, "name": "ann"}, after={"id": 1, "name": "bob"}, xid="8"),
                    ev("d", 2, before={"id": 10, "person_id": 1}, table="public.enrollment", topic="d.enrollment",
                       xid="8")], xid="8", commit_ts_ms=2_000, marker_offset=4)
     return [first, second]
@@ -64,13 +64,14 @@ def test_a_batch_of_transactions_becomes_each_rows_last_change_per_table():
 
 
 def test_a_primary_key_update_ends_the_old_key_in_the_history():
-    step = Step([ev("u", 5, before={"id": 1, "name": "a"}, after={"id": 2, "name": "a"})], xid="7", marker_offset=9)
+    step = SourceUnit([ev("u", 5, before={"id": 1, "name": "a"}, after={"id": 2, "name": "a"})], xid="7",
+                      marker_offset=9)
     _, _, history = planned([step])
     assert [(e.op, row["id"]) for e, row in history["public.person"]] == [("d", 1), ("u", 2)]
 
 
 def test_a_table_the_history_does_not_know_is_left_out():
-    step = Step([ev("c", 5, after={"id": 1}, table="public.other")], xid="7", marker_offset=9)
+    step = SourceUnit([ev("c", 5, after={"id": 1}, table="public.other")], xid="7", marker_offset=9)
     events, phases, history = planned([step])
     assert [e.table for e in events] == ["public.other"]
     assert phases == [] and history == {}  # nothing to write for a table the destination does not replicate
@@ -109,14 +110,14 @@ def test_replay_from_a_time_skips_only_what_was_committed_before_it_and_applied(
 
 def test_events_keep_the_order_of_their_steps_and_a_transaction_re_sent_keeps_its_first_end_record():
     steps = two_transactions()
-    steps.append(Step([ev("c", 9, after={"id": 3, "name": "c"}, xid="7")], xid="7", marker_offset=12))
+    steps.append(SourceUnit([ev("c", 9, after={"id": 3, "name": "c"}, xid="7")], xid="7", marker_offset=12))
     events = plan.ordered_events(plan.scoped_entries(steps, plan.NO_SCOPE), steps)
     assert [e.offset for e in events] == [1, 1, 2, 2, 9]
     assert plan.end_record_offsets(steps) == {"7": 3, "8": 4}
 
 
 def test_an_apply_error_names_the_table_and_where_in_kafka():
-    step = Step([ev("c", 4, after={"id": 1}), ev("c", 6, after={"id": 2})], xid="7", marker_offset=9)
+    step = SourceUnit([ev("c", 4, after={"id": 1}), ev("c", 6, after={"id": 2})], xid="7", marker_offset=9)
     error = ApplyError(f"destination d: applying {where([step])} failed: boom", **located([step]))
     assert (error.table, error.topic, error.partition, error.offsets) == ("public.person", "d.person", 0, (4, 6))
     assert "2 changes of public.person (d.person[0]@4-6)" in str(error)

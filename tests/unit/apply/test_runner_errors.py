@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from cdc.config import parse
 from cdc.errors import CdcError, ConfigError, DestinationBusy, ServiceUnavailable
-from consumers.apply import runner
+from consumers.apply import supervisor as runner
 from consumers.apply.errors import (
     ApplyError,
     DestinationLost,

@@ -57,7 +57,7 @@ def project_imports(modules: dict[str, Path]) -> dict[str, set[str]]:
 def graph() -> dict[str, set[str]]:
     modules = project_modules()
     # The scan found the code (a test reading no file would pass for nothing).
-    assert GROUND | COMMAND_LINE | {"consumers.apply.runner", "producers.capture", "schemas.codec",
+    assert GROUND | COMMAND_LINE | {"consumers.apply.supervisor", "producers.capture", "schemas.codec",
                                     "infra.stack"} <= set(modules)
     return project_imports(modules)
 

@@ -1,5 +1,5 @@
-"""`cdc run`: one applier per destination, each in its own thread, with a progress line and clean shutdown, and a
-watcher that restarts the pipeline's failed Debezium tasks (producers/watch.py). A destination that fails stops
+"""`cdc run`'s supervisor: one applier per destination, each in its own thread, with a progress line, clean shutdown,
+and a watcher that restarts the pipeline's failed Debezium tasks (producers/watch.py). A destination that fails stops
 alone, started again after a backoff when its error is transient (errors.retry_reason); the run ends with the first
 terminal error once the others stop."""
 
