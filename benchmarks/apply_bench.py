@@ -699,10 +699,10 @@ def main(argv: list[str] | None = None) -> int:
             pipeline = BenchPipeline(run, run_id, {"replica": replica(ours_url)})
             topic = pipeline.topic
             if args.source_poll_ms:
-                log(f"pipeline {pipeline.pipeline.pipeline}: Debezium poll.interval.ms set to {args.source_poll_ms} "
+                log(f"pipeline {pipeline.pipeline.name}: Debezium poll.interval.ms set to {args.source_poll_ms} "
                     "for this run")
-                set_source_poll_interval(pipeline.pipeline, args.source_poll_ms)
-            report.source_poll_ms = source_poll_interval(pipeline.pipeline)
+                set_source_poll_interval(pipeline.name, args.source_poll_ms)
+            report.source_poll_ms = source_poll_interval(pipeline.name)
             report.capture_s = pipeline.load(args.rows)
             expected = checksum(pipeline.source_url)
 
@@ -735,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             log("cleanup: connector, slot, publication, topics, consumer groups and databases of this run")
             if pipeline is not None:
-                pipeline.cleanup(groups=(f"cdc-{pipeline.pipeline.pipeline}-profile",))
+                pipeline.cleanup(groups=(f"cdc-{pipeline.pipeline.name}-profile",))
 
     return finish(args.no_write, TABLE_HEADER + table_row(report), details(report), lambda: write_results(report),
                   bool(report.errors or any(j.error for j in report.jdbc)))

@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 final, result.history_rows = duckdb_checksum(duck_path)
                 return final
 
-            group = f"cdc-{pipeline.pipeline.pipeline}-{LAKE}"
+            group = f"cdc-{pipeline.pipeline.name}-{LAKE}"
             report.ingest = attempt("duckdb ingestion", report.errors, lambda: bench_ingest(
                 config_path, duck_path, args.rows, expected, run.layout.kafka_bootstrap, group, pipeline.topic,
                 args.ingest_runs))

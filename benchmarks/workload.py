@@ -169,7 +169,7 @@ class BenchPipeline:
         self.config_path.write_text(yaml.safe_dump(self.data, sort_keys=False))
         self.pipeline = config.load(self.config_path, env={})
         self.topic: str = self.pipeline.topic_of(TABLE)
-        log(f"pipeline {self.pipeline.pipeline}: creating topics and the Debezium connector")
+        log(f"pipeline {self.pipeline.name}: creating topics and the Debezium connector")
         capture.apply(self.pipeline)
 
     def load(self, rows: int) -> float:
@@ -198,9 +198,9 @@ class BenchPipeline:
         try:
             delete_topics(admin_client(self.layout.kafka_bootstrap),
                           [*p.data_topics, p.transaction_topic, p.signal_topic, p.notification_topic,
-                           f"__debezium-heartbeat.{p.pipeline}",
-                           *(f"{p.pipeline}.{d}.dead-letter" for d in self.destinations)])
+                           f"__debezium-heartbeat.{p.name}",
+                           *(f"{p.name}.{d}.dead-letter" for d in self.destinations)])
         except Exception as exc:  # noqa: BLE001
             log(f"cleanup: deleting topics failed: {exc}")
-        delete_groups(self.layout.kafka_bootstrap, [*(f"cdc-{p.pipeline}-{d}" for d in self.destinations), *groups,
-                                                    f"{p.pipeline}-signal"])
+        delete_groups(self.layout.kafka_bootstrap, [*(f"cdc-{p.name}-{d}" for d in self.destinations), *groups,
+                                                    f"{p.name}-signal"])

@@ -402,7 +402,8 @@ class Sync(_Model):
 
 
 class Pipeline(_Model):
-    pipeline: str = Field(pattern=NAME_RE, max_length=100)
+    # `pipeline:` in the file (its first key, what every name derived from it starts with); `name` in the code.
+    name: str = Field(alias="pipeline", pattern=NAME_RE, max_length=100)
     kafka: KafkaSettings
     source: SourceSettings
     hierarchies: dict[str, Hierarchy] = Field(default_factory=dict)
@@ -498,7 +499,7 @@ class Pipeline(_Model):
 
     def topic_of(self, table: str) -> str:
         hierarchy = self.hierarchy_of(table)
-        return f"{self.pipeline}.{hierarchy}" if hierarchy else f"{self.pipeline}.{topic_safe(table)}"
+        return f"{self.name}.{hierarchy}" if hierarchy else f"{self.name}.{topic_safe(table)}"
 
     @property
     def standalone_tables(self) -> tuple[str, ...]:
@@ -506,36 +507,36 @@ class Pipeline(_Model):
 
     @property
     def data_topics(self) -> list[str]:
-        return [f"{self.pipeline}.{h}" for h in self.hierarchies] + [self.topic_of(t) for t in self.standalone_tables]
+        return [f"{self.name}.{h}" for h in self.hierarchies] + [self.topic_of(t) for t in self.standalone_tables]
 
     @property
     def transaction_topic(self) -> str:
-        return f"{self.pipeline}.transaction"
+        return f"{self.name}.transaction"
 
     @property
     def signal_topic(self) -> str:
-        return f"{self.pipeline}.signal"
+        return f"{self.name}.signal"
 
     @property
     def notification_topic(self) -> str:
         """Debezium's notifications (snapshot started, completed ...), which `cdc replay --from-snapshot` waits on."""
-        return f"{self.pipeline}.notification"
+        return f"{self.name}.notification"
 
     @property
     def connector_name(self) -> str:
-        return f"{self.pipeline}-source"
+        return f"{self.name}-source"
 
     @property
     def slot_name(self) -> str:
-        return re.sub(r"[^a-z0-9_]", "_", self.pipeline.lower()) + "_slot"
+        return re.sub(r"[^a-z0-9_]", "_", self.name.lower()) + "_slot"
 
     @property
     def publication_name(self) -> str:
-        return re.sub(r"[^a-z0-9_]", "_", self.pipeline.lower()) + "_pub"
+        return re.sub(r"[^a-z0-9_]", "_", self.name.lower()) + "_pub"
 
     def masked(self) -> dict[str, Any]:
         """The configuration as plain data with every secret masked, for printing."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", by_alias=True)
         data["source"]["url"] = masked_url(self.source.sqlalchemy_url)
         for name, dest in self.destinations.items():
             data["destinations"][name]["url"] = masked_url(dest.sqlalchemy_url)

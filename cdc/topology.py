@@ -521,7 +521,7 @@ class Link:
         return next(iter(self.pipeline.destinations))
 
     def __repr__(self) -> str:
-        return f"Link({self.satellite}, {self.direction}, {self.pipeline.pipeline})"
+        return f"Link({self.satellite}, {self.direction}, {self.pipeline.name})"
 
 
 def parse(data: Any, source: str = DEFAULT_FILE, env: dict[str, str] | None = None) -> Topology:

@@ -169,7 +169,7 @@ def check_plugins(pipeline: Pipeline, connect: ConnectClient, config: dict[str, 
 
 def unplanned_topics(pipeline: Pipeline, existing: dict[str, int] | set[str]) -> list[tuple[str, str]]:
     """Topics under `<pipeline>.` that the plan does not name, each with the table its events came from."""
-    prefix = f"{pipeline.pipeline}."
+    prefix = f"{pipeline.name}."
     planned = topics.planned_topics(pipeline)
     by_topic = {topic_safe(t): t for t in pipeline.source.tables}
     return [(name, by_topic.get(name[len(prefix):], name[len(prefix):])) for name in sorted(existing)
@@ -178,7 +178,7 @@ def unplanned_topics(pipeline: Pipeline, existing: dict[str, int] | set[str]) ->
 
 def unplanned_message(pipeline: Pipeline, found: list[tuple[str, str]]) -> str:
     return "; ".join(
-        f"topic {topic} is not planned by pipeline {pipeline.pipeline!r}: " + (
+        f"topic {topic} is not planned by pipeline {pipeline.name!r}: " + (
             f"the dead-letter topic of destination {table.removesuffix('.dead-letter')!r}, which the pipeline file "
             "no longer names" if table.endswith(".dead-letter") else
             f"it holds events of table {table} that no applier reads") for topic, table in found)
@@ -199,7 +199,7 @@ def check_source(pipeline: Pipeline, identity: SourceIdentity, existing: dict[st
     pipeline's compacted `<pipeline>._source` topic: the topics are the only thing that outlives the connector,
     slot and publication, so the record of whose history they hold lives beside them.
     """
-    prefix = f"{pipeline.pipeline}."
+    prefix = f"{pipeline.name}."
     mine = sorted(t for t in existing if t.startswith(prefix))
     source = topics.source_topic(pipeline)
     recorded = _recorded_identity(topics.read_source_record(pipeline.kafka, source)
@@ -219,7 +219,7 @@ def check_source(pipeline: Pipeline, identity: SourceIdentity, existing: dict[st
     if not reset:
         raise CaptureError(
             f"topics {', '.join(holding)} hold {whose}, but source.url reaches {identity.describe()}: the pipeline "
-            f"name {pipeline.pipeline!r} was used before for another source database. Nothing was changed. Adding "
+            f"name {pipeline.name!r} was used before for another source database. Nothing was changed. Adding "
             "this source's events to them would mix two histories in one topic. Run `cdc connectors apply "
             "--reset-topics` to delete the pipeline's topics first (then replay the destinations fed from them), "
             "or give this pipeline another name.")
@@ -357,7 +357,7 @@ def _follow_partitions(pipeline: Pipeline, conn: psycopg.Connection, tables: dic
     parents = partitions.partitioned(conn, list(pipeline.source.tables))
     if not parents:
         if partitions.can_install(conn):
-            partitions.uninstall(conn, pipeline.pipeline, pipeline.source.signal_table)
+            partitions.uninstall(conn, pipeline.name, pipeline.source.signal_table)
         return
     if not partitions.can_install(conn):
         report.warnings.append(
@@ -367,7 +367,7 @@ def _follow_partitions(pipeline: Pipeline, conn: psycopg.Connection, tables: dic
         return
     full = set(debezium.full_identity_tables(pipeline, tables))
     members = {m for h in pipeline.hierarchies.values() for m in h.members}
-    partitions.install(conn, pipeline.pipeline, pipeline.source.signal_table, [
+    partitions.install(conn, pipeline.name, pipeline.source.signal_table, [
         partitions.Parent(t, blocking=t in members or not tables[t].primary_key, full_identity=t in full)
         for t in parents])
     report.partitions_followed = parents
@@ -379,7 +379,7 @@ def identity_problems(pipeline: Pipeline) -> list[str]:
     tables = describe_tables(pipeline.source.sqlalchemy_url, pipeline.source.tables)
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
         found = partitions_not_full(conn, debezium.full_identity_tables(pipeline, tables))
-        left = partitions.departures(conn, pipeline.pipeline, pipeline.source.signal_table,
+        left = partitions.departures(conn, pipeline.name, pipeline.source.signal_table,
                                      list(pipeline.destinations))
     return [f"partition {p} of {parent} lacks REPLICA IDENTITY FULL (PostgreSQL does not pass it on to partitions "
             "created or attached later): its updates and deletes carry an incomplete old row; run `cdc connectors "
@@ -390,7 +390,7 @@ def verified_equal(pipeline: Pipeline, destination: str, tables: list[str]) -> N
     """`cdc verify` found `destination` equal to the source on `tables`: partitions that left them are resolved
     there."""
     with psycopg.connect(psycopg_conninfo(pipeline.source.sqlalchemy_url), autocommit=True) as conn:
-        partitions.mark_resolved(conn, pipeline.pipeline, pipeline.source.signal_table, destination, tables)
+        partitions.mark_resolved(conn, pipeline.name, pipeline.source.signal_table, destination, tables)
 
 
 def topic_problems(pipeline: Pipeline) -> list[tuple[str, str]]:
@@ -464,7 +464,7 @@ def delete(pipeline: Pipeline, *, purge: bool) -> list[str]:
                 done.append(f"replication slot {pipeline.slot_name}: dropped")
             if drop_publication(conn, pipeline.publication_name):
                 done.append(f"publication {pipeline.publication_name}: dropped")
-            if partitions.can_install(conn) and partitions.uninstall(conn, pipeline.pipeline,
+            if partitions.can_install(conn) and partitions.uninstall(conn, pipeline.name,
                                                                      pipeline.source.signal_table):
                 done.append("event trigger following partitions: dropped")
     return done

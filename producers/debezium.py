@@ -210,7 +210,7 @@ def connector_config(pipeline: Pipeline, tables: dict[str, TableShape], secrets:
     a reference to its file; without it (pure tests), the values themselves."""
     keys = hierarchy_keys(pipeline, tables)
     url = pipeline.source.sqlalchemy_url
-    prefix = pipeline.pipeline
+    prefix = pipeline.name
     registry = registry_native_url(pipeline.kafka.schema_registry_url)
     captured = [*pipeline.source.tables, pipeline.source.signal_table]
     config: dict[str, str] = {

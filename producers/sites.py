@@ -50,7 +50,7 @@ class LinkPlan:
         p = self.link.pipeline
         site = self.link.satellite
         arrow = f"{site} -> master" if self.link.direction == "up" else f"master -> {site}"
-        out = [f"{p.pipeline} ({arrow}, sync {self._sync()}): {self.state}"
+        out = [f"{p.name} ({arrow}, sync {self._sync()}): {self.state}"
                + (f" (connector {p.connector_name}, {len(self.changes)} settings)" if self.state == "create" else "")]
         for table in p.source.tables:
             extra = []
@@ -90,7 +90,7 @@ def _filters(topology: Topology, link: Link) -> tuple[dict[str, str], dict[str, 
             columns = _columns(conn, table)
             if not columns:
                 raise SitesError(f"{table} does not exist at {link.pipeline.source.sqlalchemy_url.database} (the "
-                                 f"source of link {link.pipeline.pipeline})")
+                                 f"source of link {link.pipeline.name})")
             if table in topology.shared_tables:
                 if not _primary_key(conn, table):
                     raise SitesError(f"shared_tables[{table!r}]: {table} has no primary key at "
@@ -181,7 +181,7 @@ def _with_subset(plan: LinkPlan) -> Iterator[None]:
 
     def config(pipeline, tables, secrets=None):  # noqa: ANN001, ANN202 - the wrapped function's own signature
         out = original(pipeline, tables, secrets=secrets)
-        if pipeline.pipeline == plan.link.pipeline.pipeline:
+        if pipeline.name == plan.link.pipeline.name:
             out.update(extra)
         return out
 
@@ -572,7 +572,7 @@ def site_grants(topology: Topology, satellite: str) -> list[Grant]:
     for link in topology.links():
         if link.satellite != satellite:
             continue
-        name = link.pipeline.pipeline
+        name = link.pipeline.name
         if link.direction == "up":
             for op in ("write", "describe"):
                 grants.append(Grant("topic", f"{name}.", "prefixed", op))

@@ -20,14 +20,14 @@ SOURCE_KEY = b"source"
 
 def source_topic(pipeline: Pipeline) -> str:
     """`<pipeline>._source`: a hierarchy name cannot begin with '_' and a table's topic holds its schema's dot."""
-    return f"{pipeline.pipeline}._source"
+    return f"{pipeline.name}._source"
 
 
 def planned_topics(pipeline: Pipeline) -> set[str]:
     """Every topic that may exist under `<pipeline>.`: what `connectors apply` creates, and the appliers'
     dead-letter topics."""
     planned = {spec.name for spec in pipeline_topics(pipeline)}
-    planned |= {f"{pipeline.pipeline}.{name}.dead-letter" for name in pipeline.destinations}
+    planned |= {f"{pipeline.name}.{name}.dead-letter" for name in pipeline.destinations}
     return planned
 
 

@@ -109,7 +109,7 @@ def reset_source(layout: stack.StackLayout, pipeline: Pipeline) -> None:
             conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
     admin = topics.admin_client(layout.kafka_bootstrap)
-    stale = [t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.pipeline}.")]
+    stale = [t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.name}.")]
     topics.delete_topics(admin, stale)
     deadline = time.monotonic() + 30
     while any(t in topics.existing_topics(admin) for t in stale) and time.monotonic() < deadline:
@@ -271,7 +271,7 @@ def show_lag(layout: stack.StackLayout, pipeline: Pipeline, database: str, echo:
             for sample in samples.values():
                 history.add(sample)
             time.sleep(1)
-        Console(width=120).print(render(report(history.windows(), source, pipeline=pipeline.pipeline, stop_after=30)))
+        Console(width=120).print(render(report(history.windows(), source, pipeline=pipeline.name, stop_after=30)))
     finally:
         probe.close()
     port = 9108

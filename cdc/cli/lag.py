@@ -94,7 +94,7 @@ def lag(
         try:
             history = History(window_seconds=window, keep_seconds=window)
             if watch:
-                return _watch(probe, history, interval, stop_after, pipeline.pipeline)
+                return _watch(probe, history, interval, stop_after, pipeline.name)
             samples, source = probe.sample()
             for s in samples.values():
                 history.add(s)
@@ -103,7 +103,7 @@ def lag(
                 samples, source = probe.sample()
                 for s in samples.values():
                     history.add(s)
-            doc = report(history.windows(), source, pipeline=pipeline.pipeline, stop_after=stop_after)
+            doc = report(history.windows(), source, pipeline=pipeline.name, stop_after=stop_after)
         finally:
             probe.close()
         if as_json:

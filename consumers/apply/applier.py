@@ -63,6 +63,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from cdc.config import Destination, Pipeline
 from cdc.errors import CdcError, DestinationBusy, ServiceUnavailable, Terminal, driver_reason
+from cdc.source_tables import LSN_COLUMN, TableShape
 from consumers.apply import runs
 from consumers.apply.dead_letters import DeadLetterSink, event_json
 from consumers.apply.dialects import Dialect
@@ -70,7 +71,6 @@ from consumers.apply.errors import ApplyError, DestinationLost, DestinationUnrea
 from consumers.apply.outage import Outage, clock
 from consumers.apply.plan import NO_SCOPE, ReplayScope
 from consumers.apply.reader import KAFKA_PROBE_S, ChangeReader, kafka_reason
-from consumers.apply.shapes import LSN_COLUMN, TableShape
 from consumers.apply.source_follow import SourceFollower
 from consumers.apply.transactions import SourceUnit, TransactionAssembler, positions_after
 from consumers.apply.writer import ApplierStats, DestinationWriter

@@ -26,9 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cdc.source_tables import LSN_COLUMN, TableShape
 from consumers.apply.dialects.base import new_changes_sql
 from consumers.apply.runs import ChangeRun
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 from consumers.apply.values import _MAX_DAYS, _MAX_US, _MIN_DAYS, _MIN_US, PLACEHOLDER, RowConverter
 
 # The column types taken here: those whose RowConverter conversion Arrow can do (flat_images). Others are not taken.

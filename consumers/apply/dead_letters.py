@@ -34,7 +34,7 @@ class DeadLetterSink:
         self.name = destination_name
         self.registry = registry
         self.echo = echo
-        self.topic = f"{pipeline.pipeline}.{destination_name}.dead-letter"
+        self.topic = f"{pipeline.name}.{destination_name}.dead-letter"
         self._producer: Producer | None = None
         self._encoder: AvroEncoder | None = None
         self._lock = threading.Lock()  # both of the applier's threads may dead-letter: one producer
@@ -49,7 +49,7 @@ class DeadLetterSink:
                                                         {"enable.idempotence": True, "log_level": 3})
                 self._encoder = AvroEncoder(self.registry, f"{self.topic}-value", load_schema("dead_letter"))
         assert self._encoder is not None
-        record = {"pipeline": self.pipeline.pipeline, "destination": self.name, "error": error, "topic": topic,
+        record = {"pipeline": self.pipeline.name, "destination": self.name, "error": error, "topic": topic,
                   "partition": partition, "offset": offset, "key": key, "value": value, "event_json": event_json,
                   "failed_at_ms": int(time.time() * 1000)}
         failures: list[Any] = []

@@ -37,7 +37,7 @@ class ApplierCollector:
         applied = GaugeMetricFamily("cdc_applier_applied_offset", "Next offset to apply.", labels=part_labels)
         read = GaugeMetricFamily("cdc_applier_read_offset", "Next offset to read.", labels=part_labels)
         for a in self.appliers:
-            key = [a.pipeline.pipeline, a.name]
+            key = [a.pipeline.name, a.name]
             rows.add_metric(key, a.stats.rows)
             txs.add_metric(key, a.stats.transactions)
             batches.add_metric(key, a.stats.batches)

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from cdc.source_tables import LSN_COLUMN, TableShape
 from consumers.apply import runs
 from consumers.apply.events import ChangeEvent
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 from consumers.apply.values import UNAVAILABLE
 
 if TYPE_CHECKING:

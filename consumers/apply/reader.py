@@ -19,12 +19,12 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, DecodeError, NotApplied, ServiceUnavailable, driver_reason
+from cdc.source_tables import TableShape
 from consumers.apply import columnar, runs, values
 from consumers.apply.dead_letters import DeadLetterSink
 from consumers.apply.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
 from consumers.apply.outage import REMIND_EVERY_S, Outage
 from consumers.apply.plan import ReplayScope
-from consumers.apply.shapes import TableShape
 from consumers.apply.transactions import TransactionAssembler
 from producers.debezium import avro_name
 from schemas.batch import BatchDecoder, extract
@@ -118,7 +118,7 @@ class ChangeReader:
 
     @property
     def group_id(self) -> str:
-        return f"cdc-{self.pipeline.pipeline}-{self.name}"
+        return f"cdc-{self.pipeline.name}-{self.name}"
 
     @property
     def topics(self) -> list[str]:

@@ -1,12 +1,7 @@
-"""What the applier keeps beside a replicated table at the destination (its bookkeeping columns and tables), and the
-model of a source table it applies to (cdc/source_tables.py, re-exported here for the applier's modules)."""
+"""What the applier keeps beside a replicated table at the destination: its bookkeeping names (the model of a source
+table, and the `_cdc_lsn` column each replicated row carries, are in cdc/source_tables.py)."""
 
 from __future__ import annotations
-
-from cdc.source_tables import LSN_COLUMN as LSN_COLUMN
-from cdc.source_tables import ColumnShape as ColumnShape
-from cdc.source_tables import ForeignKeyShape as ForeignKeyShape
-from cdc.source_tables import TableShape as TableShape
 
 # Each replicated row remembers the source position (LSN) of the change that wrote it, in LSN_COLUMN:
 # a conditional upsert in one statement can then refuse to let an older change overwrite a newer one.

@@ -11,13 +11,12 @@ from typing import Any
 import psycopg
 
 from cdc.config import Pipeline
-from cdc.source_tables import reflect_tables
+from cdc.source_tables import ColumnShape, TableShape, reflect_tables
 from consumers.apply import values
 from consumers.apply.dialects import Dialect
 from consumers.apply.dialects.base import SchemaChangeError
 from consumers.apply.errors import ApplyError
 from consumers.apply.events import ChangeEvent
-from consumers.apply.shapes import ColumnShape, TableShape
 from consumers.apply.transactions import SourceUnit
 from producers.debezium import avro_name
 from producers.source_admin import one_row, psycopg_conninfo

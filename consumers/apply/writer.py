@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 
 from cdc.config import Destination, Pipeline
 from cdc.errors import DestinationBusy, ServiceUnavailable, driver_reason
-from cdc.source_tables import reflect_tables
+from cdc.source_tables import LSN_COLUMN, TableShape, reflect_tables
 from consumers.apply import columnar, commit_mark, plan, runs, values
 from consumers.apply.copies import CommitMark, describe, split_copies
 from consumers.apply.dialects import Dialect, dialect_class, dialect_for
@@ -35,7 +35,6 @@ from consumers.apply.errors import (
 )
 from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import NO_SCOPE, ReplayScope, dependency_order, net_changes, self_referencing_order
-from consumers.apply.shapes import LSN_COLUMN, TableShape
 from consumers.apply.source_follow import SourceFollower
 from consumers.apply.transactions import SourceUnit
 
@@ -144,7 +143,7 @@ class DestinationWriter:
                 error = DestinationUnreachable if unreachable(exc) else ServiceUnavailable
                 raise error(f"destination {self.name} did not answer: {driver_reason(exc)}") from exc
             try:
-                free = self.dialect.try_writer_lock(conn, self.pipeline.pipeline, self.name)
+                free = self.dialect.try_writer_lock(conn, self.pipeline.name, self.name)
                 conn.commit()  # the lock is the session's: not left idle in a transaction
             except OperationalError as exc:
                 conn.invalidate()
@@ -157,7 +156,7 @@ class DestinationWriter:
             if not free:
                 conn.invalidate()
                 conn.close()
-                raise DestinationBusy(self.name, self.pipeline.pipeline)
+                raise DestinationBusy(self.name, self.pipeline.name)
             self._writer_lock = conn
             self._lock_checked = time.monotonic()
 
@@ -267,16 +266,16 @@ class DestinationWriter:
         try:
             with self.begin() as conn:
                 self.dialect.ensure_offsets_table(conn)
-                stored = self.dialect.load_offsets(conn, self.pipeline.pipeline)
+                stored = self.dialect.load_offsets(conn, self.pipeline.name)
                 commit_mark.ensure(conn)
-                mark = commit_mark.load(conn, self.pipeline.pipeline)
+                mark = commit_mark.load(conn, self.pipeline.name)
                 # Void once a replay or a restore moved the offsets back before the END record that set it.
                 self.mark = mark if mark and mark.counts(stored.get((self.pipeline.transaction_topic, 0))) else None
                 # Tables made elsewhere are taken over only on the pipeline's first run here: the snapshot that
                 # refills them is at the start of the topics.
                 self.dialect.adopt = (None if not self.destination.adopt_existing_tables else
                                       "" if not stored else
-                                      f"pipeline {self.pipeline.pipeline} has already applied changes here, so the "
+                                      f"pipeline {self.pipeline.name} has already applied changes here, so the "
                                       "snapshot that would refill it is behind its stored offsets (cdc replay "
                                       "rebuilds the destination from the start of the topics)")
                 self.dialect.adopted.clear()
@@ -301,7 +300,7 @@ class DestinationWriter:
                     for action in self.dialect.grant_read_only(conn, self.destination.read_only_role,
                                                                password.get_secret_value() if password else None):
                         self.echo(f"{self.name}: {action}")
-                self.dialect.record_error(conn, self.pipeline.pipeline, None)  # running again: no longer stopped
+                self.dialect.record_error(conn, self.pipeline.name, None)  # running again: no longer stopped
         except OperationalError as exc:
             raise ServiceUnavailable(f"destination {self.name} did not answer: {driver_reason(exc)}") from exc
         except DBAPIError as exc:
@@ -403,9 +402,9 @@ class DestinationWriter:
                         keys = list(reversed(self_referencing_order(self.shapes[table], keys)))
                     self.dialect.delete(conn, self.shapes[table], keys)
         self.dialect.end_batch(conn)
-        self.dialect.store_offsets(conn, self.pipeline.pipeline, offsets)
+        self.dialect.store_offsets(conn, self.pipeline.name, offsets)
         if self._next_mark is not None and self._next_mark != self.mark:
-            commit_mark.store(conn, self.pipeline.pipeline, self._next_mark)
+            commit_mark.store(conn, self.pipeline.name, self._next_mark)
         return count
 
     def _keyless_once(self, conn: Any, events: list[ChangeEvent],
@@ -420,7 +419,7 @@ class DestinationWriter:
         if not plan.has_keyless(events, self.shapes):
             return events, events
         events, repeats = plan.keyless_repeats(events, self.shapes)
-        pipeline = self.pipeline.pipeline
+        pipeline = self.pipeline.name
         xids = plan.keyless_xids(events, self.shapes)
         records = [plan.AppliedRecord(r.source_table, r.xid, r.first_lsn, r.last_lsn, r.end_offset)
                    for r in self.dialect.load_applied(conn, pipeline, xids)]
@@ -496,13 +495,13 @@ class DestinationWriter:
     def store_offsets(self, offsets: Mapping[tuple[str, int], int]) -> None:
         """Store offsets alone, in a transaction of their own (a dead-lettered step's: the stream goes on past it)."""
         with self.begin() as conn:
-            self.dialect.store_offsets(conn, self.pipeline.pipeline, dict(offsets))
+            self.dialect.store_offsets(conn, self.pipeline.name, dict(offsets))
 
     def record_status(self, error: str | None) -> None:
         """Say in the destination's `_cdc_status` why this applier stopped or is blocked (None: it runs), for
         `cdc lag`."""
         with self.begin() as conn:
-            self.dialect.record_error(conn, self.pipeline.pipeline, error)
+            self.dialect.record_error(conn, self.pipeline.name, error)
 
     def close(self) -> None:
         self.release()

@@ -59,7 +59,7 @@ class LagProbe:
         self.timeout = timeout
         self._reader = kafka_clients.consumer(pipeline.kafka, {
             # A group of its own that never commits: reading must not disturb the appliers' groups.
-            "group.id": f"cdc-lag-probe-{pipeline.pipeline}-{uuid.uuid4().hex[:8]}",
+            "group.id": f"cdc-lag-probe-{pipeline.name}-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": False,
@@ -132,7 +132,7 @@ class LagProbe:
 
     def group_offsets(self, destination: str, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """What the applier's consumer group committed (Kafka's view; the lag tools' view). Empty when unknown."""
-        group = f"cdc-{self.pipeline.pipeline}-{destination}"
+        group = f"cdc-{self.pipeline.name}-{destination}"
         request = ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, p in partitions])
         try:
             result = self._admin.list_consumer_group_offsets([request], request_timeout=self.timeout)[group]
@@ -224,9 +224,9 @@ class LagProbe:
                     return {}, None, None  # the applier never ran here
                 rows = conn.execute(select(_OFFSETS.c.topic, _OFFSETS.c.kafka_partition, _OFFSETS.c.next_offset,
                                            _OFFSETS.c.updated_at)
-                                    .where(_OFFSETS.c.pipeline == self.pipeline.pipeline)).all()
+                                    .where(_OFFSETS.c.pipeline == self.pipeline.name)).all()
                 # Why the applier stopped, if it stopped on an error (ReplicaApplier._record_error).
-                stopped = (conn.execute(select(_STATUS.c.error).where(_STATUS.c.pipeline == self.pipeline.pipeline))
+                stopped = (conn.execute(select(_STATUS.c.error).where(_STATUS.c.pipeline == self.pipeline.name))
                            .scalar() if inspect(conn).has_table(_STATUS.name) else None)
         except (SQLAlchemyError, CdcError, ImportError) as exc:
             return {}, None, f"destination {name} cannot be read: {first_line(exc, 300)}"

@@ -80,7 +80,7 @@ class LagServer:
         with self._lock:
             for s in samples.values():
                 self.history.add(s)
-            doc = report(self.history.windows(), source, pipeline=self.pipeline.pipeline, stop_after=self.stop_after)
+            doc = report(self.history.windows(), source, pipeline=self.pipeline.name, stop_after=self.stop_after)
             now = time.time()
             self.series.append({"t": now, "destinations": {
                 d["name"]: [d["lag_messages"], d["lag_seconds"]] for d in doc["destinations"]}})
@@ -133,7 +133,7 @@ class _Collector:
 
     def collect(self):  # noqa: ANN201 - prometheus_client's protocol
         s = self.server
-        pipeline = s.pipeline.pipeline
+        pipeline = s.pipeline.name
         with s._lock:
             doc, errors = s.latest, s.errors
         part_labels = ["pipeline", "destination", "topic", "partition"]

@@ -115,7 +115,7 @@ def restore(pipeline: Pipeline, destination: str, backup_id: int) -> Backup:
     store = store_for(pipeline, destination)
     found = [b for b in store.list() if b.id == backup_id]
     if not found:
-        raise CdcError(f"backups: no backup {backup_id} for pipeline {pipeline.pipeline!r} in {destination}")
+        raise CdcError(f"backups: no backup {backup_id} for pipeline {pipeline.name!r} in {destination}")
     store.restore(found[0])
     return found[0]
 
@@ -150,8 +150,8 @@ class SchemaBackups(BackupStore):
         """Record a backup schema filled in this transaction (by `take`, or by a shadow replay's swap)."""
         row = conn.execute(text(f'insert into "{BACKUPS_TABLE}" (schema_name, pipeline, tables) '
                                 "values (:s, :p, cast(:t as jsonb)) returning id, created_at"),
-                           {"s": schema, "p": self.pipeline.pipeline, "t": json.dumps(tables)}).one()
-        return Backup(row[0], row[1], schema, self.pipeline.pipeline, tables)
+                           {"s": schema, "p": self.pipeline.name, "t": json.dumps(tables)}).one()
+        return Backup(row[0], row[1], schema, self.pipeline.name, tables)
 
     def take(self, tables: list[str]) -> Backup:
         """Copy the tables (and the pipeline's stored offsets) into a new timestamped schema."""
@@ -169,14 +169,14 @@ class SchemaBackups(BackupStore):
                     conn.execute(text(f"create table {prep.quote(schema)}.{prep.quote(name)} as table "
                                       f"{prep.format_table(table)}"))
             conn.execute(text(f"create table {prep.quote(schema)}.{prep.quote(OFFSETS.name)} as select * from "
-                              f"{prep.quote(OFFSETS.name)} where pipeline = :p"), {"p": self.pipeline.pipeline})
+                              f"{prep.quote(OFFSETS.name)} where pipeline = :p"), {"p": self.pipeline.name})
             return self.record(conn, schema, tables)
 
     def list(self) -> list[Backup]:
         with self._transaction() as conn:
             self.ensure_table(conn)
             rows = conn.execute(text(f'select id, created_at, schema_name, pipeline, tables from "{BACKUPS_TABLE}" '
-                                     "where pipeline = :p order by id desc"), {"p": self.pipeline.pipeline}).all()
+                                     "where pipeline = :p order by id desc"), {"p": self.pipeline.name}).all()
         return [Backup(r[0], r[1], r[2], r[3], list(r[4])) for r in rows]
 
     def restore(self, backup: Backup) -> None:
@@ -185,8 +185,8 @@ class SchemaBackups(BackupStore):
             dialect = dialect_for(conn.engine)
             # Not under an applier at work: it would write into the tables being put back. The lock is this
             # session's, and the session ends with the restore (`_transaction` disposes of its engine).
-            if not dialect.try_writer_lock(conn, self.pipeline.pipeline, self.destination):
-                raise DestinationBusy(self.destination, self.pipeline.pipeline)
+            if not dialect.try_writer_lock(conn, self.pipeline.name, self.destination):
+                raise DestinationBusy(self.destination, self.pipeline.name)
             prep = conn.dialect.identifier_preparer
             dialect.begin_batch(conn, snapshot=True)
             order = dependency_order(shapes)
@@ -196,7 +196,7 @@ class SchemaBackups(BackupStore):
                 conn.execute(text(f"insert into {prep.format_table(dialect.table(shapes[name]))} "
                                   f"select * from {prep.quote(backup.location)}.{prep.quote(name)}"))
             conn.execute(text(f"delete from {prep.quote(OFFSETS.name)} where pipeline = :p"),
-                         {"p": self.pipeline.pipeline})
+                         {"p": self.pipeline.name})
             conn.execute(text(f"insert into {prep.quote(OFFSETS.name)} select * from "
                               f"{prep.quote(backup.location)}.{prep.quote(OFFSETS.name)}"))
 
@@ -230,7 +230,7 @@ class FileBackups(BackupStore):
         return sorted(found, key=lambda item: item[0].id, reverse=True)
 
     def list(self) -> list[Backup]:
-        return [b for b, _ in self._manifests() if b.pipeline == self.pipeline.pipeline]
+        return [b for b, _ in self._manifests() if b.pipeline == self.pipeline.name]
 
     def _reserve(self) -> tuple[int, datetime, Path]:
         """The next id (ids only grow, whichever pipeline took the backups) and a file name for it."""
@@ -245,10 +245,10 @@ class FileBackups(BackupStore):
         manifest = path.with_suffix(".json")
         partial = manifest.with_name(f".{manifest.name}.partial")
         partial.write_text(json.dumps({"id": backup_id, "created_at": created_at.isoformat(), "file": path.name,
-                                       "pipeline": self.pipeline.pipeline, "destination": self.destination,
+                                       "pipeline": self.pipeline.name, "destination": self.destination,
                                        "tables": tables}, indent=2))
         os.replace(partial, manifest)
-        return Backup(backup_id, created_at, str(path), self.pipeline.pipeline, tables)
+        return Backup(backup_id, created_at, str(path), self.pipeline.name, tables)
 
     def take(self, tables: list[str]) -> Backup | None:
         if not self.live.exists():

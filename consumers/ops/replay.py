@@ -34,13 +34,12 @@ from sqlalchemy import inspect, text
 from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError
-from cdc.source_tables import reflect_tables
+from cdc.source_tables import TableShape, reflect_tables
 from consumers.apply.applier import ReplicaApplier
 from consumers.apply.dialects import Dialect, dialect_for
 from consumers.apply.dialects.base import HISTORY_SUFFIX
 from consumers.apply.dialects.bookkeeping import OFFSETS
 from consumers.apply.plan import NO_SCOPE, ReplayScope, dependency_order
-from consumers.apply.shapes import TableShape
 from consumers.apply.writer import DestinationWriter
 from consumers.ops.backups import (
     Backup,
@@ -187,14 +186,14 @@ def _rebuild(pipeline: Pipeline, destination: str, chosen: list[str], shapes: di
     skip_before_ms = int(start.timestamp() * 1000) if start is not None else None
     with writer.engine.begin() as conn:
         writer.dialect.ensure_offsets_table(conn)
-        stored = writer.dialect.load_offsets(conn, pipeline.pipeline)
+        stored = writer.dialect.load_offsets(conn, pipeline.name)
         if start is not None:
             # A destination behind TIME has changes from before it still to apply: read from where it stopped.
             positions = {tp: min(offset, stored.get(tp, 0)) for tp, offset in positions.items()}
         writer.dialect.begin_batch(conn, snapshot=True)
         _empty(conn, writer.dialect, {n: shapes[n] for n in chosen}, since_ms=skip_before_ms)
-        writer.dialect.reset_offsets(conn, pipeline.pipeline)
-        writer.dialect.store_offsets(conn, pipeline.pipeline, positions)
+        writer.dialect.reset_offsets(conn, pipeline.name)
+        writer.dialect.store_offsets(conn, pipeline.name, positions)
     if start is not None:
         echo(f"replay: re-applying the changes committed since {start.isoformat()} on top of the tables")
     elif from_snapshot:
@@ -354,15 +353,15 @@ def _swap(pipeline: Pipeline, applier: ReplicaApplier, shadow: str, chosen: list
             conn.execute(text(f"alter table {q(shadow)}.{q(name)} set schema {q(schema)}"))
             conn.execute(text(f"alter table {q(schema)}.{q(name)} rename to {q(table.name)}"))
         conn.execute(text(f"create table {q(backup_schema)}.{q(OFFSETS.name)} as select * from {q(OFFSETS.name)} "
-                          "where pipeline = :p"), {"p": pipeline.pipeline})
-        old = live.load_offsets(conn, pipeline.pipeline)
-        new = applier.dialect.load_offsets(conn, pipeline.pipeline)
+                          "where pipeline = :p"), {"p": pipeline.name})
+        old = live.load_offsets(conn, pipeline.name)
+        new = applier.dialect.load_offsets(conn, pipeline.name)
         if not full:
             # The tables outside the scope are where the old offsets say; the rebuilt ones may take a change
             # twice (harmless: `_cdc_lsn`), never miss one.
             new = {tp: min(offset, old[tp]) for tp, offset in new.items() if tp in old}
-        live.reset_offsets(conn, pipeline.pipeline)
-        live.store_offsets(conn, pipeline.pipeline, new)
+        live.reset_offsets(conn, pipeline.name)
+        live.store_offsets(conn, pipeline.name, new)
         conn.execute(text(f"drop schema {q(shadow)} cascade"))
         saved = None
         if keep_old:

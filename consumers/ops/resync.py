@@ -29,10 +29,10 @@ from sqlalchemy import text
 from cdc import kafka as kafka_clients
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, first_line
-from cdc.source_tables import reflect_tables
+from cdc.source_tables import LSN_COLUMN, TableShape, reflect_tables
 from consumers.apply.dialects import dialect_for
 from consumers.apply.dialects.base import HISTORY_COLUMNS
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 from consumers.ops import verify
 from consumers.ops.compare import equal, jsonable, kind_of, normal, normal_row
 from consumers.ops.verify import resolve_table
@@ -247,7 +247,7 @@ def resync(pipeline: Pipeline, table: str, raw_ids: str | list[Any] | None = Non
             sql.SQL("insert into {} (pipeline, destination, requested_by, table_name, keys, state) "
                     "values (%s, %s, %s, %s, %s, 'requested') returning id, requested_at").format(
                 _history_table(pipeline)),
-            (pipeline.pipeline, dest, requested_by or getpass.getuser(), table, json.dumps(chosen, default=str))
+            (pipeline.name, dest, requested_by or getpass.getuser(), table, json.dumps(chosen, default=str))
         ).fetchone()
         rows = _source_rows(conn, shape, _condition(shape, chosen))
         present = {_key_of(shape, r): [r[c] for c in shape.primary_key] for r in rows}
@@ -409,7 +409,7 @@ def _sent_since(pipeline: Pipeline, engine: Any, dialect: Any, request: SyncRequ
     topic = pipeline.topic_of(request.table)
     since_ms = int(request.requested_at.timestamp() * 1000)
     consumer = kafka_clients.consumer(pipeline.kafka, {
-        "log_level": 3, "group.id": f"cdc-resync-{pipeline.pipeline}-{request.id}", "enable.auto.commit": False})
+        "log_level": 3, "group.id": f"cdc-resync-{pipeline.name}-{request.id}", "enable.auto.commit": False})
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
@@ -426,7 +426,7 @@ def _sent_since(pipeline: Pipeline, engine: Any, dialect: Any, request: SyncRequ
                 "not act on the snapshot signal (its Connect log says why; is the signalling table captured?)")
     try:
         with verify.connect(engine) as dst:
-            applied = dialect.load_offsets(dst, pipeline.pipeline)
+            applied = dialect.load_offsets(dst, pipeline.name)
     except Exception:  # noqa: BLE001 - no offsets table: nothing was ever applied
         applied = {}
     behind = [(p, o, applied.get((topic, p), 0)) for p, o in sent.items() if applied.get((topic, p), 0) <= o]
@@ -446,7 +446,7 @@ def history(pipeline: Pipeline, request_id: int | None = None) -> list[SyncReque
         _ensure_history(conn, pipeline)
         query = sql.SQL("select * from {} where pipeline = %s {} order by id desc").format(
             _history_table(pipeline), sql.SQL("and id = %s" if request_id is not None else ""))
-        params = (pipeline.pipeline, request_id) if request_id is not None else (pipeline.pipeline,)
+        params = (pipeline.name, request_id) if request_id is not None else (pipeline.name,)
         with conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(query, params).fetchall()
     if request_id is not None and not rows:
@@ -461,7 +461,7 @@ def clear_history(pipeline: Pipeline, before: datetime | None = None) -> int:
         _ensure_history(conn, pipeline)
         query = sql.SQL("delete from {} where pipeline = %s {}").format(
             _history_table(pipeline), sql.SQL("and requested_at < %s" if before else ""))
-        return conn.execute(query, (pipeline.pipeline, before) if before else (pipeline.pipeline,)).rowcount
+        return conn.execute(query, (pipeline.name, before) if before else (pipeline.name,)).rowcount
 
 
 def report_csv(request: SyncRequest) -> str:
@@ -611,7 +611,7 @@ def _applied_through_now(pipeline: Pipeline, dst_engine: Any, dialect: Any, dest
     topic = pipeline.transaction_topic
     deadline = time.monotonic() + seconds
     consumer = kafka_clients.consumer(pipeline.kafka, {
-        "log_level": 3, "group.id": f"cdc-resync-watermark-{pipeline.pipeline}", "enable.auto.commit": False,
+        "log_level": 3, "group.id": f"cdc-resync-watermark-{pipeline.name}", "enable.auto.commit": False,
         "enable.partition.eof": False})
     try:
         _, end = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
@@ -636,7 +636,7 @@ def _applied_through_now(pipeline: Pipeline, dst_engine: Any, dialect: Any, dest
     applied = 0
     while True:
         with verify.connect(dst_engine) as dst:
-            applied = dialect.load_offsets(dst, pipeline.pipeline).get((topic, 0), 0)
+            applied = dialect.load_offsets(dst, pipeline.name).get((topic, 0), 0)
         if applied > marker:
             return
         if time.monotonic() > deadline:
@@ -654,7 +654,7 @@ def _stopped(engine: Any, dialect: Any, pipeline: Pipeline) -> str | None:
     try:
         with verify.connect(engine) as dst:
             row = dst.execute(select(dialect.status.c.error).where(
-                dialect.status.c.pipeline == pipeline.pipeline)).first()
+                dialect.status.c.pipeline == pipeline.name)).first()
     except Exception:  # noqa: BLE001 - no status table: the applier never recorded a stop
         return None
     return str(row[0]).splitlines()[0] if row is not None and row[0] else None
@@ -729,7 +729,7 @@ def sync_keyless(pipeline: Pipeline, table: str, *, destination: str | None = No
         request_id, requested_at = conn.execute(
             sql.SQL("insert into {} (pipeline, destination, requested_by, table_name, keys, state) "
                     "values (%s, %s, %s, %s, '[]', 'in progress') returning id, requested_at").format(
-                _history_table(pipeline)), (pipeline.pipeline, dest, who, table)).fetchone()
+                _history_table(pipeline)), (pipeline.name, dest, who, table)).fetchone()
     request = SyncRequest(request_id, requested_at, who, table, [], "in progress", destination=dest)
     src_engine = verify.source_engine(pipeline)
     dst_engine = verify.destination_engine(pipeline, dest, write=True)

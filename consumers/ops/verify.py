@@ -45,11 +45,11 @@ from sqlalchemy.pool import NullPool
 
 from cdc.config import Pipeline
 from cdc.errors import CdcError, ConfigError, first_line
-from cdc.source_tables import MissingTables, reflect_tables
+from cdc.source_tables import LSN_COLUMN, MissingTables, TableShape, reflect_tables
 from consumers.apply.dialects import Dialect, dialect_class, dialect_for
 from consumers.apply.dialects.base import HISTORY_COLUMNS, HISTORY_SUFFIX
 from consumers.apply.dialects.postgres import PostgresDialect
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 from consumers.ops.compare import Kind, equal, jsonable, kind_of, normal, normal_row
 
 ROWS_PER_BUCKET = 16  # the aim of step 1: a differing bucket costs ~16 rows fetched per side

@@ -78,7 +78,7 @@ class SitesRunner:
                 applier.stop()
 
     def _once(self, link: Link, *, until_caught_up: bool) -> None:
-        name = link.pipeline.pipeline
+        name = link.pipeline.name
         # site_pipeline: a down link's applier acts for its satellite (its Kafka user, when it has one).
         screen = SiteScreen(self.topology, link) if self.topology is not None else None
         if screen is None:
@@ -106,7 +106,7 @@ class SitesRunner:
             applier.close()
 
     def _work(self, link: Link) -> None:
-        name = link.pipeline.pipeline
+        name = link.pipeline.name
         try:
             if self.until_caught_up or link.sync.mode == "on_demand":
                 self._once(link, until_caught_up=True)
@@ -131,7 +131,7 @@ class SitesRunner:
     def _scheduled(self, link: Link) -> None:
         """Rounds when `schedule.due` says so; a round that fails blocks the link (recorded in the book) unless the
         satellite turned out to be unreachable, which only waits for it to answer again."""
-        name = link.pipeline.pipeline
+        name = link.pipeline.name
         state = LinkState(started_at=self.clock())
         asked = link.satellite in self.by_hand
         if self.book is not None:
@@ -214,7 +214,7 @@ class SitesRunner:
     def oldest_waiting(self, link: Link) -> float | None:
         """The commit time (epoch seconds) of the oldest change waiting in the link's topics, from the lag probe;
         None when nothing waits, or when it cannot be read now (said on a line)."""
-        name = link.pipeline.pipeline
+        name = link.pipeline.name
         try:
             probe = self._probes.get(name)
             if probe is None:
@@ -238,7 +238,7 @@ class SitesRunner:
         collide in PostgreSQL's catalog. (A `prepared` event on ReplicaApplier would say it without looking at
         its reader.)"""
         deadline = time.monotonic() + patience
-        name = link.pipeline.pipeline
+        name = link.pipeline.name
         while thread.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
             with self._lock:
                 applier = self._current.get(name)
@@ -254,7 +254,7 @@ class SitesRunner:
             time.sleep(0.1)
 
     def run(self) -> int:
-        threads = [threading.Thread(target=self._work, args=(link,), name=f"link-{link.pipeline.pipeline}")
+        threads = [threading.Thread(target=self._work, args=(link,), name=f"link-{link.pipeline.name}")
                    for link in self.links]
         for link, t in zip(self.links, threads):
             t.start()
@@ -277,9 +277,9 @@ def link_status(link: Link) -> dict[str, Any]:
         samples, source = probe.sample()
     finally:
         probe.close()
-    doc = lag_rules.report({n: [s] for n, s in samples.items()}, source, pipeline=link.pipeline.pipeline)
+    doc = lag_rules.report({n: [s] for n, s in samples.items()}, source, pipeline=link.pipeline.name)
     dest = doc["destinations"][0]
-    return {"pipeline": link.pipeline.pipeline, "direction": link.direction, "destination": link.destination,
+    return {"pipeline": link.pipeline.name, "direction": link.direction, "destination": link.destination,
             "sync": link.sync.describe(),
             "status": dest["status"], "reason": dest["reason"], "lag_messages": dest["lag_messages"],
             "lag_seconds": dest["lag_seconds"], "last_sync_at": dest["last_applied_at"],
@@ -299,10 +299,10 @@ def status(topology: Topology, book: ErrorBook | None = None) -> dict[str, Any]:
         try:
             state = link_status(link)
         except CdcError as exc:
-            state = {"pipeline": link.pipeline.pipeline, "direction": link.direction, "destination": link.destination,
+            state = {"pipeline": link.pipeline.name, "direction": link.direction, "destination": link.destination,
                      "sync": link.sync.describe(), "status": "ERROR", "reason": first_line(exc), "lag_messages": None,
                      "lag_seconds": None, "last_sync_at": None, "connector_state": None, "error": first_line(exc)}
-        entry = blocked.get(link.pipeline.pipeline)
+        entry = blocked.get(link.pipeline.name)
         state["sync_blocked"] = entry.get("error") if entry else None
         if state["sync_blocked"]:
             state["status"] = "ERROR"

@@ -107,12 +107,12 @@ def resync_satellite(topology: Topology, satellite: str, table: str | None = Non
             condition = {"data-collection": pattern, "filter": subset[t].where} if subset[t].where else None
             send_incremental_snapshot(conn, pipeline.source.signal_table, [pattern],
                                       [condition] if condition else None)
-            echo(f"{pipeline.pipeline}: full sync of {t} requested"
+            echo(f"{pipeline.name}: full sync of {t} requested"
                  + (f" (rows where {subset[t].where})" if subset[t].where else ""))
 
     runner = SitesRunner([link], echo, topology=topology)
     thread = threading.Thread(target=runner._once, args=(link,), kwargs={"until_caught_up": False},
-                              name=f"resync-{pipeline.pipeline}")
+                              name=f"resync-{pipeline.name}")
     thread.start()
     results = {t: TableResync(t) for t in tables}
     deadline = time.monotonic() + wait
@@ -127,14 +127,14 @@ def resync_satellite(topology: Topology, satellite: str, table: str | None = Non
         runner.stop()
         thread.join(120)
     if thread.is_alive():
-        raise CdcError(f"{pipeline.pipeline}: its applier did not stop within 120 s")
+        raise CdcError(f"{pipeline.name}: its applier did not stop within 120 s")
     # everything committed up to now applied, then the rows the master's subset no longer holds deleted: the applier
     # is stopped, so nothing newer can race the delete
     caught = SitesRunner([link], echo, topology=topology, timeout=max(30.0, deadline - time.monotonic()))
     try:
         caught._once(link, until_caught_up=True)
     except CdcError as exc:
-        raise CdcError(f"{pipeline.pipeline}: the satellite did not catch up after the full sync: "
+        raise CdcError(f"{pipeline.name}: the satellite did not catch up after the full sync: "
                        f"{first_line(exc)}") from exc
     with psycopg.connect(master_url) as master, psycopg.connect(site_url) as site:
         for t in tables:

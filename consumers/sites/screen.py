@@ -80,7 +80,7 @@ class SiteScreen:
 
     def __init__(self, topology: Topology, link: Link) -> None:
         self.topology = topology
-        self.pipeline = link.pipeline.pipeline
+        self.pipeline = link.pipeline.name
         self.up = link.direction == "up"
         master = topology.sites[topology.master].sync_id
         satellite = topology.sites[link.satellite].sync_id

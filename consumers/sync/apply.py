@@ -18,8 +18,8 @@ from sqlalchemy.exc import DBAPIError
 
 from cdc.config import Pipeline, Sync, SyncTable, masked_url
 from cdc.errors import CdcError, first_line
+from cdc.source_tables import ForeignKeyShape, TableShape
 from consumers.apply.plan import dependency_order, self_referencing_order
-from consumers.apply.shapes import ForeignKeyShape, TableShape
 from consumers.ops.backups import ScopeBackups
 from consumers.sync import objects as objects_mod
 from consumers.sync.plan import (
@@ -362,7 +362,7 @@ def drift(conn: Connection, sync_name: str, sync: Sync, order: list[str]) -> lis
 # -- apply ------------------------------------------------------------------------------------------------------------
 
 def _owner(pipeline: Pipeline, sync_name: str) -> str:
-    return f"{pipeline.pipeline}.sync.{sync_name}"
+    return f"{pipeline.name}.sync.{sync_name}"
 
 
 def _lock(conn: Connection, sync_name: str, tables: list[str]) -> None:

@@ -42,7 +42,7 @@ TIMEOUT_S = 60.0
 
 
 def topic_of(pipeline: Pipeline, sync_name: str) -> str:
-    return f"{pipeline.pipeline}.sync.{sync_name}"
+    return f"{pipeline.name}.sync.{sync_name}"
 
 
 def _ensure_topic(pipeline: Pipeline, topic: str) -> None:

@@ -142,9 +142,9 @@ def purge(pipeline: Pipeline) -> None:
     of the suite slow the broker's metadata requests and fill its heap."""
     capture.delete(pipeline, purge=True)
     admin = topics.admin_client(pipeline.kafka.bootstrap_servers)
-    prefix = pipeline.pipeline + "."
+    prefix = pipeline.name + "."
     mine = [t for t in topics.existing_topics(admin)
-            if t.startswith(prefix) or t == f"__debezium-heartbeat.{pipeline.pipeline}"]
+            if t.startswith(prefix) or t == f"__debezium-heartbeat.{pipeline.name}"]
     if mine:
         admin.delete_topics(mine, operation_timeout=30)  # not waited for: nothing reads them again
 
@@ -152,7 +152,7 @@ def purge(pipeline: Pipeline) -> None:
 def pipeline_topics_now(stack: StackLayout, pipeline: Pipeline) -> list[str]:
     """The pipeline's topics that exist at the broker now, sorted."""
     admin = topics.admin_client(stack.kafka_bootstrap)
-    return sorted(t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.pipeline}."))
+    return sorted(t for t in topics.existing_topics(admin) if t.startswith(f"{pipeline.name}."))
 
 
 def assert_nothing_created(stack: StackLayout, connect: Any, pipeline: Pipeline, database: str) -> None:

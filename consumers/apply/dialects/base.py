@@ -33,10 +33,11 @@ from sqlalchemy.sql.elements import quoted_name
 from sqlalchemy.types import TypeEngine
 
 from cdc.errors import CdcError, Terminal
+from cdc.source_tables import LSN_COLUMN, ColumnShape, TableShape
 from consumers.apply.dialects import bookkeeping
 from consumers.apply.dialects.types import SourceType
 from consumers.apply.events import ChangeEvent
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 from consumers.apply.values import UNAVAILABLE
 
 # The analytics replica's change history: table `t` gets `t__history` with t's columns and these.

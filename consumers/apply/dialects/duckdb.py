@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import JSON, LargeBinary, Text, TypeEngine
 
+from cdc.source_tables import LSN_COLUMN, ColumnShape, TableShape
 from consumers.apply import columnar
 from consumers.apply.dialects import types
 from consumers.apply.dialects.base import (
@@ -42,7 +43,7 @@ from consumers.apply.dialects.base import (
 )
 from consumers.apply.dialects.canon import DuckDBCanon
 from consumers.apply.events import ChangeEvent
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 
 T = TypeVar("T")
 

@@ -30,11 +30,12 @@ from sqlalchemy.sql import sqltypes
 from sqlalchemy.types import TypeEngine
 
 from cdc.errors import ConfigError
+from cdc.source_tables import LSN_COLUMN, ColumnShape, ForeignKeyShape, TableShape
 from consumers.apply import columnar
 from consumers.apply.dialects import types
 from consumers.apply.dialects.base import Dialect
 from consumers.apply.dialects.canon import MariaDBCanon
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, ForeignKeyShape, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 from consumers.apply.values import ValueConversionError
 
 # Byte-wise comparison without trailing-space padding: two keys PostgreSQL tells apart ('a' and 'A', 'a' and

@@ -26,6 +26,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
 from cdc.errors import ConfigError
+from cdc.source_tables import LSN_COLUMN, ColumnShape, TableShape
 from consumers.apply import columnar
 from consumers.apply.dialects import types as t
 from consumers.apply.dialects.base import (
@@ -39,7 +40,7 @@ from consumers.apply.dialects.base import (
 )
 from consumers.apply.dialects.canon import PostgresCanon
 from consumers.apply.events import ChangeEvent
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 
 # Rows of one table in one batch from which the columnar path's staging table is analyzed (apply_columnar).
 LARGE_BATCH = 10_000

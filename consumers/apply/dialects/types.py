@@ -270,7 +270,7 @@ def _reasons(t: SourceType, backend: str, *, key: bool, unknown_types_sent: bool
 def refusals(shapes: Mapping[str, Any], backend: str, *, kind: str = "replica", unknown_types_sent: bool = True
              ) -> list[tuple[str, str, str]]:
     """[(table, column, reason)] of the columns a destination of `backend` (postgresql, mariadb, duckdb) and `kind`
-    (replica, analytics) cannot hold exactly; pure. `shapes` maps table names to consumers.apply.shapes.TableShape;
+    (replica, analytics) cannot hold exactly; pure. `shapes` maps table names to cdc.source_tables.TableShape;
     `unknown_types_sent` says whether the connector sends the types Debezium does not know
     (include.unknown.datatypes)."""
     out = []

@@ -233,9 +233,9 @@ def test_a_role_the_applier_did_not_create_is_left_alone_and_refused(stack):
     from sqlalchemy import BigInteger, create_engine
 
     from cdc.errors import ConfigError
+    from cdc.source_tables import ColumnShape, TableShape
     from consumers.apply.dialects import dialect_for
     from consumers.apply.dialects.postgres import PostgresAnalyticsDialect, PostgresDialect
-    from consumers.apply.shapes import ColumnShape, TableShape
 
     outsider = f"outsider_{uuid.uuid4().hex[:8]}"
     engine = create_engine(stack.postgres_url(driver="psycopg"))

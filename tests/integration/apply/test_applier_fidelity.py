@@ -107,7 +107,7 @@ def test_a_transaction_whose_events_never_arrive_is_named_within_the_grace_perio
             assert [r[0] for r in conn.execute("select id from item order by id")] == [1, 2, 3]
         decoder = AvroDecoder(RegistryClient(stack.urls()["schema_registry"]))
         records = [decoder.decode(m.value())
-                   for m in read_topic(stack.kafka_bootstrap, f"{pipeline.pipeline}.copy.dead-letter")]
+                   for m in read_topic(stack.kafka_bootstrap, f"{pipeline.name}.copy.dead-letter")]
         assert [(r["topic"], r["offset"]) for r in records] == [(pipeline.transaction_topic, end_offset)]
         assert f"source transaction {GHOST_XID}" in records[0]["error"]
         assert "2 of 2 events of public.item" in records[0]["error"]

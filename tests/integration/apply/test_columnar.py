@@ -250,8 +250,8 @@ def test_mariadb_columnar_writes_keep_the_newer_position_and_check_foreign_keys_
     from sqlalchemy.dialects import postgresql as pg
     from sqlalchemy.exc import IntegrityError
 
+    from cdc.source_tables import ColumnShape, ForeignKeyShape, TableShape
     from consumers.apply.dialects import dialect_for
-    from consumers.apply.shapes import ColumnShape, ForeignKeyShape, TableShape
 
     school = TableShape("public.school", (ColumnShape("id", pg.INTEGER(), False),
                                           ColumnShape("name", pg.TEXT(), True)), ("id",))

@@ -129,7 +129,7 @@ def test_redelivered_transactions_are_recorded_once_in_the_histories(stack, deco
         with psycopg.connect(pg) as conn:
             stored = dict(((t, p), o) for t, p, o in conn.execute(
                 "select topic, kafka_partition, next_offset from _cdc_offsets where pipeline = %s",
-                (pipeline.pipeline,)).fetchall())
+                (pipeline.name,)).fetchall())
         for (topic, partition), end in ends.items():
             if topic in pipeline.data_topics:
                 # (an empty partition has nothing to store: no row, read as 0)

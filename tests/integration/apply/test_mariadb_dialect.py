@@ -12,9 +12,9 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.exc import IntegrityError
 
+from cdc.source_tables import ColumnShape, ForeignKeyShape, TableShape
 from consumers.apply.dialects import SchemaChangeError, dialect_for
 from consumers.apply.dialects.mariadb import MariaDBDialect
-from consumers.apply.shapes import ColumnShape, ForeignKeyShape, TableShape
 from tests.integration.pipelines import fresh_mariadb_database
 
 SCHOOL = TableShape(

@@ -103,7 +103,7 @@ def test_explicit_nulls_in_columns_with_defaults_arrive_as_nulls(stack, decoder,
         assert table_rows(destination, "public.item") == rows
 
         raw_value = last_value(stack.kafka_bootstrap, pipeline.topic_of("public.item"))
-        stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"t-{pipeline.pipeline}")
+        stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"t-{pipeline.name}")
         try:
             events = stream.collect(lambda seen: len(seen) >= 9, timeout=60)
         finally:
@@ -233,7 +233,7 @@ def test_root_id_columns_with_defaults_keep_one_key_schema_and_null_root_ids(sta
         for table in ("branch", "history", "note"):
             assert table_rows(destination, f"public.{table}") == table_rows(source, f"public.{table}"), table
         topic = pipeline.topic_of("public.branch")
-        consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"t-{pipeline.pipeline}",
+        consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"t-{pipeline.name}",
                              "enable.auto.commit": False, "log_level": 3})
         consumer.assign([TopicPartition(topic, p, 0) for p in range(3)])
         messages = []

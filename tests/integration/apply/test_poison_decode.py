@@ -39,7 +39,7 @@ def _produce(stack, topic: str, value: bytes, key: bytes | None = b"\x00\x00\x00
 def _dead_letters(stack, pipeline, destination: str) -> list:
     dead = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"dlq-{uuid.uuid4()}",
                      "auto.offset.reset": "earliest"})
-    dead.subscribe([f"{pipeline.pipeline}.{destination}.dead-letter"])
+    dead.subscribe([f"{pipeline.name}.{destination}.dead-letter"])
     messages = [m for _ in range(12) for m in dead.consume(10, 0.5) if m.error() is None]
     dead.close()
     return messages

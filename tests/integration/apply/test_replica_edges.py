@@ -123,7 +123,7 @@ def test_a_poison_message_stops_or_goes_to_the_dead_letter_topic(stack, source_d
         if policy == "dead-letter":
             dead = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"dlq-{uuid.uuid4()}",
                              "auto.offset.reset": "earliest"})
-            dead.subscribe([f"{pipeline.pipeline}.copy.dead-letter"])
+            dead.subscribe([f"{pipeline.name}.copy.dead-letter"])
             messages = [m for _ in range(20) for m in dead.consume(10, 0.5) if m.error() is None]
             dead.close()
     finally:
@@ -161,7 +161,7 @@ def test_cdc_run_serves_its_own_prometheus_metrics(stack, source_db, destination
     proc = subprocess.Popen([CDC, "-c", str(path), "run", "--metrics-port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        labels = f'{{destination="copy",pipeline="{pipeline.pipeline}"}}'
+        labels = f'{{destination="copy",pipeline="{pipeline.name}"}}'
         deadline = time.monotonic() + 120
         text = ""
         while time.monotonic() < deadline:

@@ -169,7 +169,7 @@ def test_destination_restarts_and_a_terminated_lock_session(healing, private_pg)
         # 4. The lock's session terminated and the lock taken by someone else before the applier gets it back: it
         # stops, saying why, and writes nothing more.
         [holder] = lock_holders(destination)
-        key = f"cdc {pipeline.pipeline} state"
+        key = f"cdc {pipeline.name} state"
         with psycopg.connect(destination, autocommit=True) as thief:
             # waits (up to 5 s) for the backend to be gone, then takes the lock before the applier notices (1 s)
             assert thief.execute("select pg_terminate_backend(%s, 5000)", (holder,)).fetchone()[0]
@@ -197,7 +197,7 @@ def test_destination_restarts_and_a_terminated_lock_session(healing, private_pg)
 def _value_artifact(pipeline, table: str) -> tuple[str, str]:
     """(group, id) of a table's value schema in Apicurio (the converter registers one per record type)."""
     registry = registry_native_url(pipeline.kafka.schema_registry_url)
-    found = httpx.get(f"{registry}/search/artifacts", params={"group": f"{pipeline.pipeline}.{table}",
+    found = httpx.get(f"{registry}/search/artifacts", params={"group": f"{pipeline.name}.{table}",
                                                                "limit": 100}).json()
     [artifact] = [(a["groupId"], a["id"]) for a in found["artifacts"] if a["id"] == "Envelope"]
     return artifact
@@ -360,7 +360,7 @@ def test_mariadb_lock_session_killed(mariadb_database, sample_pipeline):
 
     path, pipeline, source = sample_pipeline({"state": {"kind": "replica", "url": mariadb_database}})
     engine = create_engine(mariadb_database)
-    key = f"cdc {pipeline.pipeline} state"
+    key = f"cdc {pipeline.name} state"
 
     def holder():
         with engine.connect() as conn:

@@ -24,8 +24,8 @@ def test_inserts_updates_and_deletes_arrive_in_kafka_as_avro(stack, decoder, sou
                               pipeline_data(stack, source_db, ["public.person", "public.enrollment"]))
     capture.apply(pipeline)
     try:
-        assert pipeline.data_topics == [f"{pipeline.pipeline}.public.person", f"{pipeline.pipeline}.public.enrollment"]
-        stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.pipeline}")
+        assert pipeline.data_topics == [f"{pipeline.name}.public.person", f"{pipeline.name}.public.enrollment"]
+        stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.name}")
         try:
             snapshot = stream.collect(lambda seen: len(seen) >= 3, timeout=120)
             assert sorted((e.table, e.op, e.key["id"]) for e in snapshot) == [

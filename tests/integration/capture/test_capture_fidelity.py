@@ -47,7 +47,7 @@ def test_members_whose_names_begin_with_the_roots_reach_the_hierarchy_topic(stac
         stack, source_db, tmp_path, ["public.film", "public.film_actor", "public.film_category"],
         hierarchies={"film": {"root": "public.film", "members": {"public.film_actor": "film_id",
                                                                  "public.film_category": "film_id"}}})
-    stream = ChangeStream(stack.kafka_bootstrap, decoder, [f"{pipeline.pipeline}.film"], group=f"t-{pipeline.pipeline}")
+    stream = ChangeStream(stack.kafka_bootstrap, decoder, [f"{pipeline.name}.film"], group=f"t-{pipeline.name}")
     try:
         snapshot = stream.collect(lambda seen: len(seen) >= 25, timeout=120)
         execute(stack.postgres_url(source_db), "insert into film values (6, 'six')",
@@ -63,7 +63,7 @@ def test_members_whose_names_begin_with_the_roots_reach_the_hierarchy_topic(stac
     assert sorted((e.table, e.op) for e in streamed) == [
         ("public.film", "c"), ("public.film_actor", "c"), ("public.film_category", "u")]
     assert all(e.key == {"film_id": e.row["film_id"]} for e in snapshot + streamed)
-    assert f"{pipeline.pipeline}.film_actor" not in existing and f"{pipeline.pipeline}.film_category" not in existing
+    assert f"{pipeline.name}.film_actor" not in existing and f"{pipeline.name}.film_category" not in existing
     assert status.returncode == 0, status.stdout + status.stderr
 
 
@@ -72,14 +72,14 @@ def test_a_topic_outside_the_plan_is_an_error_naming_its_table(stack, source_db,
     path, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.film"])
     try:
         admin = topics.admin_client(stack.kafka_bootstrap)
-        stray = f"{pipeline.pipeline}.public.film_actor"
+        stray = f"{pipeline.name}.public.film_actor"
         topics.create_topics(admin, [topics.TopicSpec(stray, 1, {})], 1)
         status = cdc(path, "connectors", "status")
         as_json = cdc(path, "connectors", "status", "--json")
         again = cdc(path, "connectors", "apply")
     finally:
         purge(pipeline)
-    message = (f"error: topic {stray} is not planned by pipeline {pipeline.pipeline!r}: it holds events of table "
+    message = (f"error: topic {stray} is not planned by pipeline {pipeline.name!r}: it holds events of table "
                "public.film_actor that no applier reads")
     assert status.returncode == 1 and message in status.stderr, status.stdout + status.stderr
     assert '"unplanned_topics": [\n    {\n      "topic": "' + stray in as_json.stdout
@@ -158,7 +158,7 @@ def test_a_partitioned_hierarchy_member_keeps_its_root_id_in_deletes_and_moves(s
     pipeline = write_pipeline(path, data)
     report = capture.apply(pipeline)
     assert report.identity_set == ["public.payment_2024", "public.payment_2025"]
-    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"t-{pipeline.pipeline}")
+    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"t-{pipeline.name}")
     try:
         stream.collect(lambda seen: len(seen) >= 24, timeout=120)
         execute(source, "delete from payment where id = 3", "update payment set paid = '2025-06-01' where id = 4",
@@ -397,7 +397,7 @@ def test_member_rows_with_a_null_root_id_replicate_and_join_their_root_later(sta
         for table in ("public.branch", "public.history"):
             assert table_rows(source, table) == table_rows(destination, table), table
         topic = pipeline.topic_of("public.history")
-        consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"t-{pipeline.pipeline}",
+        consumer = Consumer({"bootstrap.servers": stack.kafka_bootstrap, "group.id": f"t-{pipeline.name}",
                              "enable.auto.commit": False, "log_level": 3})
         total = topics.message_counts(stack.kafka_bootstrap, [topic])[topic]
         consumer.assign([TopicPartition(topic, p, 0) for p in range(3)])

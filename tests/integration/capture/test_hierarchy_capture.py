@@ -100,7 +100,7 @@ def test_changes_are_routed_by_hierarchy_keyed_by_root_and_ordered(stack, decode
                               pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES,
                                             topics={"partitions": 4}))
     capture.apply(pipeline)
-    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.pipeline}")
+    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.name}")
     try:
         snapshot = stream.collect(lambda seen: len(seen) >= 11, timeout=120)
         assert all(e.snapshot for e in snapshot)
@@ -113,7 +113,7 @@ def test_changes_are_routed_by_hierarchy_keyed_by_root_and_ordered(stack, decode
         purge(pipeline)
 
     assert Counter((e.table, e.op) for e in events) == expected
-    p = pipeline.pipeline
+    p = pipeline.name
     topic_of = {"public.person": f"{p}.person", "public.enrollment": f"{p}.person", "public.account": f"{p}.account",
                 "public.ledger": f"{p}.account", "public.school": f"{p}.public.school"}
     partitions_of_root: dict[tuple[str, object], set[int]] = defaultdict(set)
@@ -146,7 +146,7 @@ def test_apply_is_idempotent_and_diff_shows_exactly_the_edit(stack, source_db, t
         first = cdc("connectors", "apply")
         assert first.returncode == 0, first.stderr
         assert f"connector {pipeline.connector_name}: created" in first.stdout
-        assert f"topic {pipeline.pipeline}.person: created" in first.stdout
+        assert f"topic {pipeline.name}.person: created" in first.stdout
         second = cdc("connectors", "apply")
         assert second.returncode == 0, second.stderr
         assert second.stdout.strip() == f"connector {pipeline.connector_name}: unchanged"
@@ -175,7 +175,7 @@ def test_killing_the_connect_worker_mid_workload_loses_no_change(stack, decoder,
     pipeline = write_pipeline(tmp_path / "pipeline.yaml",
                               pipeline_data(stack, source_db, TABLES, hierarchies=HIERARCHIES))
     capture.apply(pipeline)
-    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.pipeline}")
+    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.name}")
     result: dict = {}
 
     def workload() -> None:
@@ -219,8 +219,8 @@ def test_a_table_added_to_the_pipeline_is_snapshotted_then_streamed_alone(stack,
     path = tmp_path / "pipeline.yaml"
     pipeline = write_pipeline(path, data)
     capture.apply(pipeline)
-    topics = [*pipeline.data_topics, f"{pipeline.pipeline}.public.course"]
-    stream = ChangeStream(stack.kafka_bootstrap, decoder, topics, group=f"test-{pipeline.pipeline}")
+    topics = [*pipeline.data_topics, f"{pipeline.name}.public.course"]
+    stream = ChangeStream(stack.kafka_bootstrap, decoder, topics, group=f"test-{pipeline.name}")
     try:
         first = stream.collect(lambda seen: len(seen) >= 11, timeout=120)
         assert Counter(e.table for e in first) == {"public.school": 3, "public.account": 8}
@@ -261,7 +261,7 @@ def test_a_hierarchy_added_later_is_snapshotted_without_losing_rows_that_share_a
     data["source"]["tables"] += ["public.person", "public.enrollment"]
     data["hierarchies"]["person"] = HIERARCHIES["person"]
     pipeline = write_pipeline(path, data)
-    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.pipeline}")
+    stream = ChangeStream(stack.kafka_bootstrap, decoder, pipeline.data_topics, group=f"test-{pipeline.name}")
     try:
         report = capture.apply(pipeline)
         assert sorted(report.snapshot_requested) == ["public.enrollment", "public.person"]

@@ -85,7 +85,7 @@ def test_rows_of_an_attached_partition_arrive_and_a_detached_one_is_named_until_
             assert conn.execute("select relreplident from pg_class where oid = 'log_line_2024'::regclass"
                                 ).fetchone()[0] == "f"
             logged = conn.execute("select partition, event, rows from cdc_partition_log where pipeline = %s "
-                                  "order by id", (pipeline.pipeline,)).fetchall()
+                                  "order by id", (pipeline.name,)).fetchall()
         assert logged == [("public.payment_2023", "attached", 3), ("public.log_line_2024", "attached", 2)]
 
         status = cdc(path, "connectors", "status")

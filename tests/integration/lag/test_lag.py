@@ -116,7 +116,7 @@ def test_the_figures_agree_with_kafkas_own_view(lagging):
     _, doc = lag_json(path, "--window", "0")
     dest = doc["destinations"][0]
     parts = {(p["topic"], p["partition"]): p for p in dest["partitions"]}
-    groups, ends = kafka_view(pipeline.kafka.bootstrap_servers, f"cdc-{pipeline.pipeline}-state", list(parts))
+    groups, ends = kafka_view(pipeline.kafka.bootstrap_servers, f"cdc-{pipeline.name}-state", list(parts))
     # end offsets are read again after ours, and nothing was written in between
     assert {tp: p["end_offset"] for tp, p in parts.items()} == ends
     assert {tp: p["applied_offset"] for tp, p in parts.items() if tp in groups} == groups
@@ -218,10 +218,10 @@ def test_the_page_renders_in_chromium_with_the_numbers_of_lag_json(lagging, tmp_
     # seconds keep growing while the consumer is stopped; both come from the same commit time
     assert abs(float(row["lag_seconds"]) - dest["lag_seconds"]) <= time.time() - checked_at + 10
     assert re.search(r'id="connector-state"[^>]*>RUNNING<', dom) and doc["source"]["connector_state"] == "RUNNING"
-    expected = f'cdc_destination_lag_messages{{destination="state",pipeline="{pipeline.pipeline}"}} ' \
+    expected = f'cdc_destination_lag_messages{{destination="state",pipeline="{pipeline.name}"}} ' \
                f'{float(dest["lag_messages"])}'
     assert expected in metrics, metrics[:3000]
-    assert f'cdc_destination_status{{destination="state",pipeline="{pipeline.pipeline}",status="STOP"}} 1.0' \
+    assert f'cdc_destination_status{{destination="state",pipeline="{pipeline.name}",status="STOP"}} 1.0' \
         in metrics
     assert "cdc_slot_retained_bytes" in metrics and "cdc_lag_seconds" in metrics
 

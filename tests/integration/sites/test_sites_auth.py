@@ -253,14 +253,14 @@ def test_an_up_links_connector_writes_as_its_satellites_user(stack, tmp_path, br
     # Connect's own topic creation uses the worker's cluster (the shared broker); the private one gets the
     # heartbeat topic up front, as the worker would have made it there in a one-cluster deployment.
     admin = kafka_clients.admin(broker.kafka_bootstrap)
-    for future in admin.create_topics([NewTopic(f"__debezium-heartbeat.{up.pipeline}", 1, 1)]).values():
+    for future in admin.create_topics([NewTopic(f"__debezium-heartbeat.{up.name}", 1, 1)]).values():
         future.result(30)
     try:
         with psycopg.connect(urls["north"], autocommit=True) as conn:
             conn.execute("insert into public.sale values (2, 1, 5), (2, 2, 7)")
         lines = []
         sites.apply(t, echo=lines.append)
-        assert f"  + User:{name}-north: write topics {up.pipeline}.*" in lines, lines
+        assert f"  + User:{name}-north: write topics {up.name}.*" in lines, lines
         with ConnectClient(stack.urls()["connect"]) as connect:
             config = connect.config(up.connector_name)
             assert config["producer.override.sasl.jaas.config"].startswith("${dir:"), config
@@ -285,7 +285,7 @@ def test_an_up_links_connector_writes_as_its_satellites_user(stack, tmp_path, br
         capture.delete(up, purge=True)
         shared = topics_mod.admin_client(stack.kafka_bootstrap)
         mine = [n for n in topics_mod.existing_topics(shared)
-                if n.startswith(up.pipeline + ".") or n == f"__debezium-heartbeat.{up.pipeline}"]
+                if n.startswith(up.name + ".") or n == f"__debezium-heartbeat.{up.name}"]
         if mine:
             shared.delete_topics(mine, operation_timeout=30)
         for gen in gens.values():

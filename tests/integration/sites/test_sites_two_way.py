@@ -368,7 +368,7 @@ def test_the_screen_on_a_real_destination(stack, databases, tmp_path):
 
     def event(xid, key, before, name, at, *, table="public.contact", after=None, op="u", lsn=5000):
         image = after if after is not None else {**before, "name": name, "_cdc_site": 2, "_cdc_at": at}
-        return ChangeEvent(f"{link.pipeline.pipeline}.{table}", 0, 0, table, op, {"id": key}, before, image, lsn,
+        return ChangeEvent(f"{link.pipeline.name}.{table}", 0, 0, table, op, {"id": key}, before, image, lsn,
                            f"{xid}:{lsn}", 1, 1_800_000_000_000, False)
 
     def screened(*events):
@@ -382,7 +382,7 @@ def test_the_screen_on_a_real_destination(stack, databases, tmp_path):
     kept = screened(event("100", 1, hq[1], "north", later), event("100", 2, hq[2], "north", later))
     assert [(e.before["id"], e.lsn) for e in kept] == [(1, 5001), (2, 9001)]  # above the rows' stored positions
     assert rows(urls["hq"], "select pipeline, xid, origin from public._cdc_origin") == [
-        (link.pipeline.pipeline, "100", 2)]
+        (link.pipeline.name, "100", 2)]
     assert screened(event("100", 1, hq[1], "north", later)) == [] and screen.copies == 1  # a re-sent copy
 
     marker = {"pipeline": "x", "xid": "7", "origin": 1, "origin_ts": 1, "applied_at": None}

@@ -354,6 +354,6 @@ def test_a_replica_fed_from_the_destination_follows_the_sync(stack, tmp_path):
         if pipeline is not None:
             purge(pipeline)
             AdminClient({"bootstrap.servers": stack.kafka_bootstrap}).delete_topics(
-                [f"{pipeline.pipeline}.sync.config"], operation_timeout=30)
+                [f"{pipeline.name}.sync.config"], operation_timeout=30)
         for g in gens:
             next(g, None)

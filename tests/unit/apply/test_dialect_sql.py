@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import BigInteger, Integer, Text, create_engine
 from sqlalchemy.sql import ClauseElement
 
+from cdc.source_tables import LSN_COLUMN, ColumnShape, TableShape
 from consumers.apply.dialects import dialect_for
 from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import KeylessChange
-from consumers.apply.shapes import LSN_COLUMN, ColumnShape, TableShape
 
 URLS = {"postgresql": "postgresql+psycopg://u@db/state", "mariadb": "mysql+pymysql://u@db/state",
         "duckdb": "duckdb:///:memory:"}

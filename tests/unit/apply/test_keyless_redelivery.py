@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import BigInteger, Integer, Text
 
+from cdc.source_tables import ColumnShape, TableShape
 from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import (
     APPLIED_RETENTION,
@@ -17,7 +18,6 @@ from consumers.apply.plan import (
     keyless_xids,
     net_changes,
 )
-from consumers.apply.shapes import ColumnShape, TableShape
 
 LEDGER = TableShape("public.ledger", (ColumnShape("who", Text(), True), ColumnShape("amount", Integer(), True)), ())
 ACCOUNT = TableShape("public.account", (ColumnShape("id", BigInteger(), False),), ("id",))

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.dialects import postgresql as pg
 
+from cdc.source_tables import ColumnShape, TableShape
 from consumers.apply import columnar
 from consumers.apply.dialects.mariadb import MariaDBDialect, _row_literals
-from consumers.apply.shapes import ColumnShape, TableShape
 from consumers.apply.values import ValueConversionError
 
 SHAPE = TableShape("public.t", (

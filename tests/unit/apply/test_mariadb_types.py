@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.schema import CreateTable
 
 from cdc.errors import ConfigError
+from cdc.source_tables import ColumnShape, ForeignKeyShape, TableShape
 from consumers.apply.dialects.mariadb import (
     MariaDBDialect,
     adapt_mariadb_type,
@@ -22,7 +23,6 @@ from consumers.apply.dialects.mariadb import (
     parents_first,
     value_converter,
 )
-from consumers.apply.shapes import ColumnShape, ForeignKeyShape, TableShape
 
 MYSQL = mysql.dialect()
 

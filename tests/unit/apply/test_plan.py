@@ -2,9 +2,9 @@
 
 from sqlalchemy import BigInteger, Text
 
+from cdc.source_tables import ColumnShape, ForeignKeyShape, TableShape
 from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import dependency_order, net_changes, self_referencing_order
-from consumers.apply.shapes import ColumnShape, ForeignKeyShape, TableShape
 
 PERSON = TableShape("public.person", (ColumnShape("id", BigInteger(), False), ColumnShape("name", Text(), True),
                                        ColumnShape("bio", Text(), True)), ("id",))

@@ -3,11 +3,11 @@ history rows out, as the writer (consumers/apply/writer.py) takes them; and what
 
 from sqlalchemy import BigInteger, Text
 
+from cdc.source_tables import ColumnShape, ForeignKeyShape, TableShape
 from consumers.apply import plan
 from consumers.apply.errors import ApplyError, located, where
 from consumers.apply.events import ChangeEvent
 from consumers.apply.plan import ReplayScope, net_changes
-from consumers.apply.shapes import ColumnShape, ForeignKeyShape, TableShape
 from consumers.apply.transactions import SourceUnit
 
 PERSON = TableShape("public.person", (ColumnShape("id", BigInteger(), False), ColumnShape("name", Text(), True)),

@@ -12,10 +12,10 @@ from sqlalchemy import create_engine
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.types import NullType
 
+from cdc.source_tables import ColumnShape, TableShape
 from consumers.apply.dialects import types as t
 from consumers.apply.dialects.duckdb import _duck_converter, duckdb_type
 from consumers.apply.dialects.postgres import PostgresDialect, _pg_converter
-from consumers.apply.shapes import ColumnShape, TableShape
 
 INT = t.SourceType("int4", "integer")
 MOOD = t.SourceType("enum", "public.mood", labels=("sad", "it's ok"), schema="public", name="mood")

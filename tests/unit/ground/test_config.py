@@ -63,7 +63,7 @@ def test_a_postgres_analytics_destination_gets_a_read_only_role(tmp_path):
 
 def test_config_path_comes_from_the_environment(tmp_path, monkeypatch):
     path = write(tmp_path, VALID)
-    assert config.load(None, env={**ENV, "CDC_CONFIG": str(path)}).pipeline == "district"
+    assert config.load(None, env={**ENV, "CDC_CONFIG": str(path)}).name == "district"
 
 
 F = "pipeline.yaml"

@@ -143,7 +143,7 @@ def test_a_satellites_down_applier_logs_in_as_its_user_and_the_master_keeps_its_
     assert down.site_pipeline.kafka.bootstrap_servers == "127.0.0.1:9094"
     assert down.site_pipeline.kafka.sasl.username == "shop-north"
     assert down.site_pipeline.kafka.sasl.password.get_secret_value() == "n0rth-secret"
-    assert down.site_pipeline.pipeline == down.pipeline.pipeline
+    assert down.site_pipeline.name == down.pipeline.name
     up = links["north", "up"]
     assert up.site_pipeline is up.pipeline and up.pipeline.kafka.sasl is None  # the master applies up links
     # Without a kafka_user (the first slice's topologies), nothing changes.

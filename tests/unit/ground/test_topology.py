@@ -36,7 +36,7 @@ def test_a_valid_topology_and_its_links():
     links = {(link.satellite, link.direction): link for link in topo.links()}
     assert set(links) == {("north", "up"), ("north", "down"), ("south", "up"), ("south", "down")}
     up = links["north", "up"].pipeline
-    assert up.pipeline == "shop-north-up" and up.source.tables == ("public.sale",)
+    assert up.name == "shop-north-up" and up.source.tables == ("public.sale",)
     assert up.source.sqlalchemy_url.database == "north"
     assert list(up.destinations) == ["hq"]
     assert up.destinations["hq"].sqlalchemy_url.password == "s3cret"  # the credential by reference, resolved
@@ -140,7 +140,7 @@ class FakeApplier:
         self._stop = threading.Event()
 
     def run(self, *, until_caught_up=False, timeout=None):
-        FakeApplier.runs.append((self.pipeline.pipeline, until_caught_up))
+        FakeApplier.runs.append((self.pipeline.name, until_caught_up))
         if not until_caught_up:
             self._stop.wait(5)
 

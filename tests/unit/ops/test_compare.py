@@ -11,7 +11,7 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.types import CHAR, BigInteger, Integer, Text
 
 from cdc.errors import ConfigError
-from consumers.apply.shapes import ColumnShape, TableShape
+from cdc.source_tables import ColumnShape, TableShape
 from consumers.ops.compare import MONTH_MICROS, Kind, equal, kind_of
 from consumers.ops.resync import debezium_parts, parse_ids
 from consumers.ops.verify import _digits, resolve_table

@@ -11,8 +11,9 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.types import Date, Integer, Text
 
 from cdc.errors import ConfigError
+from cdc.source_tables import LSN_COLUMN, ColumnShape, TableShape
 from consumers.apply.dialects.types import interval_words
-from consumers.apply.shapes import LSN_COLUMN, SNAPSHOT_LSN, ColumnShape, TableShape
+from consumers.apply.shapes import SNAPSHOT_LSN
 from consumers.ops.resync import _keyless_values
 
 

@@ -108,7 +108,7 @@ class Applier:
 
     def run(self, *, until_caught_up=False, timeout=None):
         assert until_caught_up  # a scheduled round catches up and stops
-        Applier.runs.append(self.pipeline.pipeline)
+        Applier.runs.append(self.pipeline.name)
         if Applier.failing:
             raise CdcError("relation public.item: permission denied")
 
@@ -154,7 +154,7 @@ def test_a_waiting_change_syncs_its_link_after_the_delay_and_not_before(fakes, m
     clock = Clock()
     waiting = {"shop-north-down": 999.5}  # a change for the satellite since 999.5; nothing for the master
     monkeypatch.setattr(SitesRunner, "reachable", lambda self, link: True)
-    monkeypatch.setattr(SitesRunner, "oldest_waiting", lambda self, link: waiting.get(link.pipeline.pipeline))
+    monkeypatch.setattr(SitesRunner, "oldest_waiting", lambda self, link: waiting.get(link.pipeline.name))
     runner = SitesRunner(chosen_links(topo, None, include_on_demand=False), lambda line: None,
                          book=ErrorBook(tmp_path / "book.json"), tick=0.01, clock=clock)
     run_for(runner, 0.3)
@@ -239,7 +239,7 @@ def test_status_says_a_link_is_blocked(monkeypatch, tmp_path):
     topo = triggered_topology()
     ok = {"status": "OK", "reason": "caught up", "lag_messages": 0, "lag_seconds": 0.0, "last_sync_at": 5.0,
           "connector_state": "RUNNING", "error": None}
-    monkeypatch.setattr(sites_mod, "link_status", lambda link: {"pipeline": link.pipeline.pipeline,
+    monkeypatch.setattr(sites_mod, "link_status", lambda link: {"pipeline": link.pipeline.name,
                                                                 "direction": link.direction, **ok})
     book = ErrorBook(tmp_path / "book.json")
     book.record("shop-north-up", "relation public.sale: permission denied")
