@@ -45,28 +45,74 @@ PAGE = Path(__file__).resolve().parent / "page.html"
 CONNECTOR_STATES = ("RUNNING", "PAUSED", "STOPPED", "FAILED", "UNASSIGNED", "RESTARTING", "MISSING", "UNKNOWN")
 
 
-class LagServer:
+class _SamplingServer:
+    """What the lag page and the sites page share: a sampler thread taking `sample_once` every `interval` seconds,
+    and an HTTP server (Prometheus metrics from `collector`, the page, the JSON `feed` at `feed_path`); subclasses
+    sample."""
+
+    feed_path = "/api/lag"
+
+    def _serve(self, host: str, port: int, interval: float, collector: Any, name: str) -> None:
+        self.interval = interval
+        self.last_error: str | None = None
+        self.errors = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.registry = CollectorRegistry()
+        self.registry.register(collector)
+        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self.port = self.httpd.server_address[1]
+        self._sampler = threading.Thread(target=self._sample_loop, name=f"{name}-sampler", daemon=True)
+        self._http_thread: threading.Thread | None = None
+        self._name = name
+
+    def sample_once(self) -> None:
+        raise NotImplementedError
+
+    def feed(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _sample_loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.sample_once()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def start(self) -> None:
+        """Sample once (so the first scrape has data), then sample and serve in background threads."""
+        self.sample_once()
+        self._sampler.start()
+        self._http_thread = threading.Thread(target=self.httpd.serve_forever, name=f"{self._name}-http", daemon=True)
+        self._http_thread.start()
+
+    def serve_forever(self) -> None:
+        """Sample once, then sample in the background and serve in this thread until interrupted."""
+        self.sample_once()
+        self._sampler.start()
+        self.httpd.serve_forever()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._http_thread is not None:
+            self.httpd.shutdown()  # waits for serve_forever in the other thread to return
+            self._http_thread.join(timeout=10)
+        self.httpd.server_close()
+        if self._sampler.is_alive():
+            self._sampler.join(timeout=60)
+
+
+class LagServer(_SamplingServer):
     def __init__(self, pipeline: Pipeline, *, host: str = "127.0.0.1", port: int = 9108, interval: float = 2.0,
                  window: float = 30.0, stop_after: float = 30.0, destinations: list[str] | None = None,
                  keep_seconds: float = 900.0) -> None:
         self.pipeline = pipeline
-        self.interval = interval
         self.stop_after = stop_after
         self.probe = LagProbe(pipeline, destinations)
         self.history = History(window_seconds=window, keep_seconds=keep_seconds)
         self.series: list[dict[str, Any]] = []  # chart points: {"t", "destinations": {name: [msgs, secs]}}
         self.keep_seconds = keep_seconds
         self.latest: dict[str, Any] | None = None
-        self.last_error: str | None = None
-        self.errors = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.registry = CollectorRegistry()
-        self.registry.register(_Collector(self))
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.port = self.httpd.server_address[1]
-        self._sampler = threading.Thread(target=self._sample_loop, name="lag-sampler", daemon=True)
-        self._http_thread: threading.Thread | None = None
+        self._serve(host, port, interval, _Collector(self), "lag")
 
     # -- sampling ---------------------------------------------------------------------------------------------------
     def sample_once(self) -> None:
@@ -89,39 +135,13 @@ class LagServer:
             self.latest = doc
             self.last_error = None
 
-    def _sample_loop(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            self.sample_once()
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
-
     def feed(self) -> dict[str, Any]:
         with self._lock:
             return {"report": self.latest, "series": list(self.series), "error": self.last_error,
                     "interval": self.interval, "window": self.history.window_seconds}
 
-    # -- serving ----------------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Sample once (so the first scrape has data), then sample and serve in background threads."""
-        self.sample_once()
-        self._sampler.start()
-        self._http_thread = threading.Thread(target=self.httpd.serve_forever, name="lag-http", daemon=True)
-        self._http_thread.start()
-
-    def serve_forever(self) -> None:
-        """Sample once, then sample in the background and serve in this thread until interrupted."""
-        self.sample_once()
-        self._sampler.start()
-        self.httpd.serve_forever()
-
     def close(self) -> None:
-        self._stop.set()
-        if self._http_thread is not None:
-            self.httpd.shutdown()  # waits for serve_forever in the other thread to return
-            self._http_thread.join(timeout=10)
-        self.httpd.server_close()
-        if self._sampler.is_alive():
-            self._sampler.join(timeout=30)
+        super().close()
         self.probe.close()
 
 
@@ -194,7 +214,7 @@ class _Collector:
                     failures)
 
 
-def _handler(server: LagServer) -> type[BaseHTTPRequestHandler]:
+def _handler(server: _SamplingServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: scrapes are frequent
             pass
@@ -209,7 +229,7 @@ def _handler(server: LagServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0]
-            feed_path = getattr(server, "feed_path", "/api/lag")
+            feed_path = server.feed_path
             if path == "/metrics":
                 self._send(200, generate_latest(server.registry), CONTENT_TYPE_LATEST)
             elif path == feed_path:
@@ -266,7 +286,7 @@ def site_families(doc: dict[str, Any] | None, errors: int = 0, sampled_at: float
     return [status, lag_secs, lag_msgs, last, waiting, blocked, stamp, failures]
 
 
-class SitesServer:
+class SitesServer(_SamplingServer):
     """`cdc sites serve`: takes `sample()` (a topology's status document) every `interval` seconds in a thread and
     serves it as Prometheus metrics at /metrics, JSON at /api/sites and the lag page's sites section at /."""
 
@@ -276,19 +296,9 @@ class SitesServer:
                  port: int = 9109, interval: float = 10.0) -> None:
         self.topology = topology
         self._take = sample
-        self.interval = interval
         self.latest: dict[str, Any] | None = None
         self.sampled_at: float | None = None
-        self.last_error: str | None = None
-        self.errors = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.registry = CollectorRegistry()
-        self.registry.register(_SitesCollector(self))
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))  # type: ignore[arg-type]
-        self.port = self.httpd.server_address[1]
-        self._sampler = threading.Thread(target=self._sample_loop, name="sites-sampler", daemon=True)
-        self._http_thread: threading.Thread | None = None
+        self._serve(host, port, interval, _SitesCollector(self), "sites")
 
     def sample_once(self) -> None:
         try:
@@ -301,36 +311,10 @@ class SitesServer:
         with self._lock:
             self.latest, self.sampled_at, self.last_error = doc, time.time(), None
 
-    def _sample_loop(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            self.sample_once()
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
-
     def feed(self) -> dict[str, Any]:
         with self._lock:
             return {"sites": self.latest, "sampled_at": self.sampled_at, "error": self.last_error,
                     "interval": self.interval}
-
-    def start(self) -> None:
-        self.sample_once()
-        self._sampler.start()
-        self._http_thread = threading.Thread(target=self.httpd.serve_forever, name="sites-http", daemon=True)
-        self._http_thread.start()
-
-    def serve_forever(self) -> None:
-        self.sample_once()
-        self._sampler.start()
-        self.httpd.serve_forever()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._http_thread is not None:
-            self.httpd.shutdown()
-            self._http_thread.join(timeout=10)
-        self.httpd.server_close()
-        if self._sampler.is_alive():
-            self._sampler.join(timeout=60)
 
 
 class _SitesCollector:
