@@ -701,8 +701,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.source_poll_ms:
                 log(f"pipeline {pipeline.pipeline.name}: Debezium poll.interval.ms set to {args.source_poll_ms} "
                     "for this run")
-                set_source_poll_interval(pipeline.name, args.source_poll_ms)
-            report.source_poll_ms = source_poll_interval(pipeline.name)
+                set_source_poll_interval(pipeline.pipeline, args.source_poll_ms)
+            report.source_poll_ms = source_poll_interval(pipeline.pipeline)
             report.capture_s = pipeline.load(args.rows)
             expected = checksum(pipeline.source_url)
 
