@@ -4,6 +4,7 @@ running a command body so that our errors become one message and the contract's 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -50,3 +51,15 @@ def _run(action: Callable[[], int | None]) -> None:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     raise typer.Exit(code or 0)
+
+
+def serve_until_interrupted(server: Any, command: str, host: str) -> int:
+    """Say where a page server (consumers/lag/server.py) listens, serve it until Ctrl-C, then close it."""
+    typer.echo(f"{command}: page http://{host}:{server.port}/  metrics http://{host}:{server.port}/metrics")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0

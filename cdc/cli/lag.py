@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cdc.cli.common import _pipeline, _run
+from cdc.cli.common import _pipeline, _run, serve_until_interrupted
 from cdc.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -167,14 +167,6 @@ def serve(
         server = lag_server.LagServer(pipeline, host=host, port=port, interval=interval, window=window,
                                       stop_after=options.get("stop_after", 30.0),
                                       destinations=options.get("destinations"))
-        typer.echo(f"cdc lag serve: page http://{host}:{server.port}/  metrics http://{host}:{server.port}/metrics",
-                   err=False)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.close()
-        return 0
+        return serve_until_interrupted(server, "cdc lag serve", host)
 
     _run(body)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from cdc.cli.common import _echo, _pipeline, _run, _state
+from cdc.cli.common import _echo, _pipeline, _run, _state, serve_until_interrupted
 from cdc.cli.lag import lag_app
 from cdc.errors import CdcError, ConfigError
 
@@ -1039,14 +1039,7 @@ def sites_serve(port: int = typer.Option(9109, "--port", help="Port of the metri
         topo = _topology()
         book = _error_book(topo)
         server = SitesServer(topo.topology, lambda: status(topo, book), host=host, port=port, interval=interval)
-        typer.echo(f"cdc sites serve: page http://{host}:{server.port}/  metrics http://{host}:{server.port}/metrics")
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.close()
-        return 0
+        return serve_until_interrupted(server, "cdc sites serve", host)
 
     _run(body)
 
