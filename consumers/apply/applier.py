@@ -119,6 +119,8 @@ class ReplicaApplier:
                                    columnar=writer.dialect.columnar, scope=scope, policy=self.policy,
                                    poll_messages=poll_messages, dead_letters=self.dead_letters,
                                    on_outage=self._outage_changed, stop=self._stop, echo=self._say)
+        # Read ahead of END records: a batch in flight and the next one (see ChangeReader._hold_back).
+        self.reader.read_ahead = 2 * self.batch_events
         writer.follower = SourceFollower(pipeline, destination_name, writer.dialect, writer.shapes,
                                          self.reader.converter, self._say)
         self._retry: list[SourceUnit] = []
@@ -209,6 +211,15 @@ class ReplicaApplier:
         """Why nothing can be applied right now (an outage), or None: for the progress line and `cdc lag`."""
         return (self.destination_outage.describe() or self.reader.kafka.describe()
                 or self.reader.registry_outage.describe())
+
+    @property
+    def reading_paused(self) -> str | None:
+        """'3 partition(s) paused (120,000 changes read ahead)' while the reader holds partitions back, else None:
+        back-pressure, not a fault (the writer has what was read ahead to apply before more is read)."""
+        paused = self.reader.paused
+        if not paused:
+            return None
+        return f"{paused} partition(s) paused ({self.reader.assembler.held_in_memory:,} changes read ahead)"
 
     def lag_seconds(self) -> float:
         """Now minus the commit time of the oldest change not applied yet; 0 when none is waiting."""
@@ -399,6 +410,11 @@ class ReplicaApplier:
                 self._recover(lost, deadline)
                 if self.reader.consumer is None:  # stopped while reconnecting
                     break
+            except KafkaException as exc:
+                # A request of ours Kafka refused (not the consumer's own errors, which come as outages): a broker
+                # settling after a restart, mostly. Transient: `cdc run` starts this destination again after a
+                # backoff, from the offsets stored with its rows.
+                raise ServiceUnavailable(f"Kafka refused a request: {kafka_reason(exc)}") from exc
         self.reader.commit_group_offsets()
         if progress:
             progress(self)
@@ -581,13 +597,15 @@ class ReplicaApplier:
 
     def _say_superseded(self) -> None:
         """Events of a delivery cut short by a crash were set aside for their transaction's copy (see
-        consumers.apply.transactions): said once per transaction, since a copy that never came would be a loss."""
+        consumers.apply.transactions): said, naming the transactions, since a copy that never came would be a loss."""
         assembler = self.reader.assembler
         superseded, assembler.superseded = assembler.superseded, {}
-        for xid, count in superseded.items():
-            self.echo(f"{self.name}: source transaction {xid}: {count} change(s) of a delivery cut short (Connect or "
-                      "the broker stopped before its END record) set aside; Debezium re-sends it whole and the copy "
-                      "is applied")
+        # One line per poll, not per transaction: a broker SIGKILL set aside changes of 80 transactions at once.
+        named = ", ".join(f"{xid} ({count})" for xid, count in list(superseded.items())[:5])
+        more = f" and {len(superseded) - 5} more" if len(superseded) > 5 else ""
+        self.echo(f"{self.name}: {sum(superseded.values())} change(s) of deliveries cut short (Connect or the broker "
+                  f"stopped before their END records) set aside, of source transaction(s) {named}{more}; Debezium "
+                  "re-sends each whole and the copy is applied")
 
     def _dead_letter_late(self) -> None:
         """Events of a transaction given up that arrived after all: dead-lettered, never applied out of order."""

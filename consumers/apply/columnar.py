@@ -240,16 +240,42 @@ def history_changes(flat: pa.Table, keys: list[str]) -> tuple[pa.Table, bool]:
     read_time = pc.if_else(pc.equal(flat.column(CHANGE_LSN), SNAPSHOT_LSN), flat.column(COMMIT_MS),
                            pa.scalar(None, flat.schema.field(COMMIT_MS).type))
     identity = flat.select([*keys, CHANGE_LSN, OP]).append_column("_cdc_read_time", read_time)
-    firsts = identity.append_column(SEQ, flat.column(SEQ)).group_by(
-        identity.column_names, use_threads=False).aggregate([(SEQ, "min")])
-    if firsts.num_rows == flat.num_rows:
+    firsts = group_ends(identity, flat.column(SEQ), last=False)
+    if len(firsts) == flat.num_rows:
         return flat, False
-    return flat.filter(pc.is_in(flat.column(SEQ), value_set=firsts.column(f"{SEQ}_min"))), True
+    return flat.take(firsts), True
 
 
 def last_changes(flat: pa.Table, keys: list[str]) -> pa.Table:
     """Each key's last change in `flat` (by SEQ): the batch itself when no key changes twice, as in a bulk load."""
-    latest = flat.group_by(keys, use_threads=False).aggregate([(SEQ, "max")])
-    if latest.num_rows == flat.num_rows:
+    latest = group_ends(flat.select(keys), flat.column(SEQ), last=True)
+    if len(latest) == flat.num_rows:
         return flat
-    return flat.filter(pc.is_in(flat.column(SEQ), value_set=latest.column(f"{SEQ}_max")))
+    return flat.take(latest)
+
+
+def group_ends(identity: pa.Table, seq: Any, *, last: bool) -> np.ndarray:
+    """The rows (ascending positions) holding the first, or the `last`, `seq` of each group of rows equal in every
+    column of `identity` (nulls equal to nulls, as a GROUP BY has them).
+
+    Sorting and comparing neighbours with pyarrow.compute rather than Table.group_by: group_by runs on Acero, whose
+    import brings pyarrow's datasets, Parquet and cloud file systems into the applier (about 15 MB of its resident
+    memory, benchmarks/memory_bench.py) for two aggregates."""
+    n = identity.num_rows
+    if n == 0:
+        return np.zeros(0, np.int64)
+    names = identity.column_names
+    order = pc.sort_indices(identity.append_column("_cdc_group_seq", seq),
+                            sort_keys=[*((c, "ascending") for c in names), ("_cdc_group_seq", "ascending")])
+    starts = np.zeros(n, bool)
+    starts[0] = True
+    for name in names:
+        column = identity.column(name).take(order).combine_chunks()
+        here, before = column.slice(1), column.slice(0, n - 1)
+        differs = pc.or_(pc.fill_null(pc.not_equal(here, before), False), pc.xor(here.is_null(), before.is_null()))
+        if pa.types.is_floating(column.type):  # NaN is not equal to itself, but one group, as GROUP BY has it
+            differs = pc.and_(differs, pc.invert(pc.and_(pc.fill_null(pc.is_nan(here), False),
+                                                         pc.fill_null(pc.is_nan(before), False))))
+        starts[1:] |= differs.to_numpy(zero_copy_only=False)
+    ends = np.flatnonzero(np.append(starts[1:], True) if last else starts)
+    return np.sort(order.to_numpy()[ends])

@@ -35,6 +35,7 @@ class _Transaction(Protocol):
     commit_lsn: int | None
     commit_ts_ms: int | None
     marker_offset: int | None
+    repeat: bool  # taken as a copy by the assembler already (TransactionAssembler._take_copy)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class _End:
     commit_ts_ms: int | None
     marker_offset: int | None
     xid: str | None = "end"
+    repeat: bool = False
 
 
 def mark_of(step: _Transaction) -> CommitMark | None:
@@ -89,7 +91,7 @@ def split_copies(steps: Iterable[S], mark: CommitMark | None) -> tuple[list[S], 
     kept: list[S] = []
     copies: list[S] = []
     for step in steps:
-        if mark is not None and mark.covers(step):
+        if step.repeat or (mark is not None and mark.covers(step)):
             copies.append(step)
             continue
         kept.append(step)

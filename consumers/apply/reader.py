@@ -31,10 +31,14 @@ from schemas.batch import BatchDecoder, extract
 from schemas.codec import AvroDecoder, RegistryClient
 
 # Kafka prefetch budget of one applier, shared out among its partitions (see `consumer_config`).
-PREFETCH_BUDGET_KB = 64 * 1024
+PREFETCH_BUDGET_KB = 16 * 1024
+# What one fetch from Kafka brings at most, shared out among the partitions (see `consumer_config`).
+FETCH_MAX_BYTES = 2 * 1024 * 1024
 # Waiting for a schema registry that cannot answer: the first wait, doubled each attempt up to the last.
 REGISTRY_RETRY_FIRST_S = 0.5
 REGISTRY_RETRY_MAX_S = 30.0
+# Partitions paused to bound what is read ahead (`ChangeReader._hold_back`) all resume when nothing came for this long.
+HOLD_BACK_PATIENCE_S = 1.0
 # While Kafka is unreachable, how often the applier asks it whether it is back (when no message says so).
 KAFKA_PROBE_S = 5.0
 
@@ -47,6 +51,14 @@ KAFKA_LOG.propagate = False
 # librdkafka's error codes that mean the brokers cannot be reached (it retries them by itself).
 _KAFKA_OUTAGE_CODES = frozenset({KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE,
                                  KafkaError._TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError._MSG_TIMED_OUT})
+# What a broker that just restarted answers for a while (its leader epochs moved on, metadata not loaded yet): an
+# offsets request is asked again (`ChangeReader._offsets`). After a broker SIGKILL, FENCED_LEADER_EPOCH from the
+# log-end offsets stopped an applier for good.
+_KAFKA_SETTLING_CODES = frozenset({KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH,
+                                   KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                                   KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.OFFSET_NOT_AVAILABLE,
+                                   KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_COORDINATOR, *_KAFKA_OUTAGE_CODES})
+OFFSETS_ATTEMPTS = 5
 
 
 def consumer_config(group_id: str, *, partitions: int = 1, **extra: Any) -> dict[str, Any]:
@@ -60,11 +72,18 @@ def consumer_config(group_id: str, *, partitions: int = 1, **extra: Any) -> dict
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         # Bounded prefetch: the applier's memory must not grow with the backlog. librdkafka bounds its queue per
-        # partition, so one budget is shared out among them. Measured on 7 partitions (benchmarks/): 32 MB
-        # each cost 200 MB of resident memory; 4 MB each halved the throughput; 9 MB each (64 MB in all) kept
-        # the throughput within 5 % of 14 MB each and the applier's peak at 280 MB.
-        "fetch.max.bytes": 8_388_608,
+        # partition, so one budget is shared out among them; and every partition gets its share of each fetch.
+        # With librdkafka's default share (1 MB a partition) a fetch filled up with the first partitions it asked
+        # for and starved the others: with fetches of 4 MB, two of a topic's six partitions came thousands of
+        # changes behind, and the transactions they held could not be applied (ChangeReader._hold_back now bounds
+        # what that costs; before it, 650,000 changes were held). With fair shares the budget could shrink:
+        # measured on 2026-12-01 (seven partitions, 1,000,000 changes into DuckDB; 200,000 into PostgreSQL with
+        # benchmarks/apply_bench.py), fetches of 2 MB and 16 MB queued took the same time as 8 MB and 64 MB
+        # (7.4-7.8 s against 7.4-8.5; 52,315 and 51,473 rows/s against 52,071 and 52,949) and peaked 25-30 MB
+        # lower (DuckDB 330-334 MB against 357-363; PostgreSQL 221-223 against 249).
+        "fetch.max.bytes": FETCH_MAX_BYTES,
         "queued.max.messages.kbytes": max(1024, PREFETCH_BUDGET_KB // max(1, partitions)),
+        "max.partition.fetch.bytes": max(64 * 1024, min(1024 * 1024, FETCH_MAX_BYTES // max(1, partitions))),
         # librdkafka (2.4 on) stops fetching a partition for this long whenever its queue is full, 1 s by
         # default: a backlog then arrives in bursts with idle seconds between them. Measured reading 1,000,000
         # changes: 150,000 messages/s with the default, 1,000,000 with 10 ms (the broker was never the limit).
@@ -74,9 +93,34 @@ def consumer_config(group_id: str, *, partitions: int = 1, **extra: Any) -> dict
     }
 
 
-def kafka_reason(exc: KafkaException) -> str:
+def partitions_to_pause(*, held: int, read_ahead: int | None, beyond: Callable[[], set[tuple[str, int]]],
+                        paused: set[tuple[str, int]], idle_s: float, hold_off: bool,
+                        waiting: bool = True) -> tuple[set[tuple[str, int]], bool]:
+    """Which data partitions `ChangeReader._hold_back` keeps paused, and whether pausing is held off from now on.
+    `held`: changes the assembler holds in memory; `beyond`: the partitions read beyond the next transaction to
+    apply; `paused`: those paused now; `idle_s`: how long no message came while polling; `waiting`: the next
+    transaction to apply is not complete (or not known), so the applier needs more than what it holds."""
+    if read_ahead is None or held < read_ahead:
+        return set(), False  # under the bound: everything read, and pausing allowed again
+    if paused and waiting and idle_s >= HOLD_BACK_PATIENCE_S:
+        return set(), True  # nothing comes from what is still read: what is missing is in a paused partition
+    return (set() if hold_off else beyond()), hold_off
+
+
+def _kafka_error(exc: KafkaException) -> KafkaError | None:
     error = exc.args[0] if exc.args else None
-    return error.str() if isinstance(error, KafkaError) else str(exc)
+    return error if isinstance(error, KafkaError) else None
+
+
+def kafka_settling(exc: KafkaException) -> bool:
+    """Whether Kafka refused a request for a reason that passes by itself (`_KAFKA_SETTLING_CODES`)."""
+    error = _kafka_error(exc)
+    return error is not None and error.code() in _KAFKA_SETTLING_CODES
+
+
+def kafka_reason(exc: KafkaException) -> str:
+    error = _kafka_error(exc)
+    return error.str() if error is not None else str(exc)
 
 
 class ChangeReader:
@@ -115,6 +159,15 @@ class ChangeReader:
         self._kafka_probed = 0.0
         self.kafka_fatal: KafkaError | None = None
         self._kafka_said: dict[int, float] = {}  # Kafka errors other than outages: when each kind was last said
+        # Changes read ahead of their END records that the applier may hold in memory (`_hold_back`); None: no bound.
+        self.read_ahead: int | None = None
+        self._paused: set[tuple[str, int]] = set()  # data partitions paused by `_hold_back`
+        self._hold_off = False  # `_hold_back` resumed them all: no pausing until fewer changes are held
+        self._last_message = 0.0  # when a poll last brought messages
+        self._last_poll = 0.0  # when `_hold_back` last ran
+        self.held_back = 0  # how many times partitions were paused
+        self.hold_offs = 0  # how many times they all resumed because nothing came (HOLD_BACK_PATIENCE_S)
+        self._hold_off_said = float("-inf")  # when that was last said (once every REMIND_EVERY_S at most)
 
     @property
     def group_id(self) -> str:
@@ -176,6 +229,7 @@ class ChangeReader:
         """Make the consumer and assign it every partition of the data topics and of the transaction topic at the
         `stored` offsets (where each partition starts when none is stored); the offsets it starts at, by number."""
         partitions = sum(len(known[t].partitions) for t in self.topics if t in known)
+        self._paused = set()  # a new consumer: nothing paused
         self.consumer = kafka_clients.consumer(self.pipeline.kafka, consumer_config(
             self.group_id, partitions=partitions,
             # Errors and logs that become one line per outage instead of librdkafka's stream of them.
@@ -206,7 +260,7 @@ class ChangeReader:
         partitions assigned numbers). Partitions it cannot tell are left out: those start at OFFSET_BEGINNING."""
         try:
             starts = self._offsets(partitions, OffsetSpec.earliest())
-        except KafkaException:
+        except (KafkaException, ServiceUnavailable):
             return {}
         return {tp: offset for tp, offset in starts.items() if offset >= 0}
 
@@ -218,8 +272,22 @@ class ChangeReader:
         if self._admin is None:
             self._admin = self._admin_client()
         request = {TopicPartition(t, p): spec for t, p in partitions}
-        return {(tp.topic, tp.partition): future.result().offset
-                for tp, future in self._admin.list_offsets(request, request_timeout=10).items()}
+        for attempt in range(1, OFFSETS_ATTEMPTS + 1):
+            try:
+                return {(tp.topic, tp.partition): future.result().offset
+                        for tp, future in self._admin.list_offsets(request, request_timeout=10).items()}
+            except KafkaException as exc:
+                if not kafka_settling(exc):
+                    raise
+                if attempt == OFFSETS_ATTEMPTS:
+                    # Transient: `cdc run` starts the applier again after a backoff, from the offsets stored.
+                    raise ServiceUnavailable(f"Kafka did not tell the partitions' offsets after {attempt} attempts: "
+                                             f"{kafka_reason(exc)}") from exc
+                time.sleep(0.5 * attempt)
+                # A new client: the old one kept its stale leader epochs (seen answering FENCED_LEADER_EPOCH for
+                # 5 s after a broker restart, which a fresh applier's client did not).
+                self._admin = self._admin_client()
+        raise AssertionError("unreachable")
 
     def end_offsets(self) -> dict[tuple[str, int], int]:
         """Log-end offsets of every assigned partition."""
@@ -237,6 +305,7 @@ class ChangeReader:
             self.consumer.close()
             self.consumer = None
         self.assembler = TransactionAssembler(frozenset(self.pipeline.source.tables))
+        self._paused = set()
         self.read_positions.clear()
         with self._group_lock:
             self._group_offsets = {}
@@ -267,6 +336,7 @@ class ChangeReader:
                                          asynchronous=False)
             self.consumer.close()
             self.consumer = None
+            self._paused = set()
 
     # -- polling --------------------------------------------------------------------------------------------------
     def poll(self) -> int:
@@ -290,7 +360,56 @@ class ChangeReader:
             self._probe_kafka()
         self.on_outage()
         self._feed_batch(good)
+        self._hold_back(len(good))
         return len(messages)
+
+    def _hold_back(self, polled: int) -> None:
+        """Bound what is read ahead. librdkafka fetches partitions as it likes, and one may come far behind the
+        others: a backlog of 1,000,000 changes was seen held in memory up to 650,000 (127 MB), every partition read
+        far ahead but the one holding the rest of the next transaction to apply. So while the assembler holds
+        `read_ahead` changes in memory, the data partitions already read beyond the next transaction
+        (TransactionAssembler.read_beyond_head) are paused, and the others and the transaction topic read on; they
+        resume once fewer changes are held. If nothing comes from what is still read for HOLD_BACK_PATIENCE_S while
+        some are paused and the next transaction still misses changes, all resume until then: what is missing must
+        be in a paused one (a case the ordering argument does not foresee, said in a line, is slow, never stuck).
+        Pausing drops what librdkafka prefetched of a partition; it fetches it again from the next offset to read on
+        resuming. The progress line and the metrics say how many partitions are paused."""
+        assert self.consumer is not None
+        now = time.monotonic()
+        if polled or now - self._last_poll >= HOLD_BACK_PATIENCE_S:
+            # Idle time counts while polling: a write the applier waited for is not time nothing came.
+            self._last_message = now
+        self._last_poll = now
+        held = self.assembler.held_in_memory
+        was_off = self._hold_off
+        head = self.assembler.head
+        wanted, self._hold_off = partitions_to_pause(
+            held=held, read_ahead=self.read_ahead, beyond=self.assembler.read_beyond_head,
+            paused=self._paused, idle_s=now - self._last_message, hold_off=self._hold_off,
+            waiting=head is None or self.assembler.waiting_for is not None)
+        if self._hold_off and not was_off:
+            self.hold_offs += 1
+            if now - self._hold_off_said >= REMIND_EVERY_S:
+                # Not expected: the next transaction's missing changes were in a paused partition. Memory may then
+                # grow past the bound until fewer changes are held; said, so that it is not silent.
+                self._hold_off_said = now
+                self.echo(f"{self.name}: {held:,} changes held in memory (bound {self.read_ahead:,}) and nothing "
+                          f"came for {HOLD_BACK_PATIENCE_S:g} s from the partitions still read; all "
+                          f"{len(self._paused)} paused partition(s) resume, waiting for transaction "
+                          f"{self.assembler.waiting_for or '(none known)'}; this happened {self.hold_offs} time(s)")
+        if wanted == self._paused:
+            return
+        if wanted - self._paused:
+            self.consumer.pause([TopicPartition(t, p) for t, p in wanted - self._paused])
+            self.held_back += 1
+        if self._paused - wanted:
+            self.consumer.resume([TopicPartition(t, p) for t, p in self._paused - wanted])
+        self._paused = wanted
+
+    @property
+    def paused(self) -> int:
+        """Data partitions paused now by `_hold_back` (the writer has `read_ahead` changes to apply first)."""
+        return len(self._paused)
 
     def kafka_answered(self) -> None:
         line = self.kafka.recovered()

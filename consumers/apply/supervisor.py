@@ -26,6 +26,9 @@ def _progress_printer(echo: Callable[[str], None]) -> Callable[[ReplicaApplier],
         blocked = applier.blocked
         # While an outage lasts the lag is unknown (nothing new can be read or written): say so, never "0.0 s".
         line += f"BLOCKED: {blocked}" if blocked else f"lag {applier.lag_seconds():.1f} s"
+        paused = applier.reading_paused
+        if paused and not blocked:
+            line += f", {paused}"
         if tty:
             sys.stdout.write("\r" + line.ljust(100))
             sys.stdout.flush()

@@ -9,8 +9,9 @@ Pure logic, no I/O. Why this order is sound:
 - Consequently the events taken from each partition always form a prefix of it, and "last taken offset + 1" per
   partition is a correct resume point: it is what the applier stores with the rows.
 
-A transaction is complete when its END record is known and the events it counts for the captured tables have all
-arrived (Debezium also counts the signalling table's rows, which the connector filters out of Kafka).
+A transaction is complete when its END record is known and, for each captured table, the events it counts have
+arrived (Debezium also counts the signalling table's rows, which the connector filters out of Kafka). Table by table:
+copies of one table's events (a broker SIGKILL leaves some in a partition twice) never make up for another's.
 
 The assembler takes change events one at a time, or runs of them (consumers.apply.runs.ChangeRun: consecutive changes of
 one partition and one transaction), which it treats alike: each counts for `count` changes.
@@ -59,6 +60,8 @@ Item = ChangeEvent | ChangeRun
 # END, so that what the applier holds does not grow with the size of a transaction (the write reads them back in
 # parts, consumers.apply.columnar.chunks). Runs only: events (the general path's) stay in memory.
 SPILL_AT = 50_000
+# Copies taken without their events (`_take_copy`) remembered, the latest, so that their events read later are known.
+COPIES_REMEMBERED = 10_000
 
 
 class AssemblyError(CdcError, Terminal):
@@ -75,6 +78,9 @@ class SourceUnit:
     commit_ts_ms: int | None = None
     marker_offset: int | None = None  # the END record's offset in the transaction topic
     commit_lsn: int | None = None  # the source's commit LSN (TransactionMarker.commit_lsn)
+    # A copy of a transaction the destination applied, taken without all its events, or events of such a copy that
+    # came after it (TransactionAssembler._take_copy): skipped whole, its offsets stored (copies.split_copies).
+    repeat: bool = False
 
 
 @dataclass
@@ -101,8 +107,8 @@ class TransactionAssembler:
     late: list[Item] = field(default_factory=list)
     _buffered: int = 0  # changes and holes held
     # Events taken beyond what their transaction's END counted (a redelivered copy right behind its original), per
-    # transaction id: the copy's END record completes with that many fewer.
-    _credit: dict[str, int] = field(default_factory=dict)
+    # transaction id and table: the copy's END record completes with that many fewer of the table.
+    _credit: dict[str, dict[str, int]] = field(default_factory=dict)
     _lost_markers: int = 0  # records of the transaction topic that did not decode (dead-lettered)
     orphaned: set[str] = field(default_factory=set)  # transactions given up because their END record was lost
     # Events of deliveries cut short, set aside because a copy of their transaction follows: xid -> changes (the
@@ -113,6 +119,11 @@ class TransactionAssembler:
     # a re-sent transaction from a new one (see the module's docstring on deliveries cut short).
     mark: CommitMark | None = None
     _spilling: set[str] = field(default_factory=set)  # transactions whose runs go to disk as they arrive
+    # Copies taken without all their events (`_take_copy`): their END records, by transaction id, the latest
+    # COPIES_REMEMBERED. Events of theirs read afterwards are repeats too, taken as such when they reach the front of
+    # their partition (`_take_repeats`). (Copies of transactions taken whole are not: a copy's END record completes
+    # with them, and the destination's mark tells that it is a copy.)
+    _copies_taken: dict[str, TransactionMarker] = field(default_factory=dict)
     _spill: SpillFile | None = None  # where they go (it lives as long as a run points into it)
 
     # -- input
@@ -173,6 +184,23 @@ class TransactionAssembler:
         return self._buffered
 
     @property
+    def held_in_memory(self) -> int:
+        """Changes held in memory: `buffered`, less those of transactions whose runs go to disk."""
+        return self._buffered - sum(self._pending_by_xid.get(xid, 0) for xid in self._spilling)
+
+    def read_beyond_head(self) -> set[tuple[str, int]]:
+        """The partitions whose last change held belongs to a source transaction other than the next one to apply
+        (to any transaction, while no END record is known): within a partition changes come in commit order, so
+        reading more of these cannot complete the next transaction."""
+        head = self._ends[0].xid if self._ends else None
+        beyond = set()
+        for tp, queue in self._partitions.items():
+            xid = getattr(queue[-1], "xid", None) if queue else None
+            if xid is not None and xid != head:
+                beyond.add(tp)
+        return beyond
+
+    @property
     def waiting_for(self) -> str | None:
         """The transaction at the head of the commit order that is still missing events, if any."""
         if self._ends and not self._complete(self._ends[0]):
@@ -188,15 +216,26 @@ class TransactionAssembler:
         """For a transaction still missing events: table -> (events its END record counts, events that arrived),
         for the captured tables where fewer arrived than were counted. What an incomplete transaction is reported
         with (the applier decides when waiting longer is pointless)."""
-        arrived = self._arrived_by_xid.get(marker.xid, {})
+        arrived = dict(self._arrived_by_xid.get(marker.xid, {}))
+        for table, n in self._credit.get(marker.xid, {}).items():
+            arrived[table] = arrived.get(table, 0) + n
         return {table: (n, arrived.get(table, 0)) for table, n in sorted(marker.event_counts.items())
                 if table in self.tables and arrived.get(table, 0) < n}
 
-    def _needed(self, marker: TransactionMarker) -> int:
-        return sum(n for table, n in marker.event_counts.items() if table in self.tables)
+    def _needed(self, marker: TransactionMarker) -> dict[str, int]:
+        """The events its END record counts, per captured table."""
+        return {table: n for table, n in marker.event_counts.items() if table in self.tables and n > 0}
+
+    @staticmethod
+    def _short(needed: dict[str, int], have: dict[str, int], credit: dict[str, int]) -> bool:
+        """Whether some table has fewer events than counted. Per table, not in all: after a broker SIGKILL a
+        partition may hold copies of some of a transaction's events, and two copies of one table's events must not
+        stand in for another table's events that have not arrived."""
+        return any(have.get(table, 0) + credit.get(table, 0) < n for table, n in needed.items())
 
     def _complete(self, marker: TransactionMarker) -> bool:
-        return self._pending_by_xid.get(marker.xid, 0) + self._credit.get(marker.xid, 0) >= self._needed(marker)
+        return not self._short(self._needed(marker), self._arrived_by_xid.get(marker.xid, {}),
+                               self._credit.get(marker.xid, {}))
 
     @property
     def holes(self) -> int:
@@ -208,13 +247,51 @@ class TransactionAssembler:
         policy is to dead-letter it, so that the rest of the stream goes on without them."""
         if not self._ends:
             return []
+        marker, units = self._take_head_as_it_is(repeat=False)
+        self._abandoned.add(marker.xid)
+        return units
+
+    def _take_head_as_it_is(self, *, repeat: bool) -> tuple[TransactionMarker, list[SourceUnit]]:
+        """The head transaction taken with the events it has (`force_next`, `_take_copy`)."""
         marker = self._ends.popleft()
         before, events = self._take_transaction(marker, forced=True)
-        self._abandoned.add(marker.xid)
-        step = SourceUnit(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn)
-        return ([SourceUnit(before)] if before else []) + [step]
+        step = SourceUnit(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn, repeat=repeat)
+        return marker, ([SourceUnit(before)] if before else []) + [step]
 
     # -- output
+    def _take_copy(self) -> list[SourceUnit]:
+        """The head transaction, a copy of one the destination applied (`mark`), taken with the events it has. Its
+        END record came again without all its events: after a broker SIGKILL the transaction topic was seen holding
+        99 transactions' BEGIN and END records twice and their changes once. Waiting for the rest would stop the
+        applier ('cannot complete'), and the copy is skipped whole anyway; its events read later are repeats
+        (`_take_repeats`)."""
+        marker, units = self._take_head_as_it_is(repeat=True)
+        self._remember(marker)
+        return units
+
+    def _remember(self, marker: TransactionMarker) -> None:
+        self._copies_taken.pop(marker.xid, None)  # the latest last
+        self._copies_taken[marker.xid] = marker
+        while len(self._copies_taken) > COPIES_REMEMBERED:  # repeats come soon after their copy, if at all
+            del self._copies_taken[next(iter(self._copies_taken))]
+
+    def _take_repeats(self) -> list[SourceUnit]:
+        """Events at the front of their partitions of copies taken without them (`_take_copy`), as steps to skip:
+        their offsets are stored like any other's."""
+        if not self._copies_taken:
+            return []
+        found: dict[str, list[Item]] = {}
+        for queue in self._partitions.values():
+            while queue and getattr(queue[0], "xid", None) in self._copies_taken:
+                item = queue.popleft()
+                found.setdefault(item.xid, []).append(item)
+                self._forget(item)
+        steps = []
+        for xid, items in found.items():
+            marker = self._copies_taken[xid]
+            steps.append(SourceUnit(items, xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn, repeat=True))
+        return steps
+
     def _take_snapshot_heads(self) -> list[Item]:
         taken = []
         for queue in self._partitions.values():
@@ -232,17 +309,18 @@ class TransactionAssembler:
                           forced: bool = False) -> tuple[list[Item], list[Item]]:
         """The snapshot reads that come before the transaction in its partitions, and the transaction's events."""
         needed = self._needed(marker)
+        credit = self._credit.pop(marker.xid, {})
         known = {m.xid for m in self._ends}  # END records read behind this one's: transactions committed after it
         resent = is_copy_end(self.mark, marker.commit_lsn, marker.commit_ts_ms, marker.offset)
         gave: set[tuple[str, int]] = set()  # partitions that gave this transaction events in the first sweep
         before: list[Item] = []
         events: list[Item] = []
-        taken = 0
+        took: dict[str, int] = {}  # events taken, per table
         # Two sweeps: the first takes what is at the front; only when this transaction still misses events does the
         # second set aside deliveries cut short that stand in front of them (a copy of this transaction behind
         # another's events in one partition is no reason, when its own events are at the front of another).
         for superseding in (False, True):
-            if superseding and taken + self._credit.get(marker.xid, 0) >= needed:
+            if superseding and not self._short(needed, took, credit):
                 break
             for key, queue in self._partitions.items():
                 while queue:
@@ -253,7 +331,7 @@ class TransactionAssembler:
                         self._buffered -= 1
                     elif head.xid == marker.xid:
                         events.append(queue.popleft())
-                        taken += head.count
+                        took[head.table] = took.get(head.table, 0) + head.count
                         self._buffered -= head.count
                         if not superseding:
                             gave.add(key)
@@ -262,7 +340,7 @@ class TransactionAssembler:
                         self._buffered -= head.count
                     elif (superseding and head.xid not in self._abandoned and not self._lost_markers
                             and (head.xid not in known or (resent and key not in gave))
-                            and taken + self._credit.get(marker.xid, 0) < needed
+                            and self._short(needed, took, credit)
                             and any(getattr(item, "xid", None) == marker.xid for item in queue)):
                         # A delivery cut short (Connect or the broker crashed after some of its events, before its END
                         # record): Debezium re-sends the transaction whole, behind the ones it re-sends first, this one
@@ -289,12 +367,14 @@ class TransactionAssembler:
                         break
         if self._spilling:
             self._spilled(marker.xid)
-        credit = self._credit.pop(marker.xid, 0)
-        if taken + credit < needed and not forced:
+        taken = sum(took.values())
+        if self._short(needed, took, credit) and not forced:
             later = [(k, q[0]) for k, q in self._partitions.items() if q and not isinstance(q[0], _Hole)]
             raise AssemblyError(
                 f"source transaction {marker.xid} has {self._pending_by_xid.get(marker.xid, 0)} events buffered "
-                f"but only {taken} are at the front of their partitions; other transactions come first in "
+                f"but only {taken} are at the front of their partitions ("
+                + ", ".join(f"{table}: {took.get(table, 0) + credit.get(table, 0)} of {n}"
+                            for table, n in sorted(needed.items())) + "); other transactions come first in "
                 f"{', '.join(f'{k[0]}[{k[1]}]@{e.offset} (tx {e.xid})' for k, e in later[:3])}")
         if forced:
             self._pending_by_xid.pop(marker.xid, None)
@@ -312,16 +392,19 @@ class TransactionAssembler:
             else:
                 self._pending_by_xid.pop(marker.xid, None)
                 self._arrived_by_xid.pop(marker.xid, None)
-            if taken + credit > needed:
-                self._credit[marker.xid] = taken + credit - needed  # a copy right behind its original: taken along
+            surplus = {table: took.get(table, 0) + credit.get(table, 0) - needed.get(table, 0)
+                       for table in took.keys() | credit.keys()}
+            surplus = {table: n for table, n in surplus.items() if n > 0}
+            if surplus:
+                self._credit[marker.xid] = surplus  # a copy right behind its original: taken along
         # Runs sort first (they have neither): their changes are ordered where they are written (consumers.apply.runs).
         events.sort(key=lambda e: (e.tx_order or 0, e.lsn or 0))
         return before, events
 
-    def _supersede(self, item: Item) -> None:
-        """An event of an earlier, cut-short delivery of its transaction: no longer counted for it (its copy's
-        END record waits for the copy's events), and noted in `superseded` for the applier to say so."""
+    def _forget(self, item: Item) -> None:
+        """An event taken off its partition's queue that does not count for its transaction any more."""
         xid = item.xid
+        assert xid is not None
         self._buffered -= item.count
         left = self._pending_by_xid.get(xid, 0) - item.count
         if left > 0:
@@ -329,18 +412,28 @@ class TransactionAssembler:
         else:
             self._pending_by_xid.pop(xid, None)
         arrived = self._arrived_by_xid.get(xid, {})
-        arrived[item.table] = arrived.get(item.table, 0) - item.count
-        if arrived[item.table] <= 0:
-            del arrived[item.table]
+        if arrived.get(item.table, 0) > item.count:
+            arrived[item.table] -= item.count
+        else:
+            arrived.pop(item.table, None)
         if not arrived:
             self._arrived_by_xid.pop(xid, None)
-        self.superseded[xid] = self.superseded.get(xid, 0) + item.count
+
+    def _supersede(self, item: Item) -> None:
+        """An event of an earlier, cut-short delivery of its transaction: no longer counted for it (its copy's
+        END record waits for the copy's events), and noted in `superseded` for the applier to say so."""
+        self._forget(item)
+        assert item.xid is not None
+        self.superseded[item.xid] = self.superseded.get(item.xid, 0) + item.count
 
     def ready(self, max_events: int | None = None) -> list[SourceUnit]:
         """The steps that can be applied now, in order; at least one whole transaction even past `max_events`."""
         steps: list[SourceUnit] = []
         count = 0
         while max_events is None or count < max_events:
+            repeats = self._take_repeats()  # events of copies taken before them, at the front: skipped
+            steps.extend(repeats)
+            count += sum(changes(step.events) for step in repeats)
             # Snapshot reads go first only once every known transaction is applied: they carry no commit
             # position, so that is the only place we can be sure they do not jump ahead of anything.
             if not self._ends:
@@ -351,7 +444,10 @@ class TransactionAssembler:
                 break
             marker = self._ends[0]
             if not self._complete(marker):
-                break
+                if not is_copy_end(self.mark, marker.commit_lsn, marker.commit_ts_ms, marker.offset):
+                    break
+                steps.extend(self._take_copy())
+                continue
             self._ends.popleft()
             before, events = self._take_transaction(marker)
             if before:

@@ -174,6 +174,7 @@ class SitesRunner:
                 self._stop.wait(self.tick)
                 continue
             asked, state.back_online, state.last_round_at = False, False, now
+            self._seen.pop(name, None)  # what waited is applied by this round: a later change waits from its own time
             self.echo(f"{name}: sync ({reason})")
             try:
                 self._once(link, until_caught_up=True)

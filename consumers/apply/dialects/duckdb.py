@@ -14,6 +14,7 @@ foreign keys reference. Rows arrive as Arrow tables registered with DuckDB, then
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -49,16 +50,14 @@ T = TypeVar("T")
 
 # DuckDB's memory limit on an applier's connections (DuckDBDialect.limit_memory), in MB. DuckDB's default is 80 % of
 # the machine's memory, and within it DuckDB keeps what it read or wrote (the tables' blocks, rows not checkpointed
-# yet) until the file is closed. Measured on DuckDB alone (the applier's writes of 1,000,000 changes in parts of
-# 50,000, into a table with a primary key and its history): about 145 MB above the open file without a limit;
-# with 128 MB, 90 (one transaction) to 125 MB (transactions of 50,000); with 64 MB, 77 to 93 MB but its writes took
-# 40 % longer. Whole appliers (`cdc run`, 1,000,000 changes, alternated runs): 30-50 MB less at the peak for one
-# transaction at the same CPU time, 50-70 MB less for a backlog of small transactions for about 10 % more CPU time
-# (7.7-8.0 s against 6.9-7.4: evicting and spilling to `<file>.tmp` has a cost; wall times
-# within their noise). Under the limit DuckDB evicts what it can read back or spills; what must stay in memory (a
-# primary key's ART index, about 8 bytes a key once loaded) is why the limit is raised when a batch needs more
-# (memory_exhausted) rather than fixed.
-MEMORY_LIMIT_MB = 128
+# yet) as a cache until the file is closed: the limit is where the cache stops. Under it DuckDB evicts what it can
+# read back or spills to `<file>.tmp`; what must stay in memory (a primary key's ART index, about 8 bytes a key once
+# loaded) is why the limit is raised when a batch needs more (memory_exhausted) rather than fixed. Whole appliers
+# (`cdc run lake`, 1,000,000 changes, twice each; 2026-12-01): a backlog of transactions of 1,000 rows peaked at
+# 386-389 MB with 64 MB and 357-363 MB with 32 MB, in 6.4-6.5 s and 7.3-7.4 s; one transaction of 1,000,000 rows
+# at 331-334 and 305-311 MB, in 6.4-7.0 and 7.1-7.5 s. Below 32 MB nothing more was saved (DuckDB's own
+# allocations, outside the limit, are the rest).
+MEMORY_LIMIT_MB = 32
 # How far the limit is raised at most: DuckDB's own default, 80 % of the machine's memory.
 MEMORY_LIMIT_CAP_MB = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8) // 2**20
 
@@ -255,7 +254,7 @@ class DuckDBDialect(Dialect):
         return name
 
     def _unregister(self, conn: Connection, name: str) -> None:
-        conn.connection.driver_connection.unregister(name)
+        _unregister(conn.connection.driver_connection, name)
 
     def upsert(self, conn: Connection, shape: TableShape, rows: list[dict[str, Any]], columns: list[str]) -> int:
         if not rows:
@@ -351,7 +350,7 @@ class DuckDBDialect(Dialect):
                         "DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = EXCLUDED.updated_at"
                         ).fetchall()
         finally:
-            raw.unregister(name)
+            _unregister(raw, name)
 
     def record_applied(self, conn: Connection, pipeline: str, records: list[Any]) -> None:
         # One statement from Arrow, as store_offsets: the driver would run an executemany row by row.
@@ -379,7 +378,7 @@ class DuckDBDialect(Dialect):
                         "EXCLUDED.end_offset, committed_at = EXCLUDED.committed_at, applied_at = EXCLUDED.applied_at"
                         ).fetchall()
         finally:
-            raw.unregister(name)
+            _unregister(raw, name)
 
     def upsert_offsets_statement(self) -> Any:
         from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -389,6 +388,14 @@ class DuckDBDialect(Dialect):
             index_elements=[self.offsets.c.pipeline, self.offsets.c.topic, self.offsets.c.kafka_partition],
             set_={"next_offset": stmt.excluded.next_offset, "updated_at": stmt.excluded.updated_at},
         )
+
+
+def _unregister(raw: Any, name: str) -> None:
+    """Drop a registered Arrow view. In a transaction a failed statement aborted, DuckDB refuses this too: the
+    statement's error is the one to report (an out-of-memory one raises the limit and the batch is applied again,
+    `memory_exhausted`), and the view dies with the connection, which is closed with the transaction."""
+    with contextlib.suppress(Exception):
+        raw.unregister(name)
 
 
 def _plain(value: Any) -> Any:

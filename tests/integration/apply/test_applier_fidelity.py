@@ -44,9 +44,11 @@ def read_topic(bootstrap: str, topic: str, *, at_least: int = 1, seconds: float 
     return messages
 
 
-def produce_ghost_end(stack, pipeline, counts: dict[str, int]) -> int:
+def produce_ghost_end(stack, pipeline, counts: dict[str, int], source: str) -> int:
     """Write to the transaction topic an END record of a transaction whose events never reach any topic: the
-    same writer schema as Debezium's own END records, so it reads like one. Returns its offset."""
+    same writer schema as Debezium's own END records, so it reads like one, and the source's WAL position now as
+    its commit LSN (after what was applied, before what comes next: a fixed one would be taken for a re-sent copy
+    on a cluster whose WAL is past it). Returns its offset."""
     topic = pipeline.transaction_topic
     registry = RegistryClient(stack.urls()["schema_registry"])
     decoder = AvroDecoder(registry)
@@ -54,7 +56,9 @@ def produce_ghost_end(stack, pipeline, counts: dict[str, int]) -> int:
                 if decoder.decode(m.value())["status"] == "END")
     schema_id = decoder.schema_id(real.value())
     record = decoder.decode(real.value())
-    record.update(id=f"{GHOST_XID}:123456789", event_count=sum(counts.values()),
+    with psycopg.connect(source) as conn:
+        lsn = int(conn.execute("select pg_current_wal_lsn() - '0/0'").fetchone()[0])
+    record.update(id=f"{GHOST_XID}:{lsn}", event_count=sum(counts.values()),
                   data_collections=[{"data_collection": t, "event_count": n} for t, n in counts.items()])
     out = __import__("io").BytesIO()
     fastavro.schemaless_writer(out, fastavro.parse_schema(decoder.raw_schema(schema_id)), record)
@@ -79,7 +83,7 @@ def test_a_transaction_whose_events_never_arrive_is_named_within_the_grace_perio
         execute(source, "insert into item values (2, 'b')")
         caught_up(path, 240)
         # A transaction that counts two changes of public.item, none of which reach its topic, then a real one.
-        end_offset = produce_ghost_end(stack, pipeline, {"public.item": 2})
+        end_offset = produce_ghost_end(stack, pipeline, {"public.item": 2}, source)
         execute(source, "insert into item values (3, 'after the ghost')")
         started = time.monotonic()
         result = cdc(path, "run", "--until-caught-up", "--timeout", "120")

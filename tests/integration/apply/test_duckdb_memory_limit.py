@@ -8,6 +8,7 @@ from __future__ import annotations
 import duckdb
 
 from consumers.apply.applier import ReplicaApplier
+from consumers.apply.dialects.duckdb import MEMORY_LIMIT_MB
 from producers import capture
 from tests.integration.pipelines import execute, pipeline_data, purge, table_rows, write_pipeline
 
@@ -25,7 +26,7 @@ def test_a_batch_past_the_duckdb_memory_limit_is_applied_once_with_the_limit_rai
         execute(source, f"insert into item select g, 'v' || g from generate_series(1, {ROWS}) g")
         said: list[str] = []
         applier = ReplicaApplier(pipeline, "lake", echo=said.append)
-        assert applier.dialect.memory_limit_mb == 128  # what every applier of a DuckDB file starts with
+        assert applier.dialect.memory_limit_mb == MEMORY_LIMIT_MB  # what every applier of a DuckDB file starts with
         try:
             applier.prepare()  # tables created under the default limit: only the batch is to need more
             applier.dialect.limit_memory(1)

@@ -8,8 +8,7 @@ import duckdb
 
 from consumers.apply import columnar, runs
 from consumers.apply.applier import ReplicaApplier
-from producers import capture
-from tests.integration.pipelines import execute, pipeline_data, purge, table_rows, write_pipeline
+from tests.integration.pipelines import applied_pipeline, execute, purge, table_rows
 
 SCHEMA = "create table item (id int primary key, v text not null, n int not null)"
 # One source transaction: inserts, then updates, deletes and re-inserts of the first rows (their changes come after
@@ -32,10 +31,8 @@ def test_a_transaction_spilled_to_disk_and_written_in_parts_is_applied_whole_and
     replica = stack.postgres_url(destination_db)
     execute(source, SCHEMA)
     lake = str(tmp_path / "lake.duckdb")
-    pipeline = write_pipeline(tmp_path / "pipeline.yaml", pipeline_data(
-        stack, source_db, ["public.item"], destinations={"replica": {"kind": "replica", "url": replica},
-                                                          "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}}))
-    capture.apply(pipeline)
+    _, pipeline = applied_pipeline(stack, source_db, tmp_path, ["public.item"], destinations={
+        "replica": {"kind": "replica", "url": replica}, "lake": {"kind": "analytics", "url": f"duckdb:///{lake}"}})
     spilled: list[int] = []
     real_spill = runs.ChangeRun.spill
 

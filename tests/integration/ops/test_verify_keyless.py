@@ -17,6 +17,7 @@ from decimal import Decimal
 import duckdb
 import psycopg
 from sqlalchemy import create_engine
+from sqlalchemy.exc import DBAPIError
 
 from consumers.ops import resync, verify
 from tests.integration.pipelines import (
@@ -73,10 +74,21 @@ def plant(kind: str, url: str) -> None:
                    f"insert into log ({cols}) select {cols} from log where level = 4 limit 1",
                    f"insert into log ({cols}) select {stray} from log where level = 4 limit 1"]
     engine = create_engine(url)
-    with engine.begin() as conn:
-        for s in statements:
-            conn.exec_driver_sql(s)
-    engine.dispose()
+    try:
+        for attempt in range(5):
+            try:
+                with engine.begin() as conn:
+                    for s in statements:
+                        conn.exec_driver_sql(s)
+                return
+            except DBAPIError as exc:
+                # The applier may be writing the table: a deadlock (MariaDB 1213, PostgreSQL 40P01) rolls the
+                # damage back whole, so it is planted again, as any script would.
+                if attempt == 4 or not re.search(r"\b1213\b|[Dd]eadlock", str(exc.orig)):
+                    raise
+                time.sleep(0.5)
+    finally:
+        engine.dispose()
 
 
 # -- the independent comparison: each engine's rows read with plain SQL, in one normal form of its own ----------------

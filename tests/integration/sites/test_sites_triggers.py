@@ -105,6 +105,9 @@ def test_an_after_change_link_syncs_by_itself_after_its_delay_and_not_before(sta
                                   text=True)
         # the full sync (the snapshot waiting in north's topic) is a change like any other: applied after the delay
         wait_for(lambda: items(urls["north"]) == expected(), 180, "north holds its subset after the snapshot")
+        # and that round is over: a change made while it still runs is applied by it, with no delay of its own
+        wait_for(lambda: f"{name}-north-down: applied" in (tmp_path / "run.log").read_text(), 120,
+                 "the snapshot's round ended")
 
         with psycopg.connect(urls["hq"], autocommit=True) as conn:
             before = time.monotonic()

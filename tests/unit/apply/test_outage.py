@@ -62,8 +62,8 @@ class _Applier:
     name = "state"
     stats = _Stats()
 
-    def __init__(self, blocked):
-        self.blocked = blocked
+    def __init__(self, blocked, reading_paused=None):
+        self.blocked, self.reading_paused = blocked, reading_paused
 
     def lag_seconds(self):
         return 0.0
@@ -79,6 +79,10 @@ def test_the_progress_line_says_blocked_not_lag_0(monkeypatch):
     lines.clear()
     _progress_printer(lines.append)(_Applier(None))
     assert lines == ["state: 10 rows, 2 source transactions, 5 rows/s, lag 0.0 s"]
+    lines.clear()
+    _progress_printer(lines.append)(_Applier(None, "2 partition(s) paused (40,000 changes read ahead)"))
+    assert lines == ["state: 10 rows, 2 source transactions, 5 rows/s, lag 0.0 s, 2 partition(s) paused (40,000 "
+                     "changes read ahead)"]
 
 
 def test_cdc_lag_says_blocked_when_the_applier_recorded_an_outage():
@@ -90,3 +94,15 @@ def test_cdc_lag_says_blocked_when_the_applier_recorded_an_outage():
     verdict = judge([blocked], None)
     assert (verdict.status, verdict.reason) == (BLOCKED, "Kafka unreachable since 17:40:02 UTC, retrying")
     assert worst(["STOP", BLOCKED]) == BLOCKED and worst([BLOCKED, "ERROR"]) == "ERROR"
+
+
+def test_a_broker_settling_after_a_restart_is_asked_again_and_a_refusal_is_not():
+    from confluent_kafka import KafkaError, KafkaException
+
+    from consumers.apply.reader import kafka_settling
+
+    # seen after a broker SIGKILL, from the log-end offsets: it stopped an applier for good
+    assert kafka_settling(KafkaException(KafkaError(KafkaError.FENCED_LEADER_EPOCH)))
+    assert kafka_settling(KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION)))
+    assert not kafka_settling(KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)))
+    assert not kafka_settling(KafkaException("no error object"))

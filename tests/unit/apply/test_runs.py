@@ -97,3 +97,27 @@ def test_runs_of_several_partitions_are_written_in_the_transactions_order():
     assert [batch.column("_lsn")[i].as_py() for i in order] == [50, 10, 200, 300]
     flat = pa.table({columnar.SEQ: batch.column("_seq"), "id": pa.array([7, 8, 1, 1])})
     assert columnar.last_changes(flat, ["id"]).column(columnar.SEQ).to_pylist() == [0, 1, 3]
+
+
+def test_the_first_and_last_change_of_each_group_are_found_as_group_by_would_find_them():
+    # Keys with nulls (equal to each other, as GROUP BY has them), NaN (one group), text; changes out of order.
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(0, 40))
+        k = [None if v == 3 else int(v) for v in rng.integers(0, 4, n)]
+        s = [None if v == 2 else "ab"[int(v)] for v in rng.integers(0, 3, n)]
+        f = [float("nan") if v == 2 else None if v == 3 else float(v) for v in rng.integers(0, 4, n)]
+        seq = [int(v) for v in rng.permutation(1_000)[:n]]
+        identity = pa.table({"k": pa.array(k, pa.int64()), "s": pa.array(s, pa.string()),
+                             "f": pa.array(f, pa.float64())})
+
+        expected_first, expected_last = {}, {}
+        for i in range(n):
+            g = (k[i], s[i], "nan" if f[i] != f[i] else f[i])
+            if g not in expected_first or seq[i] < seq[expected_first[g]]:
+                expected_first[g] = i
+            if g not in expected_last or seq[i] > seq[expected_last[g]]:
+                expected_last[g] = i
+        seqs = pa.array(seq, pa.int64())
+        assert columnar.group_ends(identity, seqs, last=False).tolist() == sorted(expected_first.values())
+        assert columnar.group_ends(identity, seqs, last=True).tolist() == sorted(expected_last.values())
