@@ -48,6 +48,13 @@ def _bootstrap(kafka: KafkaSettings | str) -> str:
     return kafka if isinstance(kafka, str) else kafka.bootstrap_servers
 
 
+def refused_login(error: KafkaError) -> bool:
+    """Whether `error` is the broker refusing the login. librdkafka also reports a SASL handshake its own side cut
+    short (the connection dropped or timed out mid-handshake: "mechanism handshake failed: Local: Broker transport
+    failure") as an authentication error; that one is a network hiccup it retries, not a wrong password."""
+    return error.code() == KafkaError._AUTHENTICATION and "handshake failed: Local:" not in error.str()
+
+
 def login_error(kafka: KafkaSettings | str, error: KafkaError) -> KafkaAccessError:
     user = _user(kafka)
     who = f"Kafka user {user!r}" if user else "the Kafka client (no user: kafka.sasl is not set)"
@@ -57,7 +64,7 @@ def login_error(kafka: KafkaSettings | str, error: KafkaError) -> KafkaAccessErr
 
 def access_error(kafka: KafkaSettings | str, error: KafkaError, what: str = "") -> KafkaAccessError | None:
     """The KafkaAccessError an authorisation error means (naming the user and the topic or group), else None."""
-    if error.code() == KafkaError._AUTHENTICATION:
+    if refused_login(error):
         return login_error(kafka, error)
     kind = AUTHORIZATION_CODES.get(error.code())
     if kind is None:
@@ -94,7 +101,7 @@ def client_settings(kafka: KafkaSettings | str, extra: dict[str, Any] | None = N
     theirs = settings.pop("error_cb", None)
 
     def on_error(error: KafkaError) -> None:
-        if error.code() == KafkaError._AUTHENTICATION:
+        if refused_login(error):
             raise login_error(kafka, error)
         if theirs is not None:
             theirs(error)

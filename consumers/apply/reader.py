@@ -352,6 +352,9 @@ class ChangeReader:
             if msg.error() is not None:
                 if msg.error().fatal():
                     raise ServiceUnavailable(f"Kafka consumer failed: {msg.error()}")
+                # An ACL that does not grant this consumer its topic or group comes as an error event, once
+                # (librdkafka suppresses repeats): said and stopped on, never skipped.
+                kafka_clients.raise_for_access(self.pipeline.kafka, msg.error(), msg.topic() or self.group_id)
                 continue
             good.append(msg)
         if good:

@@ -112,7 +112,9 @@ def produce(kafka, topic: str, value: bytes) -> KafkaError | None:
 
 def _commit(kafka, consumer, msg, topic: str, timeout: float = 30.0) -> None:
     """Commit `msg` in the consumer's group: the group's ACL is checked here. The first commit may find the group's
-    coordinator still being looked up (_WAIT_COORD): asked again, as a reader does, until it answers."""
+    coordinator still being looked up (_WAIT_COORD): asked again, as a reader does, until it answers. A group the
+    user may not use never gets a coordinator: the refusal comes once, as an error event of the consumer's poll
+    (what the applier's reader serves), so the consumer is polled between the tries."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -124,7 +126,9 @@ def _commit(kafka, consumer, msg, topic: str, timeout: float = 30.0) -> None:
             if error.code() not in (KafkaError._WAIT_COORD, KafkaError.COORDINATOR_NOT_AVAILABLE,
                                     KafkaError.NOT_COORDINATOR) or time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            event = consumer.poll(0.5)
+            if event is not None:
+                kafka_clients.raise_for_access(kafka, event.error(), topic)
 
 
 def read_one(kafka, topic: str, group: str, timeout: float = 30.0):

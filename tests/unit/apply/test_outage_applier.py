@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from confluent_kafka import KafkaError
 
 from cdc import config
+from cdc.kafka import KafkaAccessError
 from consumers.apply.applier import ReplicaApplier
 
 PIPELINE = """\
@@ -62,4 +64,46 @@ def test_other_errors_are_said_once_and_a_fatal_one_is_kept(tmp_path):
         applier.reader.kafka_error(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
         assert applier.reader.kafka_fatal is not None
     finally:
+        applier.close()
+
+
+class _ErrorEvent:
+    """What librdkafka's consume() hands back for a consumer-level error: a message whose error() is set."""
+
+    def __init__(self, error: KafkaError, topic: str | None = None) -> None:
+        self._error, self._topic = error, topic
+
+    def error(self) -> KafkaError:
+        return self._error
+
+    def topic(self) -> str | None:
+        return self._topic
+
+
+class _Consumer:
+    def __init__(self, events: list[_ErrorEvent]) -> None:
+        self.events = events
+
+    def consume(self, num_messages: int, timeout: float) -> list[_ErrorEvent]:
+        events, self.events = self.events, []
+        return events
+
+
+def test_a_group_or_topic_its_acls_do_not_grant_stops_the_reader_naming_it(tmp_path):
+    """librdkafka says a refused group (its coordinator lookup) once, as an error event of the poll: skipping it
+    would leave the applier reading with no word. Other non-fatal events are skipped as before."""
+    applier, _ = _applier(tmp_path)
+    reader = applier.reader
+    try:
+        reader.consumer = _Consumer([_ErrorEvent(KafkaError(KafkaError._PARTITION_EOF, "eof"), "outage.public.item")])
+        assert reader.poll() == 1
+        reader.consumer = _Consumer([_ErrorEvent(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED,
+                                                            "FindCoordinator response error: Group authorization "
+                                                            "failed"))])
+        with pytest.raises(KafkaAccessError) as info:
+            reader.poll()
+        assert "consumer group cdc-outage-state" in str(info.value), info.value
+        assert info.value.exit_code == 2
+    finally:
+        reader.consumer = None
         applier.close()

@@ -65,7 +65,12 @@ def test_a_refused_login_raises_naming_the_user_and_other_errors_reach_the_calle
     assert SECRET not in message and info.value.exit_code == 2
     transport = KafkaError(KafkaError._TRANSPORT, "broker down")
     settings["error_cb"](transport)
-    assert seen == [transport]
+    # A handshake cut short on the client's side is reported as an authentication error too: it is the network.
+    cut = KafkaError(KafkaError._AUTHENTICATION, "GroupCoordinator: SASL SCRAM-SHA-256 mechanism handshake failed: "
+                     "Local: Broker transport failure: broker's supported mechanisms: (n/a)")
+    settings["error_cb"](cut)
+    assert seen == [transport, cut]
+    assert kafka_clients.access_error(pipeline().kafka, cut) is None
 
 
 def test_an_authorisation_error_names_the_user_and_the_topic():
