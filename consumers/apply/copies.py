@@ -108,8 +108,10 @@ def describe(copies: list[_Transaction]) -> str:
         span = f" (commit LSN {pg_lsn(lsns[0])})"
     else:
         span = f" (commit LSN {pg_lsn(min(lsns))} to {pg_lsn(max(lsns))})"
-    noun = "copy" if len(copies) == 1 else "copies"
-    return f"{len(copies)} re-sent {noun} of source transactions already applied{span}"
+    # One copy can come as two steps (its events, then its END record: TransactionAssembler._take_repeats): one copy.
+    count = len({s.xid for s in copies})
+    noun = "copy" if count == 1 else "copies"
+    return f"{count} re-sent {noun} of source transactions already applied{span}"
 
 
 def pg_lsn(lsn: int) -> str:

@@ -20,8 +20,12 @@ Redelivery. Debezium delivers at least once: after a crash of Connect or of the 
 again, as new messages (the same events, and their END records again). A copy read before its original was taken
 is counted with it, and the copy's END finds those events waiting (counts are taken off as events are taken, not
 forgotten); copies right behind their originals in a partition are taken with them, and the surplus is credited to
-the copy's END, which then completes with what is left. The destination absorbs the copies (the LSN guard of the
-current state, and histories that do not store a change twice).
+the copy's END, which then completes with what is left. Once a transaction is taken, its events read again are
+repeats, skipped when they reach the front of their partition, and an END record of it read again is a copy's, taken at
+once with whatever events of it have arrived: a transaction id names one source transaction, and waiting for a copy's
+END that never comes (Debezium's re-sending cut short again, then an idle source) would hold the partition for good.
+The destination absorbs what copies are applied (the LSN guard of the current state, and histories that do not store a
+change twice), and recognises most of them (consumers/apply/copies.py).
 
 A delivery cut short: when Connect or the broker dies after some of a transaction's events were written but before
 its END record was, those events stay in their partitions, and Debezium re-sends that transaction whole behind the
@@ -60,7 +64,7 @@ Item = ChangeEvent | ChangeRun
 # END, so that what the applier holds does not grow with the size of a transaction (the write reads them back in
 # parts, consumers.apply.columnar.chunks). Runs only: events (the general path's) stay in memory.
 SPILL_AT = 50_000
-# Copies taken without their events (`_take_copy`) remembered, the latest, so that their events read later are known.
+# Transactions taken remembered, the latest, so that their events and END records read again later are known as repeats.
 COPIES_REMEMBERED = 10_000
 
 
@@ -119,11 +123,11 @@ class TransactionAssembler:
     # a re-sent transaction from a new one (see the module's docstring on deliveries cut short).
     mark: CommitMark | None = None
     _spilling: set[str] = field(default_factory=set)  # transactions whose runs go to disk as they arrive
-    # Copies taken without all their events (`_take_copy`): their END records, by transaction id, the latest
-    # COPIES_REMEMBERED. Events of theirs read afterwards are repeats too, taken as such when they reach the front of
-    # their partition (`_take_repeats`). (Copies of transactions taken whole are not: a copy's END record completes
-    # with them, and the destination's mark tells that it is a copy.)
-    _copies_taken: dict[str, TransactionMarker] = field(default_factory=dict)
+    # Transactions taken, whole or as copies without all their events (`_take_copy`): their END records, by
+    # transaction id, the latest COPIES_REMEMBERED. Events of theirs read afterwards are repeats, taken as such when
+    # they reach the front of their partition (`_take_repeats`): waiting for an END record that may never come again
+    # would hold their partition for good. A second END record of one of them is a copy's (`ready`).
+    _taken: dict[str, TransactionMarker] = field(default_factory=dict)
     _spill: SpillFile | None = None  # where they go (it lives as long as a run points into it)
 
     # -- input
@@ -171,6 +175,10 @@ class TransactionAssembler:
 
     def add_marker(self, marker: TransactionMarker) -> None:
         if marker.status == "END":
+            taken = self._taken.get(marker.xid)
+            if taken is not None and None not in (taken.commit_lsn, marker.commit_lsn) \
+                    and taken.commit_lsn != marker.commit_lsn:
+                del self._taken[marker.xid]  # the id used again by another commit (a new source cluster): no copy
             self._ends.append(marker)
 
     def add_lost_marker(self, offset: int) -> None:
@@ -260,35 +268,35 @@ class TransactionAssembler:
 
     # -- output
     def _take_copy(self) -> list[SourceUnit]:
-        """The head transaction, a copy of one the destination applied (`mark`), taken with the events it has. Its
-        END record came again without all its events: after a broker SIGKILL the transaction topic was seen holding
-        99 transactions' BEGIN and END records twice and their changes once. Waiting for the rest would stop the
-        applier ('cannot complete'), and the copy is skipped whole anyway; its events read later are repeats
-        (`_take_repeats`)."""
+        """The head transaction, a copy of one the destination applied (`mark`) or of one taken already, taken with
+        the events it has. Its END record came again without all its events: after a broker SIGKILL the transaction
+        topic was seen holding 99 transactions' BEGIN and END records twice and their changes once. Waiting for the
+        rest would stop the applier ('cannot complete'), and the copy is skipped whole anyway; its events read later
+        are repeats (`_take_repeats`)."""
         marker, units = self._take_head_as_it_is(repeat=True)
         self._remember(marker)
         return units
 
     def _remember(self, marker: TransactionMarker) -> None:
-        self._copies_taken.pop(marker.xid, None)  # the latest last
-        self._copies_taken[marker.xid] = marker
-        while len(self._copies_taken) > COPIES_REMEMBERED:  # repeats come soon after their copy, if at all
-            del self._copies_taken[next(iter(self._copies_taken))]
+        self._taken.pop(marker.xid, None)  # the latest last
+        self._taken[marker.xid] = marker
+        while len(self._taken) > COPIES_REMEMBERED:  # repeats come soon after their original, if at all
+            del self._taken[next(iter(self._taken))]
 
     def _take_repeats(self) -> list[SourceUnit]:
-        """Events at the front of their partitions of copies taken without them (`_take_copy`), as steps to skip:
+        """Events at the front of their partitions of transactions taken before them (`_taken`), as steps to skip:
         their offsets are stored like any other's."""
-        if not self._copies_taken:
+        if not self._taken:
             return []
         found: dict[str, list[Item]] = {}
         for queue in self._partitions.values():
-            while queue and getattr(queue[0], "xid", None) in self._copies_taken:
+            while queue and getattr(queue[0], "xid", None) in self._taken:
                 item = queue.popleft()
                 found.setdefault(item.xid, []).append(item)
                 self._forget(item)
         steps = []
         for xid, items in found.items():
-            marker = self._copies_taken[xid]
+            marker = self._taken[xid]
             steps.append(SourceUnit(items, xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn, repeat=True))
         return steps
 
@@ -444,15 +452,21 @@ class TransactionAssembler:
                 break
             marker = self._ends[0]
             if not self._complete(marker):
-                if not is_copy_end(self.mark, marker.commit_lsn, marker.commit_ts_ms, marker.offset):
+                # A transaction id names one source transaction: an END record of one taken already is a copy's, even
+                # where the destination's mark cannot tell (its original not written yet, or dead-lettered).
+                if not (marker.xid in self._taken
+                        or is_copy_end(self.mark, marker.commit_lsn, marker.commit_ts_ms, marker.offset)):
                     break
                 steps.extend(self._take_copy())
                 continue
             self._ends.popleft()
+            repeat = marker.xid in self._taken  # a whole copy: skipped like one cut short
             before, events = self._take_transaction(marker)
+            self._remember(marker)
             if before:
                 steps.append(SourceUnit(before))
-            steps.append(SourceUnit(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn))
+            steps.append(SourceUnit(events, marker.xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn,
+                                    repeat=repeat))
             count += changes(before) + changes(events)
         return steps
 

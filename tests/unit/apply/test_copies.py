@@ -71,3 +71,6 @@ def test_the_line_names_the_count_and_the_lsns_as_postgresql_writes_them():
     assert describe([tx(2, 20, 7), tx(3, 0x1_0000_0030, 9)]) == (
         "2 re-sent copies of source transactions already applied (commit LSN 0/14 to 1/30)")
     assert describe([tx(2, 20, 7)]) == "1 re-sent copy of source transactions already applied (commit LSN 0/14)"
+    # A copy taken as its events and then its END record (two steps) is one copy.
+    assert describe([tx(2, 20, 7), tx(2, 20, 8)]) == (
+        "1 re-sent copy of source transactions already applied (commit LSN 0/14)")
