@@ -72,13 +72,16 @@ from consumers.apply.outage import Outage, clock
 from consumers.apply.plan import NO_SCOPE, ReplayScope
 from consumers.apply.reader import KAFKA_PROBE_S, ChangeReader, kafka_reason
 from consumers.apply.source_follow import SourceFollower
-from consumers.apply.transactions import SourceUnit, TransactionAssembler, positions_after
+from consumers.apply.transactions import COPIES_REMEMBERED, SourceUnit, TransactionAssembler, positions_after
 from consumers.apply.writer import ApplierStats, DestinationWriter
 from producers.source_admin import insert_watermark, psycopg_conninfo
 from schemas.codec import RegistryClient
 
 # Reconnecting to a destination that went away: the first wait, doubled each attempt up to the last.
 RECONNECT_FIRST_S = 0.5
+# Events held this long with no END record known to take them make the applier read back the END records in front of
+# where it started on the transaction topic, once (`_look_back`).
+LOOK_BACK_AFTER_S = 2.0
 RECONNECT_MAX_S = 30.0
 
 
@@ -455,6 +458,7 @@ class ReplicaApplier:
         pool = ThreadPoolExecutor(1, thread_name_prefix=f"apply-{self.name}")
         in_flight: Future | None = None
         arrived = False  # messages read since the last decision
+        stranded_since: float | None = None  # since when events wait with no END record known (`_look_back`)
         try:
             while not self._stop.is_set():
                 polled = reader.poll()
@@ -475,6 +479,12 @@ class ReplicaApplier:
                     continue  # fill the batch before writing (each write has a fixed cost)
                 assembler.mark = self.writer.mark  # tells re-sent transactions (deliveries cut short) from new ones
                 steps = self._retry + assembler.ready(self.batch_events)
+                if steps or reader.looked_back or not assembler.stranded:
+                    stranded_since = None
+                elif stranded_since is None:
+                    stranded_since = time.monotonic()
+                elif time.monotonic() - stranded_since >= LOOK_BACK_AFTER_S:
+                    steps = self._look_back()
                 if not steps and not arrived and assembler.holes and assembler.waiting_for \
                         and reader.read_to_end():
                     # A transaction lost an undecodable (dead-lettered) event and nothing more is coming for it.
@@ -518,6 +528,16 @@ class ReplicaApplier:
                 in_flight.exception()  # failing here: the batch in flight still commits or rolls back whole first
             pool.shutdown(wait=True)
             writer.release()
+
+    def _look_back(self) -> list[SourceUnit]:
+        """Events wait at the front of their partitions and no END record known takes them. They may be repeats of
+        transactions this destination took before this run: Debezium re-sent them after a crash and was cut short
+        again before their END records, which were read (and their offsets stored) by an earlier run. The END
+        records in front of where this run started on the transaction topic tell; the assembler then takes those
+        events as repeats, to skip (said as re-sent copies). Once per assignment: what this run reads it knows."""
+        assembler = self.reader.assembler
+        assembler.taken_before(self.reader.ends_before_start(COPIES_REMEMBERED))
+        return assembler.ready(self.batch_events)
 
     def _store_read_past(self) -> None:
         """`cdc replay --from TIME` reads past the changes committed before TIME that the destination had applied

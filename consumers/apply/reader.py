@@ -22,7 +22,14 @@ from cdc.errors import CdcError, DecodeError, NotApplied, ServiceUnavailable, dr
 from cdc.source_tables import TableShape
 from consumers.apply import columnar, runs, values
 from consumers.apply.dead_letters import DeadLetterSink
-from consumers.apply.events import ENVELOPE_PATHS, ChangeEvent, from_columns, from_envelope, marker_from_record
+from consumers.apply.events import (
+    ENVELOPE_PATHS,
+    ChangeEvent,
+    TransactionMarker,
+    from_columns,
+    from_envelope,
+    marker_from_record,
+)
 from consumers.apply.outage import REMIND_EVERY_S, Outage
 from consumers.apply.plan import ReplayScope
 from consumers.apply.transactions import TransactionAssembler
@@ -151,6 +158,10 @@ class ChangeReader:
         self.consumer: Consumer | None = None
         self._admin: AdminClient | None = None
         self.read_positions: dict[tuple[str, int], int] = {}
+        # Where this reader started on the transaction topic (None: at its beginning), and whether the END records
+        # before it were read back (`ends_before_start`, once per assignment).
+        self.transaction_start: int | None = None
+        self.looked_back = False
         self._group_offsets: dict[tuple[str, int], int] = {}
         self._group_lock = threading.Lock()
         # Outages, as one line each (consumers/apply/outage.py).
@@ -251,6 +262,8 @@ class ChangeReader:
                 if offset != OFFSET_BEGINNING:
                     self.read_positions[topic, partition] = offset
                     numbered[topic, partition] = offset
+        self.transaction_start = numbered.get((self.pipeline.transaction_topic, 0))
+        self.looked_back = False
         self.consumer.assign(assignment)
         return numbered
 
@@ -299,6 +312,39 @@ class ChangeReader:
         ends = self.end_offsets() if ends is None else ends
         return all(self.read_positions.get(tp, 0) >= end for tp, end in ends.items() if end > 0)
 
+    def ends_before_start(self, count: int, timeout_s: float = 30.0) -> list[TransactionMarker]:
+        """The END records among the `count` records of the transaction topic before where this reader started on
+        it, oldest first: transactions this destination took before this run (its stored offset is past them).
+        Read with a consumer of its own, which commits nothing; records that do not decode are passed over (they
+        were dead-lettered when first read). Empty when the reader started at the topic's beginning."""
+        self.looked_back = True
+        start = self.transaction_start
+        if not start:
+            return []
+        topic = self.pipeline.transaction_topic
+        first = max(self._log_starts([(topic, 0)]).get((topic, 0), 0), start - count)
+        if first >= start:
+            return []
+        reader = kafka_clients.consumer(self.pipeline.kafka, consumer_config(
+            self.group_id, logger=KAFKA_LOG, **{"log.connection.close": False}))
+        markers: list[TransactionMarker] = []
+        try:
+            reader.assign([TopicPartition(topic, 0, first)])
+            offset, deadline = first, time.monotonic() + timeout_s
+            while offset < start and time.monotonic() < deadline:
+                for msg in reader.consume(1000, timeout=0.5):
+                    if msg.error() is not None or msg.offset() >= start:
+                        continue
+                    offset = max(offset, msg.offset() + 1)
+                    raw = msg.value()
+                    with contextlib.suppress(ValueError, TypeError, KeyError, EOFError, IndexError):
+                        marker = marker_from_record(self.decoder.decode(raw), msg.offset()) if raw else None
+                        if marker is not None and marker.status == "END":
+                            markers.append(marker)
+        finally:
+            reader.close()
+        return markers
+
     def reset(self) -> None:
         """Forget what was read (the destination was lost): read again from the offsets it stored."""
         if self.consumer is not None:
@@ -307,6 +353,7 @@ class ChangeReader:
         self.assembler = TransactionAssembler(frozenset(self.pipeline.source.tables))
         self._paused = set()
         self.read_positions.clear()
+        self.transaction_start, self.looked_back = None, False
         with self._group_lock:
             self._group_offsets = {}
 

@@ -283,6 +283,21 @@ class TransactionAssembler:
         while len(self._taken) > COPIES_REMEMBERED:  # repeats come soon after their original, if at all
             del self._taken[next(iter(self._taken))]
 
+    def taken_before(self, markers: list[TransactionMarker]) -> None:
+        """END records of transactions the destination took before this process read anything (the ones in front
+        of its stored offset of the transaction topic, oldest first): their events still at the front of a
+        partition are repeats too. Called when events wait there with no END record to come (ReplicaApplier)."""
+        earlier = {m.xid: m for m in markers[-COPIES_REMEMBERED:] if m.xid not in self._taken}
+        self._taken = {**earlier, **self._taken}  # the oldest first, the first to go
+        while len(self._taken) > COPIES_REMEMBERED:
+            del self._taken[next(iter(self._taken))]
+
+    @property
+    def stranded(self) -> bool:
+        """Whether changes wait with no END record known to take them: every END read is taken, yet events of
+        transactions (not snapshot reads) are held."""
+        return not self._ends and any(q and getattr(q[0], "xid", None) is not None for q in self._partitions.values())
+
     def _take_repeats(self) -> list[SourceUnit]:
         """Events at the front of their partitions of transactions taken before them (`_taken`), as steps to skip:
         their offsets are stored like any other's."""
@@ -297,7 +312,9 @@ class TransactionAssembler:
         steps = []
         for xid, items in found.items():
             marker = self._taken[xid]
-            steps.append(SourceUnit(items, xid, marker.commit_ts_ms, marker.offset, marker.commit_lsn, repeat=True))
+            # No END record offset: theirs was taken before, and the transaction topic's stored offset must not go
+            # back to it (the destination's mark counts only while that offset is past it, consumers/apply/copies.py).
+            steps.append(SourceUnit(items, xid, marker.commit_ts_ms, None, marker.commit_lsn, repeat=True))
         return steps
 
     def _take_snapshot_heads(self) -> list[Item]:

@@ -41,6 +41,24 @@ def test_events_read_again_after_their_transaction_was_taken_are_repeats_even_wi
     assert step.repeat and step.xid == "5" and [e.offset for e in step.events] == [2]
     assert positions_after([step]) == {("p.person", 0): 3} and a.buffered == 0 and a.waiting_for is None
     assert split_copies([step], None)[:2] == ([], [step])
+    # No END record offset: the transaction topic's stored offset never goes back to the original's END.
+    assert step.marker_offset is None
+
+
+def test_events_of_transactions_taken_by_an_earlier_run_are_repeats_once_their_end_records_are_read_back():
+    # A new run (the stored offsets past transaction 5's END record) reads 5's re-sent event and nothing else.
+    a = TransactionAssembler(TABLES)
+    a.add_event(ev(0, 2, xid=5, order=1))
+    assert a.ready() == [] and a.stranded and a.waiting_for is None
+    a.taken_before([end(4, 0, person=1), end(5, 1, person=1)])  # the END records in front of where it started
+    [step] = a.ready()
+    assert step.repeat and step.xid == "5" and step.marker_offset is None and not a.stranded and a.buffered == 0
+    # An event of a transaction whose END record is still to come is no repeat: it waits.
+    a.add_event(ev(0, 3, xid=6, order=1))
+    assert a.ready() == [] and a.stranded
+    a.add_marker(end(6, 2, person=1))
+    [step] = a.ready()
+    assert step.xid == "6" and not step.repeat
 
 
 def test_an_end_record_whose_id_comes_again_with_another_commit_lsn_is_a_new_transaction():
