@@ -330,12 +330,17 @@ class ChangeReader:
         markers: list[TransactionMarker] = []
         try:
             reader.assign([TopicPartition(topic, 0, first)])
-            offset, deadline = first, time.monotonic() + timeout_s
-            while offset < start and time.monotonic() < deadline:
-                for msg in reader.consume(1000, timeout=0.5):
+            deadline = time.monotonic() + timeout_s
+            # The consumer's position, not the last record's offset + 1: it also steps over offsets that hold no
+            # record for it (a transactional producer's control records).
+            idle = 0  # polls in a row that brought nothing once something came: all there is was read
+            while reader.position([TopicPartition(topic, 0)])[0].offset < start and time.monotonic() < deadline \
+                    and idle < 3:
+                batch = reader.consume(1000, timeout=0.5)
+                idle = idle + 1 if not batch and markers else 0
+                for msg in batch:
                     if msg.error() is not None or msg.offset() >= start:
                         continue
-                    offset = max(offset, msg.offset() + 1)
                     raw = msg.value()
                     with contextlib.suppress(ValueError, TypeError, KeyError, EOFError, IndexError):
                         marker = marker_from_record(self.decoder.decode(raw), msg.offset()) if raw else None
