@@ -66,6 +66,9 @@ _KAFKA_SETTLING_CODES = frozenset({KafkaError.FENCED_LEADER_EPOCH, KafkaError.UN
                                    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.OFFSET_NOT_AVAILABLE,
                                    KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_COORDINATOR, *_KAFKA_OUTAGE_CODES})
 OFFSETS_ATTEMPTS = 5
+# What decoding a message raises when the message itself is at fault (schemas.codec.Undecodable is a ValueError;
+# the others come from a record that decodes but is not what Debezium writes).
+UNDECODABLE = (ValueError, TypeError, KeyError, EOFError, IndexError)
 
 
 def consumer_config(group_id: str, *, partitions: int = 1, **extra: Any) -> dict[str, Any]:
@@ -342,7 +345,7 @@ class ChangeReader:
                     if msg.error() is not None or msg.offset() >= start:
                         continue
                     raw = msg.value()
-                    with contextlib.suppress(ValueError, TypeError, KeyError, EOFError, IndexError):
+                    with contextlib.suppress(*UNDECODABLE):
                         marker = marker_from_record(self.decoder.decode(raw), msg.offset()) if raw else None
                         if marker is not None and marker.status == "END":
                             markers.append(marker)
@@ -638,7 +641,7 @@ class ChangeReader:
             # a second Avro read per message (and a key that does not decode is then no reason to stop).
             event = from_envelope(value, None, topic=topic, partition=partition, offset=offset, schema_id=schema_id)
             self.converter(schema_id, event.table)
-        except (ValueError, TypeError, KeyError, EOFError, IndexError) as exc:
+        except UNDECODABLE as exc:
             error = DecodeError(f"cannot decode: {exc}", topic=topic, partition=partition, offset=offset)
             if self.policy != "dead-letter":
                 raise error from exc

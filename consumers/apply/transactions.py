@@ -280,6 +280,9 @@ class TransactionAssembler:
     def _remember(self, marker: TransactionMarker) -> None:
         self._taken.pop(marker.xid, None)  # the latest last
         self._taken[marker.xid] = marker
+        self._forget_oldest_taken()
+
+    def _forget_oldest_taken(self) -> None:
         while len(self._taken) > COPIES_REMEMBERED:  # repeats come soon after their original, if at all
             del self._taken[next(iter(self._taken))]
 
@@ -289,8 +292,7 @@ class TransactionAssembler:
         partition are repeats too. Called when events wait there with no END record to come (ReplicaApplier)."""
         earlier = {m.xid: m for m in markers[-COPIES_REMEMBERED:] if m.xid not in self._taken}
         self._taken = {**earlier, **self._taken}  # the oldest first, the first to go
-        while len(self._taken) > COPIES_REMEMBERED:
-            del self._taken[next(iter(self._taken))]
+        self._forget_oldest_taken()
 
     @property
     def stranded(self) -> bool:
